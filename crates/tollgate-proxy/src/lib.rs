@@ -1,1 +1,24 @@
-//! placeholder
+//! Tollgate's HTTP data plane and admin server.
+//!
+//! Owns everything that speaks HTTP: listeners and TLS, the request pipeline
+//! (route, forward, respond), body streaming, header rewriting, the pooled
+//! upstream client and the gateway's own error responses. It knows hyper; it
+//! must not know SQL or any storage driver.
+
+pub mod admin;
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod framing;
+pub mod headers;
+pub mod pipeline;
+pub mod route;
+pub mod server;
+pub mod tls;
+
+pub use admin::AdminState;
+pub use body::ProxyBody;
+pub use error::ProxyError;
+pub use pipeline::{ConnInfo, Gateway, GatewaySettings};
+pub use route::{RouteSpec, RouteTable};
+pub use server::{serve, ServerOptions};

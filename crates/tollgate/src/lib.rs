@@ -1,4 +1,11 @@
 //! The `tollgate` binary's library half: configuration, command wiring and the
 //! glue that turns a validated [`config::Config`] into running servers.
+//!
+//! `main.rs` stays thin; tests start gateways in-process through [`app`].
 
+pub mod app;
+pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,1 +1,18 @@
-fn main() {}
+//! The `tollgate` binary: parse the command line, run the command, map the
+//! outcome to an exit code. Everything else lives in the library half.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = tollgate::cli::Cli::parse();
+    tollgate::telemetry::init(cli.log_format);
+    match tollgate::commands::run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", tollgate::commands::one_line(&error));
+            ExitCode::from(tollgate::commands::exit_code(&error))
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The gateway's own error responses.
+//!
+//! Every response the gateway makes itself (as opposed to relaying the
+//! upstream's) comes from one [`ProxyError`], rendered in one place,
+//! [`ProxyError::into_response`], as the SPEC's OpenAI-shaped JSON body. Each
+//! variant maps to exactly one status and `type` in one exhaustive `match`, so a
+//! new variant cannot be added without deciding how the client sees it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// Which side of the proxy an error is attributed to, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorSide {
+    /// The client sent something we refuse.
+    Downstream,
+    /// The origin failed us.
+    Upstream,
+    /// We failed ourselves.
+    Internal,
+}
+
+/// Everything that makes the gateway answer a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed (for example it carries both Content-Length
+    /// and Transfer-Encoding). The connection is closed after the response.
+    #[error("malformed request: {reason}")]
+    MalformedRequest { reason: &'static str },
+
+    /// No route's prefix matches the path.
+    #[error("no route matches the request path")]
+    NoRoute,
+
+    /// The request body is larger than `server.max_request_body`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+
+    /// The upstream refused the connection, reset it, or sent garbage.
+    #[error("upstream unavailable: {source}")]
+    UpstreamUnavailable {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The upstream did not send response headers within the route's timeout.
+    #[error("upstream did not respond within {}s", after.as_secs_f64())]
+    UpstreamTimeout { after: Duration },
+
+    /// The gateway could not build the upstream request (a bug or a config
+    /// that slipped past validation).
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+}
+
+impl ProxyError {
+    /// The HTTP status, the SPEC's error `type`, and the side to blame.
+    pub fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
+        match self {
+            ProxyError::MalformedRequest { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request", ErrorSide::Downstream)
+            }
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", ErrorSide::Downstream),
+            ProxyError::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::UpstreamUnavailable { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                ErrorSide::Upstream,
+            ),
+            ProxyError::UpstreamTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                ErrorSide::Upstream,
+            ),
+            ProxyError::Internal { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                ErrorSide::Internal,
+            ),
+        }
+    }
+
+    /// The message shown to the client. It names no key, no body content and
+    /// nothing of the upstream's internals beyond what helps the caller.
+    fn client_message(&self) -> String {
+        match self {
+            ProxyError::MalformedRequest { reason } => format!("Malformed request: {reason}."),
+            ProxyError::NoRoute => "No route is configured for this path.".to_owned(),
+            ProxyError::PayloadTooLarge { limit } => {
+                format!("The request body exceeds the limit of {limit} bytes.")
+            }
+            ProxyError::UpstreamUnavailable { .. } => {
+                "The upstream service is unavailable.".to_owned()
+            }
+            ProxyError::UpstreamTimeout { after } => format!(
+                "The upstream service did not respond within {} seconds.",
+                after.as_secs_f64()
+            ),
+            ProxyError::Internal { .. } => "The gateway failed to handle the request.".to_owned(),
+        }
+    }
+
+    /// Whether the connection must be closed after this response (HTTP/1
+    /// only): after a framing error the rest of the byte stream cannot be
+    /// trusted, and after an unread oversized body it is cheaper to close
+    /// than to drain.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::MalformedRequest { .. } | ProxyError::PayloadTooLarge { .. }
+        )
+    }
+
+    /// Renders the SPEC's error body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, kind, _) = self.classify();
+        let mut response = error_response(status, kind, &self.client_message());
+        if self.closes_connection() {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// Builds `{"error": {"type", "code", "message"}}` with the given status.
+/// Shared by the data plane and the admin API so both speak the same shape.
+pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "type": kind, "code": kind, "message": message }
+    });
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn renders_the_openai_error_shape() {
+        let response = ProxyError::PayloadTooLarge { limit: 10 }.into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(response.headers()[CONNECTION], "close");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "payload_too_large");
+        assert_eq!(json["error"]["code"], "payload_too_large");
+        assert_eq!(
+            json["error"]["message"],
+            "The request body exceeds the limit of 10 bytes."
+        );
+    }
+
+    #[test]
+    fn timeouts_and_refusals_blame_the_upstream() {
+        let timeout = ProxyError::UpstreamTimeout {
+            after: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            timeout.classify(),
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                ErrorSide::Upstream
+            )
+        );
+        assert_eq!(
+            ProxyError::NoRoute.classify().0,
+            StatusCode::NOT_FOUND,
+            "no_route is a 404"
+        );
+    }
+}

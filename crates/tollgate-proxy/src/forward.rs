@@ -1,0 +1,55 @@
+//! The pooled upstream client.
+//!
+//! One client per gateway, shared by every route: HTTP/1.1 and HTTP/2 (by
+//! ALPN for https upstreams), rustls with the webpki roots, TCP_NODELAY, idle
+//! connections kept for reuse.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{BodyTooLarge, RequestBody};
+
+/// How long an idle upstream connection is kept for reuse.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long establishing an upstream TCP connection may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// Builds the one upstream client.
+pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector))
+}
+
+/// Whether an upstream request failed because the client's body went over
+/// the size limit (rather than because the upstream failed).
+pub fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<BodyTooLarge>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}

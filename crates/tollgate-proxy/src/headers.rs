@@ -1,0 +1,164 @@
+//! Header rewriting in both directions: hop-by-hop stripping (RFC 9110
+//! §7.6.1), `x-forwarded-*`, and the request id.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::HeaderMap;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The longest client `x-request-id` the gateway passes on.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Removes the hop-by-hop headers: `Connection` and every header it names,
+/// then the fixed list. Applied to requests going upstream and responses
+/// coming back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        // Collected first: the map cannot be mutated while its values are
+        // borrowed. Only connections that name headers pay for this Vec.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION] {
+        headers.remove(name);
+    }
+    for name in [TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+}
+
+/// The client's `x-request-id` if it is sane: 1 to 128 visible ASCII
+/// characters. Anything else is ignored (and replaced by the usage id).
+pub fn sane_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let value = headers.get(&X_REQUEST_ID)?;
+    let bytes = value.as_bytes();
+    let sane = !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID_LEN
+        && bytes.iter().all(|b| b.is_ascii_graphic());
+    sane.then_some(value)
+}
+
+/// Appends the client address to `x-forwarded-for` (joining any values the
+/// client or an earlier proxy sent) and sets `x-forwarded-proto` and
+/// `x-forwarded-host`.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
+    let ip = client_ip.to_string();
+    let forwarded_for = match headers.get_all(&X_FORWARDED_FOR).iter().count() {
+        0 => HeaderValue::from_str(&ip).ok(),
+        _ => {
+            let mut joined = String::new();
+            for value in headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(value) = value.to_str() {
+                    joined.push_str(value.trim());
+                    joined.push_str(", ");
+                }
+            }
+            joined.push_str(&ip);
+            HeaderValue::from_str(&joined).ok()
+        }
+    };
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", "x-other"),
+            ("x-secret-hop", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("content-type", "application/json"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec!["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn request_id_sanity() {
+        assert_eq!(
+            sane_request_id(&map(&[("x-request-id", "abc-123")])).unwrap(),
+            "abc-123"
+        );
+        assert!(sane_request_id(&map(&[("x-request-id", "has space")])).is_none());
+        assert!(sane_request_id(&map(&[("x-request-id", "")])).is_none());
+        let long = "a".repeat(129);
+        assert!(sane_request_id(&map(&[("x-request-id", &long)])).is_none());
+        let max = "a".repeat(128);
+        assert!(sane_request_id(&map(&[("x-request-id", &max)])).is_some());
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut headers = map(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
+        set_forwarded(
+            &mut headers,
+            "127.0.0.1".parse().unwrap(),
+            "https",
+            Some(HeaderValue::from_static("gw.example")),
+        );
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[&X_FORWARDED_HOST], "gw.example");
+
+        let mut fresh = HeaderMap::new();
+        set_forwarded(&mut fresh, "::1".parse().unwrap(), "http", None);
+        assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
+    }
+}

@@ -1,0 +1,250 @@
+//! Routes: which upstream a request goes to, and how its URI is rewritten.
+//!
+//! Routes are compiled once from config (upstream scheme and authority parsed,
+//! header names validated) so the per-request work is a prefix scan and one
+//! URI assembled from shared parts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderName, HeaderValue, Uri};
+
+/// A route as configured: the proxy's view of a `[[routes]]` table.
+#[derive(Clone, Debug)]
+pub struct RouteSpec {
+    pub name: String,
+    pub prefix: String,
+    pub upstream: Uri,
+    pub strip_prefix: bool,
+    pub timeout: Duration,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub strip_response_headers: Vec<HeaderName>,
+}
+
+/// A route that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route:?}: upstream {upstream} must be an absolute http:// or https:// URI")]
+    BadUpstream { route: String, upstream: String },
+    #[error("route {route:?}: prefix {prefix:?} must start with '/'")]
+    BadPrefix { route: String, prefix: String },
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// The `Host` header every upstream request carries, built once.
+    host: HeaderValue,
+    /// The upstream URI's path without its trailing slash ("" for none); it
+    /// is prepended to every forwarded path.
+    base_path: String,
+    pub strip_prefix: bool,
+    pub timeout: Duration,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub strip_response_headers: Vec<HeaderName>,
+}
+
+impl Route {
+    pub fn compile(spec: RouteSpec) -> Result<Route, RouteError> {
+        let bad_upstream = || RouteError::BadUpstream {
+            route: spec.name.clone(),
+            upstream: spec.upstream.to_string(),
+        };
+        if !spec.prefix.starts_with('/') {
+            return Err(RouteError::BadPrefix {
+                route: spec.name.clone(),
+                prefix: spec.prefix.clone(),
+            });
+        }
+        let scheme = spec.upstream.scheme().cloned().ok_or_else(bad_upstream)?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad_upstream());
+        }
+        let authority = spec.upstream.authority().cloned().ok_or_else(bad_upstream)?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_upstream())?;
+        let base_path = spec.upstream.path().trim_end_matches('/').to_owned();
+        Ok(Route {
+            name: Arc::from(spec.name),
+            prefix: spec.prefix,
+            scheme,
+            authority,
+            host,
+            base_path,
+            strip_prefix: spec.strip_prefix,
+            timeout: spec.timeout,
+            set_headers: spec.set_headers,
+            strip_response_headers: spec.strip_response_headers,
+        })
+    }
+
+    /// The `Host` header for the upstream: its authority as configured.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// The upstream URI for a client request URI routed here.
+    pub fn upstream_uri(&self, client: &Uri) -> Result<Uri, http::Error> {
+        let path_and_query = match self.rewrite_path(client.path()) {
+            None => client
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Some(path) => {
+                let mut rewritten = path;
+                if let Some(query) = client.query() {
+                    rewritten.push('?');
+                    rewritten.push_str(query);
+                }
+                PathAndQuery::try_from(rewritten)?
+            }
+        };
+        Ok(Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()?)
+    }
+
+    /// The rewritten path, or `None` when the client's path is forwarded as is
+    /// (the common case, which then costs no allocation).
+    fn rewrite_path(&self, path: &str) -> Option<String> {
+        if !self.strip_prefix && self.base_path.is_empty() {
+            return None;
+        }
+        let rest = if self.strip_prefix {
+            // The prefix always matched, so the slice is in bounds; re-root
+            // whatever follows it at '/'.
+            path.get(self.prefix.len()..).unwrap_or("")
+        } else {
+            path
+        };
+        let mut out = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        out.push_str(&self.base_path);
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+}
+
+/// All routes, longest prefix first.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(specs: Vec<RouteSpec>) -> Result<RouteTable, RouteError> {
+        let mut routes = specs
+            .into_iter()
+            .map(Route::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Longest prefix wins; the sort is stable, so equal lengths keep
+        // their config order.
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        Ok(RouteTable { routes })
+    }
+
+    /// The route with the longest prefix of `path`.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| path.starts_with(route.prefix.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, prefix: &str, upstream: &str, strip: bool) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            prefix: prefix.into(),
+            upstream: upstream.parse().unwrap(),
+            strip_prefix: strip,
+            timeout: Duration::from_secs(1),
+            set_headers: vec![],
+            strip_response_headers: vec![],
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_regardless_of_order() {
+        let table = RouteTable::new(vec![
+            spec("all", "/", "http://a", false),
+            spec("v1", "/v1/", "http://b", false),
+            spec("chat", "/v1/chat/", "http://c", false),
+        ])
+        .unwrap();
+        assert_eq!(&*table.find("/v1/chat/completions").unwrap().name, "chat");
+        assert_eq!(&*table.find("/v1/embeddings").unwrap().name, "v1");
+        assert_eq!(&*table.find("/other").unwrap().name, "all");
+        let only_v1 = RouteTable::new(vec![spec("v1", "/v1/", "http://b", false)]).unwrap();
+        assert!(only_v1.find("/v1").is_none());
+        assert!(only_v1.find("/v2/x").is_none());
+    }
+
+    #[test]
+    fn strip_prefix_reroots_at_slash_and_keeps_the_query() {
+        let route = Route::compile(spec(
+            "anthropic",
+            "/anthropic/",
+            "https://api.anthropic.com",
+            true,
+        ))
+        .unwrap();
+        let uri = route
+            .upstream_uri(&"/anthropic/v1/messages?beta=true".parse().unwrap())
+            .unwrap();
+        assert_eq!(uri.to_string(), "https://api.anthropic.com/v1/messages?beta=true");
+        let bare = route.upstream_uri(&"/anthropic/".parse().unwrap()).unwrap();
+        assert_eq!(bare.to_string(), "https://api.anthropic.com/");
+
+        let no_slash = Route::compile(spec("a", "/anthropic", "http://up:81", true)).unwrap();
+        let uri = no_slash
+            .upstream_uri(&"/anthropic/v1/x".parse().unwrap())
+            .unwrap();
+        assert_eq!(uri.to_string(), "http://up:81/v1/x");
+    }
+
+    #[test]
+    fn upstream_base_path_is_prepended() {
+        let route = Route::compile(spec("a", "/v1/", "http://up/base/", false)).unwrap();
+        let uri = route.upstream_uri(&"/v1/x?q=1".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://up/base/v1/x?q=1");
+        let plain = Route::compile(spec("a", "/v1/", "http://up", false)).unwrap();
+        let uri = plain.upstream_uri(&"/v1/x?q=1".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://up/v1/x?q=1");
+    }
+
+    #[test]
+    fn rejects_bad_routes() {
+        assert!(matches!(
+            Route::compile(spec("a", "v1/", "http://up", false)),
+            Err(RouteError::BadPrefix { .. })
+        ));
+        assert!(matches!(
+            Route::compile(spec("a", "/v1/", "/relative", false)),
+            Err(RouteError::BadUpstream { .. })
+        ));
+        assert!(matches!(
+            Route::compile(spec("a", "/v1/", "ftp://up", false)),
+            Err(RouteError::BadUpstream { .. })
+        ));
+    }
+}

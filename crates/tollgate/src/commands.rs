@@ -1,0 +1,116 @@
+//! What each command does, and how its outcome becomes an exit code
+//! (SPEC §1: 0 success, 1 runtime error, 2 usage or config error).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, ConfigError};
+use crate::{app, shutdown};
+
+/// The config file used when neither `--config` nor `$TOLLGATE_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            let (config, origin) = load_config(cli.config.as_deref())?;
+            match &origin {
+                Some(path) => tracing::info!(message = "Config loaded.", path = %path.display()),
+                None => tracing::info!(
+                    message = "No config file found; using built-in defaults.",
+                    looked_for = DEFAULT_CONFIG_PATH
+                ),
+            }
+            serve(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let (config, origin) = load_config(cli.config.as_deref())?;
+            let origin = origin.map_or_else(
+                || "built-in defaults".to_owned(),
+                |path| path.display().to_string(),
+            );
+            println!(
+                "{origin}: ok ({} routes, {} tiers, {} priced models)",
+                config.routes.len(),
+                config.tiers.len(),
+                config.pricing.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MockUpstream { listen } => {
+            let runtime = runtime(0)?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                tracing::info!(message = "Mock upstream listening.", addr = %listener.local_addr()?);
+                tollgate_mock::serve(listener, shutdown::signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
+}
+
+/// Loads the config named by `--config`, else `$TOLLGATE_CONFIG`, else the
+/// default path; with no file named and none at the default path, the
+/// built-in defaults. Returns the file used, if any.
+pub fn load_config(flag: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+    let named = flag
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("TOLLGATE_CONFIG").map(PathBuf::from));
+    let path = match named {
+        Some(path) => path,
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if !default.exists() {
+                return Ok((Config::default(), None));
+            }
+            default
+        }
+    };
+    let config = Config::load(&path)?;
+    Ok((config, Some(path)))
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = runtime(config.server.worker_threads)?;
+    runtime.block_on(async {
+        let running = app::start(config).await?;
+        shutdown::signal().await;
+        tracing::info!(message = "Shutdown requested; draining in-flight requests.");
+        running.stop().await;
+        tracing::info!(message = "Stopped.");
+        Ok(())
+    })
+}
+
+/// A multi-threaded runtime with `worker_threads` workers (0 = one per core).
+pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The error as one line: the whole cause chain, joined.
+pub fn one_line(error: &anyhow::Error) -> String {
+    format!("{error:#}").replace('\n', " ")
+}
+
+/// 2 for config and usage errors, 1 for everything else.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|cause| cause.is::<ConfigError>()) {
+        2
+    } else {
+        1
+    }
+}
