@@ -1,6 +1,8 @@
 //! The real binary: graceful shutdown on SIGTERM, streaming memory bound,
 //! `check-config` exit codes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;
@@ -59,11 +61,18 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         if tokio::net::TcpStream::connect(gw.addr).await.is_err() {
             break;
         }
-        assert!(Instant::now() < deadline, "the listener stayed open after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the listener stayed open after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The stream in flight still completes.
-    let rest = body.collect().await.expect("in-flight stream completes").to_bytes();
+    let rest = body
+        .collect()
+        .await
+        .expect("in-flight stream completes")
+        .to_bytes();
     let text = String::from_utf8_lossy(&rest);
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 
@@ -89,7 +98,11 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
     // Download 50 MB, reading slowly enough that the gateway must apply
     // back-pressure rather than buffer.
     let response = client()
-        .request(Request::get(gw.url(&format!("/bytes/{SIZE}"))).body(Full::default()).unwrap())
+        .request(
+            Request::get(gw.url(&format!("/bytes/{SIZE}")))
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut body = response.into_body();
@@ -99,7 +112,7 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
         if let Ok(data) = frame.unwrap().into_data() {
             received += data.len() as u64;
             frames += 1;
-            if frames % 64 == 0 {
+            if frames.is_multiple_of(64) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -123,8 +136,7 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let json: serde_json::Value =
-        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
-            .unwrap();
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(json["bytes"], SIZE);
 
     let after = gw.status_kib("VmHWM");
@@ -184,7 +196,10 @@ fn check_config_reports_file_line_and_field_with_exit_2() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "case {i}: {stderr}");
-        assert!(stderr.contains(&format!("bad{i}.toml{line}")), "case {i}: {stderr}");
+        assert!(
+            stderr.contains(&format!("bad{i}.toml{line}")),
+            "case {i}: {stderr}"
+        );
         assert!(stderr.contains(field), "case {i}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }

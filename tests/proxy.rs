@@ -1,6 +1,8 @@
 //! The data plane over real sockets: forwarding, streaming, header rewriting,
 //! the gateway's own errors, timeouts and framing.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -72,7 +74,10 @@ async fn sse_events_arrive_one_by_one() {
         .unwrap();
     let started = Instant::now();
     let response = client().request(request).await.unwrap();
-    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut body = response.into_body();
     let first = loop {
         let frame = body.frame().await.unwrap().unwrap();
@@ -239,7 +244,7 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
 
     let declared = send(
         &client(),
-        Request::post(gw.url("/v1/sink"))
+        Request::post(gw.url("/sink"))
             .body(Full::new(Bytes::from(vec![0u8; limit + 1])))
             .unwrap(),
     )
@@ -255,7 +260,11 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
     let (mut sender, body) = http_body_util::channel::Channel::<Bytes>::new(4);
     let feeder = tokio::spawn(async move {
         for _ in 0..40 {
-            if sender.send_data(Bytes::from(vec![1u8; 64 * 1024])).await.is_err() {
+            if sender
+                .send_data(Bytes::from(vec![1u8; 64 * 1024]))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -264,20 +273,19 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
     let response = chunked
-        .request(Request::post(gw.url("/v1/sink")).body(body).unwrap())
+        .request(Request::post(gw.url("/sink")).body(body).unwrap())
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let json: serde_json::Value =
-        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
-            .unwrap();
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(json["error"]["type"], "payload_too_large");
     feeder.abort();
 
     // Exactly at the limit is fine.
     let at_limit = send(
         &client(),
-        Request::post(gw.url("/v1/sink"))
+        Request::post(gw.url("/sink"))
             .body(Full::new(Bytes::from(vec![0u8; limit])))
             .unwrap(),
     )
@@ -412,7 +420,10 @@ async fn content_length_with_transfer_encoding_is_refused() {
         let text = String::from_utf8_lossy(&raw);
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
         assert!(text.contains("\"invalid_request\""), "{text}");
-        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
     }
     assert!(mock.requests().is_empty(), "nothing was forwarded");
 

@@ -1,6 +1,8 @@
 //! TLS termination: HTTP/2 negotiated by ALPN and HTTP/1.1 over TLS, with a
 //! self-signed certificate made by the test.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
@@ -39,8 +41,10 @@ fn self_signed() -> Tls {
 fn tls_client(
     tls: &Tls,
     h2: bool,
-) -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>>
-{
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -30,9 +30,14 @@ impl AdminState {
     }
 
     /// Answers one admin request.
-    pub async fn handle(self, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn handle(
+        self,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let response = match (request.method(), request.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
+            (&Method::GET | &Method::HEAD, "/healthz") => {
+                json(StatusCode::OK, r#"{"status":"ok"}"#)
+            }
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if self.is_ready() {
                     json(StatusCode::OK, r#"{"status":"ready"}"#)

@@ -62,9 +62,11 @@ impl ProxyError {
     /// The HTTP status, the SPEC's error `type`, and the side to blame.
     pub fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
         match self {
-            ProxyError::MalformedRequest { .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request", ErrorSide::Downstream)
-            }
+            ProxyError::MalformedRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                ErrorSide::Downstream,
+            ),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", ErrorSide::Downstream),
             ProxyError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,

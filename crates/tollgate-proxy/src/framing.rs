@@ -212,7 +212,8 @@ mod tests {
 
     #[test]
     fn h2_connections_are_not_scanned() {
-        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ncontent-length: 1\r\ntransfer-encoding: x\r\n\r\n";
+        let h2 =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ncontent-length: 1\r\ntransfer-encoding: x\r\n\r\n";
         assert!(!scan_in_pieces(h2, 7));
     }
 }

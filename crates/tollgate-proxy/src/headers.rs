@@ -145,7 +145,10 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
-        let mut headers = map(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
+        let mut headers = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
         set_forwarded(
             &mut headers,
             "127.0.0.1".parse().unwrap(),

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use uuid::Uuid;
@@ -86,7 +86,9 @@ impl Gateway {
                 error.into_response()
             }
         };
-        response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id);
         Ok(response)
     }
 
@@ -146,6 +148,9 @@ impl Gateway {
         });
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
+        // `Expect: 100-continue` was answered on the client's hop (hyper
+        // sends the 100 when the body is first read); it does not travel on.
+        headers.remove(EXPECT);
         set_forwarded(headers, conn.peer.ip(), conn.proto, client_host);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         headers.insert(HOST, route.host_header().clone());

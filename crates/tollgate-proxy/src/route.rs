@@ -65,7 +65,11 @@ impl Route {
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(bad_upstream());
         }
-        let authority = spec.upstream.authority().cloned().ok_or_else(bad_upstream)?;
+        let authority = spec
+            .upstream
+            .authority()
+            .cloned()
+            .ok_or_else(bad_upstream)?;
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_upstream())?;
         let base_path = spec.upstream.path().trim_end_matches('/').to_owned();
         Ok(Route {
@@ -103,11 +107,11 @@ impl Route {
                 PathAndQuery::try_from(rewritten)?
             }
         };
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
-            .build()?)
+            .build()
     }
 
     /// The rewritten path, or `None` when the client's path is forwarded as is
@@ -211,7 +215,10 @@ mod tests {
         let uri = route
             .upstream_uri(&"/anthropic/v1/messages?beta=true".parse().unwrap())
             .unwrap();
-        assert_eq!(uri.to_string(), "https://api.anthropic.com/v1/messages?beta=true");
+        assert_eq!(
+            uri.to_string(),
+            "https://api.anthropic.com/v1/messages?beta=true"
+        );
         let bare = route.upstream_uri(&"/anthropic/".parse().unwrap()).unwrap();
         assert_eq!(bare.to_string(), "https://api.anthropic.com/");
 

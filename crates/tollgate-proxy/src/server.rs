@@ -155,7 +155,8 @@ impl Connection {
                 watcher.watch(conn).await
             }
             Some(acceptor) => {
-                let handshake = tokio::time::timeout(self.header_timeout, acceptor.accept(self.stream));
+                let handshake =
+                    tokio::time::timeout(self.header_timeout, acceptor.accept(self.stream));
                 let stream = match handshake.await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {

@@ -54,8 +54,8 @@ impl Running {
 
 /// Starts the data plane and the admin server.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let routes = RouteTable::new(config.routes.iter().map(route_spec).collect())
-        .context("invalid route")?;
+    let routes =
+        RouteTable::new(config.routes.iter().map(route_spec).collect()).context("invalid route")?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
     let gateway = Arc::new(Gateway::new(

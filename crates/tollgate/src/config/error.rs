@@ -148,20 +148,39 @@ impl ConfigError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 mod tests {
     use super::*;
 
     #[test]
     fn locations_are_one_based_and_count_characters() {
         let text = "a = 1\nbé = \"x\"\n";
-        assert_eq!(Location::of_offset(text, 0), Location { line: 1, column: 1 });
-        assert_eq!(Location::of_offset(text, 4), Location { line: 1, column: 5 });
-        assert_eq!(Location::of_offset(text, 6), Location { line: 2, column: 1 });
+        assert_eq!(
+            Location::of_offset(text, 0),
+            Location { line: 1, column: 1 }
+        );
+        assert_eq!(
+            Location::of_offset(text, 4),
+            Location { line: 1, column: 5 }
+        );
+        assert_eq!(
+            Location::of_offset(text, 6),
+            Location { line: 2, column: 1 }
+        );
         // `"x"` starts at byte 12 but character 6 of line 2 ("é" is two bytes).
-        assert_eq!(Location::of_offset(text, 12), Location { line: 2, column: 6 });
+        assert_eq!(
+            Location::of_offset(text, 12),
+            Location { line: 2, column: 6 }
+        );
         // Inside "é" and past the end are clamped rather than panicking.
-        assert_eq!(Location::of_offset(text, 8), Location { line: 2, column: 2 });
-        assert_eq!(Location::of_offset(text, 999), Location { line: 3, column: 1 });
+        assert_eq!(
+            Location::of_offset(text, 8),
+            Location { line: 2, column: 2 }
+        );
+        assert_eq!(
+            Location::of_offset(text, 999),
+            Location { line: 3, column: 1 }
+        );
     }
 
     #[test]

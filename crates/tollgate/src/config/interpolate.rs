@@ -67,7 +67,8 @@ pub(super) fn interpolate(
             if !is_valid_name(name) {
                 return Err(InterpolateError::InvalidName(name.to_owned()));
             }
-            let replacement = env(name).ok_or_else(|| InterpolateError::Missing(name.to_owned()))?;
+            let replacement =
+                env(name).ok_or_else(|| InterpolateError::Missing(name.to_owned()))?;
             out.push_str(&replacement);
             rest = &body[end + 1..];
         } else {
@@ -80,6 +81,7 @@ pub(super) fn interpolate(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 mod tests {
     use super::*;
 
@@ -123,14 +125,23 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(run("${NOPE}"), Err(InterpolateError::Missing("NOPE".to_owned())));
+        assert_eq!(
+            run("${NOPE}"),
+            Err(InterpolateError::Missing("NOPE".to_owned()))
+        );
         assert_eq!(run("x ${KEY"), Err(InterpolateError::Unterminated));
-        assert_eq!(run("${}"), Err(InterpolateError::InvalidName(String::new())));
+        assert_eq!(
+            run("${}"),
+            Err(InterpolateError::InvalidName(String::new()))
+        );
         assert_eq!(
             run("${KEY:-default}"),
             Err(InterpolateError::InvalidName("KEY:-default".to_owned()))
         );
-        assert_eq!(run("${1X}"), Err(InterpolateError::InvalidName("1X".to_owned())));
+        assert_eq!(
+            run("${1X}"),
+            Err(InterpolateError::InvalidName("1X".to_owned()))
+        );
         assert_eq!(
             InterpolateError::Missing("NOPE".to_owned()).to_string(),
             "environment variable NOPE is not set"

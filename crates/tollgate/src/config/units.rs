@@ -18,9 +18,7 @@ use std::time::Duration;
 /// it reads on its own: `invalid duration "5 parsecs" (expected e.g. ...)`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
-    #[error(
-        "invalid duration {0:?} (expected e.g. \"250ms\", \"10s\", \"5m\", \"24h\", \"30d\")"
-    )]
+    #[error("invalid duration {0:?} (expected e.g. \"250ms\", \"10s\", \"5m\", \"24h\", \"30d\")")]
     Duration(String),
     #[error("invalid size {0:?} (expected e.g. \"512KiB\", \"10MiB\", \"1GiB\")")]
     Size(String),
@@ -175,7 +173,10 @@ pub fn usd_to_nanos(usd: f64) -> Result<i64, UnitError> {
         let digit = i64::from(digit - b'0');
         fraction_nanos += digit * 10_i64.pow(8 - position as u32);
     }
-    let round_up = fraction.as_bytes().get(9).is_some_and(|digit| *digit >= b'5');
+    let round_up = fraction
+        .as_bytes()
+        .get(9)
+        .is_some_and(|digit| *digit >= b'5');
     whole
         .checked_mul(NANOS_PER_USD)
         .and_then(|nanos| nanos.checked_add(fraction_nanos))
@@ -184,6 +185,7 @@ pub fn usd_to_nanos(usd: f64) -> Result<i64, UnitError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 mod tests {
     use super::*;
 
@@ -200,7 +202,17 @@ mod tests {
     #[test]
     fn malformed_durations_are_rejected_with_a_hint() {
         for bad in [
-            "", "10", "s", "5 parsecs", "10 s", " 10s", "1.5s", "-1s", "10S", "10sec", "5mins",
+            "",
+            "10",
+            "s",
+            "5 parsecs",
+            "10 s",
+            " 10s",
+            "1.5s",
+            "-1s",
+            "10S",
+            "10sec",
+            "5mins",
         ] {
             assert_eq!(
                 parse_duration(bad),
@@ -219,7 +231,10 @@ mod tests {
     #[test]
     fn huge_durations_overflow_cleanly() {
         let err = parse_duration("99999999999999999999s").unwrap_err();
-        assert_eq!(err.to_string(), r#"duration "99999999999999999999s" is too large"#);
+        assert_eq!(
+            err.to_string(),
+            r#"duration "99999999999999999999s" is too large"#
+        );
         assert!(matches!(
             parse_duration("18446744073709551615d"),
             Err(UnitError::TooLarge { .. })
@@ -242,8 +257,14 @@ mod tests {
 
     #[test]
     fn malformed_sizes_are_rejected_with_a_hint() {
-        for bad in ["", "10", "MiB", "10mib", "10 MiB", "1.5GiB", "10M", "-1B", "10KIB"] {
-            assert_eq!(parse_size(bad), Err(UnitError::Size(bad.to_owned())), "{bad:?}");
+        for bad in [
+            "", "10", "MiB", "10mib", "10 MiB", "1.5GiB", "10M", "-1B", "10KIB",
+        ] {
+            assert_eq!(
+                parse_size(bad),
+                Err(UnitError::Size(bad.to_owned())),
+                "{bad:?}"
+            );
         }
         assert_eq!(
             parse_size("10 megs").unwrap_err().to_string(),
@@ -260,8 +281,14 @@ mod tests {
         assert_eq!(parse_rate("10/s"), Ok((10, Duration::from_secs(1))));
         assert_eq!(parse_rate("60/min"), Ok((60, Duration::from_secs(60))));
         assert_eq!(parse_rate("1000/h"), Ok((1000, Duration::from_secs(3600))));
-        for bad in ["", "60", "/min", "60/m", "60 / min", "60/day", "1.5/s", "60/MIN"] {
-            assert_eq!(parse_rate(bad), Err(UnitError::Rate(bad.to_owned())), "{bad:?}");
+        for bad in [
+            "", "60", "/min", "60/m", "60 / min", "60/day", "1.5/s", "60/MIN",
+        ] {
+            assert_eq!(
+                parse_rate(bad),
+                Err(UnitError::Rate(bad.to_owned())),
+                "{bad:?}"
+            );
         }
         assert_eq!(
             parse_rate("0/s").unwrap_err().to_string(),
@@ -309,7 +336,10 @@ mod tests {
             usd_to_nanos(9_223_372_037.0),
             Err(UnitError::AmountTooLarge(_))
         ));
-        assert!(matches!(usd_to_nanos(1e300), Err(UnitError::AmountTooLarge(_))));
+        assert!(matches!(
+            usd_to_nanos(1e300),
+            Err(UnitError::AmountTooLarge(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Pass-through throughput: Tollgate vs nginx as a plain reverse proxy, same
+# machine, same run, one core each.
+#
+#   CPU 0: wrk (1 thread) and the upstream (nginx, 1 worker, fixed JSON body)
+#   CPU 1: the proxy under test, in turn: tollgate (1 tokio worker) or nginx
+#          (worker_processes 1, keep-alive upstream pool)
+#
+# Each proxy is measured ROUNDS times, alternating, and the median is reported,
+# because these machines are shared and noisy: only ratios within one run mean
+# anything. Added latency is the proxy's p50/p99 minus the upstream's own
+# (wrk straight at the upstream, same connections).
+#
+# Usage: benches/passthrough.sh [duration_secs=10] [connections=64] [rounds=3]
+# Needs: nginx, wrk, taskset (apt-get install nginx wrk util-linux).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${1:-10}"
+CONNS="${2:-64}"
+ROUNDS="${3:-3}"
+UPSTREAM_PORT=18181
+NGINX_PORT=18182
+GATEWAY_PORT=18183
+GATEWAY_ADMIN_PORT=18184
+
+for tool in nginx wrk taskset; do
+    command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install nginx wrk util-linux)" >&2; exit 1; }
+done
+
+cargo build --release --locked -q
+BIN="$PWD/target/release/tollgate"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+nginx_conf() { # name port body-of-server-block upstream-block
+    mkdir -p "$WORK/$1"
+    cat > "$WORK/$1/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/$1/body;
+    proxy_temp_path $WORK/$1/proxy;
+    fastcgi_temp_path $WORK/$1/fastcgi;
+    uwsgi_temp_path $WORK/$1/uwsgi;
+    scgi_temp_path $WORK/$1/scgi;
+    keepalive_requests 1000000;
+    $4
+    server {
+        listen 127.0.0.1:$2 reuseport;
+        $3
+    }
+}
+CONF
+}
+
+nginx_conf upstream "$UPSTREAM_PORT" \
+    'location / { default_type application/json; return 200 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}"; }' ''
+nginx_conf proxy "$NGINX_PORT" \
+    'location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }' \
+    "upstream backend { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; }"
+
+cat > "$WORK/tollgate.toml" <<CONF
+[server]
+listen = "127.0.0.1:$GATEWAY_PORT"
+admin_listen = "127.0.0.1:$GATEWAY_ADMIN_PORT"
+worker_threads = 1
+
+[database]
+url = "sqlite://$WORK/tollgate.db"
+
+[usage]
+spool_dir = "$WORK/spool"
+
+[[routes]]
+name = "bench"
+prefix = "/"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+CONF
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "error: nothing listens on port $1" >&2
+    exit 1
+}
+
+taskset -c 0 nginx -c "$WORK/upstream/nginx.conf" & PIDS+=($!)
+wait_port "$UPSTREAM_PORT"
+
+start_proxy() { # tollgate | nginx
+    case "$1" in
+        tollgate)
+            RUST_LOG=warn taskset -c 1 "$BIN" --config "$WORK/tollgate.toml" serve 2>"$WORK/tollgate.log" &
+            PROXY_PID=$!; wait_port "$GATEWAY_PORT"; PROXY_PORT=$GATEWAY_PORT ;;
+        nginx)
+            taskset -c 1 nginx -c "$WORK/proxy/nginx.conf" &
+            PROXY_PID=$!; wait_port "$NGINX_PORT"; PROXY_PORT=$NGINX_PORT ;;
+    esac
+}
+
+# Prints "rps p50_us p99_us" for one wrk run against a port.
+measure() {
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/v1/chat/completions" \
+        | awk '
+            function us(v) {
+                if (v ~ /us$/) { sub(/us$/, "", v); return v + 0 }
+                if (v ~ /ms$/) { sub(/ms$/, "", v); return v * 1000 }
+                if (v ~ /s$/)  { sub(/s$/, "", v);  return v * 1000000 }
+                return v
+            }
+            /Requests\/sec/ { rps = $2 }
+            $1 == "50%" { p50 = us($2) }
+            $1 == "99%" { p99 = us($2) }
+            /Non-2xx/ { bad = $NF }
+            END {
+                if (bad > 0) { print "error: " bad " non-2xx responses" > "/dev/stderr"; exit 1 }
+                printf "%.0f %.0f %.0f\n", rps, p50, p99
+            }'
+}
+
+median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+
+echo "pass-through: ${DURATION}s x ${ROUNDS} rounds, ${CONNS} connections, proxy on CPU 1, wrk + upstream on CPU 0"
+: > "$WORK/results"
+measure "$UPSTREAM_PORT" >/dev/null   # warm the upstream
+for round in $(seq 1 "$ROUNDS"); do
+    read -r rps p50 p99 < <(measure "$UPSTREAM_PORT")
+    echo "direct $rps $p50 $p99" >> "$WORK/results"
+    for proxy in tollgate nginx; do
+        start_proxy "$proxy"
+        measure "$PROXY_PORT" >/dev/null 2>&1 || true   # warm-up: pools, caches
+        read -r rps p50 p99 < <(measure "$PROXY_PORT")
+        echo "$proxy $rps $p50 $p99" >> "$WORK/results"
+        printf '  round %d %-8s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
+        kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
+    done
+done
+
+col() { awk -v who="$1" -v c="$2" '$1 == who { print $c }' "$WORK/results" | median; }
+d50=$(col direct 3); d99=$(col direct 4)
+t_rps=$(col tollgate 2); t50=$(col tollgate 3); t99=$(col tollgate 4)
+n_rps=$(col nginx 2); n50=$(col nginx 3); n99=$(col nginx 4)
+echo
+printf '%-10s %10s %14s %14s\n' proxy "req/s" "added p50 us" "added p99 us"
+printf '%-10s %10s %14s %14s\n' tollgate "$t_rps" "$((t50 - d50))" "$((t99 - d99))"
+printf '%-10s %10s %14s %14s\n' nginx "$n_rps" "$((n50 - d50))" "$((n99 - d99))"
+awk -v t="$t_rps" -v n="$n_rps" 'BEGIN { printf "throughput ratio tollgate/nginx: %.2f\n", t / n }'
