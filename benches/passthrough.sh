@@ -112,8 +112,8 @@ start_proxy() { # tollgate | nginx
 }
 
 # Prints "rps p50_us p99_us" for one wrk run against a port.
-measure() {
-    taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/v1/chat/completions" \
+measure() { # port [duration]
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency "http://127.0.0.1:$1/v1/chat/completions" \
         | awk '
             function us(v) {
                 if (v ~ /us$/) { sub(/us$/, "", v); return v + 0 }
@@ -135,13 +135,13 @@ median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 echo "pass-through: ${DURATION}s x ${ROUNDS} rounds, ${CONNS} connections, proxy on CPU 1, wrk + upstream on CPU 0"
 : > "$WORK/results"
-measure "$UPSTREAM_PORT" >/dev/null   # warm the upstream
+measure "$UPSTREAM_PORT" 2 >/dev/null   # warm the upstream
 for round in $(seq 1 "$ROUNDS"); do
     read -r rps p50 p99 < <(measure "$UPSTREAM_PORT")
     echo "direct $rps $p50 $p99" >> "$WORK/results"
     for proxy in tollgate nginx; do
         start_proxy "$proxy"
-        measure "$PROXY_PORT" >/dev/null 2>&1 || true   # warm-up: pools, caches
+        measure "$PROXY_PORT" 2 >/dev/null 2>&1 || true   # warm-up: pools, caches
         read -r rps p50 p99 < <(measure "$PROXY_PORT")
         echo "$proxy $rps $p50 $p99" >> "$WORK/results"
         printf '  round %d %-8s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
