@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 
 fn serve_config(upstream: &str, extra_server: &str) -> String {
     format!(
         r#"
+[[tiers]]
+name = "test"
+
 [server]
 listen = "LISTEN"
 admin_listen = "ADMIN"
@@ -39,7 +42,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
 
     let response = client()
         .request(
-            Request::post(gw.url("/v1/chat/completions"))
+            gw.request(http::Method::POST, "/v1/chat/completions")
                 .header("x-mock-chunks", "5")
                 .header("x-mock-chunk-delay-ms", "200")
                 .body(Full::new(Bytes::from_static(
@@ -90,7 +93,13 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
 
     // Warm up: pools, buffers, allocator arenas.
     for _ in 0..3 {
-        let reply = get(&gw.url("/bytes/1048576")).await;
+        let reply = send(
+            &client(),
+            gw.request(http::Method::GET, "/bytes/1048576")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(reply.body.len(), 1_048_576);
     }
     let before = gw.status_kib("VmHWM");
@@ -99,7 +108,7 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
     // back-pressure rather than buffer.
     let response = client()
         .request(
-            Request::get(gw.url(&format!("/bytes/{SIZE}")))
+            gw.request(http::Method::GET, &format!("/bytes/{SIZE}"))
                 .body(Full::default())
                 .unwrap(),
         )
@@ -131,7 +140,11 @@ async fn fifty_megabytes_stream_through_without_growing_memory() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
     let response = streaming
-        .request(Request::post(gw.url("/sink")).body(upload).unwrap())
+        .request(
+            gw.request(http::Method::POST, "/sink")
+                .body(upload)
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);

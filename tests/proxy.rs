@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http::{Method, Request, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,7 +19,7 @@ async fn forwards_get_and_post_with_bodies_and_query() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
 
-    let reply = get(&gw.url("/v1/things?limit=5&x=%20y")).await;
+    let reply = gw.get("/v1/things?limit=5&x=%20y").await;
     assert_eq!(reply.status, StatusCode::OK);
     let echo = reply.json();
     assert_eq!(echo["method"], "GET");
@@ -30,7 +30,7 @@ async fn forwards_get_and_post_with_bodies_and_query() {
     let body = Bytes::from(vec![b'z'; 200_000]);
     let reply = send(
         &client(),
-        Request::post(gw.url("/v1/upload"))
+        gw.request(Method::POST, "/v1/upload")
             .header("content-type", "application/octet-stream")
             .body(Full::new(body.clone()))
             .unwrap(),
@@ -53,7 +53,7 @@ async fn forwards_get_and_post_with_bodies_and_query() {
 async fn strip_prefix_reroots_the_path() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
-    let reply = get(&gw.url("/strip/v1/messages?beta=1")).await;
+    let reply = gw.get("/strip/v1/messages?beta=1").await;
     assert_eq!(reply.json()["path"], "/v1/messages");
     assert_eq!(reply.json()["query"], "beta=1");
     gw.stop().await;
@@ -64,7 +64,7 @@ async fn sse_events_arrive_one_by_one() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
     let delay = Duration::from_millis(300);
-    let request = Request::post(gw.url("/v1/chat/completions"))
+    let request = gw.request(Method::POST, "/v1/chat/completions")
         .header("content-type", "application/json")
         .header("x-mock-chunks", "4")
         .header("x-mock-chunk-delay-ms", delay.as_millis().to_string())
@@ -109,7 +109,8 @@ async fn sse_events_arrive_one_by_one() {
 async fn hop_by_hop_headers_are_stripped_both_ways() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
-    let request = Request::get(gw.url("/v1/echo"))
+    let request = gw
+        .request(Method::GET, "/v1/echo")
         .header("connection", "keep-alive, x-hop-named")
         .header("x-hop-named", "secret")
         .header("keep-alive", "timeout=5")
@@ -164,7 +165,7 @@ async fn forwarded_headers_and_request_ids() {
 
     let reply = send(
         &client(),
-        Request::get(gw.url("/v1/a"))
+        gw.request(Method::GET, "/v1/a")
             .header("x-forwarded-for", "203.0.113.9")
             .header("x-request-id", "client-id-42")
             .body(Full::default())
@@ -172,13 +173,13 @@ async fn forwarded_headers_and_request_ids() {
     )
     .await;
     assert_eq!(reply.headers["x-request-id"], "client-id-42");
-    let reply2 = get(&gw.url("/v1/b")).await;
+    let reply2 = gw.get("/v1/b").await;
     let generated = reply2.headers["x-request-id"].to_str().unwrap().to_owned();
     let uuid = uuid_fields(&generated);
     assert_eq!(uuid.0, 7, "generated ids are UUID v7: {generated}");
     let insane = send(
         &client(),
-        Request::get(gw.url("/v1/c"))
+        gw.request(Method::GET, "/v1/c")
             .header("x-request-id", "has spaces in it")
             .body(Full::default())
             .unwrap(),
@@ -221,7 +222,7 @@ async fn no_route_is_404_json() {
         mock.url()
     )))
     .await;
-    let reply = get(&gw.url("/v2/nothing")).await;
+    let reply = gw.get("/v2/nothing").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.error_type(), "no_route");
     assert!(reply.headers.contains_key("x-request-id"));
@@ -229,7 +230,7 @@ async fn no_route_is_404_json() {
 
     // The built-in defaults have no routes at all.
     let defaults = TestGateway::start(config("")).await;
-    let reply = get(&defaults.url("/v1/chat/completions")).await;
+    let reply = defaults.get("/v1/chat/completions").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.error_type(), "no_route");
     defaults.stop().await;
@@ -244,7 +245,7 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
 
     let declared = send(
         &client(),
-        Request::post(gw.url("/sink"))
+        gw.request(Method::POST, "/sink")
             .body(Full::new(Bytes::from(vec![0u8; limit + 1])))
             .unwrap(),
     )
@@ -273,7 +274,7 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
     let response = chunked
-        .request(Request::post(gw.url("/sink")).body(body).unwrap())
+        .request(gw.request(Method::POST, "/sink").body(body).unwrap())
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -285,7 +286,7 @@ async fn oversized_bodies_are_413_declared_or_streamed() {
     // Exactly at the limit is fine.
     let at_limit = send(
         &client(),
-        Request::post(gw.url("/sink"))
+        gw.request(Method::POST, "/sink")
             .body(Full::new(Bytes::from(vec![0u8; limit])))
             .unwrap(),
     )
@@ -303,7 +304,7 @@ async fn refused_upstream_is_502() {
         listener.local_addr().unwrap().port()
     };
     let gw = TestGateway::start(route_config(&format!("http://127.0.0.1:{port}"), "")).await;
-    let reply = get(&gw.url("/v1/chat/completions")).await;
+    let reply = gw.get("/v1/chat/completions").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_type(), "upstream_unavailable");
     gw.stop().await;
@@ -322,7 +323,7 @@ async fn upstream_that_resets_before_answering_is_502() {
         }
     });
     let gw = TestGateway::start(route_config(&format!("http://{addr}"), "")).await;
-    let reply = get(&gw.url("/v1/x")).await;
+    let reply = gw.get("/v1/x").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_type(), "upstream_unavailable");
     gw.stop().await;
@@ -334,7 +335,7 @@ async fn upstream_reset_mid_stream_breaks_the_client_body() {
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
     let response = client()
         .request(
-            Request::post(gw.url("/v1/chat/completions"))
+            gw.request(Method::POST, "/v1/chat/completions")
                 .header("x-mock-chunks", "10")
                 .header("x-mock-reset-after", "2")
                 .body(Full::new(Bytes::from_static(
@@ -360,7 +361,7 @@ async fn hanging_upstream_is_504_after_the_route_timeout() {
     let started = Instant::now();
     let reply = send(
         &client(),
-        Request::get(gw.url("/strip/slow"))
+        gw.request(Method::GET, "/strip/slow")
             .header("x-mock-hang", "headers")
             .body(Full::default())
             .unwrap(),
@@ -397,7 +398,7 @@ async fn slow_client_is_cut_off_by_the_header_timeout() {
     assert!(mock.requests().is_empty());
 
     // A prompt client on the same gateway is unaffected.
-    assert_eq!(get(&gw.url("/v1/ok")).await.status, StatusCode::OK);
+    assert_eq!(gw.get("/v1/ok").await.status, StatusCode::OK);
     gw.stop().await;
 }
 
@@ -429,10 +430,11 @@ async fn content_length_with_transfer_encoding_is_refused() {
 
     // Transfer-Encoding alone is fine.
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!(
+        "POST /v1/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        gw.key.as_deref().unwrap()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8_lossy(&raw);
@@ -447,7 +449,7 @@ async fn h2c_prior_knowledge_is_served() {
     let gw = TestGateway::start(route_config(&mock.url(), "")).await;
     let reply = send(
         &h2c_client(),
-        Request::post(gw.url("/v1/echo?h2=1"))
+        gw.request(Method::POST, "/v1/echo?h2=1")
             .body(Full::new(Bytes::from_static(b"hello h2")))
             .unwrap(),
     )

@@ -82,6 +82,7 @@ async fn http2_by_alpn_over_tls() {
         .request(
             Request::post(url)
                 .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {}", gw.key.as_deref().unwrap()))
                 .body(Full::new(Bytes::from_static(
                     br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"one two three"}]}"#,
                 )))
@@ -105,7 +106,12 @@ async fn http1_over_tls() {
     let gw = tls_gateway(&tls, &mock.url()).await;
     let url = format!("https://localhost:{}/v1/echo", gw.addr.port());
     let response = tls_client(&tls, false)
-        .request(Request::get(url).body(Full::default()).unwrap())
+        .request(
+            Request::get(url)
+                .header("x-api-key", gw.key.as_deref().unwrap())
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.version(), Version::HTTP_11);

@@ -38,6 +38,9 @@ pub fn config(toml: &str) -> Config {
 pub fn route_config(upstream: &str, extra: &str) -> Config {
     config(&format!(
         r#"
+[[tiers]]
+name = "test"
+
 [server]
 max_request_body = "1MiB"
 request_header_timeout = "1s"
@@ -68,25 +71,84 @@ timeout = "2s"
     ))
 }
 
-/// An in-process gateway.
+/// An in-process gateway on its own SQLite file, with one key made before
+/// it started (when the config has a tier to give its customer).
 pub struct TestGateway {
     pub running: Option<tollgate::app::Running>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// A valid key for customer "test", if the config has tiers.
+    pub key: Option<String>,
+    pub store: std::sync::Arc<dyn tollgate_metering::Store>,
+    pub config: Config,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
-    pub async fn start(config: Config) -> TestGateway {
-        let running = tollgate::app::start(config).await.expect("gateway starts");
+    /// Starts on a fresh SQLite database in a temporary directory.
+    pub async fn start(mut config: Config) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        config.database.url = format!("sqlite://{}/tollgate.db", dir.path().display());
+        config.usage.spool_dir = dir.path().join("spool");
+        Self::start_on(config, Some(dir)).await
+    }
+
+    /// Starts on the database the config names (which the caller owns).
+    pub async fn start_on(config: Config, dir: Option<tempfile::TempDir>) -> TestGateway {
+        let store = tollgate::app::open_store(&config)
+            .await
+            .expect("database opens");
+        let key = match config.tiers.first() {
+            Some(tier) => {
+                let accounts = tollgate::manage::accounts_for(&config, store.clone());
+                let created = accounts
+                    .create_key(tollgate_metering::accounts::KeyRequest {
+                        customer: "test".into(),
+                        tier: Some(tier.name.clone()),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("test key is created");
+                Some(created.key)
+            }
+            None => None,
+        };
+        let running = tollgate::app::start_with_store(config.clone(), store.clone())
+            .await
+            .expect("gateway starts");
         TestGateway {
             addr: running.data_addr(),
             admin: running.admin_addr(),
             running: Some(running),
+            key,
+            store,
+            config,
+            _dir: dir,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A request builder for `path` carrying the test key.
+    pub fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
+        let builder = http::Request::builder().method(method).uri(self.url(path));
+        match &self.key {
+            Some(key) => builder.header("authorization", format!("Bearer {key}")),
+            None => builder,
+        }
+    }
+
+    /// GET `path` with the test key.
+    pub async fn get(&self, path: &str) -> Reply {
+        send(
+            &client(),
+            self.request(http::Method::GET, path)
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn stop(mut self) {
@@ -162,6 +224,9 @@ pub async fn get(url: &str) -> Reply {
 
 /// The real binary, started with a config file and JSON logs.
 pub struct Process {
+    /// A key made by `tollgate keys create` before the gateway started,
+    /// when the config has a tier.
+    pub key: Option<String>,
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -177,6 +242,11 @@ impl Process {
     /// Starts `tollgate serve` with `toml` (listen addresses are forced to
     /// port 0) and waits until both listeners are up.
     pub fn serve(toml: &str) -> Process {
+        Self::serve_logged(toml, "info")
+    }
+
+    /// As [`Process::serve`] with `RUST_LOG` set to `log`.
+    pub fn serve_logged(toml: &str, log: &str) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tollgate.toml");
         let toml = format!(
@@ -184,13 +254,43 @@ impl Process {
             toml.replace("LISTEN", "127.0.0.1:0")
                 .replace("ADMIN", "127.0.0.1:0")
         );
-        std::fs::write(&path, toml).unwrap();
+        std::fs::write(&path, &toml).unwrap();
+        let key = toml.contains("[[tiers]]").then(|| {
+            let tier = toml
+                .split("[[tiers]]")
+                .nth(1)
+                .and_then(|rest| rest.split('"').nth(1))
+                .unwrap()
+                .to_owned();
+            let output = Command::new(binary())
+                .arg("--config")
+                .arg(&path)
+                .args([
+                    "keys",
+                    "create",
+                    "--customer",
+                    "test",
+                    "--tier",
+                    &tier,
+                    "--json",
+                ])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "keys create: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            json["key"].as_str().unwrap().to_owned()
+        });
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "--config"])
             .arg(&path)
             .arg("serve")
             .current_dir(dir.path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -223,6 +323,7 @@ impl Process {
             }
         }
         Process {
+            key,
             child,
             addr: addr.unwrap(),
             admin: admin.unwrap(),
@@ -233,6 +334,15 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A request builder for `path` carrying the key made at start.
+    pub fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
+        let builder = http::Request::builder().method(method).uri(self.url(path));
+        match &self.key {
+            Some(key) => builder.header("authorization", format!("Bearer {key}")),
+            None => builder,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -277,4 +387,90 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path
+}
+
+/// Runs a `tollgate` command against `config_path`; returns (exit code, stdout, stderr).
+pub fn cli(config_path: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary())
+        .arg("--config")
+        .arg(config_path)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs a `--json` command that must succeed and returns its document.
+pub fn cli_json(config_path: &Path, args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = cli(config_path, args);
+    assert_eq!(code, 0, "tollgate {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{args:?} printed non-JSON ({e}): {stdout}"))
+}
+
+/// Polls `check` every 20 ms until it returns true or `within` passes;
+/// returns how long it took.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP proxy of the test's own in front of a dependency (the database), so
+/// a test can take the dependency away without stopping a shared server.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CutProxy {
+    pub async fn start(target: SocketAddr) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { addr, cut }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
 }

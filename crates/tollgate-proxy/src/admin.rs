@@ -1,25 +1,177 @@
-//! The admin listener: health endpoints now; the admin API, `/metrics` and
-//! reload hang off the same router as they arrive.
+//! The admin listener (SPEC §6): health and readiness, and under `/v1/` the
+//! customer and key management API, behind bearer admin tokens.
+//!
+//! Handlers are thin: parse and validate the request, call
+//! [`Accounts`], render. Every error is the SPEC's JSON shape.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest};
+use tollgate_metering::StoreError;
 
 use crate::body::ProxyBody;
 use crate::error::error_response;
 
-/// Shared state the admin endpoints read.
-#[derive(Clone, Debug, Default)]
-pub struct AdminState {
-    ready: Arc<AtomicBool>,
+/// The largest admin request body accepted.
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+/// How long `/readyz?strict=true` waits for the database.
+const STRICT_READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the admin endpoints need.
+pub struct Admin {
+    accounts: Arc<Accounts>,
+    /// BLAKE3 digests of the admin tokens: `blake3::Hash` equality is
+    /// constant-time, so comparing digests leaks nothing about a token.
+    tokens: Vec<blake3::Hash>,
+    ready: AtomicBool,
 }
 
-impl AdminState {
+/// An admin request that failed, rendered in one place.
+#[derive(Debug)]
+enum AdminError {
+    Unauthorized,
+    NotFound(String),
+    Invalid(String),
+    MethodNotAllowed,
+    DatabaseUnavailable,
+    Internal(String),
+}
+
+impl AdminError {
+    fn into_response(self) -> Response<ProxyBody> {
+        match self {
+            AdminError::Unauthorized => error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "A valid admin token is required: `Authorization: Bearer <token>`.",
+            ),
+            AdminError::NotFound(what) => error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("Not found: {what}."),
+            ),
+            AdminError::Invalid(message) => {
+                error_response(StatusCode::BAD_REQUEST, "invalid_request", &message)
+            }
+            AdminError::MethodNotAllowed => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "This method is not allowed on this path.",
+            ),
+            AdminError::DatabaseUnavailable => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "The database is unavailable; the change was not made. Retry later.",
+            ),
+            AdminError::Internal(message) => {
+                tracing::error!(message = "Admin request failed.", error = %message);
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "The request failed inside the gateway.",
+                )
+            }
+        }
+    }
+}
+
+impl From<AccountError> for AdminError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Invalid { field, message } => {
+                AdminError::Invalid(format!("{field}: {message}"))
+            }
+            AccountError::NotFound(what) => AdminError::NotFound(what),
+            AccountError::Store(error) => error.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) => AdminError::DatabaseUnavailable,
+            StoreError::Conflict(message) => AdminError::Invalid(message),
+            StoreError::NotFound(what) => AdminError::NotFound(what),
+            StoreError::SchemaTooNew { .. } | StoreError::Config(_) | StoreError::Corrupt(_) => {
+                AdminError::Internal(error.to_string())
+            }
+        }
+    }
+}
+
+type AdminResult = Result<Response<ProxyBody>, AdminError>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCustomer {
+    name: String,
+    tier: String,
+    overrides: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchCustomer {
+    tier: Option<String>,
+    overrides: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    customer: String,
+    tier: Option<String>,
+    name: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+    routes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateKey {
+    grace_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    customer: Option<String>,
+    status: Option<String>,
+    strict: Option<String>,
+}
+
+#[derive(Serialize)]
+struct List<T> {
+    data: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl Admin {
+    pub fn new(accounts: Arc<Accounts>, tokens: &[String]) -> Admin {
+        Admin {
+            accounts,
+            tokens: tokens
+                .iter()
+                .map(|token| blake3::hash(token.as_bytes()))
+                .collect(),
+            ready: AtomicBool::new(false),
+        }
+    }
+
     /// Marks the gateway ready (keys and counters loaded, listeners open).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
@@ -31,35 +183,225 @@ impl AdminState {
 
     /// Answers one admin request.
     pub async fn handle(
-        self,
+        self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let response = match (request.method(), request.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/healthz") => {
-                json(StatusCode::OK, r#"{"status":"ok"}"#)
-            }
-            (&Method::GET | &Method::HEAD, "/readyz") => {
-                if self.is_ready() {
-                    json(StatusCode::OK, r#"{"status":"ready"}"#)
-                } else {
-                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"starting"}"#)
-                }
-            }
-            _ => error_response(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "No admin endpoint at this path.",
-            ),
-        };
+        let response = self
+            .route(request)
+            .await
+            .unwrap_or_else(AdminError::into_response);
         Ok(response)
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> AdminResult {
+        let path = request.uri().path().to_owned();
+        let query: ListQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
+            .map_err(|error| AdminError::Invalid(format!("query: {error}")))?;
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = request.method().clone();
+        match segments.as_slice() {
+            ["healthz"] => only_get(&method)
+                .map(|()| json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+            ["readyz"] => {
+                only_get(&method)?;
+                self.readyz(query.strict.as_deref() == Some("true")).await
+            }
+            ["v1", ..] => {
+                self.authorize(&request)?;
+                self.route_v1(method, &segments[1..], query, request).await
+            }
+            _ => Err(AdminError::NotFound(format!("admin endpoint {path}"))),
+        }
+    }
+
+    async fn readyz(&self, strict: bool) -> AdminResult {
+        if !self.is_ready() {
+            return Ok(json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "starting"}),
+            ));
+        }
+        if strict {
+            let ping =
+                tokio::time::timeout(STRICT_READY_TIMEOUT, self.accounts.store().ping()).await;
+            if !matches!(ping, Ok(Ok(()))) {
+                return Ok(json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "ready", "database": "unavailable"}),
+                ));
+            }
+            return Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ready", "database": "ok"}),
+            ));
+        }
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ready"}),
+        ))
+    }
+
+    fn authorize(&self, request: &Request<Incoming>) -> Result<(), AdminError> {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| blake3::hash(token.trim().as_bytes()))
+            .ok_or(AdminError::Unauthorized)?;
+        // Every configured token is compared, so timing does not reveal
+        // which (if any) matched.
+        let matched = self
+            .tokens
+            .iter()
+            .fold(false, |found, token| found | (*token == presented));
+        if matched {
+            Ok(())
+        } else {
+            Err(AdminError::Unauthorized)
+        }
+    }
+
+    async fn route_v1(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: ListQuery,
+        request: Request<Incoming>,
+    ) -> AdminResult {
+        let accounts = &*self.accounts;
+        match (segments, &method) {
+            (["customers"], &Method::POST) => {
+                let body: CreateCustomer = read_json(request).await?;
+                let customer = accounts
+                    .create_customer(&body.name, &body.tier, body.overrides)
+                    .await?;
+                Ok(json(StatusCode::CREATED, &customer))
+            }
+            (["customers"], &Method::GET) => {
+                let (data, next_cursor) = accounts
+                    .list_customers(query.cursor.as_deref(), parse_limit(&query)?)
+                    .await?;
+                Ok(json(StatusCode::OK, &List { data, next_cursor }))
+            }
+            (["customers", id], &Method::GET) => {
+                Ok(json(StatusCode::OK, &accounts.customer(id).await?))
+            }
+            (["customers", id], &Method::PATCH) => {
+                let body: PatchCustomer = read_json(request).await?;
+                let customer = accounts
+                    .update_customer(id, body.tier, body.overrides)
+                    .await?;
+                Ok(json(StatusCode::OK, &customer))
+            }
+            (["keys"], &Method::POST) => {
+                let body: CreateKey = read_json(request).await?;
+                let created = accounts
+                    .create_key(KeyRequest {
+                        customer: body.customer,
+                        tier: body.tier,
+                        name: body.name,
+                        expires_at: body.expires_at,
+                        routes: body.routes,
+                    })
+                    .await?;
+                Ok(json(StatusCode::CREATED, &created))
+            }
+            (["keys"], &Method::GET) => {
+                let (data, next_cursor) = accounts
+                    .list_keys(
+                        query.customer.as_deref(),
+                        query.status.as_deref(),
+                        query.cursor.as_deref(),
+                        parse_limit(&query)?,
+                    )
+                    .await?;
+                Ok(json(StatusCode::OK, &List { data, next_cursor }))
+            }
+            (["keys", id], &Method::GET) => Ok(json(StatusCode::OK, &accounts.key(id).await?)),
+            (["keys", id], &Method::DELETE) => {
+                accounts.revoke_key(id).await?;
+                let mut response = Response::new(ProxyBody::empty());
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                Ok(response)
+            }
+            (["keys", id, "rotate"], &Method::POST) => {
+                let body: RotateKey = read_json_or_default(request).await?;
+                let created = accounts
+                    .rotate_key(id, body.grace_seconds.map(Duration::from_secs))
+                    .await?;
+                Ok(json(StatusCode::CREATED, &created))
+            }
+            (
+                ["customers"] | ["customers", _] | ["keys"] | ["keys", _] | ["keys", _, "rotate"],
+                _,
+            ) => Err(AdminError::MethodNotAllowed),
+            _ => Err(AdminError::NotFound(format!(
+                "admin endpoint /v1/{}",
+                segments.join("/")
+            ))),
+        }
     }
 }
 
-fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+fn only_get(method: &Method) -> Result<(), AdminError> {
+    if method == Method::GET || method == Method::HEAD {
+        Ok(())
+    } else {
+        Err(AdminError::MethodNotAllowed)
+    }
+}
+
+fn parse_limit(query: &ListQuery) -> Result<Option<u32>, AdminError> {
+    query
+        .limit
+        .as_deref()
+        .map(|limit| {
+            limit
+                .parse()
+                .map_err(|_| AdminError::Invalid("limit: must be a whole number".to_owned()))
+        })
+        .transpose()
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, AdminError> {
+    Limited::new(request.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|_| {
+            AdminError::Invalid(format!(
+                "body: must be JSON of at most {MAX_ADMIN_BODY} bytes"
+            ))
+        })
+}
+
+async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, AdminError> {
+    let body = read_body(request).await?;
+    serde_json::from_slice(&body).map_err(|error| AdminError::Invalid(format!("body: {error}")))
+}
+
+async fn read_json_or_default<T: DeserializeOwned + Default>(
+    request: Request<Incoming>,
+) -> Result<T, AdminError> {
+    let body = read_body(request).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|error| AdminError::Invalid(format!("body: {error}")))
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut response = Response::new(ProxyBody::full(body));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(error) => AdminError::Internal(format!("cannot render JSON: {error}")).into_response(),
+    }
 }

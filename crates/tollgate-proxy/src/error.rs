@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
+use crate::auth::InvalidKey;
 use crate::body::ProxyBody;
 
 /// Which side of the proxy an error is attributed to, for logs and metrics.
@@ -36,6 +37,18 @@ pub enum ProxyError {
     /// No route's prefix matches the path.
     #[error("no route matches the request path")]
     NoRoute,
+
+    /// No configured header carried a key.
+    #[error("no API key was presented")]
+    MissingApiKey,
+
+    /// The key is malformed, unknown, revoked or expired.
+    #[error("invalid API key: {reason}")]
+    InvalidApiKey { reason: InvalidKey },
+
+    /// The key is limited to other routes.
+    #[error("the API key may not use route {route}")]
+    RouteForbidden { route: std::sync::Arc<str> },
 
     /// The request body is larger than `server.max_request_body`.
     #[error("request body exceeds the limit of {limit} bytes")]
@@ -68,6 +81,21 @@ impl ProxyError {
                 ErrorSide::Downstream,
             ),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", ErrorSide::Downstream),
+            ProxyError::MissingApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "missing_api_key",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::InvalidApiKey { .. } => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::RouteForbidden { .. } => (
+                StatusCode::FORBIDDEN,
+                "route_forbidden",
+                ErrorSide::Downstream,
+            ),
             ProxyError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
@@ -97,6 +125,23 @@ impl ProxyError {
         match self {
             ProxyError::MalformedRequest { reason } => format!("Malformed request: {reason}."),
             ProxyError::NoRoute => "No route is configured for this path.".to_owned(),
+            ProxyError::MissingApiKey => {
+                "No API key was presented. Send it as `Authorization: Bearer <key>`.".to_owned()
+            }
+            ProxyError::InvalidApiKey { reason } => match reason {
+                InvalidKey::Malformed(error) => format!("The API key is malformed: {error}."),
+                InvalidKey::Refused(refusal) => {
+                    let mut message = refusal.to_string();
+                    if let Some(first) = message.get_mut(..1) {
+                        first.make_ascii_uppercase();
+                    }
+                    message.push('.');
+                    message
+                }
+            },
+            ProxyError::RouteForbidden { route } => {
+                format!("This API key may not be used on route \"{route}\".")
+            }
             ProxyError::PayloadTooLarge { limit } => {
                 format!("The request body exceeds the limit of {limit} bytes.")
             }

@@ -6,6 +6,7 @@
 //! must not know SQL or any storage driver.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod forward;
@@ -16,7 +17,7 @@ pub mod route;
 pub mod server;
 pub mod tls;
 
-pub use admin::AdminState;
+pub use admin::Admin;
 pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use pipeline::{ConnInfo, Gateway, GatewaySettings};

@@ -4,12 +4,15 @@
 //! error; [`Gateway::handle_inner`] is a flat chain of phases, each of which
 //! may end the request with a [`ProxyError`]:
 //!
-//! 1. framing  — refuse conflicting Content-Length / Transfer-Encoding
-//! 2. route    — longest prefix, else 404 `no_route`
-//! 3. limit    — a declared body over `max_request_body` is 413 up front
-//! 4. forward  — rewrite the head, stream the body, wait for response headers
-//!    up to the route's timeout
-//! 5. respond  — strip hop-by-hop and configured headers, stream the body back
+//! 1. framing      — refuse conflicting Content-Length / Transfer-Encoding
+//! 2. route        — longest prefix, else 404 `no_route`
+//! 3. authenticate — the key from the configured headers, checked against
+//!    the in-memory cache (401), and its route list (403)
+//! 4. body limit   — a declared body over `max_request_body` is 413 up front
+//! 5. forward      — rewrite the head, stream the body, wait for response
+//!    headers up to the route's timeout
+//! 6. respond      — strip hop-by-hop and configured headers, stream the body
+//!    back
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use uuid::Uuid;
 
+use crate::auth::Authenticator;
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::{ErrorSide, ProxyError};
 use crate::forward::{is_body_too_large, UpstreamClient};
@@ -43,17 +47,24 @@ pub struct GatewaySettings {
     pub max_request_body: u64,
 }
 
-/// The data plane: routes plus the upstream client.
+/// The data plane: routes, keys and the upstream client.
 pub struct Gateway {
     routes: RouteTable,
+    auth: Authenticator,
     client: UpstreamClient,
     settings: GatewaySettings,
 }
 
 impl Gateway {
-    pub fn new(routes: RouteTable, client: UpstreamClient, settings: GatewaySettings) -> Self {
+    pub fn new(
+        routes: RouteTable,
+        auth: Authenticator,
+        client: UpstreamClient,
+        settings: GatewaySettings,
+    ) -> Self {
         Gateway {
             routes,
+            auth,
             client,
             settings,
         }
@@ -103,6 +114,12 @@ impl Gateway {
             .routes
             .find(request.uri().path())
             .ok_or(ProxyError::NoRoute)?;
+        let caller = self.auth.authenticate(request.headers())?;
+        if !caller.may_use(&route.name) {
+            return Err(ProxyError::RouteForbidden {
+                route: route.name.clone(),
+            });
+        }
         self.check_declared_length(&request)?;
         let upstream_request = self.upstream_request(route, request, conn, request_id)?;
         let upstream_response = self.forward(route, upstream_request).await?;
@@ -148,6 +165,7 @@ impl Gateway {
         });
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
+        self.auth.strip_key_headers(headers);
         // `Expect: 100-continue` was answered on the client's hop (hyper
         // sends the 100 when the body is first read); it does not travel on.
         headers.remove(EXPECT);

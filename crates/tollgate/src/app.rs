@@ -13,8 +13,11 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tollgate_metering::cache::{run_feed, KeyCache};
+use tollgate_metering::{KeyFormat, Store};
+use tollgate_proxy::auth::Authenticator;
 use tollgate_proxy::{
-    serve, AdminState, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
+    serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
 use crate::config::{Config, RouteConfig};
@@ -28,6 +31,8 @@ pub struct Running {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    keys: Arc<KeyCache>,
 }
 
 impl Running {
@@ -41,6 +46,11 @@ impl Running {
         self.admin_addr
     }
 
+    /// The key cache the data plane authenticates against.
+    pub fn keys(&self) -> &Arc<KeyCache> {
+        &self.keys
+    }
+
     /// Closes the listeners and waits for in-flight requests (up to the grace).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -49,17 +59,63 @@ impl Running {
                 tracing::error!(message = "A server task failed.", %error);
             }
         }
+        for task in self.background {
+            task.abort();
+        }
     }
 }
 
-/// Starts the data plane and the admin server.
+/// Opens the configured database and, unless `database.migrate = false`,
+/// applies pending migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store = tollgate_store::open(&config.database.url, config.database.pool_size)
+        .await
+        .context("cannot open the database")?;
+    if config.database.migrate {
+        let report = store
+            .migrate()
+            .await
+            .context("cannot apply database migrations")?;
+        if !report.applied.is_empty() {
+            tracing::info!(
+                message = "Database migrated.",
+                applied = ?report.applied,
+                version = report.current
+            );
+        }
+    }
+    Ok(store)
+}
+
+/// Opens the database and starts the data plane and the admin server.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let store = open_store(&config).await?;
+    start_with_store(config, store).await
+}
+
+/// Starts serving on an opened store: loads every key, starts the change
+/// feed, then opens the listeners (so a request is never authenticated
+/// against a half-loaded cache).
+pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Running> {
     let routes =
         RouteTable::new(config.routes.iter().map(route_spec).collect()).context("invalid route")?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
+    let keys = Arc::new(KeyCache::new());
+    let loaded = keys
+        .reload(&*store)
+        .await
+        .context("cannot load API keys from the database")?;
+    tracing::info!(message = "API keys loaded.", keys = loaded);
+    let feed = tokio::spawn(run_feed(store.clone(), keys.clone()));
+    let auth = Authenticator::new(
+        keys.clone(),
+        KeyFormat::new(&config.keys.prefix),
+        config.keys.headers.clone(),
+    );
     let gateway = Arc::new(Gateway::new(
         routes,
+        auth,
         client,
         GatewaySettings {
             max_request_body: config.server.max_request_body,
@@ -90,7 +146,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         wait_for(stopped.clone()),
     ));
-    let admin = AdminState::default();
+    let accounts = Arc::new(crate::manage::accounts_for(&config, store));
+    let admin = Arc::new(Admin::new(accounts, &config.admin.tokens));
     let admin_state = admin.clone();
     let admin_task = tokio::spawn(serve(
         admin_listener,
@@ -115,6 +172,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_addr,
         stop,
         tasks: vec![data_task, admin_task],
+        background: vec![feed],
+        keys,
     })
 }
 

@@ -35,10 +35,92 @@ pub enum Command {
     Serve,
     /// Validate the config file: exit 0 if valid, 2 with file:line and field if not.
     CheckConfig,
+    /// Apply pending database schema migrations and exit.
+    Migrate,
+    /// Manage customers.
+    #[command(subcommand)]
+    Customers(CustomersCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run an OpenAI- and Anthropic-compatible mock upstream (demos, tests, benches).
     MockUpstream {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CustomersCommand {
+    /// Create a customer.
+    Create {
+        name: String,
+        #[arg(long)]
+        tier: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List customers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a customer's tier (live on every running gateway within 1 s).
+    SetTier {
+        /// The customer's name or id.
+        name_or_id: String,
+        tier: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints the plaintext key exactly once.
+    Create {
+        /// The customer's name or id (created with --tier if new).
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        tier: Option<String>,
+        /// A label for humans.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. 30d or 12h.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+        /// Route names the key may use, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        routes: Option<Vec<String>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never the plaintext).
+    List {
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long, value_parser = ["active", "revoked", "expired"])]
+        status: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key (refused everywhere within 1 s).
+    Revoke {
+        /// The key's display prefix or id.
+        prefix_or_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a key; the old one keeps working for the grace period.
+    Rotate {
+        prefix_or_id: String,
+        /// How long the old key keeps working, e.g. 24h.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        grace: String,
+        #[arg(long)]
+        json: bool,
     },
 }

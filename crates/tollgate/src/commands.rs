@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, ConfigError};
-use crate::{app, shutdown};
+use crate::{app, manage, shutdown};
 
 /// The config file used when neither `--config` nor `$TOLLGATE_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";
@@ -40,6 +40,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.tiers.len(),
                 config.pricing.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            runtime(1)?.block_on(async {
+                let store = tollgate_store::open(&config.database.url, config.database.pool_size)
+                    .await
+                    .context("cannot open the database")?;
+                let report = store.migrate().await.context("migration failed")?;
+                println!(
+                    "schema at version {} ({} migrations applied)",
+                    report.current,
+                    report.applied.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Customers(command) => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            runtime(1)?.block_on(manage::customers(&config, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(command) => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            runtime(1)?.block_on(manage::keys(&config, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::MockUpstream { listen } => {
@@ -108,7 +133,10 @@ pub fn one_line(error: &anyhow::Error) -> String {
 
 /// 2 for config and usage errors, 1 for everything else.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.chain().any(|cause| cause.is::<ConfigError>()) {
+    if error
+        .chain()
+        .any(|cause| cause.is::<ConfigError>() || cause.is::<manage::UsageError>())
+    {
         2
     } else {
         1

@@ -7,5 +7,6 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod manage;
 pub mod shutdown;
 pub mod telemetry;

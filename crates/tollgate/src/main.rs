@@ -7,7 +7,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = tollgate::cli::Cli::parse();
-    tollgate::telemetry::init(cli.log_format);
+    let default_level = match cli.command {
+        tollgate::cli::Command::Serve | tollgate::cli::Command::MockUpstream { .. } => "info",
+        _ => "warn",
+    };
+    tollgate::telemetry::init(cli.log_format, default_level);
     match tollgate::commands::run(cli) {
         Ok(code) => code,
         Err(error) => {

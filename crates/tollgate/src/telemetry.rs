@@ -1,16 +1,16 @@
 //! Logging: tracing to stderr, human-readable or one JSON object per line,
-//! level from `RUST_LOG` (default `info`).
+//! level from `RUST_LOG` (default `info` for long-running commands, `warn`
+//! for one-shot ones, whose stderr is for their one-line errors).
 
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
-const DEFAULT_FILTER: &str = "info";
-
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber with `default_level` unless `RUST_LOG`
+/// says otherwise. Safe to call once per process.
+pub fn init(format: LogFormat, default_level: &str) {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,315 @@
+//! The in-memory key cache: every key, keyed by its BLAKE3 digest.
+//!
+//! Authentication is one digest and one sharded-map lookup; it never touches
+//! the database, so unknown keys cannot be used to load it. The cache holds
+//! revoked and expired keys too, so a refusal can say why.
+//!
+//! [`run_feed`] keeps the cache current: it applies the store's change events
+//! (a key created, revoked or rotated elsewhere is live here within the
+//! feed's delay) and reloads everything after a [`StoreEvent::Resync`].
+//!
+//! # Failure behaviour
+//! While the database is down the cache keeps serving what it has: revoked
+//! keys stay revoked, and changes made meanwhile arrive when the feed
+//! resyncs after the database returns. A change event whose record cannot be
+//! read is retried (with backoff) until it can; nothing is dropped.
+
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use crate::ids::{CustomerId, KeyId};
+use crate::key::KeyDigest;
+use crate::store::{KeyRecord, Store, StoreError, StoreEvent};
+
+/// Why a well-formed key is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyRefusal {
+    #[error("unknown API key")]
+    Unknown,
+    #[error("this API key has been revoked")]
+    Revoked,
+    #[error("this API key has expired")]
+    Expired,
+}
+
+/// What a successful lookup yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    pub key_id: KeyId,
+    pub customer_id: CustomerId,
+    /// Route names the key is limited to; `None` = all routes.
+    pub routes: Option<Arc<[Box<str>]>>,
+}
+
+impl Authenticated {
+    pub fn may_use(&self, route: &str) -> bool {
+        self.routes
+            .as_ref()
+            .is_none_or(|routes| routes.iter().any(|r| &**r == route))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CachedKey {
+    key_id: KeyId,
+    customer_id: CustomerId,
+    routes: Option<Arc<[Box<str>]>>,
+    /// Unix microseconds; `i64::MAX` when the key never expires.
+    expires_at: i64,
+    revoked: bool,
+    /// The load generation that last saw this key (for resync sweeps).
+    generation: u64,
+}
+
+/// Digests are uniformly random already (and only stored keys are ever
+/// inserted), so the first 8 bytes are the hash: no SipHash per lookup.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as one write of the 32 bytes (after a length
+        // prefix for slices; arrays have none). Mixing every write keeps
+        // this correct whatever the caller feeds.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+type DigestMap<V> = DashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
+
+/// Every key the store has, by digest.
+pub struct KeyCache {
+    by_digest: DigestMap<CachedKey>,
+    /// Key id → digest, so a change event (which names the id) finds its entry.
+    digests: DashMap<KeyId, KeyDigest>,
+    generation: AtomicU64,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeyCache {
+    pub fn new() -> KeyCache {
+        KeyCache {
+            by_digest: DigestMap::default(),
+            digests: DashMap::new(),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Authenticates a digest at `now_micros` (Unix microseconds).
+    pub fn lookup(&self, digest: &KeyDigest, now_micros: i64) -> Result<Authenticated, KeyRefusal> {
+        let entry = self.by_digest.get(digest).ok_or(KeyRefusal::Unknown)?;
+        if entry.revoked {
+            return Err(KeyRefusal::Revoked);
+        }
+        if entry.expires_at <= now_micros {
+            return Err(KeyRefusal::Expired);
+        }
+        Ok(Authenticated {
+            key_id: entry.key_id,
+            customer_id: entry.customer_id,
+            routes: entry.routes.clone(),
+        })
+    }
+
+    /// Inserts or replaces one key.
+    pub fn upsert(&self, record: &KeyRecord) {
+        let generation = self.generation.load(Ordering::Relaxed);
+        self.insert(record, generation);
+    }
+
+    fn insert(&self, record: &KeyRecord, generation: u64) {
+        let cached = CachedKey {
+            key_id: record.id,
+            customer_id: record.customer_id,
+            routes: record
+                .routes
+                .as_ref()
+                .map(|routes| routes.iter().map(|r| Box::from(r.as_str())).collect()),
+            expires_at: record.expires_at.map_or(i64::MAX, unix_micros),
+            revoked: record.revoked_at.is_some(),
+            generation,
+        };
+        // A key's digest never changes, but be exact if a record says otherwise.
+        if let Some(old) = self.digests.insert(record.id, record.digest) {
+            if old != record.digest {
+                self.by_digest.remove(&old);
+            }
+        }
+        self.by_digest.insert(record.digest, cached);
+    }
+
+    /// Forgets a key that no longer exists in the store.
+    pub fn remove(&self, id: KeyId) {
+        if let Some((_, digest)) = self.digests.remove(&id) {
+            self.by_digest.remove(&digest);
+        }
+    }
+
+    /// Replaces the whole cache with what `store` holds. Lookups keep working
+    /// throughout: entries are overwritten in place and the ones the store
+    /// no longer has are swept at the end.
+    pub async fn reload(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut count = 0usize;
+        store
+            .load_keys(&mut |batch: Vec<KeyRecord>| {
+                count += batch.len();
+                for record in &batch {
+                    self.insert(record, generation);
+                }
+            })
+            .await?;
+        self.by_digest.retain(|_, key| key.generation >= generation);
+        self.digests
+            .retain(|_, digest| self.by_digest.contains_key(digest));
+        Ok(count)
+    }
+
+    /// Number of keys held (active or not).
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+/// Unix microseconds of a timestamp (saturating far outside ±292,000 years).
+pub fn unix_micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// Longest wait between retries of a failed reload.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Keeps `cache` current from `store`'s change feed until the feed ends.
+/// The initial load is the caller's (so it can gate readiness on it).
+pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>) {
+    let (sender, mut events) = mpsc::channel(1024);
+    let watcher = {
+        let store = store.clone();
+        tokio::spawn(async move { store.watch(sender).await })
+    };
+    while let Some(event) = events.recv().await {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match apply(&*store, &cache, event).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(
+                        message = "Key cache update failed; retrying.",
+                        %error,
+                        event = ?event,
+                        retry_in_ms = backoff.as_millis() as u64,
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+    watcher.abort();
+}
+
+async fn apply(store: &dyn Store, cache: &KeyCache, event: StoreEvent) -> Result<(), StoreError> {
+    match event {
+        StoreEvent::Key(id) => match store.key(id).await? {
+            Some(record) => cache.upsert(&record),
+            None => cache.remove(id),
+        },
+        // Customers carry tiers, which the limiter follows (not the cache).
+        StoreEvent::Customer(_) => {}
+        StoreEvent::Resync => {
+            let keys = cache.reload(store).await?;
+            tracing::info!(message = "Key cache resynchronised.", keys);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn record(n: u8, routes: Option<Vec<&str>>) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::new(),
+            customer_id: CustomerId::new(),
+            digest: KeyDigest([n; 32]),
+            prefix: format!("tg_{n:08}"),
+            name: None,
+            routes: routes.map(|r| r.into_iter().map(String::from).collect()),
+            created_at: datetime!(2026-01-01 0:00 UTC),
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn lookup_reports_each_refusal() {
+        let cache = KeyCache::new();
+        let now = unix_micros(datetime!(2026-06-01 0:00 UTC));
+        let active = record(1, None);
+        let mut revoked = record(2, None);
+        revoked.revoked_at = Some(datetime!(2026-02-01 0:00 UTC));
+        let mut expired = record(3, None);
+        expired.expires_at = Some(datetime!(2026-06-01 0:00 UTC));
+        let mut later = record(4, Some(vec!["openai"]));
+        later.expires_at = Some(datetime!(2026-06-01 0:00:00.000001 UTC));
+        for r in [&active, &revoked, &expired, &later] {
+            cache.upsert(r);
+        }
+        let ok = cache.lookup(&active.digest, now).unwrap();
+        assert_eq!(ok.key_id, active.id);
+        assert_eq!(ok.customer_id, active.customer_id);
+        assert!(ok.may_use("anything"));
+        assert_eq!(cache.lookup(&revoked.digest, now), Err(KeyRefusal::Revoked));
+        assert_eq!(
+            cache.lookup(&expired.digest, now),
+            Err(KeyRefusal::Expired),
+            "expiry is inclusive"
+        );
+        let limited = cache.lookup(&later.digest, now).unwrap();
+        assert!(limited.may_use("openai"));
+        assert!(!limited.may_use("anthropic"));
+        assert_eq!(
+            cache.lookup(&KeyDigest([9; 32]), now),
+            Err(KeyRefusal::Unknown)
+        );
+    }
+
+    #[test]
+    fn upsert_replaces_and_remove_forgets() {
+        let cache = KeyCache::new();
+        let mut key = record(1, None);
+        cache.upsert(&key);
+        key.revoked_at = Some(datetime!(2026-02-01 0:00 UTC));
+        cache.upsert(&key);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.lookup(&key.digest, 0), Err(KeyRefusal::Revoked));
+        cache.remove(key.id);
+        assert_eq!(cache.lookup(&key.digest, 0), Err(KeyRefusal::Unknown));
+        assert!(cache.is_empty());
+    }
+}

@@ -1,0 +1,235 @@
+//! The storage contract. Two backends implement it (SQLite and Postgres, in
+//! the `tollgate-store` crate) and must behave the same through it; the
+//! gateway, the admin API and the CLI only ever see this trait.
+//!
+//! Nothing on the request path calls a `Store` method: keys are served from
+//! the [`crate::cache::KeyCache`], which the change feed keeps current.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use crate::ids::{CustomerId, KeyId};
+use crate::key::KeyDigest;
+
+/// A customer as stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Customer {
+    pub id: CustomerId,
+    /// Unique.
+    pub name: String,
+    /// The tier's name (tiers live in config).
+    pub tier: String,
+    /// Per-customer overrides of tier fields, a JSON object (`{}` for none).
+    pub overrides: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A key's record: everything but the plaintext, which is never stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub customer_id: CustomerId,
+    pub digest: KeyDigest,
+    /// Display prefix, e.g. `tg_Ab3dE9xQ`; not unique, not secret.
+    pub prefix: String,
+    pub name: Option<String>,
+    /// Route names the key may use; `None` = every route.
+    pub routes: Option<Vec<String>>,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// What a key's status is at a given moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for KeyStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl KeyRecord {
+    /// Revoked wins over expired; a key expires at `expires_at` exactly.
+    pub fn status(&self, now: OffsetDateTime) -> KeyStatus {
+        if self.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+/// A customer to create.
+#[derive(Clone, Debug)]
+pub struct NewCustomer {
+    pub id: CustomerId,
+    pub name: String,
+    pub tier: String,
+    pub overrides: serde_json::Value,
+    pub created_at: OffsetDateTime,
+}
+
+/// A key to create (its digest; the plaintext stays with the caller).
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    pub id: KeyId,
+    pub customer_id: CustomerId,
+    pub digest: KeyDigest,
+    pub prefix: String,
+    pub name: Option<String>,
+    pub routes: Option<Vec<String>>,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// A change to a customer.
+#[derive(Clone, Debug, Default)]
+pub struct CustomerUpdate {
+    pub tier: Option<String>,
+    pub overrides: Option<serde_json::Value>,
+}
+
+/// Which keys to list.
+#[derive(Clone, Debug, Default)]
+pub struct KeyFilter {
+    pub customer: Option<CustomerId>,
+    /// Evaluated at `now`.
+    pub status: Option<KeyStatus>,
+    pub now: Option<OffsetDateTime>,
+}
+
+/// Keyset pagination: items strictly after `after` (ids are time-ordered),
+/// at most `limit` of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Page<Id> {
+    pub after: Option<Id>,
+    pub limit: u32,
+}
+
+/// What the change feed reports. Backends deliver events after the change
+/// is committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// This key was created or changed (revoked, rotated, expiry moved).
+    Key(KeyId),
+    /// This customer was created or changed (tier, overrides).
+    Customer(CustomerId),
+    /// Events may have been missed (the feed reconnected): reload everything.
+    Resync,
+}
+
+/// What `migrate` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Versions applied by this call, in order.
+    pub applied: Vec<u32>,
+    /// The schema version after the call.
+    pub current: u32,
+}
+
+/// Storage failures, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or failed mid-operation; retry later.
+    /// The admin API answers 503 `database_unavailable`.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A uniqueness rule was violated (e.g. a customer name that exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// The thing to change does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The database was migrated by a newer Tollgate.
+    #[error("the database schema is at version {database}, newer than this binary's {binary}; upgrade tollgate")]
+    SchemaTooNew { database: u32, binary: u32 },
+    /// The database URL or file cannot be used.
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+    /// Stored data that cannot be decoded (a bug or manual tampering).
+    #[error("corrupt data in the database: {0}")]
+    Corrupt(String),
+}
+
+/// The storage contract shared by the SQLite and Postgres backends.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations (recorded in a migrations table); a no-op
+    /// when current; `SchemaTooNew` when the database is ahead of the binary.
+    async fn migrate(&self) -> Result<MigrationReport, StoreError>;
+
+    /// Succeeds when the database answers a trivial query.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError>;
+    /// By id (canonical UUID text) or by name.
+    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError>;
+    async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError>;
+    /// In id (creation) order.
+    async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError>;
+    async fn update_customer(
+        &self,
+        id: CustomerId,
+        update: CustomerUpdate,
+    ) -> Result<Customer, StoreError>;
+
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError>;
+    /// By id (canonical UUID text) or display prefix. A prefix shared by
+    /// several keys is a `Conflict` (ask for the id).
+    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError>;
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// In id (creation) order.
+    async fn list_keys(
+        &self,
+        filter: KeyFilter,
+        page: Page<KeyId>,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Sets `revoked_at` (idempotent: an already revoked key keeps its time).
+    async fn revoke_key(&self, id: KeyId, at: OffsetDateTime) -> Result<KeyRecord, StoreError>;
+    /// In one transaction: creates `new` and sets the old key's `expires_at`
+    /// to `old_expires_at` (or keeps an earlier expiry). Returns (old, new).
+    async fn rotate_key(
+        &self,
+        old: KeyId,
+        new: NewKey,
+        old_expires_at: OffsetDateTime,
+    ) -> Result<(KeyRecord, KeyRecord), StoreError>;
+
+    /// Every key record, streamed to `sink` in batches (1M keys must load
+    /// without holding them twice). Revoked and expired keys are included so
+    /// the data plane can say why a key is refused.
+    async fn load_keys(
+        &self,
+        sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
+    ) -> Result<(), StoreError>;
+
+    /// Runs the change feed until `events` is closed: pushes an event for
+    /// every committed change to keys and customers, from any process, within
+    /// a second; after any reconnect (or a gap it cannot rule out) it sends
+    /// [`StoreEvent::Resync`]. Returns only when the receiver is gone.
+    async fn watch(&self, events: mpsc::Sender<StoreEvent>);
+}

@@ -1,0 +1,220 @@
+//! Tollgate's storage backends: the [`Store`] trait of `tollgate-metering`
+//! for SQLite (embedded, one gateway instance) and Postgres (production,
+//! many instances sharing one database).
+//!
+//! This crate owns the schema and its versioned migrations
+//! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary),
+//! the SQL for customers and keys, and the change feed that keeps every
+//! gateway's key cache current (Postgres `LISTEN/NOTIFY`; SQLite a
+//! trigger-filled `change_log` table that is polled). It knows nothing of
+//! HTTP and must not depend on the proxy crate; callers see only the trait.
+//!
+//! Choose a backend by URL with [`open`]; [`testing`] has throwaway
+//! databases for tests of this and other crates.
+//!
+//! # Failure behaviour
+//!
+//! Every method either succeeds or returns a classified [`StoreError`]:
+//! an unreachable or failing database is `Unavailable` (Postgres gives up
+//! after a few seconds instead of hanging: connect, pool wait and recycle
+//! are all bounded), a uniqueness rule is `Conflict`, undecodable rows are
+//! `Corrupt`. Writes are single statements or single transactions, so a
+//! failed call changes nothing. The change feed ([`Store::watch`]) never
+//! gives up: it reconnects with backoff (100 ms doubling to 2 s) and, when
+//! it cannot rule out that changes were missed, sends
+//! [`StoreEvent::Resync`] so the caller reloads.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tollgate_metering::store::{KeyStatus, Store, StoreError, StoreEvent};
+use tollgate_metering::{CustomerId, KeyId};
+
+mod migrations;
+mod postgres;
+mod sqlite;
+pub mod testing;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Opens the database named by `url`:
+///
+/// - `sqlite://PATH`: a SQLite file, relative (`sqlite://data/tollgate.db`)
+///   or absolute (`sqlite:///var/lib/tollgate.db`); missing parent
+///   directories are created. `pool_size` is ignored.
+/// - `postgres://…` or `postgresql://…`: a pool of `pool_size` connections,
+///   opened lazily, so this succeeds while the server is down (the first
+///   query then answers `Unavailable`).
+///
+/// Migrations are not applied here; call [`Store::migrate`].
+pub async fn open(url: &str, pool_size: usize) -> Result<Arc<dyn Store>, StoreError> {
+    match parse_url(url)? {
+        Location::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path).await?)),
+        Location::Postgres => Ok(Arc::new(PostgresStore::new(url, pool_size)?)),
+    }
+}
+
+enum Location {
+    Sqlite(PathBuf),
+    Postgres,
+}
+
+fn parse_url(url: &str) -> Result<Location, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::Config(
+                "the SQLite URL has no path; use sqlite://PATH".to_owned(),
+            ));
+        }
+        return Ok(Location::Sqlite(PathBuf::from(path)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Location::Postgres);
+    }
+    // Only the scheme is echoed: the rest may hold a password.
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    Err(StoreError::Config(format!(
+        "unsupported database URL scheme {scheme:?}; use sqlite://PATH or postgres://…"
+    )))
+}
+
+/// The change-feed event for a changed row of `kind` (`key` or `customer`),
+/// or `None` when the pair cannot be understood.
+fn change_event(kind: &str, id: &str) -> Option<StoreEvent> {
+    match kind {
+        "key" => id.parse().ok().map(|id| StoreEvent::Key(KeyId(id))),
+        "customer" => id
+            .parse()
+            .ok()
+            .map(|id| StoreEvent::Customer(CustomerId(id))),
+        _ => None,
+    }
+}
+
+/// `Conflict` messages, the same for both backends.
+fn customer_name_taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!("customer {name:?} already exists"))
+}
+
+fn customer_id_taken(id: CustomerId) -> StoreError {
+    StoreError::Conflict(format!("customer {id} already exists"))
+}
+
+fn key_id_taken(id: KeyId) -> StoreError {
+    StoreError::Conflict(format!("key {id} already exists"))
+}
+
+fn key_digest_taken() -> StoreError {
+    StoreError::Conflict("a key with this digest already exists".to_owned())
+}
+
+fn key_revoked(id: KeyId) -> StoreError {
+    StoreError::Conflict(format!("key {id} is revoked"))
+}
+
+fn ambiguous_prefix(prefix: &str, matches: usize) -> StoreError {
+    StoreError::Conflict(format!(
+        "prefix {prefix} matches {matches} keys; use the id"
+    ))
+}
+
+/// The SQL condition selecting keys whose status at the instant bound to
+/// `now` (a placeholder such as `?3` or `$3`) is `status`. It must agree
+/// with [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
+/// revoked wins over expired, and a key expires at `expires_at` exactly.
+/// The `Revoked` condition does not use `now`: bind it only for the others
+/// (Postgres refuses a parameter it cannot type).
+fn status_condition(status: KeyStatus, now: &str) -> String {
+    match status {
+        KeyStatus::Revoked => "revoked_at IS NOT NULL".to_owned(),
+        KeyStatus::Expired => {
+            format!("revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {now}")
+        }
+        KeyStatus::Active => {
+            format!("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {now})")
+        }
+    }
+}
+
+/// The backoff of the change feed after a failure.
+mod backoff {
+    use std::time::Duration;
+
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(2);
+
+    pub fn next(current: Duration) -> Duration {
+        (current * 2).min(MAX)
+    }
+}
+
+/// How many keys one `load_keys` batch carries: large enough that a million
+/// keys take a hundred round trips, small enough to stay a few MiB.
+const KEY_BATCH: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn urls_choose_the_backend() {
+        assert!(matches!(
+            parse_url("sqlite://data/tollgate.db"),
+            Ok(Location::Sqlite(path)) if path == Path::new("data/tollgate.db")
+        ));
+        assert!(matches!(
+            parse_url("sqlite:///var/lib/t.db"),
+            Ok(Location::Sqlite(path)) if path == Path::new("/var/lib/t.db")
+        ));
+        assert!(matches!(
+            parse_url("postgres://u@h/db"),
+            Ok(Location::Postgres)
+        ));
+        assert!(matches!(
+            parse_url("postgresql://u@h/db"),
+            Ok(Location::Postgres)
+        ));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_accepted_without_echoing_secrets() {
+        let error = parse_url("mysql://root:hunter2@db/x")
+            .err()
+            .map(|e| e.to_string());
+        let error = error.unwrap_or_default();
+        assert!(error.contains("\"mysql\""), "{error}");
+        assert!(error.contains("sqlite://PATH"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(matches!(parse_url("sqlite://"), Err(StoreError::Config(_))));
+        assert!(matches!(parse_url("data.db"), Err(StoreError::Config(_))));
+    }
+
+    #[test]
+    fn change_events_parse() {
+        let key = KeyId::new();
+        let customer = CustomerId::new();
+        assert_eq!(
+            change_event("key", &key.to_string()),
+            Some(StoreEvent::Key(key))
+        );
+        assert_eq!(
+            change_event("customer", &customer.to_string()),
+            Some(StoreEvent::Customer(customer))
+        );
+        assert_eq!(change_event("key", "nope"), None);
+        assert_eq!(change_event("route", &key.to_string()), None);
+    }
+
+    #[test]
+    fn backoff_doubles_to_two_seconds() {
+        let mut delay = backoff::FIRST;
+        let mut seen = vec![delay.as_millis()];
+        for _ in 0..6 {
+            delay = backoff::next(delay);
+            seen.push(delay.as_millis());
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 2000, 2000]);
+    }
+}

@@ -1,0 +1,269 @@
+//! Throwaway databases, for tests only: this crate's and the other crates'
+//! (the gateway's end-to-end tests run the same bodies on both backends).
+//! Nothing here is used by the gateway itself; it is always compiled so that
+//! other crates' tests can reach it without a feature flag.
+//!
+//! Postgres tests need a server where the configured user may
+//! `CREATE DATABASE`: `TOLLGATE_TEST_DATABASE_URL`, by default
+//! `postgres://postgres@127.0.0.1:5432/postgres`. Each [`TestDatabase`] is a
+//! fresh database on it, dropped again when the guard is dropped, so tests
+//! can run in parallel without seeing each other's rows.
+//!
+//! These helpers panic on failure, with a message saying what to fix: a test
+//! that cannot get its database has nothing else to do.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio_postgres::NoTls;
+use tollgate_metering::store::Store;
+use uuid::Uuid;
+
+/// The environment variable naming the Postgres server for tests.
+pub const DATABASE_URL_ENV: &str = "TOLLGATE_TEST_DATABASE_URL";
+/// The server used when [`DATABASE_URL_ENV`] is unset.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Bound on reaching the test server, so a missing server fails fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which backend a test body runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// The Postgres server tests use: [`DATABASE_URL_ENV`] or the default.
+pub fn server_url() -> String {
+    std::env::var(DATABASE_URL_ENV).unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// A fresh, empty Postgres database, dropped (`WITH (FORCE)`, so open
+/// connections do not keep it alive) when this guard is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    server_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates `tollgate_test_<random>` on the test server.
+    ///
+    /// # Panics
+    ///
+    /// When the server cannot be reached or refuses `CREATE DATABASE`.
+    pub async fn create() -> TestDatabase {
+        let server_url = server_url();
+        let name = format!("tollgate_test_{}", Uuid::now_v7().simple());
+        let created = async {
+            let client = connect(&server_url).await?;
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .map_err(|error| error.to_string())
+        }
+        .await;
+        if let Err(error) = created {
+            panic!(
+                "cannot create a test database on the Postgres server at {server_url}: {error}\n\
+                 Start Postgres there, or set {DATABASE_URL_ENV}=postgres://USER@HOST:PORT/DB \
+                 naming a server where USER may CREATE DATABASE."
+            );
+        }
+        TestDatabase {
+            url: with_database(&server_url, &name),
+            server_url,
+            name,
+        }
+    }
+
+    /// The URL of the new database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop cannot be async, and may run inside a runtime that must not
+        // be blocked from within: run the DROP on a thread of its own.
+        let server_url = self.server_url.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|error| error.to_string())?;
+            runtime.block_on(async {
+                let client = connect(&server_url).await?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                eprintln!("warning: cannot drop test database {}: {error}", self.name)
+            }
+            Err(_) => eprintln!("warning: dropping test database {} panicked", self.name),
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(url, NoTls))
+            .await
+            .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|error| error.to_string())?;
+    tokio::spawn(async move {
+        // Ends when `client` is dropped; errors surface through `client`.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// `url` with its database name replaced by `name` (query kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |at| at + 3);
+    let base = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// A SQLite database file in a temporary directory, removed with it.
+#[derive(Debug)]
+pub struct TestSqlite {
+    dir: TempDir,
+    url: String,
+}
+
+impl TestSqlite {
+    /// # Panics
+    ///
+    /// When no temporary directory can be made.
+    pub fn create() -> TestSqlite {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-test-")
+            .tempdir()
+            .unwrap_or_else(|error| panic!("cannot create a temporary directory: {error}"));
+        let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        TestSqlite { dir, url }
+    }
+
+    /// `sqlite://` and the file's absolute path.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database file (it exists once a store has opened it).
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.db")
+    }
+
+    /// The temporary directory, for tests that put other files beside it.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Keeps a test's database alive; dropping it removes the database.
+#[derive(Debug)]
+pub enum TestGuard {
+    Sqlite(TestSqlite),
+    Postgres(TestDatabase),
+}
+
+impl TestGuard {
+    /// A fresh, empty database of `backend`'s kind (not migrated).
+    pub async fn create(backend: Backend) -> TestGuard {
+        match backend {
+            Backend::Sqlite => TestGuard::Sqlite(TestSqlite::create()),
+            Backend::Postgres => TestGuard::Postgres(TestDatabase::create().await),
+        }
+    }
+
+    /// The database URL, for `tollgate_store::open` or a gateway config.
+    pub fn url(&self) -> &str {
+        match self {
+            TestGuard::Sqlite(db) => db.url(),
+            TestGuard::Postgres(db) => db.url(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            TestGuard::Sqlite(_) => Backend::Sqlite,
+            TestGuard::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// A migrated store on a fresh database of `backend`'s kind, and the guard
+/// that keeps that database alive (keep it until the test ends).
+///
+/// # Panics
+///
+/// When the database cannot be created, opened or migrated.
+pub async fn test_store(backend: Backend) -> (Arc<dyn Store>, TestGuard) {
+    let guard = TestGuard::create(backend).await;
+    let store = crate::open(guard.url(), 4)
+        .await
+        .unwrap_or_else(|error| panic!("cannot open the {} test store: {error}", backend.name()));
+    if let Err(error) = store.migrate().await {
+        panic!("cannot migrate the {} test store: {error}", backend.name());
+    }
+    (store, guard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h:1?sslmode=disable", "t1"),
+            "postgres://u:p@h:1/t1?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgresql://h/db?x=1", "t1"),
+            "postgresql://h/t1?x=1"
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! The `customers` and `keys` commands: the same [`Accounts`] operations the
+//! admin API runs, against the database named in the config, printed as a
+//! table or (with `--json`) as exactly one JSON document on stdout.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tollgate_metering::accounts::{
+    AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView, MAX_PAGE,
+};
+use tollgate_metering::KeyFormat;
+
+use crate::cli::{CustomersCommand, KeysCommand};
+use crate::config::units::parse_duration;
+use crate::config::Config;
+
+/// A mistake in what the user asked for (exit code 2), as opposed to a
+/// failure while doing it (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn account_error(error: AccountError) -> anyhow::Error {
+    match error {
+        AccountError::Invalid { field, message } => {
+            UsageError(format!("{}: {message}", field.replace('_', "-"))).into()
+        }
+        other => other.into(),
+    }
+}
+
+/// Builds the account operations for `config`, opening (and migrating) its database.
+pub async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
+    let store = crate::app::open_store(config).await?;
+    Ok(accounts_for(config, store))
+}
+
+pub fn accounts_for(config: &Config, store: Arc<dyn tollgate_metering::Store>) -> Accounts {
+    Accounts::new(
+        store,
+        KeyFormat::new(&config.keys.prefix),
+        config.tiers.iter().map(|t| t.name.clone()).collect(),
+        config.routes.iter().map(|r| r.name.clone()).collect(),
+    )
+}
+
+pub async fn customers(config: &Config, command: CustomersCommand) -> anyhow::Result<()> {
+    let accounts = accounts(config).await?;
+    match command {
+        CustomersCommand::Create { name, tier, json } => {
+            let customer = accounts
+                .create_customer(&name, &tier, None)
+                .await
+                .map_err(account_error)?;
+            print(json, &customer, || {
+                customer_table(std::slice::from_ref(&customer))
+            })
+        }
+        CustomersCommand::List { json } => {
+            let mut all = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (page, next) = accounts
+                    .list_customers(cursor.as_deref(), Some(MAX_PAGE))
+                    .await
+                    .map_err(account_error)?;
+                all.extend(page);
+                match next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            print(json, &all, || customer_table(&all))
+        }
+        CustomersCommand::SetTier {
+            name_or_id,
+            tier,
+            json,
+        } => {
+            let customer = accounts
+                .update_customer(&name_or_id, Some(tier), None)
+                .await
+                .map_err(account_error)?;
+            print(json, &customer, || {
+                customer_table(std::slice::from_ref(&customer))
+            })
+        }
+    }
+}
+
+pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let accounts = accounts(config).await?;
+    match command {
+        KeysCommand::Create {
+            customer,
+            tier,
+            name,
+            expires_in,
+            routes,
+            json,
+        } => {
+            let expires_at = expires_in
+                .map(|text| {
+                    let lifetime = parse_duration(&text)
+                        .map_err(|error| UsageError(format!("expires-in: {error}")))?;
+                    let lifetime = time::Duration::try_from(lifetime)
+                        .map_err(|_| UsageError("expires-in: too long".to_owned()))?;
+                    Ok::<_, UsageError>(OffsetDateTime::now_utc() + lifetime)
+                })
+                .transpose()?;
+            let created = accounts
+                .create_key(KeyRequest {
+                    customer,
+                    tier,
+                    name,
+                    expires_at,
+                    routes,
+                })
+                .await
+                .map_err(account_error)?;
+            print(json, &created, || created_text(&created))
+        }
+        KeysCommand::List {
+            customer,
+            status,
+            json,
+        } => {
+            let mut all = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (page, next) = accounts
+                    .list_keys(
+                        customer.as_deref(),
+                        status.as_deref(),
+                        cursor.as_deref(),
+                        Some(MAX_PAGE),
+                    )
+                    .await
+                    .map_err(account_error)?;
+                all.extend(page);
+                match next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            print(json, &all, || key_table(&all))
+        }
+        KeysCommand::Revoke { prefix_or_id, json } => {
+            let key = accounts
+                .revoke_key(&prefix_or_id)
+                .await
+                .map_err(account_error)?;
+            print(json, &key, || key_table(std::slice::from_ref(&key)))
+        }
+        KeysCommand::Rotate {
+            prefix_or_id,
+            grace,
+            json,
+        } => {
+            let grace =
+                parse_duration(&grace).map_err(|error| UsageError(format!("grace: {error}")))?;
+            let created = accounts
+                .rotate_key(&prefix_or_id, Some(grace))
+                .await
+                .map_err(account_error)?;
+            print(json, &created, || created_text(&created))
+        }
+    }
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(value).context("cannot render JSON")?;
+        println!("{text}");
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
+}
+
+fn rfc3339(at: Option<OffsetDateTime>) -> String {
+    at.and_then(|at| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| "-".to_owned())
+}
+
+fn created_text(key: &CreatedKey) -> String {
+    let mut out = format!(
+        "key:        {}\n\
+         id:         {}\n\
+         prefix:     {}\n\
+         customer:   {} ({})\n\
+         tier:       {}\n\
+         expires_at: {}\n",
+        key.key,
+        key.id,
+        key.prefix,
+        key.customer,
+        key.customer_id,
+        key.tier,
+        rfc3339(key.expires_at),
+    );
+    if let Some(at) = key.old_key_expires_at {
+        out.push_str(&format!("old key stops working at {}\n", rfc3339(Some(at))));
+    }
+    out.push_str("Store the key now: it is not shown again.\n");
+    out
+}
+
+fn customer_table(customers: &[CustomerView]) -> String {
+    table(
+        &["ID", "NAME", "TIER", "CREATED"],
+        customers
+            .iter()
+            .map(|c| {
+                vec![
+                    c.id.to_string(),
+                    c.name.clone(),
+                    c.tier.clone(),
+                    rfc3339(Some(c.created_at)),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn key_table(keys: &[KeyView]) -> String {
+    table(
+        &[
+            "ID", "PREFIX", "CUSTOMER", "TIER", "NAME", "STATUS", "ROUTES", "EXPIRES",
+        ],
+        keys.iter()
+            .map(|k| {
+                vec![
+                    k.id.to_string(),
+                    k.prefix.clone(),
+                    k.customer.clone(),
+                    k.tier.clone(),
+                    k.name.clone().unwrap_or_else(|| "-".to_owned()),
+                    k.status.to_string(),
+                    k.routes
+                        .as_ref()
+                        .map_or_else(|| "*".to_owned(), |r| r.join(",")),
+                    rfc3339(k.expires_at),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
