@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench auth`. Compare the ratio, not absolute times.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};

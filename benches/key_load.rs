@@ -5,6 +5,8 @@
 //! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database).
 //! `KEYS=200000 cargo bench --bench key_load` for a smaller run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Instant;
 
 use tollgate_metering::cache::KeyCache;

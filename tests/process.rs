@@ -224,3 +224,54 @@ fn check_config_reports_file_line_and_field_with_exit_2() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/tollgate.toml"));
 }
+
+#[test]
+fn migrate_applies_once_and_customers_commands_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_file(
+        dir.path(),
+        "tollgate.toml",
+        &format!(
+            "[database]\nurl = \"sqlite://{}/db/tollgate.db\"\n\n[[tiers]]\nname = \"free\"\n\n[[tiers]]\nname = \"pro\"\n",
+            dir.path().display()
+        ),
+    );
+    let (code, first, stderr) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(first.contains("1 migrations applied"), "{first}");
+    let (code, second, _) = cli(&config, &["migrate"]);
+    assert_eq!(code, 0);
+    assert!(second.contains("0 migrations applied"), "{second}");
+
+    let created = cli_json(
+        &config,
+        &["customers", "create", "acme", "--tier", "free", "--json"],
+    );
+    assert_eq!(created["name"], "acme");
+    assert_eq!(created["tier"], "free");
+    let moved = cli_json(&config, &["customers", "set-tier", "acme", "pro", "--json"]);
+    assert_eq!(moved["tier"], "pro");
+    assert_eq!(moved["id"], created["id"]);
+    let (code, table, _) = cli(&config, &["customers", "list"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("TIER"),
+        "{table}"
+    );
+    assert!(
+        lines[1].contains("acme") && lines[1].contains("pro"),
+        "{table}"
+    );
+
+    let (code, _, stderr) = cli(&config, &["customers", "set-tier", "acme", "gold"]);
+    assert_eq!(code, 2, "an unknown tier is a usage error");
+    assert!(
+        stderr.contains("gold") && stderr.contains("free, pro"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let (code, _, stderr) = cli(&config, &["customers", "set-tier", "nobody", "pro"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("nobody"), "{stderr}");
+}

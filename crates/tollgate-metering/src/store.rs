@@ -227,9 +227,10 @@ pub trait Store: Send + Sync + 'static {
         sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
     ) -> Result<(), StoreError>;
 
-    /// Runs the change feed until `events` is closed: pushes an event for
-    /// every committed change to keys and customers, from any process, within
-    /// a second; after any reconnect (or a gap it cannot rule out) it sends
-    /// [`StoreEvent::Resync`]. Returns only when the receiver is gone.
+    /// Runs the change feed until `events` is closed. Its first event is a
+    /// [`StoreEvent::Resync`], sent once the feed is live: from then on
+    /// every committed change to keys and customers, from any process,
+    /// arrives within a second. After any reconnect (or a gap it cannot rule
+    /// out) it sends `Resync` again. Returns only when the receiver is gone.
     async fn watch(&self, events: mpsc::Sender<StoreEvent>);
 }

@@ -703,10 +703,6 @@ impl Store for PostgresStore {
 
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {
         let mut delay = backoff::FIRST;
-        // Set after any failure: the next successful LISTEN must be
-        // followed by a Resync, since notifications sent in between are
-        // gone.
-        let mut missed = false;
         loop {
             let attempt = tokio::select! {
                 () = events.closed() => return,
@@ -715,7 +711,11 @@ impl Store for PostgresStore {
             let error: BoxError = match attempt {
                 Ok(Ok((client, mut connection))) => {
                     delay = backoff::FIRST;
-                    if missed && events.send(StoreEvent::Resync).await.is_err() {
+                    // Every successful LISTEN, the first included, is
+                    // followed by a Resync: changes committed before it (or
+                    // between a failure and this reconnect) were never
+                    // notified to this connection.
+                    if events.send(StoreEvent::Resync).await.is_err() {
                         return;
                     }
                     tracing::debug!(message = "Listening for key and customer changes.");
@@ -730,7 +730,6 @@ impl Store for PostgresStore {
                 Ok(Err(error)) => error,
                 Err(elapsed) => Box::new(elapsed),
             };
-            missed = true;
             tracing::warn!(
                 message = "Change feed connection lost; reconnecting.",
                 error = %error,

@@ -440,7 +440,9 @@ fn read_changes(conn: &Connection, last: &mut Option<i64>) -> Result<Vec<StoreEv
                 other => Err(other),
             })?;
         *last = Some(start.unwrap_or(0));
-        return Ok(Vec::new());
+        // Live from here on: whatever happened before is the caller's to
+        // (re)load, as the feed contract says.
+        return Ok(vec![StoreEvent::Resync]);
     };
     let mut statement = conn.prepare_cached(
         "SELECT seq, kind, id FROM change_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
