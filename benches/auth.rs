@@ -126,6 +126,21 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The parts, to see where the time goes.
+    let sample = keys[12345].clone();
+    let digest = KeyDigest::of(&sample);
+    group.bench_function("part: format + checksum check", |b| {
+        b.iter(|| format.check(std::hint::black_box(&sample)).is_ok())
+    });
+    group.bench_function("part: blake3 digest", |b| {
+        b.iter(|| KeyDigest::of(std::hint::black_box(&sample)))
+    });
+    group.bench_function("part: sha256 digest", |b| {
+        b.iter(|| -> [u8; 32] { Sha256::digest(std::hint::black_box(&sample).as_bytes()).into() })
+    });
+    group.bench_function("part: dashmap lookup", |b| {
+        b.iter(|| cache.lookup(std::hint::black_box(&digest), 0).is_ok())
+    });
     for threads in [1, 2] {
         group.bench_function(format!("tollgate, {threads} threads"), |b| {
             b.iter_custom(|iters| {

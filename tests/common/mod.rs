@@ -133,11 +133,7 @@ impl TestGateway {
 
     /// A request builder for `path` carrying the test key.
     pub fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
-        let builder = http::Request::builder().method(method).uri(self.url(path));
-        match &self.key {
-            Some(key) => builder.header("authorization", format!("Bearer {key}")),
-            None => builder,
-        }
+        authorized(method, self.url(path), self.key.as_deref())
     }
 
     /// GET `path` with the test key.
@@ -155,6 +151,15 @@ impl TestGateway {
         if let Some(running) = self.running.take() {
             running.stop().await;
         }
+    }
+}
+
+/// A request builder with `Authorization: Bearer <key>` when there is a key.
+pub fn authorized(method: http::Method, url: String, key: Option<&str>) -> http::request::Builder {
+    let builder = http::Request::builder().method(method).uri(url);
+    match key {
+        Some(key) => builder.header("authorization", format!("Bearer {key}")),
+        None => builder,
     }
 }
 
@@ -338,11 +343,7 @@ impl Process {
 
     /// A request builder for `path` carrying the key made at start.
     pub fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
-        let builder = http::Request::builder().method(method).uri(self.url(path));
-        match &self.key {
-            Some(key) => builder.header("authorization", format!("Bearer {key}")),
-            None => builder,
-        }
+        authorized(method, self.url(path), self.key.as_deref())
     }
 
     pub fn pid(&self) -> u32 {

@@ -15,7 +15,7 @@
 //! read is retried (with backoff) until it can; nothing is dropped.
 
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +44,12 @@ pub struct Authenticated {
     pub key_id: KeyId,
     pub customer_id: CustomerId,
     /// Route names the key is limited to; `None` = all routes.
-    pub routes: Option<Arc<[Box<str>]>>,
+    pub routes: Option<RouteList>,
 }
+
+/// The routes a key is limited to, shared between the cache entry and every
+/// lookup (a thin pointer: most keys have none, and entries stay small).
+pub type RouteList = Arc<Vec<Box<str>>>;
 
 impl Authenticated {
     pub fn may_use(&self, route: &str) -> bool {
@@ -55,16 +59,18 @@ impl Authenticated {
     }
 }
 
+/// One key as the data plane needs it: 56 bytes, so a million keys fit in
+/// well under 300 MB with the map's overhead.
 #[derive(Clone, Debug)]
 struct CachedKey {
     key_id: KeyId,
     customer_id: CustomerId,
-    routes: Option<Arc<[Box<str>]>>,
+    routes: Option<RouteList>,
     /// Unix microseconds; `i64::MAX` when the key never expires.
     expires_at: i64,
-    revoked: bool,
     /// The load generation that last saw this key (for resync sweeps).
-    generation: u64,
+    generation: u32,
+    revoked: bool,
 }
 
 /// Digests are uniformly random already (and only stored keys are ever
@@ -91,12 +97,12 @@ impl Hasher for DigestHasher {
 
 type DigestMap<V> = DashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 
-/// Every key the store has, by digest.
+/// Every key the store has, by digest. (There is no index by key id: change
+/// events re-read the key, whose record carries its digest, and a digest
+/// never changes.)
 pub struct KeyCache {
     by_digest: DigestMap<CachedKey>,
-    /// Key id → digest, so a change event (which names the id) finds its entry.
-    digests: DashMap<KeyId, KeyDigest>,
-    generation: AtomicU64,
+    generation: AtomicU32,
 }
 
 impl Default for KeyCache {
@@ -109,8 +115,7 @@ impl KeyCache {
     pub fn new() -> KeyCache {
         KeyCache {
             by_digest: DigestMap::default(),
-            digests: DashMap::new(),
-            generation: AtomicU64::new(0),
+            generation: AtomicU32::new(0),
         }
     }
 
@@ -136,39 +141,36 @@ impl KeyCache {
         self.insert(record, generation);
     }
 
-    fn insert(&self, record: &KeyRecord, generation: u64) {
+    fn insert(&self, record: &KeyRecord, generation: u32) {
         let cached = CachedKey {
             key_id: record.id,
             customer_id: record.customer_id,
             routes: record
                 .routes
                 .as_ref()
-                .map(|routes| routes.iter().map(|r| Box::from(r.as_str())).collect()),
+                .map(|routes| Arc::new(routes.iter().map(|r| Box::from(r.as_str())).collect())),
             expires_at: record.expires_at.map_or(i64::MAX, unix_micros),
             revoked: record.revoked_at.is_some(),
             generation,
         };
-        // A key's digest never changes, but be exact if a record says otherwise.
-        if let Some(old) = self.digests.insert(record.id, record.digest) {
-            if old != record.digest {
-                self.by_digest.remove(&old);
-            }
-        }
         self.by_digest.insert(record.digest, cached);
     }
 
-    /// Forgets a key that no longer exists in the store.
+    /// Forgets a key that no longer exists in the store. Keys are never
+    /// deleted in normal operation, so this scan is for the odd manual
+    /// clean-up.
     pub fn remove(&self, id: KeyId) {
-        if let Some((_, digest)) = self.digests.remove(&id) {
-            self.by_digest.remove(&digest);
-        }
+        self.by_digest.retain(|_, key| key.key_id != id);
     }
 
     /// Replaces the whole cache with what `store` holds. Lookups keep working
     /// throughout: entries are overwritten in place and the ones the store
     /// no longer has are swept at the end.
     pub async fn reload(&self, store: &dyn Store) -> Result<usize, StoreError> {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
         let mut count = 0usize;
         store
             .load_keys(&mut |batch: Vec<KeyRecord>| {
@@ -178,9 +180,7 @@ impl KeyCache {
                 }
             })
             .await?;
-        self.by_digest.retain(|_, key| key.generation >= generation);
-        self.digests
-            .retain(|_, digest| self.by_digest.contains_key(digest));
+        self.by_digest.retain(|_, key| key.generation == generation);
         Ok(count)
     }
 
@@ -296,6 +296,15 @@ mod tests {
         assert_eq!(
             cache.lookup(&KeyDigest([9; 32]), now),
             Err(KeyRefusal::Unknown)
+        );
+    }
+
+    #[test]
+    fn entries_stay_small() {
+        assert!(
+            std::mem::size_of::<CachedKey>() <= 56,
+            "{}",
+            std::mem::size_of::<CachedKey>()
         );
     }
 

@@ -59,19 +59,13 @@ pub async fn customers(config: &Config, command: CustomersCommand) -> anyhow::Re
             })
         }
         CustomersCommand::List { json } => {
-            let mut all = Vec::new();
-            let mut cursor = None;
-            loop {
-                let (page, next) = accounts
+            let accounts = &accounts;
+            let all = all_pages(|cursor| async move {
+                accounts
                     .list_customers(cursor.as_deref(), Some(MAX_PAGE))
                     .await
-                    .map_err(account_error)?;
-                all.extend(page);
-                match next {
-                    Some(next) => cursor = Some(next),
-                    None => break,
-                }
-            }
+            })
+            .await?;
             print(json, &all, || customer_table(&all))
         }
         CustomersCommand::SetTier {
@@ -127,10 +121,9 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             status,
             json,
         } => {
-            let mut all = Vec::new();
-            let mut cursor = None;
-            loop {
-                let (page, next) = accounts
+            let (accounts, customer, status) = (&accounts, &customer, &status);
+            let all = all_pages(|cursor| async move {
+                accounts
                     .list_keys(
                         customer.as_deref(),
                         status.as_deref(),
@@ -138,13 +131,8 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                         Some(MAX_PAGE),
                     )
                     .await
-                    .map_err(account_error)?;
-                all.extend(page);
-                match next {
-                    Some(next) => cursor = Some(next),
-                    None => break,
-                }
-            }
+            })
+            .await?;
             print(json, &all, || key_table(&all))
         }
         KeysCommand::Revoke { prefix_or_id, json } => {
@@ -166,6 +154,24 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(account_error)?;
             print(json, &created, || created_text(&created))
+        }
+    }
+}
+
+/// Follows `next_cursor` until the last page.
+async fn all_pages<T, F, Fut>(mut page: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), AccountError>>,
+{
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (items, next) = page(cursor).await.map_err(account_error)?;
+        all.extend(items);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(all),
         }
     }
 }
