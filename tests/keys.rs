@@ -747,17 +747,6 @@ async fn postgres_outage_keeps_the_data_plane_serving_and_resyncs_after() {
     gw.stop().await;
 }
 
-fn postgres_addr(url: &str) -> std::net::SocketAddr {
-    let rest = url.split("://").nth(1).unwrap();
-    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
-}
-
 #[test]
 fn keys_and_bodies_never_appear_in_logs() {
     let rt = tokio::runtime::Runtime::new().unwrap();

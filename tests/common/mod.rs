@@ -290,9 +290,15 @@ impl Process {
             let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
             json["key"].as_str().unwrap().to_owned()
         });
+        Self::spawn(key, dir, log)
+    }
+
+    /// Starts the binary on `dir/tollgate.toml`, in `dir`, and waits for
+    /// both listeners.
+    fn spawn(key: Option<String>, dir: tempfile::TempDir, log: &str) -> Process {
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "--config"])
-            .arg(&path)
+            .arg(dir.path().join("tollgate.toml"))
             .arg("serve")
             .current_dir(dir.path())
             .env("RUST_LOG", log)
@@ -335,6 +341,18 @@ impl Process {
             dir,
             stderr_lines: lines,
         }
+    }
+
+    /// SIGKILLs the gateway and starts it again on the same directory
+    /// (config, SQLite file, spool) with the same key.
+    pub fn kill_and_restart(mut self, log: &str) -> Process {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let placeholder = tempfile::tempdir().unwrap();
+        let dir = std::mem::replace(&mut self.dir, placeholder);
+        let key = self.key.take();
+        drop(self);
+        Self::spawn(key, dir, log)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -433,6 +451,18 @@ where
     }
 }
 
+/// The socket address of a `postgres://` URL (default port 5432).
+pub fn postgres_addr(url: &str) -> SocketAddr {
+    let rest = url.split("://").nth(1).unwrap();
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
+}
+
 /// A TCP proxy of the test's own in front of a dependency (the database), so
 /// a test can take the dependency away without stopping a shared server.
 pub struct CutProxy {
@@ -441,6 +471,15 @@ pub struct CutProxy {
 }
 
 impl CutProxy {
+    /// A proxy in front of the Postgres of `url`, and `url` rewritten to
+    /// go through it.
+    pub async fn for_postgres(url: &str) -> (CutProxy, String) {
+        let target = postgres_addr(url);
+        let proxy = CutProxy::start(target).await;
+        let through = url.replacen(&target.to_string(), &proxy.addr.to_string(), 1);
+        (proxy, through)
+    }
+
     pub async fn start(target: SocketAddr) -> CutProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

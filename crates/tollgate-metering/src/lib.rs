@@ -13,6 +13,7 @@ pub mod cache;
 pub mod ids;
 pub mod key;
 pub mod store;
+pub mod usage;
 
 pub use ids::{CustomerId, KeyId};
 pub use key::{KeyDigest, KeyFormat, KeyFormatError, PlainKey};

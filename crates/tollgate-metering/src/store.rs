@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
+use crate::usage::UsageEvent;
 
 /// A customer as stored.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -226,6 +227,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
     ) -> Result<(), StoreError>;
+
+    /// Writes a batch of usage rows and their `usage_daily` rollups in one
+    /// transaction. Idempotent on `id`: rows already present are skipped and
+    /// are not rolled up again, so replaying a batch never double-counts.
+    /// Returns how many rows were new.
+    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError>;
 
     /// Runs the change feed until `events` is closed. Its first event is a
     /// [`StoreEvent::Resync`], sent once the feed is live: from then on

@@ -9,11 +9,15 @@
 //! projections and no allocation per request.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::meter::MeteredBody;
 
 /// Errors a relayed body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,6 +29,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// The upstream's body, relayed frame by frame.
     Upstream(Incoming),
+    /// The upstream's body, relayed and metered.
+    Metered(MeteredBody),
 }
 
 impl ProxyBody {
@@ -50,6 +56,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(incoming) => Pin::new(incoming)
                 .poll_frame(cx)
                 .map_err(|error| Box::new(error) as BoxError),
+            ProxyBody::Metered(metered) => Pin::new(metered).poll_frame(cx),
         }
     }
 
@@ -57,6 +64,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
+            ProxyBody::Metered(metered) => metered.is_end_stream(),
         }
     }
 
@@ -65,6 +73,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Upstream(incoming) => incoming.size_hint(),
+            ProxyBody::Metered(metered) => metered.size_hint(),
         }
     }
 }
@@ -82,18 +91,46 @@ pub struct BodyTooLarge {
 /// The client's body on its way upstream, counted and capped.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    source: RequestSource,
     limit: u64,
     seen: u64,
+    /// Shared with the request's usage event (`request_bytes`).
+    counter: Option<Arc<AtomicU64>>,
+}
+
+#[derive(Debug)]
+enum RequestSource {
+    Streaming(Incoming),
+    /// Read whole by the gateway (the one exception to streaming: an OpenAI
+    /// streaming request it rewrote to ask for usage).
+    Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
-            inner,
+            source: RequestSource::Streaming(inner),
             limit,
             seen: 0,
+            counter: None,
         }
+    }
+
+    /// A body the gateway already holds; `counter` is not touched (the
+    /// caller counted what the client sent).
+    pub fn buffered(bytes: Bytes) -> Self {
+        RequestBody {
+            limit: u64::MAX,
+            source: RequestSource::Buffered(Some(bytes)),
+            seen: 0,
+            counter: None,
+        }
+    }
+
+    /// Adds every byte that passes to `counter`.
+    pub fn counted(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.counter = Some(counter);
+        self
     }
 }
 
@@ -106,10 +143,20 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = match &mut this.source {
+            RequestSource::Buffered(bytes) => {
+                return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))))
+            }
+            RequestSource::Streaming(inner) => inner,
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
+                    let len = data.len() as u64;
+                    this.seen += len;
+                    if let Some(counter) = &this.counter {
+                        counter.fetch_add(len, Ordering::Relaxed);
+                    }
                     if this.seen > this.limit {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                             limit: this.limit,
@@ -125,10 +172,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            RequestSource::Streaming(inner) => inner.is_end_stream(),
+            RequestSource::Buffered(bytes) => bytes.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.source {
+            RequestSource::Streaming(inner) => inner.size_hint(),
+            RequestSource::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            RequestSource::Buffered(None) => SizeHint::with_exact(0),
+        }
     }
 }

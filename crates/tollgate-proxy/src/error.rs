@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
+use tollgate_metering::usage::Outcome;
+
 use crate::auth::InvalidKey;
 use crate::body::ProxyBody;
 
@@ -65,6 +67,11 @@ pub enum ProxyError {
     #[error("upstream did not respond within {}s", after.as_secs_f64())]
     UpstreamTimeout { after: Duration },
 
+    /// The usage spool is full and the database is down: serving the
+    /// request would leave it unmetered (`usage.on_spool_full = "reject"`).
+    #[error("metering unavailable: the usage spool is full and the database is down")]
+    MeteringUnavailable,
+
     /// The gateway could not build the upstream request (a bug or a config
     /// that slipped past validation).
     #[error("internal error: {reason}")]
@@ -111,6 +118,11 @@ impl ProxyError {
                 "upstream_timeout",
                 ErrorSide::Upstream,
             ),
+            ProxyError::MeteringUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metering_unavailable",
+                ErrorSide::Internal,
+            ),
             ProxyError::Internal { .. } => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -152,7 +164,29 @@ impl ProxyError {
                 "The upstream service did not respond within {} seconds.",
                 after.as_secs_f64()
             ),
+            ProxyError::MeteringUnavailable => {
+                "Usage metering is unavailable; retry later.".to_owned()
+            }
             ProxyError::Internal { .. } => "The gateway failed to handle the request.".to_owned(),
+        }
+    }
+
+    /// The usage row outcome of a request that presented a valid key and
+    /// ended with this error; `None` for errors that record no row (they
+    /// happen before the key is known, or mean nothing can be recorded).
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self {
+            ProxyError::RouteForbidden { .. } => Some(Outcome::RouteForbidden),
+            ProxyError::PayloadTooLarge { .. } => Some(Outcome::PayloadTooLarge),
+            ProxyError::UpstreamTimeout { .. } => Some(Outcome::UpstreamTimeout),
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::Internal { .. } => {
+                Some(Outcome::UpstreamError)
+            }
+            ProxyError::MalformedRequest { .. }
+            | ProxyError::NoRoute
+            | ProxyError::MissingApiKey
+            | ProxyError::InvalidApiKey { .. }
+            | ProxyError::MeteringUnavailable => None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod headers;
+pub mod meter;
 pub mod pipeline;
 pub mod route;
 pub mod server;

@@ -7,21 +7,37 @@
 //! 1. framing      — refuse conflicting Content-Length / Transfer-Encoding
 //! 2. route        — longest prefix, else 404 `no_route`
 //! 3. authenticate — the key from the configured headers, checked against
-//!    the in-memory cache (401), and its route list (403)
-//! 4. body limit   — a declared body over `max_request_body` is 413 up front
+//!    the in-memory cache (401); from here on the request has a usage
+//!    event ([`UsageGuard`]), unless metering is unavailable (503, no row);
+//!    then its route list (403)
+//! 4. body         — a declared body over `max_request_body` is 413 up front;
+//!    an OpenAI streaming request that did not ask for usage is read and
+//!    rewritten to ask for it
 //! 5. forward      — rewrite the head, stream the body, wait for response
 //!    headers up to the route's timeout
 //! 6. respond      — strip hop-by-hop and configured headers, stream the body
-//!    back
+//!    back through the meter ([`MeteredBody`]), which records the usage
+//!    event when the body ends
+//!
+//! A request that ends with the gateway's own error after step 3 records
+//! its event in [`Gateway::handle`], with the error's outcome; one whose
+//! client goes away records it when the guard is dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
-use http::{Request, Response, Version};
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::{Method, Request, Response, Version};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use time::OffsetDateTime;
+use tollgate_metering::usage::extract::{
+    inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
+};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -30,6 +46,7 @@ use crate::error::{ErrorSide, ProxyError};
 use crate::forward::{is_body_too_large, UpstreamClient};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
+use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
 use crate::route::{Route, RouteTable};
 
 /// What the data plane knows about the connection a request came in on.
@@ -47,12 +64,23 @@ pub struct GatewaySettings {
     pub max_request_body: u64,
 }
 
-/// The data plane: routes, keys and the upstream client.
+/// The data plane: routes, keys, metering and the upstream client.
 pub struct Gateway {
     routes: RouteTable,
     auth: Authenticator,
     client: UpstreamClient,
     settings: GatewaySettings,
+    metering: Arc<Metering>,
+}
+
+/// What one request carries through the phases.
+struct Exchange {
+    usage_id: Uuid,
+    client_request_id: Option<String>,
+    started: Instant,
+    ts: OffsetDateTime,
+    /// Set once the key is known.
+    guard: Option<UsageGuard>,
 }
 
 impl Gateway {
@@ -61,12 +89,14 @@ impl Gateway {
         auth: Authenticator,
         client: UpstreamClient,
         settings: GatewaySettings,
+        metering: Arc<Metering>,
     ) -> Self {
         Gateway {
             routes,
             auth,
             client,
             settings,
+            metering,
         }
     }
 
@@ -76,14 +106,34 @@ impl Gateway {
         request: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let ts = OffsetDateTime::now_utc();
         let usage_id = Uuid::now_v7();
-        let request_id = sane_request_id(request.headers())
-            .cloned()
-            .unwrap_or_else(|| usage_id_header(usage_id));
-        let mut response = match self.handle_inner(request, &conn, &request_id).await {
+        let client_request_id = sane_request_id(request.headers()).cloned();
+        let mut exchange = Exchange {
+            usage_id,
+            client_request_id: client_request_id
+                .as_ref()
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned),
+            started,
+            ts,
+            guard: None,
+        };
+        let request_id = client_request_id.unwrap_or_else(|| usage_id_header(usage_id));
+        let result = self
+            .handle_inner(request, &conn, &request_id, &mut exchange)
+            .await;
+        let mut response = match result {
             Ok(response) => response,
             Err(error) => {
                 let (status, kind, side) = error.classify();
+                if let Some(guard) = exchange.guard.take() {
+                    match error.outcome() {
+                        Some(outcome) => guard.finish(outcome, Some(status.as_u16())),
+                        None => guard.discard(),
+                    }
+                }
                 match side {
                     ErrorSide::Downstream => tracing::debug!(
                         message = "Request refused.",
@@ -108,6 +158,7 @@ impl Gateway {
         request: Request<Incoming>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
+        exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_framing(&request, conn)?;
         let route = self
@@ -115,15 +166,78 @@ impl Gateway {
             .find(request.uri().path())
             .ok_or(ProxyError::NoRoute)?;
         let caller = self.auth.authenticate(request.headers())?;
+        if !self.metering.recorder.accepting() {
+            return Err(ProxyError::MeteringUnavailable);
+        }
+        let guard = exchange.guard.insert(UsageGuard::new(
+            &self.metering,
+            exchange.usage_id,
+            exchange.client_request_id.take(),
+            &caller,
+            &route.name,
+            request.method(),
+            request.uri().path(),
+            exchange.started,
+            exchange.ts,
+        ));
         if !caller.may_use(&route.name) {
             return Err(ProxyError::RouteForbidden {
                 route: route.name.clone(),
             });
         }
         self.check_declared_length(&request)?;
-        let upstream_request = self.upstream_request(route, request, conn, request_id)?;
+        let (mut parts, body) = request.into_parts();
+        let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
+        let upstream_request = self.upstream_request(route, parts, body, conn, request_id)?;
         let upstream_response = self.forward(route, upstream_request).await?;
-        Ok(downstream_response(route, upstream_response))
+        guard.set_upstream_latency(exchange.started.elapsed());
+        let guard = exchange.guard.take().ok_or_else(|| ProxyError::Internal {
+            reason: "usage event missing".to_owned(),
+        })?;
+        Ok(self.downstream_response(route, upstream_response, guard, asked_for_usage))
+    }
+
+    /// The body to send upstream, and whether the gateway rewrote it to ask
+    /// for usage (SPEC §3 step 4: then the usage chunk this produces is
+    /// hidden from the client).
+    async fn request_body(
+        &self,
+        route: &Route,
+        parts: &mut Parts,
+        body: Incoming,
+        guard: &mut UsageGuard,
+    ) -> Result<(RequestBody, bool), ProxyError> {
+        let limit = self.settings.max_request_body;
+        if !may_need_usage_option(route, parts) {
+            let body = RequestBody::new(body, limit).counted(guard.request_bytes());
+            return Ok((body, false));
+        }
+        let bytes = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                return Err(ProxyError::PayloadTooLarge { limit })
+            }
+            Err(_) => {
+                return Err(ProxyError::MalformedRequest {
+                    reason: "the request body could not be read",
+                })
+            }
+        };
+        guard
+            .request_bytes()
+            .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        match inject_include_usage(&bytes) {
+            Some(rewritten) => {
+                parts
+                    .headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+                Ok((RequestBody::buffered(Bytes::from(rewritten)), true))
+            }
+            None => Ok((RequestBody::buffered(bytes), false)),
+        }
     }
 
     fn check_declared_length(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -145,11 +259,11 @@ impl Gateway {
     fn upstream_request(
         &self,
         route: &Route,
-        request: Request<Incoming>,
+        mut parts: Parts,
+        body: RequestBody,
         conn: &ConnInfo,
         request_id: &HeaderValue,
     ) -> Result<Request<RequestBody>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
         let uri = route
             .upstream_uri(&parts.uri)
             .map_err(|error| ProxyError::Internal {
@@ -181,7 +295,6 @@ impl Gateway {
         // an HTTP/1 connection; HTTP/1.1 works on both.
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
-        let body = RequestBody::new(body, self.settings.max_request_body);
         Ok(Request::from_parts(parts, body))
     }
 
@@ -237,15 +350,76 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
     Ok(())
 }
 
-/// Phase 5: the upstream's response as the client will see it.
-fn downstream_response(route: &Route, response: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    for name in &route.strip_response_headers {
-        parts.headers.remove(name);
+/// Whether a request on `route` may be an OpenAI streaming request that
+/// must be rewritten to ask for usage: a JSON POST to a `…/completions`
+/// endpoint (Chat Completions and the legacy Completions API, the ones with
+/// `stream_options`) on a `usage = "openai"` route. Only these bodies are
+/// read before forwarding.
+fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
+    route.usage.format == UsageFormat::Openai
+        && parts.method == Method::POST
+        && parts
+            .uri
+            .path()
+            .trim_end_matches('/')
+            .ends_with("/completions")
+        && parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.to_ascii_lowercase().contains("json"))
+}
+
+impl Gateway {
+    /// Phase 6: the upstream's response as the client will see it, its body
+    /// metered.
+    fn downstream_response(
+        &self,
+        route: &Route,
+        response: Response<Incoming>,
+        mut guard: UsageGuard,
+        asked_for_usage: bool,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        guard.set_status(parts.status.as_u16());
+        // Read before `strip_response_headers`, which often names them.
+        let header_usage = HeaderUsage::read(&parts.headers, &route.usage);
+        if header_usage.bad_cost_header {
+            self.metering
+                .bad_cost_headers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(message = "Ignored an unusable cost header.", route = %route.name);
+        }
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let event_stream = content_type.starts_with("text/event-stream");
+        let scanner = (route.usage.format != UsageFormat::None
+            && (event_stream || content_type.contains("json")))
+        .then(|| UsageScanner::new(route.usage.format, event_stream));
+        let filter = (asked_for_usage && event_stream && parts.status.is_success())
+            .then(UsageChunkFilter::new);
+        if filter.is_some() {
+            parts.headers.remove(CONTENT_LENGTH);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        for name in &route.strip_response_headers {
+            parts.headers.remove(name);
+        }
+        parts.version = Version::HTTP_11;
+        let body = MeteredBody::new(
+            body,
+            guard,
+            scanner,
+            filter,
+            header_usage,
+            self.metering.clone(),
+        );
+        Response::from_parts(parts, ProxyBody::Metered(body))
     }
-    parts.version = Version::HTTP_11;
-    Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
 fn usage_id_header(id: Uuid) -> HeaderValue {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
+use crate::meter::RouteUsage;
+
 /// A route as configured: the proxy's view of a `[[routes]]` table.
 #[derive(Clone, Debug)]
 pub struct RouteSpec {
@@ -20,6 +22,8 @@ pub struct RouteSpec {
     pub timeout: Duration,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub strip_response_headers: Vec<HeaderName>,
+    /// Where the route's usage comes from.
+    pub usage: RouteUsage,
 }
 
 /// A route that cannot be served.
@@ -47,6 +51,7 @@ pub struct Route {
     pub timeout: Duration,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub strip_response_headers: Vec<HeaderName>,
+    pub usage: RouteUsage,
 }
 
 impl Route {
@@ -83,6 +88,7 @@ impl Route {
             timeout: spec.timeout,
             set_headers: spec.set_headers,
             strip_response_headers: spec.strip_response_headers,
+            usage: spec.usage,
         })
     }
 
@@ -184,6 +190,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             set_headers: vec![],
             strip_response_headers: vec![],
+            usage: RouteUsage::default(),
         }
     }
 

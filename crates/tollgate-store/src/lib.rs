@@ -4,7 +4,8 @@
 //!
 //! This crate owns the schema and its versioned migrations
 //! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary),
-//! the SQL for customers and keys, and the change feed that keeps every
+//! the SQL for customers and keys, usage rows and their daily rollups
+//! ([`Store::write_usage`]), and the change feed that keeps every
 //! gateway's key cache current (Postgres `LISTEN/NOTIFY`; SQLite a
 //! trigger-filled `change_log` table that is polled). It knows nothing of
 //! HTTP and must not depend on the proxy crate; callers see only the trait.
@@ -34,6 +35,7 @@ mod migrations;
 mod postgres;
 mod sqlite;
 pub mod testing;
+mod usage;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

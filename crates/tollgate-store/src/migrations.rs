@@ -22,17 +22,31 @@ pub(crate) struct Migration {
     pub(crate) sql: &'static str,
 }
 
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "keys",
-    sql: include_str!("../migrations/sqlite/0001_keys.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "keys",
+        sql: include_str!("../migrations/sqlite/0001_keys.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage",
+        sql: include_str!("../migrations/sqlite/0002_usage.sql"),
+    },
+];
 
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "keys",
-    sql: include_str!("../migrations/postgres/0001_keys.sql"),
-}];
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "keys",
+        sql: include_str!("../migrations/postgres/0001_keys.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage",
+        sql: include_str!("../migrations/postgres/0002_usage.sql"),
+    },
+];
 
 /// The highest version in `migrations`.
 pub(crate) fn latest(migrations: &[Migration]) -> u32 {

@@ -9,6 +9,13 @@
 //! Types: ids `uuid`, times `timestamptz`, digests `bytea`, routes
 //! `text[]`, overrides `jsonb`.
 //!
+//! Usage rows go in by binary `COPY` into a temporary staging table, then
+//! one statement moves them into `usage_events` (skipping ids already
+//! there) and adds exactly the rows it inserted to `usage_daily`. The
+//! monthly partitions of `usage_events` are created at `migrate` (this
+//! month and the next two) and before a batch that holds a month this store
+//! has not ensured yet.
+//!
 //! # Failure behaviour
 //!
 //! Nothing waits on the server for long: connecting, waiting for a pooled
@@ -18,19 +25,27 @@
 //! after any failure with backoff (100 ms doubling to 2 s) and sends
 //! `Resync` once it is listening again, since notifications sent while it
 //! was away are lost.
+//!
+//! A usage batch is one transaction: it is written whole or not at all.
+//! A partition that this store ensured but that was dropped since (say by
+//! a retention job) is created again and the batch retried once.
 
+use std::collections::{BTreeSet, HashSet};
 use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 use tokio::sync::mpsc;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row, Socket};
 use uuid::Uuid;
 
@@ -38,9 +53,11 @@ use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
 };
+use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations;
+use crate::usage::{self, bigint, text, Groups, Row as UsageRow};
 use crate::{backoff, change_event, status_condition, KEY_BATCH};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
@@ -70,6 +87,10 @@ pub struct PostgresStore {
     pool: Pool,
     /// For the change feed's own connection.
     config: tokio_postgres::Config,
+    /// The months (first days) whose `usage_events` partition this store
+    /// has ensured. Only grows, by a few entries a month; a lock held for a
+    /// lookup, never across an await.
+    partitions: Mutex<HashSet<Date>>,
 }
 
 /// What a call can fail with; classified into a [`StoreError`] at its end.
@@ -106,10 +127,14 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
         // intervention (shutdown, termination), system error.
         "08" | "40" | "53" | "55" | "57" | "58" => StoreError::Unavailable(Box::new(error)),
         "23" => StoreError::Conflict(db.message().to_owned()),
-        "42" if *db.code() == SqlState::UNDEFINED_TABLE => StoreError::Config(format!(
-            "{}; the schema is not migrated (run `tollgate migrate`)",
-            db.message()
-        )),
+        "42" if *db.code() == SqlState::UNDEFINED_TABLE
+            || *db.code() == SqlState::UNDEFINED_FUNCTION =>
+        {
+            StoreError::Config(format!(
+                "{}; the schema is not migrated (run `tollgate migrate`)",
+                db.message()
+            ))
+        }
         // Authorization, unknown database, permissions and undefined names.
         "28" | "3D" | "42" => StoreError::Config(db.message().to_owned()),
         _ => StoreError::Corrupt(format!("{} (SQLSTATE {code})", db.message())),
@@ -174,11 +199,64 @@ impl PostgresStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|error| StoreError::Config(format!("cannot build the pool: {error}")))?;
-        Ok(PostgresStore { pool, config })
+        Ok(PostgresStore {
+            pool,
+            config,
+            partitions: Mutex::new(HashSet::new()),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, Failure> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Makes sure the `usage_events` partitions of `months` (first days)
+    /// exist, asking the database only about months this store has not
+    /// ensured yet. Each call is its own short transaction, outside any
+    /// write: the function's advisory lock and `ATTACH` never wait on a
+    /// transaction of this connection.
+    async fn ensure_partitions(
+        &self,
+        client: &impl GenericClient,
+        months: &BTreeSet<Date>,
+    ) -> Result<(), Failure> {
+        let missing: Vec<Date> = {
+            let ensured = self
+                .partitions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            months
+                .iter()
+                .filter(|month| !ensured.contains(*month))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let statement = client.prepare_cached(ENSURE_PARTITION).await?;
+        for month in missing {
+            let created: bool = get(&client.query_one(&statement, &[&month]).await?, 0)?;
+            if created {
+                tracing::info!(message = "Created a usage_events partition.", %month);
+            }
+            self.partitions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(month);
+        }
+        Ok(())
+    }
+
+    /// Forgets that `months` were ensured, so the next write asks again.
+    fn forget_partitions(&self, months: &BTreeSet<Date>) {
+        let mut ensured = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for month in months {
+            ensured.remove(month);
+        }
     }
 }
 
@@ -381,6 +459,309 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
     applied_at timestamptz NOT NULL DEFAULT now()
 )";
 
+// ---- usage -----------------------------------------------------------------
+
+/// Creates the partition of `usage_events` for a month (migration 2).
+const ENSURE_PARTITION: &str = "SELECT tollgate_ensure_usage_partition($1)";
+
+/// The staging table: the columns of `usage_events` plus what the rollup
+/// needs and Rust defines (`UsageEvent::day`, `Outcome::is_rejected`,
+/// `UsageEvent::is_error`). Temporary, so private to the connection and
+/// never WAL-logged, and emptied at every commit.
+///
+/// Made once per connection, the first time a batch finds it missing
+/// ([`staging_statements`]), not with `IF NOT EXISTS` in every batch: that
+/// statement costs 0.6 to 0.9 ms a time (it builds the `LIKE` before it
+/// looks), some 3 % of a 5,000-row batch.
+const CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS usage_staging (
+    LIKE usage_events INCLUDING DEFAULTS,
+    day      date    NOT NULL,
+    rejected boolean NOT NULL,
+    error    boolean NOT NULL
+) ON COMMIT DELETE ROWS";
+
+const COPY_STAGING: &str = "COPY pg_temp.usage_staging (\
+    id, client_request_id, ts, customer_id, key_id, instance, route, method, path, status, \
+    outcome, latency_us, upstream_latency_us, request_bytes, response_bytes, model, \
+    input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, cost_source, \
+    day, rejected, error) FROM STDIN (FORMAT binary)";
+
+/// The column types of [`COPY_STAGING`], in order.
+const STAGING_TYPES: [Type; 25] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::DATE,
+    Type::BOOL,
+    Type::BOOL,
+];
+
+/// Moves the staged rows into `usage_events`, skipping those whose
+/// (id, ts) is there already, adds the rows it inserted, and only those,
+/// to `usage_daily`, and returns how many it inserted.
+///
+/// The sums come from one of two sources, chosen once the insert has run
+/// (a one-time filter, so the other is never computed):
+///
+/// - every staged row was inserted (the usual case, `$16` rows): the
+///   groups the writer summed in Rust over the whole batch, passed as
+///   arrays (`$1`…`$15`). Cheap: no join, no sort of the rows.
+/// - some were not (a replay): the rows `RETURNING` reports, joined back
+///   to the staging table (which holds each id once: the batch is
+///   deduplicated before the COPY) and summed here.
+///
+/// Groups are upserted in key order, so that two writers touching the same
+/// groups lock them in the same order. Sums are clamped to the bigint
+/// range (computed in numeric), as the Rust sums are, rather than failing
+/// the batch on overflow.
+const INSERT_FROM_STAGING: &str = "WITH inserted AS (
+    INSERT INTO usage_events (
+        id, client_request_id, ts, customer_id, key_id, instance, route, method, path, status,
+        outcome, latency_us, upstream_latency_us, request_bytes, response_bytes, model,
+        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos,
+        cost_source)
+    SELECT
+        id, client_request_id, ts, customer_id, key_id, instance, route, method, path, status,
+        outcome, latency_us, upstream_latency_us, request_bytes, response_bytes, model,
+        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos,
+        cost_source
+    FROM pg_temp.usage_staging
+    ON CONFLICT DO NOTHING
+    RETURNING id, ts
+), counted AS (
+    SELECT count(*) AS rows FROM inserted
+), rolled_up AS (
+    INSERT INTO usage_daily AS d (
+        day, customer_id, key_id, route, model, requests, rejected, errors, input_tokens,
+        output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes,
+        cost_nanos)
+    SELECT * FROM unnest(
+        $1::date[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
+        $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
+        $14::bigint[], $15::bigint[])
+    WHERE (SELECT rows FROM counted) = $16::bigint
+    UNION ALL (
+        SELECT s.day, s.customer_id, s.key_id, s.route, COALESCE(s.model, ''),
+            count(*) FILTER (WHERE NOT s.rejected),
+            count(*) FILTER (WHERE s.rejected),
+            count(*) FILTER (WHERE s.error),
+            LEAST(sum(s.input_tokens), 9223372036854775807)::bigint,
+            LEAST(sum(s.output_tokens), 9223372036854775807)::bigint,
+            LEAST(sum(s.cache_read_tokens), 9223372036854775807)::bigint,
+            LEAST(sum(s.cache_write_tokens), 9223372036854775807)::bigint,
+            LEAST(sum(s.request_bytes), 9223372036854775807)::bigint,
+            LEAST(sum(s.response_bytes), 9223372036854775807)::bigint,
+            GREATEST(LEAST(sum(s.cost_nanos), 9223372036854775807),
+                     -9223372036854775808)::bigint
+        FROM inserted AS i
+        JOIN pg_temp.usage_staging AS s ON s.id = i.id AND s.ts = i.ts
+        WHERE (SELECT rows FROM counted) <> $16::bigint
+        GROUP BY 1, 2, 3, 4, 5
+        ORDER BY 1, 2, 3, 4, 5
+    )
+    ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET
+        requests = LEAST(d.requests::numeric + excluded.requests, 9223372036854775807),
+        rejected = LEAST(d.rejected::numeric + excluded.rejected, 9223372036854775807),
+        errors = LEAST(d.errors::numeric + excluded.errors, 9223372036854775807),
+        input_tokens = LEAST(d.input_tokens::numeric + excluded.input_tokens,
+                             9223372036854775807),
+        output_tokens = LEAST(d.output_tokens::numeric + excluded.output_tokens,
+                              9223372036854775807),
+        cache_read_tokens = LEAST(d.cache_read_tokens::numeric + excluded.cache_read_tokens,
+                                  9223372036854775807),
+        cache_write_tokens = LEAST(d.cache_write_tokens::numeric + excluded.cache_write_tokens,
+                                   9223372036854775807),
+        request_bytes = LEAST(d.request_bytes::numeric + excluded.request_bytes,
+                              9223372036854775807),
+        response_bytes = LEAST(d.response_bytes::numeric + excluded.response_bytes,
+                               9223372036854775807),
+        cost_nanos = GREATEST(LEAST(d.cost_nanos::numeric + excluded.cost_nanos,
+                                    9223372036854775807), -9223372036854775808)
+)
+SELECT rows FROM counted";
+
+/// The months (first days) that `rows` fall in.
+fn months(rows: &[UsageRow<'_>]) -> BTreeSet<Date> {
+    let mut months = BTreeSet::new();
+    let mut last = None;
+    for row in rows {
+        let month = usage::month_of(row.day);
+        // Batches are mostly one month: skip the set for repeats.
+        if last != Some(month) {
+            months.insert(month);
+            last = Some(month);
+        }
+    }
+    months
+}
+
+/// A row with no partition to go to: one this store ensured was dropped.
+fn no_partition(failure: &Failure) -> bool {
+    matches!(failure, Failure::Postgres(error) if error.code() == Some(&SqlState::CHECK_VIOLATION))
+}
+
+/// The prepared statements of a batch, [`COPY_STAGING`] and
+/// [`INSERT_FROM_STAGING`], creating the staging table first if this
+/// connection has none yet. A connection's statements are prepared once,
+/// so in the steady state this costs no round trip.
+///
+/// The INSERT is prepared first because preparing it is what tells whether
+/// the table exists (a COPY is only resolved when it runs). This happens
+/// outside any transaction, which the failed prepare would abort.
+async fn staging_statements(
+    client: &deadpool_postgres::Client,
+) -> Result<(tokio_postgres::Statement, tokio_postgres::Statement), Failure> {
+    let insert = match client.prepare_cached(INSERT_FROM_STAGING).await {
+        // No table, or no temporary schema at all yet in this session.
+        Err(error)
+            if error.code() == Some(&SqlState::UNDEFINED_TABLE)
+                || error.code() == Some(&SqlState::INVALID_SCHEMA_NAME) =>
+        {
+            client.batch_execute(CREATE_STAGING).await?;
+            client.prepare_cached(INSERT_FROM_STAGING).await?
+        }
+        prepared => prepared?,
+    };
+    Ok((client.prepare_cached(COPY_STAGING).await?, insert))
+}
+
+/// [`Groups`] as the columns of `usage_daily`, one array each, for
+/// `unnest` ($1…$15 of [`INSERT_FROM_STAGING`]).
+struct GroupArrays<'a> {
+    day: Vec<Date>,
+    customer_id: Vec<Uuid>,
+    key_id: Vec<Uuid>,
+    route: Vec<&'a str>,
+    model: Vec<&'a str>,
+    sums: [Vec<i64>; 10],
+}
+
+impl<'a> GroupArrays<'a> {
+    fn new(groups: &'a Groups<'a>) -> GroupArrays<'a> {
+        let mut arrays = GroupArrays {
+            day: Vec::with_capacity(groups.len()),
+            customer_id: Vec::with_capacity(groups.len()),
+            key_id: Vec::with_capacity(groups.len()),
+            route: Vec::with_capacity(groups.len()),
+            model: Vec::with_capacity(groups.len()),
+            sums: std::array::from_fn(|_| Vec::with_capacity(groups.len())),
+        };
+        for ((day, customer_id, key_id, route, model), rollup) in groups {
+            arrays.day.push(*day);
+            arrays.customer_id.push(customer_id.0);
+            arrays.key_id.push(key_id.0);
+            arrays.route.push(route);
+            arrays.model.push(model);
+            for (column, sum) in arrays.sums.iter_mut().zip(rollup.columns()) {
+                column.push(sum);
+            }
+        }
+        arrays
+    }
+}
+
+/// Writes `rows` (each id once) in one transaction: stage, then move.
+async fn write_usage_rows(
+    client: &mut deadpool_postgres::Client,
+    rows: &[UsageRow<'_>],
+) -> Result<u64, Failure> {
+    // The sums of the whole batch, used when every row turns out new.
+    let mut groups = Groups::new();
+    for row in rows {
+        usage::add_to_group(&mut groups, row);
+    }
+    let arrays = GroupArrays::new(&groups);
+    let staged = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+
+    let (copy, insert) = staging_statements(client).await?;
+    let tx = client.transaction().await?;
+    let sink = tx.copy_in(&copy).await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &STAGING_TYPES));
+    for row in rows {
+        let event = row.event;
+        let status = i32::from(event.status);
+        let rejected = event.outcome.is_rejected();
+        let error = event.is_error();
+        writer
+            .as_mut()
+            .write(&[
+                &event.id,
+                &event.client_request_id.as_deref().map(text),
+                &row.ts,
+                &event.customer_id.0,
+                &event.key_id.0,
+                &text(&event.instance),
+                &text(&event.route),
+                &text(&event.method),
+                &text(&event.path),
+                &status,
+                &event.outcome.as_str(),
+                &bigint(event.latency_us),
+                &bigint(event.upstream_latency_us),
+                &bigint(event.request_bytes),
+                &bigint(event.response_bytes),
+                &event.model.as_deref().map(text),
+                &bigint(event.input_tokens),
+                &bigint(event.output_tokens),
+                &bigint(event.cache_read_tokens),
+                &bigint(event.cache_write_tokens),
+                &event.cost_nanos,
+                &event.cost_source.as_str(),
+                &row.day,
+                &rejected,
+                &error,
+            ])
+            .await?;
+    }
+    writer.as_mut().finish().await?;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9] = &arrays.sums;
+    let row = tx
+        .query_one(
+            &insert,
+            &[
+                &arrays.day,
+                &arrays.customer_id,
+                &arrays.key_id,
+                &arrays.route,
+                &arrays.model,
+                s0,
+                s1,
+                s2,
+                s3,
+                s4,
+                s5,
+                s6,
+                s7,
+                s8,
+                s9,
+                &staged,
+            ],
+        )
+        .await?;
+    let inserted: i64 = get(&row, 0)?;
+    tx.commit().await?;
+    u64::try_from(inserted).map_err(|_| corrupt(format!("{inserted} rows inserted")))
+}
+
 // ---- the trait -------------------------------------------------------------
 
 #[async_trait]
@@ -389,7 +770,7 @@ impl Store for PostgresStore {
         run(async {
             let mut client = self.client().await?;
             let mut applied = Vec::new();
-            loop {
+            let current = loop {
                 // One transaction per migration, each under a transaction-
                 // scoped advisory lock: a second process migrating at the
                 // same time waits, then sees the version this one recorded.
@@ -408,7 +789,7 @@ impl Store for PostgresStore {
                     .map_err(|_| corrupt(format!("schema version {current}")))?;
                 let Some(migration) = migrations::next(migrations::POSTGRES, current)? else {
                     tx.commit().await?;
-                    return Ok(MigrationReport { applied, current });
+                    break current;
                 };
                 tx.batch_execute(migration.sql).await?;
                 let version = i32::try_from(migration.version)
@@ -420,7 +801,17 @@ impl Store for PostgresStore {
                 .await?;
                 tx.commit().await?;
                 applied.push(migration.version);
-            }
+            };
+            // Partitions ahead of time, so that writes at the start of a
+            // month do not wait for one. Every start does this, not only
+            // the first: a gateway running for months keeps creating them
+            // on demand anyway.
+            let today = OffsetDateTime::now_utc().date();
+            let months = usage::months_from(today, usage::PARTITIONS_AHEAD)
+                .into_iter()
+                .collect();
+            self.ensure_partitions(&client, &months).await?;
+            Ok(MigrationReport { applied, current })
         })
         .await
     }
@@ -697,6 +1088,31 @@ impl Store for PostgresStore {
             }
             tx.commit().await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        run(async {
+            let rows = usage::rows(batch)?;
+            let months = months(&rows);
+            let mut client = self.client().await?;
+            self.ensure_partitions(&client, &months).await?;
+            match write_usage_rows(&mut client, &rows).await {
+                Err(failure) if no_partition(&failure) => {
+                    tracing::warn!(
+                        message = "A usage_events partition went missing; creating it again.",
+                        error = %failure,
+                    );
+                    self.forget_partitions(&months);
+                    self.ensure_partitions(&client, &months).await?;
+                    write_usage_rows(&mut client, &rows).await
+                }
+                result => result,
+            }
         })
         .await
     }

@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, Params, Row, Statement, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
+use time::{Date, OffsetDateTime, UtcOffset};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -42,9 +42,11 @@ use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
 };
+use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations::{self, Migration};
+use crate::usage::{self, bigint, text, Groups};
 use crate::{backoff, change_event, status_condition, KEY_BATCH};
 
 /// How long a statement waits for another connection's lock.
@@ -57,6 +59,9 @@ pub const CHANGE_LOG_KEEP: i64 = 10_000;
 const PRUNE_EVERY: u64 = 240;
 /// Rows of `change_log` read per poll.
 const CHANGE_BATCH: i64 = 1_000;
+/// Prepared statements kept per connection: every statement the store
+/// issues, `list_keys`'s variants included, so none is re-parsed.
+const STATEMENT_CACHE: usize = 64;
 
 const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
 const KEY_COLUMNS: &str =
@@ -206,6 +211,7 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     }
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(|error| config_error("cannot enable foreign keys for", &error))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
@@ -348,6 +354,116 @@ fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
         }),
         Err(other) => Err(other),
     }
+}
+
+// ---- usage -----------------------------------------------------------------
+
+const INSERT_USAGE_EVENT: &str = "INSERT INTO usage_events (\
+    id, client_request_id, ts, customer_id, key_id, instance, route, method, path, status, \
+    outcome, latency_us, upstream_latency_us, request_bytes, response_bytes, model, \
+    input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, cost_source) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+    ?19, ?20, ?21, ?22) \
+    ON CONFLICT (id) DO NOTHING";
+
+/// Adds one group's sums to `usage_daily`. SQLite turns an integer sum that
+/// overflows into a REAL; clamping it gives back the saturated integer,
+/// as Postgres does.
+const UPSERT_USAGE_DAILY: &str = "INSERT INTO usage_daily (\
+    day, customer_id, key_id, route, model, requests, rejected, errors, input_tokens, \
+    output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, \
+    cost_nanos) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+    ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET \
+    requests = MIN(requests + excluded.requests, 9223372036854775807), \
+    rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
+    errors = MIN(errors + excluded.errors, 9223372036854775807), \
+    input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
+    output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
+    cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
+    cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
+    request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
+    response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
+    cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
+                     -9223372036854775808)";
+
+/// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
+/// its id is present, and only the rows inserted are added to their
+/// `usage_daily` group, which is upserted once per group at the end.
+fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failure> {
+    let rows = usage::rows(batch)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut inserted = 0u64;
+    let mut groups = Groups::new();
+    {
+        let mut insert = tx.prepare_cached(INSERT_USAGE_EVENT)?;
+        for row in &rows {
+            let event = row.event;
+            let changed = insert.execute(params![
+                event.id.to_string(),
+                event.client_request_id.as_deref().map(text),
+                ts(row.ts),
+                event.customer_id.to_string(),
+                event.key_id.to_string(),
+                text(&event.instance),
+                text(&event.route),
+                text(&event.method),
+                text(&event.path),
+                event.status,
+                event.outcome.as_str(),
+                bigint(event.latency_us),
+                bigint(event.upstream_latency_us),
+                bigint(event.request_bytes),
+                bigint(event.response_bytes),
+                event.model.as_deref().map(text),
+                bigint(event.input_tokens),
+                bigint(event.output_tokens),
+                bigint(event.cache_read_tokens),
+                bigint(event.cache_write_tokens),
+                event.cost_nanos,
+                event.cost_source.as_str(),
+            ])?;
+            // 0 when the id was already there: skipped, not rolled up.
+            if changed == 1 {
+                inserted += 1;
+                usage::add_to_group(&mut groups, row);
+            }
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_USAGE_DAILY)?;
+        for ((day, customer_id, key_id, route, model), sums) in &groups {
+            let [requests, rejected, errors, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos] =
+                sums.columns();
+            upsert.execute(params![
+                day_text(*day),
+                customer_id.to_string(),
+                key_id.to_string(),
+                route,
+                model,
+                requests,
+                rejected,
+                errors,
+                input_tokens,
+                output_tokens,
+                cache_read_tokens,
+                cache_write_tokens,
+                request_bytes,
+                response_bytes,
+                cost_nanos,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(inserted)
+}
+
+/// `YYYY-MM-DD`.
+fn day_text(day: Date) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        day.year(),
+        u8::from(day.month()),
+        day.day()
+    )
 }
 
 // ---- migrations ----------------------------------------------------------
@@ -756,6 +872,16 @@ impl Store for SqliteStore {
                 return Ok(());
             }
         }
+    }
+
+    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        // The blocking pool needs owned data; a copy costs far less than
+        // the inserts.
+        let batch = batch.to_vec();
+        self.call(move |conn| write_usage(conn, &batch)).await
     }
 
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {

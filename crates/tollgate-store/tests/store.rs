@@ -58,6 +58,8 @@ both_backends!(
 );
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
+/// The schema version this binary migrates to.
+const LATEST: u32 = 2;
 
 fn customer(name: &str) -> NewCustomer {
     NewCustomer {
@@ -141,21 +143,23 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let store = tollgate_store::open(guard.url(), 2).await.unwrap();
 
     let first = store.migrate().await.unwrap();
-    assert_eq!(first.applied, vec![1]);
-    assert_eq!(first.current, 1);
+    assert_eq!(first.applied, vec![1, 2]);
+    assert_eq!(first.current, LATEST);
     let second = store.migrate().await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
-    assert_eq!(second.current, 1);
+    assert_eq!(second.current, LATEST);
 
     let rows = raw(
         &guard,
         "SELECT version, name, applied_at FROM schema_migrations ORDER BY version",
     )
     .await;
-    assert_eq!(rows.len(), 1);
+    assert_eq!(rows.len(), 2);
     assert_eq!(rows[0][0].as_deref(), Some("1"));
     assert_eq!(rows[0][1].as_deref(), Some("keys"));
     assert!(rows[0][2].is_some());
+    assert_eq!(rows[1][0].as_deref(), Some("2"));
+    assert_eq!(rows[1][1].as_deref(), Some("usage"));
     store.ping().await.unwrap();
 }
 
@@ -167,11 +171,11 @@ async fn concurrent_migrations_apply_each_version_once(backend: Backend) {
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     let mut applied = [ra.applied, rb.applied].concat();
     applied.sort_unstable();
-    assert_eq!(applied, vec![1]);
-    assert_eq!((ra.current, rb.current), (1, 1));
+    assert_eq!(applied, vec![1, 2]);
+    assert_eq!((ra.current, rb.current), (LATEST, LATEST));
     assert_eq!(
         raw(&guard, "SELECT count(*) FROM schema_migrations").await[0][0].as_deref(),
-        Some("1")
+        Some("2")
     );
 }
 
@@ -180,7 +184,7 @@ async fn a_newer_schema_is_refused(backend: Backend) {
     raw(&guard, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', '2030-01-01T00:00:00.000000Z')").await;
     match store.migrate().await {
         Err(StoreError::SchemaTooNew { database, binary }) => {
-            assert_eq!((database, binary), (99, 1));
+            assert_eq!((database, binary), (99, LATEST));
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }

@@ -1,8 +1,9 @@
 //! Wiring: a validated [`Config`] becomes running servers.
 //!
-//! [`start`] binds the listeners and spawns the data plane and the admin
-//! server; [`Running::stop`] closes the listeners and drains in-flight
-//! requests. Tests use the same two calls in-process.
+//! [`start`] replays the usage spool, loads the keys, binds the listeners
+//! and spawns the data plane and the admin server; [`Running::stop`] closes
+//! the listeners, drains in-flight requests and then flushes every usage
+//! row. Tests use the same two calls in-process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +15,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_metering::cache::{run_feed, KeyCache};
+use tollgate_metering::usage::extract::UsageFormat as MeteringFormat;
+use tollgate_metering::usage::pricing::{ModelPrice, Pricing};
+use tollgate_metering::usage::recorder::{self, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
+use tollgate_proxy::meter::{Metering, RouteUsage};
 use tollgate_proxy::{
     serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RouteConfig, SpoolFullPolicy, UsageFormat};
 
 /// How long in-flight requests may run after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -33,6 +38,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     keys: Arc<KeyCache>,
+    recorder: RecorderHandle,
+    metering: Arc<Metering>,
 }
 
 impl Running {
@@ -51,7 +58,13 @@ impl Running {
         &self.keys
     }
 
-    /// Closes the listeners and waits for in-flight requests (up to the grace).
+    /// Metering state shared with the data plane (recorder counters).
+    pub fn metering(&self) -> &Arc<Metering> {
+        &self.metering
+    }
+
+    /// Closes the listeners, waits for in-flight requests (up to the
+    /// grace), then flushes every usage row to the spool and the database.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
@@ -62,6 +75,7 @@ impl Running {
         for task in self.background {
             task.abort();
         }
+        self.recorder.shutdown().await;
     }
 }
 
@@ -93,14 +107,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     start_with_store(config, store).await
 }
 
-/// Starts serving on an opened store: loads every key, starts the change
-/// feed, then opens the listeners (so a request is never authenticated
-/// against a half-loaded cache).
+/// Starts serving on an opened store: replays the usage spool, loads every
+/// key, starts the change feed, then opens the listeners (so a request is
+/// never authenticated against a half-loaded cache).
 pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Running> {
     let routes =
         RouteTable::new(config.routes.iter().map(route_spec).collect()).context("invalid route")?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
+    let recorder = recorder::start(recorder_config(&config), store.clone())
+        .await
+        .context("cannot start usage recording")?;
+    let metering = Arc::new(Metering::new(
+        recorder.recorder(),
+        config.server.instance_id.clone(),
+        pricing(&config),
+    ));
     let keys = Arc::new(KeyCache::new());
     let loaded = keys
         .reload(&*store)
@@ -120,6 +142,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         GatewaySettings {
             max_request_body: config.server.max_request_body,
         },
+        metering.clone(),
     ));
     let tls = match &config.server.tls {
         Some(tls) => Some(tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)?),
@@ -174,6 +197,8 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         tasks: vec![data_task, admin_task],
         background: vec![feed],
         keys,
+        recorder,
+        metering,
     })
 }
 
@@ -197,5 +222,39 @@ fn route_spec(route: &RouteConfig) -> RouteSpec {
         timeout: route.timeout,
         set_headers: route.set_headers.clone(),
         strip_response_headers: route.strip_response_headers.clone(),
+        usage: RouteUsage {
+            format: match route.usage {
+                UsageFormat::None => MeteringFormat::None,
+                UsageFormat::Openai => MeteringFormat::Openai,
+                UsageFormat::Anthropic => MeteringFormat::Anthropic,
+            },
+            cost_header: route.cost_header.clone(),
+            input_tokens_header: route.input_tokens_header.clone(),
+            output_tokens_header: route.output_tokens_header.clone(),
+        },
     }
+}
+
+fn recorder_config(config: &Config) -> RecorderConfig {
+    RecorderConfig {
+        batch_size: config.usage.batch_size,
+        flush_interval: config.usage.flush_interval,
+        spool_dir: config.usage.spool_dir.clone(),
+        spool_max: config.usage.spool_max,
+        reject_when_full: config.usage.on_spool_full == SpoolFullPolicy::Reject,
+    }
+}
+
+fn pricing(config: &Config) -> Pricing {
+    Pricing::new(config.pricing.iter().map(|(model, price)| {
+        (
+            model.clone(),
+            ModelPrice {
+                input: price.input,
+                output: price.output,
+                cache_read: price.cache_read,
+                cache_write: price.cache_write,
+            },
+        )
+    }))
 }

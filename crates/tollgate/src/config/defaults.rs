@@ -49,6 +49,8 @@ pub const BATCH_SIZE: usize = 5000;
 pub const SPOOL_DIR: &str = "data/spool";
 /// Spool size above which metering is considered unavailable.
 pub const SPOOL_MAX: u64 = GIB;
+/// `usage.on_spool_full`: refuse requests (503) rather than serve them unmetered.
+pub const ON_SPOOL_FULL: super::SpoolFullPolicy = super::SpoolFullPolicy::Reject;
 /// Multi-instance counter refresh interval.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 

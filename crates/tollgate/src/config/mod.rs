@@ -290,8 +290,20 @@ pub struct UsageConfig {
     pub spool_dir: PathBuf,
     /// Bytes.
     pub spool_max: u64,
+    /// What to do when the spool is full and the database is down.
+    pub on_spool_full: SpoolFullPolicy,
     /// Multi-instance: how often counters are refreshed. Never zero.
     pub sync_interval: Duration,
+}
+
+/// `usage.on_spool_full`: when the spool reaches `spool_max` while the
+/// database is down, either answer new requests with 503
+/// `metering_unavailable` (`"reject"`, the default: no unmetered traffic) or
+/// keep serving and let the spool grow past `spool_max` (`"serve"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolFullPolicy {
+    Reject,
+    Serve,
 }
 
 impl Default for UsageConfig {
@@ -301,6 +313,7 @@ impl Default for UsageConfig {
             batch_size: defaults::BATCH_SIZE,
             spool_dir: PathBuf::from(defaults::SPOOL_DIR),
             spool_max: defaults::SPOOL_MAX,
+            on_spool_full: defaults::ON_SPOOL_FULL,
             sync_interval: defaults::SYNC_INTERVAL,
         }
     }

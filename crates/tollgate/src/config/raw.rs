@@ -78,6 +78,7 @@ pub(super) struct RawUsage {
     pub batch_size: Option<Spanned<usize>>,
     pub spool_dir: Option<Str>,
     pub spool_max: Option<Str>,
+    pub on_spool_full: Option<Str>,
     pub sync_interval: Option<Str>,
 }
 

@@ -26,7 +26,7 @@ use super::raw::{
 use super::units;
 use super::{
     AdminConfig, Config, DatabaseConfig, KeysConfig, ModelPrice, Overage, Rate, RouteConfig,
-    ServerConfig, TierConfig, TlsConfig, UsageConfig, UsageFormat,
+    ServerConfig, SpoolFullPolicy, TierConfig, TlsConfig, UsageConfig, UsageFormat,
 };
 
 /// Serde's span wrapper addresses its parts as map keys with this prefix;
@@ -466,6 +466,18 @@ impl Cx<'_> {
                 "usage.spool_max",
                 defaults::SPOOL_MAX,
                 units::parse_size,
+            )?,
+            on_spool_full: self.parsed_or(
+                raw.on_spool_full.as_ref(),
+                "usage.on_spool_full",
+                defaults::ON_SPOOL_FULL,
+                |text| match text {
+                    "reject" => Ok(SpoolFullPolicy::Reject),
+                    "serve" => Ok(SpoolFullPolicy::Serve),
+                    _ => Err(format!(
+                        "unknown policy {text:?} (expected \"reject\" or \"serve\")"
+                    )),
+                },
             )?,
             sync_interval: self.positive_duration(
                 raw.sync_interval.as_ref(),

@@ -1,0 +1,239 @@
+//! Sustained rows/s of `Store::write_usage` (insert, dedupe and daily
+//! rollup in one transaction per batch) into Postgres and SQLite, beside a
+//! naive baseline: a plain binary COPY of the same rows, same batches, into
+//! an unindexed, unpartitioned table, so that the ratio shows what the
+//! dedupe and the rollup cost. Target: ≥ 200,000 rows/s into Postgres.
+//!
+//! Run: `cargo bench --bench usage_write` (needs the test Postgres of
+//! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database).
+//! `ROWS=50000 BATCH=1000 cargo bench --bench usage_write` to change sizes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tollgate_metering::store::Store;
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_store::testing::{TestDatabase, TestSqlite};
+use uuid::Uuid;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `n` rows as a busy gateway makes them: 300 customers with one or two
+/// keys, three routes, two models, one in fifty rejected, one in a hundred
+/// an upstream error, ids and timestamps increasing.
+fn rows(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
+    let customers: Vec<(CustomerId, [KeyId; 2])> = (0..300)
+        .map(|_| (CustomerId::new(), [KeyId::new(), KeyId::new()]))
+        .collect();
+    let routes = [
+        ("openai", "/v1/chat/completions"),
+        ("anthropic", "/v1/messages"),
+        ("search", "/v1/search"),
+    ];
+    (0..n)
+        .map(|i| {
+            let k = i as u64;
+            let (customer, keys) = customers[(i * 7919) % customers.len()];
+            let (route, path) = routes[i % 3];
+            let model = match route {
+                "search" => None,
+                _ if i % 4 == 0 => Some("gpt-4o-mini".to_owned()),
+                _ => Some("gpt-4o".to_owned()),
+            };
+            let (outcome, status) = match i % 100 {
+                0 | 50 => (Outcome::RateLimited, 429),
+                1 => (Outcome::UpstreamError, 502),
+                _ => (Outcome::Ok, 200),
+            };
+            UsageEvent {
+                id: Uuid::now_v7(),
+                client_request_id: (i % 10 == 0).then(|| format!("client-{i:08}")),
+                ts: start + Duration::from_micros(k * 50),
+                customer_id: customer,
+                key_id: keys[i % 2],
+                instance: "gw-1".to_owned(),
+                route: route.to_owned(),
+                method: "POST".to_owned(),
+                path: path.to_owned(),
+                status,
+                outcome,
+                latency_us: 80_000 + k % 5_000 * 97,
+                upstream_latency_us: 60_000 + k % 3_000 * 89,
+                request_bytes: 400 + k % 2_000,
+                response_bytes: 1_200 + k % 9_000,
+                model,
+                input_tokens: 100 + k % 1_500,
+                output_tokens: 20 + k % 800,
+                cache_read_tokens: if i % 3 == 0 { 1_024 } else { 0 },
+                cache_write_tokens: 0,
+                cost_nanos: 150_000 + (k % 1_000) as i64 * 1_313,
+                cost_source: CostSource::Pricing,
+            }
+        })
+        .collect()
+}
+
+/// Writes every batch through `store`; returns rows/s and the rows that
+/// were new.
+async fn write_all(store: &dyn Store, batches: &[&[UsageEvent]]) -> (f64, u64) {
+    let started = Instant::now();
+    let mut new = 0;
+    for batch in batches {
+        new += store.write_usage(batch).await.unwrap();
+    }
+    let rows: usize = batches.iter().map(|b| b.len()).sum();
+    (rows as f64 / started.elapsed().as_secs_f64(), new)
+}
+
+const BASELINE_TYPES: [Type; 22] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+];
+
+/// The naive baseline: each batch one binary COPY (its own transaction)
+/// into a table with the columns of `usage_events` and nothing else.
+async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) -> f64 {
+    client
+        // LIKE copies columns and NOT NULL, not keys or indexes.
+        .batch_execute("CREATE TABLE usage_baseline (LIKE usage_events)")
+        .await
+        .unwrap();
+    let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let started = Instant::now();
+    for batch in batches {
+        let sink = client
+            .copy_in("COPY usage_baseline FROM STDIN (FORMAT binary)")
+            .await
+            .unwrap();
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &BASELINE_TYPES));
+        for e in *batch {
+            writer
+                .as_mut()
+                .write(&[
+                    &e.id,
+                    &e.client_request_id,
+                    &e.ts,
+                    &e.customer_id.0,
+                    &e.key_id.0,
+                    &e.instance,
+                    &e.route,
+                    &e.method,
+                    &e.path,
+                    &i32::from(e.status),
+                    &e.outcome.as_str(),
+                    &big(e.latency_us),
+                    &big(e.upstream_latency_us),
+                    &big(e.request_bytes),
+                    &big(e.response_bytes),
+                    &e.model,
+                    &big(e.input_tokens),
+                    &big(e.output_tokens),
+                    &big(e.cache_read_tokens),
+                    &big(e.cache_write_tokens),
+                    &e.cost_nanos,
+                    &e.cost_source.as_str(),
+                ])
+                .await
+                .unwrap();
+        }
+        writer.as_mut().finish().await.unwrap();
+    }
+    let rows: usize = batches.iter().map(|b| b.len()).sum();
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes "--bench"; nothing to parse.
+    let total = env("ROWS", 200_000);
+    let batch_size = env("BATCH", 5_000).max(1);
+    let now = OffsetDateTime::now_utc();
+    // Warm-up rows (prepared statements, staging table, caches) are not
+    // measured; then every measured row is new.
+    let warm_up = rows(batch_size, now);
+    let events = rows(total, now);
+    let batches: Vec<&[UsageEvent]> = events.chunks(batch_size).collect();
+    println!("usage_write: {total} rows in batches of {batch_size}");
+
+    // Postgres.
+    let db = TestDatabase::create().await;
+    let store = tollgate_store::open(db.url(), 4).await.unwrap();
+    store.migrate().await.unwrap();
+    store.write_usage(&warm_up).await.unwrap();
+    let (pg_rate, new) = write_all(&*store, &batches).await;
+    assert_eq!(new, total as u64, "every measured row is new");
+    let (replay_rate, new) = write_all(&*store, &batches).await;
+    assert_eq!(new, 0, "a replay writes nothing");
+
+    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows_in_daily: i64 = client
+        .query_one(
+            "SELECT sum(requests + rejected)::bigint FROM usage_daily",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows_in_daily,
+        (total + batch_size) as i64,
+        "rollups count each row once"
+    );
+    let copy_rate = copy_all(&client, &batches).await;
+    drop(client);
+    drop(store);
+    drop(db);
+
+    // SQLite.
+    let file = TestSqlite::create();
+    let store = tollgate_store::open(file.url(), 1).await.unwrap();
+    store.migrate().await.unwrap();
+    store.write_usage(&warm_up).await.unwrap();
+    let (sqlite_rate, new) = write_all(&*store, &batches).await;
+    assert_eq!(new, total as u64);
+    let (sqlite_replay_rate, _) = write_all(&*store, &batches).await;
+
+    println!("postgres write_usage (new rows):   {pg_rate:>10.0} rows/s");
+    println!("postgres write_usage (replay):     {replay_rate:>10.0} rows/s");
+    println!("postgres plain COPY (baseline):    {copy_rate:>10.0} rows/s");
+    println!(
+        "postgres write_usage / plain COPY: {:>10.2}",
+        pg_rate / copy_rate
+    );
+    println!("sqlite write_usage (new rows):     {sqlite_rate:>10.0} rows/s");
+    println!("sqlite write_usage (replay):       {sqlite_replay_rate:>10.0} rows/s");
+}

@@ -1,0 +1,1329 @@
+//! Token usage and model, read from LLM API bodies while they stream.
+//!
+//! Three jobs, all on the data plane's hot path:
+//! - [`UsageScanner`] watches a response body (a JSON document or a
+//!   server-sent-event stream, cut at arbitrary byte boundaries) for the
+//!   usage object and the model name, in OpenAI's (Chat Completions,
+//!   Responses, Embeddings) or Anthropic's (Messages) shapes.
+//! - [`inject_include_usage`] asks OpenAI for a usage chunk in a streamed
+//!   chat completion (SPEC §3 step 4), and [`UsageChunkFilter`] takes what
+//!   that added back out of the stream the client receives, byte for byte.
+//!
+//! All three rest on one small incremental JSON structure walker
+//! (`JsonWalker`): it tracks string, escape and nesting state and reports
+//! the byte spans of chosen members of the root object (and of one object
+//! nested in it), so only the *top-level* `usage` counts: a `"usage"` inside
+//! message content, a tool call's arguments or a nested object never fools
+//! it. What the walker picks out is small and is parsed with serde_json.
+//!
+//! # Failure behaviour
+//! Nothing here fails or panics on any input. Malformed JSON, events cut
+//! short, unknown shapes and oversized values simply yield no usage (the row
+//! then has zero tokens) or, in the filter, pass through unchanged. Memory
+//! is bounded per response whatever its size: an SSE event's data is
+//! buffered up to [`EVENT_BUFFER_LIMIT`] (larger ones are walked as they
+//! stream), a captured value up to [`CAPTURE_LIMIT`]; a captured value
+//! larger than that is ignored. The filter holds back at most the one
+//! incomplete trailing event.
+//!
+//! Known blind spot: a key spelled with JSON escapes (`"\u0075sage"`) is not
+//! recognised. No upstream writes keys that way.
+
+use std::sync::LazyLock;
+
+use memchr::{memchr2, memmem};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// An SSE event's data is buffered up to this size and then examined in one
+/// go (with a cheap pre-check first); a larger event (say, a Responses API
+/// `response.completed` repeating a long output) is walked incrementally
+/// instead, so it is never held whole.
+pub const EVENT_BUFFER_LIMIT: usize = 64 * 1024;
+/// The largest `usage` or `model` value captured from a streamed document.
+pub const CAPTURE_LIMIT: usize = 16 * 1024;
+/// The longest model name accepted; a longer one is ignored.
+pub const MODEL_LIMIT: usize = 256;
+/// Watched keys are short; a longer key is not one of them.
+const KEY_LIMIT: usize = 32;
+
+/// Which body shapes a route's usage parser understands (`routes.usage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UsageFormat {
+    #[default]
+    None,
+    Openai,
+    Anthropic,
+}
+
+/// Tokens by class. `input` excludes cached input (SPEC §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+/// What a body told about its usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extracted {
+    /// `None` when no usage was seen (not even partial counts).
+    pub tokens: Option<TokenCounts>,
+    pub model: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The scanner.
+
+/// Scans a response body as it streams, for usage.
+///
+/// Never buffers the whole body and never fails: malformed input just
+/// yields no usage. The result does not depend on how the body was cut
+/// into chunks.
+///
+/// What counts:
+/// - JSON bodies: the root object's `usage` and `model` only. OpenAI:
+///   `prompt_tokens`/`completion_tokens` (Chat, Embeddings) or
+///   `input_tokens`/`output_tokens` (Responses), with the cached tokens in
+///   `*_tokens_details.cached_tokens` moved from input to `cache_read`.
+///   Anthropic: `input_tokens`, `output_tokens`, `cache_read_input_tokens`,
+///   `cache_creation_input_tokens`.
+/// - OpenAI streams: the last event whose root `usage` (a Chat chunk) or
+///   `response.usage` (a Responses event) is an object.
+/// - Anthropic streams: input and cache counts from `message_start`'s
+///   `message.usage`; output is the cumulative `usage.output_tokens` of the
+///   last `message_delta` (not a sum), else `message_start`'s.
+/// - Model: the first one named, at the same places.
+#[derive(Clone, Debug)]
+pub struct UsageScanner {
+    tally: Tally,
+    mode: Mode,
+}
+
+#[derive(Clone, Debug)]
+enum Mode {
+    Off,
+    Json(Box<JsonWalker>),
+    Sse(Box<SseReader>),
+}
+
+impl UsageScanner {
+    /// `event_stream`: the response is `text/event-stream` (SSE), else a
+    /// JSON body.
+    pub fn new(format: UsageFormat, event_stream: bool) -> UsageScanner {
+        let mode = match (format, event_stream) {
+            (UsageFormat::None, _) => Mode::Off,
+            (_, false) => Mode::Json(Box::new(JsonWalker::new(&JSON_BODY, true))),
+            (UsageFormat::Openai, true) => Mode::Sse(Box::new(SseReader::new(&OPENAI_EVENT))),
+            (UsageFormat::Anthropic, true) => Mode::Sse(Box::new(SseReader::new(&ANTHROPIC_EVENT))),
+        };
+        UsageScanner {
+            tally: Tally {
+                format,
+                event_stream,
+                ..Tally::default()
+            },
+            mode,
+        }
+    }
+
+    /// The next piece of the body; pieces may split it anywhere.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let tally = &mut self.tally;
+        match &mut self.mode {
+            Mode::Off => {}
+            Mode::Json(walker) => walker.feed(chunk, report(tally)),
+            Mode::Sse(reader) => reader.feed(chunk, tally),
+        }
+    }
+
+    /// What was found so far: called at the end of the body, or early when
+    /// the client went away (then partial counts, e.g. Anthropic input and
+    /// the output of the last `message_delta` seen). A final event without
+    /// its closing blank line, or a JSON body missing its closing brace,
+    /// still counts if what it holds is complete.
+    pub fn finish(&self) -> Extracted {
+        match &self.mode {
+            Mode::Off => self.tally.extracted(),
+            Mode::Json(walker) => {
+                let mut tally = self.tally.clone();
+                walker.unfinished(|member, value| tally.apply(member.level, member.key, value));
+                tally.extracted()
+            }
+            Mode::Sse(reader) if reader.has_data => {
+                let mut tally = self.tally.clone();
+                let mut reader = reader.clone();
+                reader.dispatch(&mut tally);
+                tally.extracted()
+            }
+            Mode::Sse(_) => self.tally.extracted(),
+        }
+    }
+}
+
+/// Which members a walk reports: keys of the root object, and keys of the
+/// object that is the value of the root's `nested_in` member.
+#[derive(Debug)]
+struct Watch {
+    top: &'static [&'static [u8]],
+    nested_in: Option<&'static [u8]>,
+    nested: &'static [&'static [u8]],
+}
+
+/// Index of `usage` and `model` in the scanner's watches.
+const USAGE: usize = 0;
+const MODEL: usize = 1;
+
+static JSON_BODY: Watch = Watch {
+    top: &[b"usage", b"model"],
+    nested_in: None,
+    nested: &[],
+};
+/// Chat chunks carry `usage` at the root; Responses events inside `response`.
+static OPENAI_EVENT: Watch = Watch {
+    top: &[b"usage", b"model"],
+    nested_in: Some(b"response"),
+    nested: &[b"usage", b"model"],
+};
+/// `message_delta` carries `usage` at the root; `message_start` inside `message`.
+static ANTHROPIC_EVENT: Watch = Watch {
+    top: &[b"usage", b"model"],
+    nested_in: Some(b"message"),
+    nested: &[b"usage", b"model"],
+};
+
+/// What the scanner has found, and how to read what it finds.
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    format: UsageFormat,
+    event_stream: bool,
+    model: Option<String>,
+    tokens: Option<TokenCounts>,
+    /// Anthropic streams: the cumulative output of the last `message_delta`.
+    delta_output: Option<u64>,
+}
+
+/// The fields of a usage object, from either vendor.
+#[derive(Debug, Default, Deserialize)]
+struct UsageJson {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    input_tokens_details: Option<Details>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+impl Tally {
+    /// One reported member: `value` is its JSON text.
+    fn apply(&mut self, level: Level, key: usize, value: &[u8]) {
+        match key {
+            MODEL if self.model.is_none() => {
+                if let Ok(model) = serde_json::from_slice::<String>(value) {
+                    if !model.is_empty() && model.len() <= MODEL_LIMIT {
+                        self.model = Some(model);
+                    }
+                }
+            }
+            USAGE => {
+                // `null` (every chunk but the last of an include_usage
+                // stream) and anything malformed read as no usage.
+                let Ok(Some(usage)) = serde_json::from_slice::<Option<UsageJson>>(value) else {
+                    return;
+                };
+                match self.format {
+                    UsageFormat::None => {}
+                    UsageFormat::Openai => {
+                        if let Some(tokens) = openai_tokens(&usage) {
+                            self.tokens = Some(tokens);
+                        }
+                    }
+                    UsageFormat::Anthropic if self.event_stream && level == Level::Top => {
+                        // message_delta: only the cumulative output counts.
+                        if let Some(output) = usage.output_tokens {
+                            self.delta_output = Some(output);
+                        }
+                    }
+                    UsageFormat::Anthropic => {
+                        if let Some(tokens) = anthropic_tokens(&usage) {
+                            self.tokens = Some(tokens);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn extracted(&self) -> Extracted {
+        let tokens = match (self.tokens, self.delta_output) {
+            (Some(tokens), Some(output)) => Some(TokenCounts { output, ..tokens }),
+            (Some(tokens), None) => Some(tokens),
+            (None, Some(output)) => Some(TokenCounts {
+                output,
+                ..TokenCounts::default()
+            }),
+            (None, None) => None,
+        };
+        Extracted {
+            tokens,
+            model: self.model.clone(),
+        }
+    }
+}
+
+/// OpenAI reports cached prompt tokens inside the prompt count; the row's
+/// `input_tokens` excludes them.
+fn openai_tokens(usage: &UsageJson) -> Option<TokenCounts> {
+    let cached = |details: &Option<Details>| {
+        details
+            .as_ref()
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(0)
+    };
+    let (prompt, output, cached) =
+        if usage.prompt_tokens.is_some() || usage.completion_tokens.is_some() {
+            (
+                usage.prompt_tokens.unwrap_or(0),
+                usage.completion_tokens.unwrap_or(0),
+                cached(&usage.prompt_tokens_details),
+            )
+        } else if usage.input_tokens.is_some() || usage.output_tokens.is_some() {
+            (
+                usage.input_tokens.unwrap_or(0),
+                usage.output_tokens.unwrap_or(0),
+                cached(&usage.input_tokens_details),
+            )
+        } else {
+            return None;
+        };
+    Some(TokenCounts {
+        input: prompt.saturating_sub(cached),
+        output,
+        cache_read: cached,
+        cache_write: 0,
+    })
+}
+
+/// Anthropic's `input_tokens` already excludes the cache counts.
+fn anthropic_tokens(usage: &UsageJson) -> Option<TokenCounts> {
+    if usage.input_tokens.is_none()
+        && usage.output_tokens.is_none()
+        && usage.cache_read_input_tokens.is_none()
+        && usage.cache_creation_input_tokens.is_none()
+    {
+        return None;
+    }
+    Some(TokenCounts {
+        input: usage.input_tokens.unwrap_or(0),
+        output: usage.output_tokens.unwrap_or(0),
+        cache_read: usage.cache_read_input_tokens.unwrap_or(0),
+        cache_write: usage.cache_creation_input_tokens.unwrap_or(0),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Server-sent events.
+
+/// Where the reader is within the current line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Line {
+    /// `n` bytes into a line that so far spells the start of `data` (0: at
+    /// the start of a line).
+    Field(u8),
+    /// Just after `data:`; one leading space is dropped.
+    DataStart,
+    /// In a `data` field's value.
+    Data,
+    /// In a line that is not a `data` field (`event:`, `id:`, comments…).
+    Skip,
+}
+
+/// An SSE parser (WHATWG rules: `\n`, `\r\n` or `\r` line ends, `data`
+/// lines joined with `\n`, `:` comments) that keeps only each event's data
+/// and hands it to the walker. Event names are not needed: the data says
+/// what it is.
+#[derive(Clone, Debug)]
+struct SseReader {
+    watch: &'static Watch,
+    line: Line,
+    /// The previous byte was a `\r`: a `\n` right after it ends no new line.
+    after_cr: bool,
+    /// The current event's data, while it fits in [`EVENT_BUFFER_LIMIT`].
+    data: Vec<u8>,
+    /// The current event has a `data` field.
+    has_data: bool,
+    /// The current event's data outgrew the buffer: it is walked as it comes.
+    large: Option<JsonWalker>,
+}
+
+/// `"usage"` and `"model"` as JSON strings: inside a JSON string their
+/// quotes would be escaped, so these only match real tokens.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static MODEL_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"model\""));
+
+impl SseReader {
+    fn new(watch: &'static Watch) -> SseReader {
+        SseReader {
+            watch,
+            line: Line::Field(0),
+            after_cr: false,
+            data: Vec::new(),
+            has_data: false,
+            large: None,
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], tally: &mut Tally) {
+        let mut at = 0;
+        if self.after_cr && !chunk.is_empty() {
+            self.after_cr = false;
+            if chunk[0] == b'\n' {
+                at = 1;
+            }
+        }
+        while at < chunk.len() {
+            match self.line {
+                Line::Data | Line::Skip => {
+                    let rest = &chunk[at..];
+                    let Some(end) = memchr2(b'\n', b'\r', rest) else {
+                        if self.line == Line::Data {
+                            self.push_data(rest, tally);
+                        }
+                        return;
+                    };
+                    if self.line == Line::Data {
+                        self.push_data(&rest[..end], tally);
+                        self.push_data(b"\n", tally);
+                    }
+                    at = self.end_line(chunk, at + end);
+                }
+                Line::DataStart => {
+                    if chunk[at] == b' ' {
+                        at += 1;
+                    }
+                    self.line = Line::Data;
+                }
+                Line::Field(n) => {
+                    let byte = chunk[at];
+                    if byte == b'\n' || byte == b'\r' {
+                        match n {
+                            0 => self.dispatch(tally),
+                            // A bare `data` line: an empty value.
+                            4 => {
+                                self.has_data = true;
+                                self.push_data(b"\n", tally);
+                            }
+                            _ => {}
+                        }
+                        at = self.end_line(chunk, at);
+                    } else {
+                        self.line = match (n, byte) {
+                            (0..=3, _) if byte == b"data"[usize::from(n)] => Line::Field(n + 1),
+                            (4, b':') => {
+                                self.has_data = true;
+                                Line::DataStart
+                            }
+                            _ => Line::Skip,
+                        };
+                        at += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Consumes the line end at `chunk[at]` (`\r` or `\n`); returns where the
+    /// next line starts.
+    fn end_line(&mut self, chunk: &[u8], at: usize) -> usize {
+        self.line = Line::Field(0);
+        if chunk[at] == b'\r' {
+            match chunk.get(at + 1) {
+                Some(b'\n') => return at + 2,
+                Some(_) => {}
+                None => self.after_cr = true,
+            }
+        }
+        at + 1
+    }
+
+    fn push_data(&mut self, bytes: &[u8], tally: &mut Tally) {
+        if let Some(walker) = &mut self.large {
+            walker.feed(bytes, report(tally));
+        } else if self.data.len() + bytes.len() > EVENT_BUFFER_LIMIT {
+            let mut walker = JsonWalker::new(self.watch, true);
+            walker.feed(&self.data, report(tally));
+            walker.feed(bytes, report(tally));
+            self.data.clear();
+            self.large = Some(walker);
+        } else {
+            self.data.extend_from_slice(bytes);
+        }
+    }
+
+    /// The end of an event: read its data, if it may say anything new.
+    fn dispatch(&mut self, tally: &mut Tally) {
+        if !self.has_data {
+            return;
+        }
+        self.has_data = false;
+        if self.large.take().is_some() {
+            // Already walked (and reported) as it streamed.
+            return;
+        }
+        let data = &self.data;
+        // Most events carry neither a usage object nor a model still to
+        // learn; a memchr-speed search says so without parsing them.
+        if has_usage_object(data) || (tally.model.is_none() && MODEL_KEY.find(data).is_some()) {
+            JsonWalker::new(self.watch, false).feed(data, |member, _| {
+                tally.apply(
+                    member.level,
+                    member.key,
+                    &data[member.value_start..member.value_end],
+                );
+            });
+        }
+        self.data.clear();
+    }
+}
+
+/// Hands each captured member a walker reports to the tally.
+fn report(tally: &mut Tally) -> impl FnMut(Member, Option<&[u8]>) + '_ {
+    move |member, captured| {
+        if let Some(value) = captured {
+            tally.apply(member.level, member.key, value);
+        }
+    }
+}
+
+/// Whether `data` has `"usage"` followed by `:` and an object: the one
+/// shape that may carry counts (`"usage":null` does not).
+fn has_usage_object(data: &[u8]) -> bool {
+    USAGE_KEY.find_iter(data).any(|at| {
+        let rest = skip_space(&data[at + b"\"usage\"".len()..]);
+        match rest.split_first() {
+            Some((b':', rest)) => skip_space(rest).first() == Some(&b'{'),
+            _ => false,
+        }
+    })
+}
+
+fn is_space(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn skip_space(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|&b| !is_space(b))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+fn trim_space(bytes: &[u8]) -> &[u8] {
+    let bytes = skip_space(bytes);
+    let end = bytes
+        .iter()
+        .rposition(|&b| !is_space(b))
+        .map_or(0, |end| end + 1);
+    &bytes[..end]
+}
+
+// ---------------------------------------------------------------------------
+// The JSON structure walker.
+
+/// Where a reported member sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    /// In the root object.
+    Top = 0,
+    /// In the object that is the value of the root's `nested_in` member.
+    Nested = 1,
+}
+
+impl Level {
+    fn depth(self) -> u32 {
+        self as u32 + 1
+    }
+}
+
+/// A watched member, reported once its value has ended (at the `,` or `}`
+/// after it). Offsets count from the start of the document.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    level: Level,
+    /// Index of the key in the watch's list for its level.
+    key: usize,
+    /// The key's opening quote.
+    key_start: usize,
+    /// Just after the `:`; the value may have whitespace around it.
+    value_start: usize,
+    /// The `,` or `}` that ends the member.
+    value_end: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct KeyRead {
+    level: Level,
+    start: usize,
+    len: usize,
+    buf: [u8; KEY_LIMIT],
+    /// Too long or escaped: not a watched key.
+    bad: bool,
+}
+
+impl KeyRead {
+    fn push(&mut self, bytes: &[u8]) {
+        if self.bad {
+            return;
+        }
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(slot) => {
+                slot.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.bad = true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Active {
+    key: usize,
+    key_start: usize,
+    value_start: usize,
+}
+
+/// An incremental JSON structure tracker.
+///
+/// It does not validate: it follows strings (with escapes), nesting and
+/// the key/value rhythm of objects, which is all it takes to know which
+/// bytes are the values of the watched members. Feed it a document in any
+/// number of pieces; with `capture`, it copies the watched values (at most
+/// [`CAPTURE_LIMIT`] each) so they can be read after the pieces are gone.
+/// Invalid JSON yields spans that fail to parse, nothing worse.
+#[derive(Clone, Debug)]
+struct JsonWalker {
+    watch: &'static Watch,
+    capture: bool,
+    /// Offset of the next byte.
+    pos: usize,
+    depth: u32,
+    /// Bit `d - 1` is set when the container at depth `d` (≤ 64) is an
+    /// array. Deeper containers are never watched.
+    arrays: u64,
+    in_string: bool,
+    escape: bool,
+    /// The next string at this depth is an object key.
+    expect_key: bool,
+    key: Option<KeyRead>,
+    /// A watched key was just read; its value starts after the `:`.
+    target: Option<(Level, usize, usize)>,
+    /// The current root member is `watch.nested_in`.
+    in_nested: bool,
+    active: [Option<Active>; 2],
+    captured: [Vec<u8>; 2],
+    overflowed: [bool; 2],
+}
+
+impl JsonWalker {
+    fn new(watch: &'static Watch, capture: bool) -> JsonWalker {
+        JsonWalker {
+            watch,
+            capture,
+            pos: 0,
+            depth: 0,
+            arrays: 0,
+            in_string: false,
+            escape: false,
+            expect_key: false,
+            key: None,
+            target: None,
+            in_nested: false,
+            active: [None, None],
+            captured: [Vec::new(), Vec::new()],
+            overflowed: [false, false],
+        }
+    }
+
+    fn is_array(&self, depth: u32) -> bool {
+        (1..=64).contains(&depth) && self.arrays & (1 << (depth - 1)) != 0
+    }
+
+    /// Walks the next piece; `on_member` gets each watched member as it
+    /// ends, with its captured value (`None` without `capture`, or when the
+    /// value was too large).
+    fn feed(&mut self, bytes: &[u8], mut on_member: impl FnMut(Member, Option<&[u8]>)) {
+        // Where, in `bytes`, each active member's not yet captured bytes start.
+        let mut capture_from = [0usize; 2];
+        let mut at = 0;
+        while at < bytes.len() {
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                    at += 1;
+                    continue;
+                }
+                // Strings are most of an LLM body: skip them at memchr speed.
+                let rest = &bytes[at..];
+                let Some(stop) = memchr2(b'"', b'\\', rest) else {
+                    if let Some(key) = &mut self.key {
+                        key.push(rest);
+                    }
+                    break;
+                };
+                if let Some(key) = &mut self.key {
+                    key.push(&rest[..stop]);
+                }
+                if rest[stop] == b'\\' {
+                    self.escape = true;
+                    if let Some(key) = &mut self.key {
+                        key.bad = true;
+                    }
+                } else {
+                    self.in_string = false;
+                    if let Some(key) = self.key.take() {
+                        self.end_key(key);
+                    }
+                }
+                at += stop + 1;
+                continue;
+            }
+            match bytes[at] {
+                b'"' => {
+                    self.target = None;
+                    self.in_string = true;
+                    if self.expect_key {
+                        self.expect_key = false;
+                        self.begin_key(self.pos + at);
+                    }
+                }
+                open @ (b'{' | b'[') => {
+                    self.target = None;
+                    self.depth = self.depth.saturating_add(1);
+                    if (1..=64).contains(&self.depth) {
+                        let bit = 1u64 << (self.depth - 1);
+                        if open == b'[' {
+                            self.arrays |= bit;
+                        } else {
+                            self.arrays &= !bit;
+                        }
+                    }
+                    self.expect_key = open == b'{';
+                }
+                b'}' | b']' => {
+                    self.target = None;
+                    self.end_member(bytes, at, &capture_from, &mut on_member);
+                    self.depth = self.depth.saturating_sub(1);
+                    self.expect_key = false;
+                }
+                b',' => {
+                    self.target = None;
+                    self.end_member(bytes, at, &capture_from, &mut on_member);
+                    self.expect_key = self.depth > 0 && !self.is_array(self.depth);
+                }
+                b':' => {
+                    if let Some((level, key, key_start)) = self.target.take() {
+                        if self.depth == level.depth() {
+                            let slot = level as usize;
+                            self.active[slot] = Some(Active {
+                                key,
+                                key_start,
+                                value_start: self.pos + at + 1,
+                            });
+                            capture_from[slot] = at + 1;
+                            self.captured[slot].clear();
+                            self.overflowed[slot] = false;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            at += 1;
+        }
+        if self.capture {
+            for slot in 0..2 {
+                if self.active[slot].is_some() {
+                    self.keep(slot, &bytes[capture_from[slot].min(bytes.len())..]);
+                }
+            }
+        }
+        self.pos += bytes.len();
+    }
+
+    fn begin_key(&mut self, start: usize) {
+        let level = if self.depth == 1 && !self.is_array(1) {
+            self.in_nested = false;
+            Level::Top
+        } else if self.depth == 2 && self.in_nested && !self.is_array(2) {
+            Level::Nested
+        } else {
+            return;
+        };
+        self.key = Some(KeyRead {
+            level,
+            start,
+            len: 0,
+            buf: [0; KEY_LIMIT],
+            bad: false,
+        });
+    }
+
+    fn end_key(&mut self, key: KeyRead) {
+        if key.bad {
+            return;
+        }
+        let name = &key.buf[..key.len];
+        let keys = match key.level {
+            Level::Top => {
+                self.in_nested = self.watch.nested_in == Some(name);
+                self.watch.top
+            }
+            Level::Nested => self.watch.nested,
+        };
+        if let Some(index) = keys.iter().position(|&watched| watched == name) {
+            self.target = Some((key.level, index, key.start));
+        }
+    }
+
+    /// At a `,` or closing bracket: ends the active member of this depth.
+    fn end_member(
+        &mut self,
+        bytes: &[u8],
+        at: usize,
+        capture_from: &[usize; 2],
+        on_member: &mut impl FnMut(Member, Option<&[u8]>),
+    ) {
+        let level = match self.depth {
+            1 => Level::Top,
+            2 => Level::Nested,
+            _ => return,
+        };
+        let slot = level as usize;
+        let Some(active) = self.active[slot].take() else {
+            return;
+        };
+        let member = Member {
+            level,
+            key: active.key,
+            key_start: active.key_start,
+            value_start: active.value_start,
+            value_end: self.pos + at,
+        };
+        if self.capture {
+            self.keep(slot, &bytes[capture_from[slot].min(at)..at]);
+            let captured = (!self.overflowed[slot]).then_some(self.captured[slot].as_slice());
+            on_member(member, captured);
+        } else {
+            on_member(member, None);
+        }
+    }
+
+    fn keep(&mut self, slot: usize, bytes: &[u8]) {
+        if self.overflowed[slot] {
+            return;
+        }
+        if self.captured[slot].len() + bytes.len() > CAPTURE_LIMIT {
+            self.overflowed[slot] = true;
+            self.captured[slot] = Vec::new();
+        } else {
+            self.captured[slot].extend_from_slice(bytes);
+        }
+    }
+
+    /// Members still open at the end of what was fed (a body cut short),
+    /// with what was captured of them.
+    fn unfinished(&self, mut on_value: impl FnMut(Member, &[u8])) {
+        for level in [Level::Top, Level::Nested] {
+            let slot = level as usize;
+            if let (Some(active), false) = (self.active[slot], self.overflowed[slot]) {
+                let member = Member {
+                    level,
+                    key: active.key,
+                    key_start: active.key_start,
+                    value_start: active.value_start,
+                    value_end: self.pos,
+                };
+                on_value(member, &self.captured[slot]);
+            }
+        }
+    }
+}
+
+/// Walks a whole document and returns the last occurrence of each watched
+/// member, top level first then nested.
+fn members(watch: &'static Watch, json: &[u8]) -> (Vec<Option<Member>>, Vec<Option<Member>>) {
+    let mut top = vec![None; watch.top.len()];
+    let mut nested = vec![None; watch.nested.len()];
+    JsonWalker::new(watch, false).feed(json, |member, _| {
+        let found = match member.level {
+            Level::Top => top.get_mut(member.key),
+            Level::Nested => nested.get_mut(member.key),
+        };
+        if let Some(found) = found {
+            *found = Some(member);
+        }
+    });
+    (top, nested)
+}
+
+// ---------------------------------------------------------------------------
+// The hidden usage chunk.
+
+/// For an OpenAI chat-completions stream where the gateway added
+/// `stream_options.include_usage`: removes what that option added from what
+/// the client receives, so it gets byte for byte the stream it asked for.
+///
+/// The option adds a final chunk with `"choices":[]` and a usage object
+/// (dropped whole, with its blank line) and a `"usage":null` member to
+/// every other chunk (cut out with its comma). Every complete event is
+/// passed on as soon as its blank line arrives; only an incomplete trailing
+/// event is held back, and [`UsageChunkFilter::finish`] flushes it.
+///
+/// Only events with a single `data:` line are edited (OpenAI never splits
+/// one); anything else passes unchanged.
+#[derive(Clone, Debug)]
+pub struct UsageChunkFilter {
+    /// The start of an event not yet complete.
+    held: Vec<u8>,
+    /// Bytes of `held` already searched for the end of the event.
+    scanned: usize,
+    /// `scanned` is at the start of a line.
+    at_line_start: bool,
+}
+
+impl Default for UsageChunkFilter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static CHUNK_EVENT: Watch = Watch {
+    top: &[b"usage", b"choices"],
+    nested_in: None,
+    nested: &[],
+};
+
+impl UsageChunkFilter {
+    pub fn new() -> Self {
+        UsageChunkFilter {
+            held: Vec::new(),
+            scanned: 0,
+            at_line_start: true,
+        }
+    }
+
+    /// The next piece of the upstream's stream; returns what the client
+    /// gets now (possibly nothing).
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(chunk.len() + self.held.len());
+        if self.held.is_empty() {
+            // Nothing held: work on the chunk itself, keep only its tail.
+            let consumed = self.pass_events(chunk, 0, &mut out);
+            self.held.extend_from_slice(&chunk[consumed..]);
+            self.scanned -= consumed;
+        } else {
+            self.held.extend_from_slice(chunk);
+            let held = std::mem::take(&mut self.held);
+            let consumed = self.pass_events(&held, self.scanned, &mut out);
+            self.held = held;
+            self.held.drain(..consumed);
+            self.scanned -= consumed;
+        }
+        out
+    }
+
+    /// The end of the stream: whatever is held, as one last event.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.held.len());
+        pass_event(&self.held, &mut out);
+        self.held.clear();
+        self.scanned = 0;
+        self.at_line_start = true;
+        out
+    }
+
+    /// Passes every complete event of `data` (searched from `from`, which
+    /// the previous call left off at) into `out`; returns where the first
+    /// incomplete one starts.
+    fn pass_events(&mut self, data: &[u8], from: usize, out: &mut Vec<u8>) -> usize {
+        let mut pos = from;
+        let mut line_start = self.at_line_start;
+        let mut event_start = 0;
+        loop {
+            let Some(found) = memchr2(b'\n', b'\r', &data[pos..]) else {
+                self.scanned = data.len();
+                self.at_line_start = line_start && pos == data.len();
+                return event_start;
+            };
+            let end_of_line = pos + found;
+            let next = if data[end_of_line] == b'\n' {
+                end_of_line + 1
+            } else {
+                match data.get(end_of_line + 1) {
+                    Some(b'\n') => end_of_line + 2,
+                    Some(_) => end_of_line + 1,
+                    None => {
+                        // A `\r` last: its `\n` may be in the next chunk.
+                        self.scanned = end_of_line;
+                        self.at_line_start = line_start && end_of_line == pos;
+                        return event_start;
+                    }
+                }
+            };
+            if line_start && end_of_line == pos {
+                // A blank line: the event is complete.
+                pass_event(&data[event_start..next], out);
+                event_start = next;
+            }
+            pos = next;
+            line_start = true;
+        }
+    }
+}
+
+/// Appends `event` to `out` as the client would have received it without
+/// `include_usage`.
+fn pass_event(event: &[u8], out: &mut Vec<u8>) {
+    if USAGE_KEY.find(event).is_none() {
+        out.extend_from_slice(event);
+        return;
+    }
+    let Some((json_start, json_end)) = single_data_line(event) else {
+        out.extend_from_slice(event);
+        return;
+    };
+    let json = &event[json_start..json_end];
+    if json.ends_with(NULL_USAGE_LAST) {
+        // OpenAI's own shape, on every chunk but the last. In valid JSON the
+        // final `}` closes the root and the `"` after a `,` starts a key, so
+        // this is the root's `usage` member: no walk needed.
+        let cut = json_end - NULL_USAGE_LAST.len();
+        out.extend_from_slice(&event[..cut]);
+        out.extend_from_slice(&event[json_end - 1..]);
+        return;
+    }
+    let (top, _) = members(&CHUNK_EVENT, json);
+    let (Some(usage), choices) = (top[0], top[1]) else {
+        out.extend_from_slice(event);
+        return;
+    };
+    let value = trim_space(&json[usage.value_start..usage.value_end]);
+    let no_choices = choices.is_some_and(|choices| {
+        let choices = trim_space(&json[choices.value_start..choices.value_end]);
+        choices.first() == Some(&b'[') && trim_space(&choices[1..]) == b"]"
+    });
+    if no_choices && value.first() == Some(&b'{') {
+        // The usage chunk itself: the client never asked for it.
+        return;
+    }
+    if value == b"null" {
+        let (cut_start, cut_end) = member_cut(json, &usage);
+        out.extend_from_slice(&event[..json_start + cut_start]);
+        out.extend_from_slice(&event[json_start + cut_end..]);
+        return;
+    }
+    out.extend_from_slice(event);
+}
+
+/// How OpenAI ends every chunk but the last when asked for usage.
+const NULL_USAGE_LAST: &[u8] = b",\"usage\":null}";
+
+/// The span of the event's only `data:` value (after the optional space,
+/// before the line end), or `None` when it has no or several.
+fn single_data_line(event: &[u8]) -> Option<(usize, usize)> {
+    let mut found = None;
+    let mut start = 0;
+    while start < event.len() {
+        let end = memchr2(b'\n', b'\r', &event[start..]).map_or(event.len(), |at| start + at);
+        let line = &event[start..end];
+        if let Some(value) = line.strip_prefix(b"data:") {
+            if found.is_some() {
+                return None;
+            }
+            let skip = usize::from(value.first() == Some(&b' '));
+            found = Some((start + 5 + skip, end));
+        }
+        start = match event.get(end..end + 2) {
+            Some(b"\r\n") => end + 2,
+            _ => end + 1,
+        };
+    }
+    found
+}
+
+/// The bytes to cut to remove `member` from its object, with one comma:
+/// the one before it, else the one after it (and the space after that).
+fn member_cut(json: &[u8], member: &Member) -> (usize, usize) {
+    let value_end = member.value_start + trim_end(&json[member.value_start..member.value_end]);
+    let before = json[..member.key_start].iter().rposition(|&b| !is_space(b));
+    if let Some(comma) = before.filter(|&at| json[at] == b',') {
+        return (comma, value_end);
+    }
+    if json.get(member.value_end) == Some(&b',') {
+        let after = member.value_end + 1;
+        let rest = json.len() - skip_space(&json[after..]).len();
+        return (member.key_start, rest);
+    }
+    (member.key_start, value_end)
+}
+
+/// The length of `bytes` without trailing whitespace.
+fn trim_end(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .rposition(|&b| !is_space(b))
+        .map_or(0, |end| end + 1)
+}
+
+// ---------------------------------------------------------------------------
+// Asking for the usage chunk.
+
+static STREAM_OPTIONS: Watch = Watch {
+    top: &[b"stream_options"],
+    nested_in: Some(b"stream_options"),
+    nested: &[b"include_usage"],
+};
+
+/// The members of a request body that decide whether to ask for usage.
+#[derive(Deserialize)]
+struct StreamRequest {
+    #[serde(default)]
+    stream: Option<Value>,
+    /// `Some(Value::Null)` for an explicit `null`, `None` when absent.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// SPEC §3 step 4: for a JSON chat request with `"stream": true` and no
+/// `stream_options.include_usage = true`, the body with that option added;
+/// else `None` (leave the request alone: not JSON, not an object, not
+/// streaming, already asking for usage, a duplicate key, or a
+/// `stream_options` that is neither an object nor null).
+///
+/// The client's bytes are kept as they are except for one textual edit:
+/// `"stream_options":{"include_usage":true},` inserted after the opening
+/// brace when there is no `stream_options`; `"include_usage":true`
+/// inserted into an existing one; an existing `include_usage` value
+/// replaced by `true`; a `null` `stream_options` replaced by the object.
+pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let open = body.len() - skip_space(body).len();
+    if body.get(open) != Some(&b'{') {
+        return None;
+    }
+    // Validates the whole body (and refuses duplicate keys) without
+    // building a tree of it.
+    let request: StreamRequest = serde_json::from_slice(body).ok()?;
+    if request.stream != Some(Value::Bool(true)) {
+        return None;
+    }
+    let splice = |start: usize, end: usize, text: &[u8]| {
+        let mut edited = Vec::with_capacity(body.len() + text.len());
+        edited.extend_from_slice(&body[..start]);
+        edited.extend_from_slice(text);
+        edited.extend_from_slice(&body[end..]);
+        edited
+    };
+    let edited = match request.stream_options {
+        None => splice(
+            open + 1,
+            open + 1,
+            br#""stream_options":{"include_usage":true},"#,
+        ),
+        Some(Value::Null) => {
+            let (top, _) = members(&STREAM_OPTIONS, body);
+            let options = top[0]?;
+            let (start, end) = trimmed(body, &options);
+            splice(start, end, br#"{"include_usage":true}"#)
+        }
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            Some(Value::Bool(true)) => return None,
+            Some(_) => {
+                // serde_json keeps the last of duplicate keys, and so do we.
+                let (_, nested) = members(&STREAM_OPTIONS, body);
+                let include = nested[0]?;
+                let (start, end) = trimmed(body, &include);
+                splice(start, end, b"true")
+            }
+            None => {
+                let (top, _) = members(&STREAM_OPTIONS, body);
+                let (start, _) = trimmed(body, &top[0]?);
+                if body.get(start) != Some(&b'{') {
+                    return None;
+                }
+                let text: &[u8] = if options.is_empty() {
+                    br#""include_usage":true"#
+                } else {
+                    br#""include_usage":true,"#
+                };
+                splice(start + 1, start + 1, text)
+            }
+        },
+        Some(_) => return None,
+    };
+    // The edit is small and structural, but a request must never be
+    // corrupted: check the result before it replaces what the client sent.
+    let check: StreamRequest = serde_json::from_slice(&edited).ok()?;
+    let asks = check
+        .stream_options
+        .as_ref()
+        .and_then(|options| options.get("include_usage"))
+        == Some(&Value::Bool(true));
+    asks.then_some(edited)
+}
+
+/// The span of a member's value without the whitespace around it.
+fn trimmed(json: &[u8], member: &Member) -> (usize, usize) {
+    let raw = &json[member.value_start..member.value_end];
+    let start = member.value_start + (raw.len() - skip_space(raw).len());
+    let end = member.value_start + trim_end(raw);
+    (start, end.max(start))
+}
+
+// ---------------------------------------------------------------------------
+
+/// The naive baseline for the `sse_scan` benchmark: the number of `\n\n`
+/// in `bytes`, found with memchr's SIMD substring search. No parser can
+/// find event boundaries faster than this.
+#[doc(hidden)]
+pub fn baseline_count_blank_lines(bytes: &[u8]) -> usize {
+    memmem::find_iter(bytes, b"\n\n").count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(watch: &'static Watch, json: &str) -> Vec<(Level, usize, String)> {
+        let mut found = Vec::new();
+        JsonWalker::new(watch, false).feed(json.as_bytes(), |member, _| {
+            found.push((
+                member.level,
+                member.key,
+                json[member.value_start..member.value_end].trim().to_owned(),
+            ));
+        });
+        found
+    }
+
+    #[test]
+    fn walker_reports_only_top_level_and_nested_members() {
+        let json = r#"{"a":{"usage":1},"usage" : {"x":[1,{"usage":2}]} ,"s":"\"usage\":3","response":{"model":"m","deep":{"usage":4}},"model":"top"}"#;
+        assert_eq!(
+            walk(&OPENAI_EVENT, json),
+            vec![
+                (Level::Top, USAGE, r#"{"x":[1,{"usage":2}]}"#.to_owned()),
+                (Level::Nested, MODEL, r#""m""#.to_owned()),
+                (Level::Top, MODEL, r#""top""#.to_owned()),
+            ]
+        );
+        // A root array, or a nested array, hides everything.
+        assert!(walk(&OPENAI_EVENT, r#"[{"usage":1}]"#).is_empty());
+        assert!(walk(&OPENAI_EVENT, r#"{"response":[{"usage":1}]}"#).is_empty());
+    }
+
+    #[test]
+    fn walker_captures_across_pieces() {
+        let json = br#"{"id":"x\"y","usage":{"prompt_tokens":12,"t":"a,}b"},"model":"gpt"}"#;
+        for cut in 0..=json.len() {
+            let mut walker = JsonWalker::new(&JSON_BODY, true);
+            let mut found = Vec::new();
+            for piece in [&json[..cut], &json[cut..]] {
+                walker.feed(piece, |member, captured| {
+                    found.push((
+                        member.key,
+                        String::from_utf8(captured.unwrap().to_vec()).unwrap(),
+                    ));
+                });
+            }
+            assert_eq!(
+                found,
+                vec![
+                    (USAGE, r#"{"prompt_tokens":12,"t":"a,}b"}"#.to_owned()),
+                    (MODEL, r#""gpt""#.to_owned()),
+                ],
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_captures_are_dropped() {
+        let big = "x".repeat(CAPTURE_LIMIT);
+        let json = format!(r#"{{"model":"{big}","usage":{{"prompt_tokens":1}}}}"#);
+        let mut walker = JsonWalker::new(&JSON_BODY, true);
+        let mut found = Vec::new();
+        walker.feed(json.as_bytes(), |member, captured| {
+            found.push((member.key, captured.is_some()))
+        });
+        assert_eq!(found, vec![(MODEL, false), (USAGE, true)]);
+    }
+
+    #[test]
+    fn usage_object_precheck() {
+        assert!(has_usage_object(br#"{"usage":{"a":1}}"#));
+        assert!(has_usage_object(
+            br#"{"usage" :
+ {"a":1}}"#
+        ));
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(!has_usage_object(br#"{"text":"\"usage\":{"}"#));
+        assert!(!has_usage_object(br#"{"type":"usage","x":{}}"#));
+    }
+
+    #[test]
+    fn member_cut_keeps_the_object_valid() {
+        let cases = [
+            (r#"{"a":1,"usage":null}"#, r#"{"a":1}"#),
+            (r#"{"a":1, "usage" : null }"#, r#"{"a":1 }"#),
+            (r#"{"usage":null,"a":1}"#, r#"{"a":1}"#),
+            (r#"{"usage": null, "a": 1}"#, r#"{"a": 1}"#),
+            (r#"{"a":1,"usage":null,"b":2}"#, r#"{"a":1,"b":2}"#),
+            (r#"{"usage":null}"#, r#"{}"#),
+        ];
+        for (json, expected) in cases {
+            let (top, _) = members(&CHUNK_EVENT, json.as_bytes());
+            let (start, end) = member_cut(json.as_bytes(), &top[0].unwrap());
+            let cut = format!("{}{}", &json[..start], &json[end..]);
+            assert_eq!(cut, expected, "{json}");
+            serde_json::from_str::<Value>(&cut).unwrap();
+        }
+    }
+
+    #[test]
+    fn sse_lines_in_every_framing() {
+        // \r\n, bare \r, comments, a multi-line data field, no final blank line.
+        let stream = "event: message_start\r\ndata: {\"type\":\"message_start\",\r\ndata: \"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\r\n\r\n: comment\r\rdata:{\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}";
+        for cut in 0..=stream.len() {
+            let mut scanner = UsageScanner::new(UsageFormat::Anthropic, true);
+            scanner.feed(&stream.as_bytes()[..cut]);
+            scanner.feed(&stream.as_bytes()[cut..]);
+            assert_eq!(
+                scanner.finish(),
+                Extracted {
+                    tokens: Some(TokenCounts {
+                        input: 3,
+                        output: 9,
+                        ..TokenCounts::default()
+                    }),
+                    model: Some("claude".to_owned()),
+                },
+                "cut at {cut}"
+            );
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Usage: the row every authenticated request becomes, the extractors that
+//! fill it in while bodies stream, pricing, and the recorder that gets it
+//! durably into the database.
+
+pub mod cost;
+pub mod event;
+pub mod extract;
+pub mod pricing;
+pub mod recorder;
+pub mod spool;
+
+pub use event::{CostSource, Outcome, UsageEvent};

@@ -1,0 +1,488 @@
+//! The recorder: every usage event, durably into the database, exactly once.
+//!
+//! ```text
+//! data plane ──record()──► channel ──► spooler: batch (batch_size | flush_interval),
+//!                                       append to the spool, fsync
+//!                                           │ (batch, position)
+//!                                           ▼
+//!                                       writer: Store::write_usage, then checkpoint
+//! ```
+//!
+//! A batch is acknowledged (checkpointed) only after the database committed
+//! it, and the database ignores ids it already has, so a batch can be
+//! written again at any time without double counting. That is what lets the
+//! writer simply retry, and lets start-up replay whatever the spool still
+//! holds.
+//!
+//! # Failure behaviour
+//! - Database down: batches keep going to the spool; the writer stops
+//!   keeping them in memory and, once the database answers again, drains
+//!   the spool from its checkpoint. Nothing is lost; memory stays bounded.
+//! - Spool full (`spool_max`) while the database is down: [`Recorder::accepting`]
+//!   turns false and the data plane answers 503 `metering_unavailable`
+//!   instead of serving unmetered requests (unless configured to accept).
+//! - Crash or SIGKILL: events not yet appended to the spool are lost; that
+//!   is at most the requests that finished within the last `flush_interval`.
+//!   Everything appended is replayed on the next start.
+//! - Spool write failure (disk full, I/O error): logged and counted; the
+//!   batch is retried, and the recorder reports itself not accepting so new
+//!   requests are refused rather than unmetered.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::store::{Store, StoreError};
+use crate::usage::spool::{Spool, SpoolError, SpoolPosition};
+use crate::usage::UsageEvent;
+
+/// How the recorder batches and where it spools.
+#[derive(Clone, Debug)]
+pub struct RecorderConfig {
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_max: u64,
+    /// Answer 503 `metering_unavailable` when the spool is full and the
+    /// database is down (true), or keep serving and let the spool grow past
+    /// `spool_max` (false).
+    pub reject_when_full: bool,
+}
+
+/// Batches the writer may hold in memory before it relies on the spool.
+const MAX_BATCHES_IN_MEMORY: usize = 16;
+
+/// Events queued for the spooler beyond which no new request is admitted:
+/// 16 batches, and at least 100,000 events (some 30 MB), so that a burst
+/// never trips it and only a stalled disk does.
+fn max_pending(batch_size: usize) -> u64 {
+    (batch_size as u64).saturating_mul(16).max(100_000)
+}
+/// How often a writer that is behind retries the database.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Counters the recorder publishes (for metrics and admission).
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    /// Events recorded but not yet in the spool.
+    pub pending: AtomicU64,
+    /// Bytes in the spool not yet checkpointed.
+    pub spool_bytes: AtomicU64,
+    pub rows_spooled: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub rows_replayed: AtomicU64,
+    pub write_failures: AtomicU64,
+    pub database_up: AtomicBool,
+    spool_full: AtomicBool,
+    spool_failing: AtomicBool,
+}
+
+/// The data plane's handle: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Recorder {
+    events: mpsc::UnboundedSender<UsageEvent>,
+    stats: Arc<RecorderStats>,
+    reject_when_full: bool,
+    max_pending: u64,
+}
+
+impl Recorder {
+    /// Queues one event. Never blocks and never fails while the recorder
+    /// runs; after shutdown began the event is logged as lost (the gateway
+    /// has stopped accepting requests by then).
+    pub fn record(&self, event: UsageEvent) {
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = self.events.send(event) {
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(message = "Usage event after recorder shutdown; it is lost.", id = %error.0.id);
+        }
+    }
+
+    /// Whether new requests may be served (false: 503 `metering_unavailable`).
+    ///
+    /// The queue in front of the spooler is bounded this way rather than by
+    /// a bounded channel: a request that was admitted must always get its
+    /// row, so `record` never waits and never drops; instead no new request
+    /// is admitted while the spooler is `max_pending` events behind (only a
+    /// stalled disk gets it there).
+    pub fn accepting(&self) -> bool {
+        if self.stats.spool_failing.load(Ordering::Relaxed)
+            || self.stats.pending.load(Ordering::Relaxed) >= self.max_pending
+        {
+            return false;
+        }
+        !(self.reject_when_full
+            && self.stats.spool_full.load(Ordering::Relaxed)
+            && !self.stats.database_up.load(Ordering::Relaxed))
+    }
+
+    pub fn stats(&self) -> &Arc<RecorderStats> {
+        &self.stats
+    }
+}
+
+/// The running recorder tasks.
+pub struct RecorderHandle {
+    recorder: Recorder,
+    close: oneshot::Sender<()>,
+    spooler: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+/// Why the recorder could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error("usage spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("replaying the usage spool: {0}")]
+    Replay(#[from] StoreError),
+    #[error("usage spool task failed: {0}")]
+    Task(String),
+}
+
+/// Opens the spool, replays what it holds into the database, and starts the
+/// recorder. Replay happens before this returns (so counters loaded after it
+/// include those rows); it fails if the database does not take them.
+pub async fn start(
+    config: RecorderConfig,
+    store: Arc<dyn Store>,
+) -> Result<RecorderHandle, RecorderError> {
+    let dir = config.spool_dir.clone();
+    let max = config.spool_max;
+    let (spool, pending) = blocking(move || Spool::open_counting(&dir, max)).await??;
+    let stats = Arc::new(RecorderStats::default());
+    stats.database_up.store(true, Ordering::Relaxed);
+    let spool = Arc::new(Mutex::new(spool));
+    if pending > 0 {
+        tracing::info!(message = "Replaying the usage spool.", rows = pending);
+        let mut written = None;
+        drain(&*store, &spool, &stats, &mut written, config.batch_size).await?;
+        let replayed = stats.rows_written.swap(0, Ordering::Relaxed);
+        stats.rows_replayed.fetch_add(replayed, Ordering::Relaxed);
+        tracing::info!(message = "Usage spool replayed.", rows = replayed);
+    }
+    publish_spool(&spool, &stats);
+
+    let (events, receiver) = mpsc::unbounded_channel();
+    let (close, closed) = oneshot::channel();
+    let (batches, batch_receiver) = mpsc::channel(MAX_BATCHES_IN_MEMORY);
+    let recorder = Recorder {
+        events,
+        stats: stats.clone(),
+        reject_when_full: config.reject_when_full,
+        max_pending: max_pending(config.batch_size),
+    };
+    let spooler = tokio::spawn(spooler(
+        receiver,
+        closed,
+        batches,
+        spool.clone(),
+        stats.clone(),
+        config.batch_size,
+        config.flush_interval,
+    ));
+    let writer = tokio::spawn(writer(
+        batch_receiver,
+        spool,
+        store,
+        stats,
+        config.batch_size,
+    ));
+    Ok(RecorderHandle {
+        recorder,
+        close,
+        spooler,
+        writer,
+    })
+}
+
+impl RecorderHandle {
+    pub fn recorder(&self) -> Recorder {
+        self.recorder.clone()
+    }
+
+    /// Flushes everything recorded so far and stops: every event is in the
+    /// spool, and in the database unless it is down (then the spool keeps
+    /// it for the next start). Call after the data plane stopped serving;
+    /// events recorded after this call are lost (and logged).
+    pub async fn shutdown(self) {
+        let RecorderHandle {
+            recorder,
+            close,
+            spooler,
+            writer,
+        } = self;
+        drop(recorder);
+        // The spooler closes its channel, spools what is buffered and ends;
+        // the writer ends when the spooler's batches stop.
+        let _ = close.send(());
+        if let Err(error) = spooler.await {
+            tracing::error!(message = "Usage spooler failed.", %error);
+        }
+        if let Err(error) = writer.await {
+            tracing::error!(message = "Usage writer failed.", %error);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RecorderError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|error| RecorderError::Task(error.to_string()))
+}
+
+fn publish_spool(spool: &Mutex<Spool>, stats: &RecorderStats) {
+    if let Ok(spool) = spool.lock() {
+        stats
+            .spool_bytes
+            .store(spool.pending_bytes(), Ordering::Relaxed);
+        stats.spool_full.store(spool.is_full(), Ordering::Relaxed);
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolError> {
+    spool.lock().map_err(|_| SpoolError::Poisoned)
+}
+
+/// Collects events into batches, appends each to the spool (fsync), and
+/// hands it to the writer. On `close` it stops taking new events, spools
+/// what is buffered, and ends.
+async fn spooler(
+    mut events: mpsc::UnboundedReceiver<UsageEvent>,
+    mut close: oneshot::Receiver<()>,
+    batches: mpsc::Sender<(Vec<UsageEvent>, SpoolPosition)>,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<RecorderStats>,
+    batch_size: usize,
+    flush_interval: Duration,
+) {
+    let mut closing = false;
+    loop {
+        // Wait for the first event of the next batch, then give the batch
+        // at most `flush_interval` to fill (no wait at all when closing).
+        let first = if closing {
+            events.recv().await
+        } else {
+            tokio::select! {
+                event = events.recv() => event,
+                _ = &mut close => {
+                    closing = true;
+                    events.close();
+                    events.recv().await
+                }
+            }
+        };
+        let Some(first) = first else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(batch_size.min(8192));
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + flush_interval;
+        while batch.len() < batch_size {
+            let next = if closing {
+                events.recv().await
+            } else {
+                tokio::select! {
+                    event = tokio::time::timeout_at(deadline, events.recv()) => match event {
+                        Ok(event) => event,
+                        Err(_) => break,
+                    },
+                    _ = &mut close => {
+                        closing = true;
+                        events.close();
+                        continue;
+                    }
+                }
+            };
+            match next {
+                Some(event) => batch.push(event),
+                None => break,
+            }
+        }
+        let count = batch.len() as u64;
+        let (batch, position) = append_until_done(&spool, &stats, batch).await;
+        stats.pending.fetch_sub(count, Ordering::Relaxed);
+        stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
+        // The writer may be slow (database down): `send` waits for room,
+        // which holds the next append back at most MAX_BATCHES_IN_MEMORY
+        // batches; the writer drops batches it can't keep (they are on disk).
+        if batches.send((batch, position)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Appends with retries: an event that was recorded must reach the spool.
+async fn append_until_done(
+    spool: &Arc<Mutex<Spool>>,
+    stats: &Arc<RecorderStats>,
+    batch: Vec<UsageEvent>,
+) -> (Vec<UsageEvent>, SpoolPosition) {
+    let mut batch = batch;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let spool_ref = spool.clone();
+        let attempt = blocking(move || {
+            let result = lock(&spool_ref).and_then(|mut spool| spool.append(&batch));
+            (batch, result)
+        })
+        .await;
+        match attempt {
+            Ok((returned, Ok(position))) => {
+                stats.spool_failing.store(false, Ordering::Relaxed);
+                publish_spool(spool, stats);
+                return (returned, position);
+            }
+            Ok((returned, Err(error))) => {
+                batch = returned;
+                stats.spool_failing.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    message = "Usage spool append failed; retrying. New requests are refused until it succeeds.",
+                    %error,
+                    rows = batch.len(),
+                );
+            }
+            Err(error) => {
+                // The blocking task itself died (a panic): the batch is gone
+                // with it. This is a bug; say so loudly.
+                tracing::error!(message = "Usage spool task died; a batch is lost.", %error);
+                let position = spool.lock().map(|s| s.end_position()).unwrap_or_default();
+                return (Vec::new(), position);
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Writes spooled batches to the database and checkpoints them; falls back
+/// to draining the spool from disk when it fell behind.
+async fn writer(
+    mut batches: mpsc::Receiver<(Vec<UsageEvent>, SpoolPosition)>,
+    spool: Arc<Mutex<Spool>>,
+    store: Arc<dyn Store>,
+    stats: Arc<RecorderStats>,
+    batch_size: usize,
+) {
+    // Everything up to `written` is in the database.
+    let mut written: Option<SpoolPosition> = None;
+    let mut behind = false;
+    loop {
+        if behind {
+            match drain(&*store, &spool, &stats, &mut written, batch_size).await {
+                Ok(()) => {
+                    behind = false;
+                    stats.database_up.store(true, Ordering::Relaxed);
+                    tracing::info!(message = "Usage writer caught up from the spool.");
+                }
+                Err(error) => {
+                    note_failure(&stats, &error);
+                    // Keep taking batches off the channel (they are on disk)
+                    // so the spooler never stalls, until it is time to retry.
+                    let retry = tokio::time::sleep(RETRY_INTERVAL);
+                    tokio::pin!(retry);
+                    loop {
+                        tokio::select! {
+                            () = &mut retry => break,
+                            received = batches.recv() => {
+                                if received.is_none() {
+                                    // Shutting down with the database away:
+                                    // one last attempt, then the spool keeps
+                                    // the rest for the next start.
+                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size).await;
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some((batch, position)) = batches.recv().await else {
+            return;
+        };
+        if written.as_ref().is_some_and(|done| position <= *done) {
+            continue; // already written while draining the spool
+        }
+        match store.write_usage(&batch).await {
+            Ok(_) => {
+                stats
+                    .rows_written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.database_up.store(true, Ordering::Relaxed);
+                checkpoint(&spool, &stats, position.clone()).await;
+                written = Some(position);
+            }
+            Err(error) => {
+                note_failure(&stats, &error);
+                behind = true;
+            }
+        }
+    }
+}
+
+fn note_failure(stats: &RecorderStats, error: &StoreError) {
+    stats.write_failures.fetch_add(1, Ordering::Relaxed);
+    if stats.database_up.swap(false, Ordering::Relaxed) {
+        tracing::warn!(
+            message = "Usage write failed; rows stay in the spool until the database answers.",
+            %error,
+        );
+    }
+}
+
+/// Writes everything in the spool after `written`, batch by batch.
+async fn drain(
+    store: &dyn Store,
+    spool: &Arc<Mutex<Spool>>,
+    stats: &Arc<RecorderStats>,
+    written: &mut Option<SpoolPosition>,
+    batch_size: usize,
+) -> Result<(), StoreError> {
+    loop {
+        let after = written.clone();
+        let spool_ref = spool.clone();
+        let read = blocking(move || {
+            lock(&spool_ref).and_then(|spool| spool.read_pending(after.as_ref(), batch_size))
+        })
+        .await;
+        let (events, position) = match read {
+            Ok(Ok(read)) => read,
+            Ok(Err(error)) => return Err(StoreError::Corrupt(format!("usage spool: {error}"))),
+            Err(error) => return Err(StoreError::Corrupt(error.to_string())),
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        store.write_usage(&events).await?;
+        stats
+            .rows_written
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        checkpoint(spool, stats, position.clone()).await;
+        *written = Some(position);
+    }
+}
+
+async fn checkpoint(
+    spool: &Arc<Mutex<Spool>>,
+    stats: &Arc<RecorderStats>,
+    position: SpoolPosition,
+) {
+    let spool_ref = spool.clone();
+    let result =
+        blocking(move || lock(&spool_ref).and_then(|mut spool| spool.checkpoint(position))).await;
+    match result {
+        Ok(Ok(())) => publish_spool(spool, stats),
+        // A failed checkpoint only means those rows may be written again
+        // after a restart, which the database ignores.
+        Ok(Err(error)) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
+        Err(error) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
+    }
+}

@@ -1,0 +1,416 @@
+//! Metering on the data plane: one usage event per authenticated request.
+//!
+//! A [`UsageGuard`] is made as soon as the key is known. It is finished in
+//! exactly one of three places: by [`crate::pipeline::Gateway::handle`]
+//! when the gateway answers with its own error, by [`MeteredBody`] when the
+//! upstream's body ends or fails, or by its own `Drop` when the client goes
+//! away first (outcome `client_closed`, with what was streamed so far). So
+//! every request that presented a valid key yields exactly one row, and the
+//! bytes and tokens in it are the ones that actually passed.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use time::OffsetDateTime;
+use tollgate_metering::cache::Authenticated;
+use tollgate_metering::usage::cost::parse_usd_to_nanos;
+use tollgate_metering::usage::extract::{TokenCounts, UsageChunkFilter, UsageScanner};
+use tollgate_metering::usage::pricing::Pricing;
+use tollgate_metering::usage::recorder::Recorder;
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use uuid::Uuid;
+
+use crate::body::BoxError;
+
+/// What metering needs that is the same for every request.
+pub struct Metering {
+    pub recorder: Recorder,
+    /// `usage_events.instance` of every row this process records.
+    pub instance: String,
+    pub pricing: Pricing,
+    /// Cost headers that were present but unusable (garbage, negative, …).
+    pub bad_cost_headers: AtomicU64,
+}
+
+impl Metering {
+    pub fn new(recorder: Recorder, instance: String, pricing: Pricing) -> Metering {
+        Metering {
+            recorder,
+            instance,
+            pricing,
+            bad_cost_headers: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Where a route's usage comes from (the route's config).
+#[derive(Clone, Debug, Default)]
+pub struct RouteUsage {
+    pub format: tollgate_metering::usage::extract::UsageFormat,
+    pub cost_header: Option<HeaderName>,
+    pub input_tokens_header: Option<HeaderName>,
+    pub output_tokens_header: Option<HeaderName>,
+}
+
+/// The one usage event of a request, finished exactly once.
+pub struct UsageGuard {
+    event: Option<UsageEvent>,
+    recorder: Recorder,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+}
+
+impl UsageGuard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        metering: &Metering,
+        id: Uuid,
+        client_request_id: Option<String>,
+        caller: &Authenticated,
+        route: &str,
+        method: &http::Method,
+        path: &str,
+        started: Instant,
+        ts: OffsetDateTime,
+    ) -> UsageGuard {
+        UsageGuard {
+            event: Some(UsageEvent {
+                id,
+                client_request_id,
+                ts,
+                customer_id: caller.customer_id,
+                key_id: caller.key_id,
+                instance: metering.instance.clone(),
+                route: route.to_owned(),
+                method: method.as_str().to_owned(),
+                path: path.to_owned(),
+                status: 0,
+                outcome: Outcome::ClientClosed,
+                latency_us: 0,
+                upstream_latency_us: 0,
+                request_bytes: 0,
+                response_bytes: 0,
+                model: None,
+                input_tokens: 0,
+                output_tokens: 0,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+                cost_nanos: 0,
+                cost_source: CostSource::None,
+            }),
+            recorder: metering.recorder.clone(),
+            started,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The counter the request body adds to as it streams upstream.
+    pub fn request_bytes(&self) -> Arc<AtomicU64> {
+        self.request_bytes.clone()
+    }
+
+    pub fn set_status(&mut self, status: u16) {
+        if let Some(event) = &mut self.event {
+            event.status = status;
+        }
+    }
+
+    pub fn set_upstream_latency(&mut self, since_start: std::time::Duration) {
+        if let Some(event) = &mut self.event {
+            event.upstream_latency_us = micros(since_start);
+        }
+    }
+
+    fn event_mut(&mut self) -> Option<&mut UsageEvent> {
+        self.event.as_mut()
+    }
+
+    /// Records the event with `outcome` (and `status`, when the gateway
+    /// answered itself).
+    pub fn finish(mut self, outcome: Outcome, status: Option<u16>) {
+        self.emit(outcome, status);
+    }
+
+    /// Drops the event without a row (503 `metering_unavailable`).
+    pub fn discard(mut self) {
+        self.event = None;
+    }
+
+    fn emit(&mut self, outcome: Outcome, status: Option<u16>) {
+        let Some(mut event) = self.event.take() else {
+            return;
+        };
+        event.outcome = outcome;
+        if let Some(status) = status {
+            event.status = status;
+        }
+        event.latency_us = micros(self.started.elapsed());
+        event.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.recorder.record(event);
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        // Not finished by the pipeline or the body: the client went away.
+        self.emit(Outcome::ClientClosed, None);
+    }
+}
+
+fn micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Usage facts available from the upstream's response headers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeaderUsage {
+    /// A valid cost header, in nano-USD.
+    pub cost_nanos: Option<i64>,
+    /// The header was present but not a usable cost (garbage, negative, …).
+    pub bad_cost_header: bool,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl HeaderUsage {
+    pub fn read(headers: &HeaderMap, usage: &RouteUsage) -> HeaderUsage {
+        let text = |name: &Option<HeaderName>| {
+            name.as_ref()
+                .and_then(|name| headers.get(name))
+                .and_then(|value| value.to_str().ok())
+                .map(str::trim)
+        };
+        let mut found = HeaderUsage::default();
+        if let Some(cost) = text(&usage.cost_header) {
+            match parse_usd_to_nanos(cost) {
+                Ok(nanos) => found.cost_nanos = Some(nanos),
+                Err(_) => found.bad_cost_header = true,
+            }
+        }
+        found.input_tokens = text(&usage.input_tokens_header).and_then(|t| t.parse().ok());
+        found.output_tokens = text(&usage.output_tokens_header).and_then(|t| t.parse().ok());
+        found
+    }
+}
+
+/// The upstream's response body on its way to the client: counted, scanned
+/// for usage, optionally filtered (the hidden usage chunk), and the usage
+/// event finished when it ends, fails or is dropped.
+pub struct MeteredBody {
+    inner: Incoming,
+    meter: Box<Meter>,
+    /// The event is recorded and nothing is left to send.
+    done: bool,
+}
+
+impl std::fmt::Debug for MeteredBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredBody")
+            .field("response_bytes", &self.meter.response_bytes)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Meter {
+    guard: UsageGuard,
+    scanner: Option<UsageScanner>,
+    filter: Option<UsageChunkFilter>,
+    headers: HeaderUsage,
+    metering: Arc<Metering>,
+    response_bytes: u64,
+}
+
+impl MeteredBody {
+    /// Wraps the upstream's body. A body that is already complete (HEAD,
+    /// 204, 304, an empty 200) is recorded at once: the server never polls
+    /// such a body, so waiting for its end would wait forever.
+    pub fn new(
+        inner: Incoming,
+        guard: UsageGuard,
+        scanner: Option<UsageScanner>,
+        filter: Option<UsageChunkFilter>,
+        headers: HeaderUsage,
+        metering: Arc<Metering>,
+    ) -> MeteredBody {
+        let mut body = MeteredBody {
+            inner,
+            meter: Box::new(Meter {
+                guard,
+                scanner,
+                filter,
+                headers,
+                metering,
+                response_bytes: 0,
+            }),
+            done: false,
+        };
+        if body.inner.is_end_stream() {
+            body.meter.finish(Outcome::Ok);
+            body.done = true;
+        }
+        body
+    }
+}
+
+impl Meter {
+    /// Fills tokens, model and cost into the event (from what was seen so far).
+    fn settle(&mut self) {
+        let extracted = self.scanner.as_ref().map(UsageScanner::finish);
+        let headers = self.headers;
+        let response_bytes = self.response_bytes;
+        let pricing = &self.metering.pricing;
+        let Some(event) = self.guard.event_mut() else {
+            return;
+        };
+        event.response_bytes = response_bytes;
+        let mut tokens = TokenCounts::default();
+        if let Some(extracted) = extracted {
+            if let Some(found) = extracted.tokens {
+                tokens = found;
+            }
+            event.model = extracted.model;
+        }
+        if let Some(input) = headers.input_tokens {
+            tokens.input = input;
+        }
+        if let Some(output) = headers.output_tokens {
+            tokens.output = output;
+        }
+        event.input_tokens = tokens.input;
+        event.output_tokens = tokens.output;
+        event.cache_read_tokens = tokens.cache_read;
+        event.cache_write_tokens = tokens.cache_write;
+        // Cost precedence: the upstream's header, else the pricing table ×
+        // tokens, else zero.
+        let priced = event
+            .model
+            .as_deref()
+            .and_then(|model| pricing.cost_nanos(model, &tokens));
+        (event.cost_nanos, event.cost_source) = match (headers.cost_nanos, priced) {
+            (Some(nanos), _) => (nanos, CostSource::Header),
+            (None, Some(nanos)) => (nanos, CostSource::Pricing),
+            (None, None) => (0, CostSource::None),
+        };
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.settle();
+        self.guard.emit(outcome, None);
+    }
+
+    /// Scans, filters and counts one chunk on its way to the client.
+    fn pass(&mut self, data: Bytes) -> Bytes {
+        if let Some(scanner) = &mut self.scanner {
+            scanner.feed(&data);
+        }
+        let data = match &mut self.filter {
+            Some(filter) => Bytes::from(filter.feed(&data)),
+            None => data,
+        };
+        self.response_bytes += data.len() as u64;
+        data
+    }
+
+    /// What the filter still holds at the end of the body.
+    fn flush(&mut self) -> Bytes {
+        let rest = match &mut self.filter {
+            Some(filter) => Bytes::from(filter.finish()),
+            None => Bytes::new(),
+        };
+        self.response_bytes += rest.len() as u64;
+        rest
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away mid-body. Settle
+        // with what passed, then the guard records client_closed.
+        if self.guard.event.is_some() {
+            self.settle();
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let rest = this.meter.flush();
+                    this.meter.finish(Outcome::Ok);
+                    this.done = true;
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.meter.finish(Outcome::UpstreamError);
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(error))));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                // Trailers pass as they are.
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            };
+            let mut data = this.meter.pass(data);
+            // The server stops polling once the body says it has ended, so
+            // the last chunk is also where the event is finished.
+            if this.inner.is_end_stream() {
+                let rest = this.meter.flush();
+                if !rest.is_empty() {
+                    let mut joined = Vec::with_capacity(data.len() + rest.len());
+                    joined.extend_from_slice(&data);
+                    joined.extend_from_slice(&rest);
+                    data = Bytes::from(joined);
+                }
+                this.meter.finish(Outcome::Ok);
+                this.done = true;
+                if data.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if data.is_empty() {
+                // The filter held everything back (an incomplete event, or
+                // the hidden usage chunk): nothing to send yet.
+                continue;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done {
+            SizeHint::with_exact(0)
+        } else if self.meter.filter.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

@@ -1,0 +1,725 @@
+//! `Store::write_usage`, run with the same bodies against a real SQLite file
+//! and a real Postgres database (one fresh database per test; see
+//! `tollgate_store::testing` for the server they use).
+//!
+//! Expected values are computed here, in Rust, from the events written and
+//! compared with what the database holds, read back as text so that both
+//! backends are held to the same output.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::format_description::FormatItem;
+use time::macros::{datetime, format_description};
+use time::{Date, Month, OffsetDateTime, UtcOffset};
+use tollgate_metering::store::{Store, StoreError};
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_store::testing::{test_store, Backend, TestGuard};
+use uuid::Uuid;
+
+/// Generates `sqlite::NAME` and `postgres::NAME` for each body `NAME(Backend)`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    rows_round_trip_column_by_column,
+    replayed_rows_are_skipped_and_not_counted_again,
+    daily_rollups_match_the_rows,
+    rows_either_side_of_midnight_utc_land_on_two_days,
+    an_empty_batch_writes_nothing,
+    out_of_range_values_saturate_instead_of_failing,
+    two_stores_writing_the_same_batch_count_it_once,
+);
+
+const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
+
+/// The `ts` text format of SPEC §5, written independently of the store.
+const TS_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+const DAY_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day]");
+
+/// A plain admitted row; tests change what they need.
+fn event(customer: CustomerId, key: KeyId, ts: OffsetDateTime) -> UsageEvent {
+    UsageEvent {
+        id: Uuid::now_v7(),
+        client_request_id: None,
+        ts,
+        customer_id: customer,
+        key_id: key,
+        instance: "gw-1".to_owned(),
+        route: "openai".to_owned(),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        status: 200,
+        outcome: Outcome::Ok,
+        latency_us: 1_500,
+        upstream_latency_us: 1_200,
+        request_bytes: 300,
+        response_bytes: 900,
+        model: Some("gpt-4o".to_owned()),
+        input_tokens: 10,
+        output_tokens: 20,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_nanos: 1_000,
+        cost_source: CostSource::Pricing,
+    }
+}
+
+/// `n` varied rows over two customers (each with a key), two routes, two
+/// models and none, every outcome, some 5xx, cache tokens and costs, spread
+/// over a few hours from `start`.
+fn varied(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
+    let customers = [
+        (CustomerId::new(), KeyId::new()),
+        (CustomerId::new(), KeyId::new()),
+    ];
+    (0..n)
+        .map(|i| {
+            let (customer, key) = customers[i % 2];
+            let mut e = event(
+                customer,
+                key,
+                start + Duration::from_millis(i as u64 * 61_003),
+            );
+            let k = i as u64;
+            e.route = ["openai", "anthropic"][i % 3 % 2].to_owned();
+            e.model = match i % 5 {
+                0 | 3 => Some("gpt-4o".to_owned()),
+                1 => Some("claude-sonnet-4".to_owned()),
+                _ => None,
+            };
+            e.outcome = Outcome::ALL[i % Outcome::ALL.len()];
+            e.status = match e.outcome {
+                Outcome::Ok if i % 4 == 0 => 503,
+                Outcome::Ok => 200,
+                Outcome::UpstreamError => 502,
+                Outcome::UpstreamTimeout => 504,
+                Outcome::ClientClosed => 0,
+                Outcome::RateLimited | Outcome::QuotaExceeded | Outcome::BudgetExceeded => 429,
+                Outcome::RouteForbidden => 403,
+                Outcome::PayloadTooLarge => 413,
+            };
+            e.client_request_id = (i % 3 == 0).then(|| format!("client-{i}"));
+            e.latency_us = 1_000 + k * 7;
+            e.upstream_latency_us = k * 5;
+            e.request_bytes = 100 + k;
+            e.response_bytes = 1_000 + k * 3;
+            e.input_tokens = k * 11;
+            e.output_tokens = k * 13;
+            e.cache_read_tokens = k % 4 * 100;
+            e.cache_write_tokens = k % 6 * 10;
+            e.cost_nanos = 1_000_003 * k as i64 - 7;
+            e.cost_source = [CostSource::Pricing, CostSource::Header, CostSource::None][i % 3];
+            e
+        })
+        .collect()
+}
+
+/// Runs `sql` on the test database directly, returning every row as text.
+async fn raw(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
+    match guard {
+        TestGuard::Sqlite(db) => {
+            let conn = rusqlite::Connection::open(db.path()).unwrap();
+            conn.busy_timeout(Duration::from_secs(5)).unwrap();
+            let mut statement = conn.prepare(sql).unwrap();
+            let columns = statement.column_count();
+            let mut rows = statement.query([]).unwrap();
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().unwrap() {
+                out.push(
+                    (0..columns)
+                        .map(|i| match row.get::<_, rusqlite::types::Value>(i).unwrap() {
+                            rusqlite::types::Value::Null => None,
+                            rusqlite::types::Value::Integer(n) => Some(n.to_string()),
+                            rusqlite::types::Value::Real(x) => Some(format!("real:{x}")),
+                            rusqlite::types::Value::Text(text) => Some(text),
+                            rusqlite::types::Value::Blob(bytes) => {
+                                Some(format!("blob:{}", bytes.len()))
+                            }
+                        })
+                        .collect(),
+                );
+            }
+            out
+        }
+        TestGuard::Postgres(db) => {
+            let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            let mut out = Vec::new();
+            for message in client.simple_query(sql).await.unwrap() {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                    out.push(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(str::to_owned))
+                            .collect(),
+                    );
+                }
+            }
+            drop(client);
+            let _ = driver.await;
+            out
+        }
+    }
+}
+
+/// `raw`, sorted (Postgres collations and SQLite order text differently).
+async fn sorted(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
+    let mut rows = raw(guard, sql).await;
+    rows.sort();
+    rows
+}
+
+/// Every column of `usage_events`, as SPEC §5 text in both backends.
+fn events_sql(backend: Backend) -> String {
+    let ts = match backend {
+        Backend::Sqlite => "ts",
+        Backend::Postgres => r#"to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
+    };
+    format!(
+        "SELECT id, client_request_id, {ts}, customer_id, key_id, instance, route, method, \
+         path, status, outcome, latency_us, upstream_latency_us, request_bytes, \
+         response_bytes, model, input_tokens, output_tokens, cache_read_tokens, \
+         cache_write_tokens, cost_nanos, cost_source FROM usage_events"
+    )
+}
+
+fn expected_event(e: &UsageEvent) -> Vec<Option<String>> {
+    let ts = e.ts.to_offset(UtcOffset::UTC).format(TS_FORMAT).unwrap();
+    let text = |s: &str| Some(s.to_owned());
+    vec![
+        Some(e.id.hyphenated().to_string()),
+        e.client_request_id.clone(),
+        Some(ts),
+        Some(e.customer_id.to_string()),
+        Some(e.key_id.to_string()),
+        text(&e.instance),
+        text(&e.route),
+        text(&e.method),
+        text(&e.path),
+        Some(e.status.to_string()),
+        text(e.outcome.as_str()),
+        Some(e.latency_us.to_string()),
+        Some(e.upstream_latency_us.to_string()),
+        Some(e.request_bytes.to_string()),
+        Some(e.response_bytes.to_string()),
+        e.model.clone(),
+        Some(e.input_tokens.to_string()),
+        Some(e.output_tokens.to_string()),
+        Some(e.cache_read_tokens.to_string()),
+        Some(e.cache_write_tokens.to_string()),
+        Some(e.cost_nanos.to_string()),
+        text(e.cost_source.as_str()),
+    ]
+}
+
+fn expected_events<'a>(
+    events: impl IntoIterator<Item = &'a UsageEvent>,
+) -> Vec<Vec<Option<String>>> {
+    let mut rows: Vec<_> = events.into_iter().map(expected_event).collect();
+    rows.sort();
+    rows
+}
+
+/// `usage_daily`, every column, as text.
+fn daily_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => {
+            "SELECT day, customer_id, key_id, route, model, requests, rejected, errors, \
+             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+             request_bytes, response_bytes, cost_nanos FROM usage_daily"
+        }
+        Backend::Postgres => {
+            "SELECT to_char(day, 'YYYY-MM-DD'), customer_id, key_id, route, model, requests, \
+             rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
+             cache_write_tokens, request_bytes, response_bytes, cost_nanos FROM usage_daily"
+        }
+    }
+}
+
+/// What `usage_daily` must hold for `events` (SPEC §5), computed in Rust.
+fn expected_daily<'a>(
+    events: impl IntoIterator<Item = &'a UsageEvent>,
+) -> Vec<Vec<Option<String>>> {
+    let mut groups: BTreeMap<[String; 5], [i128; 10]> = BTreeMap::new();
+    for e in events {
+        let day =
+            e.ts.to_offset(UtcOffset::UTC)
+                .date()
+                .format(DAY_FORMAT)
+                .unwrap();
+        let key = [
+            day,
+            e.customer_id.to_string(),
+            e.key_id.to_string(),
+            e.route.clone(),
+            e.model.clone().unwrap_or_default(),
+        ];
+        let sums = groups.entry(key).or_default();
+        let rejected = e.outcome.is_rejected();
+        sums[0] += i128::from(!rejected);
+        sums[1] += i128::from(rejected);
+        sums[2] += i128::from(e.is_error());
+        sums[3] += i128::from(e.input_tokens);
+        sums[4] += i128::from(e.output_tokens);
+        sums[5] += i128::from(e.cache_read_tokens);
+        sums[6] += i128::from(e.cache_write_tokens);
+        sums[7] += i128::from(e.request_bytes);
+        sums[8] += i128::from(e.response_bytes);
+        sums[9] += i128::from(e.cost_nanos);
+    }
+    let mut rows: Vec<Vec<Option<String>>> = groups
+        .into_iter()
+        .map(|(key, sums)| {
+            key.into_iter()
+                .chain(sums.iter().map(i128::to_string))
+                .map(Some)
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// `usage_daily` recomputed by SQL from `usage_events`; the outcome lists
+/// come from `Outcome`, the error rule is SPEC §5's.
+fn regrouped_sql(backend: Backend) -> String {
+    let list = |outcomes: Vec<Outcome>| {
+        outcomes
+            .iter()
+            .map(|o| format!("'{}'", o.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rejected = list(
+        Outcome::ALL
+            .into_iter()
+            .filter(|o| o.is_rejected())
+            .collect(),
+    );
+    let day = match backend {
+        Backend::Sqlite => "substr(ts, 1, 10)",
+        Backend::Postgres => "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    };
+    format!(
+        "SELECT {day}, customer_id, key_id, route, COALESCE(model, ''), \
+         count(*) FILTER (WHERE outcome NOT IN ({rejected})), \
+         count(*) FILTER (WHERE outcome IN ({rejected})), \
+         count(*) FILTER (WHERE outcome NOT IN ({rejected}) \
+             AND (outcome IN ('upstream_error', 'upstream_timeout') OR status >= 500)), \
+         sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), \
+         sum(cache_write_tokens), sum(request_bytes), sum(response_bytes), sum(cost_nanos) \
+         FROM usage_events GROUP BY 1, 2, 3, 4, 5"
+    )
+}
+
+// ---- bodies ------------------------------------------------------------------
+
+async fn rows_round_trip_column_by_column(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let acme = (CustomerId::new(), KeyId::new());
+    let globex = (CustomerId::new(), KeyId::new());
+
+    let mut ok = event(acme.0, acme.1, T0);
+    ok.client_request_id = Some("req-from-client-1".to_owned());
+    ok.cache_read_tokens = 1_024;
+    ok.cache_write_tokens = 2_048;
+    ok.cost_nanos = 123_456_789;
+
+    let mut anthropic = event(acme.0, acme.1, T0 + Duration::from_micros(1));
+    anthropic.route = "anthropic".to_owned();
+    anthropic.path = "/v1/messages".to_owned();
+    anthropic.model = Some("claude-sonnet-4".to_owned());
+    anthropic.cost_source = CostSource::Header;
+
+    let mut rejected = event(
+        globex.0,
+        globex.1,
+        datetime!(2026-11-22 09:30:00.000001 +01:00),
+    );
+    rejected.outcome = Outcome::RateLimited;
+    rejected.status = 429;
+    rejected.model = None;
+    rejected.upstream_latency_us = 0;
+    rejected.response_bytes = 120;
+    rejected.input_tokens = 0;
+    rejected.output_tokens = 0;
+    rejected.cost_nanos = 0;
+    rejected.cost_source = CostSource::None;
+
+    let mut upstream_error = event(globex.0, globex.1, T0 + Duration::from_secs(3));
+    upstream_error.outcome = Outcome::UpstreamError;
+    upstream_error.status = 502;
+    upstream_error.model = None;
+
+    let mut unavailable = event(globex.0, globex.1, T0 + Duration::from_secs(4));
+    unavailable.status = 503;
+    unavailable.instance = "gw-2".to_owned();
+    unavailable.method = "GET".to_owned();
+
+    let mut closed = event(acme.0, acme.1, T0 + Duration::from_secs(5));
+    closed.outcome = Outcome::ClientClosed;
+    closed.status = 0;
+    closed.latency_us = u64::from(u32::MAX) + 1;
+
+    let batch = vec![ok, anthropic, rejected, upstream_error, unavailable, closed];
+    assert_eq!(store.write_usage(&batch).await.unwrap(), 6);
+
+    let stored = sorted(&guard, &events_sql(backend)).await;
+    assert_eq!(stored, expected_events(&batch));
+    // The encodings SPEC §5 names, spelled out once.
+    let row = stored
+        .iter()
+        .find(|row| row[0].as_deref() == Some(&*batch[2].id.to_string()))
+        .unwrap();
+    assert_eq!(row[2].as_deref(), Some("2026-11-22T08:30:00.000001Z"));
+    assert_eq!(row[0], row[0].as_ref().map(|id| id.to_lowercase()));
+    assert_eq!(row[15], None, "no model is NULL in usage_events");
+}
+
+async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let first = varied(40, T0);
+    assert_eq!(store.write_usage(&first).await.unwrap(), 40);
+    let daily = sorted(&guard, daily_sql(backend)).await;
+    assert_eq!(daily, expected_daily(&first));
+
+    // The same batch again: nothing new, nothing counted.
+    assert_eq!(store.write_usage(&first).await.unwrap(), 0);
+    assert_eq!(sorted(&guard, daily_sql(backend)).await, daily);
+    assert_eq!(
+        raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
+        Some("40")
+    );
+
+    // Half old, half new (with the same customers): only the new half is
+    // inserted and added.
+    let mut more = varied(40, T0 + Duration::from_secs(3_600));
+    for (i, e) in more.iter_mut().enumerate() {
+        e.customer_id = first[i % 2].customer_id;
+        e.key_id = first[i % 2].key_id;
+    }
+    let overlapping: Vec<UsageEvent> = first[20..].iter().chain(&more[..20]).cloned().collect();
+    assert_eq!(store.write_usage(&overlapping).await.unwrap(), 20);
+    let written: Vec<&UsageEvent> = first.iter().chain(&more[..20]).collect();
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(written.iter().copied())
+    );
+    assert_eq!(
+        sorted(&guard, &events_sql(backend)).await,
+        expected_events(written.iter().copied())
+    );
+
+    // A batch holding the same id twice writes and counts it once (the
+    // first occurrence).
+    let mut twice = more[20].clone();
+    twice.input_tokens = 999_999;
+    let batch = vec![more[20].clone(), twice, more[21].clone()];
+    assert_eq!(store.write_usage(&batch).await.unwrap(), 2);
+    let written: Vec<&UsageEvent> = written.into_iter().chain(&more[20..22]).collect();
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(written.iter().copied())
+    );
+    assert_eq!(
+        sorted(&guard, &events_sql(backend)).await,
+        expected_events(written.iter().copied())
+    );
+}
+
+async fn daily_rollups_match_the_rows(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    // Over two days, in three batches.
+    let events = varied(900, datetime!(2026-11-21 20:00 UTC));
+    let mut written = 0;
+    for batch in events.chunks(300) {
+        written += store.write_usage(batch).await.unwrap();
+    }
+    assert_eq!(written, 900);
+
+    let daily = sorted(&guard, daily_sql(backend)).await;
+    let expected = expected_daily(&events);
+    assert_eq!(daily, expected);
+    // Something to compare: both days, both customers, both routes, no
+    // model, rejections and errors.
+    let days: std::collections::BTreeSet<_> = daily.iter().map(|row| row[0].clone()).collect();
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert!(daily.iter().any(|row| row[4].as_deref() == Some("")));
+    let total = |column: usize| -> i64 {
+        daily
+            .iter()
+            .map(|row| row[column].as_deref().unwrap().parse::<i64>().unwrap())
+            .sum()
+    };
+    assert_eq!(total(5) + total(6), 900, "requests + rejected = rows");
+    assert_eq!(total(6), 500, "5 of the 9 outcomes are rejections");
+    assert_eq!(
+        total(7) as usize,
+        events.iter().filter(|e| e.is_error()).count()
+    );
+    assert!(total(7) > 200, "upstream errors, timeouts and 503s");
+
+    // And SQL agrees, from usage_events alone.
+    assert_eq!(sorted(&guard, &regrouped_sql(backend)).await, daily);
+}
+
+async fn rows_either_side_of_midnight_utc_land_on_two_days(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let (customer, key) = (CustomerId::new(), KeyId::new());
+    let batch = vec![
+        event(customer, key, datetime!(2026-11-30 23:59:59.999999 UTC)),
+        // 23:30 UTC, though it is already December at +02:00.
+        event(customer, key, datetime!(2026-12-01 01:30 +02:00)),
+        event(customer, key, datetime!(2026-12-01 00:00 UTC)),
+    ];
+    assert_eq!(store.write_usage(&batch).await.unwrap(), 3);
+    let days: Vec<(Option<String>, Option<String>)> = sorted(&guard, daily_sql(backend))
+        .await
+        .into_iter()
+        .map(|row| (row[0].clone(), row[5].clone()))
+        .collect();
+    assert_eq!(
+        days,
+        [
+            (Some("2026-11-30".to_owned()), Some("2".to_owned())),
+            (Some("2026-12-01".to_owned()), Some("1".to_owned())),
+        ]
+    );
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(&batch)
+    );
+}
+
+async fn an_empty_batch_writes_nothing(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    assert_eq!(store.write_usage(&[]).await.unwrap(), 0);
+    assert_eq!(
+        raw(&guard, "SELECT count(*) FROM usage_daily").await[0][0].as_deref(),
+        Some("0")
+    );
+}
+
+async fn out_of_range_values_saturate_instead_of_failing(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let (customer, key) = (CustomerId::new(), KeyId::new());
+    let huge = |ts| {
+        let mut e = event(customer, key, ts);
+        e.input_tokens = u64::MAX;
+        e.response_bytes = i64::MAX as u64 + 1;
+        e.cost_nanos = i64::MAX;
+        // Postgres text cannot hold NUL; a model name from a body can.
+        e.model = Some("gpt\0x".to_owned());
+        e
+    };
+    // Two in one batch and one more later: both the batch's sum and the
+    // upsert's addition overflow.
+    let batch = [huge(T0), huge(T0 + Duration::from_secs(1))];
+    assert_eq!(store.write_usage(&batch).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .write_usage(&[huge(T0 + Duration::from_secs(2))])
+            .await
+            .unwrap(),
+        1
+    );
+    let max = i64::MAX.to_string();
+    let events = raw(
+        &guard,
+        "SELECT input_tokens, response_bytes, cost_nanos, model FROM usage_events",
+    )
+    .await;
+    assert_eq!(events.len(), 3);
+    for row in events {
+        assert_eq!(
+            row,
+            [
+                Some(max.clone()),
+                Some(max.clone()),
+                Some(max.clone()),
+                Some("gpt\u{FFFD}x".to_owned())
+            ]
+        );
+    }
+    let daily = raw(
+        &guard,
+        "SELECT requests, input_tokens, response_bytes, cost_nanos, model FROM usage_daily",
+    )
+    .await;
+    assert_eq!(
+        daily,
+        [[
+            Some("3".to_owned()),
+            Some(max.clone()),
+            Some(max.clone()),
+            Some(max.clone()),
+            Some("gpt\u{FFFD}x".to_owned())
+        ]]
+    );
+}
+
+async fn two_stores_writing_the_same_batch_count_it_once(backend: Backend) {
+    // Two gateways replaying the same spool at once.
+    let (a, guard) = test_store(backend).await;
+    let b = tollgate_store::open(guard.url(), 2).await.unwrap();
+    let batch = varied(500, T0);
+    let (ra, rb) = tokio::join!(a.write_usage(&batch), b.write_usage(&batch));
+    assert_eq!(ra.unwrap() + rb.unwrap(), 500);
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(&batch)
+    );
+}
+
+// ---- one backend ---------------------------------------------------------------
+
+/// The first day of the month `months` after (or before) `day`'s.
+fn month_offset(day: Date, months: i32) -> Date {
+    let index = day.year() * 12 + i32::from(u8::from(day.month())) - 1 + months;
+    let month = Month::try_from(u8::try_from(index.rem_euclid(12) + 1).unwrap()).unwrap();
+    Date::from_calendar_date(index.div_euclid(12), month, 1).unwrap()
+}
+
+fn partition_name(month: Date) -> String {
+    format!(
+        "usage_events_{:04}_{:02}",
+        month.year(),
+        u8::from(month.month())
+    )
+}
+
+async fn partitions(guard: &TestGuard) -> Vec<String> {
+    raw(
+        guard,
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'usage_events'::regclass ORDER BY 1",
+    )
+    .await
+    .into_iter()
+    .map(|row| row[0].clone().unwrap())
+    .collect()
+}
+
+mod postgres_only {
+    use super::*;
+    use tollgate_store::PostgresStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_are_made_at_migrate_and_on_demand() {
+        let (store, guard) = test_store(Backend::Postgres).await;
+        let this_month = OffsetDateTime::now_utc().date();
+        let ahead: Vec<String> = (0..3)
+            .map(|n| partition_name(month_offset(this_month, n)))
+            .collect();
+        assert_eq!(partitions(&guard).await, ahead);
+
+        // Far from now in both directions.
+        let (customer, key) = (CustomerId::new(), KeyId::new());
+        let future =
+            month_offset(this_month, 24).midnight().assume_utc() + Duration::from_secs(86_400 * 14);
+        let past =
+            month_offset(this_month, -36).midnight().assume_utc() + Duration::from_secs(3_600);
+        let batch = [event(customer, key, future), event(customer, key, past)];
+        assert_eq!(store.write_usage(&batch).await.unwrap(), 2);
+        let future_name = partition_name(month_offset(this_month, 24));
+        let past_name = partition_name(month_offset(this_month, -36));
+        let mut expected: Vec<String> = ahead
+            .iter()
+            .cloned()
+            .chain([future_name.clone(), past_name.clone()])
+            .collect();
+        expected.sort();
+        assert_eq!(partitions(&guard).await, expected);
+        // Each row is in its month's partition.
+        let placed = sorted(
+            &guard,
+            "SELECT tableoid::regclass::text, id FROM usage_events",
+        )
+        .await;
+        let mut wanted = vec![
+            vec![Some(future_name.clone()), Some(batch[0].id.to_string())],
+            vec![Some(past_name.clone()), Some(batch[1].id.to_string())],
+        ];
+        wanted.sort();
+        assert_eq!(placed, wanted);
+
+        // Another store (its own cache, no migrate) writes into existing
+        // and new months alike.
+        let other = tollgate_store::open(guard.url(), 2).await.unwrap();
+        let later = month_offset(this_month, 25).midnight().assume_utc();
+        let batch = [event(customer, key, future), event(customer, key, later)];
+        assert_eq!(other.write_usage(&batch).await.unwrap(), 2);
+        assert_eq!(partitions(&guard).await.len(), 6);
+
+        // A partition dropped behind the store's back (say by a retention
+        // job) is made again, and the batch goes through.
+        raw(&guard, &format!("DROP TABLE {future_name}")).await;
+        assert_eq!(partitions(&guard).await.len(), 5);
+        let batch = [event(customer, key, future + Duration::from_secs(60))];
+        assert_eq!(store.write_usage(&batch).await.unwrap(), 1);
+        assert!(partitions(&guard).await.contains(&future_name));
+        assert_eq!(
+            raw(&guard, &format!("SELECT count(*) FROM {future_name}")).await[0][0].as_deref(),
+            Some("1")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_server_is_unavailable_within_seconds() {
+        let store: Arc<dyn Store> =
+            Arc::new(PostgresStore::new("postgres://postgres@127.0.0.1:1/x", 2).unwrap());
+        let started = Instant::now();
+        let result = store
+            .write_usage(&[event(CustomerId::new(), KeyId::new(), T0)])
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unmigrated_database_says_so() {
+        let guard = TestGuard::create(Backend::Postgres).await;
+        let store = tollgate_store::open(guard.url(), 2).await.unwrap();
+        match store
+            .write_usage(&[event(CustomerId::new(), KeyId::new(), T0)])
+            .await
+        {
+            Err(StoreError::Config(message)) => {
+                assert!(message.contains("tollgate migrate"), "{message}")
+            }
+            other => panic!("expected Config, got {other:?}"),
+        }
+    }
+}
