@@ -122,13 +122,9 @@ const BASELINE_TYPES: [Type; 22] = [
 ];
 
 /// The naive baseline: each batch one binary COPY (its own transaction)
-/// into a table with the columns of `usage_events` and nothing else.
+/// into `usage_baseline`, a table with the columns of `usage_events` and
+/// nothing else.
 async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) -> f64 {
-    client
-        // LIKE copies columns and NOT NULL, not keys or indexes.
-        .batch_execute("CREATE TABLE usage_baseline (LIKE usage_events)")
-        .await
-        .unwrap();
     let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let started = Instant::now();
     for batch in batches {
@@ -173,34 +169,84 @@ async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) ->
     rows as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Rates of several rounds.
+#[derive(Default)]
+struct Rates(Vec<f64>);
+
+impl Rates {
+    fn print(&mut self, what: &str) {
+        self.0.sort_by(f64::total_cmp);
+        let median = self.0[self.0.len() / 2];
+        let (min, max) = (self.0[0], self.0[self.0.len() - 1]);
+        println!("{what:<36} {median:>9.0} rows/s  ({min:.0}–{max:.0})");
+    }
+
+    fn median(&self) -> f64 {
+        self.0[self.0.len() / 2]
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes "--bench"; nothing to parse.
     let total = env("ROWS", 200_000);
     let batch_size = env("BATCH", 5_000).max(1);
-    let now = OffsetDateTime::now_utc();
-    // Warm-up rows (prepared statements, staging table, caches) are not
-    // measured; then every measured row is new.
-    let warm_up = rows(batch_size, now);
-    let events = rows(total, now);
-    let batches: Vec<&[UsageEvent]> = events.chunks(batch_size).collect();
-    println!("usage_write: {total} rows in batches of {batch_size}");
+    let rounds = env("ROUNDS", 3).max(1);
+    println!(
+        "usage_write: {total} rows in batches of {batch_size}, {rounds} rounds \
+         (median rows/s, min–max)"
+    );
 
-    // Postgres.
     let db = TestDatabase::create().await;
-    let store = tollgate_store::open(db.url(), 4).await.unwrap();
-    store.migrate().await.unwrap();
-    store.write_usage(&warm_up).await.unwrap();
-    let (pg_rate, new) = write_all(&*store, &batches).await;
-    assert_eq!(new, total as u64, "every measured row is new");
-    let (replay_rate, new) = write_all(&*store, &batches).await;
-    assert_eq!(new, 0, "a replay writes nothing");
-
+    let postgres = tollgate_store::open(db.url(), 4).await.unwrap();
+    postgres.migrate().await.unwrap();
     let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
-    let rows_in_daily: i64 = client
+    // LIKE copies columns and NOT NULL, not keys or indexes.
+    client
+        .batch_execute("CREATE TABLE usage_baseline (LIKE usage_events)")
+        .await
+        .unwrap();
+    let file = TestSqlite::create();
+    let sqlite = tollgate_store::open(file.url(), 1).await.unwrap();
+    sqlite.migrate().await.unwrap();
+
+    // Warm-up rows (prepared statements, the staging table, caches) are
+    // not measured.
+    let warm_up = rows(batch_size, OffsetDateTime::now_utc());
+    postgres.write_usage(&warm_up).await.unwrap();
+    sqlite.write_usage(&warm_up).await.unwrap();
+
+    let [mut pg, mut pg_replay, mut copy, mut lite, mut lite_replay] =
+        std::array::from_fn(|_| Rates::default());
+    for _ in 0..rounds {
+        // Fresh ids every round: every measured row is new.
+        let events = rows(total, OffsetDateTime::now_utc());
+        let batches: Vec<&[UsageEvent]> = events.chunks(batch_size).collect();
+
+        let (rate, new) = write_all(&*postgres, &batches).await;
+        assert_eq!(new, total as u64, "every row is new");
+        pg.0.push(rate);
+        let (rate, new) = write_all(&*postgres, &batches).await;
+        assert_eq!(new, 0, "a replay writes nothing");
+        pg_replay.0.push(rate);
+        client
+            .batch_execute("TRUNCATE usage_baseline")
+            .await
+            .unwrap();
+        copy.0.push(copy_all(&client, &batches).await);
+
+        let (rate, new) = write_all(&*sqlite, &batches).await;
+        assert_eq!(new, total as u64, "every row is new");
+        lite.0.push(rate);
+        let (rate, new) = write_all(&*sqlite, &batches).await;
+        assert_eq!(new, 0, "a replay writes nothing");
+        lite_replay.0.push(rate);
+    }
+
+    let counted: i64 = client
         .query_one(
             "SELECT sum(requests + rejected)::bigint FROM usage_daily",
             &[],
@@ -209,31 +255,21 @@ async fn main() {
         .unwrap()
         .get(0);
     assert_eq!(
-        rows_in_daily,
-        (total + batch_size) as i64,
-        "rollups count each row once"
+        counted,
+        (total * rounds + batch_size) as i64,
+        "the rollups count each row once"
     );
-    let copy_rate = copy_all(&client, &batches).await;
-    drop(client);
-    drop(store);
-    drop(db);
 
-    // SQLite.
-    let file = TestSqlite::create();
-    let store = tollgate_store::open(file.url(), 1).await.unwrap();
-    store.migrate().await.unwrap();
-    store.write_usage(&warm_up).await.unwrap();
-    let (sqlite_rate, new) = write_all(&*store, &batches).await;
-    assert_eq!(new, total as u64);
-    let (sqlite_replay_rate, _) = write_all(&*store, &batches).await;
-
-    println!("postgres write_usage (new rows):   {pg_rate:>10.0} rows/s");
-    println!("postgres write_usage (replay):     {replay_rate:>10.0} rows/s");
-    println!("postgres plain COPY (baseline):    {copy_rate:>10.0} rows/s");
+    pg.print("postgres write_usage, new rows");
+    pg_replay.print("postgres write_usage, replayed rows");
+    copy.print("postgres plain COPY (baseline)");
     println!(
-        "postgres write_usage / plain COPY: {:>10.2}",
-        pg_rate / copy_rate
+        "{:<36} {:>9.2}",
+        "postgres write_usage / plain COPY",
+        pg.median() / copy.median()
     );
-    println!("sqlite write_usage (new rows):     {sqlite_rate:>10.0} rows/s");
-    println!("sqlite write_usage (replay):       {sqlite_replay_rate:>10.0} rows/s");
+    lite.print("sqlite write_usage, new rows");
+    lite_replay.print("sqlite write_usage, replayed rows");
+    drop(client);
+    drop(postgres);
 }

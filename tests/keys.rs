@@ -84,8 +84,15 @@ upstream = "{upstream}"
 }
 
 impl Setup {
+    /// A gateway on the setup's database, with a spool of its own (a spool
+    /// directory belongs to one running gateway).
     async fn gateway(&self) -> TestGateway {
-        TestGateway::start_on(self.config.clone(), None).await
+        let mut config = self.config.clone();
+        config.usage.spool_dir = self
+            ._dir
+            .path()
+            .join(format!("spool-{}", uuid::Uuid::now_v7().simple()));
+        TestGateway::start_on(config, None).await
     }
 
     fn create_key(&self, customer: &str, extra: &[&str]) -> serde_json::Value {
