@@ -402,7 +402,12 @@ fn comparable_chunks(body: &[u8]) -> Vec<Value> {
 }
 
 /// (case, path, body, extra headers)
-type Case = (&'static str, &'static str, Value, Vec<(&'static str, &'static str)>);
+type Case = (
+    &'static str,
+    &'static str,
+    Value,
+    Vec<(&'static str, &'static str)>,
+);
 /// (input, output, cache_read, cache_write, model, cost_nanos, cost_source)
 type Expected = (i64, i64, i64, i64, Option<&'static str>, i64, &'static str);
 
@@ -1125,4 +1130,98 @@ async fn graceful_stop_flushes_every_row_and_replays_the_spool_on_start() {
     let rows = usage_rows(db.url()).await;
     assert_eq!(rows.len(), 200);
     assert_daily_consistent(db.url()).await;
+}
+
+async fn spool_full_while_the_database_is_down(policy: &str) {
+    let db = TestGuard::create(Backend::Postgres).await;
+    let (proxy, through) = CutProxy::for_postgres(db.url()).await;
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = metered_toml(&through, &dir.path().join("spool"), &mock.url()).replace(
+        "flush_interval = \"20ms\"",
+        &format!("flush_interval = \"20ms\"\nspool_max = \"4KiB\"\non_spool_full = \"{policy}\""),
+    );
+    let gateway = TestGateway::start_on(config(&toml), None).await;
+    let key = gateway.key.clone().unwrap();
+    let call = |case: String| {
+        let request = authorized(
+            Method::POST,
+            gateway.url("/v1/chat/completions"),
+            Some(&key),
+        )
+        .header("content-type", "application/json")
+        .header("x-request-id", case)
+        .body(Full::new(Bytes::from(chat("a b", false).to_string())))
+        .unwrap();
+        async move { send(&client(), request).await }
+    };
+    proxy.cut();
+    // One row is some 600 bytes in the spool: 4 KiB fill within a few
+    // requests, flushed one by one.
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for i in 0..40 {
+        let reply = call(format!("during-{i}")).await;
+        match reply.status {
+            StatusCode::OK => served.push(format!("during-{i}")),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(reply.error_type(), "metering_unavailable");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let metering = gateway.running.as_ref().unwrap().metering().clone();
+    if policy == "reject" {
+        assert!(
+            served.len() >= 6 && served.len() < 20,
+            "served {}",
+            served.len()
+        );
+        assert_eq!(refused, 40 - served.len());
+        assert_eq!(
+            metering.unmetered_refusals.load(Ordering::Relaxed),
+            refused as u64
+        );
+    } else {
+        assert_eq!(served.len(), 40, "\"serve\" keeps serving past spool_max");
+    }
+    proxy.restore();
+    // Once the spool drains into the database, requests are served again.
+    let mut after = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while after == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still refusing after the database came back"
+        );
+        if call(format!("after-{after}")).await.status == StatusCode::OK {
+            served.push(format!("after-{after}"));
+            after += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = wait_for_rows(db.url(), served.len()).await;
+    let recorded: HashSet<String> = rows
+        .iter()
+        .filter_map(|r| r.client_request_id.clone())
+        .collect();
+    assert_eq!(
+        recorded,
+        served.into_iter().collect::<HashSet<_>>(),
+        "refused requests have no row"
+    );
+    assert_daily_consistent(db.url()).await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_the_database_down_refuses_rather_than_serve_unmetered() {
+    spool_full_while_the_database_is_down("reject").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_spool_full_serve_keeps_serving() {
+    spool_full_while_the_database_is_down("serve").await;
 }

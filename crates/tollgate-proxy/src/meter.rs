@@ -37,6 +37,8 @@ pub struct Metering {
     pub pricing: Pricing,
     /// Cost headers that were present but unusable (garbage, negative, …).
     pub bad_cost_headers: AtomicU64,
+    /// Requests refused with 503 `metering_unavailable` (they have no row).
+    pub unmetered_refusals: AtomicU64,
 }
 
 impl Metering {
@@ -46,6 +48,7 @@ impl Metering {
             instance,
             pricing,
             bad_cost_headers: AtomicU64::new(0),
+            unmetered_refusals: AtomicU64::new(0),
         }
     }
 }

@@ -167,6 +167,9 @@ impl Gateway {
             .ok_or(ProxyError::NoRoute)?;
         let caller = self.auth.authenticate(request.headers())?;
         if !self.metering.recorder.accepting() {
+            self.metering
+                .unmetered_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(ProxyError::MeteringUnavailable);
         }
         let guard = exchange.guard.insert(UsageGuard::new(
