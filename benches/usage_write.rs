@@ -29,29 +29,42 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// `n` rows as a busy gateway makes them: 300 customers with one or two
-/// keys, three routes, two models, one in fifty rejected, one in a hundred
-/// an upstream error, ids and timestamps increasing.
+/// `n` rows as a busy gateway makes them: 300 customers (two keys for
+/// two in three of them), three routes, two models (none on one route),
+/// drawn at random, so a batch touches a few thousand `usage_daily`
+/// groups; one row in fifty rejected, one in a hundred an upstream error;
+/// ids and timestamps increasing.
 fn rows(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
     let customers: Vec<(CustomerId, [KeyId; 2])> = (0..300)
-        .map(|_| (CustomerId::new(), [KeyId::new(), KeyId::new()]))
+        .map(|c| {
+            let key = KeyId::new();
+            let second = if c % 3 == 0 { key } else { KeyId::new() };
+            (CustomerId::new(), [key, second])
+        })
         .collect();
     let routes = [
         ("openai", "/v1/chat/completions"),
         ("anthropic", "/v1/messages"),
         ("search", "/v1/search"),
     ];
+    // xorshift64: deterministic and free of dependencies.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = move |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
     (0..n)
         .map(|i| {
             let k = i as u64;
-            let (customer, keys) = customers[(i * 7919) % customers.len()];
-            let (route, path) = routes[i % 3];
+            let (customer, keys) = customers[random(customers.len())];
+            let (route, path) = routes[random(routes.len())];
             let model = match route {
                 "search" => None,
-                _ if i % 4 == 0 => Some("gpt-4o-mini".to_owned()),
-                _ => Some("gpt-4o".to_owned()),
+                _ => Some(["gpt-4o", "gpt-4o-mini"][random(2)].to_owned()),
             };
-            let (outcome, status) = match i % 100 {
+            let (outcome, status) = match random(100) {
                 0 | 50 => (Outcome::RateLimited, 429),
                 1 => (Outcome::UpstreamError, 502),
                 _ => (Outcome::Ok, 200),
@@ -61,7 +74,7 @@ fn rows(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
                 client_request_id: (i % 10 == 0).then(|| format!("client-{i:08}")),
                 ts: start + Duration::from_micros(k * 50),
                 customer_id: customer,
-                key_id: keys[i % 2],
+                key_id: keys[random(2)],
                 instance: "gw-1".to_owned(),
                 route: route.to_owned(),
                 method: "POST".to_owned(),

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
+use crate::policy::Policies;
 use crate::store::{KeyRecord, Store, StoreError, StoreEvent};
 
 /// Why a well-formed key is refused.
@@ -204,7 +205,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Keeps `cache` current from `store`'s change feed until the feed ends.
 /// The initial load is the caller's (so it can gate readiness on it).
-pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>) {
+pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>, policies: Arc<Policies>) {
     let (sender, mut events) = mpsc::channel(1024);
     let watcher = {
         let store = store.clone();
@@ -213,7 +214,7 @@ pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>) {
     while let Some(event) = events.recv().await {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match apply(&*store, &cache, event).await {
+            match apply(&*store, &cache, &policies, event).await {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(
@@ -231,17 +232,27 @@ pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>) {
     watcher.abort();
 }
 
-async fn apply(store: &dyn Store, cache: &KeyCache, event: StoreEvent) -> Result<(), StoreError> {
+async fn apply(
+    store: &dyn Store,
+    cache: &KeyCache,
+    policies: &Policies,
+    event: StoreEvent,
+) -> Result<(), StoreError> {
     match event {
         StoreEvent::Key(id) => match store.key(id).await? {
             Some(record) => cache.upsert(&record),
             None => cache.remove(id),
         },
-        // Customers carry tiers, which the limiter follows (not the cache).
-        StoreEvent::Customer(_) => {}
+        // Customers carry tiers and overrides, which the limiter follows.
+        StoreEvent::Customer(id) => policies.refresh(store, id).await?,
         StoreEvent::Resync => {
             let keys = cache.reload(store).await?;
-            tracing::info!(message = "Key cache resynchronised.", keys);
+            let customers = policies.reload(store).await?;
+            tracing::info!(
+                message = "Key cache and customer limits resynchronised.",
+                keys,
+                customers
+            );
         }
     }
     Ok(())

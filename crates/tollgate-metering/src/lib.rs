@@ -12,6 +12,8 @@ pub mod accounts;
 pub mod cache;
 pub mod ids;
 pub mod key;
+pub mod limits;
+pub mod policy;
 pub mod store;
 pub mod usage;
 

@@ -5,6 +5,7 @@
 //! Nothing on the request path calls a `Store` method: keys are served from
 //! the [`crate::cache::KeyCache`], which the change feed keeps current.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
+use crate::limits::{Period, PeriodTotals};
 use crate::usage::UsageEvent;
 
 /// A customer as stored.
@@ -233,6 +235,14 @@ pub trait Store: Send + Sync + 'static {
     /// are not rolled up again, so replaying a batch never double-counts.
     /// Returns how many rows were new.
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError>;
+
+    /// Each customer's totals in `usage_daily` for the days of `period`
+    /// (admitted requests, tokens of every class, cost): what the limiter
+    /// loads at start and re-reads every `sync_interval`.
+    async fn period_totals(
+        &self,
+        period: Period,
+    ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError>;
 
     /// Runs the change feed until `events` is closed. Its first event is a
     /// [`StoreEvent::Resync`], sent once the feed is live: from then on

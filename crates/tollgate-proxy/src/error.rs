@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use tollgate_metering::limits::Rejection;
 use tollgate_metering::usage::Outcome;
 
 use crate::auth::InvalidKey;
@@ -51,6 +52,10 @@ pub enum ProxyError {
     /// The key is limited to other routes.
     #[error("the API key may not use route {route}")]
     RouteForbidden { route: std::sync::Arc<str> },
+
+    /// A limit refused the request (429 with `Retry-After`).
+    #[error("{0}")]
+    Limited(Rejection),
 
     /// The request body is larger than `server.max_request_body`.
     #[error("request body exceeds the limit of {limit} bytes")]
@@ -101,6 +106,11 @@ impl ProxyError {
             ProxyError::RouteForbidden { .. } => (
                 StatusCode::FORBIDDEN,
                 "route_forbidden",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::Limited(rejection) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                rejection.outcome().as_str(),
                 ErrorSide::Downstream,
             ),
             ProxyError::PayloadTooLarge { .. } => (
@@ -154,6 +164,14 @@ impl ProxyError {
             ProxyError::RouteForbidden { route } => {
                 format!("This API key may not be used on route \"{route}\".")
             }
+            ProxyError::Limited(rejection) => {
+                let mut message = rejection.to_string();
+                if let Some(first) = message.get_mut(..1) {
+                    first.make_ascii_uppercase();
+                }
+                message.push('.');
+                message
+            }
             ProxyError::PayloadTooLarge { limit } => {
                 format!("The request body exceeds the limit of {limit} bytes.")
             }
@@ -177,6 +195,7 @@ impl ProxyError {
     pub fn outcome(&self) -> Option<Outcome> {
         match self {
             ProxyError::RouteForbidden { .. } => Some(Outcome::RouteForbidden),
+            ProxyError::Limited(rejection) => Some(rejection.outcome()),
             ProxyError::PayloadTooLarge { .. } => Some(Outcome::PayloadTooLarge),
             ProxyError::UpstreamTimeout { .. } => Some(Outcome::UpstreamTimeout),
             ProxyError::UpstreamUnavailable { .. } | ProxyError::Internal { .. } => {
@@ -205,6 +224,12 @@ impl ProxyError {
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, kind, _) = self.classify();
         let mut response = error_response(status, kind, &self.client_message());
+        if let ProxyError::Limited(rejection) = &self {
+            response.headers_mut().insert(
+                RETRY_AFTER,
+                HeaderValue::from(rejection.retry_after().as_secs()),
+            );
+        }
         if self.closes_connection() {
             response
                 .headers_mut()

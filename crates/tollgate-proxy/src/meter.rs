@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use time::OffsetDateTime;
 use tollgate_metering::cache::Authenticated;
+use tollgate_metering::limits::{event_tokens, Admission, Limiter};
 use tollgate_metering::usage::cost::parse_usd_to_nanos;
 use tollgate_metering::usage::extract::{TokenCounts, UsageChunkFilter, UsageScanner};
 use tollgate_metering::usage::pricing::Pricing;
@@ -32,6 +33,9 @@ use crate::body::BoxError;
 /// What metering needs that is the same for every request.
 pub struct Metering {
     pub recorder: Recorder,
+    /// Rate limits, quotas and budgets: admissions are settled or released
+    /// when the usage event is finished.
+    pub limiter: Arc<Limiter>,
     /// `usage_events.instance` of every row this process records.
     pub instance: String,
     pub pricing: Pricing,
@@ -42,9 +46,15 @@ pub struct Metering {
 }
 
 impl Metering {
-    pub fn new(recorder: Recorder, instance: String, pricing: Pricing) -> Metering {
+    pub fn new(
+        recorder: Recorder,
+        limiter: Arc<Limiter>,
+        instance: String,
+        pricing: Pricing,
+    ) -> Metering {
         Metering {
             recorder,
+            limiter,
             instance,
             pricing,
             bad_cost_headers: AtomicU64::new(0),
@@ -65,15 +75,20 @@ pub struct RouteUsage {
 /// The one usage event of a request, finished exactly once.
 pub struct UsageGuard {
     event: Option<UsageEvent>,
-    recorder: Recorder,
+    metering: Arc<Metering>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
+    /// The request's monthly reservation, once admitted.
+    admission: Option<Admission>,
+    /// Whether the request (possibly) reached the upstream; a reservation
+    /// of one that never did is given back.
+    reached_upstream: bool,
 }
 
 impl UsageGuard {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        metering: &Metering,
+        metering: &Arc<Metering>,
         id: Uuid,
         client_request_id: Option<String>,
         caller: &Authenticated,
@@ -108,10 +123,24 @@ impl UsageGuard {
                 cost_nanos: 0,
                 cost_source: CostSource::None,
             }),
-            recorder: metering.recorder.clone(),
+            metering: metering.clone(),
             started,
             request_bytes: Arc::new(AtomicU64::new(0)),
+            admission: None,
+            reached_upstream: false,
         }
+    }
+
+    /// The request was admitted by the limits: settle or release
+    /// `admission` when the event is finished.
+    pub fn admitted(&mut self, admission: Admission) {
+        self.admission = Some(admission);
+    }
+
+    /// The request was handed to the upstream (it may have been received
+    /// even if no response came back).
+    pub fn reached_upstream(&mut self) {
+        self.reached_upstream = true;
     }
 
     /// The counter the request body adds to as it streams upstream.
@@ -156,7 +185,15 @@ impl UsageGuard {
         }
         event.latency_us = micros(self.started.elapsed());
         event.request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        self.recorder.record(event);
+        if let Some(admission) = self.admission.take() {
+            let limiter = &self.metering.limiter;
+            if self.reached_upstream && !outcome.is_rejected() {
+                limiter.settle(&admission, event_tokens(&event), event.cost_nanos);
+            } else {
+                limiter.release(&admission);
+            }
+        }
+        self.metering.recorder.record(event);
     }
 }
 

@@ -31,10 +31,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::{Method, Request, Response, Version};
+use http::{HeaderName, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use time::OffsetDateTime;
+use tollgate_metering::limits::RateHeaders;
 use tollgate_metering::usage::extract::{
     inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
 };
@@ -81,6 +82,8 @@ struct Exchange {
     ts: OffsetDateTime,
     /// Set once the key is known.
     guard: Option<UsageGuard>,
+    /// `x-ratelimit-*` for the customer's tightest request limit.
+    rate_headers: Option<RateHeaders>,
 }
 
 impl Gateway {
@@ -119,6 +122,7 @@ impl Gateway {
             started,
             ts,
             guard: None,
+            rate_headers: None,
         };
         let request_id = client_request_id.unwrap_or_else(|| usage_id_header(usage_id));
         let result = self
@@ -147,9 +151,11 @@ impl Gateway {
                 error.into_response()
             }
         };
-        response
-            .headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id);
+        let headers = response.headers_mut();
+        headers.insert(X_REQUEST_ID.clone(), request_id);
+        if let Some(rate) = exchange.rate_headers {
+            set_rate_headers(headers, &rate);
+        }
         Ok(response)
     }
 
@@ -189,10 +195,13 @@ impl Gateway {
             });
         }
         self.check_declared_length(&request)?;
+        let decision = self.metering.limiter.admit(caller.customer_id);
+        exchange.rate_headers = decision.headers;
+        guard.admitted(decision.result.map_err(ProxyError::Limited)?);
         let (mut parts, body) = request.into_parts();
         let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
         let upstream_request = self.upstream_request(route, parts, body, conn, request_id)?;
-        let upstream_response = self.forward(route, upstream_request).await?;
+        let upstream_response = self.forward(route, upstream_request, guard).await?;
         guard.set_upstream_latency(exchange.started.elapsed());
         let guard = exchange.guard.take().ok_or_else(|| ProxyError::Internal {
             reason: "usage event missing".to_owned(),
@@ -305,9 +314,14 @@ impl Gateway {
         &self,
         route: &Route,
         request: Request<RequestBody>,
+        guard: &mut UsageGuard,
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = Instant::now();
         let result = tokio::time::timeout(route.timeout, self.client.request(request)).await;
+        // Only a failure to connect proves the upstream never saw it.
+        if !matches!(&result, Ok(Err(error)) if error.is_connect()) {
+            guard.reached_upstream();
+        }
         let response = match result {
             Err(_elapsed) => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -423,6 +437,23 @@ impl Gateway {
         );
         Response::from_parts(parts, ProxyBody::Metered(body))
     }
+}
+
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_USED: HeaderName = HeaderName::from_static("x-ratelimit-used");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// `x-ratelimit-*` (SPEC §3 step 5), on every response to a customer with
+/// a request limit, the gateway's own 429s included.
+fn set_rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
+    headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(rate.limit));
+    headers.insert(
+        X_RATELIMIT_REMAINING.clone(),
+        HeaderValue::from(rate.remaining),
+    );
+    headers.insert(X_RATELIMIT_USED.clone(), HeaderValue::from(rate.used));
+    headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(rate.reset));
 }
 
 fn usage_id_header(id: Uuid) -> HeaderValue {

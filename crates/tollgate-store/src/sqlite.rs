@@ -26,6 +26,7 @@
 //! pruned (it fell more than [`CHANGE_LOG_KEEP`] rows behind) does it send
 //! `Resync`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -42,6 +43,7 @@ use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
 };
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
@@ -390,6 +392,11 @@ const UPSERT_USAGE_DAILY: &str = "INSERT INTO usage_daily (\
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
 /// its id is present, and only the rows inserted are added to their
 /// `usage_daily` group, which is upserted once per group at the end.
+/// Per-customer totals of one period (`day` text sorts as dates do).
+const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
+    sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), sum(cost_nanos) \
+    FROM usage_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id";
+
 fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failure> {
     let rows = usage::rows(batch)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -882,6 +889,32 @@ impl Store for SqliteStore {
         // the inserts.
         let batch = batch.to_vec();
         self.call(move |conn| write_usage(conn, &batch)).await
+    }
+
+    async fn period_totals(
+        &self,
+        period: Period,
+    ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
+        let from = period.first_day().to_string();
+        let to = period.next().first_day().to_string();
+        self.call(move |conn| {
+            let mut statement = conn.prepare_cached(PERIOD_TOTALS)?;
+            let mut rows = statement.query(params![from, to])?;
+            let mut totals = HashMap::new();
+            while let Some(row) = rows.next()? {
+                let customer = CustomerId(parse_uuid(&row.get::<_, String>(0)?)?);
+                totals.insert(
+                    customer,
+                    PeriodTotals {
+                        requests: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                        tokens: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        cost_nanos: row.get(3)?,
+                    },
+                );
+            }
+            Ok(totals)
+        })
+        .await
     }
 
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {

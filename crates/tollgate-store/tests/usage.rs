@@ -51,6 +51,8 @@ both_backends!(
     an_empty_batch_writes_nothing,
     out_of_range_values_saturate_instead_of_failing,
     two_stores_writing_the_same_batch_count_it_once,
+    large_replayed_batches_count_only_new_rows,
+    rows_the_database_groups_together_are_one_group,
 );
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
@@ -593,6 +595,60 @@ async fn two_stores_writing_the_same_batch_count_it_once(backend: Backend) {
     assert_eq!(
         sorted(&guard, daily_sql(backend)).await,
         expected_daily(&batch)
+    );
+}
+
+async fn large_replayed_batches_count_only_new_rows(backend: Backend) {
+    // Big enough that the rows written before are met long after the
+    // first bytes of the batch went out.
+    let (store, guard) = test_store(backend).await;
+    let events = varied(6_000, T0);
+    assert_eq!(store.write_usage(&events[..4_000]).await.unwrap(), 4_000);
+    assert_eq!(store.write_usage(&events).await.unwrap(), 2_000);
+    assert_eq!(store.write_usage(&events).await.unwrap(), 0);
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(&events)
+    );
+    assert_eq!(
+        raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
+        Some("6000")
+    );
+}
+
+async fn rows_the_database_groups_together_are_one_group(backend: Backend) {
+    // No model and an empty one are both '' in usage_daily; a NUL is
+    // stored as U+FFFD. Each pair must land in one group, not fail the
+    // batch by upserting the same group twice.
+    let (store, guard) = test_store(backend).await;
+    let (customer, key) = (CustomerId::new(), KeyId::new());
+    let with_model = |model: Option<&str>| {
+        let mut e = event(customer, key, T0);
+        e.model = model.map(str::to_owned);
+        e
+    };
+    let batch = [
+        with_model(None),
+        with_model(Some("")),
+        with_model(Some("m\0")),
+        with_model(Some("m\u{FFFD}")),
+    ];
+    assert_eq!(store.write_usage(&batch).await.unwrap(), 4);
+    assert_eq!(
+        sorted(&guard, "SELECT model, requests FROM usage_daily").await,
+        [
+            [Some(String::new()), Some("2".to_owned())],
+            [Some("m\u{FFFD}".to_owned()), Some("2".to_owned())],
+        ]
+    );
+    assert_eq!(
+        sorted(&guard, "SELECT model FROM usage_events").await,
+        [
+            [None],
+            [Some(String::new())],
+            [Some("m\u{FFFD}".to_owned())],
+            [Some("m\u{FFFD}".to_owned())],
+        ]
     );
 }
 

@@ -5,6 +5,7 @@
 //! the listeners, drains in-flight requests and then flushes every usage
 //! row. Tests use the same two calls in-process.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +16,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_metering::cache::{run_feed, KeyCache};
+use tollgate_metering::limits::{self, Clock, Limiter, Limits, Period, SystemClock};
+use tollgate_metering::policy::Policies;
 use tollgate_metering::usage::extract::UsageFormat as MeteringFormat;
 use tollgate_metering::usage::pricing::{ModelPrice, Pricing};
-use tollgate_metering::usage::recorder::{self, RecorderConfig, RecorderHandle};
+use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
 use tollgate_proxy::meter::{Metering, RouteUsage};
@@ -25,7 +28,7 @@ use tollgate_proxy::{
     serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
-use crate::config::{Config, RouteConfig, SpoolFullPolicy, UsageFormat};
+use crate::config::{Config, Overage, RouteConfig, SpoolFullPolicy, TierConfig, UsageFormat};
 
 /// How long in-flight requests may run after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -111,15 +114,51 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// key, starts the change feed, then opens the listeners (so a request is
 /// never authenticated against a half-loaded cache).
 pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Running> {
+    start_with_clock(config, store, Arc::new(SystemClock)).await
+}
+
+/// As [`start_with_store`], with the clock the limits' periods and windows
+/// follow (tests move it by hand).
+pub async fn start_with_clock(
+    config: Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
     let routes =
         RouteTable::new(config.routes.iter().map(route_spec).collect()).context("invalid route")?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
-    let recorder = recorder::start(recorder_config(&config), store.clone())
+    let limiter = Arc::new(Limiter::new(clock.clone()));
+    let committed: CommitHook = {
+        let limiter = limiter.clone();
+        Arc::new(move |batch| limiter.committed(batch))
+    };
+    // Replays the spool before the period totals are read, so they
+    // include every row an earlier run recorded.
+    let recorder = recorder::start(recorder_config(&config), store.clone(), Some(committed))
         .await
         .context("cannot start usage recording")?;
+    let policies = Arc::new(Policies::new(tier_limits(&config), limiter.clone()));
+    let customers = policies
+        .reload(&*store)
+        .await
+        .context("cannot load customers from the database")?;
+    sync_totals(&*store, &limiter, &*clock)
+        .await
+        .context("cannot load this month's usage totals from the database")?;
+    tracing::info!(
+        message = "Customer limits and usage totals loaded.",
+        customers
+    );
+    let sync = tokio::spawn(run_sync(
+        store.clone(),
+        limiter.clone(),
+        clock.clone(),
+        config.usage.sync_interval,
+    ));
     let metering = Arc::new(Metering::new(
         recorder.recorder(),
+        limiter,
         config.server.instance_id.clone(),
         pricing(&config),
     ));
@@ -129,7 +168,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         .await
         .context("cannot load API keys from the database")?;
     tracing::info!(message = "API keys loaded.", keys = loaded);
-    let feed = tokio::spawn(run_feed(store.clone(), keys.clone()));
+    let feed = tokio::spawn(run_feed(store.clone(), keys.clone(), policies.clone()));
     let auth = Authenticator::new(
         keys.clone(),
         KeyFormat::new(&config.keys.prefix),
@@ -195,7 +234,7 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
         admin_addr,
         stop,
         tasks: vec![data_task, admin_task],
-        background: vec![feed],
+        background: vec![feed, sync],
         keys,
         recorder,
         metering,
@@ -232,6 +271,79 @@ fn route_spec(route: &RouteConfig) -> RouteSpec {
             input_tokens_header: route.input_tokens_header.clone(),
             output_tokens_header: route.output_tokens_header.clone(),
         },
+    }
+}
+
+/// One multi-instance sync: this instance's committed rows are noted
+/// before the database is read, so they are never counted twice (see
+/// [`Limiter::apply_totals`]).
+async fn sync_totals(
+    store: &dyn Store,
+    limiter: &Limiter,
+    clock: &dyn Clock,
+) -> Result<(), tollgate_metering::StoreError> {
+    let period = Period::containing(clock.now());
+    let committed = limiter.committed_snapshot();
+    let totals = store.period_totals(period).await?;
+    limiter.apply_totals(period, &totals, &committed);
+    Ok(())
+}
+
+/// Refreshes the period totals every `interval`: other instances' usage
+/// reaches this one's limits within `flush_interval + interval`.
+async fn run_sync(
+    store: Arc<dyn Store>,
+    limiter: Arc<Limiter>,
+    clock: Arc<dyn Clock>,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match sync_totals(&*store, &limiter, &*clock).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(message = "Usage totals sync recovered.");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    message = "Usage totals sync failed; limits use the last totals plus this instance's own counts.",
+                    %error,
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The configured tiers as limits.
+fn tier_limits(config: &Config) -> HashMap<String, Limits> {
+    config
+        .tiers
+        .iter()
+        .map(|tier| (tier.name.clone(), limits_of(tier)))
+        .collect()
+}
+
+fn limits_of(tier: &TierConfig) -> Limits {
+    Limits {
+        rate: tier.rate.map(|rate| limits::Rate {
+            count: rate.count,
+            per: rate.per,
+        }),
+        monthly_requests: tier.monthly_requests,
+        monthly_tokens: tier.monthly_tokens,
+        monthly_cost_nanos: tier.monthly_cost_nanos,
+        overage: match tier.overage {
+            Overage::Block => limits::Overage::Block,
+            Overage::Bill => limits::Overage::Bill,
+        },
+        overage_price_nanos: tier.overage_price_per_request_nanos.unwrap_or(0),
     }
 }
 

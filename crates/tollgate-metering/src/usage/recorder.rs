@@ -53,6 +53,12 @@ pub struct RecorderConfig {
     pub reject_when_full: bool,
 }
 
+/// Called with every batch the writer committed to the database (not with
+/// the rows replayed at start, which happen before anything is counted):
+/// the limiter's multi-instance sync needs to know what this instance has
+/// committed.
+pub type CommitHook = Arc<dyn Fn(&[UsageEvent]) + Send + Sync>;
+
 /// Batches the writer may hold in memory before it relies on the spool.
 const MAX_BATCHES_IN_MEMORY: usize = 16;
 
@@ -150,6 +156,7 @@ pub enum RecorderError {
 pub async fn start(
     config: RecorderConfig,
     store: Arc<dyn Store>,
+    on_commit: Option<CommitHook>,
 ) -> Result<RecorderHandle, RecorderError> {
     let dir = config.spool_dir.clone();
     let max = config.spool_max;
@@ -160,7 +167,15 @@ pub async fn start(
     if pending > 0 {
         tracing::info!(message = "Replaying the usage spool.", rows = pending);
         let mut written = None;
-        drain(&*store, &spool, &stats, &mut written, config.batch_size).await?;
+        drain(
+            &*store,
+            &spool,
+            &stats,
+            &mut written,
+            config.batch_size,
+            None,
+        )
+        .await?;
         let replayed = stats.rows_written.swap(0, Ordering::Relaxed);
         stats.rows_replayed.fetch_add(replayed, Ordering::Relaxed);
         tracing::info!(message = "Usage spool replayed.", rows = replayed);
@@ -191,6 +206,7 @@ pub async fn start(
         store,
         stats,
         config.batch_size,
+        on_commit,
     ));
     Ok(RecorderHandle {
         recorder,
@@ -369,13 +385,15 @@ async fn writer(
     store: Arc<dyn Store>,
     stats: Arc<RecorderStats>,
     batch_size: usize,
+    on_commit: Option<CommitHook>,
 ) {
+    let hook = on_commit.as_ref();
     // Everything up to `written` is in the database.
     let mut written: Option<SpoolPosition> = None;
     let mut behind = false;
     loop {
         if behind {
-            match drain(&*store, &spool, &stats, &mut written, batch_size).await {
+            match drain(&*store, &spool, &stats, &mut written, batch_size, hook).await {
                 Ok(()) => {
                     behind = false;
                     stats.database_up.store(true, Ordering::Relaxed);
@@ -395,7 +413,7 @@ async fn writer(
                                     // Shutting down with the database away:
                                     // one last attempt, then the spool keeps
                                     // the rest for the next start.
-                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size).await;
+                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size, hook).await;
                                     return;
                                 }
                             }
@@ -413,6 +431,9 @@ async fn writer(
         }
         match store.write_usage(&batch).await {
             Ok(_) => {
+                if let Some(hook) = hook {
+                    hook(&batch);
+                }
                 stats
                     .rows_written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -445,6 +466,7 @@ async fn drain(
     stats: &Arc<RecorderStats>,
     written: &mut Option<SpoolPosition>,
     batch_size: usize,
+    hook: Option<&CommitHook>,
 ) -> Result<(), StoreError> {
     loop {
         let after = written.clone();
@@ -462,6 +484,9 @@ async fn drain(
             return Ok(());
         }
         store.write_usage(&events).await?;
+        if let Some(hook) = hook {
+            hook(&events);
+        }
         stats
             .rows_written
             .fetch_add(events.len() as u64, Ordering::Relaxed);

@@ -36,7 +36,10 @@ CREATE TABLE usage_events (
     cost_source         TEXT    NOT NULL
 ) WITHOUT ROWID;
 
-CREATE INDEX usage_events_customer_ts ON usage_events (customer_id, ts);
+-- Exports read a time range, and ts grows with insertion order, so this
+-- index is appended to. No index on (customer_id, ts): per-customer figures
+-- come from usage_daily, and its inserts would land all over the index.
+CREATE INDEX usage_events_ts ON usage_events (ts);
 
 -- One row per UTC day × customer × key × route × model, updated in the same
 -- transaction as the rows it counts, for rows actually inserted only.

@@ -1,0 +1,1657 @@
+//! The limiter: per-customer counters and the admission decision.
+//!
+//! Each customer has one small state behind its own mutex, in a sharded
+//! map. An admission locks only that customer: the check and the
+//! reservation happen under the lock, so a quota with N left admits exactly
+//! N of any number of concurrent requests, and a rejection leaves nothing
+//! behind (no request reserved, no rate slot taken). Different customers
+//! never contend beyond the map's shard read lock.
+//!
+//! Monthly counters are kept in two parts per customer: `own` (this
+//! instance's admissions and settlements in the period, exact and
+//! immediate) and `base` (everyone else's, from the database at the last
+//! sync). See [`Limiter::apply_totals`] for the arithmetic that keeps the
+//! two from overlapping.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+
+use super::clock::{from_unix_nanos, unix_nanos, Clock};
+use super::config::{Limits, Overage};
+use super::gcra::Gcra;
+use super::period::Period;
+use crate::ids::CustomerId;
+use crate::usage::{Outcome, UsageEvent};
+
+const NANOS_PER_SEC: i64 = 1_000_000_000;
+
+/// Monthly counts: a customer's period totals in the database, or a part
+/// of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodTotals {
+    /// Admitted requests.
+    pub requests: u64,
+    pub tokens: u64,
+    pub cost_nanos: i64,
+}
+
+impl PeriodTotals {
+    pub const ZERO: PeriodTotals = PeriodTotals {
+        requests: 0,
+        tokens: 0,
+        cost_nanos: 0,
+    };
+
+    fn plus(self, other: PeriodTotals) -> PeriodTotals {
+        PeriodTotals {
+            requests: self.requests.saturating_add(other.requests),
+            tokens: self.tokens.saturating_add(other.tokens),
+            cost_nanos: self.cost_nanos.saturating_add(other.cost_nanos),
+        }
+    }
+
+    /// Floored at zero in every field.
+    fn minus(self, other: PeriodTotals) -> PeriodTotals {
+        PeriodTotals {
+            requests: self.requests.saturating_sub(other.requests),
+            tokens: self.tokens.saturating_sub(other.tokens),
+            cost_nanos: self.cost_nanos.saturating_sub(other.cost_nanos).max(0),
+        }
+    }
+}
+
+/// The tokens a usage row counts toward `monthly_tokens`: every class
+/// (input, output, cache read, cache write). The database's period totals
+/// and the values passed to [`Limiter::settle`] must count the same way,
+/// or sync would drift.
+pub fn event_tokens(event: &UsageEvent) -> u64 {
+    event
+        .input_tokens
+        .saturating_add(event.output_tokens)
+        .saturating_add(event.cache_read_tokens)
+        .saturating_add(event.cache_write_tokens)
+}
+
+/// The outcome of [`Limiter::admit`].
+#[derive(Debug)]
+#[must_use]
+pub struct Decision {
+    pub result: Result<Admission, Rejection>,
+    /// `x-ratelimit-*` for the tightest request limit, after this decision;
+    /// `None` when the customer has no request limit.
+    pub headers: Option<RateHeaders>,
+}
+
+/// A request let through: one monthly request reserved in `period`.
+/// [`Limiter::release`] gives it back, [`Limiter::settle`] adds what the
+/// response used.
+#[derive(Debug)]
+pub struct Admission {
+    customer: CustomerId,
+    period: Period,
+    released: AtomicBool,
+}
+
+impl Admission {
+    pub fn customer(&self) -> CustomerId {
+        self.customer
+    }
+
+    /// The period the request was counted in.
+    pub fn period(&self) -> Period {
+        self.period
+    }
+}
+
+/// Which budget refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Budget {
+    Tokens,
+    Cost,
+}
+
+/// Why a request was refused. Every `retry_after` is whole seconds, at
+/// least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// Over the short-window rate; `retry_after` = when the next request
+    /// would conform.
+    #[error("rate limit exceeded; retry after {} seconds", .retry_after.as_secs())]
+    RateLimited { retry_after: Duration },
+    /// `monthly_requests` used up with `overage = "block"`; `retry_after` =
+    /// until the next period.
+    #[error(
+        "monthly request quota exceeded; it resets in {} seconds",
+        .retry_after.as_secs()
+    )]
+    QuotaExceeded { retry_after: Duration },
+    /// `monthly_tokens` or `monthly_cost_usd` used up (these always block);
+    /// `retry_after` = until the next period.
+    #[error(
+        "monthly {} budget exceeded; it resets in {} seconds",
+        match .which { Budget::Tokens => "token", Budget::Cost => "cost" },
+        .retry_after.as_secs()
+    )]
+    BudgetExceeded {
+        which: Budget,
+        retry_after: Duration,
+    },
+}
+
+impl Rejection {
+    /// For the `Retry-After` header.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Rejection::RateLimited { retry_after }
+            | Rejection::QuotaExceeded { retry_after }
+            | Rejection::BudgetExceeded { retry_after, .. } => *retry_after,
+        }
+    }
+
+    /// The usage row's outcome (and the error `type`).
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Rejection::RateLimited { .. } => Outcome::RateLimited,
+            Rejection::QuotaExceeded { .. } => Outcome::QuotaExceeded,
+            Rejection::BudgetExceeded { .. } => Outcome::BudgetExceeded,
+        }
+    }
+
+    /// The `limit` label of `tollgate_limit_rejections_total`.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            Rejection::RateLimited { .. } => "rate",
+            Rejection::QuotaExceeded { .. } => "monthly_requests",
+            Rejection::BudgetExceeded {
+                which: Budget::Tokens,
+                ..
+            } => "monthly_tokens",
+            Rejection::BudgetExceeded {
+                which: Budget::Cost,
+                ..
+            } => "monthly_cost",
+        }
+    }
+}
+
+/// `x-ratelimit-*` for one request limit.
+///
+/// For the rate: `limit` = count, `remaining` = requests that could be
+/// admitted right now, `used` = limit − remaining, `reset` = when the
+/// window is fully replenished. For `monthly_requests`: the period's
+/// limit, used (may exceed the limit under `bill`), remaining (≥ 0) and the
+/// next period's start. `reset` is unix seconds, rounded up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    pub used: u64,
+    pub reset: i64,
+}
+
+/// One monthly counter for the quota views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meter<T> {
+    /// Database (other instances, earlier processes) + this instance.
+    pub used: T,
+    pub limit: Option<T>,
+    /// `limit − used`, at least zero; `None` when unlimited.
+    pub remaining: Option<T>,
+}
+
+/// Used / remaining / reset per limit, for `GET /_tollgate/usage` and
+/// `GET /v1/quota/{customer}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaView {
+    pub limits: Limits,
+    pub period: Period,
+    /// When the monthly counters start over: the next period's start.
+    pub reset: OffsetDateTime,
+    /// The rate window right now; `None` without a rate.
+    pub rate: Option<RateHeaders>,
+    pub requests: Meter<u64>,
+    pub tokens: Meter<u64>,
+    pub cost_nanos: Meter<i64>,
+    /// What a response would carry now (the tightest request limit).
+    pub headers: Option<RateHeaders>,
+}
+
+/// What this instance had committed to the database, per customer, at one
+/// moment: see [`Limiter::apply_totals`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedSnapshot {
+    period: Period,
+    committed: HashMap<CustomerId, PeriodTotals>,
+}
+
+impl CommittedSnapshot {
+    pub fn period(&self) -> Period {
+        self.period
+    }
+
+    /// This instance's committed rows of `customer` in the period.
+    pub fn get(&self, customer: CustomerId) -> PeriodTotals {
+        self.committed.get(&customer).copied().unwrap_or_default()
+    }
+}
+
+/// One customer's limits and counters.
+#[derive(Debug)]
+struct State {
+    limits: Limits,
+    gcra: Option<Gcra>,
+    /// GCRA theoretical arrival time, unix ns; at or before now = idle.
+    tat_ns: i64,
+    /// The period every count below belongs to.
+    period: Period,
+    /// `period.next_start()` in unix ns, so the hot path can tell it is
+    /// still in the period without calendar arithmetic.
+    period_end_ns: i64,
+    /// This instance's admissions and settlements in `period`.
+    own: PeriodTotals,
+    /// Database totals minus this instance's committed rows, at the last
+    /// sync: everyone else's usage.
+    base: PeriodTotals,
+    /// This instance's rows committed to the database in `period`.
+    committed: PeriodTotals,
+}
+
+impl State {
+    fn new(limits: Limits, now_ns: i64) -> State {
+        let period = Period::containing(from_unix_nanos(now_ns));
+        State {
+            gcra: limits.rate.map(Gcra::new),
+            limits,
+            tat_ns: 0,
+            period,
+            period_end_ns: unix_nanos(period.next_start()),
+            own: PeriodTotals::ZERO,
+            base: PeriodTotals::ZERO,
+            committed: PeriodTotals::ZERO,
+        }
+    }
+
+    /// Starts the new period's counts when the clock has entered one.
+    /// A clock that steps back across a month boundary keeps the later
+    /// period: counts never go back to an earlier month.
+    fn roll(&mut self, now_ns: i64) {
+        if now_ns < self.period_end_ns {
+            return;
+        }
+        let period = Period::containing(from_unix_nanos(now_ns));
+        if period > self.period {
+            self.period = period;
+            self.period_end_ns = unix_nanos(period.next_start());
+            self.own = PeriodTotals::ZERO;
+            self.base = PeriodTotals::ZERO;
+            self.committed = PeriodTotals::ZERO;
+        }
+    }
+
+    fn used(&self) -> PeriodTotals {
+        self.base.plus(self.own)
+    }
+
+    fn set_limits(&mut self, limits: Limits, now_ns: i64) {
+        let gcra = limits.rate.map(Gcra::new);
+        match (self.gcra, gcra) {
+            (Some(old), Some(new)) if old != new => {
+                self.tat_ns = new.rescale_from(&old, self.tat_ns, now_ns);
+            }
+            (None, Some(_)) => self.tat_ns = 0,
+            _ => {}
+        }
+        self.gcra = gcra;
+        self.limits = limits;
+    }
+
+    /// Checks in order (rate, budgets, request quota), and only when all
+    /// pass takes the rate slot and the request.
+    fn decide(&mut self, now_ns: i64) -> Result<(), Rejection> {
+        let new_tat = match self.gcra.map(|gcra| gcra.check(self.tat_ns, now_ns)) {
+            Some(Err(wait_ns)) => {
+                return Err(Rejection::RateLimited {
+                    retry_after: ceil_secs(wait_ns),
+                })
+            }
+            Some(Ok(tat)) => Some(tat),
+            None => None,
+        };
+        let used = self.used();
+        let to_next_period = || ceil_secs(self.period_end_ns.saturating_sub(now_ns));
+        if self
+            .limits
+            .monthly_tokens
+            .is_some_and(|limit| used.tokens >= limit)
+        {
+            return Err(Rejection::BudgetExceeded {
+                which: Budget::Tokens,
+                retry_after: to_next_period(),
+            });
+        }
+        if self
+            .limits
+            .monthly_cost_nanos
+            .is_some_and(|limit| used.cost_nanos >= limit)
+        {
+            return Err(Rejection::BudgetExceeded {
+                which: Budget::Cost,
+                retry_after: to_next_period(),
+            });
+        }
+        if self.limits.overage == Overage::Block
+            && self
+                .limits
+                .monthly_requests
+                .is_some_and(|limit| used.requests >= limit)
+        {
+            return Err(Rejection::QuotaExceeded {
+                retry_after: to_next_period(),
+            });
+        }
+        if let Some(tat) = new_tat {
+            self.tat_ns = tat;
+        }
+        self.own.requests = self.own.requests.saturating_add(1);
+        Ok(())
+    }
+
+    fn rate_headers(&self, now_ns: i64) -> Option<RateHeaders> {
+        self.gcra.map(|gcra| {
+            let remaining = gcra.remaining(self.tat_ns, now_ns);
+            RateHeaders {
+                limit: gcra.count,
+                remaining,
+                used: gcra.count - remaining,
+                reset: ceil_div(gcra.reset(self.tat_ns, now_ns), NANOS_PER_SEC),
+            }
+        })
+    }
+
+    fn quota_headers(&self) -> Option<RateHeaders> {
+        self.limits.monthly_requests.map(|limit| {
+            let used = self.used().requests;
+            RateHeaders {
+                limit,
+                remaining: limit.saturating_sub(used),
+                used,
+                reset: ceil_div(self.period_end_ns, NANOS_PER_SEC),
+            }
+        })
+    }
+
+    /// The request limit with the fewest remaining; on a tie, the rate.
+    fn headers(&self, now_ns: i64) -> Option<RateHeaders> {
+        match (self.rate_headers(now_ns), self.quota_headers()) {
+            (Some(rate), Some(quota)) if quota.remaining < rate.remaining => Some(quota),
+            (Some(rate), _) => Some(rate),
+            (None, quota) => quota,
+        }
+    }
+
+    fn view(&self, now_ns: i64) -> QuotaView {
+        let used = self.used();
+        QuotaView {
+            limits: self.limits.clone(),
+            period: self.period,
+            reset: self.period.next_start(),
+            rate: self.rate_headers(now_ns),
+            requests: Meter {
+                used: used.requests,
+                limit: self.limits.monthly_requests,
+                remaining: self
+                    .limits
+                    .monthly_requests
+                    .map(|limit| limit.saturating_sub(used.requests)),
+            },
+            tokens: Meter {
+                used: used.tokens,
+                limit: self.limits.monthly_tokens,
+                remaining: self
+                    .limits
+                    .monthly_tokens
+                    .map(|limit| limit.saturating_sub(used.tokens)),
+            },
+            cost_nanos: Meter {
+                used: used.cost_nanos,
+                limit: self.limits.monthly_cost_nanos,
+                remaining: self
+                    .limits
+                    .monthly_cost_nanos
+                    .map(|limit| limit.saturating_sub(used.cost_nanos).max(0)),
+            },
+            headers: self.headers(now_ns),
+        }
+    }
+}
+
+/// Admission control for every customer. `Send + Sync`; the data plane
+/// shares one behind an `Arc`.
+pub struct Limiter {
+    clock: Arc<dyn Clock>,
+    customers: DashMap<CustomerId, Mutex<State>, IdHash>,
+    /// Unix ns when this limiter was made. Rows from before it (a previous
+    /// process's, replayed from the spool) are in the database totals but
+    /// not in `own`, so [`Limiter::committed`] must not subtract them.
+    started_ns: i64,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("customers", &self.customers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    pub fn new(clock: Arc<dyn Clock>) -> Limiter {
+        let started_ns = clock.unix_nanos();
+        Limiter {
+            clock,
+            customers: DashMap::with_hasher_and_shard_amount(IdHash, shard_amount()),
+            started_ns,
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.unix_nanos()
+    }
+
+    fn period_at(now_ns: i64) -> Period {
+        Period::containing(from_unix_nanos(now_ns))
+    }
+
+    /// Sets (or replaces, live) a customer's effective limits. Counters
+    /// are kept; a changed rate applies from the next admission, with the
+    /// requests already in the window carried over (3 of 3/s used, raised
+    /// to 6/s: 3 more may pass at once).
+    pub fn set_limits(&self, customer: CustomerId, limits: Limits) {
+        let now_ns = self.now();
+        let entry = self
+            .customers
+            .entry(customer)
+            .or_insert_with(|| Mutex::new(State::new(Limits::unlimited(), now_ns)));
+        let mut state = lock(&entry);
+        state.roll(now_ns);
+        state.set_limits(limits, now_ns);
+    }
+
+    /// Forgets a customer and its counters (the customer was deleted).
+    pub fn remove(&self, customer: CustomerId) {
+        self.customers.remove(&customer);
+    }
+
+    /// Decides a request before it is forwarded. Checks, in order: the
+    /// rate, the token and cost budgets (used ≥ limit refuses), then
+    /// `monthly_requests` (`block`: reserved atomically; `bill`: always
+    /// admitted, counted). A rejection reserves nothing, not even a rate
+    /// slot.
+    ///
+    /// A customer this limiter has no limits for yet (created a moment ago,
+    /// not yet announced by the limits feed) is admitted as unlimited but
+    /// counted, so the usage is there when its limits arrive.
+    ///
+    /// Does not allocate, except the first time a customer is seen.
+    pub fn admit(&self, customer: CustomerId) -> Decision {
+        let now_ns = self.now();
+        if let Some(entry) = self.customers.get(&customer) {
+            return lock(&entry).admit(customer, now_ns);
+        }
+        let entry = self
+            .customers
+            .entry(customer)
+            .or_insert_with(|| Mutex::new(State::new(Limits::unlimited(), now_ns)));
+        let decision = lock(&entry).admit(customer, now_ns);
+        decision
+    }
+
+    /// The request never reached the upstream (a 413 after admission, a
+    /// refused connection): gives its monthly request back. The rate slot
+    /// stays taken. Idempotent per admission; a no-op once its period is
+    /// over.
+    pub fn release(&self, admission: &Admission) {
+        if admission.released.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.with_period_of(admission, |state| {
+            state.own.requests = state.own.requests.saturating_sub(1);
+        });
+    }
+
+    /// The response ended: adds its tokens and cost to the period the
+    /// admission was made in (ignored once that period is over). Adds each
+    /// time it is called.
+    pub fn settle(&self, admission: &Admission, tokens: u64, cost_nanos: i64) {
+        self.with_period_of(admission, |state| {
+            state.own.tokens = state.own.tokens.saturating_add(tokens);
+            state.own.cost_nanos = state.own.cost_nanos.saturating_add(cost_nanos.max(0));
+        });
+    }
+
+    fn with_period_of(&self, admission: &Admission, apply: impl FnOnce(&mut State)) {
+        let now_ns = self.now();
+        if let Some(entry) = self.customers.get(&admission.customer) {
+            let mut state = lock(&entry);
+            state.roll(now_ns);
+            if state.period == admission.period {
+                apply(&mut state);
+            }
+        }
+    }
+
+    /// Rows the gateway's own recorder has committed to the database (call
+    /// after the commit, never before). Counts admitted rows of the
+    /// current period made by this limiter's process; rejected rows, rows
+    /// of other periods and rows from before this limiter existed (spool
+    /// replay of a previous process) are ignored.
+    pub fn committed(&self, events: &[UsageEvent]) {
+        let now_ns = self.now();
+        let period = Self::period_at(now_ns);
+        for event in events {
+            if event.outcome.is_rejected()
+                || unix_nanos(event.ts) < self.started_ns
+                || Period::containing(event.ts) != period
+            {
+                continue;
+            }
+            if let Some(entry) = self.customers.get(&event.customer_id) {
+                let mut state = lock(&entry);
+                state.roll(now_ns);
+                if state.period == period {
+                    state.committed = state.committed.plus(PeriodTotals {
+                        requests: 1,
+                        tokens: event_tokens(event),
+                        cost_nanos: event.cost_nanos.max(0),
+                    });
+                }
+            }
+        }
+    }
+
+    /// What this instance has committed so far in the current period, per
+    /// customer. Take it just BEFORE reading the database totals.
+    pub fn committed_snapshot(&self) -> CommittedSnapshot {
+        let now_ns = self.now();
+        let period = Self::period_at(now_ns);
+        let mut committed = HashMap::new();
+        for entry in self.customers.iter() {
+            let mut state = lock(entry.value());
+            state.roll(now_ns);
+            if state.period == period && state.committed != PeriodTotals::ZERO {
+                committed.insert(*entry.key(), state.committed);
+            }
+        }
+        CommittedSnapshot { period, committed }
+    }
+
+    /// Start-up load and multi-instance sync.
+    ///
+    /// `totals` are the database's totals of `period` per customer (a
+    /// customer absent has none); `committed` is [`committed_snapshot`]
+    /// taken just before the database read. Each customer's used becomes
+    /// `(database total − committed snapshot) + own counts`: this
+    /// instance's rows are never counted twice nor missed; rows committed
+    /// between the snapshot and the read are counted twice until the next
+    /// sync (the safe direction). Totals of any period but the current one
+    /// are ignored, as is a snapshot of another period.
+    ///
+    /// Customers in `totals` this limiter has not seen are added, unlimited
+    /// until their limits are set.
+    ///
+    /// [`committed_snapshot`]: Limiter::committed_snapshot
+    pub fn apply_totals(
+        &self,
+        period: Period,
+        totals: &HashMap<CustomerId, PeriodTotals>,
+        committed: &CommittedSnapshot,
+    ) {
+        let now_ns = self.now();
+        if period != Self::period_at(now_ns) {
+            return;
+        }
+        let ours = |customer: CustomerId| {
+            if committed.period == period {
+                committed.get(customer)
+            } else {
+                PeriodTotals::ZERO
+            }
+        };
+        let apply = |customer: CustomerId, state: &Mutex<State>| {
+            let mut state = lock(state);
+            state.roll(now_ns);
+            if state.period == period {
+                let total = totals.get(&customer).copied().unwrap_or_default();
+                state.base = total.minus(ours(customer));
+            }
+        };
+        for &customer in totals.keys() {
+            match self.customers.get(&customer) {
+                Some(entry) => apply(customer, &entry),
+                None => {
+                    let entry = self
+                        .customers
+                        .entry(customer)
+                        .or_insert_with(|| Mutex::new(State::new(Limits::unlimited(), now_ns)));
+                    apply(customer, &entry);
+                }
+            }
+        }
+        for entry in self.customers.iter() {
+            if !totals.contains_key(entry.key()) {
+                apply(*entry.key(), entry.value());
+            }
+        }
+    }
+
+    /// Used / remaining / reset per limit; `None` for a customer this
+    /// limiter has never seen.
+    pub fn view(&self, customer: CustomerId) -> Option<QuotaView> {
+        let now_ns = self.now();
+        let entry = self.customers.get(&customer)?;
+        let mut state = lock(&entry);
+        state.roll(now_ns);
+        Some(state.view(now_ns))
+    }
+}
+
+impl State {
+    fn admit(&mut self, customer: CustomerId, now_ns: i64) -> Decision {
+        self.roll(now_ns);
+        let result = self.decide(now_ns).map(|()| Admission {
+            customer,
+            period: self.period,
+            released: AtomicBool::new(false),
+        });
+        Decision {
+            result,
+            headers: self.headers(now_ns),
+        }
+    }
+}
+
+/// Map shards: a shard's lock word is written by every lookup, even a
+/// read, so two cores admitting different customers of one shard bounce its
+/// cache line. dashmap's default (4 per core: 8 on two cores) makes that
+/// common; 32 per core, at least 256, makes it rare, for 128 bytes a shard.
+fn shard_amount() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores * 32).next_power_of_two().clamp(256, 4096)
+}
+
+/// The per-customer lock. Nothing panics while holding it (all arithmetic
+/// saturates), so a poisoned lock still holds consistent counts.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Rounds up to whole seconds, at least one (a `Retry-After: 0` invites a
+/// tight retry loop).
+fn ceil_secs(nanos: i64) -> Duration {
+    let secs = ceil_div(nanos, NANOS_PER_SEC).max(1);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(1))
+}
+
+fn ceil_div(n: i64, d: i64) -> i64 {
+    let quotient = n.div_euclid(d);
+    if n.rem_euclid(d) > 0 {
+        quotient + 1
+    } else {
+        quotient
+    }
+}
+
+/// Hashes a customer id with one folded multiply per 8 bytes instead of
+/// SipHash: ids are UUID v7 the gateway generates (74 random bits), not
+/// attacker-chosen, so flooding one bucket is not a concern, and the
+/// admission path saves the SipHash rounds.
+#[derive(Clone, Copy, Debug, Default)]
+struct IdHash;
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+struct IdHasher(u64);
+
+impl IdHasher {
+    fn mix(&mut self, word: u64) {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let product = u128::from(self.0 ^ word) * u128::from(K);
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    /// Slice length prefixes: the same (16) for every id, so skipped.
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+
+    use proptest::prelude::*;
+    use time::macros::datetime;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::ids::KeyId;
+    use crate::limits::{parse_rate, ManualClock};
+    use crate::usage::CostSource;
+
+    fn setup(at: OffsetDateTime) -> (Arc<ManualClock>, Limiter) {
+        let clock = Arc::new(ManualClock::new(at));
+        let limiter = Limiter::new(clock.clone());
+        (clock, limiter)
+    }
+
+    fn customer(n: u128) -> CustomerId {
+        CustomerId(Uuid::from_u128(n))
+    }
+
+    fn quota(monthly_requests: u64, overage: Overage) -> Limits {
+        Limits {
+            monthly_requests: Some(monthly_requests),
+            overage,
+            ..Limits::unlimited()
+        }
+    }
+
+    fn rate(text: &str) -> Limits {
+        Limits {
+            rate: Some(parse_rate(text).unwrap()),
+            ..Limits::unlimited()
+        }
+    }
+
+    fn admitted(decision: Decision) -> Admission {
+        decision.result.unwrap()
+    }
+
+    fn rejected(decision: Decision) -> Rejection {
+        decision.result.unwrap_err()
+    }
+
+    fn used(limiter: &Limiter, customer: CustomerId) -> PeriodTotals {
+        let view = limiter.view(customer).unwrap();
+        PeriodTotals {
+            requests: view.requests.used,
+            tokens: view.tokens.used,
+            cost_nanos: view.cost_nanos.used,
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn event(
+        customer: CustomerId,
+        ts: OffsetDateTime,
+        outcome: Outcome,
+        tokens: u64,
+        cost: i64,
+    ) -> UsageEvent {
+        UsageEvent {
+            id: Uuid::now_v7(),
+            client_request_id: None,
+            ts,
+            customer_id: customer,
+            key_id: KeyId::new(),
+            instance: "gw-1".into(),
+            route: "openai".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            outcome,
+            latency_us: 1,
+            upstream_latency_us: 1,
+            request_bytes: 1,
+            response_bytes: 1,
+            model: None,
+            input_tokens: tokens / 2,
+            output_tokens: tokens - tokens / 2,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            cost_nanos: cost,
+            cost_source: CostSource::Header,
+        }
+    }
+
+    #[test]
+    fn gcra_three_per_second_from_idle() {
+        let t0 = datetime!(2026-03-10 12:00 UTC);
+        let s = t0.unix_timestamp();
+        let (clock, limiter) = setup(t0);
+        let c = customer(1);
+        limiter.set_limits(c, rate("3/s"));
+        for (used, remaining) in [(1, 2), (2, 1), (3, 0)] {
+            let decision = limiter.admit(c);
+            assert_eq!(
+                decision.headers,
+                Some(RateHeaders {
+                    limit: 3,
+                    remaining,
+                    used,
+                    reset: s + 1
+                })
+            );
+            admitted(decision);
+        }
+        let decision = limiter.admit(c);
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 3,
+                remaining: 0,
+                used: 3,
+                reset: s + 1
+            })
+        );
+        assert_eq!(
+            rejected(decision),
+            Rejection::RateLimited {
+                retry_after: secs(1)
+            }
+        );
+
+        clock.advance(secs(1) / 3);
+        let decision = limiter.admit(c);
+        // TAT is now t0 + 4 × 333_333_333 ns = t0 + 1.333 s: reset rounds up.
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 3,
+                remaining: 0,
+                used: 3,
+                reset: s + 2
+            })
+        );
+        admitted(decision);
+        assert!(matches!(
+            rejected(limiter.admit(c)),
+            Rejection::RateLimited { retry_after } if retry_after == secs(1)
+        ));
+
+        clock.advance(secs(2));
+        let view = limiter.view(c).unwrap();
+        assert_eq!(
+            view.rate,
+            Some(RateHeaders {
+                limit: 3,
+                remaining: 3,
+                used: 0,
+                reset: s + 3
+            })
+        );
+        assert_eq!(
+            view.requests.used, 4,
+            "rate-limited requests count toward nothing"
+        );
+        assert_eq!(view.requests.limit, None);
+    }
+
+    #[test]
+    fn slow_rate_retry_after_is_the_wait_for_one_slot() {
+        let (clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(1);
+        limiter.set_limits(c, rate("60/h"));
+        for _ in 0..60 {
+            admitted(limiter.admit(c));
+        }
+        assert_eq!(limiter.admit(c).result.unwrap_err().retry_after(), secs(60));
+        clock.advance(Duration::from_millis(59_500));
+        assert_eq!(limiter.admit(c).result.unwrap_err().retry_after(), secs(1));
+        clock.advance(Duration::from_millis(500));
+        admitted(limiter.admit(c));
+    }
+
+    #[test]
+    fn concurrent_admits_reserve_exactly_the_remaining_quota() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(7);
+        limiter.set_limits(c, quota(60, Overage::Block));
+        for _ in 0..10 {
+            admitted(limiter.admit(c));
+        }
+        let race = |threads: usize| -> (Vec<Admission>, Vec<Rejection>) {
+            let barrier = Barrier::new(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            limiter.admit(c).result
+                        })
+                    })
+                    .collect();
+                let (mut ok, mut refused) = (Vec::new(), Vec::new());
+                for handle in handles {
+                    match handle.join().unwrap() {
+                        Ok(admission) => ok.push(admission),
+                        Err(rejection) => refused.push(rejection),
+                    }
+                }
+                (ok, refused)
+            })
+        };
+        let (ok, refused) = race(200);
+        assert_eq!(ok.len(), 50);
+        assert_eq!(refused.len(), 150);
+        assert!(refused
+            .iter()
+            .all(|r| matches!(r, Rejection::QuotaExceeded { .. })));
+        assert_eq!(used(&limiter, c).requests, 60);
+
+        for admission in &ok[..10] {
+            limiter.release(admission);
+            limiter.release(admission); // a second release is a no-op
+        }
+        assert_eq!(used(&limiter, c).requests, 50);
+        let (more, _) = race(200);
+        assert_eq!(more.len(), 10);
+        assert_eq!(used(&limiter, c).requests, 60);
+    }
+
+    #[test]
+    fn block_refuses_until_next_month_and_bill_counts_past_the_quota() {
+        let at = datetime!(2026-04-30 23:00 UTC);
+        let may = datetime!(2026-05-01 0:00 UTC).unix_timestamp();
+        let (_clock, limiter) = setup(at);
+        let (block, bill) = (customer(1), customer(2));
+        limiter.set_limits(block, quota(2, Overage::Block));
+        limiter.set_limits(
+            bill,
+            Limits {
+                overage_price_nanos: 1_000_000,
+                ..quota(2, Overage::Bill)
+            },
+        );
+
+        admitted(limiter.admit(block));
+        let decision = limiter.admit(block);
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 2,
+                remaining: 0,
+                used: 2,
+                reset: may
+            })
+        );
+        admitted(decision);
+        let decision = limiter.admit(block);
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 2,
+                remaining: 0,
+                used: 2,
+                reset: may
+            })
+        );
+        let rejection = rejected(decision);
+        assert_eq!(
+            rejection,
+            Rejection::QuotaExceeded {
+                retry_after: secs(3600)
+            }
+        );
+        assert_eq!(rejection.outcome(), Outcome::QuotaExceeded);
+        assert_eq!(rejection.limit(), "monthly_requests");
+        assert_eq!(
+            rejection.to_string(),
+            "monthly request quota exceeded; it resets in 3600 seconds"
+        );
+
+        for _ in 0..3 {
+            admitted(limiter.admit(bill));
+        }
+        let decision = limiter.admit(bill);
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 2,
+                remaining: 0,
+                used: 4,
+                reset: may
+            })
+        );
+        admitted(decision);
+        let view = limiter.view(bill).unwrap();
+        assert_eq!(
+            view.requests,
+            Meter {
+                used: 4,
+                limit: Some(2),
+                remaining: Some(0)
+            }
+        );
+        assert_eq!(view.reset, datetime!(2026-05-01 0:00 UTC));
+    }
+
+    #[test]
+    fn budgets_refuse_once_used_reaches_the_limit_and_reserve_nothing() {
+        let at = datetime!(2026-06-15 0:00 UTC);
+        let to_july = secs(16 * 86_400);
+        let (_clock, limiter) = setup(at);
+        let (tokens, cost) = (customer(1), customer(2));
+        limiter.set_limits(
+            tokens,
+            Limits {
+                monthly_tokens: Some(100),
+                ..rate("3/s")
+            },
+        );
+        limiter.set_limits(
+            cost,
+            Limits {
+                monthly_cost_nanos: Some(1_000),
+                ..quota(10, Overage::Block)
+            },
+        );
+
+        let first = admitted(limiter.admit(tokens));
+        limiter.settle(&first, 99, 5);
+        // 99 < 100: still admitted; the settlement can then overshoot.
+        let second = admitted(limiter.admit(tokens));
+        limiter.settle(&second, 60, 5);
+        assert_eq!(
+            used(&limiter, tokens),
+            PeriodTotals {
+                requests: 2,
+                tokens: 159,
+                cost_nanos: 10
+            }
+        );
+        let decision = limiter.admit(tokens);
+        // The rejection took no rate slot: still 1 of 3 free, as before.
+        assert_eq!(decision.headers.map(|h| h.remaining), Some(1));
+        let rejection = rejected(decision);
+        assert_eq!(
+            rejection,
+            Rejection::BudgetExceeded {
+                which: Budget::Tokens,
+                retry_after: to_july
+            }
+        );
+        assert_eq!(rejection.limit(), "monthly_tokens");
+        assert_eq!(
+            rejection.to_string(),
+            "monthly token budget exceeded; it resets in 1382400 seconds"
+        );
+        assert_eq!(used(&limiter, tokens).requests, 2, "no request reserved");
+
+        let a = admitted(limiter.admit(cost));
+        limiter.settle(&a, 0, 999);
+        let b = admitted(limiter.admit(cost));
+        limiter.settle(&b, 0, 1);
+        let decision = limiter.admit(cost);
+        assert_eq!(
+            decision.headers,
+            Some(RateHeaders {
+                limit: 10,
+                remaining: 8,
+                used: 2,
+                reset: datetime!(2026-07-01 0:00 UTC).unix_timestamp()
+            })
+        );
+        assert_eq!(
+            rejected(decision),
+            Rejection::BudgetExceeded {
+                which: Budget::Cost,
+                retry_after: to_july
+            }
+        );
+        let view = limiter.view(cost).unwrap();
+        assert_eq!(view.requests.used, 2);
+        assert_eq!(
+            view.cost_nanos,
+            Meter {
+                used: 1_000,
+                limit: Some(1_000),
+                remaining: Some(0)
+            }
+        );
+        // A negative cost cannot give budget back.
+        limiter.settle(&b, 0, -500);
+        assert_eq!(used(&limiter, cost).cost_nanos, 1_000);
+    }
+
+    #[test]
+    fn a_budget_rejection_leaves_the_rate_window_untouched() {
+        let (_clock, limiter) = setup(datetime!(2026-06-15 0:00 UTC));
+        let c = customer(1);
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_tokens: Some(10),
+                ..rate("2/s")
+            },
+        );
+        let a = admitted(limiter.admit(c));
+        limiter.settle(&a, 10, 0);
+        for _ in 0..5 {
+            let decision = limiter.admit(c);
+            assert_eq!(decision.headers.map(|h| h.remaining), Some(1));
+            assert!(matches!(
+                rejected(decision),
+                Rejection::BudgetExceeded {
+                    which: Budget::Tokens,
+                    ..
+                }
+            ));
+        }
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_tokens: Some(20),
+                ..rate("2/s")
+            },
+        );
+        let decision = limiter.admit(c);
+        assert_eq!(decision.headers.map(|h| h.remaining), Some(0));
+        admitted(decision);
+    }
+
+    #[test]
+    fn new_month_resets_counts_at_midnight_utc() {
+        let (clock, limiter) = setup(datetime!(2026-01-31 23:59:59.9 UTC));
+        let c = customer(1);
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_tokens: Some(1_000),
+                ..quota(1, Overage::Block)
+            },
+        );
+        let january = admitted(limiter.admit(c));
+        assert_eq!(january.period().to_string(), "2026-01");
+        assert_eq!(
+            rejected(limiter.admit(c)),
+            Rejection::QuotaExceeded {
+                retry_after: secs(1)
+            },
+            "0.1 s to February rounds up to 1 s"
+        );
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(clock.now(), datetime!(2026-02-01 0:00 UTC));
+        let february = admitted(limiter.admit(c));
+        assert_eq!(february.period().to_string(), "2026-02");
+
+        // January's late settlement and release touch nothing in February.
+        limiter.settle(&january, 5_000, 7);
+        limiter.release(&january);
+        let view = limiter.view(c).unwrap();
+        assert_eq!(view.period.to_string(), "2026-02");
+        assert_eq!(view.requests.used, 1);
+        assert_eq!(view.tokens.used, 0);
+        assert_eq!(view.cost_nanos.used, 0);
+        assert_eq!(view.reset, datetime!(2026-03-01 0:00 UTC));
+    }
+
+    #[test]
+    fn new_year_rolls_december_into_january() {
+        let (clock, limiter) = setup(datetime!(2026-12-31 23:59:59 UTC));
+        let c = customer(1);
+        limiter.set_limits(c, quota(1, Overage::Block));
+        admitted(limiter.admit(c));
+        let decision = limiter.admit(c);
+        assert_eq!(
+            decision.headers.map(|h| h.reset),
+            Some(datetime!(2027-01-01 0:00 UTC).unix_timestamp())
+        );
+        assert_eq!(rejected(decision).retry_after(), secs(1));
+        clock.advance(secs(1));
+        let admission = admitted(limiter.admit(c));
+        assert_eq!(admission.period().to_string(), "2027-01");
+        assert_eq!(used(&limiter, c).requests, 1);
+    }
+
+    #[test]
+    fn leap_day_is_still_february_and_march_resets() {
+        let (clock, limiter) = setup(datetime!(2028-02-28 12:00 UTC));
+        let c = customer(1);
+        limiter.set_limits(c, quota(1, Overage::Block));
+        admitted(limiter.admit(c));
+        // 12 h of the 28th + all of the 29th.
+        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(36 * 3600));
+        clock.set(datetime!(2028-02-29 0:00 UTC));
+        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(86_400));
+        clock.set(datetime!(2028-02-29 23:59:59.5 UTC));
+        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(1));
+        assert_eq!(used(&limiter, c).requests, 1);
+        clock.set(datetime!(2028-03-01 0:00 UTC));
+        assert_eq!(admitted(limiter.admit(c)).period().to_string(), "2028-03");
+    }
+
+    #[test]
+    fn a_clock_stepping_back_a_month_keeps_the_later_counts() {
+        let (clock, limiter) = setup(datetime!(2026-03-01 0:00:01 UTC));
+        let c = customer(1);
+        limiter.set_limits(c, quota(1, Overage::Block));
+        admitted(limiter.admit(c));
+        clock.set(datetime!(2026-02-28 23:59:59 UTC));
+        assert!(matches!(
+            rejected(limiter.admit(c)),
+            Rejection::QuotaExceeded { .. }
+        ));
+        assert_eq!(limiter.view(c).unwrap().period.to_string(), "2026-03");
+    }
+
+    #[test]
+    fn live_limit_changes_apply_on_the_next_admit() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(1);
+        limiter.set_limits(c, quota(2, Overage::Block));
+        admitted(limiter.admit(c));
+        admitted(limiter.admit(c));
+        assert!(limiter.admit(c).result.is_err());
+        limiter.set_limits(c, quota(3, Overage::Block));
+        admitted(limiter.admit(c));
+        assert!(limiter.admit(c).result.is_err());
+        limiter.set_limits(c, quota(1, Overage::Block));
+        let decision = limiter.admit(c);
+        assert_eq!(
+            decision.headers.map(|h| (h.limit, h.used, h.remaining)),
+            Some((1, 3, 0))
+        );
+        assert!(decision.result.is_err());
+        limiter.set_limits(c, Limits::unlimited());
+        admitted(limiter.admit(c));
+        assert_eq!(
+            used(&limiter, c).requests,
+            4,
+            "counters survive limit changes"
+        );
+
+        let r = customer(2);
+        limiter.set_limits(r, rate("3/s"));
+        for _ in 0..3 {
+            admitted(limiter.admit(r));
+        }
+        assert!(limiter.admit(r).result.is_err());
+        // Raised: the 3 already in the window stay counted, 3 more fit.
+        limiter.set_limits(r, rate("6/s"));
+        for remaining in [2, 1, 0] {
+            let decision = limiter.admit(r);
+            assert_eq!(
+                decision.headers.map(|h| (h.limit, h.remaining)),
+                Some((6, remaining))
+            );
+            admitted(decision);
+        }
+        assert!(limiter.admit(r).result.is_err());
+        // Lowered: 6 in the window against 1/s.
+        limiter.set_limits(r, rate("1/s"));
+        let rejection = rejected(limiter.admit(r));
+        assert_eq!(rejection.retry_after(), secs(6));
+        limiter.set_limits(r, Limits::unlimited());
+        admitted(limiter.admit(r));
+        // A rate set again starts from an idle window.
+        limiter.set_limits(r, rate("1/min"));
+        admitted(limiter.admit(r));
+        assert_eq!(rejected(limiter.admit(r)).retry_after(), secs(60));
+    }
+
+    #[test]
+    fn tightest_request_limit_wins_and_ties_go_to_the_rate() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (_clock, limiter) = setup(at);
+        let c = customer(1);
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_requests: Some(4),
+                ..rate("3/s")
+            },
+        );
+        let headers = |d: Decision| d.headers.unwrap();
+        // quota 3 left vs rate 2 left: the rate.
+        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        // 2 vs 1: the rate.
+        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        // quota 1 left vs rate 0: the rate.
+        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_requests: Some(4),
+                ..rate("10/s")
+            },
+        );
+        // quota 1 vs rate 7: the quota, with its reset.
+        let view = limiter.view(c).unwrap();
+        assert_eq!(
+            view.headers,
+            Some(RateHeaders {
+                limit: 4,
+                remaining: 1,
+                used: 3,
+                reset: datetime!(2026-04-01 0:00 UTC).unix_timestamp()
+            })
+        );
+        assert_eq!(view.rate.map(|r| r.remaining), Some(7));
+        // No request limit at all: no headers.
+        let free = customer(2);
+        limiter.set_limits(
+            free,
+            Limits {
+                monthly_tokens: Some(5),
+                ..Limits::unlimited()
+            },
+        );
+        assert_eq!(limiter.admit(free).headers, None);
+    }
+
+    #[test]
+    fn unknown_customers_are_admitted_unlimited_but_counted() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(9);
+        assert_eq!(limiter.view(c), None);
+        let decision = limiter.admit(c);
+        assert_eq!(decision.headers, None);
+        let admission = admitted(decision);
+        limiter.settle(&admission, 10, 20);
+        admitted(limiter.admit(c));
+        // Limits arrive later: the usage is already there.
+        limiter.set_limits(c, quota(2, Overage::Block));
+        let view = limiter.view(c).unwrap();
+        assert_eq!(view.requests.remaining, Some(0));
+        assert_eq!(view.tokens.used, 10);
+        assert!(limiter.admit(c).result.is_err());
+        limiter.remove(c);
+        assert_eq!(limiter.view(c), None);
+        limiter.release(&admission); // the customer is gone: nothing to do
+        assert_eq!(limiter.view(c), None);
+    }
+
+    #[test]
+    fn sync_counts_every_row_once() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (clock, limiter) = setup(at);
+        let period = Period::containing(at);
+        let c = customer(1);
+        limiter.set_limits(c, quota(100, Overage::Block));
+        clock.advance(secs(1));
+        let now = clock.now();
+
+        // Five own admissions, each settled with 10 tokens and 100 nanos.
+        let admissions: Vec<_> = (0..5).map(|_| admitted(limiter.admit(c))).collect();
+        for a in &admissions {
+            limiter.settle(a, 10, 100);
+        }
+        let own_rows: Vec<_> = (0..5)
+            .map(|_| event(c, now, Outcome::Ok, 10, 100))
+            .collect();
+
+        // Three of them are committed, along with rows that must not count:
+        // a rejected one, one from last month, one from before this limiter.
+        limiter.committed(&own_rows[..3]);
+        limiter.committed(&[
+            event(c, now, Outcome::RateLimited, 0, 0),
+            event(c, datetime!(2026-02-28 12:00 UTC), Outcome::Ok, 10, 100),
+            event(c, at - Duration::from_secs(1), Outcome::Ok, 10, 100),
+        ]);
+        let snapshot = limiter.committed_snapshot();
+        assert_eq!(snapshot.period(), period);
+        assert_eq!(
+            snapshot.get(c),
+            PeriodTotals {
+                requests: 3,
+                tokens: 30,
+                cost_nanos: 300
+            }
+        );
+
+        // The database: our 3 rows + another instance's 7 (70 tokens, 700).
+        let mut totals = HashMap::from([(
+            c,
+            PeriodTotals {
+                requests: 10,
+                tokens: 100,
+                cost_nanos: 1_000,
+            },
+        )]);
+        limiter.apply_totals(period, &totals, &snapshot);
+        assert_eq!(
+            used(&limiter, c),
+            PeriodTotals {
+                requests: 12,
+                tokens: 120,
+                cost_nanos: 1_200
+            },
+            "(10 − 3) + 5 own"
+        );
+
+        // Our other two rows are committed after the snapshot but before the
+        // database read: counted twice until the next sync.
+        let early = limiter.committed_snapshot();
+        limiter.committed(&own_rows[3..]);
+        totals.insert(
+            c,
+            PeriodTotals {
+                requests: 12,
+                tokens: 120,
+                cost_nanos: 1_200,
+            },
+        );
+        limiter.apply_totals(period, &totals, &early);
+        assert_eq!(
+            used(&limiter, c).requests,
+            14,
+            "over-counted by the 2, safely"
+        );
+        let snapshot = limiter.committed_snapshot();
+        // The other instance added one more (12 → 13 rows in the database).
+        totals.insert(
+            c,
+            PeriodTotals {
+                requests: 13,
+                tokens: 130,
+                cost_nanos: 1_300,
+            },
+        );
+        limiter.apply_totals(period, &totals, &snapshot);
+        assert_eq!(
+            used(&limiter, c),
+            PeriodTotals {
+                requests: 13,
+                tokens: 130,
+                cost_nanos: 1_300
+            },
+            "exact again: (13 − 5) + 5"
+        );
+        assert_eq!(limiter.view(c).unwrap().requests.remaining, Some(87));
+
+        // A customer absent from the totals has no database usage.
+        let other = customer(2);
+        admitted(limiter.admit(other));
+        limiter.apply_totals(period, &HashMap::new(), &limiter.committed_snapshot());
+        assert_eq!(used(&limiter, other).requests, 1);
+        assert_eq!(used(&limiter, c).requests, 5, "only own counts remain");
+
+        // Totals of an older period, or with a snapshot of another period,
+        // change nothing / count everything as others'.
+        limiter.apply_totals(period.previous(), &totals, &snapshot);
+        assert_eq!(used(&limiter, c).requests, 5);
+    }
+
+    #[test]
+    fn restart_loads_database_totals() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (clock, limiter) = setup(at);
+        let period = Period::containing(at);
+        let (c, d) = (customer(1), customer(2));
+        limiter.set_limits(c, quota(10, Overage::Block));
+        let totals = HashMap::from([
+            (
+                c,
+                PeriodTotals {
+                    requests: 9,
+                    tokens: 90,
+                    cost_nanos: 900,
+                },
+            ),
+            (
+                d,
+                PeriodTotals {
+                    requests: 4,
+                    tokens: 0,
+                    cost_nanos: 0,
+                },
+            ),
+        ]);
+        limiter.apply_totals(period, &totals, &limiter.committed_snapshot());
+        assert_eq!(
+            used(&limiter, c),
+            PeriodTotals {
+                requests: 9,
+                tokens: 90,
+                cost_nanos: 900
+            }
+        );
+        // `d` had no limits yet: added, and its limits later find the count.
+        limiter.set_limits(d, quota(4, Overage::Block));
+        assert!(matches!(
+            rejected(limiter.admit(d)),
+            Rejection::QuotaExceeded { .. }
+        ));
+        admitted(limiter.admit(c));
+        assert!(limiter.admit(c).result.is_err());
+
+        // The previous process's rows replayed from the spool and committed
+        // now are already in the totals and must not be subtracted.
+        limiter.committed(&[event(c, at - Duration::from_secs(5), Outcome::Ok, 10, 100)]);
+        clock.advance(secs(1));
+        limiter.apply_totals(period, &totals, &limiter.committed_snapshot());
+        assert_eq!(used(&limiter, c).requests, 10);
+    }
+
+    #[test]
+    fn committed_then_new_month_starts_from_zero() {
+        let (clock, limiter) = setup(datetime!(2026-03-31 23:00 UTC));
+        let c = customer(1);
+        admitted(limiter.admit(c));
+        limiter.committed(&[event(c, clock.now(), Outcome::Ok, 1, 1)]);
+        assert_eq!(limiter.committed_snapshot().get(c).requests, 1);
+        let march = limiter.committed_snapshot();
+        clock.set(datetime!(2026-04-01 0:00:01 UTC));
+        let april = limiter.committed_snapshot();
+        assert_eq!(april.get(c), PeriodTotals::ZERO);
+        // A March snapshot against April totals: all of April is others'.
+        let totals = HashMap::from([(
+            c,
+            PeriodTotals {
+                requests: 3,
+                tokens: 0,
+                cost_nanos: 0,
+            },
+        )]);
+        limiter.apply_totals(april.period(), &totals, &march);
+        assert_eq!(used(&limiter, c).requests, 3);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Admit,
+        Release(usize),
+        Settle(usize, u64),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Admit),
+            2 => any::<usize>().prop_map(Op::Release),
+            2 => (any::<usize>(), 0..40u64).prop_map(|(i, t)| Op::Settle(i, t)),
+            1 => (0..4 * 3600u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn block_quota_and_counts_match_a_model(
+            monthly_requests in 0..12u64,
+            monthly_tokens in 0..200u64,
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            let (clock, limiter) = setup(datetime!(2026-01-31 20:00 UTC));
+            let c = customer(1);
+            limiter.set_limits(c, Limits {
+                monthly_requests: Some(monthly_requests),
+                monthly_tokens: Some(monthly_tokens),
+                ..Limits::unlimited()
+            });
+            let mut period = Period::containing(clock.now());
+            let (mut requests, mut tokens) = (0u64, 0u64);
+            let mut admissions: Vec<(Admission, bool)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Admit => {
+                        let expect_ok = requests < monthly_requests && tokens < monthly_tokens;
+                        let result = limiter.admit(c).result;
+                        prop_assert_eq!(result.is_ok(), expect_ok);
+                        if let Ok(admission) = result {
+                            prop_assert_eq!(admission.period(), period);
+                            requests += 1;
+                            admissions.push((admission, false));
+                        }
+                    }
+                    Op::Release(i) if !admissions.is_empty() => {
+                        let i = i % admissions.len();
+                        let (admission, released) = &mut admissions[i];
+                        limiter.release(admission);
+                        if !*released && admission.period() == period {
+                            requests -= 1;
+                        }
+                        *released = true;
+                    }
+                    Op::Settle(i, t) if !admissions.is_empty() => {
+                        let (admission, _) = &admissions[i % admissions.len()];
+                        limiter.settle(admission, t, 0);
+                        if admission.period() == period {
+                            tokens += t;
+                        }
+                    }
+                    Op::Advance(s) => clock.advance(Duration::from_secs(s)),
+                    Op::Release(_) | Op::Settle(..) => {}
+                }
+                let now_period = Period::containing(clock.now());
+                if now_period != period {
+                    period = now_period;
+                    requests = 0;
+                    tokens = 0;
+                }
+                let view = limiter.view(c).unwrap();
+                prop_assert!(view.requests.used <= monthly_requests);
+                prop_assert_eq!(view.requests.used, requests);
+                prop_assert_eq!(view.tokens.used, tokens);
+                prop_assert_eq!(view.requests.remaining, Some(monthly_requests - requests));
+            }
+        }
+    }
+}

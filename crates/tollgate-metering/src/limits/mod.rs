@@ -1,0 +1,38 @@
+//! Limits: the in-memory admission core for rate limits, monthly request
+//! quotas and token/cost budgets (SPEC §4). Pure logic, no I/O: the proxy
+//! calls [`Limiter::admit`] before forwarding, [`Limiter::release`] /
+//! [`Limiter::settle`] after; background tasks feed it limits
+//! ([`Limiter::set_limits`]) and database totals
+//! ([`Limiter::apply_totals`]).
+//!
+//! - **Rate** (`rate = "60/min"`): GCRA per customer, per instance; a burst
+//!   of `count` from idle, then one every `per / count`.
+//! - **Monthly quotas and budgets**: counted per calendar month in UTC
+//!   ([`Period`]); a new month starts lazily, on the first call that sees
+//!   it. Requests are reserved at admission; tokens and cost are settled
+//!   when the response ends, so concurrent in-flight requests may overshoot
+//!   a budget by what they use (a budget can only refuse the next request).
+//! - Time comes only from a [`Clock`], so tests move it by hand.
+//!
+//! # Failure behaviour
+//! Everything here is memory. A crash loses this instance's counts; on
+//! start the wiring loads the period's totals from the database
+//! ([`Limiter::apply_totals`] with an empty snapshot), so only usage not
+//! yet in the database (rows still in the spool, replayed later) is
+//! missing until the next sync. Across instances, quotas and budgets
+//! overshoot by at most what the other instances admit between syncs:
+//! (flush_interval + sync_interval) × the customer's request rate.
+
+mod clock;
+mod config;
+mod gcra;
+mod limiter;
+mod period;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{parse_rate, Limits, LimitsError, Overage, Problem, Rate, RateError};
+pub use limiter::{
+    event_tokens, Admission, Budget, CommittedSnapshot, Decision, Limiter, Meter, PeriodTotals,
+    QuotaView, RateHeaders, Rejection,
+};
+pub use period::{Period, PeriodError};
