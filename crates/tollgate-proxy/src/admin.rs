@@ -18,10 +18,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest};
+use tollgate_metering::limits::Period;
+use tollgate_metering::policy::Policies;
 use tollgate_metering::StoreError;
 
 use crate::body::ProxyBody;
 use crate::error::error_response;
+use crate::quota::{quota_document, unlimited_view};
 
 /// The largest admin request body accepted.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -31,6 +34,8 @@ const STRICT_READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the admin endpoints need.
 pub struct Admin {
     accounts: Arc<Accounts>,
+    /// Customers' effective limits and counters (`/v1/quota`).
+    policies: Arc<Policies>,
     /// BLAKE3 digests of the admin tokens: `blake3::Hash` equality is
     /// constant-time, so comparing digests leaks nothing about a token.
     tokens: Vec<blake3::Hash>,
@@ -161,9 +166,10 @@ struct List<T> {
 }
 
 impl Admin {
-    pub fn new(accounts: Arc<Accounts>, tokens: &[String]) -> Admin {
+    pub fn new(accounts: Arc<Accounts>, policies: Arc<Policies>, tokens: &[String]) -> Admin {
         Admin {
             accounts,
+            policies,
             tokens: tokens
                 .iter()
                 .map(|token| blake3::hash(token.as_bytes()))
@@ -333,8 +339,28 @@ impl Admin {
                     .await?;
                 Ok(json(StatusCode::CREATED, &created))
             }
+            (["quota", customer], &Method::GET) => {
+                let customer = accounts.customer(customer).await?;
+                let limiter = self.policies.limiter();
+                let view = limiter.view(customer.id).unwrap_or_else(|| {
+                    unlimited_view(Period::containing(OffsetDateTime::now_utc()))
+                });
+                let tier = self.policies.tier(customer.id);
+                let document = quota_document(
+                    customer.id,
+                    Some(&customer.name),
+                    Some(tier.as_deref().unwrap_or(&customer.tier)),
+                    &view,
+                );
+                Ok(json(StatusCode::OK, &document))
+            }
             (
-                ["customers"] | ["customers", _] | ["keys"] | ["keys", _] | ["keys", _, "rotate"],
+                ["customers"]
+                | ["customers", _]
+                | ["keys"]
+                | ["keys", _]
+                | ["keys", _, "rotate"]
+                | ["quota", _],
                 _,
             ) => Err(AdminError::MethodNotAllowed),
             _ => Err(AdminError::NotFound(format!(

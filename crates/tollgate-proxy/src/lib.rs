@@ -14,6 +14,7 @@ pub mod framing;
 pub mod headers;
 pub mod meter;
 pub mod pipeline;
+pub mod quota;
 pub mod route;
 pub mod server;
 pub mod tls;

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use time::OffsetDateTime;
 use tollgate_metering::cache::Authenticated;
 use tollgate_metering::limits::{event_tokens, Admission, Limiter};
+use tollgate_metering::policy::Policies;
 use tollgate_metering::usage::cost::parse_usd_to_nanos;
 use tollgate_metering::usage::extract::{TokenCounts, UsageChunkFilter, UsageScanner};
 use tollgate_metering::usage::pricing::Pricing;
@@ -36,6 +37,8 @@ pub struct Metering {
     /// Rate limits, quotas and budgets: admissions are settled or released
     /// when the usage event is finished.
     pub limiter: Arc<Limiter>,
+    /// Customers' tiers (for the quota views).
+    pub policies: Arc<Policies>,
     /// `usage_events.instance` of every row this process records.
     pub instance: String,
     pub pricing: Pricing,
@@ -48,13 +51,14 @@ pub struct Metering {
 impl Metering {
     pub fn new(
         recorder: Recorder,
-        limiter: Arc<Limiter>,
+        policies: Arc<Policies>,
         instance: String,
         pricing: Pricing,
     ) -> Metering {
         Metering {
             recorder,
-            limiter,
+            limiter: policies.limiter().clone(),
+            policies,
             instance,
             pricing,
             bad_cost_headers: AtomicU64::new(0),

@@ -35,7 +35,7 @@ use http::{HeaderName, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use time::OffsetDateTime;
-use tollgate_metering::limits::RateHeaders;
+use tollgate_metering::limits::{Period, RateHeaders};
 use tollgate_metering::usage::extract::{
     inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
 };
@@ -48,6 +48,7 @@ use crate::forward::{is_body_too_large, UpstreamClient};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
 use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
+use crate::quota::{quota_document, unlimited_view};
 use crate::route::{Route, RouteTable};
 
 /// What the data plane knows about the connection a request came in on.
@@ -167,6 +168,9 @@ impl Gateway {
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_framing(&request, conn)?;
+        if request.uri().path().starts_with(SELF_SERVICE) {
+            return self.self_service(&request);
+        }
         let route = self
             .routes
             .find(request.uri().path())
@@ -207,6 +211,36 @@ impl Gateway {
             reason: "usage event missing".to_owned(),
         })?;
         Ok(self.downstream_response(route, upstream_response, guard, asked_for_usage))
+    }
+
+    /// Step 0: the gateway's own paths. Authenticated like any request, but
+    /// not forwarded, limited or metered.
+    fn self_service(&self, request: &Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let caller = self.auth.authenticate(request.headers())?;
+        let path = request.uri().path();
+        if path != "/_tollgate/usage" {
+            return Err(ProxyError::NoRoute);
+        }
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return Err(ProxyError::MalformedRequest {
+                reason: "/_tollgate/usage takes GET",
+            });
+        }
+        let customer = caller.customer_id;
+        // A customer created a moment ago may not have reached this
+        // instance's limiter yet: it has no limits and no usage so far.
+        let view = self
+            .metering
+            .limiter
+            .view(customer)
+            .unwrap_or_else(|| unlimited_view(Period::containing(OffsetDateTime::now_utc())));
+        let tier = self.metering.policies.tier(customer);
+        let document = quota_document(customer, None, tier.as_deref(), &view);
+        let mut response = Response::new(ProxyBody::full(document.to_string()));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(response)
     }
 
     /// The body to send upstream, and whether the gateway rewrote it to ask
@@ -438,6 +472,9 @@ impl Gateway {
         Response::from_parts(parts, ProxyBody::Metered(body))
     }
 }
+
+/// Paths under this prefix are the gateway's own (SPEC §3 step 0).
+const SELF_SERVICE: &str = "/_tollgate/";
 
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");

@@ -158,7 +158,7 @@ pub async fn start_with_clock(
     ));
     let metering = Arc::new(Metering::new(
         recorder.recorder(),
-        limiter,
+        policies.clone(),
         config.server.instance_id.clone(),
         pricing(&config),
     ));
@@ -209,7 +209,7 @@ pub async fn start_with_clock(
         wait_for(stopped.clone()),
     ));
     let accounts = Arc::new(crate::manage::accounts_for(&config, store));
-    let admin = Arc::new(Admin::new(accounts, &config.admin.tokens));
+    let admin = Arc::new(Admin::new(accounts, policies, &config.admin.tokens));
     let admin_state = admin.clone();
     let admin_task = tokio::spawn(serve(
         admin_listener,

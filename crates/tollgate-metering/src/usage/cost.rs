@@ -167,9 +167,37 @@ fn invalid(text: &str, at: usize) -> CostError {
     CostError::Invalid { at, found }
 }
 
+/// Formats nano-USD as a decimal USD string, exactly and without
+/// trailing zeros: `2_100_000` → `"0.0021"`, `5_000_000_000` → `"5"`,
+/// `-1` → `"-0.000000001"`. Money in JSON is always such a string.
+pub fn format_usd(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let abs = nanos.unsigned_abs();
+    let whole = abs / 1_000_000_000;
+    let frac = abs % 1_000_000_000;
+    if frac == 0 {
+        return format!("{sign}{whole}");
+    }
+    let digits = format!("{frac:09}");
+    format!("{sign}{whole}.{}", digits.trim_end_matches('0'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_exact_decimal_strings() {
+        assert_eq!(format_usd(0), "0");
+        assert_eq!(format_usd(2_100_000), "0.0021");
+        assert_eq!(format_usd(5_000_000_000), "5");
+        assert_eq!(format_usd(12_500_000_001), "12.500000001");
+        assert_eq!(format_usd(-1), "-0.000000001");
+        assert_eq!(format_usd(i64::MIN), "-9223372036.854775808");
+        for nanos in [1, 999, 1_000_000_000, 123_456_789_012, i64::MAX] {
+            assert_eq!(parse_usd_to_nanos(&format_usd(nanos)), Ok(nanos));
+        }
+    }
 
     #[test]
     fn parses_exact_amounts() {
