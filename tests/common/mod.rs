@@ -95,6 +95,20 @@ impl TestGateway {
 
     /// Starts on the database the config names (which the caller owns).
     pub async fn start_on(config: Config, dir: Option<tempfile::TempDir>) -> TestGateway {
+        Self::start_on_clock(
+            config,
+            dir,
+            std::sync::Arc::new(tollgate_metering::limits::SystemClock),
+        )
+        .await
+    }
+
+    /// As [`TestGateway::start_on`], with the limits following `clock`.
+    pub async fn start_on_clock(
+        config: Config,
+        dir: Option<tempfile::TempDir>,
+        clock: std::sync::Arc<dyn tollgate_metering::limits::Clock>,
+    ) -> TestGateway {
         let store = tollgate::app::open_store(&config)
             .await
             .expect("database opens");
@@ -113,7 +127,7 @@ impl TestGateway {
             }
             None => None,
         };
-        let running = tollgate::app::start_with_store(config.clone(), store.clone())
+        let running = tollgate::app::start_with_clock(config.clone(), store.clone(), clock)
             .await
             .expect("gateway starts");
         TestGateway {
