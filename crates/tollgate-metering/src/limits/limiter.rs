@@ -314,6 +314,19 @@ impl State {
         self.limits = limits;
     }
 
+    fn admit(&mut self, customer: CustomerId, now_ns: i64) -> Decision {
+        self.roll(now_ns);
+        let result = self.decide(now_ns).map(|()| Admission {
+            customer,
+            period: self.period,
+            released: AtomicBool::new(false),
+        });
+        Decision {
+            result,
+            headers: self.headers(now_ns),
+        }
+    }
+
     /// Checks in order (rate, budgets, request quota), and only when all
     /// pass takes the rate slot and the request.
     fn decide(&mut self, now_ns: i64) -> Result<(), Rejection> {
@@ -661,21 +674,6 @@ impl Limiter {
         let state = &mut *entry;
         state.roll(now_ns);
         Some(state.view(now_ns))
-    }
-}
-
-impl State {
-    fn admit(&mut self, customer: CustomerId, now_ns: i64) -> Decision {
-        self.roll(now_ns);
-        let result = self.decide(now_ns).map(|()| Admission {
-            customer,
-            period: self.period,
-            released: AtomicBool::new(false),
-        });
-        Decision {
-            result,
-            headers: self.headers(now_ns),
-        }
     }
 }
 
