@@ -3,20 +3,29 @@
 //! naive baseline: a plain binary COPY of the same rows, same batches, into
 //! an unindexed, unpartitioned table, so that the ratio shows what the
 //! dedupe and the rollup cost. Target: ≥ 200,000 rows/s into Postgres.
+//! "Replayed rows" writes the same batches again (all already there), as a
+//! spool replay would.
+//!
+//! Each figure is the median of a few rounds of fresh rows (min–max
+//! beside it): on a shared machine a single run says little.
 //!
 //! Run: `cargo bench --bench usage_write` (needs the test Postgres of
-//! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database).
-//! `ROWS=50000 BATCH=1000 cargo bench --bench usage_write` to change sizes.
+//! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database, and a
+//! temporary SQLite file). `ROWS=50000 BATCH=1000 ROUNDS=1 cargo bench
+//! --bench usage_write` to change sizes.
 
 #![allow(clippy::unwrap_used)]
 
 use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tollgate_metering::store::Store;
+use tollgate_metering::usage::recorder::{self, RecorderConfig};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_store::testing::{TestDatabase, TestSqlite};
@@ -182,6 +191,34 @@ async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) ->
     rows as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Sustained rows/s of the whole recorder: `record` (as the data plane
+/// calls it) → batch → spool append with fsync → `write_usage` →
+/// checkpoint, from the first event recorded until the last is committed.
+async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize) -> f64 {
+    let spool = tempfile::tempdir().unwrap();
+    let config = RecorderConfig {
+        batch_size,
+        flush_interval: Duration::from_millis(200),
+        spool_dir: spool.path().to_owned(),
+        spool_max: 1 << 30,
+        reject_when_full: true,
+    };
+    let handle = recorder::start(config, store, None).await.unwrap();
+    let recorder = handle.recorder();
+    let events = rows(total, OffsetDateTime::now_utc());
+    let started = Instant::now();
+    for event in events {
+        recorder.record(event);
+    }
+    let stats = recorder.stats().clone();
+    while stats.rows_written.load(Ordering::Relaxed) < total as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    handle.shutdown().await;
+    rate
+}
+
 /// Rates of several rounds.
 #[derive(Default)]
 struct Rates(Vec<f64>);
@@ -232,7 +269,7 @@ async fn main() {
     postgres.write_usage(&warm_up).await.unwrap();
     sqlite.write_usage(&warm_up).await.unwrap();
 
-    let [mut pg, mut pg_replay, mut copy, mut lite, mut lite_replay] =
+    let [mut pg, mut pg_replay, mut copy, mut lite, mut lite_replay, mut recorded] =
         std::array::from_fn(|_| Rates::default());
     for _ in 0..rounds {
         // Fresh ids every round: every measured row is new.
@@ -250,6 +287,10 @@ async fn main() {
             .await
             .unwrap();
         copy.0.push(copy_all(&client, &batches).await);
+
+        recorded
+            .0
+            .push(through_recorder(postgres.clone(), total, batch_size).await);
 
         let (rate, new) = write_all(&*sqlite, &batches).await;
         assert_eq!(new, total as u64, "every row is new");
@@ -269,7 +310,7 @@ async fn main() {
         .get(0);
     assert_eq!(
         counted,
-        (total * rounds + batch_size) as i64,
+        (total * rounds * 2 + batch_size) as i64,
         "the rollups count each row once"
     );
 
@@ -280,6 +321,12 @@ async fn main() {
         "{:<36} {:>9.2}",
         "postgres write_usage / plain COPY",
         pg.median() / copy.median()
+    );
+    recorded.print("recorder + spool + postgres");
+    println!(
+        "{:<36} {:>9.2}",
+        "recorder path / write_usage",
+        recorded.median() / pg.median()
     );
     lite.print("sqlite write_usage, new rows");
     lite_replay.print("sqlite write_usage, replayed rows");

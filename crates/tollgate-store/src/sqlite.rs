@@ -39,11 +39,11 @@ use time::{Date, OffsetDateTime, UtcOffset};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
 };
-use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
@@ -389,14 +389,14 @@ const UPSERT_USAGE_DAILY: &str = "INSERT INTO usage_daily (\
     cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
                      -9223372036854775808)";
 
-/// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
-/// its id is present, and only the rows inserted are added to their
-/// `usage_daily` group, which is upserted once per group at the end.
 /// Per-customer totals of one period (`day` text sorts as dates do).
 const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
     sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), sum(cost_nanos) \
     FROM usage_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id";
 
+/// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
+/// its id is present, and only the rows inserted are added to their
+/// `usage_daily` group, which is upserted once per group at the end.
 fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failure> {
     let rows = usage::rows(batch)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

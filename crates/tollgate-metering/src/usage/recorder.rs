@@ -68,6 +68,12 @@ const MAX_BATCHES_IN_MEMORY: usize = 16;
 fn max_pending(batch_size: usize) -> u64 {
     (batch_size as u64).saturating_mul(16).max(100_000)
 }
+/// How often the writer checkpoints while batches keep coming (and at
+/// most this long after the last commit when they stop). A checkpoint is an
+/// fsync that would otherwise sit between every two database writes; a
+/// checkpoint that lags only means that a crash replays a few more rows,
+/// which the database ignores.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a writer that is behind retries the database.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -388,8 +394,11 @@ async fn writer(
     on_commit: Option<CommitHook>,
 ) {
     let hook = on_commit.as_ref();
-    // Everything up to `written` is in the database.
+    // Everything up to `written` is in the database; `unsaved` is the part
+    // of it not yet checkpointed.
     let mut written: Option<SpoolPosition> = None;
+    let mut unsaved: Option<SpoolPosition> = None;
+    let mut last_checkpoint = tokio::time::Instant::now();
     let mut behind = false;
     loop {
         if behind {
@@ -423,7 +432,23 @@ async fn writer(
                 }
             }
         }
-        let Some((batch, position)) = batches.recv().await else {
+        let next = match &unsaved {
+            // Something committed is not checkpointed yet: wait for the
+            // next batch only until the checkpoint is due.
+            Some(_) => {
+                let due = last_checkpoint + CHECKPOINT_INTERVAL;
+                match tokio::time::timeout_at(due, batches.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
+                        continue;
+                    }
+                }
+            }
+            None => batches.recv().await,
+        };
+        let Some((batch, position)) = next else {
+            save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
             return;
         };
         if written.as_ref().is_some_and(|done| position <= *done) {
@@ -438,8 +463,11 @@ async fn writer(
                     .rows_written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats.database_up.store(true, Ordering::Relaxed);
-                checkpoint(&spool, &stats, position.clone()).await;
-                written = Some(position);
+                written = Some(position.clone());
+                unsaved = Some(position);
+                if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                    save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
+                }
             }
             Err(error) => {
                 note_failure(&stats, &error);
@@ -447,6 +475,19 @@ async fn writer(
             }
         }
     }
+}
+
+/// Checkpoints the last committed position, if any is unsaved.
+async fn save(
+    spool: &Arc<Mutex<Spool>>,
+    stats: &Arc<RecorderStats>,
+    unsaved: &mut Option<SpoolPosition>,
+    last_checkpoint: &mut tokio::time::Instant,
+) {
+    if let Some(position) = unsaved.take() {
+        checkpoint(spool, stats, position).await;
+    }
+    *last_checkpoint = tokio::time::Instant::now();
 }
 
 fn note_failure(stats: &RecorderStats, error: &StoreError) {
