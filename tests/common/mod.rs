@@ -15,6 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tollgate::config::Config;
 
+#[allow(unused_imports)]
 pub use tollgate_mock::MockUpstream;
 
 /// The environment used to interpolate test configs.

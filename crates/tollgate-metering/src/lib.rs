@@ -14,6 +14,8 @@ pub mod ids;
 pub mod key;
 pub mod limits;
 pub mod policy;
+pub mod reporting;
+pub mod reports;
 pub mod store;
 pub mod usage;
 

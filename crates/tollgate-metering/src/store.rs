@@ -12,10 +12,15 @@ use async_trait::async_trait;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
 use crate::limits::{Period, PeriodTotals};
+use crate::reports::{
+    BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
+    UsageTotals,
+};
 use crate::usage::UsageEvent;
 
 /// A customer as stored.
@@ -243,6 +248,62 @@ pub trait Store: Send + Sync + 'static {
         &self,
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError>;
+
+    /// Totals over `usage_daily` for the filter's days (and customer);
+    /// zeros when nothing matches. Served from the rollup, never from
+    /// `usage_events`.
+    async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError>;
+
+    /// Totals per group over `usage_daily`, only groups with rows, ordered
+    /// by the key: days ascending, customers by name, routes and models
+    /// bytewise (model `""` is "none" and comes first).
+    async fn usage_grouped(
+        &self,
+        filter: &UsageFilter,
+        group: UsageGroup,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError>;
+
+    /// Customers with usage in the filter, ranked by `by` descending (ties
+    /// by name), at most `limit`. Keys are [`GroupKey::Customer`].
+    async fn top_customers(
+        &self,
+        filter: &UsageFilter,
+        by: Ranking,
+        limit: u32,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError>;
+
+    /// Raw `usage_events` rows with `ts` in the filter's days (and of its
+    /// customer), ordered by `(ts, id)`, at most `limit` of them after the
+    /// keyset cursor `after`, the `(ts, id)` of the last row of the
+    /// previous page. The caller pages through to stream an export
+    /// without holding it in memory; each page is its own short query.
+    async fn usage_events_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, StoreError>;
+
+    /// Every customer (those without usage too, with zeros) with its
+    /// current tier and the month's admitted requests and cost from
+    /// `usage_daily`, ordered by name. Usage of ids that are not customers
+    /// is left out.
+    async fn billing_usage(&self, period: Period) -> Result<Vec<BillingUsage>, StoreError>;
+
+    /// The frozen lines of `period`, if it was closed.
+    async fn closed_period(&self, period: Period) -> Result<Option<ClosedPeriod>, StoreError>;
+
+    /// Freezes `lines` as `period`'s billing, once, in one transaction. If
+    /// the period is closed already (by an earlier call, or by a concurrent
+    /// one from any process), stores nothing and returns what was stored
+    /// first, so every caller gets the same answer. Two lines for one
+    /// customer are a `Conflict` (and nothing is stored).
+    async fn close_period(
+        &self,
+        period: Period,
+        lines: &[BillingLine],
+        at: OffsetDateTime,
+    ) -> Result<ClosedPeriod, StoreError>;
 
     /// Runs the change feed until `events` is closed. Its first event is a
     /// [`StoreEvent::Resync`], sent once the feed is live: from then on

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
@@ -20,9 +21,11 @@ use time::OffsetDateTime;
 use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest};
 use tollgate_metering::limits::Period;
 use tollgate_metering::policy::Policies;
+use tollgate_metering::reporting::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
+use tollgate_metering::reports::UsageGroup;
 use tollgate_metering::StoreError;
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
 use crate::quota::{quota_document, unlimited_view};
 
@@ -36,6 +39,8 @@ pub struct Admin {
     accounts: Arc<Accounts>,
     /// Customers' effective limits and counters (`/v1/quota`).
     policies: Arc<Policies>,
+    /// Usage analytics and billing (`/v1/usage/*`, `/v1/billing/*`).
+    reports: Arc<Reports>,
     /// BLAKE3 digests of the admin tokens: `blake3::Hash` equality is
     /// constant-time, so comparing digests leaks nothing about a token.
     tokens: Vec<blake3::Hash>,
@@ -157,6 +162,21 @@ struct ListQuery {
     customer: Option<String>,
     status: Option<String>,
     strict: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    by: Option<String>,
+    format: Option<String>,
+    period: Option<String>,
+}
+
+impl ListQuery {
+    fn report(&self) -> ReportParams {
+        ReportParams {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            customer: self.customer.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -166,10 +186,16 @@ struct List<T> {
 }
 
 impl Admin {
-    pub fn new(accounts: Arc<Accounts>, policies: Arc<Policies>, tokens: &[String]) -> Admin {
+    pub fn new(
+        accounts: Arc<Accounts>,
+        policies: Arc<Policies>,
+        reports: Arc<Reports>,
+        tokens: &[String],
+    ) -> Admin {
         Admin {
             accounts,
             policies,
+            reports,
             tokens: tokens
                 .iter()
                 .map(|token| blake3::hash(token.as_bytes()))
@@ -339,6 +365,37 @@ impl Admin {
                     .await?;
                 Ok(json(StatusCode::CREATED, &created))
             }
+            (["usage", report], &Method::GET) => {
+                let reports = &*self.reports;
+                let scope = reports.scope(&query.report()).await?;
+                let document = match *report {
+                    "summary" => reports.summary(&scope).await?,
+                    "daily" => reports.grouped(&scope, UsageGroup::Day).await?,
+                    "by-customer" => reports.grouped(&scope, UsageGroup::Customer).await?,
+                    "top-customers" => {
+                        reports
+                            .top(&scope, query.by.as_deref(), query.limit.as_deref())
+                            .await?
+                    }
+                    "export" => return self.export(scope, query.format.as_deref()).await,
+                    other => {
+                        return Err(AdminError::NotFound(format!(
+                            "admin endpoint /v1/usage/{other}"
+                        )))
+                    }
+                };
+                Ok(json(StatusCode::OK, &document))
+            }
+            (["billing", "summary"], &Method::GET) => {
+                let document = self
+                    .reports
+                    .billing_summary(query.period.as_deref())
+                    .await?;
+                Ok(json(StatusCode::OK, &document))
+            }
+            (["billing", "periods", period, "close"], &Method::POST) => {
+                Ok(json(StatusCode::OK, &self.reports.close(period).await?))
+            }
             (["quota", customer], &Method::GET) => {
                 let customer = accounts.customer(customer).await?;
                 let limiter = self.policies.limiter();
@@ -360,7 +417,10 @@ impl Admin {
                 | ["keys"]
                 | ["keys", _]
                 | ["keys", _, "rotate"]
-                | ["quota", _],
+                | ["quota", _]
+                | ["usage", _]
+                | ["billing", "summary"]
+                | ["billing", "periods", _, "close"],
                 _,
             ) => Err(AdminError::MethodNotAllowed),
             _ => Err(AdminError::NotFound(format!(
@@ -368,6 +428,66 @@ impl Admin {
                 segments.join("/")
             ))),
         }
+    }
+}
+
+impl Admin {
+    /// `GET /v1/usage/export`: raw rows as CSV, streamed a page at a time
+    /// with back-pressure from the client, so memory stays flat however
+    /// many rows there are. The first page is read before the response
+    /// starts, so a database that is down is a clean 503; a failure later
+    /// breaks the body off (the client sees an incomplete transfer, never a
+    /// silently short file).
+    async fn export(&self, scope: Scope, format: Option<&str>) -> AdminResult {
+        if !matches!(format, None | Some("csv")) {
+            return Err(AdminError::Invalid(
+                "format: only \"csv\" is supported".to_owned(),
+            ));
+        }
+        let (first, mut next) = self.reports.export_page(&scope, None).await?;
+        let (mut sender, body) = Channel::<Bytes, BoxError>::new(2);
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let mut text = String::from(CSV_HEADER);
+            let mut page = first;
+            loop {
+                for row in &page {
+                    csv_row(&mut text, row);
+                }
+                if sender
+                    .send_data(Bytes::from(std::mem::take(&mut text)))
+                    .await
+                    .is_err()
+                {
+                    return; // the client went away
+                }
+                let Some(after) = next else {
+                    return;
+                };
+                match reports.export_page(&scope, Some(after)).await {
+                    Ok((rows, cursor)) => {
+                        page = rows;
+                        next = cursor;
+                    }
+                    Err(error) => {
+                        tracing::warn!(message = "Usage export failed mid-stream.", %error);
+                        sender.abort(Box::new(error));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut response = Response::new(ProxyBody::Stream(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        );
+        headers.insert(
+            CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment; filename=\"usage.csv\""),
+        );
+        Ok(response)
     }
 }
 

@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::channel::Channel;
 use hyper::body::Incoming;
 
 use crate::meter::MeteredBody;
@@ -31,6 +32,9 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// The upstream's body, relayed and metered.
     Metered(MeteredBody),
+    /// A body the gateway produces piece by piece (an export), with
+    /// back-pressure from the client.
+    Stream(Channel<Bytes, BoxError>),
 }
 
 impl ProxyBody {
@@ -57,6 +61,7 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map_err(|error| Box::new(error) as BoxError),
             ProxyBody::Metered(metered) => Pin::new(metered).poll_frame(cx),
+            ProxyBody::Stream(channel) => Pin::new(channel).poll_frame(cx),
         }
     }
 
@@ -65,6 +70,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
             ProxyBody::Metered(metered) => metered.is_end_stream(),
+            ProxyBody::Stream(channel) => channel.is_end_stream(),
         }
     }
 
@@ -74,6 +80,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Upstream(incoming) => incoming.size_hint(),
             ProxyBody::Metered(metered) => metered.size_hint(),
+            ProxyBody::Stream(channel) => channel.size_hint(),
         }
     }
 }

@@ -33,6 +33,7 @@ use tollgate_metering::{CustomerId, KeyId};
 
 mod migrations;
 mod postgres;
+mod reports;
 mod sqlite;
 pub mod testing;
 mod usage;

@@ -33,6 +33,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "usage",
         sql: include_str!("../migrations/sqlite/0002_usage.sql"),
     },
+    Migration {
+        version: 3,
+        name: "reports",
+        sql: include_str!("../migrations/sqlite/0003_reports.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -45,6 +50,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         name: "usage",
         sql: include_str!("../migrations/postgres/0002_usage.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "reports",
+        sql: include_str!("../migrations/postgres/0003_reports.sql"),
     },
 ];
 

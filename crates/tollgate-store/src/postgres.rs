@@ -52,6 +52,10 @@ use tokio_postgres::{AsyncMessage, NoTls, Row, Socket};
 use uuid::Uuid;
 
 use tollgate_metering::limits::{Period, PeriodTotals};
+use tollgate_metering::reports::{
+    BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
+    UsageTotals,
+};
 use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
@@ -262,6 +266,8 @@ impl PostgresStore {
         }
     }
 }
+
+mod reports;
 
 /// Runs a call's body and classifies its failure.
 async fn run<T>(work: impl Future<Output = Result<T, Failure>>) -> Result<T, StoreError> {
@@ -1268,6 +1274,53 @@ impl Store for PostgresStore {
             Ok(totals)
         })
         .await
+    }
+
+    async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {
+        run(reports::summary(self, filter)).await
+    }
+
+    async fn usage_grouped(
+        &self,
+        filter: &UsageFilter,
+        group: UsageGroup,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError> {
+        run(reports::grouped(self, filter, group)).await
+    }
+
+    async fn top_customers(
+        &self,
+        filter: &UsageFilter,
+        by: Ranking,
+        limit: u32,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError> {
+        run(reports::top_customers(self, filter, by, limit)).await
+    }
+
+    async fn usage_events_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, StoreError> {
+        run(reports::events_page(self, filter, after, limit)).await
+    }
+
+    async fn billing_usage(&self, period: Period) -> Result<Vec<BillingUsage>, StoreError> {
+        run(reports::billing_usage(self, period)).await
+    }
+
+    async fn closed_period(&self, period: Period) -> Result<Option<ClosedPeriod>, StoreError> {
+        run(reports::closed_period(self, period)).await
+    }
+
+    async fn close_period(
+        &self,
+        period: Period,
+        lines: &[BillingLine],
+        at: OffsetDateTime,
+    ) -> Result<ClosedPeriod, StoreError> {
+        run(reports::close_period(self, period, lines, at)).await
     }
 
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {

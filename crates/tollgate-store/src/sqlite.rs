@@ -40,6 +40,10 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use tollgate_metering::limits::{Period, PeriodTotals};
+use tollgate_metering::reports::{
+    BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
+    UsageTotals,
+};
 use tollgate_metering::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
     NewKey, Page, Store, StoreError, StoreEvent,
@@ -50,6 +54,8 @@ use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 use crate::migrations::{self, Migration};
 use crate::usage::{self, bigint, text, Groups};
 use crate::{backoff, change_event, status_condition, KEY_BATCH};
+
+mod reports;
 
 /// How long a statement waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -915,6 +921,64 @@ impl Store for SqliteStore {
             Ok(totals)
         })
         .await
+    }
+
+    async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| reports::summary(conn, &filter)).await
+    }
+
+    async fn usage_grouped(
+        &self,
+        filter: &UsageFilter,
+        group: UsageGroup,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| reports::grouped(conn, &filter, group))
+            .await
+    }
+
+    async fn top_customers(
+        &self,
+        filter: &UsageFilter,
+        by: Ranking,
+        limit: u32,
+    ) -> Result<Vec<(GroupKey, UsageTotals)>, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| reports::top_customers(conn, &filter, by, limit))
+            .await
+    }
+
+    async fn usage_events_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(OffsetDateTime, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<UsageEvent>, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| reports::events_page(conn, &filter, after, limit))
+            .await
+    }
+
+    async fn billing_usage(&self, period: Period) -> Result<Vec<BillingUsage>, StoreError> {
+        self.call(move |conn| reports::billing_usage(conn, period))
+            .await
+    }
+
+    async fn closed_period(&self, period: Period) -> Result<Option<ClosedPeriod>, StoreError> {
+        self.call(move |conn| reports::closed_period(conn, period))
+            .await
+    }
+
+    async fn close_period(
+        &self,
+        period: Period,
+        lines: &[BillingLine],
+        at: OffsetDateTime,
+    ) -> Result<ClosedPeriod, StoreError> {
+        let lines = lines.to_vec();
+        self.call(move |conn| reports::close_period(conn, period, &lines, at))
+            .await
     }
 
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {

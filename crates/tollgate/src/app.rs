@@ -208,8 +208,18 @@ pub async fn start_with_clock(
         },
         wait_for(stopped.clone()),
     ));
-    let accounts = Arc::new(crate::manage::accounts_for(&config, store));
-    let admin = Arc::new(Admin::new(accounts, policies, &config.admin.tokens));
+    let accounts = Arc::new(crate::manage::accounts_for(&config, store.clone()));
+    let reports = Arc::new(tollgate_metering::reporting::Reports::new(
+        store.clone(),
+        tier_limits(&config),
+        clock.clone(),
+    ));
+    let admin = Arc::new(Admin::new(
+        accounts,
+        policies,
+        reports,
+        &config.admin.tokens,
+    ));
     let admin_state = admin.clone();
     let admin_task = tokio::spawn(serve(
         admin_listener,
@@ -322,7 +332,7 @@ async fn run_sync(
 }
 
 /// The configured tiers as limits.
-fn tier_limits(config: &Config) -> HashMap<String, Limits> {
+pub fn tier_limits(config: &Config) -> HashMap<String, Limits> {
     config
         .tiers
         .iter()

@@ -43,11 +43,62 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Usage totals from the daily rollups (default: this month, all customers).
+    Usage {
+        /// One customer's name or id.
+        #[arg(long, value_name = "NAME_OR_ID")]
+        customer: Option<String>,
+        /// First day, UTC, inclusive (default: the 1st of this month).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        from: Option<String>,
+        /// Last day, UTC, inclusive (default: the end of this month).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        to: Option<String>,
+        /// One row per day, customer, route or model (default: one total).
+        #[arg(long, value_enum)]
+        by: Option<UsageBy>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Billing per calendar month.
+    #[command(subcommand)]
+    Billing(BillingCommand),
     /// Run an OpenAI- and Anthropic-compatible mock upstream (demos, tests, benches).
     MockUpstream {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
+    },
+}
+
+/// `usage --by`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UsageBy {
+    Day,
+    Customer,
+    Route,
+    Model,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Each customer's requests, overage and metered cost for a month (the
+    /// frozen lines once it is closed).
+    Summary {
+        #[arg(long, value_name = "YYYY-MM")]
+        period: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Freeze a past month's billing lines; again returns the same lines.
+    Close {
+        #[arg(long, value_name = "YYYY-MM")]
+        period: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

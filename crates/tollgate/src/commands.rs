@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use tollgate_metering::reporting::ReportParams;
+
 use crate::cli::{Cli, Command};
 use crate::config::{Config, ConfigError};
 use crate::{app, manage, shutdown};
@@ -65,6 +67,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(command) => {
             let (config, _) = load_config(cli.config.as_deref())?;
             runtime(1)?.block_on(manage::keys(&config, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Usage {
+            customer,
+            from,
+            to,
+            by,
+            json,
+        } => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            let params = ReportParams { from, to, customer };
+            runtime(1)?.block_on(manage::usage(&config, params, by, json))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Billing(command) => {
+            let (config, _) = load_config(cli.config.as_deref())?;
+            runtime(1)?.block_on(manage::billing(&config, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::MockUpstream { listen } => {

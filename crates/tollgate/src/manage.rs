@@ -10,9 +10,11 @@ use time::OffsetDateTime;
 use tollgate_metering::accounts::{
     AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView, MAX_PAGE,
 };
+use tollgate_metering::reporting::{ReportParams, Reports};
+use tollgate_metering::reports::UsageGroup;
 use tollgate_metering::KeyFormat;
 
-use crate::cli::{CustomersCommand, KeysCommand};
+use crate::cli::{BillingCommand, CustomersCommand, KeysCommand, UsageBy};
 use crate::config::units::parse_duration;
 use crate::config::Config;
 
@@ -174,6 +176,129 @@ where
             None => return Ok(all),
         }
     }
+}
+
+/// The report operations over the config's database and tiers.
+pub fn reports_for(config: &Config, store: Arc<dyn tollgate_metering::Store>) -> Reports {
+    Reports::new(
+        store,
+        crate::app::tier_limits(config),
+        Arc::new(tollgate_metering::limits::SystemClock),
+    )
+}
+
+pub async fn usage(
+    config: &Config,
+    params: ReportParams,
+    by: Option<UsageBy>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = crate::app::open_store(config).await?;
+    let reports = reports_for(config, store);
+    let scope = reports.scope(&params).await.map_err(account_error)?;
+    let (document, key) = match by {
+        None => (reports.summary(&scope).await, None),
+        Some(by) => {
+            let (group, key) = match by {
+                UsageBy::Day => (UsageGroup::Day, "day"),
+                UsageBy::Customer => (UsageGroup::Customer, "customer"),
+                UsageBy::Route => (UsageGroup::Route, "route"),
+                UsageBy::Model => (UsageGroup::Model, "model"),
+            };
+            (reports.grouped(&scope, group).await, Some(key))
+        }
+    };
+    let document = document.map_err(account_error)?;
+    print(json, &document, || usage_table(&document, key))
+}
+
+pub async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result<()> {
+    let store = crate::app::open_store(config).await?;
+    let reports = reports_for(config, store);
+    let (document, json) = match command {
+        BillingCommand::Summary { period, json } => {
+            (reports.billing_summary(Some(&period)).await, json)
+        }
+        BillingCommand::Close { period, json } => (reports.close(&period).await, json),
+    };
+    let document = document.map_err(account_error)?;
+    print(json, &document, || billing_table(&document))
+}
+
+const USAGE_COLUMNS: [&str; 7] = [
+    "requests",
+    "rejected",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "cost_usd",
+];
+
+fn cell(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn usage_table(document: &serde_json::Value, key: Option<&str>) -> String {
+    let rows: Vec<&serde_json::Value> = match key {
+        None => vec![document],
+        Some(_) => document["data"]
+            .as_array()
+            .map(|rows| rows.iter().collect())
+            .unwrap_or_default(),
+    };
+    let mut header = vec![key.unwrap_or("period")];
+    header.extend(USAGE_COLUMNS);
+    let period = format!("{}..{}", cell(&document["from"]), cell(&document["to"]));
+    let rows = rows
+        .into_iter()
+        .map(|row| {
+            let mut line = vec![match key {
+                None => period.clone(),
+                Some(key) => cell(&row[key]),
+            }];
+            line.extend(USAGE_COLUMNS.iter().map(|column| cell(&row[*column])));
+            line
+        })
+        .collect();
+    table(&header, rows)
+}
+
+fn billing_table(document: &serde_json::Value) -> String {
+    let columns = [
+        "customer",
+        "tier",
+        "requests",
+        "included_requests",
+        "overage_requests",
+        "overage_charge_usd",
+        "metered_cost_usd",
+        "total_usd",
+    ];
+    let rows = document["data"]
+        .as_array()
+        .map(|lines| {
+            lines
+                .iter()
+                .map(|line| columns.iter().map(|column| cell(&line[*column])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    let status = match document["closed_at"].as_str() {
+        Some(at) => format!("closed at {at}"),
+        None => "open".to_owned(),
+    };
+    format!(
+        "{} ({status}), total {} USD ({} rounded to cents)\n{}",
+        cell(&document["period"]),
+        cell(&document["total_usd"]),
+        cell(&document["total_usd_cents"]),
+        table(&columns, rows)
+    )
 }
 
 fn print<T: Serialize>(

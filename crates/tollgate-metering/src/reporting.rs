@@ -1,0 +1,505 @@
+//! Usage reports and billing (SPEC §6, and the `usage` and `billing`
+//! commands): one set of rules for the admin API and the CLI, from
+//! parameter parsing to the JSON documents both print.
+//!
+//! Every number comes from `usage_daily` through the [`Store`], so a report
+//! costs the same at any volume; only the export reads raw rows, a page at
+//! a time. Money is integer nano-USD inside and a decimal USD string
+//! outside.
+//!
+//! # Billing rule
+//!
+//! Per customer and calendar month (UTC): `requests` are its admitted
+//! requests; `included_requests` its tier's `monthly_requests` (with the
+//! customer's overrides); for `overage = "bill"`, `overage_requests =
+//! max(0, requests − included)` and `overage_charge = overage_requests ×
+//! overage_price_per_request_usd`; `metered_cost` is the sum of its rows'
+//! `cost_nanos`; `total = overage_charge + metered_cost`. Each is an exact
+//! integer number of nano-USD, so nothing is rounded on the way; the one
+//! rounding is for people: `total_usd_cents`, the total rounded half up to
+//! a whole cent, is what an invoice shows. The tier is the customer's tier
+//! when the summary is made (or the period closed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::accounts::AccountError;
+use crate::ids::CustomerId;
+use crate::limits::{Clock, Limits, Overage, Period};
+use crate::reports::{
+    BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
+    UsageTotals,
+};
+use crate::store::Store;
+use crate::usage::cost::format_usd;
+use crate::usage::UsageEvent;
+
+/// The longest ranking asked for.
+pub const MAX_TOP: u32 = 1000;
+/// The ranking length when none is asked for.
+pub const DEFAULT_TOP: u32 = 10;
+/// Rows per page when exporting.
+pub const EXPORT_PAGE: u32 = 1000;
+
+/// Report parameters as they arrive (query string or CLI flags).
+#[derive(Clone, Debug, Default)]
+pub struct ReportParams {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub customer: Option<String>,
+}
+
+/// A resolved report filter and the customer it names.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    pub filter: UsageFilter,
+    pub customer: Option<(CustomerId, String)>,
+}
+
+/// Reports and billing over a store.
+pub struct Reports {
+    store: Arc<dyn Store>,
+    tiers: HashMap<String, Limits>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Reports {
+    pub fn new(
+        store: Arc<dyn Store>,
+        tiers: HashMap<String, Limits>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Reports {
+            store,
+            tiers,
+            clock,
+        }
+    }
+
+    /// Dates are UTC `YYYY-MM-DD`, inclusive, and default to the current
+    /// month; `customer` is a name or an id.
+    pub async fn scope(&self, params: &ReportParams) -> Result<Scope, AccountError> {
+        let current = UsageFilter::period(Period::containing(self.clock.now()));
+        let from = parse_date("from", params.from.as_deref())?.unwrap_or(current.from);
+        let to = parse_date("to", params.to.as_deref())?.unwrap_or(current.to);
+        if from > to {
+            return Err(AccountError::Invalid {
+                field: "from",
+                message: format!("{from} is after to ({to})"),
+            });
+        }
+        let customer = match params.customer.as_deref() {
+            None => None,
+            Some(name_or_id) => {
+                let found = self.store.find_customer(name_or_id).await?;
+                let customer = found.ok_or_else(|| AccountError::Invalid {
+                    field: "customer",
+                    message: format!("no customer {name_or_id:?}"),
+                })?;
+                Some((customer.id, customer.name))
+            }
+        };
+        Ok(Scope {
+            filter: UsageFilter {
+                from,
+                to,
+                customer: customer.as_ref().map(|(id, _)| *id),
+            },
+            customer,
+        })
+    }
+
+    /// `GET /v1/usage/summary`.
+    pub async fn summary(&self, scope: &Scope) -> Result<Value, AccountError> {
+        let totals = self.store.usage_summary(&scope.filter).await?;
+        let mut document = scope_json(scope);
+        merge(&mut document, totals_json(&totals));
+        Ok(document)
+    }
+
+    /// `GET /v1/usage/daily` and the grouped CLI reports.
+    pub async fn grouped(&self, scope: &Scope, group: UsageGroup) -> Result<Value, AccountError> {
+        let rows = self.store.usage_grouped(&scope.filter, group).await?;
+        let mut document = scope_json(scope);
+        document["data"] = rows
+            .iter()
+            .map(|(key, totals)| row_json(key, totals))
+            .collect();
+        Ok(document)
+    }
+
+    /// `GET /v1/usage/top-customers`.
+    pub async fn top(
+        &self,
+        scope: &Scope,
+        by: Option<&str>,
+        limit: Option<&str>,
+    ) -> Result<Value, AccountError> {
+        let (ranking, by) = match by.unwrap_or("cost") {
+            "cost" => (Ranking::Cost, "cost"),
+            "requests" => (Ranking::Requests, "requests"),
+            "tokens" => (Ranking::Tokens, "tokens"),
+            other => {
+                return Err(AccountError::Invalid {
+                    field: "by",
+                    message: format!("unknown ranking {other:?} (cost, requests or tokens)"),
+                })
+            }
+        };
+        let limit = match limit {
+            None => DEFAULT_TOP,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_TOP).contains(n))
+                .ok_or_else(|| AccountError::Invalid {
+                    field: "limit",
+                    message: format!("must be a whole number from 1 to {MAX_TOP}"),
+                })?,
+        };
+        let rows = self
+            .store
+            .top_customers(&scope.filter, ranking, limit)
+            .await?;
+        let mut document = scope_json(scope);
+        document["by"] = json!(by);
+        document["data"] = rows
+            .iter()
+            .map(|(key, totals)| row_json(key, totals))
+            .collect();
+        Ok(document)
+    }
+
+    /// One page of the export: the rows after `after`, and the cursor for
+    /// the next page (`None` at the end).
+    pub async fn export_page(
+        &self,
+        scope: &Scope,
+        after: Option<(OffsetDateTime, Uuid)>,
+    ) -> Result<(Vec<UsageEvent>, Option<(OffsetDateTime, Uuid)>), AccountError> {
+        let rows = self
+            .store
+            .usage_events_page(&scope.filter, after, EXPORT_PAGE)
+            .await?;
+        let next = (rows.len() == EXPORT_PAGE as usize)
+            .then(|| rows.last().map(|row| (row.ts, row.id)))
+            .flatten();
+        Ok((rows, next))
+    }
+
+    /// `GET /v1/billing/summary?period=`: the frozen lines of a closed
+    /// period, else computed now.
+    pub async fn billing_summary(&self, period: Option<&str>) -> Result<Value, AccountError> {
+        let period = self.parse_period(period)?;
+        if let Some(closed) = self.store.closed_period(period).await? {
+            return Ok(billing_json(period, &closed.lines, Some(closed.closed_at)));
+        }
+        let lines = self.lines(period).await?;
+        Ok(billing_json(period, &lines, None))
+    }
+
+    /// `POST /v1/billing/periods/{period}/close`: freezes the lines once;
+    /// again (from anywhere) returns the same lines and creates nothing.
+    pub async fn close(&self, period: &str) -> Result<Value, AccountError> {
+        let period = self.parse_period(Some(period))?;
+        let current = Period::containing(self.clock.now());
+        if period >= current {
+            return Err(AccountError::Invalid {
+                field: "period",
+                message: format!(
+                    "{period} has not ended (the current month is {current}); only past months can be closed"
+                ),
+            });
+        }
+        if let Some(closed) = self.store.closed_period(period).await? {
+            return Ok(closed_json(&closed));
+        }
+        let lines = self.lines(period).await?;
+        let closed = self
+            .store
+            .close_period(period, &lines, self.clock.now())
+            .await?;
+        Ok(closed_json(&closed))
+    }
+
+    fn parse_period(&self, text: Option<&str>) -> Result<Period, AccountError> {
+        match text {
+            None => Ok(Period::containing(self.clock.now())),
+            Some(text) => text.parse().map_err(|_| AccountError::Invalid {
+                field: "period",
+                message: format!("expected YYYY-MM, found {text:?}"),
+            }),
+        }
+    }
+
+    async fn lines(&self, period: Period) -> Result<Vec<BillingLine>, AccountError> {
+        let usage = self.store.billing_usage(period).await?;
+        Ok(usage
+            .iter()
+            .map(|usage| billing_line(usage, self.tiers.get(&usage.tier)))
+            .collect())
+    }
+}
+
+/// The billing rule (see the module docs). A tier the config no longer
+/// has bills the metered cost only.
+pub fn billing_line(usage: &BillingUsage, tier: Option<&Limits>) -> BillingLine {
+    let included = tier.and_then(|limits| limits.monthly_requests);
+    let (overage_requests, overage_charge_nanos) = match (tier, included) {
+        (Some(limits), Some(included)) if limits.overage == Overage::Bill => {
+            let over = usage.requests.saturating_sub(included);
+            let charge = i64::try_from(over)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(limits.overage_price_nanos);
+            (over, charge)
+        }
+        _ => (0, 0),
+    };
+    BillingLine {
+        customer_id: usage.customer_id,
+        customer: usage.customer.clone(),
+        tier: usage.tier.clone(),
+        requests: usage.requests,
+        included_requests: included,
+        overage_requests,
+        overage_charge_nanos,
+        metered_cost_nanos: usage.cost_nanos,
+        total_nanos: overage_charge_nanos.saturating_add(usage.cost_nanos),
+    }
+}
+
+/// Nano-USD rounded half up (away from zero) to whole cents.
+pub fn round_to_cents(nanos: i64) -> i64 {
+    const NANOS_PER_CENT: i128 = 10_000_000;
+    let nanos = i128::from(nanos);
+    let cents = (nanos.abs() + NANOS_PER_CENT / 2) / NANOS_PER_CENT;
+    let cents = if nanos < 0 { -cents } else { cents };
+    i64::try_from(cents).unwrap_or(i64::MAX)
+}
+
+fn cents_string(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let cents = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", cents / 100, cents % 100)
+}
+
+fn parse_date(field: &'static str, text: Option<&str>) -> Result<Option<Date>, AccountError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(text, &format)
+        .map(Some)
+        .map_err(|_| AccountError::Invalid {
+            field,
+            message: format!("expected a date YYYY-MM-DD, found {text:?}"),
+        })
+}
+
+fn scope_json(scope: &Scope) -> Value {
+    let mut document = json!({
+        "from": scope.filter.from.to_string(),
+        "to": scope.filter.to.to_string(),
+    });
+    if let Some((id, name)) = &scope.customer {
+        document["customer_id"] = json!(id);
+        document["customer"] = json!(name);
+    }
+    document
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
+/// A report row's sums; money as a decimal string.
+pub fn totals_json(totals: &UsageTotals) -> Value {
+    json!({
+        "requests": totals.requests,
+        "rejected": totals.rejected,
+        "errors": totals.errors,
+        "input_tokens": totals.input_tokens,
+        "output_tokens": totals.output_tokens,
+        "cache_read_tokens": totals.cache_read_tokens,
+        "cache_write_tokens": totals.cache_write_tokens,
+        "tokens": totals.tokens(),
+        "request_bytes": totals.request_bytes,
+        "response_bytes": totals.response_bytes,
+        "cost_usd": format_usd(totals.cost_nanos),
+    })
+}
+
+fn row_json(key: &GroupKey, totals: &UsageTotals) -> Value {
+    let mut row = match key {
+        GroupKey::Day(day) => json!({"day": day.to_string()}),
+        GroupKey::Customer { id, name } => json!({"customer_id": id, "customer": name}),
+        GroupKey::Route(route) => json!({"route": route}),
+        GroupKey::Model(model) => json!({"model": (!model.is_empty()).then_some(model)}),
+    };
+    merge(&mut row, totals_json(totals));
+    row
+}
+
+fn line_json(line: &BillingLine) -> Value {
+    json!({
+        "customer_id": line.customer_id,
+        "customer": line.customer,
+        "tier": line.tier,
+        "requests": line.requests,
+        "included_requests": line.included_requests,
+        "overage_requests": line.overage_requests,
+        "overage_charge_usd": format_usd(line.overage_charge_nanos),
+        "metered_cost_usd": format_usd(line.metered_cost_nanos),
+        "total_usd": format_usd(line.total_nanos),
+        "total_usd_cents": cents_string(round_to_cents(line.total_nanos)),
+    })
+}
+
+fn billing_json(period: Period, lines: &[BillingLine], closed_at: Option<OffsetDateTime>) -> Value {
+    let total = lines
+        .iter()
+        .fold(0i64, |sum, line| sum.saturating_add(line.total_nanos));
+    json!({
+        "period": period.to_string(),
+        "closed": closed_at.is_some(),
+        "closed_at": closed_at.and_then(|at| at.format(&Rfc3339).ok()),
+        "data": lines.iter().map(line_json).collect::<Vec<_>>(),
+        "total_usd": format_usd(total),
+        "total_usd_cents": cents_string(round_to_cents(total)),
+    })
+}
+
+fn closed_json(closed: &ClosedPeriod) -> Value {
+    billing_json(closed.period, &closed.lines, Some(closed.closed_at))
+}
+
+/// The export's header row: the `usage_events` column names (SPEC §5).
+pub const CSV_HEADER: &str = "id,client_request_id,ts,customer_id,key_id,instance,route,method,\
+path,status,outcome,latency_us,upstream_latency_us,request_bytes,response_bytes,model,\
+input_tokens,output_tokens,cache_read_tokens,cache_write_tokens,cost_nanos,cost_source\r\n";
+
+/// Appends one usage row as an RFC 4180 record (CRLF-terminated; a field
+/// with a comma, quote, CR or LF is quoted, quotes doubled; `ts` as stored,
+/// RFC 3339 UTC with microseconds).
+pub fn csv_row(out: &mut String, row: &UsageEvent) {
+    use std::fmt::Write as _;
+    let ts = row
+        .ts
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        ))
+        .unwrap_or_default();
+    let _ = write!(out, "{},", row.id);
+    csv_field(out, row.client_request_id.as_deref().unwrap_or(""));
+    let _ = write!(out, ",{ts},{},{},", row.customer_id, row.key_id);
+    for text in [&row.instance, &row.route, &row.method, &row.path] {
+        csv_field(out, text);
+        out.push(',');
+    }
+    let _ = write!(
+        out,
+        "{},{},{},{},{},{},",
+        row.status,
+        row.outcome.as_str(),
+        row.latency_us,
+        row.upstream_latency_us,
+        row.request_bytes,
+        row.response_bytes
+    );
+    csv_field(out, row.model.as_deref().unwrap_or(""));
+    let _ = write!(
+        out,
+        ",{},{},{},{},{},{}\r\n",
+        row.input_tokens,
+        row.output_tokens,
+        row.cache_read_tokens,
+        row.cache_write_tokens,
+        row.cost_nanos,
+        row.cost_source.as_str()
+    );
+}
+
+fn csv_field(out: &mut String, text: &str) {
+    if text.contains([',', '"', '\r', '\n']) {
+        out.push('"');
+        out.push_str(&text.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(requests: u64, cost_nanos: i64) -> BillingUsage {
+        BillingUsage {
+            customer_id: CustomerId::new(),
+            customer: "acme".into(),
+            tier: "pro".into(),
+            requests,
+            cost_nanos,
+        }
+    }
+
+    #[test]
+    fn bill_tiers_charge_the_excess_and_block_tiers_do_not() {
+        let bill = Limits {
+            monthly_requests: Some(100),
+            overage: Overage::Bill,
+            overage_price_nanos: 1_000_000,
+            ..Limits::default()
+        };
+        let line = billing_line(&usage(130, 2_500), Some(&bill));
+        assert_eq!(line.included_requests, Some(100));
+        assert_eq!(line.overage_requests, 30);
+        assert_eq!(line.overage_charge_nanos, 30_000_000);
+        assert_eq!(line.total_nanos, 30_002_500);
+        let under = billing_line(&usage(99, 0), Some(&bill));
+        assert_eq!((under.overage_requests, under.total_nanos), (0, 0));
+        let block = Limits {
+            overage: Overage::Block,
+            ..bill.clone()
+        };
+        let blocked = billing_line(&usage(130, 7), Some(&block));
+        assert_eq!((blocked.overage_requests, blocked.total_nanos), (0, 7));
+        let unlimited = billing_line(&usage(10_000, 7), Some(&Limits::default()));
+        assert_eq!(
+            (unlimited.included_requests, unlimited.total_nanos),
+            (None, 7)
+        );
+        let gone = billing_line(&usage(5, 9), None);
+        assert_eq!((gone.included_requests, gone.total_nanos), (None, 9));
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        let mut out = String::new();
+        csv_field(&mut out, "plain");
+        out.push('|');
+        csv_field(&mut out, "a,b");
+        out.push('|');
+        csv_field(&mut out, "say \"hi\"\r\n");
+        assert_eq!(out, "plain|\"a,b\"|\"say \"\"hi\"\"\r\n\"");
+        assert_eq!(CSV_HEADER.split(',').count(), 22);
+    }
+
+    #[test]
+    fn cents_round_once_half_up() {
+        assert_eq!(round_to_cents(5_000_000), 1, "half a cent rounds up");
+        assert_eq!(round_to_cents(4_999_999), 0);
+        assert_eq!(round_to_cents(-5_000_000), -1);
+        assert_eq!(round_to_cents(1_234_567_890), 123);
+        assert_eq!(cents_string(123), "1.23");
+        assert_eq!(cents_string(5), "0.05");
+        assert_eq!(cents_string(-5), "-0.05");
+    }
+}

@@ -1,0 +1,663 @@
+//! Usage analytics and billing end to end, on both backends: known events
+//! across two months, customers and tiers, every endpoint's numbers, bad
+//! input, idempotent (and concurrent) period close, and the CSV export.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use time::macros::datetime;
+use time::OffsetDateTime;
+use tollgate_metering::limits::ManualClock;
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_store::testing::{Backend, TestGuard};
+use uuid::Uuid;
+
+struct Seeded {
+    db: TestGuard,
+    gateway: TestGateway,
+    _dir: tempfile::TempDir,
+    acme: CustomerId,
+    events: Vec<UsageEvent>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    customer: CustomerId,
+    ts: OffsetDateTime,
+    route: &str,
+    model: Option<&str>,
+    outcome: Outcome,
+    status: u16,
+    tokens: (u64, u64),
+    cost_nanos: i64,
+) -> UsageEvent {
+    UsageEvent {
+        id: Uuid::now_v7(),
+        client_request_id: None,
+        ts,
+        customer_id: customer,
+        key_id: KeyId::new(),
+        instance: "gw-test".into(),
+        route: route.into(),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        status,
+        outcome,
+        latency_us: 1000,
+        upstream_latency_us: 500,
+        request_bytes: 100,
+        response_bytes: 200,
+        model: model.map(str::to_owned),
+        input_tokens: tokens.0,
+        output_tokens: tokens.1,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_nanos,
+        cost_source: if cost_nanos > 0 {
+            CostSource::Pricing
+        } else {
+            CostSource::None
+        },
+    }
+}
+
+async fn seeded(backend: Backend) -> Seeded {
+    let db = TestGuard::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[admin]
+tokens = ["admin-test-token"]
+
+[database]
+url = "{db}"
+
+[usage]
+spool_dir = "{spool}"
+
+[[tiers]]
+name = "pro"
+monthly_requests = 3
+overage = "bill"
+overage_price_per_request_usd = 0.01
+
+[[tiers]]
+name = "free"
+monthly_requests = 2
+
+[[tiers]]
+name = "enterprise"
+"#,
+        db = db.url(),
+        spool = dir.path().join("spool").display(),
+    );
+    // "Now" is late November 2026: October is closable, November is not.
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-29 12:00 UTC)));
+    let gateway = TestGateway::start_on_clock(config(&toml), None, clock).await;
+    let accounts = tollgate::manage::accounts_for(&gateway.config, gateway.store.clone());
+    let mut ids = Vec::new();
+    for (name, tier) in [
+        ("acme", "pro"),
+        ("beta", "free"),
+        ("corp", "enterprise"),
+        ("idle", "free"),
+    ] {
+        ids.push(accounts.create_customer(name, tier, None).await.unwrap().id);
+    }
+    let (acme, beta, corp) = (ids[0], ids[1], ids[2]);
+    let gpt = Some("gpt-4o-mini");
+    let mut events = Vec::new();
+    for hour in 0..4 {
+        let ts = datetime!(2026-10-15 10:00 UTC) + Duration::from_secs(hour * 3600);
+        events.push(event(
+            acme,
+            ts,
+            "openai",
+            gpt,
+            Outcome::Ok,
+            200,
+            (10, 20),
+            1_000_000,
+        ));
+    }
+    // The last microsecond of October, and the first of November.
+    let last = datetime!(2026-10-31 23:59:59.999_999 UTC);
+    events.push(event(
+        acme,
+        last,
+        "anthropic",
+        Some("claude"),
+        Outcome::Ok,
+        200,
+        (5, 5),
+        2_500_001,
+    ));
+    events.push(event(
+        acme,
+        datetime!(2026-11-01 0:00 UTC),
+        "openai",
+        gpt,
+        Outcome::Ok,
+        200,
+        (1, 1),
+        7,
+    ));
+    for minute in 0..2 {
+        let ts = datetime!(2026-10-20 08:00 UTC) + Duration::from_secs(minute * 60);
+        events.push(event(beta, ts, "openai", None, Outcome::Ok, 200, (3, 0), 0));
+    }
+    events.push(event(
+        beta,
+        datetime!(2026-10-20 09:00 UTC),
+        "openai",
+        None,
+        Outcome::QuotaExceeded,
+        429,
+        (0, 0),
+        0,
+    ));
+    events.push(event(
+        beta,
+        datetime!(2026-11-02 09:00 UTC),
+        "openai",
+        None,
+        Outcome::Ok,
+        200,
+        (3, 0),
+        0,
+    ));
+    let mut odd = event(
+        corp,
+        datetime!(2026-10-01 0:00 UTC),
+        "openai",
+        gpt,
+        Outcome::UpstreamError,
+        502,
+        (0, 0),
+        0,
+    );
+    odd.path = "/v1/a,b".into();
+    odd.client_request_id = Some("say \"hi\"".into());
+    events.push(odd);
+    gateway.store.write_usage(&events).await.unwrap();
+    events.sort_by_key(|e| (e.ts, e.id));
+    Seeded {
+        db,
+        gateway,
+        _dir: dir,
+        acme,
+        events,
+    }
+}
+
+async fn admin_call(gateway: &TestGateway, method: Method, path: &str) -> Reply {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", gateway.admin))
+        .header("authorization", "Bearer admin-test-token")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&client(), request).await
+}
+
+async fn get(gateway: &TestGateway, path: &str) -> Value {
+    let reply = admin_call(gateway, Method::GET, path).await;
+    assert_eq!(reply.status, StatusCode::OK, "{path}: {:?}", reply.body);
+    reply.json()
+}
+
+/// Picks fields of every row of `data`.
+fn column(document: &Value, field: &str) -> Vec<Value> {
+    document["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[field].clone())
+        .collect()
+}
+
+async fn every_report_is_exact(backend: Backend) {
+    let s = seeded(backend).await;
+    let g = &s.gateway;
+    let october = "from=2026-10-01&to=2026-10-31";
+
+    let summary = get(g, &format!("/v1/usage/summary?{october}")).await;
+    // acme 5, beta 2 admitted + 1 rejected, corp 1 error.
+    assert_eq!(summary["requests"], 8);
+    assert_eq!(summary["rejected"], 1);
+    assert_eq!(summary["errors"], 1);
+    assert_eq!(summary["input_tokens"], 4 * 10 + 5 + 2 * 3);
+    assert_eq!(summary["output_tokens"], 4 * 20 + 5);
+    assert_eq!(summary["cost_usd"], "0.006500001");
+    assert_eq!(
+        (summary["from"].clone(), summary["to"].clone()),
+        (json!("2026-10-01"), json!("2026-10-31"))
+    );
+
+    let daily = get(g, &format!("/v1/usage/daily?{october}")).await;
+    assert_eq!(
+        column(&daily, "day"),
+        [
+            json!("2026-10-01"),
+            json!("2026-10-15"),
+            json!("2026-10-20"),
+            json!("2026-10-31")
+        ]
+    );
+    assert_eq!(
+        column(&daily, "requests"),
+        [json!(1), json!(4), json!(2), json!(1)]
+    );
+    assert_eq!(
+        column(&daily, "cost_usd")[3],
+        "0.002500001",
+        "the last microsecond is October's"
+    );
+
+    let by_customer = get(g, &format!("/v1/usage/by-customer?{october}")).await;
+    assert_eq!(
+        column(&by_customer, "customer"),
+        [json!("acme"), json!("beta"), json!("corp")]
+    );
+    assert_eq!(column(&by_customer, "customer_id")[0], json!(s.acme));
+    assert_eq!(
+        column(&by_customer, "rejected"),
+        [json!(0), json!(1), json!(0)]
+    );
+
+    let top = get(
+        g,
+        &format!("/v1/usage/top-customers?{october}&by=requests&limit=2"),
+    )
+    .await;
+    assert_eq!(column(&top, "customer"), [json!("acme"), json!("beta")]);
+    let top = get(g, &format!("/v1/usage/top-customers?{october}&by=tokens")).await;
+    assert_eq!(column(&top, "tokens"), [json!(130), json!(6), json!(0)]);
+
+    // One customer, both months: November 1st 00:00 belongs to November.
+    let acme = get(
+        g,
+        "/v1/usage/summary?customer=acme&from=2026-10-01&to=2026-11-30",
+    )
+    .await;
+    assert_eq!(
+        (acme["requests"].clone(), acme["customer"].clone()),
+        (json!(6), json!("acme"))
+    );
+    let november = get(g, "/v1/usage/summary?from=2026-11-01&to=2026-11-01").await;
+    assert_eq!(november["requests"], 1);
+    // No from/to: the current month (November, on the gateway's clock).
+    let current = get(g, "/v1/usage/summary").await;
+    assert_eq!(
+        (current["from"].clone(), current["requests"].clone()),
+        (json!("2026-11-01"), json!(2))
+    );
+
+    for (query, field) in [
+        ("/v1/usage/summary?from=2026-13-01", "from"),
+        ("/v1/usage/summary?to=yesterday", "to"),
+        ("/v1/usage/daily?from=2026-10-31&to=2026-10-01", "from"),
+        ("/v1/usage/summary?customer=nobody", "customer"),
+        ("/v1/usage/top-customers?by=banana", "by"),
+        ("/v1/usage/top-customers?limit=0", "limit"),
+        ("/v1/usage/export?format=xml", "format"),
+        ("/v1/billing/summary?period=2026-13", "period"),
+    ] {
+        let reply = admin_call(g, Method::GET, query).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(reply.error_type(), "invalid_request");
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.starts_with(field), "{query}: {message}");
+    }
+    s.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_report_is_exact_sqlite() {
+    every_report_is_exact(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_report_is_exact_postgres() {
+    every_report_is_exact(Backend::Postgres).await;
+}
+
+async fn billing_closes_once(backend: Backend) {
+    let s = seeded(backend).await;
+    let g = &s.gateway;
+    let open = get(g, "/v1/billing/summary?period=2026-10").await;
+    assert_eq!(open["closed"], false);
+    let lines = open["data"].as_array().unwrap();
+    // "test" is the customer of the gateway's own test key.
+    assert_eq!(
+        column(&open, "customer"),
+        [json!("acme"), json!("beta"), json!("corp"), json!("idle"), json!("test")]
+    );
+    // acme (pro, bill): 5 requests, 3 included, 2 over at 0.01.
+    let acme = &lines[0];
+    assert_eq!(acme["included_requests"], 3);
+    assert_eq!(acme["overage_requests"], 2);
+    assert_eq!(acme["overage_charge_usd"], "0.02");
+    assert_eq!(acme["metered_cost_usd"], "0.006500001");
+    assert_eq!(acme["total_usd"], "0.026500001");
+    assert_eq!(acme["total_usd_cents"], "0.03");
+    // beta (free, block): its refused request is not billed.
+    assert_eq!(
+        (
+            lines[1]["requests"].clone(),
+            lines[1]["overage_requests"].clone()
+        ),
+        (json!(2), json!(0))
+    );
+    // corp (enterprise): no quota.
+    assert_eq!(lines[2]["included_requests"], Value::Null);
+    assert_eq!(
+        lines[3]["requests"], 0,
+        "a customer without usage has a line"
+    );
+    assert_eq!(open["total_usd"], "0.026500001");
+
+    // Two closes at once: one set of lines, the same answer for both.
+    let (a, b) = tokio::join!(
+        admin_call(g, Method::POST, "/v1/billing/periods/2026-10/close"),
+        admin_call(g, Method::POST, "/v1/billing/periods/2026-10/close"),
+    );
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(a.json(), b.json());
+    let closed = a.json();
+    assert_eq!(closed["closed"], true);
+    assert_eq!(closed["data"], open["data"]);
+    // Late October usage does not change a closed period.
+    let late = event(
+        s.acme,
+        datetime!(2026-10-30 12:00 UTC),
+        "openai",
+        None,
+        Outcome::Ok,
+        200,
+        (1, 1),
+        5,
+    );
+    g.store.write_usage(&[late]).await.unwrap();
+    let again = admin_call(g, Method::POST, "/v1/billing/periods/2026-10/close").await;
+    assert_eq!(again.json(), closed, "closing again returns the same lines");
+    assert_eq!(get(g, "/v1/billing/summary?period=2026-10").await, closed);
+    assert_eq!(count_lines(s.db.url()).await, 5, "one set of lines");
+
+    for period in ["2026-11", "2027-01"] {
+        let refused = admin_call(
+            g,
+            Method::POST,
+            &format!("/v1/billing/periods/{period}/close"),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{period}");
+        assert!(refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("period"));
+    }
+    s.gateway.stop().await;
+}
+
+async fn count_lines(url: &str) -> i64 {
+    let sql = "SELECT count(*) FROM billing_lines";
+    if url.starts_with("postgres") {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    } else {
+        let conn = rusqlite::Connection::open(url.strip_prefix("sqlite://").unwrap()).unwrap();
+        conn.query_row(sql, [], |row| row.get(0)).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_closes_once_sqlite() {
+    billing_closes_once(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_closes_once_postgres() {
+    billing_closes_once(Backend::Postgres).await;
+}
+
+/// Splits RFC 4180 text into records of fields.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut records = Vec::new();
+    let mut record = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    records
+}
+
+async fn export_is_csv(backend: Backend) {
+    let s = seeded(backend).await;
+    let reply = admin_call(
+        &s.gateway,
+        Method::GET,
+        "/v1/usage/export?from=2026-10-01&to=2026-11-30&format=csv",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let records = parse_csv(std::str::from_utf8(&reply.body).unwrap());
+    assert_eq!(records[0][0], "id");
+    assert_eq!(records[0].len(), 22);
+    let rows = &records[1..];
+    assert_eq!(rows.len(), s.events.len());
+    for (row, event) in rows.iter().zip(&s.events) {
+        assert_eq!(row[0], event.id.to_string(), "(ts, id) order");
+        assert_eq!(row[1], event.client_request_id.clone().unwrap_or_default());
+        assert_eq!(row[8], event.path);
+        assert_eq!(row[10], event.outcome.as_str());
+        assert_eq!(row[20], event.cost_nanos.to_string());
+    }
+    assert_eq!(rows[0][2], "2026-10-01T00:00:00.000000Z");
+    assert_eq!(rows[0][1], "say \"hi\"", "quotes survive");
+    assert_eq!(rows[0][8], "/v1/a,b", "commas survive");
+    s.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_is_rfc4180_csv_in_order_sqlite() {
+    export_is_csv(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_is_rfc4180_csv_in_order_postgres() {
+    export_is_csv(Backend::Postgres).await;
+}
+
+#[test]
+fn exporting_100k_rows_streams_in_flat_memory() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestGuard::create(Backend::Postgres));
+    let gateway = Process::serve(&format!(
+        "[admin]\ntokens = [\"admin-test-token\"]\n\n[database]\nurl = \"{}\"\n",
+        db.url()
+    ));
+    let customer = CustomerId::new();
+    let start = datetime!(2026-10-01 0:00 UTC);
+    let events: Vec<UsageEvent> = (0..100_000u64)
+        .map(|i| {
+            let ts = start + Duration::from_millis(i * 10);
+            event(
+                customer,
+                ts,
+                "openai",
+                Some("gpt-4o-mini"),
+                Outcome::Ok,
+                200,
+                (i, 1),
+                3,
+            )
+        })
+        .collect();
+    rt.block_on(async {
+        let store = tollgate_store::open(db.url(), 2).await.unwrap();
+        for batch in events.chunks(10_000) {
+            store.write_usage(batch).await.unwrap();
+        }
+    });
+    let before = gateway.status_kib("VmRSS");
+    let reply = rt.block_on(async {
+        let request = http::Request::get(format!(
+            "http://{}/v1/usage/export?from=2026-10-01&to=2026-10-31",
+            gateway.admin
+        ))
+        .header("authorization", "Bearer admin-test-token")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+        send(&client(), request).await
+    });
+    let peak = gateway.status_kib("VmHWM");
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = std::str::from_utf8(&reply.body).unwrap();
+    let records = parse_csv(text);
+    assert_eq!(records.len(), 100_001);
+    for (row, event) in records[1..].iter().zip(&events) {
+        assert_eq!(row[0], event.id.to_string());
+        assert_eq!(row[16], event.input_tokens.to_string());
+    }
+    let body_kib = (text.len() / 1024) as u64;
+    eprintln!("export of {body_kib} KiB: RSS before {before} KiB, peak {peak} KiB");
+    assert!(
+        peak < before + body_kib / 4,
+        "memory stays flat: peak {peak} KiB vs {before} KiB before, for a {body_kib} KiB export"
+    );
+}
+
+#[test]
+fn the_cli_prints_the_same_reports() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = write_file(
+        dir.path(),
+        "tollgate.toml",
+        &format!(
+            "[database]\nurl = \"sqlite://{}/tollgate.db\"\n\n[[tiers]]\nname = \"pro\"\nmonthly_requests = 1\noverage = \"bill\"\noverage_price_per_request_usd = 0.5\n",
+            dir.path().display()
+        ),
+    );
+    let created = cli_json(
+        &config_path,
+        &["customers", "create", "acme", "--tier", "pro", "--json"],
+    );
+    let acme: CustomerId = created["id"].as_str().unwrap().parse().unwrap();
+    rt.block_on(async {
+        let store =
+            tollgate_store::open(&format!("sqlite://{}/tollgate.db", dir.path().display()), 1)
+                .await
+                .unwrap();
+        let events: Vec<UsageEvent> = (0..3)
+            .map(|i| {
+                let ts = datetime!(2026-09-10 0:00 UTC) + Duration::from_secs(i * 86_400);
+                event(
+                    acme,
+                    ts,
+                    "openai",
+                    Some("m"),
+                    Outcome::Ok,
+                    200,
+                    (2, 3),
+                    250_000_000,
+                )
+            })
+            .collect();
+        store.write_usage(&events).await.unwrap();
+    });
+    let by_day = cli_json(
+        &config_path,
+        &[
+            "usage",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-09-30",
+            "--by",
+            "day",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        column(&by_day, "day"),
+        [
+            json!("2026-09-10"),
+            json!("2026-09-11"),
+            json!("2026-09-12")
+        ]
+    );
+    assert_eq!(column(&by_day, "tokens"), [json!(5), json!(5), json!(5)]);
+    let (code, table, _) = cli(
+        &config_path,
+        &[
+            "usage",
+            "--customer",
+            "acme",
+            "--from",
+            "2026-09-01",
+            "--to",
+            "2026-09-30",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(table.lines().nth(1).unwrap().contains("0.75"), "{table}");
+    // 3 requests, 1 included, 2 over at 0.50, plus 0.75 metered.
+    let closed = cli_json(
+        &config_path,
+        &["billing", "close", "--period", "2026-09", "--json"],
+    );
+    assert_eq!(closed["data"][0]["total_usd"], "1.75");
+    let again = cli_json(
+        &config_path,
+        &["billing", "summary", "--period", "2026-09", "--json"],
+    );
+    assert_eq!(again, closed);
+    let (code, _, stderr) = cli(&config_path, &["usage", "--from", "someday"]);
+    assert_eq!(code, 2, "a bad date is a usage error: {stderr}");
+    assert!(stderr.contains("from"), "{stderr}");
+    let future = OffsetDateTime::now_utc().year() + 1;
+    let (code, _, stderr) = cli(
+        &config_path,
+        &["billing", "close", "--period", &format!("{future}-01")],
+    );
+    assert_eq!(code, 2, "{stderr}");
+}
