@@ -121,20 +121,6 @@ async fn call(gw: &TestGateway, path: &str, key: &str) -> Reply {
     .await
 }
 
-async fn admin(
-    gw: &TestGateway,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> Reply {
-    let builder = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{}", gw.admin, path))
-        .header("authorization", "Bearer admin-test-token");
-    let body = body.map_or_else(Full::default, |b| Full::new(Bytes::from(b.to_string())));
-    send(&client(), builder.body(body).unwrap()).await
-}
-
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         $(

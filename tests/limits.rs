@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use http_body_util::Full;
-use serde_json::{json, Value};
+use serde_json::json;
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tollgate_metering::limits::{Clock, ManualClock, SystemClock};
@@ -107,16 +107,6 @@ fn rate_headers(reply: &Reply) -> (i64, i64, i64, i64) {
         header(reply, "x-ratelimit-used").unwrap(),
         header(reply, "x-ratelimit-reset").unwrap(),
     )
-}
-
-async fn admin(gateway: &TestGateway, method: Method, path: &str, body: Option<Value>) -> Reply {
-    let request = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", gateway.admin))
-        .header("authorization", "Bearer admin-test-token")
-        .header("content-type", "application/json");
-    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    send(&client(), request.body(Full::new(body)).unwrap()).await
 }
 
 const NOW: OffsetDateTime = datetime!(2026-11-29 12:00:00 UTC);

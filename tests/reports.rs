@@ -201,13 +201,7 @@ name = "enterprise"
 }
 
 async fn admin_call(gateway: &TestGateway, method: Method, path: &str) -> Reply {
-    let request = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", gateway.admin))
-        .header("authorization", "Bearer admin-test-token")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    send(&client(), request).await
+    admin(gateway, method, path, None).await
 }
 
 async fn get(gateway: &TestGateway, path: &str) -> Value {
@@ -344,7 +338,13 @@ async fn billing_closes_once(backend: Backend) {
     // "test" is the customer of the gateway's own test key.
     assert_eq!(
         column(&open, "customer"),
-        [json!("acme"), json!("beta"), json!("corp"), json!("idle"), json!("test")]
+        [
+            json!("acme"),
+            json!("beta"),
+            json!("corp"),
+            json!("idle"),
+            json!("test")
+        ]
     );
     // acme (pro, bill): 5 requests, 3 included, 2 over at 0.01.
     let acme = &lines[0];

@@ -169,6 +169,23 @@ impl TestGateway {
     }
 }
 
+/// A request to the gateway's admin API with the tests' admin token
+/// (`admin-test-token`), and a JSON body if given.
+pub async fn admin(
+    gw: &TestGateway,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Reply {
+    let builder = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{}", gw.admin, path))
+        .header("authorization", "Bearer admin-test-token")
+        .header("content-type", "application/json");
+    let body = body.map_or_else(Full::default, |b| Full::new(Bytes::from(b.to_string())));
+    send(&client(), builder.body(body).unwrap()).await
+}
+
 /// A request builder with `Authorization: Bearer <key>` when there is a key.
 pub fn authorized(method: http::Method, url: String, key: Option<&str>) -> http::request::Builder {
     let builder = http::Request::builder().method(method).uri(url);
