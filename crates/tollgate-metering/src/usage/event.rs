@@ -61,9 +61,10 @@ impl Outcome {
             | Outcome::BudgetExceeded
             | Outcome::RouteForbidden
             | Outcome::PayloadTooLarge => true,
-            Outcome::Ok | Outcome::UpstreamError | Outcome::UpstreamTimeout | Outcome::ClientClosed => {
-                false
-            }
+            Outcome::Ok
+            | Outcome::UpstreamError
+            | Outcome::UpstreamTimeout
+            | Outcome::ClientClosed => false,
         }
     }
 }
@@ -160,8 +161,10 @@ impl UsageEvent {
     /// or status ≥ 500 count in `usage_daily.errors`.
     pub fn is_error(&self) -> bool {
         !self.outcome.is_rejected()
-            && (matches!(self.outcome, Outcome::UpstreamError | Outcome::UpstreamTimeout)
-                || self.status >= 500)
+            && (matches!(
+                self.outcome,
+                Outcome::UpstreamError | Outcome::UpstreamTimeout
+            ) || self.status >= 500)
     }
 
     /// The UTC day the row is rolled up under.
