@@ -5,7 +5,9 @@
 //! This crate owns the schema and its versioned migrations
 //! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary),
 //! the SQL for customers and keys, usage rows and their daily rollups
-//! ([`Store::write_usage`]), and the change feed that keeps every
+//! ([`Store::write_usage`]), the usage reports, export and closed billing
+//! periods read from them ([`Store::usage_summary`] and the rest; shared
+//! rules in `reports`), and the change feed that keeps every
 //! gateway's key cache current (Postgres `LISTEN/NOTIFY`; SQLite a
 //! trigger-filled `change_log` table that is polled). It knows nothing of
 //! HTTP and must not depend on the proxy crate; callers see only the trait.
