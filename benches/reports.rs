@@ -213,14 +213,16 @@ async fn simple(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> 
     out
 }
 
-/// Scans of `usage_events`'s partitions and of `usage_daily` so far
-/// (sequential + index), as the statistics collector has them.
+/// Scans of `usage_events`'s partitions and of the rollups (`usage_daily`
+/// and `usage_customer_daily`) so far (sequential + index), as the
+/// statistics collector has them.
 async fn scans(client: &tokio_postgres::Client) -> (i64, i64) {
     let rows = simple(
         client,
         "SELECT coalesce(sum(seq_scan + coalesce(idx_scan, 0)) FILTER \
              (WHERE relname LIKE 'usage\\_events\\_%'), 0), \
-         coalesce(sum(seq_scan + coalesce(idx_scan, 0)) FILTER (WHERE relname = 'usage_daily'), 0) \
+         coalesce(sum(seq_scan + coalesce(idx_scan, 0)) FILTER \
+             (WHERE relname IN ('usage_daily', 'usage_customer_daily')), 0) \
          FROM pg_stat_user_tables",
     )
     .await;
@@ -272,19 +274,26 @@ async fn main() {
                 (SELECT count(*) FROM usage_daily WHERE day >= '2025-02-01' AND day < '2025-03-01'), \
                 pg_size_pretty(pg_total_relation_size('usage_daily')), \
                 (SELECT pg_size_pretty(sum(pg_total_relation_size(inhrelid))) FROM pg_inherits \
-                 WHERE inhparent = 'usage_events'::regclass)",
+                 WHERE inhparent = 'usage_events'::regclass), \
+                (SELECT count(*) FROM usage_customer_daily), \
+                (SELECT count(*) FROM usage_customer_daily \
+                 WHERE day >= '2025-02-01' AND day < '2025-03-01'), \
+                pg_size_pretty(pg_total_relation_size('usage_customer_daily'))",
     )
     .await;
     println!(
-        "usage_daily: {} rows ({} in February), {}; usage_events: {}\n",
-        sizes[0][0], sizes[0][1], sizes[0][2], sizes[0][3]
+        "usage_daily: {} rows ({} in February), {}; usage_customer_daily: {} rows ({} in \
+         February), {}; usage_events: {}\n",
+        sizes[0][0], sizes[0][1], sizes[0][2], sizes[0][4], sizes[0][5], sizes[0][6], sizes[0][3]
     );
-    let counted = simple(&client, "SELECT sum(requests + rejected) FROM usage_daily").await;
-    assert_eq!(
-        counted[0][0],
-        total.to_string(),
-        "the rollups count every row"
-    );
+    for table in ["usage_daily", "usage_customer_daily"] {
+        let counted = simple(
+            &client,
+            &format!("SELECT sum(requests + rejected) FROM {table}"),
+        )
+        .await;
+        assert_eq!(counted[0][0], total.to_string(), "{table} counts every row");
+    }
 
     let february = Period::new(2025, Month::February);
     let month = UsageFilter::period(february);
@@ -336,7 +345,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(11)).await;
     let (events_after, daily_after) = scans(&client).await;
     println!(
-        "\nscans by the reports: usage_events partitions {}, usage_daily {}",
+        "\nscans by the reports: usage_events partitions {}, rollups {}",
         events_after - events_before,
         daily_after - daily_before
     );

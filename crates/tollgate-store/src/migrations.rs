@@ -38,6 +38,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "reports",
         sql: include_str!("../migrations/sqlite/0003_reports.sql"),
     },
+    Migration {
+        version: 4,
+        name: "customer_daily",
+        sql: include_str!("../migrations/sqlite/0004_customer_daily.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -55,6 +60,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         name: "reports",
         sql: include_str!("../migrations/postgres/0003_reports.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "customer_daily",
+        sql: include_str!("../migrations/postgres/0004_customer_daily.sql"),
     },
 ];
 

@@ -9,7 +9,8 @@
 //! Types: ids `uuid`, times `timestamptz`, digests `bytea`, routes
 //! `text[]`, overrides `jsonb`.
 //!
-//! Usage rows go in by binary `COPY`, with their `usage_daily` sums, one
+//! Usage rows go in by binary `COPY`, with their `usage_daily` and
+//! `usage_customer_daily` sums, one
 //! transaction a batch: straight into `usage_events` when none of them is
 //! there yet, else through a temporary staging table and
 //! `INSERT … ON CONFLICT DO NOTHING`, rolling up exactly the rows inserted
@@ -32,7 +33,7 @@
 //! a retention job) is created again and the batch retried once.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::{Mutex, PoisonError};
@@ -64,7 +65,7 @@ use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations;
-use crate::usage::{self, bigint, text, Groups, Row as UsageRow};
+use crate::usage::{self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow};
 use crate::{backoff, change_event, status_condition, KEY_BATCH};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
@@ -473,12 +474,16 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 // A batch is written in one of two ways, each one transaction:
 //
 // - New rows (nearly every batch): binary COPY straight into `usage_events`,
-//   then one upsert of the batch's `usage_daily` groups, summed in Rust.
+//   then one upsert of the batch's `usage_daily` groups, summed in Rust,
+//   and one of its `usage_customer_daily` rows (the groups summed per day
+//   and customer), pipelined behind it.
 //   If any row is already there, the primary key fails the COPY and the
 //   transaction is rolled back whole, nothing written.
 // - Then, and only then, deduplicating: binary COPY into a staging table,
 //   `INSERT … ON CONFLICT DO NOTHING RETURNING` into `usage_events`, and
-//   the rollup of exactly the rows that statement inserted.
+//   the rollups of exactly the rows that statement inserted (usage_daily
+//   in that statement, usage_customer_daily from the day × customer sums
+//   it returns).
 //
 // Rows already present come from replays: the spool resends a batch whose
 // commit it did not see acknowledged. That is rare, so the cheap way comes
@@ -577,6 +582,36 @@ const UPSERT_DAILY: &str = concat!(
     add_to_daily!()
 );
 
+/// Adds the batch's customer days (day × customer, the sums of its groups),
+/// one array per column, to `usage_customer_daily`, clamped as in
+/// [`add_to_daily!`], in key order. Every writer upserts `usage_daily`
+/// first and this table second, each in key order, so that no two can
+/// deadlock.
+const UPSERT_CUSTOMER_DAILY: &str = "INSERT INTO usage_customer_daily AS d (
+        day, customer_id, requests, rejected, errors, input_tokens, output_tokens,
+        cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos)
+    SELECT * FROM unnest(
+        $1::date[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+        $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+    ON CONFLICT (day, customer_id) DO UPDATE SET
+        requests = LEAST(d.requests::numeric + excluded.requests, 9223372036854775807),
+        rejected = LEAST(d.rejected::numeric + excluded.rejected, 9223372036854775807),
+        errors = LEAST(d.errors::numeric + excluded.errors, 9223372036854775807),
+        input_tokens = LEAST(d.input_tokens::numeric + excluded.input_tokens,
+                             9223372036854775807),
+        output_tokens = LEAST(d.output_tokens::numeric + excluded.output_tokens,
+                              9223372036854775807),
+        cache_read_tokens = LEAST(d.cache_read_tokens::numeric + excluded.cache_read_tokens,
+                                  9223372036854775807),
+        cache_write_tokens = LEAST(d.cache_write_tokens::numeric
+                                   + excluded.cache_write_tokens, 9223372036854775807),
+        request_bytes = LEAST(d.request_bytes::numeric + excluded.request_bytes,
+                              9223372036854775807),
+        response_bytes = LEAST(d.response_bytes::numeric + excluded.response_bytes,
+                               9223372036854775807),
+        cost_nanos = GREATEST(LEAST(d.cost_nanos::numeric + excluded.cost_nanos,
+                                    9223372036854775807), -9223372036854775808)";
+
 /// The staging table: the columns of `usage_events` plus what the rollup
 /// needs and Rust defines (`UsageEvent::day`, `Outcome::is_rejected`,
 /// `UsageEvent::is_error`). Temporary, so private to the connection and
@@ -631,7 +666,10 @@ const STAGING_TYPES: [Type; 25] = [
 
 /// Moves the staged rows into `usage_events`, skipping those whose
 /// (id, ts) is there already, adds the rows it inserted, and only those,
-/// to `usage_daily`, and returns how many it inserted.
+/// to `usage_daily`, and returns their customer days: day, customer, rows
+/// inserted, then the sums of [`UPSERT_CUSTOMER_DAILY`], clamped, in key
+/// order, for the caller to upsert next (after `usage_daily`, as
+/// [`write_new`] does: one order of tables for all writers).
 ///
 /// The rollup joins `RETURNING` back to the staging table, which holds each
 /// id once (the batch is deduplicated before the COPY), so no row counts
@@ -672,7 +710,22 @@ const INSERT_FROM_STAGING: &str = concat!(
     add_to_daily!(),
     "
     )
-    SELECT count(*) FROM inserted"
+    SELECT s.day, s.customer_id, count(*),
+        count(*) FILTER (WHERE NOT s.rejected),
+        count(*) FILTER (WHERE s.rejected),
+        count(*) FILTER (WHERE s.error),
+        LEAST(sum(s.input_tokens), 9223372036854775807)::bigint,
+        LEAST(sum(s.output_tokens), 9223372036854775807)::bigint,
+        LEAST(sum(s.cache_read_tokens), 9223372036854775807)::bigint,
+        LEAST(sum(s.cache_write_tokens), 9223372036854775807)::bigint,
+        LEAST(sum(s.request_bytes), 9223372036854775807)::bigint,
+        LEAST(sum(s.response_bytes), 9223372036854775807)::bigint,
+        GREATEST(LEAST(sum(s.cost_nanos), 9223372036854775807),
+                 -9223372036854775808)::bigint
+    FROM inserted AS i
+    JOIN pg_temp.usage_staging AS s ON s.id = i.id AND s.ts = i.ts
+    GROUP BY 1, 2
+    ORDER BY 1, 2"
 );
 
 /// The months (first days) that `rows` fall in.
@@ -786,6 +839,7 @@ async fn write_new(
 ) -> Result<u64, Failure> {
     let copy = client.prepare_cached(COPY_EVENTS).await?;
     let upsert = client.prepare_cached(UPSERT_DAILY).await?;
+    let upsert_customers = client.prepare_cached(UPSERT_CUSTOMER_DAILY).await?;
 
     let tx = client.transaction().await?;
     let sink = tx.copy_in(&copy).await?;
@@ -802,28 +856,29 @@ async fn write_new(
     }
     let inserted = writer.as_mut().finish().await?;
     let arrays = GroupArrays::new(&groups);
+    let customers = CustomerDayArrays::new(&usage::customer_days(&groups));
     let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9] = &arrays.sums;
-    tx.execute(
-        &upsert,
-        &[
-            &arrays.day,
-            &arrays.customer_id,
-            &arrays.key_id,
-            &arrays.route,
-            &arrays.model,
-            s0,
-            s1,
-            s2,
-            s3,
-            s4,
-            s5,
-            s6,
-            s7,
-            s8,
-            s9,
-        ],
-    )
-    .await?;
+    let params: [&(dyn ToSql + Sync); 15] = [
+        &arrays.day,
+        &arrays.customer_id,
+        &arrays.key_id,
+        &arrays.route,
+        &arrays.model,
+        s0,
+        s1,
+        s2,
+        s3,
+        s4,
+        s5,
+        s6,
+        s7,
+        s8,
+        s9,
+    ];
+    let daily = tx.execute(&upsert, &params);
+    // Pipelined: sent after the first, run after it, one round trip.
+    let customer_daily = customers.upsert(&tx, &upsert_customers);
+    tokio::try_join!(daily, customer_daily)?;
     tx.commit().await?;
     Ok(inserted)
 }
@@ -848,7 +903,21 @@ async fn write_deduplicated(
         writer.as_mut().write(&params).await?;
     }
     writer.as_mut().finish().await?;
-    let inserted: i64 = get(&tx.query_one(&insert, &[]).await?, 0)?;
+    let days = tx.query(&insert, &[]).await?;
+    let mut inserted = 0i64;
+    let mut customers = CustomerDayArrays::default();
+    for day in &days {
+        inserted += get::<i64>(day, 2)?;
+        customers.day.push(get(day, 0)?);
+        customers.customer_id.push(get(day, 1)?);
+        for (index, column) in customers.sums.iter_mut().enumerate() {
+            column.push(get(day, 3 + index)?);
+        }
+    }
+    if !customers.day.is_empty() {
+        let upsert = tx.prepare_cached(UPSERT_CUSTOMER_DAILY).await?;
+        customers.upsert(&tx, &upsert).await?;
+    }
     tx.commit().await?;
     u64::try_from(inserted).map_err(|_| corrupt(format!("{inserted} rows inserted")))
 }
@@ -910,6 +979,60 @@ impl<'a> GroupArrays<'a> {
             }
         }
         arrays
+    }
+}
+
+/// Customer days as the columns of `usage_customer_daily`, one array each,
+/// for [`UPSERT_CUSTOMER_DAILY`].
+#[derive(Default)]
+struct CustomerDayArrays {
+    day: Vec<Date>,
+    customer_id: Vec<Uuid>,
+    sums: [Vec<i64>; 10],
+}
+
+impl CustomerDayArrays {
+    fn new(days: &BTreeMap<CustomerDay, Rollup>) -> CustomerDayArrays {
+        let mut arrays = CustomerDayArrays {
+            day: Vec::with_capacity(days.len()),
+            customer_id: Vec::with_capacity(days.len()),
+            sums: std::array::from_fn(|_| Vec::with_capacity(days.len())),
+        };
+        for ((day, customer_id), rollup) in days {
+            arrays.day.push(*day);
+            arrays.customer_id.push(customer_id.0);
+            for (column, sum) in arrays.sums.iter_mut().zip(rollup.columns()) {
+                column.push(sum);
+            }
+        }
+        arrays
+    }
+
+    /// Runs [`UPSERT_CUSTOMER_DAILY`] (`statement`) with these arrays.
+    async fn upsert(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        statement: &tokio_postgres::Statement,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9] = &self.sums;
+        tx.execute(
+            statement,
+            &[
+                &self.day,
+                &self.customer_id,
+                s0,
+                s1,
+                s2,
+                s3,
+                s4,
+                s5,
+                s6,
+                s7,
+                s8,
+                s9,
+            ],
+        )
+        .await
     }
 }
 

@@ -3,8 +3,10 @@
 //! the column lists, how a page of the export is bounded, and how the sums
 //! a database returns become [`UsageTotals`].
 //!
-//! Reports read `usage_daily` only (a month of reports must not scan a
-//! month of `usage_events`); the export is the one reader of
+//! Reports read the rollups only (a month of reports must not scan a
+//! month of `usage_events`): `usage_customer_daily` (day × customer, a
+//! tenth of the rows) for totals, days, customers and billing,
+//! `usage_daily` for routes and models; the export is the one reader of
 //! `usage_events`, a keyset page at a time in `(ts, id)` order.
 
 use std::collections::HashSet;

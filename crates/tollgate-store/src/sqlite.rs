@@ -395,6 +395,25 @@ const UPSERT_USAGE_DAILY: &str = "INSERT INTO usage_daily (\
     cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
                      -9223372036854775808)";
 
+/// Adds one customer day's sums to `usage_customer_daily`, clamped as in
+/// [`UPSERT_USAGE_DAILY`].
+const UPSERT_CUSTOMER_DAILY: &str = "INSERT INTO usage_customer_daily (\
+    day, customer_id, requests, rejected, errors, input_tokens, output_tokens, \
+    cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+    ON CONFLICT (day, customer_id) DO UPDATE SET \
+    requests = MIN(requests + excluded.requests, 9223372036854775807), \
+    rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
+    errors = MIN(errors + excluded.errors, 9223372036854775807), \
+    input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
+    output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
+    cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
+    cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
+    request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
+    response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
+    cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
+                     -9223372036854775808)";
+
 /// Per-customer totals of one period (`day` text sorts as dates do).
 const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
     sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), sum(cost_nanos) \
@@ -402,7 +421,8 @@ const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
 
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
 /// its id is present, and only the rows inserted are added to their
-/// `usage_daily` group, which is upserted once per group at the end.
+/// `usage_daily` group, which is upserted once per group at the end, and
+/// to their `usage_customer_daily` row (day × customer), likewise.
 fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failure> {
     let rows = usage::rows(batch)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -452,6 +472,25 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
                 key_id.to_string(),
                 route,
                 model,
+                requests,
+                rejected,
+                errors,
+                input_tokens,
+                output_tokens,
+                cache_read_tokens,
+                cache_write_tokens,
+                request_bytes,
+                response_bytes,
+                cost_nanos,
+            ])?;
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_CUSTOMER_DAILY)?;
+        for ((day, customer_id), sums) in &usage::customer_days(&groups) {
+            let [requests, rejected, errors, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos] =
+                sums.columns();
+            upsert.execute(params![
+                day_text(*day),
+                customer_id.to_string(),
                 requests,
                 rejected,
                 errors,

@@ -132,6 +132,33 @@ pub(crate) fn add_to_group<'a>(groups: &mut Groups<'a>, row: &Row<'a>) {
     groups.entry(key).or_default().add(event);
 }
 
+/// A `usage_customer_daily` row's key: day and customer.
+pub(crate) type CustomerDay = (Date, CustomerId);
+
+/// The `usage_customer_daily` rows of some `usage_daily` groups: their
+/// sums over keys, routes and models, exact, in key order (so that writers
+/// upsert, and lock, them in one order).
+pub(crate) fn customer_days(groups: &Groups<'_>) -> BTreeMap<CustomerDay, Rollup> {
+    let mut days = BTreeMap::<CustomerDay, Rollup>::new();
+    // Groups are in (day, customer, …) order: each customer day is one run.
+    let mut current: Option<(CustomerDay, Rollup)> = None;
+    for ((day, customer_id, ..), rollup) in groups {
+        let key = (*day, *customer_id);
+        match &mut current {
+            Some((at, sums)) if *at == key => sums.merge(rollup),
+            _ => {
+                if let Some((at, sums)) = current.replace((key, *rollup)) {
+                    days.insert(at, sums);
+                }
+            }
+        }
+    }
+    if let Some((at, sums)) = current {
+        days.insert(at, sums);
+    }
+    days
+}
+
 /// The sums of one `usage_daily` group. Kept exact (in `i128`) and clamped
 /// to the bigint range only when read, which is what the Postgres SQL does
 /// (sums in numeric, then clamped), so that both agree to the last unit.
@@ -161,6 +188,13 @@ impl Rollup {
         ];
         for (sum, value) in self.sums.iter_mut().zip(values) {
             *sum += i128::from(value);
+        }
+    }
+
+    /// Adds the sums of `other`, exactly.
+    pub(crate) fn merge(&mut self, other: &Rollup) {
+        for (sum, value) in self.sums.iter_mut().zip(other.sums) {
+            *sum += value;
         }
     }
 
@@ -282,6 +316,43 @@ mod tests {
             rollup.add(&event(at, outcome, status));
         }
         assert_eq!(rollup.columns(), [5, 2, 3, 21, 28, 0, 0, 70, 140, -35]);
+    }
+
+    #[test]
+    fn customer_days_sum_groups_exactly_in_key_order() {
+        let at = datetime!(2026-03-01 12:00 UTC);
+        let mut a = event(at, Outcome::Ok, 200);
+        a.input_tokens = u64::MAX;
+        let mut b = a.clone();
+        b.id = Uuid::now_v7();
+        b.key_id = KeyId::new();
+        b.model = Some("m".to_owned());
+        b.input_tokens = 0;
+        b.cost_nanos = i64::MIN;
+        let mut c = event(at, Outcome::RateLimited, 429);
+        c.customer_id = a.customer_id;
+        c.ts = datetime!(2026-03-02 00:00 UTC);
+        let d = event(at, Outcome::Ok, 200);
+        let batch = [a.clone(), b, c, d.clone()];
+        let rows = rows(&batch).unwrap_or_default();
+        let mut groups = Groups::new();
+        for row in &rows {
+            add_to_group(&mut groups, row);
+        }
+        let days = customer_days(&groups);
+        let keys: Vec<_> = days.keys().copied().collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        assert_eq!(days.len(), 3);
+        let first = days[&(date!(2026 - 03 - 01), a.customer_id)].columns();
+        assert_eq!(first[0], 2, "requests");
+        assert_eq!(first[3], i64::MAX, "input_tokens saturate");
+        assert_eq!(first[9], i64::MIN, "cost_nanos: -5 + i64::MIN saturates");
+        let later = days[&(date!(2026 - 03 - 02), a.customer_id)].columns();
+        assert_eq!((later[0], later[1]), (0, 1));
+        let other = days[&(date!(2026 - 03 - 01), d.customer_id)].columns();
+        assert_eq!(other[0], 1);
     }
 
     #[test]

@@ -59,7 +59,7 @@ both_backends!(
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
 /// The schema version this binary migrates to.
-const LATEST: u32 = 3;
+const LATEST: u32 = 4;
 
 fn customer(name: &str) -> NewCustomer {
     NewCustomer {
@@ -143,7 +143,7 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let store = tollgate_store::open(guard.url(), 2).await.unwrap();
 
     let first = store.migrate().await.unwrap();
-    assert_eq!(first.applied, vec![1, 2, 3]);
+    assert_eq!(first.applied, vec![1, 2, 3, 4]);
     assert_eq!(first.current, LATEST);
     let second = store.migrate().await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
@@ -154,7 +154,7 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
         "SELECT version, name, applied_at FROM schema_migrations ORDER BY version",
     )
     .await;
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     assert_eq!(rows[0][0].as_deref(), Some("1"));
     assert_eq!(rows[0][1].as_deref(), Some("keys"));
     assert!(rows[0][2].is_some());
@@ -162,6 +162,8 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     assert_eq!(rows[1][1].as_deref(), Some("usage"));
     assert_eq!(rows[2][0].as_deref(), Some("3"));
     assert_eq!(rows[2][1].as_deref(), Some("reports"));
+    assert_eq!(rows[3][0].as_deref(), Some("4"));
+    assert_eq!(rows[3][1].as_deref(), Some("customer_daily"));
     store.ping().await.unwrap();
 }
 
@@ -173,11 +175,11 @@ async fn concurrent_migrations_apply_each_version_once(backend: Backend) {
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     let mut applied = [ra.applied, rb.applied].concat();
     applied.sort_unstable();
-    assert_eq!(applied, vec![1, 2, 3]);
+    assert_eq!(applied, vec![1, 2, 3, 4]);
     assert_eq!((ra.current, rb.current), (LATEST, LATEST));
     assert_eq!(
         raw(&guard, "SELECT count(*) FROM schema_migrations").await[0][0].as_deref(),
-        Some("3")
+        Some("4")
     );
 }
 

@@ -339,6 +339,80 @@ fn regrouped_sql(backend: Backend) -> String {
     )
 }
 
+/// `usage_customer_daily`, every column, as text.
+fn customer_daily_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => {
+            "SELECT day, customer_id, requests, rejected, errors, input_tokens, output_tokens, \
+             cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos \
+             FROM usage_customer_daily"
+        }
+        Backend::Postgres => {
+            "SELECT to_char(day, 'YYYY-MM-DD'), customer_id, requests, rejected, errors, \
+             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+             request_bytes, response_bytes, cost_nanos FROM usage_customer_daily"
+        }
+    }
+}
+
+/// What `usage_customer_daily` must hold for `events`: the sums of
+/// [`expected_daily`]'s groups per day and customer, computed in Rust.
+fn expected_customer_daily<'a>(
+    events: impl IntoIterator<Item = &'a UsageEvent>,
+) -> Vec<Vec<Option<String>>> {
+    let mut days: BTreeMap<[Option<String>; 2], [i128; 10]> = BTreeMap::new();
+    for row in expected_daily(events) {
+        let sums = days.entry([row[0].clone(), row[1].clone()]).or_default();
+        for (sum, value) in sums.iter_mut().zip(&row[5..]) {
+            *sum += value.as_deref().unwrap().parse::<i128>().unwrap();
+        }
+    }
+    let mut rows: Vec<Vec<Option<String>>> = days
+        .into_iter()
+        .map(|(key, sums)| {
+            key.into_iter()
+                .chain(sums.iter().map(|sum| Some(sum.to_string())))
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// `usage_customer_daily` recomputed by SQL from `usage_events` alone.
+fn regrouped_customer_sql(backend: Backend) -> String {
+    format!(
+        "WITH g (day, customer_id, key_id, route, model, requests, rejected, errors, \
+             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+             request_bytes, response_bytes, cost_nanos) AS ({}) \
+         SELECT day, customer_id, sum(requests), sum(rejected), sum(errors), \
+         sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), \
+         sum(cache_write_tokens), sum(request_bytes), sum(response_bytes), sum(cost_nanos) \
+         FROM g GROUP BY 1, 2",
+        regrouped_sql(backend)
+    )
+}
+
+/// `usage_customer_daily` holds exactly the sums of `events` per day and
+/// customer, by Rust's count and by SQL's from `usage_events`.
+async fn assert_customer_daily<'a>(
+    guard: &TestGuard,
+    backend: Backend,
+    events: impl IntoIterator<Item = &'a UsageEvent>,
+) {
+    let stored = sorted(guard, customer_daily_sql(backend)).await;
+    assert_eq!(
+        stored,
+        expected_customer_daily(events),
+        "usage_customer_daily"
+    );
+    assert_eq!(
+        sorted(guard, &regrouped_customer_sql(backend)).await,
+        stored,
+        "usage_customer_daily against usage_events"
+    );
+}
+
 // ---- bodies ------------------------------------------------------------------
 
 async fn rows_round_trip_column_by_column(backend: Backend) {
@@ -409,10 +483,12 @@ async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
     assert_eq!(store.write_usage(&first).await.unwrap(), 40);
     let daily = sorted(&guard, daily_sql(backend)).await;
     assert_eq!(daily, expected_daily(&first));
+    assert_customer_daily(&guard, backend, &first).await;
 
     // The same batch again: nothing new, nothing counted.
     assert_eq!(store.write_usage(&first).await.unwrap(), 0);
     assert_eq!(sorted(&guard, daily_sql(backend)).await, daily);
+    assert_customer_daily(&guard, backend, &first).await;
     assert_eq!(
         raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
         Some("40")
@@ -436,6 +512,7 @@ async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
         sorted(&guard, &events_sql(backend)).await,
         expected_events(written.iter().copied())
     );
+    assert_customer_daily(&guard, backend, written.iter().copied()).await;
 
     // A batch holding the same id twice writes and counts it once (the
     // first occurrence).
@@ -452,6 +529,7 @@ async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
         sorted(&guard, &events_sql(backend)).await,
         expected_events(written.iter().copied())
     );
+    assert_customer_daily(&guard, backend, written.iter().copied()).await;
 }
 
 async fn daily_rollups_match_the_rows(backend: Backend) {
@@ -488,6 +566,26 @@ async fn daily_rollups_match_the_rows(backend: Backend) {
 
     // And SQL agrees, from usage_events alone.
     assert_eq!(sorted(&guard, &regrouped_sql(backend)).await, daily);
+
+    // The customer days too: both days, both customers.
+    assert_customer_daily(&guard, backend, &events).await;
+    assert_eq!(
+        sorted(&guard, customer_daily_sql(backend)).await.len(),
+        4,
+        "2 days × 2 customers"
+    );
+
+    // Migration 4 fills the table from usage_daily for databases that had
+    // rows before it: its fill gives the same rows.
+    let migration = match backend {
+        Backend::Sqlite => include_str!("../migrations/sqlite/0004_customer_daily.sql"),
+        Backend::Postgres => include_str!("../migrations/postgres/0004_customer_daily.sql"),
+    };
+    let fill = &migration[migration.find("INSERT INTO usage_customer_daily").unwrap()..];
+    let before = sorted(&guard, customer_daily_sql(backend)).await;
+    raw(&guard, "DELETE FROM usage_customer_daily").await;
+    raw(&guard, fill).await;
+    assert_eq!(sorted(&guard, customer_daily_sql(backend)).await, before);
 }
 
 async fn rows_either_side_of_midnight_utc_land_on_two_days(backend: Backend) {
@@ -516,6 +614,7 @@ async fn rows_either_side_of_midnight_utc_land_on_two_days(backend: Backend) {
         sorted(&guard, daily_sql(backend)).await,
         expected_daily(&batch)
     );
+    assert_customer_daily(&guard, backend, &batch).await;
 }
 
 async fn an_empty_batch_writes_nothing(backend: Backend) {
@@ -523,6 +622,10 @@ async fn an_empty_batch_writes_nothing(backend: Backend) {
     assert_eq!(store.write_usage(&[]).await.unwrap(), 0);
     assert_eq!(
         raw(&guard, "SELECT count(*) FROM usage_daily").await[0][0].as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        raw(&guard, "SELECT count(*) FROM usage_customer_daily").await[0][0].as_deref(),
         Some("0")
     );
 }
@@ -583,6 +686,20 @@ async fn out_of_range_values_saturate_instead_of_failing(backend: Backend) {
             Some("gpt\u{FFFD}x".to_owned())
         ]]
     );
+    let customer_daily = raw(
+        &guard,
+        "SELECT requests, input_tokens, response_bytes, cost_nanos FROM usage_customer_daily",
+    )
+    .await;
+    assert_eq!(
+        customer_daily,
+        [[
+            Some("3".to_owned()),
+            Some(max.clone()),
+            Some(max.clone()),
+            Some(max.clone()),
+        ]]
+    );
 }
 
 async fn two_stores_writing_the_same_batch_count_it_once(backend: Backend) {
@@ -596,6 +713,7 @@ async fn two_stores_writing_the_same_batch_count_it_once(backend: Backend) {
         sorted(&guard, daily_sql(backend)).await,
         expected_daily(&batch)
     );
+    assert_customer_daily(&guard, backend, &batch).await;
 }
 
 async fn large_replayed_batches_count_only_new_rows(backend: Backend) {
@@ -610,6 +728,7 @@ async fn large_replayed_batches_count_only_new_rows(backend: Backend) {
         sorted(&guard, daily_sql(backend)).await,
         expected_daily(&events)
     );
+    assert_customer_daily(&guard, backend, &events).await;
     assert_eq!(
         raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
         Some("6000")

@@ -1,7 +1,8 @@
 //! Usage reports, the usage export and billing periods on Postgres (see
 //! `crate::reports` for what both backends share).
 //!
-//! Reports sum `usage_daily` in SQL: in `numeric` (`sum(bigint)`), so no
+//! Reports sum `usage_customer_daily` (day × customer) in SQL, or
+//! `usage_daily` when grouping by route or model: in `numeric` (`sum(bigint)`), so no
 //! total can overflow, clamped to the bigint range on the way out as the
 //! writer clamps. A filter on days alone reads the primary key's `day`
 //! prefix (or scans the table, when the planner finds that cheaper for a
@@ -69,7 +70,7 @@ fn sums() -> String {
         .join(", ")
 }
 
-/// The `usage_daily` rows of `filter`.
+/// The `usage_daily` or `usage_customer_daily` rows of `filter`.
 fn daily_filter(filter: &UsageFilter, args: &mut Args) -> String {
     let mut sql = format!(
         "day >= {} AND day <= {}",
@@ -134,7 +135,7 @@ fn customers_sql(filter: &UsageFilter, rank: Option<(Ranking, u32)>, args: &mut 
     };
     format!(
         "SELECT t.customer_id, {name}, {columns} \
-         FROM (SELECT customer_id, {sums}{rank_column} FROM usage_daily WHERE {where_} \
+         FROM (SELECT customer_id, {sums}{rank_column} FROM usage_customer_daily WHERE {where_} \
                GROUP BY customer_id) AS t \
          LEFT JOIN customers AS c ON c.id = t.customer_id \
          ORDER BY {order}{name} COLLATE \"C\", t.customer_id{limit}",
@@ -163,7 +164,7 @@ pub(super) async fn summary(
 ) -> Result<UsageTotals, Failure> {
     let mut args = Args::default();
     let sql = format!(
-        "SELECT {} FROM usage_daily WHERE {}",
+        "SELECT {} FROM usage_customer_daily WHERE {}",
         sums(),
         daily_filter(filter, &mut args)
     );
@@ -189,8 +190,13 @@ pub(super) async fn grouped(
         UsageGroup::Route => ("route", |row| Ok(GroupKey::Route(get(row, 0)?))),
         UsageGroup::Model => ("model", |row| Ok(GroupKey::Model(get(row, 0)?))),
     };
+    // Days need no finer grain than customer days; routes and models do.
+    let table = match group {
+        UsageGroup::Day => "usage_customer_daily",
+        _ => "usage_daily",
+    };
     let sql = format!(
-        "SELECT {column}, {} FROM usage_daily WHERE {} GROUP BY {column} ORDER BY {column}",
+        "SELECT {column}, {} FROM {table} WHERE {} GROUP BY {column} ORDER BY {column}",
         sums(),
         daily_filter(filter, &mut args)
     );
@@ -278,7 +284,7 @@ const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
         LEAST(sum(requests), 9223372036854775807)::bigint AS requests, \
         GREATEST(LEAST(sum(cost_nanos), 9223372036854775807), -9223372036854775808)::bigint \
             AS cost_nanos \
-        FROM usage_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id) AS u \
+        FROM usage_customer_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id) AS u \
     ON u.customer_id = c.id \
     ORDER BY c.name COLLATE \"C\", c.id";
 

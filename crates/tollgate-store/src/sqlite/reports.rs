@@ -83,7 +83,7 @@ fn sums_at(row: &Row<'_>, first: usize) -> Result<UsageTotals, Failure> {
     Ok(totals(sums))
 }
 
-/// The `usage_daily` rows of `filter`.
+/// The `usage_daily` or `usage_customer_daily` rows of `filter`.
 fn daily_filter(filter: &UsageFilter, args: &mut Args) -> String {
     let mut sql = format!(
         "day >= {} AND day <= {}",
@@ -147,7 +147,7 @@ fn customers_sql(filter: &UsageFilter, rank: Option<(Ranking, u32)>, args: &mut 
     };
     format!(
         "SELECT t.customer_id, {name}, {columns} \
-         FROM (SELECT customer_id, {sums} FROM usage_daily WHERE {where_} \
+         FROM (SELECT customer_id, {sums} FROM usage_customer_daily WHERE {where_} \
                GROUP BY customer_id) AS t \
          LEFT JOIN customers AS c ON c.id = t.customer_id \
          ORDER BY {order}{name}, t.customer_id{limit}",
@@ -175,7 +175,7 @@ fn grouped_rows(
 pub(super) fn summary(conn: &Connection, filter: &UsageFilter) -> Result<UsageTotals, Failure> {
     let mut args = Args::default();
     let sql = format!(
-        "SELECT {} FROM usage_daily WHERE {}",
+        "SELECT {} FROM usage_customer_daily WHERE {}",
         split_sums(),
         daily_filter(filter, &mut args)
     );
@@ -204,8 +204,13 @@ pub(super) fn grouped(
         UsageGroup::Route => ("route", |row| Ok(GroupKey::Route(row.get(0)?))),
         UsageGroup::Model => ("model", |row| Ok(GroupKey::Model(row.get(0)?))),
     };
+    // Days need no finer grain than customer days; routes and models do.
+    let table = match group {
+        UsageGroup::Day => "usage_customer_daily",
+        _ => "usage_daily",
+    };
     let sql = format!(
-        "SELECT {column}, {} FROM usage_daily WHERE {} GROUP BY {column} ORDER BY {column}",
+        "SELECT {column}, {} FROM {table} WHERE {} GROUP BY {column} ORDER BY {column}",
         split_sums(),
         daily_filter(filter, &mut args)
     );
@@ -288,7 +293,7 @@ const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
     LEFT JOIN (SELECT customer_id, \
         sum(requests >> 32) AS requests_hi, sum(requests & 4294967295) AS requests_lo, \
         sum(cost_nanos >> 32) AS cost_nanos_hi, sum(cost_nanos & 4294967295) AS cost_nanos_lo \
-        FROM usage_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id) AS u \
+        FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id) AS u \
     ON u.customer_id = c.id \
     ORDER BY c.name, c.id";
 
