@@ -36,7 +36,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -636,33 +636,13 @@ const COPY_STAGING: &str = concat!(
 
 /// The column types of [`COPY_STAGING`], in order: [`EVENT_TYPES`], then
 /// `day`, `rejected`, `error`.
-const STAGING_TYPES: [Type; 25] = [
-    Type::UUID,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::UUID,
-    Type::UUID,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT4,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::DATE,
-    Type::BOOL,
-    Type::BOOL,
-];
+static STAGING_TYPES: LazyLock<Vec<Type>> = LazyLock::new(|| {
+    EVENT_TYPES
+        .iter()
+        .cloned()
+        .chain([Type::DATE, Type::BOOL, Type::BOOL])
+        .collect()
+});
 
 /// Moves the staged rows into `usage_events`, skipping those whose
 /// (id, ts) is there already, adds the rows it inserted, and only those,
@@ -892,7 +872,7 @@ async fn write_deduplicated(
     let (copy, insert) = staging_statements(client).await?;
     let tx = client.transaction().await?;
     let sink = tx.copy_in(&copy).await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(sink, &STAGING_TYPES));
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &STAGING_TYPES[..]));
     for row in rows {
         let values = EventValues::new(row);
         let rejected = row.event.outcome.is_rejected();
