@@ -241,9 +241,11 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many rows were new.
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError>;
 
-    /// Each customer's totals in `usage_daily` for the days of `period`
-    /// (admitted requests, tokens of every class, cost): what the limiter
-    /// loads at start and re-reads every `sync_interval`.
+    /// Each customer's totals for the days of `period` (admitted requests,
+    /// tokens of every class, cost), from the per-customer daily rollup:
+    /// what the limiter loads at start and re-reads every `sync_interval`,
+    /// so it must stay cheap (some 30 k rollup rows a month at 1,000
+    /// customers).
     async fn period_totals(
         &self,
         period: Period,

@@ -1357,7 +1357,7 @@ impl Store for PostgresStore {
                     "SELECT customer_id, sum(requests)::bigint, \
                      sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens)::bigint, \
                      sum(cost_nanos)::bigint \
-                     FROM usage_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id",
+                     FROM usage_customer_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id",
                 )
                 .await?;
             let rows = client

@@ -414,10 +414,11 @@ const UPSERT_CUSTOMER_DAILY: &str = "INSERT INTO usage_customer_daily (\
     cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
                      -9223372036854775808)";
 
-/// Per-customer totals of one period (`day` text sorts as dates do).
+/// Per-customer totals of one period, from the customer-day rollup (`day`
+/// text sorts as dates do).
 const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
     sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), sum(cost_nanos) \
-    FROM usage_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id";
+    FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id";
 
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
 /// its id is present, and only the rows inserted are added to their
