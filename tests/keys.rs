@@ -121,24 +121,7 @@ async fn call(gw: &TestGateway, path: &str, key: &str) -> Reply {
     .await
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name(super::Backend::Sqlite).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name(super::Backend::Postgres).await
-                }
-            }
-        )*
-    };
-}
-
-both_backends!(
+tollgate_store::both_backends!(
     cli_key_works_then_revocation_is_live_within_a_second,
     rotation_keeps_the_old_key_for_its_grace_only,
     expiry_and_route_limits,

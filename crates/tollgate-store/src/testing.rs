@@ -247,6 +247,81 @@ pub async fn test_store(backend: Backend) -> (Arc<dyn Store>, TestGuard) {
     (store, guard)
 }
 
+impl TestGuard {
+    /// Runs `sql` on the test database directly, returning every row as
+    /// text (`None` for NULL), so a test can check what was stored without
+    /// going through the [`Store`] it is testing.
+    pub async fn raw(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        match self {
+            TestGuard::Sqlite(db) => {
+                let conn = rusqlite::Connection::open(db.path()).expect("test SQLite opens");
+                conn.busy_timeout(Duration::from_secs(5))
+                    .expect("busy timeout is set");
+                let mut statement = conn.prepare(sql).expect("test SQL prepares");
+                let columns = statement.column_count();
+                let mut rows = statement.query([]).expect("test SQL runs");
+                let mut out = Vec::new();
+                while let Some(row) = rows.next().expect("test SQL rows") {
+                    out.push(
+                        (0..columns)
+                            .map(|i| match row.get::<_, rusqlite::types::Value>(i) {
+                                Ok(rusqlite::types::Value::Null) | Err(_) => None,
+                                Ok(rusqlite::types::Value::Integer(n)) => Some(n.to_string()),
+                                Ok(rusqlite::types::Value::Real(x)) => Some(x.to_string()),
+                                Ok(rusqlite::types::Value::Text(text)) => Some(text),
+                                Ok(rusqlite::types::Value::Blob(bytes)) => {
+                                    Some(format!("blob:{}", bytes.len()))
+                                }
+                            })
+                            .collect(),
+                    );
+                }
+                out
+            }
+            TestGuard::Postgres(db) => {
+                let (client, connection) = tokio_postgres::connect(db.url(), NoTls)
+                    .await
+                    .expect("test Postgres connects");
+                let driver = tokio::spawn(connection);
+                let mut out = Vec::new();
+                for message in client.simple_query(sql).await.expect("test SQL runs") {
+                    if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                        out.push(
+                            (0..row.len())
+                                .map(|i| row.get(i).map(str::to_owned))
+                                .collect(),
+                        );
+                    }
+                }
+                drop(client);
+                let _ = driver.await;
+                out
+            }
+        }
+    }
+}
+
+/// Generates, for each async test body `NAME(Backend)`, the tests
+/// `NAME::sqlite` and `NAME::postgres`. The body must be in scope where the
+/// macro is used.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::testing::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::testing::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

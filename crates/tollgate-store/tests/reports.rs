@@ -25,29 +25,7 @@ use tollgate_metering::{CustomerId, KeyId};
 use tollgate_store::testing::{test_store, Backend, TestGuard};
 use uuid::Uuid;
 
-/// Generates `sqlite::NAME` and `postgres::NAME` for each body `NAME(Backend)`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+tollgate_store::both_backends!(
     month_boundary_rows_land_on_their_own_day,
     summary_matches_the_rows_for_every_filter,
     groups_have_exact_keys_in_order,

@@ -18,29 +18,7 @@ use tollgate_metering::store::{
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 use tollgate_store::testing::{test_store, Backend, TestGuard};
 
-/// Generates `sqlite::NAME` and `postgres::NAME` for each body `NAME(Backend)`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+tollgate_store::both_backends!(
     migrations_are_recorded_and_idempotent,
     concurrent_migrations_apply_each_version_once,
     a_newer_schema_is_refused,
@@ -89,55 +67,6 @@ fn page<Id>(after: Option<Id>, limit: u32) -> Page<Id> {
     Page { after, limit }
 }
 
-/// Runs `sql` on the test database directly, returning every row as text.
-async fn raw(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
-    match guard {
-        TestGuard::Sqlite(db) => {
-            let conn = rusqlite::Connection::open(db.path()).unwrap();
-            conn.busy_timeout(Duration::from_secs(5)).unwrap();
-            let mut statement = conn.prepare(sql).unwrap();
-            let columns = statement.column_count();
-            let mut rows = statement.query([]).unwrap();
-            let mut out = Vec::new();
-            while let Some(row) = rows.next().unwrap() {
-                out.push(
-                    (0..columns)
-                        .map(|i| match row.get::<_, rusqlite::types::Value>(i).unwrap() {
-                            rusqlite::types::Value::Null => None,
-                            rusqlite::types::Value::Integer(n) => Some(n.to_string()),
-                            rusqlite::types::Value::Real(x) => Some(x.to_string()),
-                            rusqlite::types::Value::Text(text) => Some(text),
-                            rusqlite::types::Value::Blob(bytes) => {
-                                Some(format!("blob:{}", bytes.len()))
-                            }
-                        })
-                        .collect(),
-                );
-            }
-            out
-        }
-        TestGuard::Postgres(db) => {
-            let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            let mut out = Vec::new();
-            for message in client.simple_query(sql).await.unwrap() {
-                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                    out.push(
-                        (0..row.len())
-                            .map(|i| row.get(i).map(str::to_owned))
-                            .collect(),
-                    );
-                }
-            }
-            drop(client);
-            let _ = driver.await;
-            out
-        }
-    }
-}
-
 async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let guard = TestGuard::create(backend).await;
     let store = tollgate_store::open(guard.url(), 2).await.unwrap();
@@ -149,11 +78,9 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     assert!(second.applied.is_empty(), "{second:?}");
     assert_eq!(second.current, LATEST);
 
-    let rows = raw(
-        &guard,
-        "SELECT version, name, applied_at FROM schema_migrations ORDER BY version",
-    )
-    .await;
+    let rows = guard
+        .raw("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
+        .await;
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[0][0].as_deref(), Some("1"));
     assert_eq!(rows[0][1].as_deref(), Some("keys"));
@@ -178,14 +105,14 @@ async fn concurrent_migrations_apply_each_version_once(backend: Backend) {
     assert_eq!(applied, vec![1, 2, 3, 4]);
     assert_eq!((ra.current, rb.current), (LATEST, LATEST));
     assert_eq!(
-        raw(&guard, "SELECT count(*) FROM schema_migrations").await[0][0].as_deref(),
+        guard.raw("SELECT count(*) FROM schema_migrations").await[0][0].as_deref(),
         Some("4")
     );
 }
 
 async fn a_newer_schema_is_refused(backend: Backend) {
     let (store, guard) = test_store(backend).await;
-    raw(&guard, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', '2030-01-01T00:00:00.000000Z')").await;
+    guard.raw("INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', '2030-01-01T00:00:00.000000Z')").await;
     match store.migrate().await {
         Err(StoreError::SchemaTooNew { database, binary }) => {
             assert_eq!((database, binary), (99, LATEST));
@@ -657,7 +584,7 @@ async fn load_keys_streams_every_key_in_batches(backend: Backend) {
             id = acme.id
         ),
     };
-    raw(&guard, &sql).await;
+    guard.raw(&sql).await;
 
     let mut batches = Vec::new();
     let mut ids = HashSet::new();
@@ -792,15 +719,13 @@ mod postgres_only {
         };
         wait_until_watching(&*other, &mut events).await;
 
-        let killed = raw(
-            &guard,
-            &format!(
+        let killed = guard
+            .raw(&format!(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                  WHERE datname = '{}' AND query ILIKE 'LISTEN%'",
                 db.name()
-            ),
-        )
-        .await;
+            ))
+            .await;
         assert_eq!(killed.len(), 1, "exactly one listener: {killed:?}");
         assert_eq!(
             next_event(&mut events, Duration::from_secs(5)).await,
@@ -878,9 +803,7 @@ mod postgres_only {
     async fn load_a_million_keys() {
         let (store, guard) = test_store(Backend::Postgres).await;
         let acme = store.create_customer(customer("acme")).await.unwrap();
-        raw(
-            &guard,
-            &format!(
+        guard.raw(&format!(
                 "INSERT INTO api_keys (id, customer_id, digest, prefix, routes, created_at, expires_at) \
                  SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, '{}', \
                         decode(md5(i::text) || md5('x' || i), 'hex'), 'tg_' || lpad(i::text, 8, '0'), \
@@ -986,14 +909,12 @@ mod sqlite_only {
         let (store, guard) = test_store(Backend::Sqlite).await;
         let acme = store.create_customer(customer("acme")).await.unwrap();
         let created = store.create_key(key(acme.id, "tg_corrupt0")).await.unwrap();
-        raw(
-            &guard,
-            &format!(
+        guard
+            .raw(&format!(
                 "UPDATE api_keys SET created_at = 'yesterday' WHERE id = '{}'",
                 created.id
-            ),
-        )
-        .await;
+            ))
+            .await;
         match store.key(created.id).await {
             Err(StoreError::Corrupt(message)) => {
                 assert!(message.contains("yesterday"), "{message}")

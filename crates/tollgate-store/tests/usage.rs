@@ -21,29 +21,7 @@ use tollgate_metering::{CustomerId, KeyId};
 use tollgate_store::testing::{test_store, Backend, TestGuard};
 use uuid::Uuid;
 
-/// Generates `sqlite::NAME` and `postgres::NAME` for each body `NAME(Backend)`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+tollgate_store::both_backends!(
     rows_round_trip_column_by_column,
     replayed_rows_are_skipped_and_not_counted_again,
     daily_rollups_match_the_rows,
@@ -140,58 +118,9 @@ fn varied(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
         .collect()
 }
 
-/// Runs `sql` on the test database directly, returning every row as text.
-async fn raw(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
-    match guard {
-        TestGuard::Sqlite(db) => {
-            let conn = rusqlite::Connection::open(db.path()).unwrap();
-            conn.busy_timeout(Duration::from_secs(5)).unwrap();
-            let mut statement = conn.prepare(sql).unwrap();
-            let columns = statement.column_count();
-            let mut rows = statement.query([]).unwrap();
-            let mut out = Vec::new();
-            while let Some(row) = rows.next().unwrap() {
-                out.push(
-                    (0..columns)
-                        .map(|i| match row.get::<_, rusqlite::types::Value>(i).unwrap() {
-                            rusqlite::types::Value::Null => None,
-                            rusqlite::types::Value::Integer(n) => Some(n.to_string()),
-                            rusqlite::types::Value::Real(x) => Some(format!("real:{x}")),
-                            rusqlite::types::Value::Text(text) => Some(text),
-                            rusqlite::types::Value::Blob(bytes) => {
-                                Some(format!("blob:{}", bytes.len()))
-                            }
-                        })
-                        .collect(),
-                );
-            }
-            out
-        }
-        TestGuard::Postgres(db) => {
-            let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            let mut out = Vec::new();
-            for message in client.simple_query(sql).await.unwrap() {
-                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                    out.push(
-                        (0..row.len())
-                            .map(|i| row.get(i).map(str::to_owned))
-                            .collect(),
-                    );
-                }
-            }
-            drop(client);
-            let _ = driver.await;
-            out
-        }
-    }
-}
-
 /// `raw`, sorted (Postgres collations and SQLite order text differently).
 async fn sorted(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
-    let mut rows = raw(guard, sql).await;
+    let mut rows = guard.raw(sql).await;
     rows.sort();
     rows
 }
@@ -490,7 +419,7 @@ async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
     assert_eq!(sorted(&guard, daily_sql(backend)).await, daily);
     assert_customer_daily(&guard, backend, &first).await;
     assert_eq!(
-        raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
+        guard.raw("SELECT count(*) FROM usage_events").await[0][0].as_deref(),
         Some("40")
     );
 
@@ -583,8 +512,8 @@ async fn daily_rollups_match_the_rows(backend: Backend) {
     };
     let fill = &migration[migration.find("INSERT INTO usage_customer_daily").unwrap()..];
     let before = sorted(&guard, customer_daily_sql(backend)).await;
-    raw(&guard, "DELETE FROM usage_customer_daily").await;
-    raw(&guard, fill).await;
+    guard.raw("DELETE FROM usage_customer_daily").await;
+    guard.raw(fill).await;
     assert_eq!(sorted(&guard, customer_daily_sql(backend)).await, before);
 }
 
@@ -621,11 +550,11 @@ async fn an_empty_batch_writes_nothing(backend: Backend) {
     let (store, guard) = test_store(backend).await;
     assert_eq!(store.write_usage(&[]).await.unwrap(), 0);
     assert_eq!(
-        raw(&guard, "SELECT count(*) FROM usage_daily").await[0][0].as_deref(),
+        guard.raw("SELECT count(*) FROM usage_daily").await[0][0].as_deref(),
         Some("0")
     );
     assert_eq!(
-        raw(&guard, "SELECT count(*) FROM usage_customer_daily").await[0][0].as_deref(),
+        guard.raw("SELECT count(*) FROM usage_customer_daily").await[0][0].as_deref(),
         Some("0")
     );
 }
@@ -654,11 +583,9 @@ async fn out_of_range_values_saturate_instead_of_failing(backend: Backend) {
         1
     );
     let max = i64::MAX.to_string();
-    let events = raw(
-        &guard,
-        "SELECT input_tokens, response_bytes, cost_nanos, model FROM usage_events",
-    )
-    .await;
+    let events = guard
+        .raw("SELECT input_tokens, response_bytes, cost_nanos, model FROM usage_events")
+        .await;
     assert_eq!(events.len(), 3);
     for row in events {
         assert_eq!(
@@ -671,11 +598,9 @@ async fn out_of_range_values_saturate_instead_of_failing(backend: Backend) {
             ]
         );
     }
-    let daily = raw(
-        &guard,
-        "SELECT requests, input_tokens, response_bytes, cost_nanos, model FROM usage_daily",
-    )
-    .await;
+    let daily = guard
+        .raw("SELECT requests, input_tokens, response_bytes, cost_nanos, model FROM usage_daily")
+        .await;
     assert_eq!(
         daily,
         [[
@@ -686,11 +611,9 @@ async fn out_of_range_values_saturate_instead_of_failing(backend: Backend) {
             Some("gpt\u{FFFD}x".to_owned())
         ]]
     );
-    let customer_daily = raw(
-        &guard,
-        "SELECT requests, input_tokens, response_bytes, cost_nanos FROM usage_customer_daily",
-    )
-    .await;
+    let customer_daily = guard
+        .raw("SELECT requests, input_tokens, response_bytes, cost_nanos FROM usage_customer_daily")
+        .await;
     assert_eq!(
         customer_daily,
         [[
@@ -730,7 +653,7 @@ async fn large_replayed_batches_count_only_new_rows(backend: Backend) {
     );
     assert_customer_daily(&guard, backend, &events).await;
     assert_eq!(
-        raw(&guard, "SELECT count(*) FROM usage_events").await[0][0].as_deref(),
+        guard.raw("SELECT count(*) FROM usage_events").await[0][0].as_deref(),
         Some("6000")
     );
 }
@@ -789,15 +712,15 @@ fn partition_name(month: Date) -> String {
 }
 
 async fn partitions(guard: &TestGuard) -> Vec<String> {
-    raw(
-        guard,
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+    guard
+        .raw(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = 'usage_events'::regclass ORDER BY 1",
-    )
-    .await
-    .into_iter()
-    .map(|row| row[0].clone().unwrap())
-    .collect()
+        )
+        .await
+        .into_iter()
+        .map(|row| row[0].clone().unwrap())
+        .collect()
 }
 
 mod postgres_only {
@@ -853,13 +776,16 @@ mod postgres_only {
 
         // A partition dropped behind the store's back (say by a retention
         // job) is made again, and the batch goes through.
-        raw(&guard, &format!("DROP TABLE {future_name}")).await;
+        guard.raw(&format!("DROP TABLE {future_name}")).await;
         assert_eq!(partitions(&guard).await.len(), 5);
         let batch = [event(customer, key, future + Duration::from_secs(60))];
         assert_eq!(store.write_usage(&batch).await.unwrap(), 1);
         assert!(partitions(&guard).await.contains(&future_name));
         assert_eq!(
-            raw(&guard, &format!("SELECT count(*) FROM {future_name}")).await[0][0].as_deref(),
+            guard
+                .raw(&format!("SELECT count(*) FROM {future_name}"))
+                .await[0][0]
+                .as_deref(),
             Some("1")
         );
     }
