@@ -187,26 +187,17 @@ async fn reservation_race(backend: Backend) {
     // Every request has its row: 50 admitted, 150 rejected.
     let gateway = Arc::into_inner(gateway).unwrap();
     gateway.stop().await;
-    let totals = daily_totals(l.db.url()).await;
+    let totals = daily_totals(&l.db).await;
     assert_eq!(totals, (50, 150));
 }
 
 /// (requests, rejected) summed over `usage_daily`.
-async fn daily_totals(url: &str) -> (i64, i64) {
-    let sql = "SELECT CAST(coalesce(sum(requests), 0) AS BIGINT), \
-               CAST(coalesce(sum(rejected), 0) AS BIGINT) FROM usage_daily";
-    if url.starts_with("postgres") {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let row = client.query_one(sql, &[]).await.unwrap();
-        (row.get(0), row.get(1))
-    } else {
-        let conn = rusqlite::Connection::open(url.strip_prefix("sqlite://").unwrap()).unwrap();
-        conn.query_row(sql, [], |row| Ok((row.get(0)?, row.get(1)?)))
-            .unwrap()
-    }
+async fn daily_totals(db: &TestGuard) -> (i64, i64) {
+    let row = db
+        .raw("SELECT coalesce(sum(requests), 0), coalesce(sum(rejected), 0) FROM usage_daily")
+        .await;
+    let number = |i: usize| row[0][i].as_deref().unwrap().parse().unwrap();
+    (number(0), number(1))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

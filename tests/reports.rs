@@ -395,7 +395,7 @@ async fn billing_closes_once(backend: Backend) {
     let again = admin_call(g, Method::POST, "/v1/billing/periods/2026-10/close").await;
     assert_eq!(again.json(), closed, "closing again returns the same lines");
     assert_eq!(get(g, "/v1/billing/summary?period=2026-10").await, closed);
-    assert_eq!(count_lines(s.db.url()).await, 5, "one set of lines");
+    assert_eq!(count_lines(&s.db).await, 5, "one set of lines");
 
     for period in ["2026-11", "2027-01"] {
         let refused = admin_call(
@@ -413,18 +413,9 @@ async fn billing_closes_once(backend: Backend) {
     s.gateway.stop().await;
 }
 
-async fn count_lines(url: &str) -> i64 {
-    let sql = "SELECT count(*) FROM billing_lines";
-    if url.starts_with("postgres") {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client.query_one(sql, &[]).await.unwrap().get(0)
-    } else {
-        let conn = rusqlite::Connection::open(url.strip_prefix("sqlite://").unwrap()).unwrap();
-        conn.query_row(sql, [], |row| row.get(0)).unwrap()
-    }
+async fn count_lines(db: &TestGuard) -> i64 {
+    let rows = db.raw("SELECT count(*) FROM billing_lines").await;
+    rows[0][0].as_deref().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
