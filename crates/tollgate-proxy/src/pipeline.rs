@@ -417,8 +417,23 @@ fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
         && parts
             .headers
             .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.to_ascii_lowercase().contains("json"))
+            .is_some_and(|value| is_json(value.as_bytes()))
+}
+
+/// A JSON media type (`application/json`, `application/problem+json`, …),
+/// in any case, without allocating.
+fn is_json(content_type: &[u8]) -> bool {
+    content_type
+        .windows(4)
+        .any(|window| window.eq_ignore_ascii_case(b"json"))
+}
+
+/// `text/event-stream`, in any case, parameters allowed.
+fn is_event_stream(content_type: &[u8]) -> bool {
+    const SSE: &[u8] = b"text/event-stream";
+    content_type
+        .get(..SSE.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(SSE))
 }
 
 impl Gateway {
@@ -444,12 +459,10 @@ impl Gateway {
         let content_type = parts
             .headers
             .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let event_stream = content_type.starts_with("text/event-stream");
+            .map_or(&b""[..], |value| value.as_bytes());
+        let event_stream = is_event_stream(content_type);
         let scanner = (route.usage.format != UsageFormat::None
-            && (event_stream || content_type.contains("json")))
+            && (event_stream || is_json(content_type)))
         .then(|| UsageScanner::new(route.usage.format, event_stream));
         let filter = (asked_for_usage && event_stream && parts.status.is_success())
             .then(UsageChunkFilter::new);
