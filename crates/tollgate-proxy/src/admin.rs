@@ -19,7 +19,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest};
-use tollgate_metering::limits::Period;
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
 use tollgate_metering::reports::UsageGroup;
@@ -27,7 +26,7 @@ use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
-use crate::quota::{quota_document, unlimited_view};
+use crate::quota::quota_document;
 
 /// The largest admin request body accepted.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -399,9 +398,7 @@ impl Admin {
             (["quota", customer], &Method::GET) => {
                 let customer = accounts.customer(customer).await?;
                 let limiter = self.policies.limiter();
-                let view = limiter.view(customer.id).unwrap_or_else(|| {
-                    unlimited_view(Period::containing(OffsetDateTime::now_utc()))
-                });
+                let view = limiter.view_or_unlimited(customer.id);
                 let tier = self.policies.tier(customer.id);
                 let document = quota_document(
                     customer.id,

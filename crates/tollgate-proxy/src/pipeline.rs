@@ -35,7 +35,7 @@ use http::{HeaderName, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use time::OffsetDateTime;
-use tollgate_metering::limits::{Period, RateHeaders};
+use tollgate_metering::limits::RateHeaders;
 use tollgate_metering::usage::extract::{
     inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
 };
@@ -48,7 +48,7 @@ use crate::forward::{is_body_too_large, UpstreamClient};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
 use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
-use crate::quota::{quota_document, unlimited_view};
+use crate::quota::quota_document;
 use crate::route::{Route, RouteTable};
 
 /// What the data plane knows about the connection a request came in on.
@@ -227,13 +227,7 @@ impl Gateway {
             });
         }
         let customer = caller.customer_id;
-        // A customer created a moment ago may not have reached this
-        // instance's limiter yet: it has no limits and no usage so far.
-        let view = self
-            .metering
-            .limiter
-            .view(customer)
-            .unwrap_or_else(|| unlimited_view(Period::containing(OffsetDateTime::now_utc())));
+        let view = self.metering.limiter.view_or_unlimited(customer);
         let tier = self.metering.policies.tier(customer);
         let document = quota_document(customer, None, tier.as_deref(), &view);
         let mut response = Response::new(ProxyBody::full(document.to_string()));

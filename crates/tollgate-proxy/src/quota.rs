@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
-use tollgate_metering::limits::{Limits, Meter, Period, QuotaView, RateHeaders};
+use tollgate_metering::limits::{Meter, QuotaView, RateHeaders};
 use tollgate_metering::usage::cost::format_usd;
 use tollgate_metering::CustomerId;
 
@@ -67,28 +67,4 @@ fn rate_json(rate: Option<String>, window: &RateHeaders) -> Value {
         "remaining": window.remaining,
         "reset": window.reset,
     })
-}
-
-/// The view of a customer the limiter has not seen yet: no limits, no
-/// usage in `period`.
-pub fn unlimited_view(period: Period) -> QuotaView {
-    let nothing = Meter {
-        used: 0,
-        limit: None,
-        remaining: None,
-    };
-    QuotaView {
-        limits: Limits::default(),
-        period,
-        reset: period.next_start(),
-        rate: None,
-        requests: nothing,
-        tokens: nothing,
-        cost_nanos: Meter {
-            used: 0,
-            limit: None,
-            remaining: None,
-        },
-        headers: None,
-    }
 }

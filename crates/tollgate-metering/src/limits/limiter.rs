@@ -675,6 +675,34 @@ impl Limiter {
         state.roll(now_ns);
         Some(state.view(now_ns))
     }
+
+    /// As [`Limiter::view`], with a customer this limiter has not seen yet
+    /// (created a moment ago, not yet through the change feed) shown as it
+    /// is treated: no limits and no usage in the current period.
+    pub fn view_or_unlimited(&self, customer: CustomerId) -> QuotaView {
+        self.view(customer).unwrap_or_else(|| {
+            let period = Self::period_at(self.now());
+            let nothing = Meter {
+                used: 0,
+                limit: None,
+                remaining: None,
+            };
+            QuotaView {
+                limits: Limits::unlimited(),
+                period,
+                reset: period.next_start(),
+                rate: None,
+                requests: nothing,
+                tokens: nothing,
+                cost_nanos: Meter {
+                    used: 0,
+                    limit: None,
+                    remaining: None,
+                },
+                headers: None,
+            }
+        })
+    }
 }
 
 /// Map shards: customers of one shard take turns (for tens of nanoseconds
@@ -1369,6 +1397,9 @@ mod tests {
         let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
         let c = customer(9);
         assert_eq!(limiter.view(c), None);
+        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
+        assert_eq!(unseen.limits, Limits::unlimited());
         let decision = limiter.admit(c);
         assert_eq!(decision.headers, None);
         let admission = admitted(decision);
@@ -1382,8 +1413,14 @@ mod tests {
         assert!(limiter.admit(c).result.is_err());
         limiter.remove(c);
         assert_eq!(limiter.view(c), None);
+        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
+        assert_eq!(unseen.limits, Limits::unlimited());
         limiter.release(&admission); // the customer is gone: nothing to do
         assert_eq!(limiter.view(c), None);
+        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
+        assert_eq!(unseen.limits, Limits::unlimited());
     }
 
     #[test]
