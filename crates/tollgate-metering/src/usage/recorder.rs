@@ -62,6 +62,11 @@ pub type CommitHook = Arc<dyn Fn(&[UsageEvent]) + Send + Sync>;
 /// Batches the writer may hold in memory before it relies on the spool.
 const MAX_BATCHES_IN_MEMORY: usize = 16;
 
+/// How many batches' worth of rows the writer puts in one transaction when
+/// it is behind (see [`coalesce`]), and reads at once when draining the
+/// spool.
+const WRITE_MERGE: usize = 8;
+
 /// Events queued for the spooler beyond which no new request is admitted:
 /// 16 batches, and at least 100,000 events (some 30 MB), so that a burst
 /// never trips it and only a stalled disk does.
@@ -447,13 +452,14 @@ async fn writer(
             }
             None => batches.recv().await,
         };
-        let Some((batch, position)) = next else {
+        let Some(first) = next else {
             save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
             return;
         };
-        if written.as_ref().is_some_and(|done| position <= *done) {
+        let Some((batch, position)) = coalesce(first, &mut batches, written.as_ref(), batch_size)
+        else {
             continue; // already written while draining the spool
-        }
+        };
         match store.write_usage(&batch).await {
             Ok(_) => {
                 if let Some(hook) = hook {
@@ -475,6 +481,44 @@ async fn writer(
             }
         }
     }
+}
+
+/// The batches to write in one transaction: `first` and whatever else the
+/// spooler has already handed over, up to `batch_size * WRITE_MERGE` rows,
+/// leaving out anything at or before `written` (written while draining the
+/// spool). `None` when nothing is left.
+///
+/// Under light load the channel is empty and batches go one by one, as
+/// soon as they are spooled. When the database falls behind, batches queue
+/// up and are written together: a transaction's fixed cost, and above all
+/// its rollup upserts (one per day × customer × key × route × model group,
+/// which a bigger batch repeats less), are then shared by more rows, so the
+/// writer speeds up exactly when it has to (`benches/usage_write.rs`).
+fn coalesce(
+    first: (Vec<UsageEvent>, SpoolPosition),
+    batches: &mut mpsc::Receiver<(Vec<UsageEvent>, SpoolPosition)>,
+    written: Option<&SpoolPosition>,
+    batch_size: usize,
+) -> Option<(Vec<UsageEvent>, SpoolPosition)> {
+    let limit = batch_size.saturating_mul(WRITE_MERGE);
+    let is_new = |position: &SpoolPosition| written.is_none_or(|done| position > done);
+    let mut merged: Option<(Vec<UsageEvent>, SpoolPosition)> = is_new(&first.1).then_some(first);
+    while merged.as_ref().is_none_or(|(rows, _)| rows.len() < limit) {
+        let Ok((batch, position)) = batches.try_recv() else {
+            break;
+        };
+        if !is_new(&position) {
+            continue;
+        }
+        match &mut merged {
+            Some((rows, last)) => {
+                rows.extend(batch);
+                *last = position;
+            }
+            None => merged = Some((batch, position)),
+        }
+    }
+    merged
 }
 
 /// Checkpoints the last committed position, if any is unsaved.
@@ -513,7 +557,9 @@ async fn drain(
         let after = written.clone();
         let spool_ref = spool.clone();
         let read = blocking(move || {
-            lock(&spool_ref).and_then(|spool| spool.read_pending(after.as_ref(), batch_size))
+            lock(&spool_ref).and_then(|spool| {
+                spool.read_pending(after.as_ref(), batch_size.saturating_mul(WRITE_MERGE))
+            })
         })
         .await;
         let (events, position) = match read {
@@ -550,5 +596,72 @@ async fn checkpoint(
         // after a restart, which the database ignores.
         Ok(Err(error)) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
         Err(error) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
+mod tests {
+    use super::*;
+    use crate::usage::spool::tests::{events, pos};
+
+    type Batch = (Vec<UsageEvent>, SpoolPosition);
+
+    /// A channel holding batches of `sizes` rows, numbered on from `start`,
+    /// each ending at offset (its last row + 1) of segment 1.
+    fn queued(start: u64, sizes: &[u64]) -> mpsc::Receiver<Batch> {
+        let (sender, receiver) = mpsc::channel(64);
+        let mut n = start;
+        for &size in sizes {
+            sender
+                .try_send((events(n..n + size), pos(1, n + size)))
+                .unwrap();
+            n += size;
+        }
+        receiver
+    }
+
+    fn ids(batch: &[UsageEvent]) -> Vec<u128> {
+        batch
+            .iter()
+            .map(|event| event.id.as_u128() & 0xffff)
+            .collect()
+    }
+
+    #[test]
+    fn coalesce_takes_what_is_queued_up_to_the_limit() {
+        // batch_size 3: at most 24 rows; batches are only ever taken whole.
+        let mut queue = queued(4, &[4, 8, 8, 5, 2]);
+        let (rows, end) = coalesce((events(0..4), pos(1, 4)), &mut queue, None, 3).unwrap();
+        assert_eq!(ids(&rows), (0..24).collect::<Vec<_>>());
+        assert_eq!(end, pos(1, 24));
+        // What is left goes in the next transaction, in order.
+        let next = queue.try_recv().unwrap();
+        let (rows, end) = coalesce(next, &mut queue, None, 3).unwrap();
+        assert_eq!(ids(&rows), (24..31).collect::<Vec<_>>());
+        assert_eq!(end, pos(1, 31));
+    }
+
+    #[test]
+    fn coalesce_with_nothing_queued_writes_the_batch_alone() {
+        let mut queue = queued(0, &[]);
+        let (rows, end) = coalesce((events(0..5), pos(1, 5)), &mut queue, None, 100).unwrap();
+        assert_eq!(ids(&rows), (0..5).collect::<Vec<_>>());
+        assert_eq!(end, pos(1, 5));
+    }
+
+    #[test]
+    fn coalesce_skips_batches_already_written_from_the_spool() {
+        // Draining wrote everything up to offset 9; the batches ending at
+        // 5 and 9 are dropped, the one ending at 12 is the first written.
+        let mut queue = queued(5, &[4, 3, 2]);
+        let (rows, end) =
+            coalesce((events(0..5), pos(1, 5)), &mut queue, Some(&pos(1, 9)), 100).unwrap();
+        assert_eq!(ids(&rows), (9..14).collect::<Vec<_>>());
+        assert_eq!(end, pos(1, 14));
+
+        let mut queue = queued(5, &[4]);
+        let written = pos(1, 9);
+        assert!(coalesce((events(0..5), pos(1, 5)), &mut queue, Some(&written), 100).is_none());
     }
 }

@@ -914,7 +914,7 @@ impl<'a> RecordReader<'a> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
-mod tests {
+pub(crate) mod tests {
     use std::ops::Range;
 
     use proptest::prelude::*;
@@ -953,7 +953,7 @@ mod tests {
         }
     }
 
-    fn events(range: Range<u64>) -> Vec<UsageEvent> {
+    pub(crate) fn events(range: Range<u64>) -> Vec<UsageEvent> {
         range.map(event).collect()
     }
 
@@ -965,7 +965,7 @@ mod tests {
         Spool::open_with_segment_bytes(dir, u64::MAX, segment_bytes).unwrap()
     }
 
-    fn pos(segment: u64, offset: u64) -> SpoolPosition {
+    pub(crate) fn pos(segment: u64, offset: u64) -> SpoolPosition {
         SpoolPosition { segment, offset }
     }
 
