@@ -202,6 +202,7 @@ async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize
         spool_dir: spool.path().to_owned(),
         spool_max: 1 << 30,
         reject_when_full: true,
+        flush_metrics: Default::default(),
     };
     let handle = recorder::start(config, store, None).await.unwrap();
     let recorder = handle.recorder();

@@ -2,6 +2,7 @@
 //! binary, the mock upstream, and small HTTP clients over real sockets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -545,4 +546,95 @@ impl CutProxy {
     pub fn restore(&self) {
         self.cut.send_replace(false);
     }
+}
+
+/// A `/metrics` scrape: every sample, by name and labels.
+pub struct Scrape {
+    pub text: String,
+    samples: HashMap<(String, BTreeMap<String, String>), f64>,
+}
+
+impl Scrape {
+    /// GETs `http://{admin}/metrics` (no token needed).
+    pub async fn of(admin: SocketAddr) -> Scrape {
+        let reply = get(&format!("http://{admin}/metrics")).await;
+        assert_eq!(reply.status, http::StatusCode::OK);
+        assert_eq!(
+            reply.headers["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        Scrape::parse(String::from_utf8(reply.body.to_vec()).unwrap())
+    }
+
+    /// Parses the sample lines (`name{k="v",…} value`); comment lines are
+    /// skipped. Panics on a line that is neither.
+    pub fn parse(text: String) -> Scrape {
+        let mut samples = HashMap::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = value.parse().expect("sample value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').expect("closing brace");
+                    (name, parse_labels(body))
+                }
+                None => (series, BTreeMap::new()),
+            };
+            samples.insert((name.to_owned(), labels), value);
+        }
+        Scrape { text, samples }
+    }
+
+    /// The sample `name` with exactly `labels`, 0 when absent (a counter
+    /// never incremented is not exposed).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let labels = labels
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        self.samples
+            .get(&(name.to_owned(), labels))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// The sum of every `name` sample whose labels include `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|&(k, v)| l.get(k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+fn parse_labels(body: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"").expect("label key");
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("closing quote") {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next().expect("escape").1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(key.to_owned(), value);
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    labels
 }

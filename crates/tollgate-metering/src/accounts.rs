@@ -133,6 +133,11 @@ pub struct KeyRequest {
 pub struct Accounts {
     store: Arc<dyn Store>,
     format: KeyFormat,
+    /// The configured tier and route names; replaced on a config reload.
+    names: std::sync::RwLock<Names>,
+}
+
+struct Names {
     tiers: Vec<String>,
     routes: Vec<String>,
 }
@@ -147,9 +152,19 @@ impl Accounts {
         Accounts {
             store,
             format,
-            tiers,
-            routes,
+            names: std::sync::RwLock::new(Names { tiers, routes }),
         }
+    }
+
+    /// The tier and route names new customers and keys are checked against
+    /// from now on (after a config reload).
+    pub fn set_names(&self, tiers: Vec<String>, routes: Vec<String>) {
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        *names = Names { tiers, routes };
+    }
+
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Names> {
+        self.names.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -157,13 +172,14 @@ impl Accounts {
     }
 
     fn check_tier(&self, field: &'static str, tier: &str) -> Result<(), AccountError> {
-        if self.tiers.iter().any(|t| t == tier) {
+        let names = self.names();
+        if names.tiers.iter().any(|t| t == tier) {
             return Ok(());
         }
-        let known = if self.tiers.is_empty() {
+        let known = if names.tiers.is_empty() {
             "no tiers are configured".to_owned()
         } else {
-            format!("configured tiers: {}", self.tiers.join(", "))
+            format!("configured tiers: {}", names.tiers.join(", "))
         };
         Err(AccountError::invalid(
             field,
@@ -178,13 +194,14 @@ impl Accounts {
                 "an empty route list would make the key useless; omit it to allow every route",
             ));
         }
+        let names = self.names();
         for route in routes {
-            if !self.routes.iter().any(|r| r == route) {
+            if !names.routes.iter().any(|r| r == route) {
                 return Err(AccountError::invalid(
                     "routes",
                     format!(
                         "unknown route {route:?} (configured routes: {})",
-                        self.routes.join(", ")
+                        names.routes.join(", ")
                     ),
                 ));
             }

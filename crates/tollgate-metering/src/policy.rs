@@ -3,7 +3,7 @@
 //! change feed (a tier change is live on every instance within a second).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
@@ -16,17 +16,34 @@ const PAGE: u32 = 1000;
 
 /// The tiers of the config and what each customer gets.
 pub struct Policies {
-    tiers: HashMap<String, Limits>,
+    /// Replaced on a config reload ([`Policies::set_tiers`]).
+    tiers: RwLock<HashMap<String, Limits>>,
     limiter: Arc<Limiter>,
-    tier_of: DashMap<CustomerId, Arc<str>>,
+    /// Every known customer's tier and overrides, so that new tiers can be
+    /// applied without asking the database.
+    customers: DashMap<CustomerId, Arc<Customer>>,
 }
 
 impl Policies {
     pub fn new(tiers: HashMap<String, Limits>, limiter: Arc<Limiter>) -> Policies {
         Policies {
-            tiers,
+            tiers: RwLock::new(tiers),
             limiter,
-            tier_of: DashMap::new(),
+            customers: DashMap::new(),
+        }
+    }
+
+    /// Replaces the tiers and re-applies every known customer's limits.
+    /// Counters are kept: only the limits they are checked against change.
+    pub fn set_tiers(&self, tiers: HashMap<String, Limits>) {
+        *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = tiers;
+        let customers: Vec<Arc<Customer>> = self
+            .customers
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
+        for customer in customers {
+            self.apply(&customer);
         }
     }
 
@@ -36,7 +53,9 @@ impl Policies {
 
     /// The tier name of a known customer.
     pub fn tier(&self, customer: CustomerId) -> Option<Arc<str>> {
-        self.tier_of.get(&customer).map(|tier| tier.clone())
+        self.customers
+            .get(&customer)
+            .map(|known| Arc::from(known.tier.as_str()))
     }
 
     /// Sets one customer's effective limits.
@@ -46,7 +65,8 @@ impl Policies {
     /// blocked rather than unlimited: every monthly limit zero, which the
     /// operator sees as 429s and in the log, never as an unbounded bill.
     pub fn apply(&self, customer: &Customer) {
-        let limits = match self.tiers.get(&customer.tier) {
+        let tiers = self.tiers.read().unwrap_or_else(|e| e.into_inner());
+        let limits = match tiers.get(&customer.tier) {
             Some(tier) => match tier.with_overrides(&customer.overrides) {
                 Ok(limits) => limits,
                 Err(error) => {
@@ -67,9 +87,12 @@ impl Policies {
                 blocked()
             }
         };
-        self.tier_of
-            .insert(customer.id, Arc::from(customer.tier.as_str()));
+        // Still under the tiers' read lock, so that a concurrent
+        // `set_tiers` re-applies this customer after it, never before.
+        self.customers
+            .insert(customer.id, Arc::new(customer.clone()));
         self.limiter.set_limits(customer.id, limits);
+        drop(tiers);
     }
 
     /// Re-reads one customer (after a change event).
@@ -77,7 +100,7 @@ impl Policies {
         match store.customer(id).await? {
             Some(customer) => self.apply(&customer),
             None => {
-                self.tier_of.remove(&id);
+                self.customers.remove(&id);
                 self.limiter.remove(id);
             }
         }

@@ -64,7 +64,8 @@ pub struct Scope {
 /// Reports and billing over a store.
 pub struct Reports {
     store: Arc<dyn Store>,
-    tiers: HashMap<String, Limits>,
+    /// Replaced on a config reload.
+    tiers: std::sync::RwLock<Arc<HashMap<String, Limits>>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -76,9 +77,14 @@ impl Reports {
     ) -> Self {
         Reports {
             store,
-            tiers,
+            tiers: std::sync::RwLock::new(Arc::new(tiers)),
             clock,
         }
+    }
+
+    /// The tiers billing uses from now on (after a config reload).
+    pub fn set_tiers(&self, tiers: HashMap<String, Limits>) {
+        *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tiers);
     }
 
     /// Dates are UTC `YYYY-MM-DD`, inclusive, and default to the current
@@ -239,9 +245,10 @@ impl Reports {
 
     async fn lines(&self, period: Period) -> Result<Vec<BillingLine>, AccountError> {
         let usage = self.store.billing_usage(period).await?;
+        let tiers = self.tiers.read().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(usage
             .iter()
-            .map(|usage| billing_line(usage, self.tiers.get(&usage.tier)))
+            .map(|usage| billing_line(usage, tiers.get(&usage.tier)))
             .collect())
     }
 }

@@ -26,6 +26,7 @@ use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
+use crate::metrics::Metrics;
 use crate::quota::quota_document;
 
 /// The largest admin request body accepted.
@@ -44,6 +45,15 @@ pub struct Admin {
     /// constant-time, so comparing digests leaks nothing about a token.
     tokens: Vec<blake3::Hash>,
     ready: AtomicBool,
+    metrics: Arc<Metrics>,
+    reloader: Arc<dyn Reload>,
+}
+
+/// Re-reads the config file (`POST /v1/reload`, as SIGHUP does).
+pub trait Reload: Send + Sync {
+    /// What changed, as a JSON document; or why nothing did (the running
+    /// config is then untouched).
+    fn reload(&self) -> Result<serde_json::Value, String>;
 }
 
 /// An admin request that failed, rendered in one place.
@@ -190,6 +200,8 @@ impl Admin {
         policies: Arc<Policies>,
         reports: Arc<Reports>,
         tokens: &[String],
+        metrics: Arc<Metrics>,
+        reloader: Arc<dyn Reload>,
     ) -> Admin {
         Admin {
             accounts,
@@ -200,6 +212,8 @@ impl Admin {
                 .map(|token| blake3::hash(token.as_bytes()))
                 .collect(),
             ready: AtomicBool::new(false),
+            metrics,
+            reloader,
         }
     }
 
@@ -236,6 +250,15 @@ impl Admin {
             ["readyz"] => {
                 only_get(&method)?;
                 self.readyz(query.strict.as_deref() == Some("true")).await
+            }
+            ["metrics"] => {
+                only_get(&method)?;
+                let mut response = Response::new(ProxyBody::full(self.metrics.render()));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(response)
             }
             ["v1", ..] => {
                 self.authorize(&request)?;
@@ -303,6 +326,10 @@ impl Admin {
     ) -> AdminResult {
         let accounts = &*self.accounts;
         match (segments, &method) {
+            (["reload"], &Method::POST) => match self.reloader.reload() {
+                Ok(changed) => Ok(json(StatusCode::OK, &changed)),
+                Err(error) => Err(AdminError::Invalid(error)),
+            },
             (["customers"], &Method::POST) => {
                 let body: CreateCustomer = read_json(request).await?;
                 let customer = accounts

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod framing;
 pub mod headers;
 pub mod meter;
+pub mod metrics;
 pub mod pipeline;
 pub mod quota;
 pub mod route;

@@ -30,6 +30,7 @@ use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use uuid::Uuid;
 
 use crate::body::BoxError;
+use crate::metrics::{Metrics, RequestOutcome, RouteMetrics, UpstreamErrorKind};
 
 /// What metering needs that is the same for every request.
 pub struct Metering {
@@ -41,11 +42,11 @@ pub struct Metering {
     pub policies: Arc<Policies>,
     /// `usage_events.instance` of every row this process records.
     pub instance: String,
-    pub pricing: Pricing,
+    pub metrics: Arc<Metrics>,
+    /// Log one line per finished request (`server.access_log`).
+    pub access_log: bool,
     /// Cost headers that were present but unusable (garbage, negative, …).
     pub bad_cost_headers: AtomicU64,
-    /// Requests refused with 503 `metering_unavailable` (they have no row).
-    pub unmetered_refusals: AtomicU64,
 }
 
 impl Metering {
@@ -53,17 +54,46 @@ impl Metering {
         recorder: Recorder,
         policies: Arc<Policies>,
         instance: String,
-        pricing: Pricing,
+        metrics: Arc<Metrics>,
+        access_log: bool,
     ) -> Metering {
         Metering {
             recorder,
             limiter: policies.limiter().clone(),
             policies,
             instance,
-            pricing,
+            metrics,
+            access_log,
             bad_cost_headers: AtomicU64::new(0),
-            unmetered_refusals: AtomicU64::new(0),
         }
+    }
+}
+
+/// What the access log says of one finished request (`server.access_log`):
+/// never a key, a body or a customer.
+pub struct AccessRecord<'a> {
+    pub request_id: &'a str,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub status: u16,
+    pub outcome: RequestOutcome,
+    pub latency_us: u64,
+    pub upstream_latency_us: u64,
+}
+
+impl AccessRecord<'_> {
+    pub fn log(&self) {
+        tracing::info!(
+            target: "tollgate::access",
+            message = "request",
+            request_id = self.request_id,
+            route = self.route,
+            method = self.method,
+            status = self.status,
+            outcome = self.outcome.as_str(),
+            latency_us = self.latency_us,
+            upstream_latency_us = self.upstream_latency_us,
+        );
     }
 }
 
@@ -80,6 +110,10 @@ pub struct RouteUsage {
 pub struct UsageGuard {
     event: Option<UsageEvent>,
     metering: Arc<Metering>,
+    /// The route's metrics and the prices in force when the request
+    /// started: a reload does not change how a running request is counted.
+    route_metrics: Arc<RouteMetrics>,
+    pricing: Arc<Pricing>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     /// The request's monthly reservation, once admitted.
@@ -96,7 +130,8 @@ impl UsageGuard {
         id: Uuid,
         client_request_id: Option<String>,
         caller: &Authenticated,
-        route: &str,
+        route: &crate::route::Route,
+        pricing: &Arc<Pricing>,
         method: &http::Method,
         path: &str,
         started: Instant,
@@ -110,7 +145,7 @@ impl UsageGuard {
                 customer_id: caller.customer_id,
                 key_id: caller.key_id,
                 instance: metering.instance.clone(),
-                route: route.to_owned(),
+                route: route.name.to_string(),
                 method: method.as_str().to_owned(),
                 path: path.to_owned(),
                 status: 0,
@@ -128,6 +163,8 @@ impl UsageGuard {
                 cost_source: CostSource::None,
             }),
             metering: metering.clone(),
+            route_metrics: route.metrics.clone(),
+            pricing: pricing.clone(),
             started,
             request_bytes: Arc::new(AtomicU64::new(0)),
             admission: None,
@@ -196,6 +233,23 @@ impl UsageGuard {
             } else {
                 limiter.release(&admission);
             }
+        }
+        let outcome = RequestOutcome::Usage(outcome);
+        self.route_metrics
+            .request(event.status, outcome, self.started.elapsed());
+        self.route_metrics.usage(&event, &self.pricing);
+        if self.metering.access_log {
+            let usage_id = event.id.to_string();
+            AccessRecord {
+                request_id: event.client_request_id.as_deref().unwrap_or(&usage_id),
+                route: &event.route,
+                method: &event.method,
+                status: event.status,
+                outcome,
+                latency_us: event.latency_us,
+                upstream_latency_us: event.upstream_latency_us,
+            }
+            .log();
         }
         self.metering.recorder.record(event);
     }
@@ -268,7 +322,6 @@ struct Meter {
     scanner: Option<UsageScanner>,
     filter: Option<UsageChunkFilter>,
     headers: HeaderUsage,
-    metering: Arc<Metering>,
     response_bytes: u64,
 }
 
@@ -282,7 +335,6 @@ impl MeteredBody {
         scanner: Option<UsageScanner>,
         filter: Option<UsageChunkFilter>,
         headers: HeaderUsage,
-        metering: Arc<Metering>,
     ) -> MeteredBody {
         let mut body = MeteredBody {
             inner,
@@ -291,7 +343,6 @@ impl MeteredBody {
                 scanner,
                 filter,
                 headers,
-                metering,
                 response_bytes: 0,
             }),
             done: false,
@@ -310,7 +361,7 @@ impl Meter {
         let extracted = self.scanner.as_ref().map(UsageScanner::finish);
         let headers = self.headers;
         let response_bytes = self.response_bytes;
-        let pricing = &self.metering.pricing;
+        let pricing = self.guard.pricing.clone();
         let Some(event) = self.guard.event_mut() else {
             return;
         };
@@ -406,6 +457,10 @@ impl Body for MeteredBody {
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
                 Poll::Ready(Some(Err(error))) => {
+                    this.meter
+                        .guard
+                        .route_metrics
+                        .upstream_error(UpstreamErrorKind::Reset);
                     this.meter.finish(Outcome::UpstreamError);
                     this.done = true;
                     return Poll::Ready(Some(Err(Box::new(error))));

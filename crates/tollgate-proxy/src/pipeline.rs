@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
@@ -39,6 +40,7 @@ use tollgate_metering::limits::RateHeaders;
 use tollgate_metering::usage::extract::{
     inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
 };
+use tollgate_metering::usage::pricing::Pricing;
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -47,7 +49,8 @@ use crate::error::{ErrorSide, ProxyError};
 use crate::forward::{is_body_too_large, UpstreamClient};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
-use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
+use crate::meter::{AccessRecord, HeaderUsage, MeteredBody, Metering, UsageGuard};
+use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
 use crate::quota::quota_document;
 use crate::route::{Route, RouteTable};
 
@@ -66,9 +69,18 @@ pub struct GatewaySettings {
     pub max_request_body: u64,
 }
 
+/// The part of the data plane's config a reload replaces (SIGHUP,
+/// `POST /v1/reload`). A request takes one snapshot when it starts and
+/// keeps it to its end, so it finishes on the config it started with.
+#[derive(Debug)]
+pub struct LiveConfig {
+    pub routes: RouteTable,
+    pub pricing: Arc<Pricing>,
+}
+
 /// The data plane: routes, keys, metering and the upstream client.
 pub struct Gateway {
-    routes: RouteTable,
+    live: ArcSwap<LiveConfig>,
     auth: Authenticator,
     client: UpstreamClient,
     settings: GatewaySettings,
@@ -85,23 +97,37 @@ struct Exchange {
     guard: Option<UsageGuard>,
     /// `x-ratelimit-*` for the customer's tightest request limit.
     rate_headers: Option<RateHeaders>,
+    /// The matched route's metrics, once routed.
+    route: Option<Arc<RouteMetrics>>,
+    /// A `/_tollgate/` request: not forwarded, not counted as traffic.
+    self_service: bool,
 }
 
 impl Gateway {
     pub fn new(
-        routes: RouteTable,
+        live: LiveConfig,
         auth: Authenticator,
         client: UpstreamClient,
         settings: GatewaySettings,
         metering: Arc<Metering>,
     ) -> Self {
         Gateway {
-            routes,
+            live: ArcSwap::from_pointee(live),
             auth,
             client,
             settings,
             metering,
         }
+    }
+
+    /// Replaces routes and prices for the requests that start from now on.
+    pub fn reconfigure(&self, live: LiveConfig) {
+        self.live.store(Arc::new(live));
+    }
+
+    /// The config requests start with now.
+    pub fn live(&self) -> Arc<LiveConfig> {
+        self.live.load_full()
     }
 
     /// Serves one request. Never fails: every error becomes a response.
@@ -124,20 +150,32 @@ impl Gateway {
             ts,
             guard: None,
             rate_headers: None,
+            route: None,
+            self_service: false,
         };
+        let method = request.method().clone();
         let request_id = client_request_id.unwrap_or_else(|| usage_id_header(usage_id));
+        let live = self.live.load_full();
         let result = self
-            .handle_inner(request, &conn, &request_id, &mut exchange)
+            .handle_inner(request, &live, &conn, &request_id, &mut exchange)
             .await;
+        drop(live);
         let mut response = match result {
             Ok(response) => response,
             Err(error) => {
                 let (status, kind, side) = error.classify();
-                if let Some(guard) = exchange.guard.take() {
-                    match error.outcome() {
+                match exchange.guard.take() {
+                    Some(guard) => match error.outcome() {
                         Some(outcome) => guard.finish(outcome, Some(status.as_u16())),
                         None => guard.discard(),
-                    }
+                    },
+                    None => self.count_unmetered(
+                        &error,
+                        status.as_u16(),
+                        &exchange,
+                        &method,
+                        &request_id,
+                    ),
                 }
                 match side {
                     ErrorSide::Downstream => tracing::debug!(
@@ -160,26 +198,74 @@ impl Gateway {
         Ok(response)
     }
 
+    /// Metrics and the access log for a request that ended without a usage
+    /// event (before its key was known, or refused as unmeterable).
+    fn count_unmetered(
+        &self,
+        error: &ProxyError,
+        status: u16,
+        exchange: &Exchange,
+        method: &Method,
+        request_id: &HeaderValue,
+    ) {
+        let metrics = &self.metering.metrics;
+        let outcome = match error {
+            ProxyError::MissingApiKey => {
+                metrics.auth_failed("missing");
+                RequestOutcome::AuthFailed
+            }
+            ProxyError::InvalidApiKey { reason } => {
+                metrics.auth_failed(reason.reason());
+                RequestOutcome::AuthFailed
+            }
+            ProxyError::NoRoute => RequestOutcome::NoRoute,
+            ProxyError::MeteringUnavailable => RequestOutcome::MeteringUnavailable,
+            other => other
+                .outcome()
+                .map_or(RequestOutcome::InvalidRequest, RequestOutcome::Usage),
+        };
+        if exchange.self_service {
+            return;
+        }
+        let route = exchange.route.as_ref().unwrap_or(metrics.unrouted());
+        let took = exchange.started.elapsed();
+        route.request(status, outcome, took);
+        if self.metering.access_log {
+            let usage_id = exchange.usage_id.to_string();
+            AccessRecord {
+                request_id: request_id.to_str().unwrap_or(&usage_id),
+                route: route.name(),
+                method: method.as_str(),
+                status,
+                outcome,
+                latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                upstream_latency_us: 0,
+            }
+            .log();
+        }
+    }
+
     async fn handle_inner(
         &self,
         request: Request<Incoming>,
+        live: &LiveConfig,
         conn: &ConnInfo,
         request_id: &HeaderValue,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_framing(&request, conn)?;
         if request.uri().path().starts_with(SELF_SERVICE) {
+            exchange.self_service = true;
             return self.self_service(&request);
         }
-        let route = self
+        let route = live
             .routes
             .find(request.uri().path())
             .ok_or(ProxyError::NoRoute)?;
+        exchange.route = Some(route.metrics.clone());
         let caller = self.auth.authenticate(request.headers())?;
         if !self.metering.recorder.accepting() {
-            self.metering
-                .unmetered_refusals
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metering.metrics.metering_unavailable();
             return Err(ProxyError::MeteringUnavailable);
         }
         let guard = exchange.guard.insert(UsageGuard::new(
@@ -187,7 +273,8 @@ impl Gateway {
             exchange.usage_id,
             exchange.client_request_id.take(),
             &caller,
-            &route.name,
+            route,
+            &live.pricing,
             request.method(),
             request.uri().path(),
             exchange.started,
@@ -201,7 +288,11 @@ impl Gateway {
         self.check_declared_length(&request)?;
         let decision = self.metering.limiter.admit(caller.customer_id);
         exchange.rate_headers = decision.headers;
-        guard.admitted(decision.result.map_err(ProxyError::Limited)?);
+        let admission = decision.result.map_err(|rejection| {
+            self.metering.metrics.limit_rejected(&rejection);
+            ProxyError::Limited(rejection)
+        })?;
+        guard.admitted(admission);
         let (mut parts, body) = request.into_parts();
         let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
         let upstream_request = self.upstream_request(route, parts, body, conn, request_id)?;
@@ -350,6 +441,19 @@ impl Gateway {
         if !matches!(&result, Ok(Err(error)) if error.is_connect()) {
             guard.reached_upstream();
         }
+        let failed = match &result {
+            Err(_elapsed) => Some(UpstreamErrorKind::Timeout),
+            Ok(Err(error)) if error.is_connect() => Some(UpstreamErrorKind::Connect),
+            Ok(Err(error)) if !is_body_too_large(error) => Some(UpstreamErrorKind::Reset),
+            Ok(Err(_)) => None,
+            Ok(Ok(_)) => {
+                route.metrics.upstream_answered(started.elapsed());
+                None
+            }
+        };
+        if let Some(kind) = failed {
+            route.metrics.upstream_error(kind);
+        }
         let response = match result {
             Err(_elapsed) => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -468,14 +572,7 @@ impl Gateway {
             parts.headers.remove(name);
         }
         parts.version = Version::HTTP_11;
-        let body = MeteredBody::new(
-            body,
-            guard,
-            scanner,
-            filter,
-            header_usage,
-            self.metering.clone(),
-        );
+        let body = MeteredBody::new(body, guard, scanner, filter, header_usage);
         Response::from_parts(parts, ProxyBody::Metered(body))
     }
 }

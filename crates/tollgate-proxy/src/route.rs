@@ -11,6 +11,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use crate::meter::RouteUsage;
+use crate::metrics::{Metrics, RouteMetrics};
+use tollgate_metering::usage::pricing::Pricing;
 
 /// A route as configured: the proxy's view of a `[[routes]]` table.
 #[derive(Clone, Debug)]
@@ -52,10 +54,18 @@ pub struct Route {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub strip_response_headers: Vec<HeaderName>,
     pub usage: RouteUsage,
+    /// The route's metric handles.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 impl Route {
-    pub fn compile(spec: RouteSpec) -> Result<Route, RouteError> {
+    /// Checks and compiles `spec`, with its metric handles from `metrics`
+    /// (their `model` labels are `pricing`'s models).
+    pub fn compile(
+        spec: RouteSpec,
+        metrics: &Metrics,
+        pricing: &Pricing,
+    ) -> Result<Route, RouteError> {
         let bad_upstream = || RouteError::BadUpstream {
             route: spec.name.clone(),
             upstream: spec.upstream.to_string(),
@@ -78,6 +88,7 @@ impl Route {
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_upstream())?;
         let base_path = spec.upstream.path().trim_end_matches('/').to_owned();
         Ok(Route {
+            metrics: metrics.route(&spec.name, pricing),
             name: Arc::from(spec.name),
             prefix: spec.prefix,
             scheme,
@@ -150,10 +161,14 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(specs: Vec<RouteSpec>) -> Result<RouteTable, RouteError> {
+    pub fn new(
+        specs: Vec<RouteSpec>,
+        metrics: &Metrics,
+        pricing: &Pricing,
+    ) -> Result<RouteTable, RouteError> {
         let mut routes = specs
             .into_iter()
-            .map(Route::compile)
+            .map(|spec| Route::compile(spec, metrics, pricing))
             .collect::<Result<Vec<_>, _>>()?;
         // Longest prefix wins; the sort is stable, so equal lengths keep
         // their config order.
@@ -181,6 +196,14 @@ impl RouteTable {
 mod tests {
     use super::*;
 
+    fn compile(spec: RouteSpec) -> Result<Route, RouteError> {
+        Route::compile(spec, &Metrics::new(), &Pricing::default())
+    }
+
+    fn route_table(specs: Vec<RouteSpec>) -> RouteTable {
+        RouteTable::new(specs, &Metrics::new(), &Pricing::default()).unwrap()
+    }
+
     fn spec(name: &str, prefix: &str, upstream: &str, strip: bool) -> RouteSpec {
         RouteSpec {
             name: name.into(),
@@ -196,23 +219,22 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins_regardless_of_order() {
-        let table = RouteTable::new(vec![
+        let table = route_table(vec![
             spec("all", "/", "http://a", false),
             spec("v1", "/v1/", "http://b", false),
             spec("chat", "/v1/chat/", "http://c", false),
-        ])
-        .unwrap();
+        ]);
         assert_eq!(&*table.find("/v1/chat/completions").unwrap().name, "chat");
         assert_eq!(&*table.find("/v1/embeddings").unwrap().name, "v1");
         assert_eq!(&*table.find("/other").unwrap().name, "all");
-        let only_v1 = RouteTable::new(vec![spec("v1", "/v1/", "http://b", false)]).unwrap();
+        let only_v1 = route_table(vec![spec("v1", "/v1/", "http://b", false)]);
         assert!(only_v1.find("/v1").is_none());
         assert!(only_v1.find("/v2/x").is_none());
     }
 
     #[test]
     fn strip_prefix_reroots_at_slash_and_keeps_the_query() {
-        let route = Route::compile(spec(
+        let route = compile(spec(
             "anthropic",
             "/anthropic/",
             "https://api.anthropic.com",
@@ -229,7 +251,7 @@ mod tests {
         let bare = route.upstream_uri(&"/anthropic/".parse().unwrap()).unwrap();
         assert_eq!(bare.to_string(), "https://api.anthropic.com/");
 
-        let no_slash = Route::compile(spec("a", "/anthropic", "http://up:81", true)).unwrap();
+        let no_slash = compile(spec("a", "/anthropic", "http://up:81", true)).unwrap();
         let uri = no_slash
             .upstream_uri(&"/anthropic/v1/x".parse().unwrap())
             .unwrap();
@@ -238,10 +260,10 @@ mod tests {
 
     #[test]
     fn upstream_base_path_is_prepended() {
-        let route = Route::compile(spec("a", "/v1/", "http://up/base/", false)).unwrap();
+        let route = compile(spec("a", "/v1/", "http://up/base/", false)).unwrap();
         let uri = route.upstream_uri(&"/v1/x?q=1".parse().unwrap()).unwrap();
         assert_eq!(uri.to_string(), "http://up/base/v1/x?q=1");
-        let plain = Route::compile(spec("a", "/v1/", "http://up", false)).unwrap();
+        let plain = compile(spec("a", "/v1/", "http://up", false)).unwrap();
         let uri = plain.upstream_uri(&"/v1/x?q=1".parse().unwrap()).unwrap();
         assert_eq!(uri.to_string(), "http://up/v1/x?q=1");
     }
@@ -249,15 +271,15 @@ mod tests {
     #[test]
     fn rejects_bad_routes() {
         assert!(matches!(
-            Route::compile(spec("a", "v1/", "http://up", false)),
+            compile(spec("a", "v1/", "http://up", false)),
             Err(RouteError::BadPrefix { .. })
         ));
         assert!(matches!(
-            Route::compile(spec("a", "/v1/", "/relative", false)),
+            compile(spec("a", "/v1/", "/relative", false)),
             Err(RouteError::BadUpstream { .. })
         ));
         assert!(matches!(
-            Route::compile(spec("a", "/v1/", "ftp://up", false)),
+            compile(spec("a", "/v1/", "ftp://up", false)),
             Err(RouteError::BadUpstream { .. })
         ));
     }

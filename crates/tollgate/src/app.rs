@@ -24,11 +24,14 @@ use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, Recor
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
 use tollgate_proxy::meter::{Metering, RouteUsage};
+use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+use tollgate_proxy::pipeline::LiveConfig;
 use tollgate_proxy::{
     serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
 use crate::config::{Config, Overage, RouteConfig, SpoolFullPolicy, TierConfig, UsageFormat};
+use crate::reload::Reloader;
 
 /// How long in-flight requests may run after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -43,6 +46,7 @@ pub struct Running {
     keys: Arc<KeyCache>,
     recorder: RecorderHandle,
     metering: Arc<Metering>,
+    reloader: Arc<Reloader>,
 }
 
 impl Running {
@@ -64,6 +68,11 @@ impl Running {
     /// Metering state shared with the data plane (recorder counters).
     pub fn metering(&self) -> &Arc<Metering> {
         &self.metering
+    }
+
+    /// Re-reads the config file (what SIGHUP does).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// Closes the listeners, waits for in-flight requests (up to the
@@ -124,8 +133,8 @@ pub async fn start_with_clock(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Running> {
-    let routes =
-        RouteTable::new(config.routes.iter().map(route_spec).collect()).context("invalid route")?;
+    let metrics = Arc::new(Metrics::new());
+    let live = live_config(&config, &metrics)?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
     let limiter = Arc::new(Limiter::new(clock.clone()));
@@ -135,7 +144,11 @@ pub async fn start_with_clock(
     };
     // Replays the spool before the period totals are read, so they
     // include every row an earlier run recorded.
-    let recorder = recorder::start(recorder_config(&config), store.clone(), Some(committed))
+    let recorder_config = RecorderConfig {
+        flush_metrics: metrics.flush_metrics(),
+        ..recorder_config(&config)
+    };
+    let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
         .await
         .context("cannot start usage recording")?;
     let policies = Arc::new(Policies::new(tier_limits(&config), limiter.clone()));
@@ -160,9 +173,21 @@ pub async fn start_with_clock(
         recorder.recorder(),
         policies.clone(),
         config.server.instance_id.clone(),
-        pricing(&config),
+        metrics.clone(),
+        config.server.access_log,
     ));
     let keys = Arc::new(KeyCache::new());
+    metrics.watch(recorder.recorder().stats().clone(), keys.clone());
+    let upkeep = {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                ticker.tick().await;
+                metrics.upkeep();
+            }
+        })
+    };
     let loaded = keys
         .reload(&*store)
         .await
@@ -175,7 +200,7 @@ pub async fn start_with_clock(
         config.keys.headers.clone(),
     );
     let gateway = Arc::new(Gateway::new(
-        routes,
+        live,
         auth,
         client,
         GatewaySettings {
@@ -198,12 +223,13 @@ pub async fn start_with_clock(
     let admin_addr = admin_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
 
+    let data_gateway = gateway.clone();
     let data_task = tokio::spawn(serve(
         data_listener,
         tls.clone(),
         options.clone(),
         move |conn| {
-            let gateway = gateway.clone();
+            let gateway = data_gateway.clone();
             service_fn(move |request| gateway.clone().handle(request, conn.clone()))
         },
         wait_for(stopped.clone()),
@@ -214,11 +240,21 @@ pub async fn start_with_clock(
         tier_limits(&config),
         clock.clone(),
     ));
+    let reloader = Arc::new(Reloader::new(
+        config.clone(),
+        gateway,
+        policies.clone(),
+        reports.clone(),
+        accounts.clone(),
+        metrics.clone(),
+    ));
     let admin = Arc::new(Admin::new(
         accounts,
         policies,
         reports,
         &config.admin.tokens,
+        metrics,
+        reloader.clone(),
     ));
     let admin_state = admin.clone();
     let admin_task = tokio::spawn(serve(
@@ -244,10 +280,11 @@ pub async fn start_with_clock(
         admin_addr,
         stop,
         tasks: vec![data_task, admin_task],
-        background: vec![feed, sync],
+        background: vec![feed, sync, upkeep],
         keys,
         recorder,
         metering,
+        reloader,
     })
 }
 
@@ -364,7 +401,21 @@ fn recorder_config(config: &Config) -> RecorderConfig {
         spool_dir: config.usage.spool_dir.clone(),
         spool_max: config.usage.spool_max,
         reject_when_full: config.usage.on_spool_full == SpoolFullPolicy::Reject,
+        flush_metrics: Default::default(),
     }
+}
+
+/// What a reload can replace, built from `config`: the routes, with their
+/// metric handles, and the prices.
+pub fn live_config(config: &Config, metrics: &Metrics) -> anyhow::Result<LiveConfig> {
+    let pricing = Arc::new(pricing(config));
+    let routes = RouteTable::new(
+        config.routes.iter().map(route_spec).collect(),
+        metrics,
+        &pricing,
+    )
+    .context("invalid route")?;
+    Ok(LiveConfig { routes, pricing })
 }
 
 fn pricing(config: &Config) -> Pricing {

@@ -125,7 +125,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = runtime(config.server.worker_threads)?;
     runtime.block_on(async {
         let running = app::start(config).await?;
-        shutdown::signal().await;
+        let reloader = running.reloader().clone();
+        tokio::select! {
+            () = shutdown::signal() => {}
+            () = shutdown::reloads(move || reloader.reload_and_log()) => {}
+        }
         tracing::info!(message = "Shutdown requested; draining in-flight requests.");
         running.stop().await;
         tracing::info!(message = "Stopped.");

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod manage;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;

@@ -2,6 +2,8 @@
 //! level from `RUST_LOG` (default `info` for long-running commands, `warn`
 //! for one-shot ones, whose stderr is for their one-line errors).
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -13,6 +15,7 @@ pub fn init(format: LogFormat, default_level: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second call (possible only in tests) keeps the first subscriber.
     let _ = match format {

@@ -39,6 +39,11 @@ impl Pricing {
         self.models.is_empty()
     }
 
+    /// The priced model names.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
     /// The priced name and price that apply to `model`: the exact name,
     /// else the longest priced name `p` such that `model` is `p` followed by
     /// `-` and more (OpenAI answers `gpt-4o-mini` requests with

@@ -51,6 +51,55 @@ pub struct RecorderConfig {
     /// database is down (true), or keep serving and let the spool grow past
     /// `spool_max` (false).
     pub reject_when_full: bool,
+    /// Where the writer reports each database write.
+    pub flush_metrics: FlushMetrics,
+}
+
+/// Histograms of the writer's database writes (`tollgate_usage_flush_*`);
+/// no-ops by default.
+#[derive(Clone, Debug)]
+pub struct FlushMetrics {
+    /// Seconds per write, failed ones included.
+    pub duration: metrics::Histogram,
+    /// Rows per write.
+    pub rows: metrics::Histogram,
+}
+
+impl Default for FlushMetrics {
+    fn default() -> FlushMetrics {
+        FlushMetrics {
+            duration: metrics::Histogram::noop(),
+            rows: metrics::Histogram::noop(),
+        }
+    }
+}
+
+impl FlushMetrics {
+    /// One database write of `rows`, as timed from `started`.
+    async fn write(
+        &self,
+        store: &dyn Store,
+        rows: &[UsageEvent],
+        stats: &RecorderStats,
+    ) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
+        let result = store.write_usage(rows).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        self.rows.record(rows.len() as f64);
+        if let Err(error) = &result {
+            stats.write_failures.fetch_add(1, Ordering::Relaxed);
+            stats
+                .rows_failed
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            if stats.database_up.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    message = "Usage write failed; rows stay in the spool until the database answers.",
+                    %error,
+                );
+            }
+        }
+        result
+    }
 }
 
 /// Called with every batch the writer committed to the database (not with
@@ -92,7 +141,10 @@ pub struct RecorderStats {
     pub rows_spooled: AtomicU64,
     pub rows_written: AtomicU64,
     pub rows_replayed: AtomicU64,
+    /// Database writes that failed, and the rows they held (those rows stay
+    /// in the spool and are written later).
     pub write_failures: AtomicU64,
+    pub rows_failed: AtomicU64,
     pub database_up: AtomicBool,
     spool_full: AtomicBool,
     spool_failing: AtomicBool,
@@ -185,6 +237,7 @@ pub async fn start(
             &mut written,
             config.batch_size,
             None,
+            &config.flush_metrics,
         )
         .await?;
         let replayed = stats.rows_written.swap(0, Ordering::Relaxed);
@@ -218,6 +271,7 @@ pub async fn start(
         stats,
         config.batch_size,
         on_commit,
+        config.flush_metrics,
     ));
     Ok(RecorderHandle {
         recorder,
@@ -397,6 +451,7 @@ async fn writer(
     stats: Arc<RecorderStats>,
     batch_size: usize,
     on_commit: Option<CommitHook>,
+    flush: FlushMetrics,
 ) {
     let hook = on_commit.as_ref();
     // Everything up to `written` is in the database; `unsaved` is the part
@@ -407,14 +462,23 @@ async fn writer(
     let mut behind = false;
     loop {
         if behind {
-            match drain(&*store, &spool, &stats, &mut written, batch_size, hook).await {
+            match drain(
+                &*store,
+                &spool,
+                &stats,
+                &mut written,
+                batch_size,
+                hook,
+                &flush,
+            )
+            .await
+            {
                 Ok(()) => {
                     behind = false;
                     stats.database_up.store(true, Ordering::Relaxed);
                     tracing::info!(message = "Usage writer caught up from the spool.");
                 }
-                Err(error) => {
-                    note_failure(&stats, &error);
+                Err(_) => {
                     // Keep taking batches off the channel (they are on disk)
                     // so the spooler never stalls, until it is time to retry.
                     let retry = tokio::time::sleep(RETRY_INTERVAL);
@@ -427,7 +491,7 @@ async fn writer(
                                     // Shutting down with the database away:
                                     // one last attempt, then the spool keeps
                                     // the rest for the next start.
-                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size, hook).await;
+                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size, hook, &flush).await;
                                     return;
                                 }
                             }
@@ -460,7 +524,7 @@ async fn writer(
         else {
             continue; // already written while draining the spool
         };
-        match store.write_usage(&batch).await {
+        match flush.write(&*store, &batch, &stats).await {
             Ok(_) => {
                 if let Some(hook) = hook {
                     hook(&batch);
@@ -475,10 +539,7 @@ async fn writer(
                     save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
                 }
             }
-            Err(error) => {
-                note_failure(&stats, &error);
-                behind = true;
-            }
+            Err(_) => behind = true,
         }
     }
 }
@@ -534,16 +595,6 @@ async fn save(
     *last_checkpoint = tokio::time::Instant::now();
 }
 
-fn note_failure(stats: &RecorderStats, error: &StoreError) {
-    stats.write_failures.fetch_add(1, Ordering::Relaxed);
-    if stats.database_up.swap(false, Ordering::Relaxed) {
-        tracing::warn!(
-            message = "Usage write failed; rows stay in the spool until the database answers.",
-            %error,
-        );
-    }
-}
-
 /// Writes everything in the spool after `written`, batch by batch.
 async fn drain(
     store: &dyn Store,
@@ -552,6 +603,7 @@ async fn drain(
     written: &mut Option<SpoolPosition>,
     batch_size: usize,
     hook: Option<&CommitHook>,
+    flush: &FlushMetrics,
 ) -> Result<(), StoreError> {
     loop {
         let after = written.clone();
@@ -564,13 +616,13 @@ async fn drain(
         .await;
         let (events, position) = match read {
             Ok(Ok(read)) => read,
-            Ok(Err(error)) => return Err(StoreError::Corrupt(format!("usage spool: {error}"))),
-            Err(error) => return Err(StoreError::Corrupt(error.to_string())),
+            Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
+            Err(error) => return Err(unreadable(error.to_string())),
         };
         if events.is_empty() {
             return Ok(());
         }
-        store.write_usage(&events).await?;
+        flush.write(store, &events, stats).await?;
         if let Some(hook) = hook {
             hook(&events);
         }
@@ -580,6 +632,13 @@ async fn drain(
         checkpoint(spool, stats, position.clone()).await;
         *written = Some(position);
     }
+}
+
+/// The spool could not be read back; logged here, since it is not a
+/// database failure (those are logged where they happen).
+fn unreadable(message: String) -> StoreError {
+    tracing::warn!(message = "Cannot read the usage spool; retrying.", error = %message);
+    StoreError::Corrupt(message)
 }
 
 async fn checkpoint(

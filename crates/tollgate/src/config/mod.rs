@@ -60,6 +60,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Model name -> price.
     pub pricing: BTreeMap<String, ModelPrice>,
+    /// The file it was loaded from (what a reload re-reads); `None` for
+    /// built-in defaults and parsed text.
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             tiers: Vec::new(),
             routes: Vec::new(),
             pricing: BTreeMap::new(),
+            source: None,
         }
     }
 }
@@ -89,9 +93,11 @@ impl Config {
             path: path.to_path_buf(),
             error,
         })?;
-        Self::parse(&text, &path.display().to_string(), &|name| {
+        let mut config = Self::parse(&text, &path.display().to_string(), &|name| {
             std::env::var(name).ok()
-        })
+        })?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Same as [`Config::load`] from text; `origin` is the file name used in
@@ -137,6 +143,8 @@ pub struct ServerConfig {
     /// Unique per running process; default `<hostname>-<pid>`. Non-empty, no
     /// whitespace or control characters (it lands in usage rows and logs).
     pub instance_id: String,
+    /// One info line per data-plane request (target `tollgate::access`).
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -149,6 +157,7 @@ impl Default for ServerConfig {
             request_header_timeout: defaults::REQUEST_HEADER_TIMEOUT,
             worker_threads: defaults::WORKER_THREADS,
             instance_id: defaults::instance_id(),
+            access_log: false,
         }
     }
 }

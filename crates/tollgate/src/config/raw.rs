@@ -41,6 +41,7 @@ pub(super) struct RawServer {
     pub request_header_timeout: Option<Str>,
     pub worker_threads: Option<usize>,
     pub instance_id: Option<Str>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

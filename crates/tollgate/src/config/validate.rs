@@ -246,6 +246,7 @@ impl Cx<'_> {
             tiers: self.tiers(raw.tiers)?,
             routes: self.routes(raw.routes)?,
             pricing: self.pricing(raw.pricing)?,
+            source: None,
         })
     }
 
@@ -320,6 +321,7 @@ impl Cx<'_> {
             request_header_timeout,
             worker_threads: raw.worker_threads.unwrap_or(defaults::WORKER_THREADS),
             instance_id,
+            access_log: raw.access_log.unwrap_or(false),
         })
     }
 
