@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Pass-through throughput: Tollgate vs nginx as a plain reverse proxy, same
-# machine, same run, one core each.
+# machine, same run, one core each. Tollgate does its whole job on every
+# request: the key is checked, the customer's limits admit it, the JSON
+# response is scanned for usage, a usage row is spooled and written, and the
+# metrics are counted. nginx only forwards.
 #
 #   CPU 0: wrk (1 thread) and the upstream (nginx, 1 worker, fixed JSON body)
 #   CPU 1: the proxy under test, in turn: tollgate (1 tokio worker) or nginx
@@ -82,11 +85,22 @@ url = "sqlite://$WORK/tollgate.db"
 [usage]
 spool_dir = "$WORK/spool"
 
+[[tiers]]
+name = "bench"
+
 [[routes]]
 name = "bench"
 prefix = "/"
 upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+usage = "openai"
+
+[pricing."gpt-4o-mini"]
+input = 0.15
+output = 0.60
 CONF
+KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench --tier bench --json \
+    | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')"
+[ -n "$KEY" ] || { echo "error: could not create a bench key" >&2; exit 1; }
 
 wait_port() {
     for _ in $(seq 1 100); do
@@ -113,7 +127,8 @@ start_proxy() { # tollgate | nginx
 
 # Prints "rps p50_us p99_us" for one wrk run against a port.
 measure() { # port [duration]
-    taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency "http://127.0.0.1:$1/v1/chat/completions" \
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer $KEY" \
+        "http://127.0.0.1:$1/v1/chat/completions" \
         | awk '
             function us(v) {
                 if (v ~ /us$/) { sub(/us$/, "", v); return v + 0 }

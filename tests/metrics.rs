@@ -43,7 +43,7 @@ tokens = ["admin-test-token"]
 
 [[tiers]]
 name = "metered"
-rate = "5/min"
+rate = "6/min"
 
 [[routes]]
 name = "llm"
@@ -87,6 +87,21 @@ async fn chat(
     .await
 }
 
+/// Sends the head of a JSON chat request that announces 1,000 bytes, 9 of
+/// them, and closes the connection.
+async fn abort_upload(gw: &TestGateway, key: &str) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(stream);
+}
+
 #[tokio::test]
 async fn counters_move_by_exactly_what_the_requests_did() {
     let mock = MockUpstream::start().await.unwrap();
@@ -94,7 +109,7 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     let key = gw.key.clone().unwrap();
     let before = Scrape::of(gw.admin).await;
 
-    // Admitted (the rate allows 5): two priced models, one the dated name
+    // Admitted (the rate allows 6): two priced models, one the dated name
     // of a priced model; one unpriced model with a cost header; one
     // upstream 503; one refused connection.
     let reply = chat(
@@ -141,6 +156,9 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     )
     .await;
     assert_eq!(dead.status, StatusCode::BAD_GATEWAY);
+    // A client that goes away halfway through its upload (admitted, then
+    // its body fails): a client_closed row, not an upstream error.
+    abort_upload(&gw, &key).await;
     // Over the rate.
     for _ in 0..2 {
         let reply = chat(&gw, Some(&key), "gpt-4o-mini", "x", &[]).await;
@@ -158,9 +176,12 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
     assert_eq!(gw.get("/elsewhere").await.status, StatusCode::NOT_FOUND);
     assert_eq!(gw.get("/_tollgate/usage").await.status, StatusCode::OK);
+    let anonymous = get(&gw.url("/_tollgate/usage")).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
 
-    let expected_requests: [(&str, &str, &str, f64); 7] = [
+    let expected_requests: [(&str, &str, &str, f64); 8] = [
         ("llm", "2xx", "ok", 3.0),
+        ("llm", "4xx", "client_closed", 1.0),
         ("llm", "5xx", "ok", 1.0),
         ("dead", "5xx", "upstream_error", 1.0),
         ("llm", "4xx", "rate_limited", 2.0),
@@ -173,7 +194,7 @@ async fn counters_move_by_exactly_what_the_requests_did() {
         Scrape::of(gw.admin)
             .await
             .value("tollgate_usage_rows_total", &[("result", "written")])
-            == 7.0
+            == 8.0
     })
     .await;
     let after = Scrape::of(gw.admin).await;
@@ -195,8 +216,8 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     }
     assert_eq!(
         after.sum("tollgate_requests_total", &[]) - before.sum("tollgate_requests_total", &[]),
-        11.0,
-        "the self-service request is not counted"
+        12.0,
+        "the self-service requests are not counted"
     );
     assert_eq!(
         delta("tollgate_auth_failures_total", &[("reason", "missing")]),
@@ -232,6 +253,11 @@ async fn counters_move_by_exactly_what_the_requests_did() {
         after.sum("tollgate_upstream_errors_total", &[("route", "llm")]),
         0.0
     );
+    assert_eq!(
+        after.sum("tollgate_upstream_errors_total", &[]),
+        1.0,
+        "only the refused connection"
+    );
 
     // Tokens: P = words of the prompt, N = chunks (3 by default); the dated
     // model counts under its priced prefix, the unpriced one under `other`.
@@ -261,7 +287,10 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     // Histograms: every counted request is timed; upstream time only for
     // the four that got response headers.
     let count = |name: &str, route: &str| delta(name, &[("route", route)]);
-    assert_eq!(count("tollgate_request_duration_seconds_count", "llm"), 9.0);
+    assert_eq!(
+        count("tollgate_request_duration_seconds_count", "llm"),
+        10.0
+    );
     assert_eq!(
         count("tollgate_request_duration_seconds_count", "dead"),
         1.0
@@ -279,13 +308,13 @@ async fn counters_move_by_exactly_what_the_requests_did() {
     // The recorder: 7 rows (the admitted five and the two rate-limited).
     assert_eq!(
         delta("tollgate_usage_rows_total", &[("result", "spooled")]),
-        7.0
+        8.0
     );
     assert_eq!(
         delta("tollgate_usage_rows_total", &[("result", "failed")]),
         0.0
     );
-    assert_eq!(delta("tollgate_usage_batch_rows_sum", &[]), 7.0);
+    assert_eq!(delta("tollgate_usage_batch_rows_sum", &[]), 8.0);
     assert!(delta("tollgate_usage_flush_duration_seconds_count", &[]) >= 1.0);
     assert_eq!(after.value("tollgate_database_up", &[]), 1.0);
     assert_eq!(after.value("tollgate_keys_cached", &[]), 1.0);
@@ -371,9 +400,8 @@ fn check_exposition(text: &str) {
         }
     }
     for name in SPEC_METRICS {
-        if name == "tollgate_upstream_errors_total" || name == "tollgate_metering_unavailable_total"
-        {
-            continue; // exposed once they happen (checked above for errors)
+        if name == "tollgate_upstream_errors_total" {
+            continue; // exposed once one happens (checked above)
         }
         assert!(types.contains_key(name), "{name} is not exposed");
     }

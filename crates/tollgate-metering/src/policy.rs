@@ -3,7 +3,7 @@
 //! change feed (a tier change is live on every instance within a second).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 
@@ -16,35 +16,56 @@ const PAGE: u32 = 1000;
 
 /// The tiers of the config and what each customer gets.
 pub struct Policies {
-    /// Replaced on a config reload ([`Policies::set_tiers`]).
-    tiers: RwLock<HashMap<String, Limits>>,
+    /// The tiers, replaced on a config reload ([`Policies::set_tiers`]).
+    /// Held while a customer's limits are computed and stored, so that
+    /// updates (the change feed, a reload) apply one at a time and a
+    /// reload never re-applies a customer's older version over a newer one.
+    tiers: Mutex<HashMap<String, Limits>>,
     limiter: Arc<Limiter>,
-    /// Every known customer's tier and overrides, so that new tiers can be
-    /// applied without asking the database.
-    customers: DashMap<CustomerId, Arc<Customer>>,
+    /// Every known customer, so that new tiers can be applied without
+    /// asking the database.
+    customers: DashMap<CustomerId, Known>,
+}
+
+struct Known {
+    tier: Arc<str>,
+    customer: Arc<Customer>,
 }
 
 impl Policies {
     pub fn new(tiers: HashMap<String, Limits>, limiter: Arc<Limiter>) -> Policies {
         Policies {
-            tiers: RwLock::new(tiers),
+            tiers: Mutex::new(tiers),
             limiter,
             customers: DashMap::new(),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Limits>> {
+        self.tiers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replaces the tiers and re-applies every known customer's limits.
     /// Counters are kept: only the limits they are checked against change.
     pub fn set_tiers(&self, tiers: HashMap<String, Limits>) {
-        *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = tiers;
+        let mut current = self.lock();
+        *current = tiers;
         let customers: Vec<Arc<Customer>> = self
             .customers
             .iter()
-            .map(|entry| entry.value().clone())
+            .map(|entry| entry.value().customer.clone())
             .collect();
         for customer in customers {
-            self.apply(&customer);
+            self.apply_with(&current, customer);
         }
+    }
+
+    /// How many known customers are on `tier`.
+    pub fn customers_on(&self, tier: &str) -> usize {
+        self.customers
+            .iter()
+            .filter(|entry| &*entry.value().tier == tier)
+            .count()
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -55,7 +76,7 @@ impl Policies {
     pub fn tier(&self, customer: CustomerId) -> Option<Arc<str>> {
         self.customers
             .get(&customer)
-            .map(|known| Arc::from(known.tier.as_str()))
+            .map(|known| known.tier.clone())
     }
 
     /// Sets one customer's effective limits.
@@ -65,7 +86,11 @@ impl Policies {
     /// blocked rather than unlimited: every monthly limit zero, which the
     /// operator sees as 429s and in the log, never as an unbounded bill.
     pub fn apply(&self, customer: &Customer) {
-        let tiers = self.tiers.read().unwrap_or_else(|e| e.into_inner());
+        let tiers = self.lock();
+        self.apply_with(&tiers, Arc::new(customer.clone()));
+    }
+
+    fn apply_with(&self, tiers: &HashMap<String, Limits>, customer: Arc<Customer>) {
         let limits = match tiers.get(&customer.tier) {
             Some(tier) => match tier.with_overrides(&customer.overrides) {
                 Ok(limits) => limits,
@@ -87,12 +112,14 @@ impl Policies {
                 blocked()
             }
         };
-        // Still under the tiers' read lock, so that a concurrent
-        // `set_tiers` re-applies this customer after it, never before.
-        self.customers
-            .insert(customer.id, Arc::new(customer.clone()));
         self.limiter.set_limits(customer.id, limits);
-        drop(tiers);
+        self.customers.insert(
+            customer.id,
+            Known {
+                tier: Arc::from(customer.tier.as_str()),
+                customer,
+            },
+        );
     }
 
     /// Re-reads one customer (after a change event).
@@ -100,6 +127,7 @@ impl Policies {
         match store.customer(id).await? {
             Some(customer) => self.apply(&customer),
             None => {
+                let _serialized = self.lock();
                 self.customers.remove(&id);
                 self.limiter.remove(id);
             }

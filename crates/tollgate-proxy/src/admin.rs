@@ -326,10 +326,16 @@ impl Admin {
     ) -> AdminResult {
         let accounts = &*self.accounts;
         match (segments, &method) {
-            (["reload"], &Method::POST) => match self.reloader.reload() {
-                Ok(changed) => Ok(json(StatusCode::OK, &changed)),
-                Err(error) => Err(AdminError::Invalid(error)),
-            },
+            (["reload"], &Method::POST) => {
+                // Reading the file and re-applying every customer's limits
+                // is blocking work.
+                let reloader = self.reloader.clone();
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(changed)) => Ok(json(StatusCode::OK, &changed)),
+                    Ok(Err(error)) => Err(AdminError::Invalid(error)),
+                    Err(error) => Err(AdminError::Internal(format!("reload failed: {error}"))),
+                }
+            }
             (["customers"], &Method::POST) => {
                 let body: CreateCustomer = read_json(request).await?;
                 let customer = accounts

@@ -95,6 +95,12 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The client's body failed on its way upstream (the client went away or
+/// broke the framing mid-upload): the client's fault, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyFailed(#[source] pub hyper::Error);
+
 /// The client's body on its way upstream, counted and capped.
 #[derive(Debug)]
 pub struct RequestBody {
@@ -172,7 +178,9 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            Poll::Ready(Some(Err(error))) => {
+                Poll::Ready(Some(Err(Box::new(ClientBodyFailed(error)))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

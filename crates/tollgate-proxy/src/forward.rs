@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{BodyTooLarge, RequestBody};
+use crate::body::{BodyTooLarge, ClientBodyFailed, RequestBody};
 
 /// How long an idle upstream connection is kept for reuse.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -44,9 +44,19 @@ pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
 /// Whether an upstream request failed because the client's body went over
 /// the size limit (rather than because the upstream failed).
 pub fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<BodyTooLarge>(error)
+}
+
+/// Whether an upstream request failed because the client's own body
+/// failed mid-upload.
+pub fn is_client_body_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<ClientBodyFailed>(error)
+}
+
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.is::<BodyTooLarge>() {
+        if error.is::<T>() {
             return true;
         }
         current = error.source();

@@ -211,11 +211,6 @@ impl UsageGuard {
         self.emit(outcome, status);
     }
 
-    /// Drops the event without a row (503 `metering_unavailable`).
-    pub fn discard(mut self) {
-        self.event = None;
-    }
-
     fn emit(&mut self, outcome: Outcome, status: Option<u16>) {
         let Some(mut event) = self.event.take() else {
             return;
@@ -224,7 +219,8 @@ impl UsageGuard {
         if let Some(status) = status {
             event.status = status;
         }
-        event.latency_us = micros(self.started.elapsed());
+        let latency = self.started.elapsed();
+        event.latency_us = micros(latency);
         event.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         if let Some(admission) = self.admission.take() {
             let limiter = &self.metering.limiter;
@@ -235,13 +231,19 @@ impl UsageGuard {
             }
         }
         let outcome = RequestOutcome::Usage(outcome);
-        self.route_metrics
-            .request(event.status, outcome, self.started.elapsed());
+        self.route_metrics.request(event.status, outcome, latency);
         self.route_metrics.usage(&event, &self.pricing);
         if self.metering.access_log {
-            let usage_id = event.id.to_string();
+            let usage_id;
+            let request_id = match event.client_request_id.as_deref() {
+                Some(id) => id,
+                None => {
+                    usage_id = event.id.to_string();
+                    &usage_id
+                }
+            };
             AccessRecord {
-                request_id: event.client_request_id.as_deref().unwrap_or(&usage_id),
+                request_id,
                 route: &event.route,
                 method: &event.method,
                 status: event.status,

@@ -136,10 +136,17 @@ const OUTCOME_LABELS: usize = Outcome::ALL.len() + 4;
 impl RequestOutcome {
     fn index(self) -> usize {
         match self {
-            RequestOutcome::Usage(outcome) => Outcome::ALL
-                .iter()
-                .position(|&o| o == outcome)
-                .unwrap_or_default(),
+            RequestOutcome::Usage(outcome) => match outcome {
+                Outcome::Ok => 0,
+                Outcome::UpstreamError => 1,
+                Outcome::UpstreamTimeout => 2,
+                Outcome::ClientClosed => 3,
+                Outcome::RateLimited => 4,
+                Outcome::QuotaExceeded => 5,
+                Outcome::BudgetExceeded => 6,
+                Outcome::RouteForbidden => 7,
+                Outcome::PayloadTooLarge => 8,
+            },
             RequestOutcome::AuthFailed => Outcome::ALL.len(),
             RequestOutcome::NoRoute => Outcome::ALL.len() + 1,
             RequestOutcome::InvalidRequest => Outcome::ALL.len() + 2,

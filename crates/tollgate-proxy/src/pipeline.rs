@@ -41,12 +41,13 @@ use tollgate_metering::usage::extract::{
     inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
 };
 use tollgate_metering::usage::pricing::Pricing;
+use tollgate_metering::usage::Outcome;
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::{ErrorSide, ProxyError};
-use crate::forward::{is_body_too_large, UpstreamClient};
+use crate::forward::{is_body_too_large, is_client_body_failure, UpstreamClient};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
 use crate::meter::{AccessRecord, HeaderUsage, MeteredBody, Metering, UsageGuard};
@@ -165,10 +166,14 @@ impl Gateway {
             Err(error) => {
                 let (status, kind, side) = error.classify();
                 match exchange.guard.take() {
-                    Some(guard) => match error.outcome() {
-                        Some(outcome) => guard.finish(outcome, Some(status.as_u16())),
-                        None => guard.discard(),
-                    },
+                    // Every request that presented a valid key has its row:
+                    // an error with no outcome of its own after that point
+                    // is the client's body failing (it went away or broke
+                    // the framing mid-upload).
+                    Some(guard) => guard.finish(
+                        error.outcome().unwrap_or(Outcome::ClientClosed),
+                        Some(status.as_u16()),
+                    ),
                     None => self.count_unmetered(
                         &error,
                         status.as_u16(),
@@ -208,6 +213,9 @@ impl Gateway {
         method: &Method,
         request_id: &HeaderValue,
     ) {
+        if exchange.self_service {
+            return;
+        }
         let metrics = &self.metering.metrics;
         let outcome = match error {
             ProxyError::MissingApiKey => {
@@ -224,16 +232,13 @@ impl Gateway {
                 .outcome()
                 .map_or(RequestOutcome::InvalidRequest, RequestOutcome::Usage),
         };
-        if exchange.self_service {
-            return;
-        }
         let route = exchange.route.as_ref().unwrap_or(metrics.unrouted());
         let took = exchange.started.elapsed();
         route.request(status, outcome, took);
         if self.metering.access_log {
-            let usage_id = exchange.usage_id.to_string();
+            // `request_id` is the client's sane id or the usage id, both ASCII.
             AccessRecord {
-                request_id: request_id.to_str().unwrap_or(&usage_id),
+                request_id: request_id.to_str().unwrap_or_default(),
                 route: route.name(),
                 method: method.as_str(),
                 status,
@@ -297,7 +302,9 @@ impl Gateway {
         let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
         let upstream_request = self.upstream_request(route, parts, body, conn, request_id)?;
         let upstream_response = self.forward(route, upstream_request, guard).await?;
-        guard.set_upstream_latency(exchange.started.elapsed());
+        let upstream_latency = exchange.started.elapsed();
+        guard.set_upstream_latency(upstream_latency);
+        route.metrics.upstream_answered(upstream_latency);
         let guard = exchange.guard.take().ok_or_else(|| ProxyError::Internal {
             reason: "usage event missing".to_owned(),
         })?;
@@ -444,12 +451,9 @@ impl Gateway {
         let failed = match &result {
             Err(_elapsed) => Some(UpstreamErrorKind::Timeout),
             Ok(Err(error)) if error.is_connect() => Some(UpstreamErrorKind::Connect),
-            Ok(Err(error)) if !is_body_too_large(error) => Some(UpstreamErrorKind::Reset),
-            Ok(Err(_)) => None,
-            Ok(Ok(_)) => {
-                route.metrics.upstream_answered(started.elapsed());
-                None
-            }
+            Ok(Err(error)) if is_body_too_large(error) || is_client_body_failure(error) => None,
+            Ok(Err(_)) => Some(UpstreamErrorKind::Reset),
+            Ok(Ok(_)) => None,
         };
         if let Some(kind) = failed {
             route.metrics.upstream_error(kind);
@@ -463,6 +467,11 @@ impl Gateway {
             Ok(Err(error)) if is_body_too_large(&error) => {
                 return Err(ProxyError::PayloadTooLarge {
                     limit: self.settings.max_request_body,
+                })
+            }
+            Ok(Err(error)) if is_client_body_failure(&error) => {
+                return Err(ProxyError::MalformedRequest {
+                    reason: "the request body could not be read",
                 })
             }
             Ok(Err(error)) => {

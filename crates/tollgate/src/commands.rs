@@ -124,11 +124,19 @@ pub fn load_config(flag: Option<&Path>) -> Result<(Config, Option<PathBuf>), Con
 fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = runtime(config.server.worker_threads)?;
     runtime.block_on(async {
+        // Listen for SIGHUP before anything else, so that one arriving
+        // during start-up is not fatal (its default action).
+        let hangups = shutdown::hangups();
         let running = app::start(config).await?;
         let reloader = running.reloader().clone();
+        let reload = move || {
+            let reloader = reloader.clone();
+            // Blocking work; reloads are serialized inside the reloader.
+            tokio::task::spawn_blocking(move || reloader.reload_and_log());
+        };
         tokio::select! {
             () = shutdown::signal() => {}
-            () = shutdown::reloads(move || reloader.reload_and_log()) => {}
+            () = shutdown::reloads(hangups, reload) => {}
         }
         tracing::info!(message = "Shutdown requested; draining in-flight requests.");
         running.stop().await;

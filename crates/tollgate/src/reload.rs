@@ -3,7 +3,8 @@
 //! routes, pricing, tiers (and so every customer's limits), and the names
 //! new customers and keys are checked against.
 //!
-//! A file that does not validate changes nothing. Requests already running
+//! A file that does not validate, or that removes a tier customers are on,
+//! changes nothing. Requests already running
 //! keep the routes and prices they started with (each holds its own
 //! snapshot); limits apply from the next admission. Listen addresses, TLS,
 //! the database and the rest of `[server]`, `[admin]`, `[keys]` and
@@ -64,6 +65,19 @@ impl Reloader {
             );
         };
         let next = Config::load(&path).map_err(|error| error.to_string())?;
+        // A tier that customers are on cannot just vanish: they would all
+        // be blocked. They must be moved first.
+        for tier in &current.tiers {
+            let on_it = self.policies.customers_on(&tier.name);
+            if next.tier(&tier.name).is_none() && on_it > 0 {
+                return Err(format!(
+                    "{}: tiers: tier {:?} is removed but {on_it} customer(s) are on it; \
+                     move them to another tier first (tollgate customers set-tier)",
+                    path.display(),
+                    tier.name
+                ));
+            }
+        }
         let live: LiveConfig =
             live_config(&next, &self.metrics).map_err(|error| format!("{error:#}"))?;
 

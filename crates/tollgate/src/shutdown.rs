@@ -1,26 +1,39 @@
 //! Process signals: SIGTERM and SIGINT both mean "stop accepting, drain,
 //! exit 0"; SIGHUP means "re-read the config file".
 
-/// Calls `reload` on every SIGHUP; never returns (unless SIGHUP cannot be
-/// listened for, which is logged).
-pub async fn reloads(reload: impl Fn()) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hangups) => {
-                while hangups.recv().await.is_some() {
-                    tracing::info!(message = "SIGHUP received; reloading the config.");
-                    reload();
-                }
-            }
-            Err(error) => {
-                tracing::warn!(message = "Cannot listen for SIGHUP; reload with POST /v1/reload.", %error);
-            }
+/// SIGHUPs from now on (`None` where there are none, or they cannot be
+/// listened for, which is logged). Must be called inside the runtime.
+#[cfg(unix)]
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(error) => {
+            tracing::warn!(message = "Cannot listen for SIGHUP; reload with POST /v1/reload.", %error);
+            None
         }
     }
-    #[cfg(not(unix))]
-    let _ = reload;
+}
+
+#[cfg(not(unix))]
+pub fn hangups() -> Option<()> {
+    None
+}
+
+/// Calls `reload` on every SIGHUP; never returns.
+#[cfg(unix)]
+pub async fn reloads(hangups: Option<tokio::signal::unix::Signal>, reload: impl Fn()) {
+    if let Some(mut hangups) = hangups {
+        while hangups.recv().await.is_some() {
+            tracing::info!(message = "SIGHUP received; reloading the config.");
+            reload();
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+#[cfg(not(unix))]
+pub async fn reloads(_hangups: Option<()>, _reload: impl Fn()) {
     std::future::pending::<()>().await;
 }
 

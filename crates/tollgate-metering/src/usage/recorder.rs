@@ -75,7 +75,9 @@ impl Default for FlushMetrics {
 }
 
 impl FlushMetrics {
-    /// One database write of `rows`, as timed from `started`.
+    /// One database write of `rows`, timed and counted. `rows_failed`
+    /// counts the rows of every failed attempt (a batch retried during an
+    /// outage counts again each time).
     async fn write(
         &self,
         store: &dyn Store,
@@ -86,6 +88,9 @@ impl FlushMetrics {
         let result = store.write_usage(rows).await;
         self.duration.record(started.elapsed().as_secs_f64());
         self.rows.record(rows.len() as f64);
+        if result.is_ok() {
+            stats.database_up.store(true, Ordering::Relaxed);
+        }
         if let Err(error) = &result {
             stats.write_failures.fetch_add(1, Ordering::Relaxed);
             stats
