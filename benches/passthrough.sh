@@ -15,6 +15,7 @@
 # (wrk straight at the upstream, same connections).
 #
 # Usage: benches/passthrough.sh [duration_secs=10] [connections=64] [rounds=3]
+#        TOLLGATE_BIN=path/to/tollgate benches/passthrough.sh ...
 # Needs: nginx, wrk, taskset (apt-get install nginx wrk util-linux).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,13 @@ for tool in nginx wrk taskset; do
     command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install nginx wrk util-linux)" >&2; exit 1; }
 done
 
-cargo build --release --locked -q
-BIN="$PWD/target/release/tollgate"
+# TOLLGATE_BIN measures another build (say, the previous commit's) instead.
+if [ -n "${TOLLGATE_BIN:-}" ]; then
+    BIN="$TOLLGATE_BIN"
+else
+    cargo build --release --locked -q
+    BIN="$PWD/target/release/tollgate"
+fi
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -99,7 +105,7 @@ input = 0.15
 output = 0.60
 CONF
 KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench --tier bench --json \
-    | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')"
+    | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
 [ -n "$KEY" ] || { echo "error: could not create a bench key" >&2; exit 1; }
 
 wait_port() {
