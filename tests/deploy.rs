@@ -15,25 +15,8 @@ use std::process::Command;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// SPEC §7: every metric name Tollgate exports.
-const SPEC_METRICS: [&str; 16] = [
-    "tollgate_requests_total",
-    "tollgate_request_duration_seconds",
-    "tollgate_upstream_duration_seconds",
-    "tollgate_auth_failures_total",
-    "tollgate_limit_rejections_total",
-    "tollgate_usage_rows_total",
-    "tollgate_usage_flush_duration_seconds",
-    "tollgate_usage_batch_rows",
-    "tollgate_usage_pending_rows",
-    "tollgate_usage_spool_bytes",
-    "tollgate_cost_nanos_total",
-    "tollgate_tokens_total",
-    "tollgate_database_up",
-    "tollgate_metering_unavailable_total",
-    "tollgate_keys_cached",
-    "tollgate_upstream_errors_total",
-];
+mod common;
+use common::SPEC_METRICS;
 
 /// The SPEC §7 histograms: their series are `_bucket`, `_sum` and `_count`.
 const SPEC_HISTOGRAMS: [&str; 4] = [

@@ -15,26 +15,6 @@ use http::{Method, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-/// Every metric name of SPEC §7.
-const SPEC_METRICS: [&str; 16] = [
-    "tollgate_requests_total",
-    "tollgate_request_duration_seconds",
-    "tollgate_upstream_duration_seconds",
-    "tollgate_auth_failures_total",
-    "tollgate_limit_rejections_total",
-    "tollgate_usage_rows_total",
-    "tollgate_usage_flush_duration_seconds",
-    "tollgate_usage_batch_rows",
-    "tollgate_usage_pending_rows",
-    "tollgate_usage_spool_bytes",
-    "tollgate_cost_nanos_total",
-    "tollgate_tokens_total",
-    "tollgate_database_up",
-    "tollgate_metering_unavailable_total",
-    "tollgate_keys_cached",
-    "tollgate_upstream_errors_total",
-];
-
 fn gateway_config(upstream: &str) -> tollgate::config::Config {
     config(&format!(
         r#"

@@ -62,6 +62,16 @@ output = 1.0
     )
 }
 
+/// A gateway on the file [`first`] writes into its own directory, and that
+/// directory's path.
+async fn start(mock: &MockUpstream) -> (TestGateway, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &first(&mock.url()));
+    let config = Config::load(&dir.path().join("tollgate.toml")).unwrap();
+    let path = dir.path().to_owned();
+    (TestGateway::start_on(config, Some(dir)).await, path)
+}
+
 async fn reload(gw: &TestGateway) -> Reply {
     admin(gw, Method::POST, "/v1/reload", None).await
 }
@@ -69,11 +79,7 @@ async fn reload(gw: &TestGateway) -> Reply {
 #[tokio::test]
 async fn reload_applies_routes_tiers_and_prices_and_refuses_a_bad_file() {
     let mock = MockUpstream::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &first(&mock.url()));
-    let config = Config::load(&dir.path().join("tollgate.toml")).unwrap();
-    let path = dir.path().to_owned();
-    let gw = TestGateway::start_on(config, Some(dir)).await;
+    let (gw, path) = start(&mock).await;
 
     // Unchanged file: nothing changed, nothing to restart.
     let reply = reload(&gw).await;
@@ -232,11 +238,7 @@ async fn quota_limit(gw: &TestGateway) -> (Option<u64>, Value) {
 #[tokio::test]
 async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     let mock = MockUpstream::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &first(&mock.url()));
-    let config = Config::load(&dir.path().join("tollgate.toml")).unwrap();
-    let path = dir.path().to_owned();
-    let gw = TestGateway::start_on(config, Some(dir)).await;
+    let (gw, path) = start(&mock).await;
     let before = Scrape::of(gw.admin).await;
 
     // A stream of 5 chunks, 150 ms apart, on route a, priced at 1 USD per

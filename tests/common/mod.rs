@@ -19,6 +19,26 @@ use tollgate::config::Config;
 #[allow(unused_imports)]
 pub use tollgate_mock::MockUpstream;
 
+/// SPEC §7: every metric name Tollgate exports.
+pub const SPEC_METRICS: [&str; 16] = [
+    "tollgate_requests_total",
+    "tollgate_request_duration_seconds",
+    "tollgate_upstream_duration_seconds",
+    "tollgate_auth_failures_total",
+    "tollgate_limit_rejections_total",
+    "tollgate_usage_rows_total",
+    "tollgate_usage_flush_duration_seconds",
+    "tollgate_usage_batch_rows",
+    "tollgate_usage_pending_rows",
+    "tollgate_usage_spool_bytes",
+    "tollgate_cost_nanos_total",
+    "tollgate_tokens_total",
+    "tollgate_database_up",
+    "tollgate_metering_unavailable_total",
+    "tollgate_keys_cached",
+    "tollgate_upstream_errors_total",
+];
+
 /// The environment used to interpolate test configs.
 pub fn test_env(name: &str) -> Option<String> {
     match name {
