@@ -14,6 +14,7 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
+use tollgate_store::testing::{Backend, TestGuard};
 
 fn gateway_config(upstream: &str) -> tollgate::config::Config {
     config(&format!(
@@ -82,10 +83,16 @@ async fn abort_upload(gw: &TestGateway, key: &str) {
     drop(stream);
 }
 
-#[tokio::test]
-async fn counters_move_by_exactly_what_the_requests_did() {
+tollgate_store::both_backends!(counters_move_by_exactly_what_the_requests_did);
+
+async fn counters_move_by_exactly_what_the_requests_did(backend: Backend) {
+    let db = TestGuard::create(backend).await;
     let mock = MockUpstream::start().await.unwrap();
-    let gw = TestGateway::start(gateway_config(&mock.url())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = gateway_config(&mock.url());
+    config.database.url = db.url().to_owned();
+    config.usage.spool_dir = dir.path().join("spool");
+    let gw = TestGateway::start_on(config, Some(dir)).await;
     let key = gw.key.clone().unwrap();
     let before = Scrape::of(gw.admin).await;
 
