@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::types::Value;
+use rusqlite::types::{ToSql, Value};
 use rusqlite::{params, params_from_iter, Connection, Params, Row, Statement, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, UtcOffset};
@@ -374,45 +374,47 @@ const INSERT_USAGE_EVENT: &str = "INSERT INTO usage_events (\
     ?19, ?20, ?21, ?22) \
     ON CONFLICT (id) DO NOTHING";
 
-/// Adds one group's sums to `usage_daily`. SQLite turns an integer sum that
-/// overflows into a REAL; clamping it gives back the saturated integer,
-/// as Postgres does.
-const UPSERT_USAGE_DAILY: &str = "INSERT INTO usage_daily (\
+/// The sums of an incoming rollup row (`excluded`) added to the stored
+/// one. SQLite turns an integer sum that overflows into a REAL; clamping it
+/// gives back the saturated integer, as Postgres does. Shared by
+/// `usage_daily` and `usage_customer_daily`, which have the same sums.
+macro_rules! add_sums {
+    () => {
+        "requests = MIN(requests + excluded.requests, 9223372036854775807), \
+        rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
+        errors = MIN(errors + excluded.errors, 9223372036854775807), \
+        input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
+        output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
+        cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
+        cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
+        request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
+        response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
+        cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
+                         -9223372036854775808)"
+    };
+}
+
+/// Adds one group's sums to `usage_daily` ([`add_sums!`]).
+const UPSERT_USAGE_DAILY: &str = concat!(
+    "INSERT INTO usage_daily (\
     day, customer_id, key_id, route, model, requests, rejected, errors, input_tokens, \
     output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, \
     cost_nanos) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
-    ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET \
-    requests = MIN(requests + excluded.requests, 9223372036854775807), \
-    rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
-    errors = MIN(errors + excluded.errors, 9223372036854775807), \
-    input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
-    output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
-    cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
-    cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
-    request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
-    response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
-    cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
-                     -9223372036854775808)";
+    ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET ",
+    add_sums!()
+);
 
 /// Adds one customer day's sums to `usage_customer_daily`, clamped as in
 /// [`UPSERT_USAGE_DAILY`].
-const UPSERT_CUSTOMER_DAILY: &str = "INSERT INTO usage_customer_daily (\
+const UPSERT_CUSTOMER_DAILY: &str = concat!(
+    "INSERT INTO usage_customer_daily (\
     day, customer_id, requests, rejected, errors, input_tokens, output_tokens, \
     cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-    ON CONFLICT (day, customer_id) DO UPDATE SET \
-    requests = MIN(requests + excluded.requests, 9223372036854775807), \
-    rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
-    errors = MIN(errors + excluded.errors, 9223372036854775807), \
-    input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
-    output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
-    cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
-    cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
-    request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
-    response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
-    cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
-                     -9223372036854775808)";
+    ON CONFLICT (day, customer_id) DO UPDATE SET ",
+    add_sums!()
+);
 
 /// Per-customer totals of one period, from the customer-day rollup (`day`
 /// text sorts as dates do).
@@ -465,48 +467,35 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
         }
         let mut upsert = tx.prepare_cached(UPSERT_USAGE_DAILY)?;
         for ((day, customer_id, key_id, route, model), sums) in &groups {
-            let [requests, rejected, errors, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos] =
-                sums.columns();
-            upsert.execute(params![
-                day_text(*day),
-                customer_id.to_string(),
-                key_id.to_string(),
+            let key: [&dyn ToSql; 5] = [
+                &day_text(*day),
+                &customer_id.to_string(),
+                &key_id.to_string(),
                 route,
                 model,
-                requests,
-                rejected,
-                errors,
-                input_tokens,
-                output_tokens,
-                cache_read_tokens,
-                cache_write_tokens,
-                request_bytes,
-                response_bytes,
-                cost_nanos,
-            ])?;
+            ];
+            upsert.execute(with_sums(&key, &sums.columns()))?;
         }
         let mut upsert = tx.prepare_cached(UPSERT_CUSTOMER_DAILY)?;
         for ((day, customer_id), sums) in &usage::customer_days(&groups) {
-            let [requests, rejected, errors, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos] =
-                sums.columns();
-            upsert.execute(params![
-                day_text(*day),
-                customer_id.to_string(),
-                requests,
-                rejected,
-                errors,
-                input_tokens,
-                output_tokens,
-                cache_read_tokens,
-                cache_write_tokens,
-                request_bytes,
-                response_bytes,
-                cost_nanos,
-            ])?;
+            let key: [&dyn ToSql; 2] = [&day_text(*day), &customer_id.to_string()];
+            upsert.execute(with_sums(&key, &sums.columns()))?;
         }
     }
     tx.commit()?;
     Ok(inserted)
+}
+
+/// A rollup row's parameters: its key columns, then its sums.
+fn with_sums<'a>(
+    key: &'a [&'a dyn ToSql],
+    sums: &'a [i64],
+) -> rusqlite::ParamsFromIter<impl Iterator<Item = &'a dyn ToSql>> {
+    params_from_iter(
+        key.iter()
+            .copied()
+            .chain(sums.iter().map(|sum| sum as &dyn ToSql)),
+    )
 }
 
 /// `YYYY-MM-DD`.
