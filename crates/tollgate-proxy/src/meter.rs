@@ -201,10 +201,6 @@ impl UsageGuard {
         }
     }
 
-    fn event_mut(&mut self) -> Option<&mut UsageEvent> {
-        self.event.as_mut()
-    }
-
     /// Records the event with `outcome` (and `status`, when the gateway
     /// answered itself).
     pub fn finish(mut self, outcome: Outcome, status: Option<u16>) {
@@ -363,8 +359,8 @@ impl Meter {
         let extracted = self.scanner.as_ref().map(UsageScanner::finish);
         let headers = self.headers;
         let response_bytes = self.response_bytes;
-        let pricing = self.guard.pricing.clone();
-        let Some(event) = self.guard.event_mut() else {
+        let pricing = &self.guard.pricing;
+        let Some(event) = self.guard.event.as_mut() else {
             return;
         };
         event.response_bytes = response_bytes;
