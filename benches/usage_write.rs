@@ -7,12 +7,18 @@
 //! spool replay would.
 //!
 //! Each figure is the median of a few rounds of fresh rows (min–max
-//! beside it): on a shared machine a single run says little.
+//! beside it): on a shared machine a single run says little. Beside each
+//! rate is the CPU time a row cost, in this process (the gateway's side:
+//! recorder, spool, encoding) and in the Postgres server when it runs on
+//! this machine: CPU time drifts far less than wall time on a shared
+//! machine, and the two together bound what `cores × 1 s / CPU per row`
+//! rows/s this machine can reach at all.
 //!
 //! Run: `cargo bench --bench usage_write` (needs the test Postgres of
 //! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database, and a
 //! temporary SQLite file). `ROWS=50000 BATCH=1000 ROUNDS=1 cargo bench
-//! --bench usage_write` to change sizes.
+//! --bench usage_write` to change sizes; `ONLY=recorder` measures the
+//! recorder path alone (for profiling it).
 
 #![allow(clippy::unwrap_used)]
 
@@ -106,16 +112,90 @@ fn rows(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
         .collect()
 }
 
-/// Writes every batch through `store`; returns rows/s and the rows that
+/// Clock ticks per second in `/proc/*/stat` (USER_HZ, fixed by the
+/// kernel's ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds used so far: by this process (all threads), and by the
+/// Postgres server's processes if they run on this machine (live ones,
+/// plus what the postmaster collected from those that exited).
+#[derive(Clone, Copy)]
+struct CpuTime {
+    gateway: f64,
+    postgres: Option<f64>,
+}
+
+/// utime + stime + cutime + cstime of `/proc/<pid>/stat`, in seconds, and
+/// the command name.
+fn proc_cpu(stat: &str) -> Option<(&str, f64)> {
+    let (head, tail) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1;
+    // After the command: state is field 3; utime..cstime are 14..17.
+    let ticks: f64 = tail
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|t| t.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Some((comm, ticks / USER_HZ))
+}
+
+impl CpuTime {
+    fn now() -> CpuTime {
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let gateway = proc_cpu(&own).map_or(0.0, |(_, seconds)| seconds);
+        let mut postgres = None;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if let Some(("postgres", seconds)) = proc_cpu(&stat) {
+                *postgres.get_or_insert(0.0) += seconds;
+            }
+        }
+        CpuTime { gateway, postgres }
+    }
+
+    /// Microseconds of CPU per row since `self`: gateway, Postgres.
+    fn per_row(self, rows: usize) -> (f64, Option<f64>) {
+        let now = CpuTime::now();
+        let us = |seconds: f64| seconds * 1e6 / rows as f64;
+        (
+            us(now.gateway - self.gateway),
+            now.postgres.zip(self.postgres).map(|(b, a)| us(b - a)),
+        )
+    }
+}
+
+/// One measured run: rows/s and CPU µs per row on each side.
+struct Run {
+    rate: f64,
+    gateway_us: f64,
+    postgres_us: Option<f64>,
+}
+
+impl Run {
+    fn since(started: Instant, cpu: CpuTime, rows: usize) -> Run {
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        let (gateway_us, postgres_us) = cpu.per_row(rows);
+        Run {
+            rate,
+            gateway_us,
+            postgres_us,
+        }
+    }
+}
+
+/// Writes every batch through `store`; returns the run and the rows that
 /// were new.
-async fn write_all(store: &dyn Store, batches: &[&[UsageEvent]]) -> (f64, u64) {
-    let started = Instant::now();
+async fn write_all(store: &dyn Store, batches: &[&[UsageEvent]]) -> (Run, u64) {
+    let (started, cpu) = (Instant::now(), CpuTime::now());
     let mut new = 0;
     for batch in batches {
         new += store.write_usage(batch).await.unwrap();
     }
     let rows: usize = batches.iter().map(|b| b.len()).sum();
-    (rows as f64 / started.elapsed().as_secs_f64(), new)
+    (Run::since(started, cpu, rows), new)
 }
 
 const BASELINE_TYPES: [Type; 22] = [
@@ -146,9 +226,9 @@ const BASELINE_TYPES: [Type; 22] = [
 /// The naive baseline: each batch one binary COPY (its own transaction)
 /// into `usage_baseline`, a table with the columns of `usage_events` and
 /// nothing else.
-async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) -> f64 {
+async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) -> Run {
     let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuTime::now());
     for batch in batches {
         let sink = client
             .copy_in("COPY usage_baseline FROM STDIN (FORMAT binary)")
@@ -188,13 +268,13 @@ async fn copy_all(client: &tokio_postgres::Client, batches: &[&[UsageEvent]]) ->
         writer.as_mut().finish().await.unwrap();
     }
     let rows: usize = batches.iter().map(|b| b.len()).sum();
-    rows as f64 / started.elapsed().as_secs_f64()
+    Run::since(started, cpu, rows)
 }
 
 /// Sustained rows/s of the whole recorder: `record` (as the data plane
 /// calls it) → batch → spool append with fsync → `write_usage` →
 /// checkpoint, from the first event recorded until the last is committed.
-async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize) -> f64 {
+async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize) -> Run {
     let spool = tempfile::tempdir().unwrap();
     let config = RecorderConfig {
         batch_size,
@@ -207,7 +287,7 @@ async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize
     let handle = recorder::start(config, store, None).await.unwrap();
     let recorder = handle.recorder();
     let events = rows(total, OffsetDateTime::now_utc());
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuTime::now());
     for event in events {
         recorder.record(event);
     }
@@ -215,25 +295,62 @@ async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize
     while stats.rows_written.load(Ordering::Relaxed) < total as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let run = Run::since(started, cpu, total);
     handle.shutdown().await;
-    rate
+    run
 }
 
-/// Rates of several rounds.
+/// The runs of several rounds.
 #[derive(Default)]
-struct Rates(Vec<f64>);
+struct Rates(Vec<Run>);
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
 
 impl Rates {
     fn print(&mut self, what: &str) {
-        self.0.sort_by(f64::total_cmp);
-        let median = self.0[self.0.len() / 2];
-        let (min, max) = (self.0[0], self.0[self.0.len() - 1]);
-        println!("{what:<36} {median:>9.0} rows/s  ({min:.0}–{max:.0})");
+        self.0.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        let rate = self.median();
+        let (min, max) = (self.0[0].rate, self.0[self.0.len() - 1].rate);
+        let gateway = median(self.0.iter().map(|r| r.gateway_us).collect());
+        let postgres = self
+            .0
+            .iter()
+            .map(|r| r.postgres_us)
+            .collect::<Option<Vec<f64>>>()
+            .map_or("n/a (remote)".to_owned(), |us| format!("{:.2}", median(us)));
+        println!(
+            "{what:<36} {rate:>9.0} rows/s  ({min:.0}–{max:.0})  \
+             CPU µs/row: here {gateway:.2}, postgres {postgres}"
+        );
     }
 
     fn median(&self) -> f64 {
-        self.0[self.0.len() / 2]
+        median(self.0.iter().map(|r| r.rate).collect())
+    }
+
+    /// Median CPU µs per row, both sides together, if Postgres is local.
+    fn cpu_us(&self) -> Option<f64> {
+        let total = self
+            .0
+            .iter()
+            .map(|r| r.postgres_us.map(|pg| pg + r.gateway_us))
+            .collect::<Option<Vec<f64>>>()?;
+        Some(median(total))
+    }
+
+    /// What this machine's cores could do at this CPU cost per row, with
+    /// nothing else running: the ceiling the measured rate is under.
+    fn print_ceiling(&self, what: &str) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(us) = self.cpu_us() {
+            println!(
+                "{what:<36} {:>9.0} rows/s  ({cores} cores × 1 s / {us:.2} µs)",
+                cores as f64 * 1e6 / us
+            );
+        }
     }
 }
 
@@ -243,6 +360,7 @@ async fn main() {
     let total = env("ROWS", 200_000);
     let batch_size = env("BATCH", 5_000).max(1);
     let rounds = env("ROUNDS", 3).max(1);
+    let recorder_only = std::env::var("ONLY").is_ok_and(|only| only == "recorder");
     println!(
         "usage_write: {total} rows in batches of {batch_size}, {rounds} rounds \
          (median rows/s, min–max)"
@@ -272,17 +390,27 @@ async fn main() {
 
     let [mut pg, mut pg_replay, mut copy, mut lite, mut lite_replay, mut recorded] =
         std::array::from_fn(|_| Rates::default());
+    if recorder_only {
+        for _ in 0..rounds {
+            recorded
+                .0
+                .push(through_recorder(postgres.clone(), total, batch_size).await);
+        }
+        recorded.print("recorder + spool + postgres");
+        recorded.print_ceiling("  CPU ceiling of the recorder path");
+        return;
+    }
     for _ in 0..rounds {
         // Fresh ids every round: every measured row is new.
         let events = rows(total, OffsetDateTime::now_utc());
         let batches: Vec<&[UsageEvent]> = events.chunks(batch_size).collect();
 
-        let (rate, new) = write_all(&*postgres, &batches).await;
+        let (run, new) = write_all(&*postgres, &batches).await;
         assert_eq!(new, total as u64, "every row is new");
-        pg.0.push(rate);
-        let (rate, new) = write_all(&*postgres, &batches).await;
+        pg.0.push(run);
+        let (run, new) = write_all(&*postgres, &batches).await;
         assert_eq!(new, 0, "a replay writes nothing");
-        pg_replay.0.push(rate);
+        pg_replay.0.push(run);
         client
             .batch_execute("TRUNCATE usage_baseline")
             .await
@@ -293,12 +421,12 @@ async fn main() {
             .0
             .push(through_recorder(postgres.clone(), total, batch_size).await);
 
-        let (rate, new) = write_all(&*sqlite, &batches).await;
+        let (run, new) = write_all(&*sqlite, &batches).await;
         assert_eq!(new, total as u64, "every row is new");
-        lite.0.push(rate);
-        let (rate, new) = write_all(&*sqlite, &batches).await;
+        lite.0.push(run);
+        let (run, new) = write_all(&*sqlite, &batches).await;
         assert_eq!(new, 0, "a replay writes nothing");
-        lite_replay.0.push(rate);
+        lite_replay.0.push(run);
     }
 
     let counted: i64 = client
@@ -324,6 +452,8 @@ async fn main() {
         pg.median() / copy.median()
     );
     recorded.print("recorder + spool + postgres");
+    recorded.print_ceiling("  CPU ceiling of the recorder path");
+    copy.print_ceiling("  CPU ceiling of plain COPY");
     println!(
         "{:<36} {:>9.2}",
         "recorder path / write_usage",
