@@ -20,8 +20,12 @@
 //! ```
 //! A record is one appended batch: `length u32 LE | crc32 u32 LE | payload`,
 //! the CRC covering the length bytes and the payload, the payload being
-//! `format u8 (1: JSON lines) | event count u32 LE | each event as JSON
-//! followed by '\n'`. One record per batch, because a batch is one write: a
+//! `format u8 | event count u32 LE | the events`. Format 2, which this
+//! version writes, stores each event as [postcard] of [`WireEvent`]
+//! (varints and length-prefixed strings, some 150 bytes an event); format
+//! 1, written by earlier versions and still read, stores each as JSON
+//! followed by '\n' (four times the bytes, and the costliest part of an
+//! append). One record per batch, because a batch is one write: a
 //! crash can then only damage the last record, and recovery never has to
 //! guess where inside a half-written batch the damage stops. Before a batch
 //! that would take a segment past 64 MiB the spool starts a new one, so a
@@ -43,26 +47,35 @@
 //! - `open` returns everything pending at once, so a spool near `spool_max`
 //!   (after a long database outage) costs about that much memory again, and
 //!   more, while it is replayed.
-//! - Events are stored as JSON, so a spool written by an older version stays
-//!   readable as long as [`UsageEvent`] only gains `Option` fields; a record
-//!   that no longer decodes is reported as `Corrupt`, never dropped.
+//! - A spool written by an older version stays readable: every format ever
+//!   written keeps its decoder, and a change to [`WireEvent`] is a new
+//!   format number. A record that does not decode, or has a format this
+//!   version does not know, is reported as `Corrupt`, never dropped.
+//!
+//! [postcard]: https://postcard.jamesmunns.com/wire-format
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::usage::UsageEvent;
+use crate::ids::{CustomerId, KeyId};
+use crate::usage::{CostSource, Outcome, UsageEvent};
 
 /// A segment is rolled before a batch that would take it past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// `length u32 | crc32 u32`.
 const HEADER_BYTES: u64 = 8;
-/// Payload format: events as JSON lines.
+/// Payload format 1: events as JSON lines (read, no longer written).
 const FORMAT_JSON_LINES: u8 = 1;
+/// Payload format 2: events as postcard [`WireEvent`]s, back to back.
+const FORMAT_POSTCARD: u8 = 2;
 /// `format u8 | count u32`, before the events.
 const PAYLOAD_PREFIX: usize = 5;
 const LOCK_FILE: &str = "spool.lock";
@@ -124,8 +137,8 @@ pub enum SpoolError {
     Poisoned,
     #[error("usage batch of {events} events is too large for one spool record ({bytes} bytes)")]
     BatchTooLarge { events: usize, bytes: usize },
-    #[error("cannot encode usage event {id}: {source}")]
-    Encode { id: Uuid, source: serde_json::Error },
+    #[error("cannot encode usage event {id}: {reason}")]
+    Encode { id: Uuid, reason: String },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
@@ -640,7 +653,7 @@ fn write_checkpoint(dir: &Path, position: &SpoolPosition) -> Result<(), SpoolErr
 fn encode_record(buf: &mut Vec<u8>, batch: &[UsageEvent]) -> Result<(), SpoolError> {
     buf.clear();
     buf.extend_from_slice(&[0; HEADER_BYTES as usize]);
-    buf.push(FORMAT_JSON_LINES);
+    buf.push(FORMAT_POSTCARD);
     let too_large = |bytes| SpoolError::BatchTooLarge {
         events: batch.len(),
         bytes,
@@ -648,11 +661,12 @@ fn encode_record(buf: &mut Vec<u8>, batch: &[UsageEvent]) -> Result<(), SpoolErr
     let count = u32::try_from(batch.len()).map_err(|_| too_large(0))?;
     buf.extend_from_slice(&count.to_le_bytes());
     for event in batch {
-        serde_json::to_writer(&mut *buf, event).map_err(|source| SpoolError::Encode {
+        let encoded = WireEvent::new(event)
+            .and_then(|wire| postcard::to_io(&wire, &mut *buf).map_err(|e| e.to_string()));
+        encoded.map_err(|reason| SpoolError::Encode {
             id: event.id,
-            source,
+            reason,
         })?;
-        buf.push(b'\n');
     }
     let payload_len = buf.len() - HEADER_BYTES as usize;
     let length = u32::try_from(payload_len).map_err(|_| too_large(buf.len()))?;
@@ -661,6 +675,102 @@ fn encode_record(buf: &mut Vec<u8>, batch: &[UsageEvent]) -> Result<(), SpoolErr
     let crc = record_crc(length, &buf[HEADER_BYTES as usize..]);
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// An event as payload format 2 stores it: the postcard encoding of these
+/// fields, in this order, with `Outcome` and `CostSource` as the position of
+/// their variant. Any change here (a field added, moved or retyped, an enum
+/// variant inserted anywhere but last) is a new format number, with this
+/// one kept for reading; the test `format_2_bytes_still_decode` holds it.
+#[derive(Serialize, Deserialize)]
+struct WireEvent<'a> {
+    id: Uuid,
+    client_request_id: Option<Cow<'a, str>>,
+    /// Nanoseconds since the Unix epoch.
+    ts: i64,
+    customer_id: Uuid,
+    key_id: Uuid,
+    #[serde(borrow)]
+    instance: Cow<'a, str>,
+    #[serde(borrow)]
+    route: Cow<'a, str>,
+    #[serde(borrow)]
+    method: Cow<'a, str>,
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+    status: u16,
+    outcome: Outcome,
+    latency_us: u64,
+    upstream_latency_us: u64,
+    request_bytes: u64,
+    response_bytes: u64,
+    model: Option<Cow<'a, str>>,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_tokens: u64,
+    cost_nanos: i64,
+    cost_source: CostSource,
+}
+
+impl<'a> WireEvent<'a> {
+    fn new(event: &'a UsageEvent) -> Result<WireEvent<'a>, String> {
+        let ts = i64::try_from(event.ts.unix_timestamp_nanos())
+            .map_err(|_| format!("timestamp {} is out of range", event.ts))?;
+        Ok(WireEvent {
+            id: event.id,
+            client_request_id: event.client_request_id.as_deref().map(Cow::Borrowed),
+            ts,
+            customer_id: event.customer_id.0,
+            key_id: event.key_id.0,
+            instance: Cow::Borrowed(&event.instance),
+            route: Cow::Borrowed(&event.route),
+            method: Cow::Borrowed(&event.method),
+            path: Cow::Borrowed(&event.path),
+            status: event.status,
+            outcome: event.outcome,
+            latency_us: event.latency_us,
+            upstream_latency_us: event.upstream_latency_us,
+            request_bytes: event.request_bytes,
+            response_bytes: event.response_bytes,
+            model: event.model.as_deref().map(Cow::Borrowed),
+            input_tokens: event.input_tokens,
+            output_tokens: event.output_tokens,
+            cache_read_tokens: event.cache_read_tokens,
+            cache_write_tokens: event.cache_write_tokens,
+            cost_nanos: event.cost_nanos,
+            cost_source: event.cost_source,
+        })
+    }
+
+    fn into_event(self) -> Result<UsageEvent, String> {
+        let ts = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.ts))
+            .map_err(|error| format!("timestamp {}: {error}", self.ts))?;
+        Ok(UsageEvent {
+            id: self.id,
+            client_request_id: self.client_request_id.map(Cow::into_owned),
+            ts,
+            customer_id: CustomerId(self.customer_id),
+            key_id: KeyId(self.key_id),
+            instance: self.instance.into_owned(),
+            route: self.route.into_owned(),
+            method: self.method.into_owned(),
+            path: self.path.into_owned(),
+            status: self.status,
+            outcome: self.outcome,
+            latency_us: self.latency_us,
+            upstream_latency_us: self.upstream_latency_us,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            model: self.model.map(Cow::into_owned),
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            cost_nanos: self.cost_nanos,
+            cost_source: self.cost_source,
+        })
+    }
 }
 
 fn record_crc(length: [u8; 4], payload: &[u8]) -> u32 {
@@ -685,22 +795,59 @@ fn decode_payload(payload: &[u8], out: &mut Vec<UsageEvent>) -> Result<(), Strin
     let before = out.len();
     out.reserve(count.min(payload.len() / 64));
     let body = payload.get(PAYLOAD_PREFIX..).unwrap_or_default();
-    for event in serde_json::Deserializer::from_slice(body).into_iter::<UsageEvent>() {
-        match event {
-            Ok(event) => out.push(event),
-            Err(error) => {
-                let number = out.len() - before + 1;
-                out.truncate(before);
-                return Err(format!(
-                    "event {number} of {count} in the record does not decode: {error}"
-                ));
-            }
+    let decoded = match payload.first() {
+        Some(&FORMAT_POSTCARD) => decode_postcard(body, count, out),
+        _ => decode_json_lines(body, out),
+    };
+    let error = match decoded {
+        Err((number, error)) => {
+            format!("event {number} of {count} in the record does not decode: {error}")
         }
+        Ok(()) if out.len() - before != count => {
+            format!(
+                "record says {count} events but holds {}",
+                out.len() - before
+            )
+        }
+        Ok(()) => return Ok(()),
+    };
+    out.truncate(before);
+    Err(error)
+}
+
+/// Format 2: `count` postcard events and nothing after them. Errors carry
+/// the number of the event (from 1) that failed.
+fn decode_postcard(
+    mut body: &[u8],
+    count: usize,
+    out: &mut Vec<UsageEvent>,
+) -> Result<(), (usize, String)> {
+    for number in 1..=count {
+        if body.is_empty() {
+            return Ok(()); // fewer events than counted: the caller says so
+        }
+        let (wire, rest) = postcard::take_from_bytes::<WireEvent<'_>>(body)
+            .map_err(|error| (number, error.to_string()))?;
+        out.push(wire.into_event().map_err(|error| (number, error))?);
+        body = rest;
     }
-    let decoded = out.len() - before;
-    if decoded != count {
-        out.truncate(before);
-        return Err(format!("record says {count} events but holds {decoded}"));
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err((
+            count + 1,
+            format!("{} bytes after the last event", body.len()),
+        ))
+    }
+}
+
+/// Format 1: events as JSON, each followed by '\n'.
+fn decode_json_lines(body: &[u8], out: &mut Vec<UsageEvent>) -> Result<(), (usize, String)> {
+    for (index, event) in serde_json::Deserializer::from_slice(body)
+        .into_iter::<UsageEvent>()
+        .enumerate()
+    {
+        out.push(event.map_err(|error| (index + 1, error.to_string()))?);
     }
     Ok(())
 }
@@ -870,7 +1017,7 @@ impl<'a> RecordReader<'a> {
                 payload_len as u64 == available,
             );
         }
-        if self.payload[0] != FORMAT_JSON_LINES {
+        if !matches!(self.payload[0], FORMAT_JSON_LINES | FORMAT_POSTCARD) {
             return invalid(
                 format!(
                     "unknown record format {} (written by a newer version?)",
@@ -1266,12 +1413,40 @@ pub(crate) mod tests {
         }
     }
 
+    /// Appends `payload` to segment 1 of `dir` as one framed record, as a
+    /// version writing that payload would; returns the record's length.
+    fn append_raw_record(dir: &Path, payload: &[u8]) -> u64 {
+        let length = (payload.len() as u32).to_le_bytes();
+        let mut record = length.to_vec();
+        record.extend_from_slice(&record_crc(length, payload).to_le_bytes());
+        record.extend_from_slice(payload);
+        let path = segment_path(dir, 1);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(&record).unwrap();
+        record.len() as u64
+    }
+
     #[test]
     fn a_record_that_does_not_decode_is_corrupt_not_torn() {
         // Valid checksums, so not a crash: a newer format, or an event this
         // version cannot read. Reported, never truncated.
+        let two_events = {
+            let mut buf = Vec::new();
+            encode_record(&mut buf, &events(0..2)).unwrap();
+            buf.split_off(HEADER_BYTES as usize)
+        };
+        let mut trailing = two_events.clone();
+        trailing.push(0);
+        let mut cut = two_events.clone();
+        cut.pop();
+        let mut overcounted = two_events.clone();
+        overcounted[1] = 3;
         for (payload, reason) in [
-            (&b"\x02\x01\x00\x00\x00{}\n"[..], "unknown record format 2"),
+            (&b"\x03\x01\x00\x00\x00{}\n"[..], "unknown record format 3"),
             (
                 &b"\x01\x01\x00\x00\x00{}\n"[..],
                 "event 1 of 1 in the record does not decode",
@@ -1280,27 +1455,88 @@ pub(crate) mod tests {
                 &b"\x01\x02\x00\x00\x00"[..],
                 "record says 2 events but holds 0",
             ),
+            (
+                &b"\x02\x01\x00\x00\x00\xff"[..],
+                "event 1 of 1 in the record does not decode",
+            ),
+            (
+                &trailing[..],
+                "event 3 of 2 in the record does not decode: 1 bytes after",
+            ),
+            (&cut[..], "event 2 of 2 in the record does not decode"),
+            (&overcounted[..], "record says 3 events but holds 2"),
         ] {
             let dir = TempDir::new().unwrap();
             let (mut spool, _) = open(dir.path());
             let p1 = spool.append(&events(0..1)).unwrap();
             drop(spool);
-            let length = (payload.len() as u32).to_le_bytes();
-            let mut record = length.to_vec();
-            record.extend_from_slice(&record_crc(length, payload).to_le_bytes());
-            record.extend_from_slice(payload);
-            let path = segment_path(dir.path(), 1);
-            let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-            file.write_all(&record).unwrap();
-            drop(file);
+            let length = append_raw_record(dir.path(), payload);
             let error = Spool::open(dir.path(), u64::MAX).unwrap_err();
             assert!(
                 matches!(&error, SpoolError::Corrupt { offset, reason: r, .. }
                     if *offset == p1.offset() && r.contains(reason)),
-                "{error:?}"
+                "{reason}: {error:?}"
             );
-            assert_eq!(file_len(&path), p1.offset() + record.len() as u64);
+            assert_eq!(file_len(&segment_path(dir.path(), 1)), p1.offset() + length);
         }
+    }
+
+    #[test]
+    fn records_of_format_1_written_by_earlier_versions_are_still_read() {
+        // Format 1 as earlier versions wrote it: each event as JSON and '\n'.
+        let dir = TempDir::new().unwrap();
+        let old = events(0..4);
+        let mut payload = vec![FORMAT_JSON_LINES];
+        payload.extend_from_slice(&(old.len() as u32).to_le_bytes());
+        for event in &old {
+            serde_json::to_writer(&mut payload, event).unwrap();
+            payload.push(b'\n');
+        }
+        append_raw_record(dir.path(), &payload);
+        // The next append, in format 2, goes after it in the same segment.
+        let (mut spool, replayed) = open(dir.path());
+        assert_eq!(replayed, old);
+        spool.append(&events(4..6)).unwrap();
+        drop(spool);
+        assert_eq!(open(dir.path()).1, events(0..6));
+    }
+
+    #[test]
+    fn format_2_bytes_still_decode() {
+        // The payload this version writes for event 6 (a client request id
+        // with quotes, a newline and a non-ASCII character; a model;
+        // outcome route_forbidden, cost source header). Spools written with it
+        // must stay readable: if this test fails, the encoding changed, and
+        // the change needs a new format number, not a new expected value.
+        let bytes = concat!(
+            "0201000000",                         // format 2, 1 event
+            "1001900000000070008000000000000006", // id
+            "010e636c69656e74202236220ae29c93",   // client_request_id
+            "a087abfbcab2f8f832",                 // ts
+            "10000000000000000000000000000003e9", // customer_id
+            "10000000000000000000000000000007d6", // key_id
+            "0767772d74657374",
+            "07726f7574652d32",                               // instance, route
+            "04504f5354",                                     // method
+            "162f76312f636861742f636f6d706c6574696f6e732f36", // path
+            "f603",
+            "06",                         // status, outcome
+            "4e42d804f02e",               // latencies, bytes
+            "010b6770742d346f2d6d696e69", // model
+            "060c0600",
+            "ce73",
+            "00", // tokens, cost, source
+        );
+        let payload: Vec<u8> = (0..bytes.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&bytes[i..i + 2], 16).unwrap())
+            .collect();
+        let mut decoded = Vec::new();
+        decode_payload(&payload, &mut decoded).unwrap();
+        assert_eq!(decoded, vec![event(6)]);
+        let mut written = Vec::new();
+        encode_record(&mut written, &[event(6)]).unwrap();
+        assert_eq!(&written[HEADER_BYTES as usize..], &payload[..]);
     }
 
     #[test]
@@ -1357,7 +1593,7 @@ pub(crate) mod tests {
     #[test]
     fn segments_roll_and_checkpointed_ones_are_deleted() {
         let dir = TempDir::new().unwrap();
-        let (mut spool, _) = open_small(dir.path(), 4096);
+        let (mut spool, _) = open_small(dir.path(), 1024);
         let ends: Vec<SpoolPosition> = (0..12)
             .map(|i| spool.append(&events(2 * i..2 * i + 2)).unwrap())
             .collect();
@@ -1367,7 +1603,7 @@ pub(crate) mod tests {
         for (i, end) in ends.iter().enumerate() {
             // No segment grows past the limit with a second record, and a
             // record never straddles two segments.
-            assert!(end.offset() <= 4096 || i == 0 || ends[i - 1].segment() != end.segment());
+            assert!(end.offset() <= 1024 || i == 0 || ends[i - 1].segment() != end.segment());
             if i > 0 && ends[i - 1].segment() != end.segment() {
                 assert_eq!(
                     file_len(&segment_path(dir.path(), ends[i - 1].segment())),
@@ -1406,7 +1642,7 @@ pub(crate) mod tests {
     #[test]
     fn pending_bytes_and_is_full_follow_appends_and_checkpoints() {
         let dir = TempDir::new().unwrap();
-        let (mut spool, _) = open_small(dir.path(), 2048);
+        let (mut spool, _) = open_small(dir.path(), 512);
         assert_eq!(spool.pending_bytes(), 0);
         let p1 = spool.append(&events(0..3)).unwrap();
         let record = p1.offset();
@@ -1414,7 +1650,7 @@ pub(crate) mod tests {
         drop(spool);
 
         // Full at exactly max_bytes, and appends still succeed past it.
-        let (mut spool, _) = Spool::open_with_segment_bytes(dir.path(), 2 * record, 2048).unwrap();
+        let (mut spool, _) = Spool::open_with_segment_bytes(dir.path(), 2 * record, 512).unwrap();
         assert_eq!(spool.pending_bytes(), record);
         assert!(!spool.is_full());
         let p2 = spool.append(&events(0..3)).unwrap();
@@ -1429,7 +1665,7 @@ pub(crate) mod tests {
         assert_eq!(spool.pending_bytes(), record);
         assert!(!spool.is_full());
         drop(spool);
-        let (mut spool, _) = Spool::open_with_segment_bytes(dir.path(), 2 * record, 2048).unwrap();
+        let (mut spool, _) = Spool::open_with_segment_bytes(dir.path(), 2 * record, 512).unwrap();
         assert_eq!(spool.pending_bytes(), record);
         spool.checkpoint(p3).unwrap();
         assert_eq!(spool.pending_bytes(), 0);
