@@ -791,6 +791,58 @@ mod postgres_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_that_is_not_what_its_name_says_is_written_through_usage_events() {
+        // Rows are copied straight into their month's partition, by name;
+        // when that name is no (attached) partition, they go through
+        // usage_events instead, and nothing lands in an impostor.
+        let (store, guard) = test_store(Backend::Postgres).await;
+        let now = OffsetDateTime::now_utc();
+        let name = partition_name(now.date());
+        let (customer, key) = (CustomerId::new(), KeyId::new());
+        let first = [event(customer, key, now)];
+        assert_eq!(store.write_usage(&first).await.unwrap(), 1);
+
+        // Renamed: the name leads nowhere.
+        let renamed = format!("{name}_renamed");
+        guard
+            .raw(&format!("ALTER TABLE {name} RENAME TO {renamed}"))
+            .await;
+        let second = [event(customer, key, now), event(customer, key, now)];
+        assert_eq!(store.write_usage(&second).await.unwrap(), 2);
+        // An impostor by the name: a plain table, not attached.
+        guard
+            .raw(&format!("CREATE TABLE {name} (LIKE usage_events)"))
+            .await;
+        let third = [event(customer, key, now)];
+        assert_eq!(store.write_usage(&third).await.unwrap(), 1);
+
+        assert_eq!(
+            guard.raw(&format!("SELECT count(*) FROM {name}")).await[0][0].as_deref(),
+            Some("0")
+        );
+        let placed = sorted(
+            &guard,
+            "SELECT tableoid::regclass::text, id FROM usage_events",
+        )
+        .await;
+        let mut wanted: Vec<Vec<Option<String>>> = [&first[..], &second, &third]
+            .concat()
+            .iter()
+            .map(|e| vec![Some(renamed.clone()), Some(e.id.to_string())])
+            .collect();
+        wanted.sort();
+        assert_eq!(placed, wanted);
+        // The refused attempts left nothing behind in the rollups either.
+        assert_eq!(
+            guard
+                .raw("SELECT sum(requests)::text FROM usage_daily")
+                .await[0][0]
+                .as_deref(),
+            Some("4")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreachable_server_is_unavailable_within_seconds() {
         let store: Arc<dyn Store> =
             Arc::new(PostgresStore::new("postgres://postgres@127.0.0.1:1/x", 2).unwrap());

@@ -119,7 +119,7 @@ const MAX_BATCHES_IN_MEMORY: usize = 16;
 /// How many batches' worth of rows the writer puts in one transaction when
 /// it is behind (see [`coalesce`]), and reads at once when draining the
 /// spool.
-const WRITE_MERGE: usize = 8;
+const WRITE_MERGE: usize = 16;
 
 /// Events queued for the spooler beyond which no new request is admitted:
 /// 16 batches, and at least 100,000 events (some 30 MB), so that a burst
