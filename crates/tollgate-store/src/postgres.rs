@@ -65,7 +65,9 @@ use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations;
-use crate::usage::{self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow};
+use crate::usage::{
+    self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
+};
 use crate::{backoff, change_event, status_condition, KEY_BATCH};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
@@ -930,10 +932,11 @@ async fn write_new(
                 .as_mut()
                 .write(&EventValues::new(row).params())
                 .await?;
-            usage::add_to_group(&mut groups, row);
+            groups.add(row);
         }
         inserted += writer.as_mut().finish().await?;
     }
+    let groups = groups.into_sorted();
     let arrays = GroupArrays::new(&groups);
     let customers = CustomerDayArrays::new(&usage::customer_days(&groups));
     let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9] = &arrays.sums;
@@ -1038,7 +1041,7 @@ struct GroupArrays<'a> {
 }
 
 impl<'a> GroupArrays<'a> {
-    fn new(groups: &'a Groups<'a>) -> GroupArrays<'a> {
+    fn new(groups: &'a SortedGroups<'a>) -> GroupArrays<'a> {
         let mut arrays = GroupArrays {
             day: Vec::with_capacity(groups.len()),
             customer_id: Vec::with_capacity(groups.len()),

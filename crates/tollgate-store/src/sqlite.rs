@@ -462,9 +462,10 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
             // 0 when the id was already there: skipped, not rolled up.
             if changed == 1 {
                 inserted += 1;
-                usage::add_to_group(&mut groups, row);
+                groups.add(row);
             }
         }
+        let groups = groups.into_sorted();
         let mut upsert = tx.prepare_cached(UPSERT_USAGE_DAILY)?;
         for ((day, customer_id, key_id, route, model), sums) in &groups {
             let key: [&dyn ToSql; 5] = [
