@@ -1139,7 +1139,7 @@ async fn spool_full_while_the_database_is_down(policy: &str) {
     let dir = tempfile::tempdir().unwrap();
     let toml = metered_toml(&through, &dir.path().join("spool"), &mock.url()).replace(
         "flush_interval = \"20ms\"",
-        &format!("flush_interval = \"20ms\"\nspool_max = \"4KiB\"\non_spool_full = \"{policy}\""),
+        &format!("flush_interval = \"20ms\"\nspool_max = \"2KiB\"\non_spool_full = \"{policy}\""),
     );
     let gateway = TestGateway::start_on(config(&toml), None).await;
     let key = gateway.key.clone().unwrap();
@@ -1156,7 +1156,7 @@ async fn spool_full_while_the_database_is_down(policy: &str) {
         async move { send(&client(), request).await }
     };
     proxy.cut();
-    // One row is some 600 bytes in the spool: 4 KiB fill within a few
+    // One row is some 150 bytes in the spool: 2 KiB fill within about a dozen
     // requests, flushed one by one.
     let mut served = Vec::new();
     let mut refused = 0;
