@@ -694,16 +694,21 @@ mod tests {
 
     #[test]
     fn coalesce_takes_what_is_queued_up_to_the_limit() {
-        // batch_size 3: at most 24 rows; batches are only ever taken whole.
-        let mut queue = queued(4, &[4, 8, 8, 5, 2]);
+        // batch_size 3: batches are taken, only ever whole, until the rows
+        // reach 3 × WRITE_MERGE; the batch that reaches it is the last.
+        let limit = 3 * WRITE_MERGE as u64;
+        let mut queue = queued(4, &[limit - 8, 8, 5, 2]);
         let (rows, end) = coalesce((events(0..4), pos(1, 4)), &mut queue, None, 3).unwrap();
-        assert_eq!(ids(&rows), (0..24).collect::<Vec<_>>());
-        assert_eq!(end, pos(1, 24));
+        assert_eq!(ids(&rows), (0..u128::from(limit + 4)).collect::<Vec<_>>());
+        assert_eq!(end, pos(1, limit + 4));
         // What is left goes in the next transaction, in order.
         let next = queue.try_recv().unwrap();
         let (rows, end) = coalesce(next, &mut queue, None, 3).unwrap();
-        assert_eq!(ids(&rows), (24..31).collect::<Vec<_>>());
-        assert_eq!(end, pos(1, 31));
+        assert_eq!(
+            ids(&rows),
+            (u128::from(limit + 4)..u128::from(limit + 11)).collect::<Vec<_>>()
+        );
+        assert_eq!(end, pos(1, limit + 11));
     }
 
     #[test]
