@@ -108,9 +108,10 @@ pub const DURATION_BUCKETS: [f64; 22] = [
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Rows per database write: one row at idle up to eight merged batches.
-pub const BATCH_ROW_BUCKETS: [f64; 10] = [
-    1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 40000.0,
+/// Rows per database write: one row at idle up to sixteen merged batches
+/// of the default size.
+pub const BATCH_ROW_BUCKETS: [f64; 11] = [
+    1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 40000.0, 80000.0,
 ];
 
 /// How often histogram samples are folded in, between scrapes.

@@ -11,8 +11,8 @@
 //!
 //! Usage rows go in by binary `COPY`, with their `usage_daily` and
 //! `usage_customer_daily` sums, one
-//! transaction a batch: straight into `usage_events` when none of them is
-//! there yet, else through a temporary staging table and
+//! transaction a batch: straight into the month's partition of
+//! `usage_events` when none of them is there yet, else through a temporary staging table and
 //! `INSERT … ON CONFLICT DO NOTHING`, rolling up exactly the rows inserted
 //! (see the usage section below). The monthly partitions of `usage_events`
 //! are created at `migrate` (this month and the next two) and before a
@@ -101,6 +101,10 @@ pub struct PostgresStore {
     /// has ensured. Only grows, by a few entries a month; a lock held for a
     /// lookup, never across an await.
     partitions: Mutex<HashSet<Date>>,
+    /// Months whose partition refused a direct COPY (see [`CopyTarget`]):
+    /// their rows go through `usage_events` until the gateway restarts.
+    /// Only grows, and only when an operator changed a partition by hand.
+    through_parent: Mutex<HashSet<Date>>,
 }
 
 /// What a call can fail with; classified into a [`StoreError`] at its end.
@@ -217,6 +221,7 @@ impl PostgresStore {
             pool,
             config,
             partitions: Mutex::new(HashSet::new()),
+            through_parent: Mutex::new(HashSet::new()),
         })
     }
 
@@ -260,6 +265,15 @@ impl PostgresStore {
                 .insert(month);
         }
         Ok(())
+    }
+
+    /// Whether any of `months` has to be written through `usage_events`.
+    fn goes_through_parent(&self, months: &BTreeSet<Date>) -> bool {
+        let parent = self
+            .through_parent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        months.iter().any(|month| parent.contains(month))
     }
 
     /// Forgets that `months` were ensured, so the next write asks again.
@@ -479,8 +493,9 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 //
 // A batch is written in one of two ways, each one transaction:
 //
-// - New rows (nearly every batch): binary COPY straight into `usage_events`,
-//   then one upsert of the batch's `usage_daily` groups, summed in Rust,
+// - New rows (nearly every batch): binary COPY straight into the month's
+//   partition of `usage_events` (or through `usage_events` itself when that
+//   partition is not what its name says), then one upsert of the batch's `usage_daily` groups, summed in Rust,
 //   and one of its `usage_customer_daily` rows (the groups summed per day
 //   and customer), pipelined behind it.
 //   If any row is already there, the primary key fails the COPY and the
@@ -498,7 +513,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 // rows stream: benches/usage_write.rs measured about 210,000 rows/s this
 // way against 110,000 through staging alone (2 cores, client and server on
 // one machine). The cost of a replayed batch is one failed COPY, which the
-// Postgres log shows as a unique violation on `usage_events`.
+// Postgres log shows as a unique violation on the partition's primary key.
 
 /// Creates the partition of `usage_events` for a month (migration 2).
 const ENSURE_PARTITION: &str = "SELECT tollgate_ensure_usage_partition($1)";
@@ -578,11 +593,13 @@ fn partition_name(month: Date) -> String {
 }
 
 /// Locks the tables `names` (partitions, by name) as the COPY into them
-/// would, then counts how many are attached partitions of `usage_events`
-/// not being detached: one round trip, and the lock keeps the answer true
-/// until the transaction ends. Checked before the COPY because a COPY that
-/// fails before it starts (no such table) breaks the client's connection.
-/// The names are [`partition_name`]s: nothing to quote.
+/// would, then counts those a COPY can go straight into: attached
+/// partitions of `usage_events`, not being detached, that this role may
+/// insert into and that have no row-level security (which COPY FROM
+/// refuses). One round trip, before the COPY, because a COPY that fails
+/// before it starts (no such table, no privilege) breaks the client's
+/// connection. The lock keeps a plain DETACH out until the transaction
+/// ends. The names are [`partition_name`]s: nothing to quote.
 fn lock_and_count_attached(names: &[String]) -> String {
     let regclasses: Vec<String> = names
         .iter()
@@ -590,9 +607,10 @@ fn lock_and_count_attached(names: &[String]) -> String {
         .collect();
     format!(
         "LOCK TABLE {} IN ROW EXCLUSIVE MODE;
-         SELECT count(*) FROM pg_inherits
-         WHERE inhparent = 'usage_events'::regclass AND NOT inhdetachpending
-           AND inhrelid IN ({})",
+         SELECT count(*) FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'usage_events'::regclass AND NOT i.inhdetachpending
+           AND has_table_privilege(i.inhrelid, 'INSERT') AND NOT c.relrowsecurity
+           AND i.inhrelid IN ({})",
         names.join(", "),
         regclasses.join(", ")
     )
@@ -781,7 +799,8 @@ fn months(rows: &[UsageRow<'_>]) -> BTreeSet<Date> {
 }
 
 /// A write straight into partitions that they refused: one is missing,
-/// holds other bounds than its month, or is not attached.
+/// not attached, not writable by this role, or holds other bounds than its
+/// month.
 fn partition_unusable(failure: &Failure) -> bool {
     match failure {
         Failure::NotAPartition(_) => true,
@@ -907,14 +926,20 @@ async fn write_new(
     let tx = client.transaction().await?;
     if target == CopyTarget::Partitions {
         let names: Vec<String> = months.iter().map(|&month| partition_name(month)).collect();
-        let answer = tx.simple_query(&lock_and_count_attached(&names)).await?;
+        // Whatever goes wrong here (no such table, no privilege, a server
+        // too old for the query) nothing is written yet: the caller goes
+        // through `usage_events` instead.
+        let answer = tx
+            .simple_query(&lock_and_count_attached(&names))
+            .await
+            .map_err(|error| Failure::NotAPartition(format!("checking {names:?}: {error}")))?;
         let attached = answer.iter().find_map(|message| match message {
             SimpleQueryMessage::Row(row) => row.get(0),
             _ => None,
         });
         if attached != Some(names.len().to_string().as_str()) {
             return Err(Failure::NotAPartition(format!(
-                "of {names:?}, only {} are attached partitions of usage_events",
+                "of {names:?}, only {} are attached partitions of usage_events this role can COPY into",
                 attached.unwrap_or("none")
             )));
         }
@@ -1538,7 +1563,11 @@ impl Store for PostgresStore {
             let mut client = self.client().await?;
             self.ensure_partitions(&client, &months).await?;
             let mut partitions_checked = false;
-            let mut target = CopyTarget::Partitions;
+            let mut target = if self.goes_through_parent(&months) {
+                CopyTarget::Parent
+            } else {
+                CopyTarget::Partitions
+            };
             loop {
                 let written = match write_new(&mut client, &rows, &months, target).await {
                     Err(failure) if already_written(&failure) => {
@@ -1550,9 +1579,14 @@ impl Store for PostgresStore {
                     }
                     Err(failure) if target == CopyTarget::Partitions && partition_unusable(&failure) => {
                         tracing::warn!(
-                            message = "A usage_events partition is not the table its name says; writing through usage_events.",
+                            message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
+                            months = ?months,
                             error = %failure,
                         );
+                        self.through_parent
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend(months.iter().copied());
                         target = CopyTarget::Parent;
                         continue;
                     }

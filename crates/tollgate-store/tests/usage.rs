@@ -796,25 +796,43 @@ mod postgres_only {
         // when that name is no (attached) partition, they go through
         // usage_events instead, and nothing lands in an impostor.
         let (store, guard) = test_store(Backend::Postgres).await;
+        // Counts COPY statements that went through usage_events (a COPY
+        // straight into a partition fires only the partition's triggers).
+        guard
+            .raw(
+                "CREATE TABLE through_parent (n int);
+                 CREATE FUNCTION count_through_parent() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN INSERT INTO through_parent VALUES (1); RETURN NULL; END $$;
+                 CREATE TRIGGER count_through_parent AFTER INSERT ON usage_events
+                 FOR EACH STATEMENT EXECUTE FUNCTION count_through_parent()",
+            )
+            .await;
+        let through_parent = || async {
+            guard.raw("SELECT count(*) FROM through_parent").await[0][0]
+                .clone()
+                .unwrap()
+        };
         let now = OffsetDateTime::now_utc();
         let name = partition_name(now.date());
         let (customer, key) = (CustomerId::new(), KeyId::new());
         let first = [event(customer, key, now)];
         assert_eq!(store.write_usage(&first).await.unwrap(), 1);
+        assert_eq!(through_parent().await, "0", "straight into the partition");
 
-        // Renamed: the name leads nowhere.
+        // Renamed, and an impostor by the name: a plain table, not attached.
         let renamed = format!("{name}_renamed");
         guard
-            .raw(&format!("ALTER TABLE {name} RENAME TO {renamed}"))
+            .raw(&format!(
+                "ALTER TABLE {name} RENAME TO {renamed}; CREATE TABLE {name} (LIKE usage_events)"
+            ))
             .await;
         let second = [event(customer, key, now), event(customer, key, now)];
         assert_eq!(store.write_usage(&second).await.unwrap(), 2);
-        // An impostor by the name: a plain table, not attached.
-        guard
-            .raw(&format!("CREATE TABLE {name} (LIKE usage_events)"))
-            .await;
+        assert_eq!(through_parent().await, "1");
+        // The month stays on that path: no second failed attempt.
         let third = [event(customer, key, now)];
         assert_eq!(store.write_usage(&third).await.unwrap(), 1);
+        assert_eq!(through_parent().await, "2");
 
         assert_eq!(
             guard.raw(&format!("SELECT count(*) FROM {name}")).await[0][0].as_deref(),

@@ -10,6 +10,9 @@ use uuid::Uuid;
 use crate::ids::{CustomerId, KeyId};
 
 /// How a request ended, as recorded in `usage_events.outcome`.
+///
+/// The usage spool stores a variant by its position: add new ones last
+/// (see `spool::WireEvent`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -85,7 +88,8 @@ impl FromStr for Outcome {
     }
 }
 
-/// Where `cost_nanos` came from.
+/// Where `cost_nanos` came from. Stored by position in the usage spool,
+/// like [`Outcome`]: add new variants last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CostSource {

@@ -1502,10 +1502,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn format_2_stores_every_outcome_and_cost_source_by_a_fixed_code() {
+        // Variants are stored by position: a variant inserted or moved
+        // would silently turn old spooled rows into other outcomes. New
+        // variants go last, with a new line here.
+        use CostSource::*;
+        use Outcome::*;
+        let outcomes = [
+            (Ok, 0u8),
+            (UpstreamError, 1),
+            (UpstreamTimeout, 2),
+            (ClientClosed, 3),
+            (RateLimited, 4),
+            (QuotaExceeded, 5),
+            (BudgetExceeded, 6),
+            (RouteForbidden, 7),
+            (PayloadTooLarge, 8),
+        ];
+        assert_eq!(outcomes.len(), Outcome::ALL.len());
+        for (outcome, code) in outcomes {
+            assert_eq!(postcard::to_allocvec(&outcome).unwrap(), [code]);
+            assert_eq!(postcard::from_bytes::<Outcome>(&[code]).unwrap(), outcome);
+        }
+        for (source, code) in [(Header, 0u8), (Pricing, 1), (None, 2)] {
+            assert_eq!(postcard::to_allocvec(&source).unwrap(), [code]);
+            assert_eq!(postcard::from_bytes::<CostSource>(&[code]).unwrap(), source);
+        }
+        assert!(postcard::from_bytes::<Outcome>(&[9]).is_err());
+    }
+
+    #[test]
     fn format_2_bytes_still_decode() {
         // The payload this version writes for event 6 (a client request id
         // with quotes, a newline and a non-ASCII character; a model;
-        // outcome route_forbidden, cost source header). Spools written with it
+        // outcome budget_exceeded, cost source header). Spools written with it
         // must stay readable: if this test fails, the encoding changed, and
         // the change needs a new format number, not a new expected value.
         let bytes = concat!(
