@@ -99,42 +99,37 @@ async fn counters_move_by_exactly_what_the_requests_did(backend: Backend) {
     // Admitted (the rate allows 6): two priced models, one the dated name
     // of a priced model; one unpriced model with a cost header; one
     // upstream 503; one refused connection.
-    let reply = chat(
-        &gw,
-        Some(&key),
-        "gpt-4o-mini-2024-07-18",
-        "one two three",
-        &[],
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let reply = chat(
-        &gw,
-        Some(&key),
-        "gpt-4o-mini",
-        "hello world",
-        &[("x-mock-chunks", "5")],
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let reply = chat(
-        &gw,
-        Some(&key),
-        "mystery",
-        "hi",
-        &[("x-mock-cost-usd", "0.01")],
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let reply = chat(
-        &gw,
-        Some(&key),
-        "gpt-4o-mini",
-        "x",
-        &[("x-mock-status", "503")],
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let calls: [(&str, &str, Headers, StatusCode); 4] = [
+        (
+            "gpt-4o-mini-2024-07-18",
+            "one two three",
+            &[],
+            StatusCode::OK,
+        ),
+        (
+            "gpt-4o-mini",
+            "hello world",
+            &[("x-mock-chunks", "5")],
+            StatusCode::OK,
+        ),
+        (
+            "mystery",
+            "hi",
+            &[("x-mock-cost-usd", "0.01")],
+            StatusCode::OK,
+        ),
+        (
+            "gpt-4o-mini",
+            "x",
+            &[("x-mock-status", "503")],
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ];
+    for (model, prompt, headers, status) in calls {
+        let reply = chat(&gw, Some(&key), model, prompt, headers).await;
+        assert_eq!(reply.status, status, "{model} {headers:?}");
+    }
     let dead = send(
         &client(),
         gw.request(Method::GET, "/dead/x")
