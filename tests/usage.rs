@@ -1017,6 +1017,66 @@ async fn postgres_outage_under_load_loses_no_row() {
     gateway.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_write_holds_no_row_back_from_the_spool() {
+    // A write that hangs (here on a lock another session holds) is not a
+    // failure the writer can see; the spooler must still put every event on
+    // disk within flush_interval, or a SIGKILL now would lose them.
+    let db = TestGuard::create(Backend::Postgres).await;
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url()).replace(
+        "flush_interval = \"20ms\"",
+        "flush_interval = \"20ms\"\nbatch_size = 10",
+    );
+    let gateway = TestGateway::start_on(config(&toml), None).await;
+    let key = gateway.key.clone().unwrap();
+    let stats = gateway
+        .running
+        .as_ref()
+        .unwrap()
+        .metering()
+        .recorder
+        .stats()
+        .clone();
+    let locker = pg(db.url()).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // Far more batches of 10 than the writer may hold in memory.
+    let completed = load(format!("http://{}", gateway.addr), key, 1000, 16).await;
+    assert_eq!(completed.len(), 1000);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while stats.rows_spooled.load(Ordering::Relaxed) < 1000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stats.rows_spooled.load(Ordering::Relaxed),
+        1000,
+        "every row is in the spool while the write hangs"
+    );
+    assert_eq!(
+        stats.rows_written.load(Ordering::Relaxed),
+        0,
+        "the write did hang"
+    );
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    let rows = wait_for_rows(db.url(), 1000).await;
+    assert_no_duplicates(&rows);
+    let recorded: HashSet<&str> = rows
+        .iter()
+        .filter_map(|row| row.client_request_id.as_deref())
+        .collect();
+    for (id, _) in &completed {
+        assert!(recorded.contains(id.as_str()), "{id} has its row");
+    }
+    assert_daily_consistent(db.url()).await;
+    gateway.stop().await;
+}
+
 async fn sigkill_loses_at_most_the_last_flush_interval(backend: Backend) {
     let db = TestGuard::create(backend).await;
     let mock = MockUpstream::start().await.unwrap();

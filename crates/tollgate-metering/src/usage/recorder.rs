@@ -18,11 +18,16 @@
 //! - Database down: batches keep going to the spool; the writer stops
 //!   keeping them in memory and, once the database answers again, drains
 //!   the spool from its checkpoint. Nothing is lost; memory stays bounded.
+//! - Database slow (a write blocked on a lock, say): the spooler never
+//!   waits for the writer; batches beyond what the writer has queued stay
+//!   on disk only and the writer reads them back from the spool.
 //! - Spool full (`spool_max`) while the database is down: [`Recorder::accepting`]
 //!   turns false and the data plane answers 503 `metering_unavailable`
 //!   instead of serving unmetered requests (unless configured to accept).
 //! - Crash or SIGKILL: events not yet appended to the spool are lost; that
-//!   is at most the requests that finished within the last `flush_interval`.
+//!   is at most the requests that finished within the last `flush_interval`
+//!   (a batch is appended early enough for its fsync to be done by then,
+//!   unless one fsync takes far longer than the ones before it).
 //!   Everything appended is replayed on the next start.
 //! - Spool write failure (disk full, I/O error): logged and counted; the
 //!   batch is retried, and the recorder reports itself not accepting so new
@@ -31,7 +36,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -153,12 +158,19 @@ pub struct RecorderStats {
     pub database_up: AtomicBool,
     spool_full: AtomicBool,
     spool_failing: AtomicBool,
+    /// Set by the spooler when it left a batch on disk only (the writer's
+    /// queue was full); the writer then reads the spool from where it got
+    /// to before it takes queued batches again.
+    left_on_disk: AtomicBool,
 }
+
+/// An event and when it was recorded (its flush deadline counts from then).
+type Recorded = (Instant, UsageEvent);
 
 /// The data plane's handle: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Recorder {
-    events: mpsc::UnboundedSender<UsageEvent>,
+    events: mpsc::UnboundedSender<Recorded>,
     stats: Arc<RecorderStats>,
     reject_when_full: bool,
     max_pending: u64,
@@ -170,9 +182,9 @@ impl Recorder {
     /// has stopped accepting requests by then).
     pub fn record(&self, event: UsageEvent) {
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = self.events.send(event) {
+        if let Err(error) = self.events.send((Instant::now(), event)) {
             self.stats.pending.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!(message = "Usage event after recorder shutdown; it is lost.", id = %error.0.id);
+            tracing::error!(message = "Usage event after recorder shutdown; it is lost.", id = %(error.0).1.id);
         }
     }
 
@@ -339,8 +351,17 @@ fn lock(spool: &Mutex<Spool>) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolE
 /// Collects events into batches, appends each to the spool (fsync), and
 /// hands it to the writer. On `close` it stops taking new events, spools
 /// what is buffered, and ends.
+///
+/// A batch is appended early enough that its oldest event is on disk
+/// within `flush_interval` of being recorded: the wait for more events
+/// ends an eighth of `flush_interval` early (room for a late timer on a
+/// busy machine), and earlier still by what appends have been taking
+/// lately ([`AppendTime`]). The
+/// spooler never waits for the writer either: when the writer has
+/// [`MAX_BATCHES_IN_MEMORY`] batches queued, the new one is left on disk
+/// only and the writer reads it back from there.
 async fn spooler(
-    mut events: mpsc::UnboundedReceiver<UsageEvent>,
+    mut events: mpsc::UnboundedReceiver<Recorded>,
     mut close: oneshot::Receiver<()>,
     batches: mpsc::Sender<(Vec<UsageEvent>, SpoolPosition)>,
     spool: Arc<Mutex<Spool>>,
@@ -349,9 +370,10 @@ async fn spooler(
     flush_interval: Duration,
 ) {
     let mut closing = false;
+    let mut append_time = AppendTime::default();
     loop {
         // Wait for the first event of the next batch, then give the batch
-        // at most `flush_interval` to fill (no wait at all when closing).
+        // until its deadline to fill (no wait at all when closing).
         let first = if closing {
             events.recv().await
         } else {
@@ -364,12 +386,17 @@ async fn spooler(
                 }
             }
         };
-        let Some(first) = first else {
+        let Some((recorded_at, first)) = first else {
             return;
         };
         let mut batch = Vec::with_capacity(batch_size.min(8192));
         batch.push(first);
-        let deadline = tokio::time::Instant::now() + flush_interval;
+        let deadline = tokio::time::Instant::from_std(
+            recorded_at
+                + flush_interval
+                    .saturating_sub(flush_interval / 8)
+                    .saturating_sub(append_time.estimate()),
+        );
         while batch.len() < batch_size {
             let next = if closing {
                 events.recv().await
@@ -387,20 +414,42 @@ async fn spooler(
                 }
             };
             match next {
-                Some(event) => batch.push(event),
+                Some((_, event)) => batch.push(event),
                 None => break,
             }
         }
         let count = batch.len() as u64;
+        let started = Instant::now();
         let (batch, position) = append_until_done(&spool, &stats, batch).await;
+        append_time.observe(started.elapsed());
         stats.pending.fetch_sub(count, Ordering::Relaxed);
         stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
-        // The writer may be slow (database down): `send` waits for room,
-        // which holds the next append back at most MAX_BATCHES_IN_MEMORY
-        // batches; the writer drops batches it can't keep (they are on disk).
-        if batches.send((batch, position)).await.is_err() {
-            return;
+        match batches.try_send((batch, position)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats.left_on_disk.store(true, Ordering::Release);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
+    }
+}
+
+/// How long spool appends have been taking: the longest recent one,
+/// forgotten by an eighth per append, so that one slow fsync makes the
+/// next batches go early at once and a disk that got fast again is
+/// trusted again after a few dozen appends.
+#[derive(Debug, Default)]
+struct AppendTime {
+    recent: Duration,
+}
+
+impl AppendTime {
+    fn observe(&mut self, took: Duration) {
+        self.recent = took.max(self.recent - self.recent / 8);
+    }
+
+    fn estimate(&self) -> Duration {
+        self.recent
     }
 }
 
@@ -464,9 +513,12 @@ async fn writer(
     let mut written: Option<SpoolPosition> = None;
     let mut unsaved: Option<SpoolPosition> = None;
     let mut last_checkpoint = tokio::time::Instant::now();
-    let mut behind = false;
+    let mut behind = None;
     loop {
-        if behind {
+        if stats.left_on_disk.swap(false, Ordering::AcqRel) && behind.is_none() {
+            behind = Some(Behind::Lagged);
+        }
+        if let Some(why) = behind {
             match drain(
                 &*store,
                 &spool,
@@ -479,11 +531,13 @@ async fn writer(
             .await
             {
                 Ok(()) => {
-                    behind = false;
-                    stats.database_up.store(true, Ordering::Relaxed);
-                    tracing::info!(message = "Usage writer caught up from the spool.");
+                    behind = None;
+                    if why == Behind::Failed {
+                        tracing::info!(message = "Usage writer caught up from the spool.");
+                    }
                 }
                 Err(_) => {
+                    behind = Some(Behind::Failed);
                     // Keep taking batches off the channel (they are on disk)
                     // so the spooler never stalls, until it is time to retry.
                     let retry = tokio::time::sleep(RETRY_INTERVAL);
@@ -522,6 +576,19 @@ async fn writer(
             None => batches.recv().await,
         };
         let Some(first) = next else {
+            // The spooler ended; what it could not queue is on disk.
+            if stats.left_on_disk.swap(false, Ordering::AcqRel) {
+                let _ = drain(
+                    &*store,
+                    &spool,
+                    &stats,
+                    &mut written,
+                    batch_size,
+                    hook,
+                    &flush,
+                )
+                .await;
+            }
             save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
             return;
         };
@@ -544,9 +611,18 @@ async fn writer(
                     save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
                 }
             }
-            Err(_) => behind = true,
+            Err(_) => behind = Some(Behind::Failed),
         }
     }
+}
+
+/// Why the writer reads the spool instead of the spooler's batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behind {
+    /// A database write failed; retried every [`RETRY_INTERVAL`].
+    Failed,
+    /// The spooler left batches on disk only (`left_on_disk`).
+    Lagged,
 }
 
 /// The batches to write in one transaction: `first` and whatever else the
@@ -709,6 +785,24 @@ mod tests {
             (u128::from(limit + 4)..u128::from(limit + 11)).collect::<Vec<_>>()
         );
         assert_eq!(end, pos(1, limit + 11));
+    }
+
+    #[test]
+    fn append_time_jumps_to_a_slow_append_and_forgets_it_slowly() {
+        let ms = Duration::from_millis;
+        let mut time = AppendTime::default();
+        assert_eq!(time.estimate(), Duration::ZERO);
+        time.observe(ms(8));
+        assert_eq!(time.estimate(), ms(8));
+        time.observe(ms(1));
+        assert_eq!(time.estimate(), ms(7));
+        time.observe(ms(40));
+        assert_eq!(time.estimate(), ms(40));
+        for _ in 0..40 {
+            time.observe(ms(1));
+        }
+        assert!(time.estimate() < ms(2), "{:?}", time.estimate());
+        assert!(time.estimate() >= ms(1));
     }
 
     #[test]
