@@ -790,14 +790,10 @@ mod postgres_only {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_partition_that_is_not_what_its_name_says_is_written_through_usage_events() {
-        // Rows are copied straight into their month's partition, by name;
-        // when that name is no (attached) partition, they go through
-        // usage_events instead, and nothing lands in an impostor.
-        let (store, guard) = test_store(Backend::Postgres).await;
-        // Counts COPY statements that went through usage_events (a COPY
-        // straight into a partition fires only the partition's triggers).
+    /// Counts the COPY statements that go through usage_events from now on
+    /// (a COPY straight into a partition fires only the partition's
+    /// triggers); [`copies_through_parent`] reads the count.
+    async fn count_copies_through_parent(guard: &TestGuard) {
         guard
             .raw(
                 "CREATE TABLE through_parent (n int);
@@ -807,11 +803,168 @@ mod postgres_only {
                  FOR EACH STATEMENT EXECUTE FUNCTION count_through_parent()",
             )
             .await;
-        let through_parent = || async {
-            guard.raw("SELECT count(*) FROM through_parent").await[0][0]
-                .clone()
-                .unwrap()
+    }
+
+    async fn copies_through_parent(guard: &TestGuard) -> String {
+        guard.raw("SELECT count(*) FROM through_parent").await[0][0]
+            .clone()
+            .unwrap()
+    }
+
+    /// Which partition each row of usage_events is in, and its id; sorted.
+    async fn placement(guard: &TestGuard) -> Vec<Vec<Option<String>>> {
+        sorted(
+            guard,
+            "SELECT tableoid::regclass::text, id FROM usage_events",
+        )
+        .await
+    }
+
+    fn placed_in(partition: &str, events: &[UsageEvent]) -> Vec<Vec<Option<String>>> {
+        let mut placed: Vec<Vec<Option<String>>> = events
+            .iter()
+            .map(|e| vec![Some(partition.to_owned()), Some(e.id.to_string())])
+            .collect();
+        placed.sort();
+        placed
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_with_row_security_is_written_through_usage_events() {
+        // Rows copied into a partition directly would answer to its own
+        // row-level security policies, which an insert through usage_events
+        // does not: a partition with row security on is never copied into.
+        let (store, guard) = test_store(Backend::Postgres).await;
+        count_copies_through_parent(&guard).await;
+        let now = OffsetDateTime::now_utc();
+        let name = partition_name(now.date());
+        guard
+            .raw(&format!(
+                "ALTER TABLE {name} ENABLE ROW LEVEL SECURITY;
+                 CREATE POLICY anything ON {name} USING (true)"
+            ))
+            .await;
+        let (customer, key) = (CustomerId::new(), KeyId::new());
+        let first = [event(customer, key, now), event(customer, key, now)];
+        assert_eq!(store.write_usage(&first).await.unwrap(), 2);
+        assert_eq!(copies_through_parent(&guard).await, "1");
+        let second = [event(customer, key, now)];
+        assert_eq!(store.write_usage(&second).await.unwrap(), 1);
+        assert_eq!(copies_through_parent(&guard).await, "2");
+        assert_eq!(
+            placement(&guard).await,
+            placed_in(&name, &[&first[..], &second].concat())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_the_gateway_may_not_insert_into_is_written_through_usage_events() {
+        // An operator who grants the gateway's role INSERT on usage_events
+        // but not on its partitions (made by another role) loses no row:
+        // Postgres checks only the parent's privileges for rows inserted
+        // through it, so that is the way they go.
+        let (_, guard) = test_store(Backend::Postgres).await;
+        count_copies_through_parent(&guard).await;
+        let now = OffsetDateTime::now_utc();
+        let name = partition_name(now.date());
+        let role = format!("tollgate_writer_{}", Uuid::now_v7().simple());
+        guard
+            .raw(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD 'writer';
+                 GRANT USAGE ON SCHEMA public TO {role};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+                 REVOKE INSERT ON {name} FROM {role}"
+            ))
+            .await;
+        let _role = TestRole {
+            name: role.clone(),
+            database_url: guard.url().to_owned(),
         };
+        let store = tollgate_store::open(&as_user(guard.url(), &role, "writer"), 2)
+            .await
+            .unwrap();
+        let (customer, key) = (CustomerId::new(), KeyId::new());
+        let first = [event(customer, key, now), event(customer, key, now)];
+        assert_eq!(store.write_usage(&first).await.unwrap(), 2);
+        assert_eq!(copies_through_parent(&guard).await, "1");
+        let second = [event(customer, key, now)];
+        assert_eq!(store.write_usage(&second).await.unwrap(), 1);
+        assert_eq!(copies_through_parent(&guard).await, "2");
+        assert_eq!(
+            placement(&guard).await,
+            placed_in(&name, &[&first[..], &second].concat())
+        );
+        assert_eq!(
+            guard
+                .raw("SELECT sum(requests)::text FROM usage_daily")
+                .await[0][0]
+                .as_deref(),
+            Some("3")
+        );
+    }
+
+    /// `url` connecting as `user` with `password`.
+    fn as_user(url: &str, user: &str, password: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{user}:{password}@{host}")
+    }
+
+    /// A login role of the test server, with what it was granted in one
+    /// test database; both go when this is dropped (also when the test
+    /// fails), so that no role outlives its test.
+    struct TestRole {
+        name: String,
+        database_url: String,
+    }
+
+    impl Drop for TestRole {
+        fn drop(&mut self) {
+            let statements = [
+                (
+                    self.database_url.clone(),
+                    format!("DROP OWNED BY {}", self.name),
+                ),
+                (
+                    tollgate_store::testing::server_url(),
+                    format!("DROP ROLE IF EXISTS {}", self.name),
+                ),
+            ];
+            let dropped = std::thread::spawn(move || -> Result<(), String> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| error.to_string())?;
+                runtime.block_on(async {
+                    for (url, sql) in statements {
+                        let (client, connection) =
+                            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                                .await
+                                .map_err(|error| error.to_string())?;
+                        tokio::spawn(connection);
+                        client
+                            .batch_execute(&sql)
+                            .await
+                            .map_err(|error| format!("{sql}: {error}"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("warning: cannot drop test role {}: {dropped:?}", self.name);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_that_is_not_what_its_name_says_is_written_through_usage_events() {
+        // Rows are copied straight into their month's partition, by name;
+        // when that name is no (attached) partition, they go through
+        // usage_events instead, and nothing lands in an impostor.
+        let (store, guard) = test_store(Backend::Postgres).await;
+        count_copies_through_parent(&guard).await;
+        let through_parent = || copies_through_parent(&guard);
         let now = OffsetDateTime::now_utc();
         let name = partition_name(now.date());
         let (customer, key) = (CustomerId::new(), KeyId::new());
@@ -838,18 +991,10 @@ mod postgres_only {
             guard.raw(&format!("SELECT count(*) FROM {name}")).await[0][0].as_deref(),
             Some("0")
         );
-        let placed = sorted(
-            &guard,
-            "SELECT tableoid::regclass::text, id FROM usage_events",
-        )
-        .await;
-        let mut wanted: Vec<Vec<Option<String>>> = [&first[..], &second, &third]
-            .concat()
-            .iter()
-            .map(|e| vec![Some(renamed.clone()), Some(e.id.to_string())])
-            .collect();
-        wanted.sort();
-        assert_eq!(placed, wanted);
+        assert_eq!(
+            placement(&guard).await,
+            placed_in(&renamed, &[&first[..], &second, &third].concat())
+        );
         // The refused attempts left nothing behind in the rollups either.
         assert_eq!(
             guard
