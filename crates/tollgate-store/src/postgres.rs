@@ -255,9 +255,27 @@ impl PostgresStore {
         }
         let statement = client.prepare_cached(ENSURE_PARTITION).await?;
         for month in missing {
-            let created: bool = get(&client.query_one(&statement, &[&month]).await?, 0)?;
-            if created {
-                tracing::info!(message = "Created a usage_events partition.", %month);
+            match client.query_one(&statement, &[&month]).await {
+                Ok(row) => {
+                    if get::<bool>(&row, 0)? {
+                        tracing::info!(message = "Created a usage_events partition.", %month);
+                    }
+                }
+                // The month's name is no partition, yet a partition by
+                // another name (renamed, say) covers the month: that one
+                // takes its rows, through usage_events.
+                Err(error) if error.code() == Some(&SqlState::INVALID_OBJECT_DEFINITION) => {
+                    tracing::warn!(
+                        message = "A usage_events partition by another name covers this month; writing the month through usage_events until restart.",
+                        %month,
+                        %error,
+                    );
+                    self.through_parent
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(month);
+                }
+                Err(error) => return Err(error.into()),
             }
             self.partitions
                 .lock()

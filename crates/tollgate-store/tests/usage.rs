@@ -991,9 +991,27 @@ mod postgres_only {
             guard.raw(&format!("SELECT count(*) FROM {name}")).await[0][0].as_deref(),
             Some("0")
         );
+        // A store that never saw the partition by its name (a restarted
+        // gateway) cannot attach the impostor, the month being taken, nor
+        // make a partition of its own when the name is free; either way its
+        // rows go through usage_events too.
+        let fourth = [event(customer, key, now)];
+        let fresh = tollgate_store::open(guard.url(), 2).await.unwrap();
+        assert_eq!(fresh.write_usage(&fourth).await.unwrap(), 1);
+        assert_eq!(through_parent().await, "3");
+        guard.raw(&format!("DROP TABLE {name}")).await;
+        let fifth = [event(customer, key, now)];
+        let fresh = tollgate_store::open(guard.url(), 2).await.unwrap();
+        assert_eq!(fresh.write_usage(&fifth).await.unwrap(), 1);
+        assert_eq!(through_parent().await, "4");
+        assert_eq!(partitions(&guard).await.len(), 3, "no partition added");
+
         assert_eq!(
             placement(&guard).await,
-            placed_in(&renamed, &[&first[..], &second, &third].concat())
+            placed_in(
+                &renamed,
+                &[&first[..], &second, &third, &fourth, &fifth].concat()
+            )
         );
         // The refused attempts left nothing behind in the rollups either.
         assert_eq!(
@@ -1001,7 +1019,7 @@ mod postgres_only {
                 .raw("SELECT sum(requests)::text FROM usage_daily")
                 .await[0][0]
                 .as_deref(),
-            Some("4")
+            Some("6")
         );
     }
 
