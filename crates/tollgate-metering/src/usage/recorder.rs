@@ -371,6 +371,7 @@ async fn spooler(
 ) {
     let mut closing = false;
     let mut append_time = AppendTime::default();
+    let mut slow_disk = false;
     loop {
         // Wait for the first event of the next batch, then give the batch
         // until its deadline to fill (no wait at all when closing).
@@ -421,7 +422,17 @@ async fn spooler(
         let count = batch.len() as u64;
         let started = Instant::now();
         let (batch, position) = append_until_done(&spool, &stats, batch).await;
-        append_time.observe(started.elapsed());
+        let took = started.elapsed();
+        append_time.observe(took);
+        if took > flush_interval && !slow_disk {
+            slow_disk = true;
+            tracing::warn!(
+                message = "A usage spool append took longer than flush_interval; until the disk is faster, a crash loses more than flush_interval of rows.",
+                took_ms = took.as_millis(),
+            );
+        } else if took <= flush_interval / 2 {
+            slow_disk = false;
+        }
         stats.pending.fetch_sub(count, Ordering::Relaxed);
         stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
         match batches.try_send((batch, position)) {
