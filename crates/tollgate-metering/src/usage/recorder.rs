@@ -159,8 +159,9 @@ pub struct RecorderStats {
     spool_full: AtomicBool,
     spool_failing: AtomicBool,
     /// Set by the spooler when it left a batch on disk only (the writer's
-    /// queue was full); the writer then reads the spool from where it got
-    /// to before it takes queued batches again.
+    /// queue was full), before it queues any later batch; the writer checks
+    /// it after taking batches from the queue and, when set, writes from
+    /// the spool (from where it got to) instead of from the queue.
     left_on_disk: AtomicBool,
 }
 
@@ -526,9 +527,6 @@ async fn writer(
     let mut last_checkpoint = tokio::time::Instant::now();
     let mut behind = None;
     loop {
-        if stats.left_on_disk.swap(false, Ordering::AcqRel) && behind.is_none() {
-            behind = Some(Behind::Lagged);
-        }
         if let Some(why) = behind {
             match drain(
                 &*store,
@@ -603,8 +601,15 @@ async fn writer(
             save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
             return;
         };
-        let Some((batch, position)) = coalesce(first, &mut batches, written.as_ref(), batch_size)
-        else {
+        let merged = coalesce(first, &mut batches, written.as_ref(), batch_size);
+        // A batch the spooler left on disk only was left before any batch
+        // queued after it, so a gap among the batches just taken (or
+        // before them) shows here: write them, and the gap, from the spool.
+        if stats.left_on_disk.swap(false, Ordering::AcqRel) {
+            behind = Some(Behind::Lagged);
+            continue;
+        }
+        let Some((batch, position)) = merged else {
             continue; // already written while draining the spool
         };
         match flush.write(&*store, &batch, &stats).await {

@@ -1,0 +1,110 @@
+//! The recorder (spooler and writer) in front of a real Postgres whose
+//! writes keep stalling: every event reaches the database exactly once,
+//! however often the spooler had to leave batches on disk only.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tollgate_metering::usage::recorder::{self, RecorderConfig};
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_store::testing::{test_store, Backend};
+use uuid::Uuid;
+
+fn event(customer: CustomerId, key: KeyId) -> UsageEvent {
+    UsageEvent {
+        id: Uuid::now_v7(),
+        client_request_id: None,
+        ts: OffsetDateTime::now_utc(),
+        customer_id: customer,
+        key_id: key,
+        instance: "gw-1".to_owned(),
+        route: "openai".to_owned(),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        status: 200,
+        outcome: Outcome::Ok,
+        latency_us: 1_500,
+        upstream_latency_us: 1_200,
+        request_bytes: 300,
+        response_bytes: 900,
+        model: Some("gpt-4o".to_owned()),
+        input_tokens: 10,
+        output_tokens: 20,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_nanos: 1_000,
+        cost_source: CostSource::Pricing,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
+    // Tiny batches, so that the writer's queue fills within each stall and
+    // the spooler leaves batches on disk only, over and over, while the
+    // writer switches between the spool and the queue.
+    let (store, guard) = test_store(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = RecorderConfig {
+        batch_size: 5,
+        flush_interval: Duration::from_millis(2),
+        spool_dir: dir.path().join("spool"),
+        spool_max: 1 << 30,
+        reject_when_full: true,
+        flush_metrics: Default::default(),
+    };
+    let running = recorder::start(config, store, None).await.unwrap();
+    let recorder = running.recorder();
+
+    let (locker, connection) = tokio_postgres::connect(guard.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let stalls = tokio::spawn(async move {
+        for _ in 0..30 {
+            locker
+                .batch_execute("BEGIN; LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            locker.batch_execute("COMMIT").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let (customer, key) = (CustomerId::new(), KeyId::new());
+    let mut recorded = 0u64;
+    while !stalls.is_finished() {
+        for _ in 0..20 {
+            recorder.record(event(customer, key));
+        }
+        recorded += 20;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stalls.await.unwrap();
+    let stats = recorder.stats().clone();
+    drop(recorder);
+    running.shutdown().await;
+
+    assert_eq!(stats.rows_spooled.load(Ordering::Relaxed), recorded);
+    assert_eq!(
+        stats.rows_written.load(Ordering::Relaxed),
+        recorded,
+        "every row written once, none left in the spool"
+    );
+    let counts = guard
+        .raw(
+            "SELECT (SELECT count(*) FROM usage_events)::text,
+                    (SELECT count(DISTINCT id) FROM usage_events)::text,
+                    (SELECT sum(requests) FROM usage_daily)::text",
+        )
+        .await;
+    let recorded = Some(recorded.to_string());
+    assert_eq!(
+        counts[0],
+        vec![recorded.clone(), recorded.clone(), recorded],
+        "rows, distinct ids, requests rolled up"
+    );
+}
