@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tollgate_metering::usage::recorder::{self, RecorderConfig};
@@ -84,16 +84,22 @@ async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     stalls.await.unwrap();
+    // Everything reaches the database once the stalls end, with no more
+    // events to push it along and before any shutdown.
     let stats = recorder.stats().clone();
-    drop(recorder);
-    running.shutdown().await;
-
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.rows_written.load(Ordering::Relaxed) < recorded && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(stats.rows_spooled.load(Ordering::Relaxed), recorded);
     assert_eq!(
         stats.rows_written.load(Ordering::Relaxed),
         recorded,
         "every row written once, none left in the spool"
     );
+    drop(recorder);
+    running.shutdown().await;
+    assert_eq!(stats.rows_written.load(Ordering::Relaxed), recorded);
     let counts = guard
         .raw(
             "SELECT (SELECT count(*) FROM usage_events)::text,

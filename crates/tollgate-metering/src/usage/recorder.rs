@@ -27,7 +27,9 @@
 //! - Crash or SIGKILL: events not yet appended to the spool are lost; that
 //!   is at most the requests that finished within the last `flush_interval`
 //!   (a batch is appended early enough for its fsync to be done by then,
-//!   unless one fsync takes far longer than the ones before it).
+//!   as long as the disk keeps up: not when one fsync takes far longer than
+//!   the ones before it, nor when more than a batch of events is waiting
+//!   behind a slow append).
 //!   Everything appended is replayed on the next start.
 //! - Spool write failure (disk full, I/O error): logged and counted; the
 //!   batch is retried, and the recorder reports itself not accepting so new
@@ -163,6 +165,19 @@ pub struct RecorderStats {
     /// it after taking batches from the queue and, when set, writes from
     /// the spool (from where it got to) instead of from the queue.
     left_on_disk: AtomicBool,
+    /// Wakes a writer waiting for batches when one was left on disk.
+    left_on_disk_wake: tokio::sync::Notify,
+}
+
+impl RecorderStats {
+    fn leave_on_disk(&self) {
+        self.left_on_disk.store(true, Ordering::Release);
+        self.left_on_disk_wake.notify_one();
+    }
+
+    fn take_left_on_disk(&self) -> bool {
+        self.left_on_disk.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// An event and when it was recorded (its flush deadline counts from then).
@@ -357,10 +372,11 @@ fn lock(spool: &Mutex<Spool>) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolE
 /// within `flush_interval` of being recorded: the wait for more events
 /// ends an eighth of `flush_interval` early (room for a late timer on a
 /// busy machine), and earlier still by what appends have been taking
-/// lately ([`AppendTime`]). The
-/// spooler never waits for the writer either: when the writer has
-/// [`MAX_BATCHES_IN_MEMORY`] batches queued, the new one is left on disk
-/// only and the writer reads it back from there.
+/// lately ([`AppendTime`]). The spooler never waits for the writer either:
+/// when the writer has [`MAX_BATCHES_IN_MEMORY`] batches queued, the new
+/// one is left on disk only and the writer reads it back from there; and
+/// the writer's reads and checkpoint fsyncs are made without holding the
+/// spool.
 async fn spooler(
     mut events: mpsc::UnboundedReceiver<Recorded>,
     mut close: oneshot::Receiver<()>,
@@ -438,9 +454,7 @@ async fn spooler(
         stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
         match batches.try_send((batch, position)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                stats.left_on_disk.store(true, Ordering::Release);
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => stats.leave_on_disk(),
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
@@ -547,8 +561,8 @@ async fn writer(
                 }
                 Err(_) => {
                     behind = Some(Behind::Failed);
-                    // Keep taking batches off the channel (they are on disk)
-                    // so the spooler never stalls, until it is time to retry.
+                    // Keep taking batches off the channel (they are on disk;
+                    // the next drain writes them), until it is time to retry.
                     let retry = tokio::time::sleep(RETRY_INTERVAL);
                     tokio::pin!(retry);
                     loop {
@@ -560,6 +574,7 @@ async fn writer(
                                     // one last attempt, then the spool keeps
                                     // the rest for the next start.
                                     let _ = drain(&*store, &spool, &stats, &mut written, batch_size, hook, &flush).await;
+                                    save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
                                     return;
                                 }
                             }
@@ -569,24 +584,26 @@ async fn writer(
                 }
             }
         }
-        let next = match &unsaved {
-            // Something committed is not checkpointed yet: wait for the
-            // next batch only until the checkpoint is due.
-            Some(_) => {
-                let due = last_checkpoint + CHECKPOINT_INTERVAL;
-                match tokio::time::timeout_at(due, batches.recv()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
-                        continue;
-                    }
-                }
+        // Wait for the next batch; or, when something committed is not
+        // checkpointed yet, until the checkpoint is due; or until the
+        // spooler leaves a batch on disk only.
+        let due = last_checkpoint + CHECKPOINT_INTERVAL;
+        let next = tokio::select! {
+            next = batches.recv() => next,
+            () = tokio::time::sleep_until(due), if unsaved.is_some() => {
+                save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
+                continue;
             }
-            None => batches.recv().await,
+            () = stats.left_on_disk_wake.notified() => {
+                if stats.take_left_on_disk() {
+                    behind = Some(Behind::Lagged);
+                }
+                continue;
+            }
         };
         let Some(first) = next else {
             // The spooler ended; what it could not queue is on disk.
-            if stats.left_on_disk.swap(false, Ordering::AcqRel) {
+            if stats.take_left_on_disk() {
                 let _ = drain(
                     &*store,
                     &spool,
@@ -605,7 +622,7 @@ async fn writer(
         // A batch the spooler left on disk only was left before any batch
         // queued after it, so a gap among the batches just taken (or
         // before them) shows here: write them, and the gap, from the spool.
-        if stats.left_on_disk.swap(false, Ordering::AcqRel) {
+        if stats.take_left_on_disk() {
             behind = Some(Behind::Lagged);
             continue;
         }
@@ -705,10 +722,10 @@ async fn drain(
     loop {
         let after = written.clone();
         let spool_ref = spool.clone();
+        // Read without holding the spool, so that appends go on meanwhile.
         let read = blocking(move || {
-            lock(&spool_ref).and_then(|spool| {
-                spool.read_pending(after.as_ref(), batch_size.saturating_mul(WRITE_MERGE))
-            })
+            let pending = lock(&spool_ref)?.pending(after.as_ref());
+            pending.read(batch_size.saturating_mul(WRITE_MERGE))
         })
         .await;
         let (events, position) = match read {
@@ -744,8 +761,16 @@ async fn checkpoint(
     position: SpoolPosition,
 ) {
     let spool_ref = spool.clone();
-    let result =
-        blocking(move || lock(&spool_ref).and_then(|mut spool| spool.checkpoint(position))).await;
+    // The fsyncs happen without holding the spool, so that appends go on.
+    let result = blocking(move || {
+        let Some(checkpoint) = lock(&spool_ref)?.prepare_checkpoint(position) else {
+            return Ok(());
+        };
+        checkpoint.persist()?;
+        lock(&spool_ref)?.checkpointed(checkpoint);
+        Ok::<(), SpoolError>(())
+    })
+    .await;
     match result {
         Ok(Ok(())) => publish_spool(spool, stats),
         // A failed checkpoint only means those rows may be written again

@@ -382,15 +382,36 @@ impl Spool {
     /// or before the current checkpoint is ignored; one past the end is
     /// taken as the end.
     pub fn checkpoint(&mut self, upto: SpoolPosition) -> Result<(), SpoolError> {
-        let upto = upto.min(self.end.clone());
-        if upto <= self.checkpoint {
-            return Ok(());
+        if let Some(checkpoint) = self.prepare_checkpoint(upto) {
+            checkpoint.persist()?;
+            self.checkpointed(checkpoint);
         }
-        write_checkpoint(&self.dir, &upto)?;
-        self.checkpoint = upto;
+        Ok(())
+    }
+
+    /// [`Spool::checkpoint`] in three steps, for a spool shared behind a
+    /// lock: this one and [`Spool::checkpointed`] under the lock,
+    /// [`Checkpoint::persist`] (the fsyncs) without it, so that appends
+    /// need not wait. One checkpoint at a time: two persisted out of order
+    /// would move the checkpoint back. `None` when `upto` is not past the
+    /// current checkpoint.
+    pub fn prepare_checkpoint(&self, upto: SpoolPosition) -> Option<Checkpoint> {
+        let upto = upto.min(self.end.clone());
+        (upto > self.checkpoint).then(|| Checkpoint {
+            dir: self.dir.clone(),
+            upto,
+        })
+    }
+
+    /// The last step of a checkpoint, once persisted: deletes the segments
+    /// wholly before it.
+    pub fn checkpointed(&mut self, checkpoint: Checkpoint) {
+        if checkpoint.upto <= self.checkpoint {
+            return;
+        }
+        self.checkpoint = checkpoint.upto;
         self.remove_checkpointed_segments();
         self.pending_bytes = self.count_pending_bytes();
-        Ok(())
     }
 
     /// Reads from disk the events after `max(after, checkpoint)`: whole
@@ -403,44 +424,27 @@ impl Spool {
         after: Option<&SpoolPosition>,
         max_events: usize,
     ) -> Result<(Vec<UsageEvent>, SpoolPosition), SpoolError> {
+        self.pending(after).read(max_events)
+    }
+
+    /// The records after `max(after, checkpoint)` as they are now, to be
+    /// read without holding the spool ([`Pending::read`]) while appends go
+    /// on.
+    pub fn pending(&self, after: Option<&SpoolPosition>) -> Pending {
         let start = match after {
             Some(after) if *after > self.checkpoint => after.clone(),
             _ => self.checkpoint.clone(),
         };
-        let mut events = Vec::new();
-        let mut position = start.clone();
-        for (&id, &len) in self.segments.range(start.segment..) {
-            let from = if id == start.segment { start.offset } else { 0 };
-            if from >= len {
-                continue;
-            }
-            let path = segment_path(&self.dir, id);
-            let file = File::open(&path).map_err(io_error("open", &path))?;
-            let mut records = RecordReader::new(file, &path, from, len)?;
-            loop {
-                let (record_start, record_end) = match records.next()? {
-                    Next::End => break,
-                    Next::Invalid { offset, reason, .. } => {
-                        return Err(corrupt(&path, offset, reason));
-                    }
-                    Next::Record { start, end } => (start, end),
-                };
-                let count = record_count(&records.payload);
-                if !events.is_empty() && events.len() + count > max_events {
-                    return Ok((events, position));
-                }
-                decode_payload(&records.payload, &mut events)
-                    .map_err(|reason| corrupt(&path, record_start, reason))?;
-                position = SpoolPosition {
-                    segment: id,
-                    offset: record_end,
-                };
-                if events.len() >= max_events {
-                    return Ok((events, position));
-                }
-            }
+        let segments = self
+            .segments
+            .range(start.segment..)
+            .map(|(&id, &len)| (id, len))
+            .collect();
+        Pending {
+            dir: self.dir.clone(),
+            start,
+            segments,
         }
-        Ok((events, position))
     }
 
     /// The position after the last append.
@@ -519,6 +523,76 @@ impl Spool {
                 std::cmp::Ordering::Greater => len,
             })
             .sum()
+    }
+}
+
+/// A checkpoint to persist: see [`Spool::prepare_checkpoint`].
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    upto: SpoolPosition,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint file (temporary file, fsync, rename, fsync of
+    /// the directory).
+    pub fn persist(&self) -> Result<(), SpoolError> {
+        write_checkpoint(&self.dir, &self.upto)
+    }
+}
+
+/// The spool's records after a position, as they were when taken
+/// ([`Spool::pending`]). Segments only grow and only a checkpoint deletes
+/// one, so these can be read while appends go on; not while a checkpoint
+/// past them is made.
+#[derive(Debug)]
+pub struct Pending {
+    dir: PathBuf,
+    start: SpoolPosition,
+    /// The segments from the start's on, with their lengths then.
+    segments: Vec<(u64, u64)>,
+}
+
+impl Pending {
+    /// The events, whole records (batches) while they fit in `max_events`
+    /// and always at least one record when there is any, with the position
+    /// just after the last one; or an empty vec and the start position.
+    pub fn read(&self, max_events: usize) -> Result<(Vec<UsageEvent>, SpoolPosition), SpoolError> {
+        let start = &self.start;
+        let mut events = Vec::new();
+        let mut position = start.clone();
+        for &(id, len) in &self.segments {
+            let from = if id == start.segment { start.offset } else { 0 };
+            if from >= len {
+                continue;
+            }
+            let path = segment_path(&self.dir, id);
+            let file = File::open(&path).map_err(io_error("open", &path))?;
+            let mut records = RecordReader::new(file, &path, from, len)?;
+            loop {
+                let (record_start, record_end) = match records.next()? {
+                    Next::End => break,
+                    Next::Invalid { offset, reason, .. } => {
+                        return Err(corrupt(&path, offset, reason));
+                    }
+                    Next::Record { start, end } => (start, end),
+                };
+                let count = record_count(&records.payload);
+                if !events.is_empty() && events.len() + count > max_events {
+                    return Ok((events, position));
+                }
+                decode_payload(&records.payload, &mut events)
+                    .map_err(|reason| corrupt(&path, record_start, reason))?;
+                position = SpoolPosition {
+                    segment: id,
+                    offset: record_end,
+                };
+                if events.len() >= max_events {
+                    return Ok((events, position));
+                }
+            }
+        }
+        Ok((events, position))
     }
 }
 
@@ -1618,6 +1692,54 @@ pub(crate) mod tests {
             let replay = open(dir.path()).1;
             assert_eq!(replay, [events(0..2), events(4..6)].concat(), "roll {roll}");
         }
+    }
+
+    #[test]
+    fn pending_reads_what_was_there_while_appends_go_on() {
+        // Small segments, so the appends after the snapshot roll over to
+        // new ones and the last one read grows meanwhile.
+        let dir = TempDir::new().unwrap();
+        let (mut spool, _) = open_small(dir.path(), 1024);
+        let first = spool.append(&events(0..2)).unwrap();
+        for i in 1..6 {
+            spool.append(&events(2 * i..2 * i + 2)).unwrap();
+        }
+        let end = spool.end_position();
+        let pending = spool.pending(Some(&first));
+        for i in 6..20 {
+            spool.append(&events(2 * i..2 * i + 2)).unwrap();
+        }
+        assert!(spool.end_position().segment() > end.segment());
+        let (read, position) = pending.read(usize::MAX).unwrap();
+        assert_eq!(read, events(2..12));
+        assert_eq!(position, end);
+        // Paged: whole records only, resumable from the position.
+        let (page, after) = pending.read(3).unwrap();
+        assert_eq!(page, events(2..4));
+        let (rest, _) = spool.pending(Some(&after)).read(usize::MAX).unwrap();
+        assert_eq!(rest, events(4..40));
+    }
+
+    #[test]
+    fn a_checkpoint_made_in_steps_keeps_what_was_appended_meanwhile() {
+        let dir = TempDir::new().unwrap();
+        let (mut spool, _) = open_small(dir.path(), 1024);
+        for i in 0..8 {
+            spool.append(&events(2 * i..2 * i + 2)).unwrap();
+        }
+        let upto = spool.end_position();
+        let checkpoint = spool.prepare_checkpoint(upto.clone()).unwrap();
+        assert!(spool.prepare_checkpoint(SpoolPosition::default()).is_none());
+        // Appends go on while the checkpoint is persisted.
+        spool.append(&events(16..18)).unwrap();
+        checkpoint.persist().unwrap();
+        spool.append(&events(18..20)).unwrap();
+        spool.checkpointed(checkpoint);
+        assert_eq!(spool.checkpoint_position(), upto);
+        assert_eq!(list_segments(dir.path()).unwrap()[0], upto.segment());
+        assert_eq!(read_all(&spool, usize::MAX), events(16..20));
+        drop(spool);
+        assert_eq!(open(dir.path()).1, events(16..20));
     }
 
     #[test]
