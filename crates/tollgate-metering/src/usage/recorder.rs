@@ -259,24 +259,30 @@ pub async fn start(
     let (spool, pending) = blocking(move || Spool::open_counting(&dir, max)).await??;
     let stats = Arc::new(RecorderStats::default());
     stats.database_up.store(true, Ordering::Relaxed);
+    let checkpoint = spool.checkpoint_position();
     let spool = Arc::new(Mutex::new(spool));
+    let mut writer = Writer {
+        spool: spool.clone(),
+        store,
+        stats: stats.clone(),
+        batch_size: config.batch_size,
+        hook: None,
+        flush: config.flush_metrics,
+        written: checkpoint,
+        unsaved: None,
+        last_checkpoint: tokio::time::Instant::now(),
+    };
     if pending > 0 {
         tracing::info!(message = "Replaying the usage spool.", rows = pending);
-        let mut written = None;
-        drain(
-            &*store,
-            &spool,
-            &stats,
-            &mut written,
-            config.batch_size,
-            None,
-            &config.flush_metrics,
-        )
-        .await?;
+        writer.drain().await?;
         let replayed = stats.rows_written.swap(0, Ordering::Relaxed);
         stats.rows_replayed.fetch_add(replayed, Ordering::Relaxed);
         tracing::info!(message = "Usage spool replayed.", rows = replayed);
     }
+    // Everything in the spool is in the database now; the spooler's first
+    // batch starts at its end.
+    writer.written = lock(&spool)?.end_position();
+    writer.hook = on_commit;
     publish_spool(&spool, &stats);
 
     let (events, receiver) = mpsc::unbounded_channel();
@@ -297,15 +303,7 @@ pub async fn start(
         config.batch_size,
         config.flush_interval,
     ));
-    let writer = tokio::spawn(writer(
-        batch_receiver,
-        spool,
-        store,
-        stats,
-        config.batch_size,
-        on_commit,
-        config.flush_metrics,
-    ));
+    let writer = tokio::spawn(writer.run(batch_receiver));
     Ok(RecorderHandle {
         recorder,
         close,
@@ -380,13 +378,18 @@ fn lock(spool: &Mutex<Spool>) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolE
 async fn spooler(
     mut events: mpsc::UnboundedReceiver<Recorded>,
     mut close: oneshot::Receiver<()>,
-    batches: mpsc::Sender<(Vec<UsageEvent>, SpoolPosition)>,
+    batches: mpsc::Sender<Spooled>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<RecorderStats>,
     batch_size: usize,
     flush_interval: Duration,
 ) {
     let mut closing = false;
+    // Only this task appends, so the spool ends where its last batch did.
+    let mut last_end = spool
+        .lock()
+        .map(|spool| spool.end_position())
+        .unwrap_or_default();
     let mut append_time = AppendTime::default();
     let mut slow_disk = false;
     loop {
@@ -438,7 +441,7 @@ async fn spooler(
         }
         let count = batch.len() as u64;
         let started = Instant::now();
-        let (batch, position) = append_until_done(&spool, &stats, batch).await;
+        let (events, end) = append_until_done(&spool, &stats, batch).await;
         let took = started.elapsed();
         append_time.observe(took);
         if took > flush_interval && !slow_disk {
@@ -452,7 +455,8 @@ async fn spooler(
         }
         stats.pending.fetch_sub(count, Ordering::Relaxed);
         stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
-        match batches.try_send((batch, position)) {
+        let start = std::mem::replace(&mut last_end, end.clone());
+        match batches.try_send(Spooled { events, start, end }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => stats.leave_on_disk(),
             Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -522,131 +526,31 @@ async fn append_until_done(
     }
 }
 
-/// Writes spooled batches to the database and checkpoints them; falls back
-/// to draining the spool from disk when it fell behind.
-async fn writer(
-    mut batches: mpsc::Receiver<(Vec<UsageEvent>, SpoolPosition)>,
+/// A batch on its way from the spooler to the writer: its events and where
+/// its record lies in the spool. `start` is where the batch before it
+/// ended, so a batch the spooler left on disk only shows as a gap between
+/// one batch's `end` and the next one's `start`.
+#[derive(Debug)]
+struct Spooled {
+    events: Vec<UsageEvent>,
+    start: SpoolPosition,
+    end: SpoolPosition,
+}
+
+/// Writes spooled batches to the database and checkpoints them, reading
+/// back from the spool whatever it did not get in memory.
+struct Writer {
     spool: Arc<Mutex<Spool>>,
     store: Arc<dyn Store>,
     stats: Arc<RecorderStats>,
     batch_size: usize,
-    on_commit: Option<CommitHook>,
+    hook: Option<CommitHook>,
     flush: FlushMetrics,
-) {
-    let hook = on_commit.as_ref();
-    // Everything up to `written` is in the database; `unsaved` is the part
-    // of it not yet checkpointed.
-    let mut written: Option<SpoolPosition> = None;
-    let mut unsaved: Option<SpoolPosition> = None;
-    let mut last_checkpoint = tokio::time::Instant::now();
-    let mut behind = None;
-    loop {
-        if let Some(why) = behind {
-            match drain(
-                &*store,
-                &spool,
-                &stats,
-                &mut written,
-                batch_size,
-                hook,
-                &flush,
-            )
-            .await
-            {
-                Ok(()) => {
-                    behind = None;
-                    if why == Behind::Failed {
-                        tracing::info!(message = "Usage writer caught up from the spool.");
-                    }
-                }
-                Err(_) => {
-                    behind = Some(Behind::Failed);
-                    // Keep taking batches off the channel (they are on disk;
-                    // the next drain writes them), until it is time to retry.
-                    let retry = tokio::time::sleep(RETRY_INTERVAL);
-                    tokio::pin!(retry);
-                    loop {
-                        tokio::select! {
-                            () = &mut retry => break,
-                            received = batches.recv() => {
-                                if received.is_none() {
-                                    // Shutting down with the database away:
-                                    // one last attempt, then the spool keeps
-                                    // the rest for the next start.
-                                    let _ = drain(&*store, &spool, &stats, &mut written, batch_size, hook, &flush).await;
-                                    save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    continue;
-                }
-            }
-        }
-        // Wait for the next batch; or, when something committed is not
-        // checkpointed yet, until the checkpoint is due; or until the
-        // spooler leaves a batch on disk only.
-        let due = last_checkpoint + CHECKPOINT_INTERVAL;
-        let next = tokio::select! {
-            next = batches.recv() => next,
-            () = tokio::time::sleep_until(due), if unsaved.is_some() => {
-                save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
-                continue;
-            }
-            () = stats.left_on_disk_wake.notified() => {
-                if stats.take_left_on_disk() {
-                    behind = Some(Behind::Lagged);
-                }
-                continue;
-            }
-        };
-        let Some(first) = next else {
-            // The spooler ended; what it could not queue is on disk.
-            if stats.take_left_on_disk() {
-                let _ = drain(
-                    &*store,
-                    &spool,
-                    &stats,
-                    &mut written,
-                    batch_size,
-                    hook,
-                    &flush,
-                )
-                .await;
-            }
-            save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
-            return;
-        };
-        let merged = coalesce(first, &mut batches, written.as_ref(), batch_size);
-        // A batch the spooler left on disk only was left before any batch
-        // queued after it, so a gap among the batches just taken (or
-        // before them) shows here: write them, and the gap, from the spool.
-        if stats.take_left_on_disk() {
-            behind = Some(Behind::Lagged);
-            continue;
-        }
-        let Some((batch, position)) = merged else {
-            continue; // already written while draining the spool
-        };
-        match flush.write(&*store, &batch, &stats).await {
-            Ok(_) => {
-                if let Some(hook) = hook {
-                    hook(&batch);
-                }
-                stats
-                    .rows_written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                stats.database_up.store(true, Ordering::Relaxed);
-                written = Some(position.clone());
-                unsaved = Some(position);
-                if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                    save(&spool, &stats, &mut unsaved, &mut last_checkpoint).await;
-                }
-            }
-            Err(_) => behind = Some(Behind::Failed),
-        }
-    }
+    /// Everything in the spool before this is in the database.
+    written: SpoolPosition,
+    /// The part of `written` not checkpointed yet.
+    unsaved: Option<SpoolPosition>,
+    last_checkpoint: tokio::time::Instant,
 }
 
 /// Why the writer reads the spool instead of the spooler's batches.
@@ -654,14 +558,153 @@ async fn writer(
 enum Behind {
     /// A database write failed; retried every [`RETRY_INTERVAL`].
     Failed,
-    /// The spooler left batches on disk only (`left_on_disk`).
+    /// The spooler left a batch on disk only and queued none after it.
     Lagged,
 }
 
-/// The batches to write in one transaction: `first` and whatever else the
-/// spooler has already handed over, up to `batch_size * WRITE_MERGE` rows,
-/// leaving out anything at or before `written` (written while draining the
-/// spool). `None` when nothing is left.
+impl Writer {
+    /// Rows in one transaction (at most, give or take a batch).
+    fn limit(&self) -> usize {
+        self.batch_size.saturating_mul(WRITE_MERGE)
+    }
+
+    async fn run(mut self, mut batches: mpsc::Receiver<Spooled>) {
+        let mut behind = None;
+        loop {
+            if let Some(why) = behind {
+                match self.drain().await {
+                    Ok(()) => {
+                        behind = None;
+                        if why == Behind::Failed {
+                            tracing::info!(message = "Usage writer caught up from the spool.");
+                        }
+                    }
+                    Err(_) => {
+                        behind = Some(Behind::Failed);
+                        // Keep taking batches off the channel (they are on
+                        // disk; the next drain writes them) until it is time
+                        // to retry.
+                        let retry = tokio::time::sleep(RETRY_INTERVAL);
+                        tokio::pin!(retry);
+                        loop {
+                            tokio::select! {
+                                () = &mut retry => break,
+                                received = batches.recv() => {
+                                    if received.is_none() {
+                                        // Shutting down with the database
+                                        // away: one last attempt, then the
+                                        // spool keeps the rest for the next
+                                        // start.
+                                        let _ = self.drain().await;
+                                        self.save().await;
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            // A batch left on disk with nothing queued after it shows no gap:
+            // read it back now rather than when the next batch comes.
+            if batches.is_empty() && self.stats.take_left_on_disk() {
+                behind = Some(Behind::Lagged);
+                continue;
+            }
+            // Wait for the next batch; or, when something committed is not
+            // checkpointed yet, until the checkpoint is due; or until the
+            // spooler leaves a batch on disk only.
+            let due = self.last_checkpoint + CHECKPOINT_INTERVAL;
+            let next = tokio::select! {
+                next = batches.recv() => next,
+                () = tokio::time::sleep_until(due), if self.unsaved.is_some() => {
+                    self.save().await;
+                    continue;
+                }
+                () = self.stats.left_on_disk_wake.notified() => continue,
+            };
+            let Some(first) = next else {
+                // The spooler ended; what it could not queue is on disk.
+                if self.stats.take_left_on_disk() {
+                    let _ = self.drain().await;
+                }
+                self.save().await;
+                return;
+            };
+            let taken = take_queued(first, &mut batches, &self.written, self.limit());
+            let gathered = match gather(&self.spool, &self.written, taken, self.limit()).await {
+                Ok(Some(gathered)) => gathered,
+                Ok(None) => continue, // already written while draining the spool
+                Err(_) => {
+                    behind = Some(Behind::Failed);
+                    continue;
+                }
+            };
+            let (rows, end) = gathered;
+            match self.write(&rows, end).await {
+                Ok(()) => {
+                    if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                        self.save().await;
+                    }
+                }
+                Err(_) => behind = Some(Behind::Failed),
+            }
+        }
+    }
+
+    /// Writes `rows`, everything in the spool from `written` to `end`.
+    async fn write(&mut self, rows: &[UsageEvent], end: SpoolPosition) -> Result<(), StoreError> {
+        self.flush.write(&*self.store, rows, &self.stats).await?;
+        if let Some(hook) = &self.hook {
+            hook(rows);
+        }
+        self.stats
+            .rows_written
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.written = end.clone();
+        self.unsaved = Some(end);
+        Ok(())
+    }
+
+    /// Writes everything in the spool after `written`, [`Writer::limit`]
+    /// rows per transaction, checkpointing after each.
+    async fn drain(&mut self) -> Result<(), StoreError> {
+        loop {
+            let after = self.written.clone();
+            let limit = self.limit();
+            let spool = self.spool.clone();
+            // Read without holding the spool, so that appends go on meanwhile.
+            let read = blocking(move || {
+                let pending = lock(&spool)?.pending(Some(&after));
+                pending.read(limit)
+            })
+            .await;
+            let (events, position) = match read {
+                Ok(Ok(read)) => read,
+                Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
+                Err(error) => return Err(unreadable(error.to_string())),
+            };
+            if events.is_empty() {
+                return Ok(());
+            }
+            self.write(&events, position).await?;
+            self.save().await;
+        }
+    }
+
+    /// Checkpoints what is written, if any of it is not yet.
+    async fn save(&mut self) {
+        if let Some(position) = self.unsaved.take() {
+            checkpoint(&self.spool, &self.stats, position).await;
+        }
+        self.last_checkpoint = tokio::time::Instant::now();
+    }
+}
+
+/// `first` and whatever else the spooler has already queued, leaving out
+/// batches at or before `written` (written while draining the spool), until
+/// they hold `limit` rows: `batch_size * WRITE_MERGE`, one transaction.
 ///
 /// Under light load the channel is empty and batches go one by one, as
 /// soon as they are spooled. When the database falls behind, batches queue
@@ -669,83 +712,72 @@ enum Behind {
 /// its rollup upserts (one per day × customer × key × route × model group,
 /// which a bigger batch repeats less), are then shared by more rows, so the
 /// writer speeds up exactly when it has to (`benches/usage_write.rs`).
-fn coalesce(
-    first: (Vec<UsageEvent>, SpoolPosition),
-    batches: &mut mpsc::Receiver<(Vec<UsageEvent>, SpoolPosition)>,
-    written: Option<&SpoolPosition>,
-    batch_size: usize,
-) -> Option<(Vec<UsageEvent>, SpoolPosition)> {
-    let limit = batch_size.saturating_mul(WRITE_MERGE);
-    let is_new = |position: &SpoolPosition| written.is_none_or(|done| position > done);
-    let mut merged: Option<(Vec<UsageEvent>, SpoolPosition)> = is_new(&first.1).then_some(first);
-    while merged.as_ref().is_none_or(|(rows, _)| rows.len() < limit) {
-        let Ok((batch, position)) = batches.try_recv() else {
+fn take_queued(
+    first: Spooled,
+    batches: &mut mpsc::Receiver<Spooled>,
+    written: &SpoolPosition,
+    limit: usize,
+) -> Vec<Spooled> {
+    let mut taken = Vec::new();
+    let mut rows = 0;
+    let mut next = Some(first);
+    while let Some(batch) = next {
+        if batch.end > *written {
+            rows += batch.events.len();
+            taken.push(batch);
+        }
+        if rows >= limit {
             break;
-        };
-        if !is_new(&position) {
-            continue;
         }
-        match &mut merged {
-            Some((rows, last)) => {
-                rows.extend(batch);
-                *last = position;
+        next = batches.try_recv().ok();
+    }
+    taken
+}
+
+/// The rows of `taken` in spool order from `written` on, with whatever the
+/// spooler left on disk only before or between them read back from the
+/// spool, and the position after the last; reading back stops at about
+/// `limit` rows (the batches after that point are on disk, and are read
+/// back next time). `None` when `taken` is empty.
+async fn gather(
+    spool: &Arc<Mutex<Spool>>,
+    written: &SpoolPosition,
+    taken: Vec<Spooled>,
+    limit: usize,
+) -> Result<Option<(Vec<UsageEvent>, SpoolPosition)>, StoreError> {
+    let mut rows: Vec<UsageEvent> = Vec::new();
+    let mut end = written.clone();
+    for batch in taken {
+        if batch.start != end {
+            let room = limit.saturating_sub(rows.len());
+            if room == 0 {
+                break;
             }
-            None => merged = Some((batch, position)),
+            let (after, until) = (end.clone(), batch.start.clone());
+            let spool = spool.clone();
+            // Read without holding the spool, so that appends go on meanwhile.
+            let read = blocking(move || {
+                let pending = lock(&spool)?.pending(Some(&after)).until(&until);
+                let (events, position) = pending.read(room)?;
+                let through = pending.is_read_through(&position);
+                Ok::<_, SpoolError>((events, if through { until } else { position }, through))
+            })
+            .await;
+            let (missing, reached, through) = match read {
+                Ok(Ok(read)) => read,
+                Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
+                Err(error) => return Err(unreadable(error.to_string())),
+            };
+            rows.extend(missing);
+            end = reached;
+            if !through {
+                break;
+            }
         }
+        rows.extend(batch.events);
+        end = batch.end;
     }
-    merged
-}
-
-/// Checkpoints the last committed position, if any is unsaved.
-async fn save(
-    spool: &Arc<Mutex<Spool>>,
-    stats: &Arc<RecorderStats>,
-    unsaved: &mut Option<SpoolPosition>,
-    last_checkpoint: &mut tokio::time::Instant,
-) {
-    if let Some(position) = unsaved.take() {
-        checkpoint(spool, stats, position).await;
-    }
-    *last_checkpoint = tokio::time::Instant::now();
-}
-
-/// Writes everything in the spool after `written`, batch by batch.
-async fn drain(
-    store: &dyn Store,
-    spool: &Arc<Mutex<Spool>>,
-    stats: &Arc<RecorderStats>,
-    written: &mut Option<SpoolPosition>,
-    batch_size: usize,
-    hook: Option<&CommitHook>,
-    flush: &FlushMetrics,
-) -> Result<(), StoreError> {
-    loop {
-        let after = written.clone();
-        let spool_ref = spool.clone();
-        // Read without holding the spool, so that appends go on meanwhile.
-        let read = blocking(move || {
-            let pending = lock(&spool_ref)?.pending(after.as_ref());
-            pending.read(batch_size.saturating_mul(WRITE_MERGE))
-        })
-        .await;
-        let (events, position) = match read {
-            Ok(Ok(read)) => read,
-            Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
-            Err(error) => return Err(unreadable(error.to_string())),
-        };
-        if events.is_empty() {
-            return Ok(());
-        }
-        flush.write(store, &events, stats).await?;
-        if let Some(hook) = hook {
-            hook(&events);
-        }
-        stats
-            .rows_written
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        checkpoint(spool, stats, position.clone()).await;
-        *written = Some(position);
-    }
+    Ok((!rows.is_empty()).then_some((rows, end)))
 }
 
 /// The spool could not be read back; logged here, since it is not a
@@ -786,20 +818,30 @@ mod tests {
     use super::*;
     use crate::usage::spool::tests::{events, pos};
 
-    type Batch = (Vec<UsageEvent>, SpoolPosition);
-
     /// A channel holding batches of `sizes` rows, numbered on from `start`,
     /// each ending at offset (its last row + 1) of segment 1.
-    fn queued(start: u64, sizes: &[u64]) -> mpsc::Receiver<Batch> {
+    fn queued(start: u64, sizes: &[u64]) -> mpsc::Receiver<Spooled> {
         let (sender, receiver) = mpsc::channel(64);
         let mut n = start;
         for &size in sizes {
             sender
-                .try_send((events(n..n + size), pos(1, n + size)))
+                .try_send(Spooled {
+                    events: events(n..n + size),
+                    start: pos(1, n),
+                    end: pos(1, n + size),
+                })
                 .unwrap();
             n += size;
         }
         receiver
+    }
+
+    fn batch(from: u64, to: u64) -> Spooled {
+        Spooled {
+            events: events(from..to),
+            start: pos(1, from),
+            end: pos(1, to),
+        }
     }
 
     fn ids(batch: &[UsageEvent]) -> Vec<u128> {
@@ -809,23 +851,103 @@ mod tests {
             .collect()
     }
 
+    fn taken_ids(taken: &[Spooled]) -> Vec<u128> {
+        taken.iter().flat_map(|batch| ids(&batch.events)).collect()
+    }
+
     #[test]
-    fn coalesce_takes_what_is_queued_up_to_the_limit() {
-        // batch_size 3: batches are taken, only ever whole, until the rows
-        // reach 3 × WRITE_MERGE; the batch that reaches it is the last.
+    fn take_queued_takes_what_is_queued_up_to_the_limit() {
+        // Batches are taken, only ever whole, until the rows reach the
+        // limit; the batch that reaches it is the last.
         let limit = 3 * WRITE_MERGE as u64;
         let mut queue = queued(4, &[limit - 8, 8, 5, 2]);
-        let (rows, end) = coalesce((events(0..4), pos(1, 4)), &mut queue, None, 3).unwrap();
-        assert_eq!(ids(&rows), (0..u128::from(limit + 4)).collect::<Vec<_>>());
-        assert_eq!(end, pos(1, limit + 4));
+        let taken = take_queued(batch(0, 4), &mut queue, &pos(1, 0), limit as usize);
+        assert_eq!(
+            taken_ids(&taken),
+            (0..u128::from(limit + 4)).collect::<Vec<_>>()
+        );
         // What is left goes in the next transaction, in order.
         let next = queue.try_recv().unwrap();
-        let (rows, end) = coalesce(next, &mut queue, None, 3).unwrap();
+        let taken = take_queued(next, &mut queue, &pos(1, limit + 4), limit as usize);
         assert_eq!(
-            ids(&rows),
+            taken_ids(&taken),
             (u128::from(limit + 4)..u128::from(limit + 11)).collect::<Vec<_>>()
         );
-        assert_eq!(end, pos(1, limit + 11));
+        assert!(queue.try_recv().is_err());
+    }
+
+    #[test]
+    fn take_queued_with_nothing_queued_takes_the_batch_alone() {
+        let mut queue = queued(0, &[]);
+        let taken = take_queued(batch(0, 5), &mut queue, &pos(1, 0), 100);
+        assert_eq!(taken_ids(&taken), (0..5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn take_queued_skips_batches_already_written_from_the_spool() {
+        // Draining wrote everything up to offset 9; the batches ending at
+        // 5 and 9 are dropped, the one ending at 12 is the first taken.
+        let mut queue = queued(5, &[4, 3, 2]);
+        let taken = take_queued(batch(0, 5), &mut queue, &pos(1, 9), 100);
+        assert_eq!(taken_ids(&taken), (9..14).collect::<Vec<_>>());
+
+        let mut queue = queued(5, &[4]);
+        assert!(take_queued(batch(0, 5), &mut queue, &pos(1, 9), 100).is_empty());
+    }
+
+    /// A spool with small segments holding `count` batches of three events
+    /// (0..3, 3..6, …), and each batch as the spooler hands it over.
+    fn spooled(dir: &std::path::Path, count: u64) -> (Arc<Mutex<Spool>>, Vec<Spooled>) {
+        let (mut spool, _) = Spool::open_with_segment_bytes(dir, u64::MAX, 1024).unwrap();
+        let mut start = spool.end_position();
+        let mut batches = Vec::new();
+        for i in 0..count {
+            let events = events(3 * i..3 * i + 3);
+            let end = spool.append(&events).unwrap();
+            batches.push(Spooled {
+                events,
+                start: std::mem::replace(&mut start, end.clone()),
+                end,
+            });
+        }
+        assert!(spool.end_position().segment() > 2, "batches span segments");
+        (Arc::new(Mutex::new(spool)), batches)
+    }
+
+    #[tokio::test]
+    async fn gather_reads_back_what_was_left_on_disk_before_and_between_batches() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (spool, mut all) = spooled(dir.path(), 12);
+        let written = all[0].end.clone();
+        let last = all[11].end.clone();
+        // The writer got only batches 3, 4, 7 and 11 in memory.
+        let taken: Vec<Spooled> = [11, 7, 4, 3]
+            .map(|i| all.remove(i))
+            .into_iter()
+            .rev()
+            .collect();
+        let (rows, end) = gather(&spool, &written, taken, 1000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&rows), (3..36).collect::<Vec<_>>());
+        assert_eq!(end, last);
+    }
+
+    #[tokio::test]
+    async fn gather_stops_reading_back_at_the_limit() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (spool, mut all) = spooled(dir.path(), 10);
+        let written = pos(0, 0);
+        // Batch 8 in memory, 0 to 7 on disk only: whole batches are read
+        // back while they fit in 7 rows, and batch 8 waits for next time.
+        let end_of_1 = all[1].end.clone();
+        let taken = vec![all.remove(8)];
+        let (rows, end) = gather(&spool, &written, taken, 7).await.unwrap().unwrap();
+        assert_eq!(ids(&rows), (0..6).collect::<Vec<_>>());
+        assert_eq!(end, end_of_1);
+        // Nothing taken, nothing gathered.
+        assert!(gather(&spool, &end, Vec::new(), 7).await.unwrap().is_none());
     }
 
     #[test]
@@ -844,28 +966,5 @@ mod tests {
         }
         assert!(time.estimate() < ms(2), "{:?}", time.estimate());
         assert!(time.estimate() >= ms(1));
-    }
-
-    #[test]
-    fn coalesce_with_nothing_queued_writes_the_batch_alone() {
-        let mut queue = queued(0, &[]);
-        let (rows, end) = coalesce((events(0..5), pos(1, 5)), &mut queue, None, 100).unwrap();
-        assert_eq!(ids(&rows), (0..5).collect::<Vec<_>>());
-        assert_eq!(end, pos(1, 5));
-    }
-
-    #[test]
-    fn coalesce_skips_batches_already_written_from_the_spool() {
-        // Draining wrote everything up to offset 9; the batches ending at
-        // 5 and 9 are dropped, the one ending at 12 is the first written.
-        let mut queue = queued(5, &[4, 3, 2]);
-        let (rows, end) =
-            coalesce((events(0..5), pos(1, 5)), &mut queue, Some(&pos(1, 9)), 100).unwrap();
-        assert_eq!(ids(&rows), (9..14).collect::<Vec<_>>());
-        assert_eq!(end, pos(1, 14));
-
-        let mut queue = queued(5, &[4]);
-        let written = pos(1, 9);
-        assert!(coalesce((events(0..5), pos(1, 5)), &mut queue, Some(&written), 100).is_none());
     }
 }

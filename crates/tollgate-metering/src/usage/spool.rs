@@ -232,7 +232,7 @@ impl Spool {
         Ok((spool, pending))
     }
 
-    fn open_with_segment_bytes(
+    pub(crate) fn open_with_segment_bytes(
         dir: &Path,
         max_bytes: u64,
         segment_bytes: u64,
@@ -554,6 +554,29 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Only the records that end at or before `end`.
+    pub fn until(mut self, end: &SpoolPosition) -> Pending {
+        self.segments.retain(|&(id, _)| id <= end.segment);
+        for (id, len) in &mut self.segments {
+            if *id == end.segment {
+                *len = (*len).min(end.offset);
+            }
+        }
+        self
+    }
+
+    /// Whether no record lies after `position` (a position [`Pending::read`]
+    /// returned): everything there was has been read.
+    pub fn is_read_through(&self, position: &SpoolPosition) -> bool {
+        self.segments.iter().all(|&(id, len)| {
+            len == 0
+                || SpoolPosition {
+                    segment: id,
+                    offset: len,
+                } <= *position
+        })
+    }
+
     /// The events, whole records (batches) while they fit in `max_events`
     /// and always at least one record when there is any, with the position
     /// just after the last one; or an empty vec and the start position.
