@@ -957,6 +957,31 @@ async fn load(
     completed
 }
 
+/// The in-process gateway's recorder counters.
+fn recorder_stats(
+    gateway: &TestGateway,
+) -> std::sync::Arc<tollgate_metering::usage::recorder::RecorderStats> {
+    gateway
+        .running
+        .as_ref()
+        .unwrap()
+        .metering()
+        .recorder
+        .stats()
+        .clone()
+}
+
+/// Each of the `completed` requests (by `x-request-id`) has a row in `rows`.
+fn assert_every_request_has_its_row(rows: &[Row], completed: &[(String, Instant)]) {
+    let recorded: HashSet<&str> = rows
+        .iter()
+        .filter_map(|row| row.client_request_id.as_deref())
+        .collect();
+    for (id, _) in completed {
+        assert!(recorded.contains(id.as_str()), "{id} has its row");
+    }
+}
+
 fn assert_no_duplicates(rows: &[Row]) {
     let ids: HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
     assert_eq!(ids.len(), rows.len(), "no usage id appears twice");
@@ -982,14 +1007,7 @@ async fn postgres_outage_under_load_loses_no_row() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let stats = gateway
-        .running
-        .as_ref()
-        .unwrap()
-        .metering()
-        .recorder
-        .stats()
-        .clone();
+    let stats = recorder_stats(&gateway);
     assert!(
         !stats.database_up.load(Ordering::Relaxed),
         "the recorder noticed the outage"
@@ -1003,13 +1021,7 @@ async fn postgres_outage_under_load_loses_no_row() {
     );
     let rows = wait_for_rows(db.url(), completed.len()).await;
     assert_no_duplicates(&rows);
-    let recorded: HashSet<&str> = rows
-        .iter()
-        .filter_map(|row| row.client_request_id.as_deref())
-        .collect();
-    for (id, _) in &completed {
-        assert!(recorded.contains(id.as_str()), "{id} has its row");
-    }
+    assert_every_request_has_its_row(&rows, &completed);
     assert!(rows
         .iter()
         .all(|row| row.outcome == "ok" && row.input_tokens == 2));
@@ -1031,14 +1043,7 @@ async fn a_stalled_database_write_holds_no_row_back_from_the_spool() {
     );
     let gateway = TestGateway::start_on(config(&toml), None).await;
     let key = gateway.key.clone().unwrap();
-    let stats = gateway
-        .running
-        .as_ref()
-        .unwrap()
-        .metering()
-        .recorder
-        .stats()
-        .clone();
+    let stats = recorder_stats(&gateway);
     let locker = pg(db.url()).await;
     locker
         .batch_execute("BEGIN; LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
@@ -1066,13 +1071,7 @@ async fn a_stalled_database_write_holds_no_row_back_from_the_spool() {
     locker.batch_execute("COMMIT").await.unwrap();
     let rows = wait_for_rows(db.url(), 1000).await;
     assert_no_duplicates(&rows);
-    let recorded: HashSet<&str> = rows
-        .iter()
-        .filter_map(|row| row.client_request_id.as_deref())
-        .collect();
-    for (id, _) in &completed {
-        assert!(recorded.contains(id.as_str()), "{id} has its row");
-    }
+    assert_every_request_has_its_row(&rows, &completed);
     assert_daily_consistent(db.url()).await;
     gateway.stop().await;
 }

@@ -17,8 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
+use time::OffsetDateTime;
 use tokio_postgres::NoTls;
 use tollgate_metering::store::Store;
+use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::{CustomerId, KeyId};
 use uuid::Uuid;
 
 /// The environment variable naming the Postgres server for tests.
@@ -106,30 +109,43 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Drop cannot be async, and may run inside a runtime that must not
         // be blocked from within: run the DROP on a thread of its own.
-        let server_url = self.server_url.clone();
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || -> Result<(), String> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|error| error.to_string())?;
-            runtime.block_on(async {
-                let client = connect(&server_url).await?;
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .map_err(|error| error.to_string())
-            })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                eprintln!("warning: cannot drop test database {}: {error}", self.name)
-            }
-            Err(_) => eprintln!("warning: dropping test database {} panicked", self.name),
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(error) = execute_detached(&[(&self.server_url, &sql)]) {
+            eprintln!("warning: cannot drop test database {}: {error}", self.name);
         }
     }
+}
+
+/// Runs each `(url, sql)` in turn, on a thread and runtime of its own: for
+/// `Drop` implementations, which cannot be async and may run inside a
+/// runtime that must not be blocked from within.
+///
+/// # Errors
+///
+/// The first statement that fails, or a server that does not answer.
+pub fn execute_detached(statements: &[(&str, &str)]) -> Result<(), String> {
+    let statements: Vec<(String, String)> = statements
+        .iter()
+        .map(|&(url, sql)| (url.to_owned(), sql.to_owned()))
+        .collect();
+    std::thread::spawn(move || -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string())?;
+        runtime.block_on(async {
+            for (url, sql) in statements {
+                let client = connect(&url).await?;
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|error| format!("{sql}: {error}"))?;
+            }
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| "the thread running it panicked".to_owned())?
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
@@ -320,6 +336,36 @@ macro_rules! both_backends {
             }
         )*
     };
+}
+
+/// A plain admitted usage row of `customer` and `key` at `ts`: 200, 10 + 20
+/// tokens of gpt-4o on route openai, 1,000 nano-USD by pricing. Tests
+/// change what they need.
+pub fn usage_event(customer: CustomerId, key: KeyId, ts: OffsetDateTime) -> UsageEvent {
+    UsageEvent {
+        id: Uuid::now_v7(),
+        client_request_id: None,
+        ts,
+        customer_id: customer,
+        key_id: key,
+        instance: "gw-1".to_owned(),
+        route: "openai".to_owned(),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        status: 200,
+        outcome: Outcome::Ok,
+        latency_us: 1_500,
+        upstream_latency_us: 1_200,
+        request_bytes: 300,
+        response_bytes: 900,
+        model: Some("gpt-4o".to_owned()),
+        input_tokens: 10,
+        output_tokens: 20,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_nanos: 1_000,
+        cost_source: CostSource::Pricing,
+    }
 }
 
 #[cfg(test)]

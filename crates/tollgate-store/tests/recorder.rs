@@ -9,37 +9,8 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tollgate_metering::usage::recorder::{self, RecorderConfig};
-use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_store::testing::{test_store, Backend};
-use uuid::Uuid;
-
-fn event(customer: CustomerId, key: KeyId) -> UsageEvent {
-    UsageEvent {
-        id: Uuid::now_v7(),
-        client_request_id: None,
-        ts: OffsetDateTime::now_utc(),
-        customer_id: customer,
-        key_id: key,
-        instance: "gw-1".to_owned(),
-        route: "openai".to_owned(),
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        status: 200,
-        outcome: Outcome::Ok,
-        latency_us: 1_500,
-        upstream_latency_us: 1_200,
-        request_bytes: 300,
-        response_bytes: 900,
-        model: Some("gpt-4o".to_owned()),
-        input_tokens: 10,
-        output_tokens: 20,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        cost_nanos: 1_000,
-        cost_source: CostSource::Pricing,
-    }
-}
+use tollgate_store::testing::{test_store, usage_event, Backend};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
@@ -78,7 +49,7 @@ async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
     let mut recorded = 0u64;
     while !stalls.is_finished() {
         for _ in 0..20 {
-            recorder.record(event(customer, key));
+            recorder.record(usage_event(customer, key, OffsetDateTime::now_utc()));
         }
         recorded += 20;
         tokio::time::sleep(Duration::from_millis(1)).await;

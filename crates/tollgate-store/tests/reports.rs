@@ -22,7 +22,7 @@ use tollgate_metering::reports::{
 use tollgate_metering::store::{NewCustomer, Store, StoreError};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_store::testing::{test_store, Backend, TestGuard};
+use tollgate_store::testing::{test_store, usage_event, Backend, TestGuard};
 use uuid::Uuid;
 
 tollgate_store::both_backends!(
@@ -98,30 +98,7 @@ impl Seed {
 }
 
 fn event(customer: CustomerId, ts: OffsetDateTime) -> UsageEvent {
-    UsageEvent {
-        id: Uuid::now_v7(),
-        client_request_id: None,
-        ts,
-        customer_id: customer,
-        key_id: KeyId::new(),
-        instance: "gw-1".to_owned(),
-        route: "openai".to_owned(),
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        status: 200,
-        outcome: Outcome::Ok,
-        latency_us: 1_500,
-        upstream_latency_us: 1_200,
-        request_bytes: 300,
-        response_bytes: 900,
-        model: Some("gpt-4o".to_owned()),
-        input_tokens: 10,
-        output_tokens: 20,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        cost_nanos: 1_000,
-        cost_source: CostSource::Pricing,
-    }
+    usage_event(customer, KeyId::new(), ts)
 }
 
 fn status_of(outcome: Outcome, n: usize) -> u16 {

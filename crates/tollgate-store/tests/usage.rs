@@ -18,7 +18,7 @@ use time::{Date, Month, OffsetDateTime, UtcOffset};
 use tollgate_metering::store::{Store, StoreError};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_store::testing::{test_store, Backend, TestGuard};
+use tollgate_store::testing::{test_store, usage_event as event, Backend, TestGuard};
 use uuid::Uuid;
 
 tollgate_store::both_backends!(
@@ -39,34 +39,6 @@ const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
 const TS_FORMAT: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 const DAY_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day]");
-
-/// A plain admitted row; tests change what they need.
-fn event(customer: CustomerId, key: KeyId, ts: OffsetDateTime) -> UsageEvent {
-    UsageEvent {
-        id: Uuid::now_v7(),
-        client_request_id: None,
-        ts,
-        customer_id: customer,
-        key_id: key,
-        instance: "gw-1".to_owned(),
-        route: "openai".to_owned(),
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        status: 200,
-        outcome: Outcome::Ok,
-        latency_us: 1_500,
-        upstream_latency_us: 1_200,
-        request_bytes: 300,
-        response_bytes: 900,
-        model: Some("gpt-4o".to_owned()),
-        input_tokens: 10,
-        output_tokens: 20,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        cost_nanos: 1_000,
-        cost_source: CostSource::Pricing,
-    }
-}
 
 /// `n` varied rows over two customers (each with a key), two routes, two
 /// models and none, every outcome, some 5xx, cache tokens and costs, spread
@@ -844,17 +816,7 @@ mod postgres_only {
                  CREATE POLICY anything ON {name} USING (true)"
             ))
             .await;
-        let (customer, key) = (CustomerId::new(), KeyId::new());
-        let first = [event(customer, key, now), event(customer, key, now)];
-        assert_eq!(store.write_usage(&first).await.unwrap(), 2);
-        assert_eq!(copies_through_parent(&guard).await, "1");
-        let second = [event(customer, key, now)];
-        assert_eq!(store.write_usage(&second).await.unwrap(), 1);
-        assert_eq!(copies_through_parent(&guard).await, "2");
-        assert_eq!(
-            placement(&guard).await,
-            placed_in(&name, &[&first[..], &second].concat())
-        );
+        writes_go_through_usage_events(&*store, &guard, &name).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -883,16 +845,24 @@ mod postgres_only {
         let store = tollgate_store::open(&as_user(guard.url(), &role, "writer"), 2)
             .await
             .unwrap();
+        writes_go_through_usage_events(&*store, &guard, &name).await;
+    }
+
+    /// Two writes of this month's rows: both go through usage_events (the
+    /// second without trying the partition again), every row lands in
+    /// partition `name`, and each is rolled up once.
+    async fn writes_go_through_usage_events(store: &dyn Store, guard: &TestGuard, name: &str) {
+        let now = OffsetDateTime::now_utc();
         let (customer, key) = (CustomerId::new(), KeyId::new());
         let first = [event(customer, key, now), event(customer, key, now)];
         assert_eq!(store.write_usage(&first).await.unwrap(), 2);
-        assert_eq!(copies_through_parent(&guard).await, "1");
+        assert_eq!(copies_through_parent(guard).await, "1");
         let second = [event(customer, key, now)];
         assert_eq!(store.write_usage(&second).await.unwrap(), 1);
-        assert_eq!(copies_through_parent(&guard).await, "2");
+        assert_eq!(copies_through_parent(guard).await, "2");
         assert_eq!(
-            placement(&guard).await,
-            placed_in(&name, &[&first[..], &second].concat())
+            placement(guard).await,
+            placed_in(name, &[&first[..], &second].concat())
         );
         assert_eq!(
             guard
@@ -920,39 +890,13 @@ mod postgres_only {
 
     impl Drop for TestRole {
         fn drop(&mut self) {
-            let statements = [
-                (
-                    self.database_url.clone(),
-                    format!("DROP OWNED BY {}", self.name),
-                ),
-                (
-                    tollgate_store::testing::server_url(),
-                    format!("DROP ROLE IF EXISTS {}", self.name),
-                ),
-            ];
-            let dropped = std::thread::spawn(move || -> Result<(), String> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|error| error.to_string())?;
-                runtime.block_on(async {
-                    for (url, sql) in statements {
-                        let (client, connection) =
-                            tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                                .await
-                                .map_err(|error| error.to_string())?;
-                        tokio::spawn(connection);
-                        client
-                            .batch_execute(&sql)
-                            .await
-                            .map_err(|error| format!("{sql}: {error}"))?;
-                    }
-                    Ok(())
-                })
-            })
-            .join();
-            if !matches!(dropped, Ok(Ok(()))) {
-                eprintln!("warning: cannot drop test role {}: {dropped:?}", self.name);
+            let server = tollgate_store::testing::server_url();
+            let dropped = tollgate_store::testing::execute_detached(&[
+                (&self.database_url, &format!("DROP OWNED BY {}", self.name)),
+                (&server, &format!("DROP ROLE IF EXISTS {}", self.name)),
+            ]);
+            if let Err(error) = dropped {
+                eprintln!("warning: cannot drop test role {}: {error}", self.name);
             }
         }
     }
