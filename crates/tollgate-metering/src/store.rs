@@ -241,6 +241,15 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many rows were new.
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError>;
 
+    /// [`Store::write_usage`] for a batch that may well hold rows the
+    /// database already has (the first write of a spool replay, the retry of
+    /// a write whose outcome went unseen): the same result, reached without
+    /// trying first the way that such rows make fail (on Postgres, a COPY
+    /// the server logs as a unique violation).
+    async fn write_usage_again(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        self.write_usage(batch).await
+    }
+
     /// Each customer's totals for the days of `period` (admitted requests,
     /// tokens of every class, cost), from the per-customer daily rollup:
     /// what the limiter loads at start and re-reads every `sync_interval`,

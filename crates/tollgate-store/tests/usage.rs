@@ -24,6 +24,7 @@ use uuid::Uuid;
 tollgate_store::both_backends!(
     rows_round_trip_column_by_column,
     replayed_rows_are_skipped_and_not_counted_again,
+    writing_again_counts_only_the_new_rows,
     daily_rollups_match_the_rows,
     rows_either_side_of_midnight_utc_land_on_two_days,
     an_empty_batch_writes_nothing,
@@ -376,6 +377,28 @@ async fn rows_round_trip_column_by_column(backend: Backend) {
     assert_eq!(row[2].as_deref(), Some("2026-11-22T08:30:00.000001Z"));
     assert_eq!(row[0], row[0].as_ref().map(|id| id.to_lowercase()));
     assert_eq!(row[15], None, "no model is NULL in usage_events");
+}
+
+async fn writing_again_counts_only_the_new_rows(backend: Backend) {
+    // write_usage_again: the same results as write_usage, for new rows,
+    // rows already there, and a mix.
+    let (store, guard) = test_store(backend).await;
+    let first = varied(30, T0);
+    assert_eq!(store.write_usage_again(&first).await.unwrap(), 30);
+    assert_eq!(store.write_usage_again(&first).await.unwrap(), 0);
+    let more = varied(30, T0 + Duration::from_secs(86_400));
+    let overlapping: Vec<UsageEvent> = first[10..].iter().chain(&more).cloned().collect();
+    assert_eq!(store.write_usage_again(&overlapping).await.unwrap(), 30);
+    let written: Vec<&UsageEvent> = first.iter().chain(&more).collect();
+    assert_eq!(
+        sorted(&guard, &events_sql(backend)).await,
+        expected_events(written.iter().copied())
+    );
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(written.iter().copied())
+    );
+    assert_customer_daily(&guard, backend, written.iter().copied()).await;
 }
 
 async fn replayed_rows_are_skipped_and_not_counted_again(backend: Backend) {
@@ -846,6 +869,49 @@ mod postgres_only {
             .await
             .unwrap();
         writes_go_through_usage_events(&*store, &guard, &name).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writing_again_never_tries_a_copy_that_duplicates_would_fail() {
+        // A sequence is not rolled back with its transaction, so it counts
+        // COPY statements into the partition that failed as well.
+        let (store, guard) = test_store(Backend::Postgres).await;
+        let now = OffsetDateTime::now_utc();
+        let name = partition_name(now.date());
+        guard
+            .raw(&format!(
+                "CREATE SEQUENCE copies;
+                 CREATE FUNCTION count_copy() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM nextval('copies'); RETURN NULL; END $$;
+                 CREATE TRIGGER count_copy BEFORE INSERT ON {name}
+                 FOR EACH STATEMENT EXECUTE FUNCTION count_copy()"
+            ))
+            .await;
+        let copies = || async {
+            guard
+                .raw("SELECT last_value - 1 + is_called::int FROM copies")
+                .await[0][0]
+                .clone()
+                .unwrap()
+        };
+        let (customer, key) = (CustomerId::new(), KeyId::new());
+        let first: Vec<UsageEvent> = (0..3).map(|_| event(customer, key, now)).collect();
+        assert_eq!(store.write_usage(&first).await.unwrap(), 3);
+        assert_eq!(copies().await, "1");
+        // Replayed through write_usage: a COPY that fails, then the
+        // deduplicating way.
+        assert_eq!(store.write_usage(&first).await.unwrap(), 0);
+        assert_eq!(copies().await, "2");
+        // Through write_usage_again: the deduplicating way only.
+        let mut again = first.clone();
+        again.push(event(customer, key, now));
+        assert_eq!(store.write_usage_again(&again).await.unwrap(), 1);
+        assert_eq!(copies().await, "2");
+        assert_eq!(
+            placement(&guard).await,
+            placed_in(&name, &again),
+            "rows written again still land in their partition"
+        );
     }
 
     /// Two writes of this month's rows: both go through usage_events (the

@@ -85,14 +85,21 @@ impl FlushMetrics {
     /// One database write of `rows`, timed and counted. `rows_failed`
     /// counts the rows of every failed attempt (a batch retried during an
     /// outage counts again each time).
+    /// `again`: the rows may be in the database already
+    /// ([`Store::write_usage_again`]).
     async fn write(
         &self,
         store: &dyn Store,
         rows: &[UsageEvent],
+        again: bool,
         stats: &RecorderStats,
     ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
-        let result = store.write_usage(rows).await;
+        let result = if again {
+            store.write_usage_again(rows).await
+        } else {
+            store.write_usage(rows).await
+        };
         self.duration.record(started.elapsed().as_secs_f64());
         self.rows.record(rows.len() as f64);
         if result.is_ok() {
@@ -271,6 +278,7 @@ pub async fn start(
         written: checkpoint,
         unsaved: None,
         last_checkpoint: tokio::time::Instant::now(),
+        unsure: pending > 0,
     };
     if pending > 0 {
         tracing::info!(message = "Replaying the usage spool.", rows = pending);
@@ -551,6 +559,11 @@ struct Writer {
     /// The part of `written` not checkpointed yet.
     unsaved: Option<SpoolPosition>,
     last_checkpoint: tokio::time::Instant,
+    /// The rows after `written` may be in the database already: at start
+    /// (those committed after the last checkpoint before a crash), and
+    /// after a failed write (it may have committed unseen). The next write
+    /// says so to the store.
+    unsure: bool,
 }
 
 /// Why the writer reads the spool instead of the spooler's batches.
@@ -655,7 +668,15 @@ impl Writer {
 
     /// Writes `rows`, everything in the spool from `written` to `end`.
     async fn write(&mut self, rows: &[UsageEvent], end: SpoolPosition) -> Result<(), StoreError> {
-        self.flush.write(&*self.store, rows, &self.stats).await?;
+        let written = self
+            .flush
+            .write(&*self.store, rows, self.unsure, &self.stats)
+            .await;
+        if written.is_err() {
+            self.unsure = true;
+        }
+        written?;
+        self.unsure = false;
         if let Some(hook) = &self.hook {
             hook(rows);
         }
