@@ -3,9 +3,11 @@
 //! ```text
 //! data plane ──record()──► channel ──► spooler: batch (batch_size | flush_interval),
 //!                                       append to the spool, fsync
-//!                                           │ (batch, position)
+//!                                           │ Spooled { events, start, end }
+//!                                           │ (or, when 16 are queued, left on disk)
 //!                                           ▼
-//!                                       writer: Store::write_usage, then checkpoint
+//!                                       writer: read back any gap, Store::write_usage,
+//!                                       then checkpoint
 //! ```
 //!
 //! A batch is acknowledged (checkpointed) only after the database committed
