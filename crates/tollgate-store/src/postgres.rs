@@ -304,6 +304,73 @@ impl PostgresStore {
             ensured.remove(month);
         }
     }
+
+    /// [`Store::write_usage`], or with `again` [`Store::write_usage_again`]:
+    /// the deduplicating way at once.
+    async fn write_usage_batch(
+        &self,
+        batch: &[UsageEvent],
+        again: bool,
+    ) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        run(async {
+            let rows = usage::rows(batch)?;
+            let months = months(&rows);
+            let mut client = self.client().await?;
+            self.ensure_partitions(&client, &months).await?;
+            let mut partitions_checked = false;
+            let mut target = if self.goes_through_parent(&months) {
+                CopyTarget::Parent
+            } else {
+                CopyTarget::Partitions
+            };
+            loop {
+                let attempt = if again {
+                    write_deduplicated(&mut client, &rows).await
+                } else {
+                    write_new(&mut client, &rows, &months, target).await
+                };
+                let written = match attempt {
+                    Err(failure) if !again && already_written(&failure) => {
+                        tracing::debug!(
+                            message = "Usage batch holds rows written before; deduplicating.",
+                            rows = rows.len(),
+                        );
+                        write_deduplicated(&mut client, &rows).await
+                    }
+                    Err(failure) if !again && target == CopyTarget::Partitions && partition_unusable(&failure) => {
+                        tracing::warn!(
+                            message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
+                            months = ?months,
+                            error = %failure,
+                        );
+                        self.through_parent
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend(months.iter().copied());
+                        target = CopyTarget::Parent;
+                        continue;
+                    }
+                    written => written,
+                };
+                match written {
+                    Err(failure) if no_partition(&failure) && !partitions_checked => {
+                        tracing::warn!(
+                            message = "A usage_events partition went missing; creating it again.",
+                            error = %failure,
+                        );
+                        self.forget_partitions(&months);
+                        self.ensure_partitions(&client, &months).await?;
+                        partitions_checked = true;
+                    }
+                    written => return written,
+                }
+            }
+        })
+        .await
+    }
 }
 
 mod reports;
@@ -1575,80 +1642,11 @@ impl Store for PostgresStore {
     }
 
     async fn write_usage_again(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        run(async {
-            let rows = usage::rows(batch)?;
-            let months = months(&rows);
-            let mut client = self.client().await?;
-            self.ensure_partitions(&client, &months).await?;
-            match write_deduplicated(&mut client, &rows).await {
-                Err(failure) if no_partition(&failure) => {
-                    self.forget_partitions(&months);
-                    self.ensure_partitions(&client, &months).await?;
-                    write_deduplicated(&mut client, &rows).await
-                }
-                written => written,
-            }
-        })
-        .await
+        self.write_usage_batch(batch, true).await
     }
 
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        run(async {
-            let rows = usage::rows(batch)?;
-            let months = months(&rows);
-            let mut client = self.client().await?;
-            self.ensure_partitions(&client, &months).await?;
-            let mut partitions_checked = false;
-            let mut target = if self.goes_through_parent(&months) {
-                CopyTarget::Parent
-            } else {
-                CopyTarget::Partitions
-            };
-            loop {
-                let written = match write_new(&mut client, &rows, &months, target).await {
-                    Err(failure) if already_written(&failure) => {
-                        tracing::debug!(
-                            message = "Usage batch holds rows written before; deduplicating.",
-                            rows = rows.len(),
-                        );
-                        write_deduplicated(&mut client, &rows).await
-                    }
-                    Err(failure) if target == CopyTarget::Partitions && partition_unusable(&failure) => {
-                        tracing::warn!(
-                            message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
-                            months = ?months,
-                            error = %failure,
-                        );
-                        self.through_parent
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .extend(months.iter().copied());
-                        target = CopyTarget::Parent;
-                        continue;
-                    }
-                    written => written,
-                };
-                match written {
-                    Err(failure) if no_partition(&failure) && !partitions_checked => {
-                        tracing::warn!(
-                            message = "A usage_events partition went missing; creating it again.",
-                            error = %failure,
-                        );
-                        self.forget_partitions(&months);
-                        self.ensure_partitions(&client, &months).await?;
-                        partitions_checked = true;
-                    }
-                    written => return written,
-                }
-            }
-        })
-        .await
+        self.write_usage_batch(batch, false).await
     }
 
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {
