@@ -133,7 +133,7 @@ pub type CommitHook = Arc<dyn Fn(&[UsageEvent]) + Send + Sync>;
 const MAX_BATCHES_IN_MEMORY: usize = 16;
 
 /// How many batches' worth of rows the writer puts in one transaction when
-/// it is behind (see [`coalesce`]), and reads at once when draining the
+/// it is behind (see [`take_queued`]), and reads at once when draining the
 /// spool.
 const WRITE_MERGE: usize = 16;
 
@@ -697,17 +697,8 @@ impl Writer {
             let after = self.written.clone();
             let limit = self.limit();
             let spool = self.spool.clone();
-            // Read without holding the spool, so that appends go on meanwhile.
-            let read = blocking(move || {
-                let pending = lock(&spool)?.pending(Some(&after));
-                pending.read(limit)
-            })
-            .await;
-            let (events, position) = match read {
-                Ok(Ok(read)) => read,
-                Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
-                Err(error) => return Err(unreadable(error.to_string())),
-            };
+            let (events, position) =
+                read_spool(move || lock(&spool)?.pending(Some(&after)).read(limit)).await?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -778,29 +769,41 @@ async fn gather(
             }
             let (after, until) = (end.clone(), batch.start.clone());
             let spool = spool.clone();
-            // Read without holding the spool, so that appends go on meanwhile.
-            let read = blocking(move || {
+            let (missing, reached, through) = read_spool(move || {
                 let pending = lock(&spool)?.pending(Some(&after)).until(&until);
                 let (events, position) = pending.read(room)?;
                 let through = pending.is_read_through(&position);
-                Ok::<_, SpoolError>((events, if through { until } else { position }, through))
+                Ok((events, if through { until } else { position }, through))
             })
-            .await;
-            let (missing, reached, through) = match read {
-                Ok(Ok(read)) => read,
-                Ok(Err(error)) => return Err(unreadable(format!("usage spool: {error}"))),
-                Err(error) => return Err(unreadable(error.to_string())),
-            };
+            .await?;
             rows.extend(missing);
             end = reached;
             if !through {
                 break;
             }
         }
-        rows.extend(batch.events);
+        // The usual case, one batch and no gap, keeps the batch's own rows.
+        if rows.is_empty() {
+            rows = batch.events;
+        } else {
+            rows.extend(batch.events);
+        }
         end = batch.end;
     }
     Ok((!rows.is_empty()).then_some((rows, end)))
+}
+
+/// Runs `read` on a blocking thread: it reads the spool's files, holding
+/// the spool only as long as it locks it itself, so that appends go on
+/// meanwhile. A failure is not a database failure and is logged here.
+async fn read_spool<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match blocking(read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(unreadable(format!("usage spool: {error}"))),
+        Err(error) => Err(unreadable(error.to_string())),
+    }
 }
 
 /// The spool could not be read back; logged here, since it is not a
