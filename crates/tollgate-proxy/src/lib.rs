@@ -15,6 +15,7 @@ pub mod headers;
 pub mod meter;
 pub mod metrics;
 pub mod pipeline;
+pub mod progress;
 pub mod quota;
 pub mod route;
 pub mod server;

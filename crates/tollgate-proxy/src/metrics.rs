@@ -41,9 +41,10 @@ const DATABASE_UP: &str = "tollgate_database_up";
 const METERING_UNAVAILABLE: &str = "tollgate_metering_unavailable_total";
 const KEYS_CACHED: &str = "tollgate_keys_cached";
 const UPSTREAM_ERRORS: &str = "tollgate_upstream_errors_total";
+const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
 
 /// Every metric with its help text, in exposition order.
-const DESCRIPTIONS: [(&str, &str); 16] = [
+const DESCRIPTIONS: [(&str, &str); 17] = [
     (
         REQUESTS,
         "Data-plane requests, by route, status class and outcome.",
@@ -99,6 +100,10 @@ const DESCRIPTIONS: [(&str, &str); 16] = [
         UPSTREAM_ERRORS,
         "Upstream failures, by route and kind (connect, timeout, reset).",
     ),
+    (
+        OPEN_CONNECTIONS,
+        "Open client connections, by listener (data, admin).",
+    ),
 ];
 
 /// Seconds, from tens of microseconds (the gateway's own overhead) to the
@@ -147,6 +152,7 @@ impl RequestOutcome {
                 Outcome::BudgetExceeded => 6,
                 Outcome::RouteForbidden => 7,
                 Outcome::PayloadTooLarge => 8,
+                Outcome::ClientTimeout => 9,
             },
             RequestOutcome::AuthFailed => Outcome::ALL.len(),
             RequestOutcome::NoRoute => Outcome::ALL.len() + 1,
@@ -240,7 +246,7 @@ impl Metrics {
                 REQUEST_DURATION | UPSTREAM_DURATION | FLUSH_DURATION | BATCH_ROWS => {
                     registry.describe_histogram(name, None, help.into())
                 }
-                PENDING_ROWS | SPOOL_BYTES | DATABASE_UP | KEYS_CACHED => {
+                PENDING_ROWS | SPOOL_BYTES | DATABASE_UP | KEYS_CACHED | OPEN_CONNECTIONS => {
                     registry.describe_gauge(name, None, help.into())
                 }
                 _ => registry.describe_counter(name, None, help.into()),
@@ -295,6 +301,17 @@ impl Metrics {
     pub fn route(&self, name: &str, pricing: &Pricing) -> Arc<RouteMetrics> {
         let models: Vec<&str> = pricing.models().collect();
         Arc::new(RouteMetrics::build(&self.registry, name, &models))
+    }
+
+    /// `tollgate_open_connections{listener}`: `"data"` or `"admin"`.
+    pub fn open_connections(&self, listener: &'static str) -> Gauge {
+        self.registry.register_gauge(
+            &Key::from_parts(
+                OPEN_CONNECTIONS,
+                vec![Label::from_static_parts("listener", listener)],
+            ),
+            &METADATA,
+        )
     }
 
     /// Requests no route matched, or that failed before routing.

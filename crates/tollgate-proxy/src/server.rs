@@ -1,41 +1,96 @@
-//! Listeners: accept, optional TLS, HTTP/1.1 and HTTP/2 on one port, and a
-//! graceful drain on shutdown.
+//! Listeners: accept, optional TLS, HTTP/1.1 and HTTP/2 on one port, every
+//! connection bounded in number and in time, and a graceful drain on
+//! shutdown.
+//!
+//! A connection is watched by one timer of its own ([`drive`]):
+//! - until its first request head is complete (the TLS handshake included)
+//!   it has `header_timeout` from the moment it was accepted, so a client
+//!   that connects and sends nothing, or only the HTTP/2 preface, is closed;
+//! - with no request in flight it has `idle_timeout` before it is closed
+//!   (HTTP/2: GOAWAY first);
+//! - a response its client stops reading is abandoned after `idle_timeout`
+//!   ([`crate::progress`]).
+//!
+//! Each listener holds at most `max_connections` connections: beyond that
+//! the accept loop waits for one to close, and new clients wait in the
+//! kernel's accept queue. Running out of file descriptors makes the loop
+//! back off and retry, logging at most once a second.
 //!
 //! # Failure behaviour
 //! On shutdown the listener is closed first (new connections are refused),
-//! then in-flight requests get up to `shutdown_grace` to finish; connections
-//! still open after that are dropped, which aborts their responses.
+//! idle connections are closed, and in-flight requests get up to
+//! `shutdown_grace` to finish; connections still open after that are
+//! dropped, which aborts their responses (their usage rows are still
+//! recorded, as `client_closed`).
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::fmt::Display;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
+use metrics::Gauge;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::ProxyBody;
 use crate::framing::{FramingMark, FramingWatch};
 use crate::pipeline::ConnInfo;
+use crate::progress::{with_progress, ServedBody, StallWatch, WatchingExecutor};
 
-/// How long to back off after an accept error such as EMFILE.
+/// Pause after an accept error such as EMFILE before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one log line per this, however often accepting fails.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a connection being closed for idleness may take to say goodbye
+/// (flush a GOAWAY) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// hyper's smallest read buffer.
+const MIN_READ_BUFFER: usize = 8 * 1024;
 
 /// Connection-level settings shared by the data plane and the admin server.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Time a client has to finish its TLS handshake and each request head.
+    /// Time a client has from connecting (TLS handshake included) to its
+    /// first complete request head; on a kept-alive HTTP/1 connection, from
+    /// the first byte of each later head.
     pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed; a
+    /// response its client stops reading for this long is abandoned.
+    pub idle_timeout: Duration,
+    /// Open connections at once on this listener.
+    pub max_connections: usize,
+    /// Request line plus headers. hyper refuses heads over twice this by
+    /// itself (431/414, as the head cannot be read whole); the data plane
+    /// answers heads between the two with its own error.
+    pub max_header_bytes: u64,
     /// How long in-flight requests may run once shutdown begins.
     pub shutdown_grace: Duration,
+    /// `tollgate_open_connections{listener}` of this listener.
+    pub open_connections: Gauge,
+}
+
+/// What a connection is told by its listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    No,
+    /// Finish what is in flight, take nothing new.
+    Drain,
+    /// The drain's grace is over.
+    Now,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then drains.
@@ -52,18 +107,35 @@ pub async fn serve<F, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let options = Arc::new(options);
     let builder = Arc::new(connection_builder(&options));
-    let graceful = GracefulShutdown::new();
+    // Semaphore permits are counted in u32 when taken all at once (drain).
+    let budget = options
+        .max_connections
+        .clamp(1, u32::MAX as usize)
+        .min(Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(budget));
+    let (closing, closing_rx) = watch::channel(Closing::No);
     let proto = if tls.is_some() { "https" } else { "http" };
-    tokio::pin!(shutdown);
+    let mut accept_errors = AcceptErrors::default();
+    let mut shutdown = pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // Never closed while this loop holds it.
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    accept_error(error).await;
+                    accept_errors.back_off(error).await;
                     continue;
                 }
             },
@@ -79,52 +151,170 @@ pub async fn serve<F, S>(
             peer,
             framing,
             tls: tls.clone(),
-            header_timeout: options.header_timeout,
+            options: options.clone(),
             builder: builder.clone(),
+            closing: closing_rx.clone(),
+            _permit: permit,
         };
-        tokio::spawn(connection.run(service, graceful.watcher()));
+        tokio::spawn(connection.run(service));
     }
     drop(listener);
+    let open = budget - permits.available_permits();
     tracing::debug!(
         message = "Listener closed; draining connections.",
-        connections = graceful.count()
+        connections = open
     );
+    closing.send_replace(Closing::Drain);
+    // Every connection holds a permit until it ends: all of them back means
+    // all connections are closed.
+    let all = u32::try_from(budget).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        _ = permits.acquire_many(all) => {}
         () = tokio::time::sleep(options.shutdown_grace) => {
             tracing::warn!(
                 message = "Shutdown grace period ended with connections still open.",
                 grace_secs = options.shutdown_grace.as_secs_f64(),
+                connections = budget - permits.available_permits(),
             );
+            closing.send_replace(Closing::Now);
         }
     }
 }
 
-fn connection_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn connection_builder(options: &ServerOptions) -> auto::Builder<WatchingExecutor> {
+    let mut builder = auto::Builder::new(WatchingExecutor {
+        idle_timeout: options.idle_timeout,
+    });
+    let head_limit = usize::try_from(options.max_header_bytes.saturating_mul(2))
+        .unwrap_or(usize::MAX)
+        .max(MIN_READ_BUFFER);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout)
+        .max_buf_size(head_limit)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }
 
-async fn accept_error(error: io::Error) {
-    // Errors about one connection (reset before accept) need no pause;
-    // resource exhaustion does, or the loop would spin.
-    match error.kind() {
-        io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::ConnectionReset
-        | io::ErrorKind::Interrupted => {}
-        _ => {
-            tracing::warn!(message = "Accept failed.", %error);
-            tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+/// Backs off after accept errors, logging at most once a second.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<Instant>,
+    since_logged: u64,
+}
+
+impl AcceptErrors {
+    async fn back_off(&mut self, error: io::Error) {
+        // Errors about one connection (reset before accept) need no pause;
+        // resource exhaustion (EMFILE, ENFILE, ENOBUFS) does, or the loop
+        // would spin.
+        if matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted
+        ) {
+            return;
         }
+        self.since_logged += 1;
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY)
+        {
+            tracing::warn!(
+                message = "Accepting connections failed; backing off.",
+                %error,
+                failures = self.since_logged,
+            );
+            self.last_logged = Some(now);
+            self.since_logged = 0;
+        }
+        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+    }
+}
+
+/// What a connection's requests do, as its timer sees it.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Requests started on this connection.
+    started: AtomicU64,
+    /// Requests whose response has not yet been dropped.
+    in_flight: AtomicUsize,
+}
+
+/// A request in flight on its connection, until its response body is gone.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The service as a connection serves it: each request marked in flight
+/// until its response body is dropped.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+{
+    type Response = Response<ServedBody<InFlight>>;
+    type Error = Infallible;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        TrackedFuture {
+            in_flight: Some(InFlight::start(&self.activity)),
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ServedBody<InFlight>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Poll::Ready(Ok(response)) = this.inner.poll(cx) else {
+            return Poll::Pending;
+        };
+        let in_flight = this.in_flight.take().map_or_else(
+            // Polled again after completion: a hyper bug; count nothing.
+            || InFlight(Arc::default()),
+            |in_flight| in_flight,
+        );
+        Poll::Ready(Ok(response.map(|body| ServedBody::new(body, in_flight))))
     }
 }
 
@@ -133,48 +323,198 @@ struct Connection {
     peer: SocketAddr,
     framing: FramingMark,
     tls: Option<TlsAcceptor>,
-    header_timeout: Duration,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    options: Arc<ServerOptions>,
+    builder: Arc<auto::Builder<WatchingExecutor>>,
+    closing: watch::Receiver<Closing>,
+    /// This connection's place in the listener's budget.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Connection {
-    async fn run<S>(self, service: S, watcher: hyper_util::server::graceful::Watcher)
+    async fn run<S>(self, service: S)
     where
         S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
             + Send
             + 'static,
         S::Future: Send + 'static,
     {
+        let opened = Instant::now();
+        let gauge = self.options.open_connections.clone();
+        gauge.increment(1.0);
         if let Err(error) = self.stream.set_nodelay(true) {
             tracing::debug!(message = "Cannot set TCP_NODELAY.", %error);
         }
-        let result = match self.tls {
+        let activity = Arc::<Activity>::default();
+        let service = Tracked {
+            inner: service,
+            activity: activity.clone(),
+        };
+        let watch = Watch {
+            activity,
+            opened,
+            options: &self.options,
+            closing: self.closing,
+        };
+        let ended = match self.tls {
             None => {
                 let io = TokioIo::new(FramingWatch::new(self.stream, self.framing));
-                let conn = self.builder.serve_connection(io, service);
-                watcher.watch(conn).await
+                watch
+                    .drive(self.builder.serve_connection(io, service))
+                    .await
             }
             Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(self.header_timeout, acceptor.accept(self.stream));
-                let stream = match handshake.await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(message = "TLS handshake failed.", %error, peer = %self.peer);
-                        return;
+                let deadline = opened + self.options.header_timeout;
+                let handshake = tokio::time::timeout_at(deadline, acceptor.accept(self.stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        let io = TokioIo::new(FramingWatch::new(stream, self.framing));
+                        watch
+                            .drive(self.builder.serve_connection(io, service))
+                            .await
                     }
-                    Err(_) => {
-                        tracing::debug!(message = "TLS handshake timed out.", peer = %self.peer);
-                        return;
-                    }
-                };
-                let io = TokioIo::new(FramingWatch::new(stream, self.framing));
-                let conn = self.builder.serve_connection(io, service);
-                watcher.watch(conn).await
+                    Ok(Err(error)) => Ended::Failed(error.to_string()),
+                    Err(_) => Ended::HeaderTimeout,
+                }
             }
         };
-        if let Err(error) = result {
-            tracing::debug!(message = "Connection ended with an error.", error = %error, peer = %self.peer);
+        gauge.decrement(1.0);
+        match ended {
+            Ended::Done | Ended::Drained => {}
+            Ended::Failed(error) => {
+                tracing::debug!(message = "Connection ended with an error.", %error, peer = %self.peer);
+            }
+            Ended::HeaderTimeout => {
+                tracing::debug!(message = "Closed a connection that sent no request in time.", peer = %self.peer);
+            }
+            Ended::Idle => {
+                tracing::debug!(message = "Closed an idle connection.", peer = %self.peer);
+            }
+            Ended::Stalled => {
+                tracing::debug!(
+                    message = "Abandoned a response its client stopped reading.",
+                    peer = %self.peer,
+                );
+            }
+            Ended::Dropped => {
+                tracing::debug!(message = "Dropped a connection at the end of the shutdown grace.", peer = %self.peer);
+            }
         }
     }
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The client closed it, or it finished its last request.
+    Done,
+    Failed(String),
+    /// No complete request head within the header timeout of connecting.
+    HeaderTimeout,
+    Idle,
+    /// Its response waited for the client for `idle_timeout` (HTTP/1).
+    Stalled,
+    /// Closed for shutdown.
+    Drained,
+    /// Still open when the shutdown grace ended.
+    Dropped,
+}
+
+/// One connection's timer and shutdown signal.
+struct Watch<'a> {
+    activity: Arc<Activity>,
+    opened: Instant,
+    options: &'a ServerOptions,
+    closing: watch::Receiver<Closing>,
+}
+
+impl Watch<'_> {
+    /// Serves `conn` to its end, closing it when it idles or stalls, and
+    /// when the listener shuts down.
+    async fn drive<C>(mut self, conn: C) -> Ended
+    where
+        C: GracefulConnection,
+        C::Error: Display,
+    {
+        let mut conn = pin!(conn);
+        let mut stall = StallWatch::new(self.options.idle_timeout);
+        // Until the first request: the header timeout from connecting.
+        let mut quiet_since = self.opened;
+        let mut seen = 0;
+        let mut closed_for: Option<Ended> = None;
+        let timer = tokio::time::sleep_until(self.opened + self.options.header_timeout);
+        let mut timer = pin!(timer);
+        loop {
+            let served = poll_fn(|cx| {
+                let polled = with_progress(stall.progress(), || conn.as_mut().poll(cx));
+                match polled {
+                    Poll::Ready(result) => Poll::Ready(Some(result)),
+                    Poll::Pending if stall.poll_stalled(cx) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            tokio::select! {
+                biased;
+                served = served => {
+                    return match (served, closed_for) {
+                        (None, _) => Ended::Stalled,
+                        (Some(_), Some(reason)) => reason,
+                        (Some(Ok(())), None) => Ended::Done,
+                        (Some(Err(error)), None) => Ended::Failed(error.to_string()),
+                    };
+                }
+                () = &mut timer => {
+                    if closed_for.is_some() {
+                        // It had its chance to say goodbye.
+                        return closed_for.unwrap_or(Ended::Idle);
+                    }
+                    let now = Instant::now();
+                    let started = self.activity.started.load(Ordering::Relaxed);
+                    let in_flight = self.activity.in_flight.load(Ordering::Relaxed);
+                    if in_flight > 0 || started != seen {
+                        seen = started;
+                        quiet_since = now;
+                    }
+                    let limit = if started == 0 {
+                        self.options.header_timeout
+                    } else {
+                        self.options.idle_timeout
+                    };
+                    if in_flight == 0 && now >= quiet_since + limit {
+                        conn.as_mut().graceful_shutdown();
+                        closed_for = Some(if started == 0 { Ended::HeaderTimeout } else { Ended::Idle });
+                        timer.as_mut().reset(now + CLOSE_GRACE);
+                    } else {
+                        // Checked four times per timeout: a connection
+                        // closes within a quarter of it after going quiet.
+                        let next = if in_flight == 0 {
+                            (quiet_since + limit).min(now + limit / 4)
+                        } else {
+                            now + limit / 4
+                        };
+                        timer.as_mut().reset(next);
+                    }
+                }
+                changed = self.closing.changed() => {
+                    let closing = if changed.is_ok() { *self.closing.borrow_and_update() } else { Closing::Now };
+                    match closing {
+                        Closing::No => {}
+                        Closing::Drain => {
+                            if closed_for.is_none() {
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            closed_for = Some(Ended::Drained);
+                            // No idle close while draining; the listener's
+                            // grace decides.
+                            timer.as_mut().reset(now_plus_forever());
+                        }
+                        Closing::Now => return Ended::Dropped,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A deadline that never comes in practice.
+fn now_plus_forever() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }

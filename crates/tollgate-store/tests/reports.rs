@@ -111,6 +111,7 @@ fn status_of(outcome: Outcome, n: usize) -> u16 {
         Outcome::RateLimited | Outcome::QuotaExceeded | Outcome::BudgetExceeded => 429,
         Outcome::RouteForbidden => 403,
         Outcome::PayloadTooLarge => 413,
+        Outcome::ClientTimeout => 408,
     }
 }
 

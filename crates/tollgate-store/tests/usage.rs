@@ -74,6 +74,7 @@ fn varied(n: usize, start: OffsetDateTime) -> Vec<UsageEvent> {
                 Outcome::RateLimited | Outcome::QuotaExceeded | Outcome::BudgetExceeded => 429,
                 Outcome::RouteForbidden => 403,
                 Outcome::PayloadTooLarge => 413,
+                Outcome::ClientTimeout => 408,
             };
             e.client_request_id = (i % 3 == 0).then(|| format!("client-{i}"));
             e.latency_us = 1_000 + k * 7;

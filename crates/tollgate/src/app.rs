@@ -212,9 +212,19 @@ pub async fn start_with_clock(
         Some(tls) => Some(tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)?),
         None => None,
     };
+    let budgets = crate::descriptors::budgets(config.server.max_connections);
     let options = ServerOptions {
         header_timeout: config.server.request_header_timeout,
+        idle_timeout: config.server.idle_timeout,
+        max_connections: budgets.data,
+        max_header_bytes: config.server.max_header_bytes,
         shutdown_grace: SHUTDOWN_GRACE,
+        open_connections: metrics.open_connections("data"),
+    };
+    let admin_options = ServerOptions {
+        max_connections: budgets.admin,
+        open_connections: metrics.open_connections("admin"),
+        ..options.clone()
     };
 
     let data_listener = bind(config.server.listen, "data plane").await?;
@@ -260,7 +270,7 @@ pub async fn start_with_clock(
     let admin_task = tokio::spawn(serve(
         admin_listener,
         None,
-        options,
+        admin_options,
         move |_conn| {
             let admin = admin_state.clone();
             service_fn(move |request| admin.clone().handle(request))

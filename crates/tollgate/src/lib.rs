@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
+mod descriptors;
 pub mod manage;
 pub mod reload;
 pub mod shutdown;

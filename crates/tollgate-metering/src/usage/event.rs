@@ -25,10 +25,13 @@ pub enum Outcome {
     BudgetExceeded,
     RouteForbidden,
     PayloadTooLarge,
+    /// The client stopped sending its request body for
+    /// `request_body_timeout` (408).
+    ClientTimeout,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::UpstreamError,
         Outcome::UpstreamTimeout,
@@ -38,6 +41,7 @@ impl Outcome {
         Outcome::BudgetExceeded,
         Outcome::RouteForbidden,
         Outcome::PayloadTooLarge,
+        Outcome::ClientTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Outcome {
             Outcome::BudgetExceeded => "budget_exceeded",
             Outcome::RouteForbidden => "route_forbidden",
             Outcome::PayloadTooLarge => "payload_too_large",
+            Outcome::ClientTimeout => "client_timeout",
         }
     }
 
@@ -67,7 +72,8 @@ impl Outcome {
             Outcome::Ok
             | Outcome::UpstreamError
             | Outcome::UpstreamTimeout
-            | Outcome::ClientClosed => false,
+            | Outcome::ClientClosed
+            | Outcome::ClientTimeout => false,
         }
     }
 }

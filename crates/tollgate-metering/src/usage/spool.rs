@@ -1615,6 +1615,7 @@ pub(crate) mod tests {
             (BudgetExceeded, 6),
             (RouteForbidden, 7),
             (PayloadTooLarge, 8),
+            (ClientTimeout, 9),
         ];
         assert_eq!(outcomes.len(), Outcome::ALL.len());
         for (outcome, code) in outcomes {
@@ -1625,7 +1626,7 @@ pub(crate) mod tests {
             assert_eq!(postcard::to_allocvec(&source).unwrap(), [code]);
             assert_eq!(postcard::from_bytes::<CostSource>(&[code]).unwrap(), source);
         }
-        assert!(postcard::from_bytes::<Outcome>(&[9]).is_err());
+        assert!(postcard::from_bytes::<Outcome>(&[10]).is_err());
     }
 
     #[test]

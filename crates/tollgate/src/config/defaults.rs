@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use super::units::{GIB, MIB};
+use super::units::{GIB, KIB, MIB};
 use super::{Overage, UsageFormat};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -23,6 +23,14 @@ pub const MAX_REQUEST_BODY: u64 = 10 * MIB;
 pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tokio worker threads; 0 means one per core.
 pub const WORKER_THREADS: usize = 0;
+/// A connection with no request in flight is closed after this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the next bytes of a request body before 408.
+pub const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections per listener; beyond it new ones wait in the accept queue.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// Request line plus headers; above it 431 (414 for the request line alone).
+pub const MAX_HEADER_BYTES: u64 = 64 * KIB;
 /// Used for `server.instance_id` when the host name cannot be read.
 pub const FALLBACK_HOSTNAME: &str = "tollgate";
 

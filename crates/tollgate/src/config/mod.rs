@@ -135,8 +135,20 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Bytes; larger request bodies get 413.
     pub max_request_body: u64,
-    /// Time a client gets to send the request headers. Never zero.
+    /// Time a client gets to send a request head, counted from the moment
+    /// it connects for the first request. Never zero.
     pub request_header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed; a
+    /// response the client stops reading for this long is abandoned. Never zero.
+    pub idle_timeout: Duration,
+    /// Longest wait for the next bytes of a request body (408). Never zero.
+    pub request_body_timeout: Duration,
+    /// Open connections per listener (the admin listener has its own
+    /// budget). At least 1.
+    pub max_connections: usize,
+    /// Request line plus headers, in bytes; above it 431 (414 when the
+    /// request line alone is too long).
+    pub max_header_bytes: u64,
     /// Tokio worker threads; 0 = one per core (see
     /// [`ServerConfig::effective_worker_threads`]).
     pub worker_threads: usize,
@@ -155,6 +167,10 @@ impl Default for ServerConfig {
             tls: None,
             max_request_body: defaults::MAX_REQUEST_BODY,
             request_header_timeout: defaults::REQUEST_HEADER_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            request_body_timeout: defaults::REQUEST_BODY_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
             worker_threads: defaults::WORKER_THREADS,
             instance_id: defaults::instance_id(),
             access_log: false,

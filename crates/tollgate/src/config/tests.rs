@@ -577,7 +577,7 @@ fn unknown_keys_name_their_path_and_line() {
     );
     assert_eq!(
         message("[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n"),
-        "tollgate.toml:3:1: server.bogus: unknown field `bogus`, expected one of `listen`, `admin_listen`, `tls`, `max_request_body`, `request_header_timeout`, `worker_threads`, `instance_id`, `access_log`"
+        "tollgate.toml:3:1: server.bogus: unknown field `bogus`, expected one of `listen`, `admin_listen`, `tls`, `max_request_body`, `request_header_timeout`, `idle_timeout`, `request_body_timeout`, `max_connections`, `max_header_bytes`, `worker_threads`, `instance_id`, `access_log`"
     );
     assert_eq!(
         message("[server]\ntls = { cert = \"c\", key = \"k\", ca = \"x\" }\n"),

@@ -31,6 +31,10 @@ use super::{
 
 /// Serde's span wrapper addresses its parts as map keys with this prefix;
 /// they are plumbing, not config keys, and are left out of key paths.
+/// Bounds of `server.max_header_bytes`.
+const MIN_HEADER_BYTES: u64 = units::KIB;
+const MAX_HEADER_BYTES: u64 = 16 * units::MIB;
+
 const SPANNED_KEY_PREFIX: &str = "$__serde_spanned_private_";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and `content-length`: the proxy
@@ -299,6 +303,41 @@ impl Cx<'_> {
             "server.request_header_timeout",
             defaults::REQUEST_HEADER_TIMEOUT,
         )?;
+        let idle_timeout = self.positive_duration(
+            raw.idle_timeout.as_ref(),
+            "server.idle_timeout",
+            defaults::IDLE_TIMEOUT,
+        )?;
+        let request_body_timeout = self.positive_duration(
+            raw.request_body_timeout.as_ref(),
+            "server.request_body_timeout",
+            defaults::REQUEST_BODY_TIMEOUT,
+        )?;
+        let max_connections = match raw.max_connections {
+            Some(value) if *value.get_ref() == 0 => {
+                return Err(self.invalid(
+                    value.span(),
+                    "server.max_connections",
+                    "must be at least 1",
+                ))
+            }
+            Some(value) => value.into_inner(),
+            None => defaults::MAX_CONNECTIONS,
+        };
+        let max_header_bytes = self.parsed_or(
+            raw.max_header_bytes.as_ref(),
+            "server.max_header_bytes",
+            defaults::MAX_HEADER_BYTES,
+            |text| match units::parse_size(text) {
+                // Below a request line and a Host header nothing could be
+                // served; above 16 MiB a head is an attack, not a request.
+                Ok(size) if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&size) => {
+                    Err(format!("size {text:?} must be between 1KiB and 16MiB"))
+                }
+                Ok(size) => Ok(size),
+                Err(error) => Err(error.to_string()),
+            },
+        )?;
         let instance_id = match &raw.instance_id {
             Some(value) => self.parsed(value, "server.instance_id", |text| {
                 if text.is_empty() {
@@ -319,6 +358,10 @@ impl Cx<'_> {
             tls,
             max_request_body,
             request_header_timeout,
+            idle_timeout,
+            request_body_timeout,
+            max_connections,
+            max_header_bytes,
             worker_threads: raw.worker_threads.unwrap_or(defaults::WORKER_THREADS),
             instance_id,
             access_log: raw.access_log.unwrap_or(false),
