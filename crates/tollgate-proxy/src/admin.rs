@@ -240,9 +240,10 @@ impl Admin {
         let path = request.uri().path().to_owned();
         let response = match catch_panic(self.route(request)).await {
             Ok(result) => result.unwrap_or_else(AdminError::into_response),
+            // Rendered (and logged, once) like any other internal failure.
             Err(panic) => {
-                tracing::error!(message = "Admin handler panicked.", %method, %path, %panic);
-                AdminError::Internal(format!("the handler panicked: {panic}")).into_response()
+                AdminError::Internal(format!("the handler of {method} {path} panicked: {panic}"))
+                    .into_response()
             }
         };
         Ok(response)
