@@ -292,6 +292,8 @@ impl Accounts {
             check_label("name", name)?;
         }
         let created_at = now();
+        let mut request = request;
+        request.expires_at = request.expires_at.map(in_utc).transpose()?;
         if request.expires_at.is_some_and(|at| at <= created_at) {
             return Err(AccountError::invalid("expires_at", "must be in the future"));
         }
@@ -430,10 +432,11 @@ impl Accounts {
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("key {} has no customer", old.id)))?;
         let created_at = now();
-        let grace = grace.unwrap_or(DEFAULT_ROTATION_GRACE);
-        let grace = time::Duration::try_from(grace)
-            .map_err(|_| AccountError::invalid("grace_seconds", "too large"))?;
-        let old_expires_at = created_at + grace;
+        let old_expires_at = expiry_after(
+            "grace_seconds",
+            created_at,
+            grace.unwrap_or(DEFAULT_ROTATION_GRACE),
+        )?;
         let request = KeyRequest {
             customer: customer.name.clone(),
             tier: None,
@@ -490,6 +493,42 @@ fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
         .unwrap_or(now)
+}
+
+/// `start + lifetime`, or a usage error naming `field` when that instant
+/// is past what a timestamp can hold (the end of year 9999, UTC). The
+/// lifetime comes from the user (a grace period, `--expires-in`), so the
+/// sum is checked rather than trusted.
+pub fn expiry_after(
+    field: &'static str,
+    start: OffsetDateTime,
+    lifetime: Duration,
+) -> Result<OffsetDateTime, AccountError> {
+    time::Duration::try_from(lifetime)
+        .ok()
+        .and_then(|lifetime| start.checked_add(lifetime))
+        .and_then(|at| at.checked_to_offset(time::UtcOffset::UTC))
+        .ok_or_else(|| {
+            AccountError::invalid(
+                field,
+                format!(
+                    "{} seconds is out of range: the expiry would be after 9999-12-31T23:59:59Z",
+                    lifetime.as_secs()
+                ),
+            )
+        })
+}
+
+/// An expiry as UTC. An instant given with an offset can lie outside the
+/// years a timestamp holds once converted (`9999-12-31T23:59:59-23:59`);
+/// such a value is refused here, before a store has to convert it.
+fn in_utc(at: OffsetDateTime) -> Result<OffsetDateTime, AccountError> {
+    at.checked_to_offset(time::UtcOffset::UTC).ok_or_else(|| {
+        AccountError::invalid(
+            "expires_at",
+            "out of range: must be at most 9999-12-31T23:59:59Z",
+        )
+    })
 }
 
 fn check_name(field: &'static str, name: &str) -> Result<(), AccountError> {

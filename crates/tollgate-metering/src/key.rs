@@ -254,4 +254,82 @@ mod tests {
             prop_assert_eq!(decoded, u64::from(crc32fast::hash(&bytes)));
         }
     }
+
+    /// The SPEC §3 format, checked independently of [`KeyFormat::check`]:
+    /// `tg_`, 30 base62 characters, then the base62 CRC-32 of those 30.
+    fn spec_valid(presented: &str) -> bool {
+        let Some(rest) = presented.strip_prefix("tg_") else {
+            return false;
+        };
+        let rest = rest.as_bytes();
+        rest.len() == RANDOM_LEN + CHECKSUM_LEN && rest.iter().all(|b| ALPHABET.contains(b)) && {
+            let crc = u64::from(crc32fast::hash(&rest[..RANDOM_LEN]));
+            let mut digits = [b'0'; CHECKSUM_LEN];
+            let mut n = crc;
+            for digit in digits.iter_mut().rev() {
+                *digit = ALPHABET[(n % 62) as usize];
+                n /= 62;
+            }
+            rest[RANDOM_LEN..] == digits
+        }
+    }
+
+    /// Any text a client might present: near-keys (a generated key with
+    /// some characters replaced, removed or added) and arbitrary strings.
+    fn presented() -> impl Strategy<Value = String> {
+        let near_key = (
+            proptest::collection::vec((0usize..48, any::<char>(), 0u8..3), 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(edits, keep)| {
+                let key = KeyFormat::new("tg").generate().unwrap().expose().to_owned();
+                let mut chars: Vec<char> = key.chars().collect();
+                if keep {
+                    return chars.into_iter().collect();
+                }
+                for (at, c, kind) in edits {
+                    let at = at % (chars.len() + 1);
+                    match kind {
+                        0 if at < chars.len() => chars[at] = c,
+                        1 if at < chars.len() => {
+                            chars.remove(at);
+                        }
+                        _ => chars.insert(at, c),
+                    }
+                }
+                chars.into_iter().collect()
+            });
+        prop_oneof![near_key, any::<String>(), "tg_[0-9A-Za-z]{30,37}"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// `check` accepts exactly the keys the SPEC describes, whatever
+        /// it is given.
+        #[test]
+        fn arbitrary_input_key_check_accepts_exactly_the_valid_ones(text in presented()) {
+            prop_assert_eq!(KeyFormat::new("tg").check(&text).is_ok(), spec_valid(&text), "{:?}", text);
+            // The display prefix never panics, even for text that is not a key.
+            let shown = KeyFormat::new("tg").display_prefix(&text);
+            prop_assert!(shown.chars().count() <= 11);
+        }
+
+        /// Every generated key checks; any one character replaced by any
+        /// other character, at any position (prefix included), is refused.
+        #[test]
+        fn arbitrary_input_key_any_single_character_change_is_refused(
+            at in 0usize..39,
+            replacement in any::<char>(),
+        ) {
+            let format = KeyFormat::new("tg");
+            let key = format.generate().unwrap().expose().to_owned();
+            prop_assert_eq!(format.check(&key), Ok(()));
+            let mut chars: Vec<char> = key.chars().collect();
+            prop_assume!(chars[at] != replacement);
+            chars[at] = replacement;
+            let changed: String = chars.into_iter().collect();
+            prop_assert!(format.check(&changed).is_err(), "{:?}", changed);
+        }
+    }
 }

@@ -5,8 +5,11 @@
 //! [`Accounts`], render. Every error is the SPEC's JSON shape.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +21,7 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest};
+use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest, MAX_PAGE};
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
 use tollgate_metering::reports::UsageGroup;
@@ -226,15 +229,23 @@ impl Admin {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Answers one admin request.
+    /// Answers one admin request. A panic anywhere in the handler is
+    /// answered with 500 `internal_error` and logged, so the client never
+    /// sees a dropped connection (SPEC §6).
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let response = self
-            .route(request)
-            .await
-            .unwrap_or_else(AdminError::into_response);
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let response = match catch_panic(self.route(request)).await {
+            Ok(result) => result.unwrap_or_else(AdminError::into_response),
+            // Rendered (and logged, once) like any other internal failure.
+            Err(panic) => {
+                AdminError::Internal(format!("the handler of {method} {path} panicked: {panic}"))
+                    .into_response()
+            }
+        };
         Ok(response)
     }
 
@@ -242,7 +253,12 @@ impl Admin {
         let path = request.uri().path().to_owned();
         let query: ListQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
             .map_err(|error| AdminError::Invalid(format!("query: {error}")))?;
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let decoded = path
+            .trim_matches('/')
+            .split('/')
+            .map(decode_segment)
+            .collect::<Result<Vec<_>, _>>()?;
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let method = request.method().clone();
         match segments.as_slice() {
             ["healthz"] => only_get(&method)
@@ -534,11 +550,81 @@ fn parse_limit(query: &ListQuery) -> Result<Option<u32>, AdminError> {
         .limit
         .as_deref()
         .map(|limit| {
-            limit
-                .parse()
-                .map_err(|_| AdminError::Invalid("limit: must be a whole number".to_owned()))
+            limit.parse().map_err(|_| {
+                AdminError::Invalid(format!(
+                    "limit: must be a whole number from 1 to {MAX_PAGE}, found {limit:?}"
+                ))
+            })
         })
         .transpose()
+}
+
+/// One path segment, percent-decoded (SPEC §6: `/v1/customers/sp%20ace`
+/// names the customer `sp ace`). Segments are split on the raw `/` first,
+/// so `%2F` decodes to a slash inside a name rather than a new segment.
+/// A malformed escape or bytes that are not UTF-8 are the client's
+/// mistake, reported with the segment as it was sent.
+fn decode_segment(raw: &str) -> Result<String, AdminError> {
+    percent_decode(raw).map_err(|why| AdminError::Invalid(format!("path segment {raw:?}: {why}")))
+}
+
+fn percent_decode(raw: &str) -> Result<String, &'static str> {
+    if !raw.contains('%') {
+        return Ok(raw.to_owned());
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        if byte != b'%' {
+            out.push(byte);
+            i += 1;
+            continue;
+        }
+        let high = bytes.get(i + 1).copied().and_then(hex_digit);
+        let low = bytes.get(i + 2).copied().and_then(hex_digit);
+        let (Some(high), Some(low)) = (high, low) else {
+            return Err("invalid percent-encoding (a % must be followed by two hex digits)");
+        };
+        out.push(high << 4 | low);
+        i += 3;
+    }
+    String::from_utf8(out).map_err(|_| "percent-decodes to bytes that are not UTF-8")
+}
+
+fn hex_digit(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Polls `future` to completion, turning a panic during any poll into
+/// `Err` with the panic's message. Polled in place rather than spawned, so
+/// a client that goes away still cancels the work as before; after a panic
+/// the future is dropped and never polled again.
+async fn catch_panic<F: Future>(future: F) -> Result<F::Output, String> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    })
+    .await
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, AdminError> {
@@ -555,7 +641,22 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, AdminError> {
 
 async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, AdminError> {
     let body = read_body(request).await?;
-    serde_json::from_slice(&body).map_err(|error| AdminError::Invalid(format!("body: {error}")))
+    parse_json(&body)
+}
+
+/// Parses a JSON body; an error names the field at fault (`expires_at:
+/// ...`), or `body` when the document as a whole is wrong.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." { "body" } else { &path };
+        AdminError::Invalid(format!("{field}: {}", error.inner()))
+    })?;
+    deserializer
+        .end()
+        .map_err(|error| AdminError::Invalid(format!("body: {error}")))?;
+    Ok(value)
 }
 
 async fn read_json_or_default<T: DeserializeOwned + Default>(
@@ -565,7 +666,7 @@ async fn read_json_or_default<T: DeserializeOwned + Default>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|error| AdminError::Invalid(format!("body: {error}")))
+    parse_json(&body)
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
@@ -579,5 +680,117 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
             response
         }
         Err(error) => AdminError::Internal(format!("cannot render JSON: {error}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A future that is pending once, then panics on its second poll: the
+    /// panic happens after the wrapper has already returned `Pending`.
+    async fn panics_after_yielding() -> u32 {
+        tokio::task::yield_now().await;
+        panic!("deliberate panic in a handler");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_an_error_with_its_message() {
+        assert_eq!(catch_panic(async { 7 }).await, Ok(7));
+        assert_eq!(
+            catch_panic(panics_after_yielding()).await,
+            Err("deliberate panic in a handler".to_owned())
+        );
+        let formatted = catch_panic(async {
+            let n = 3;
+            if n > 2 {
+                panic!("formatted {n}");
+            }
+        })
+        .await;
+        assert_eq!(formatted, Err("formatted 3".to_owned()));
+    }
+
+    #[test]
+    fn a_caught_panic_renders_as_internal_error() {
+        let response =
+            AdminError::Internal("the handler panicked: boom".to_owned()).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn segments_decode_percent_escapes() {
+        assert_eq!(percent_decode("sp%20ace").unwrap(), "sp ace");
+        assert_eq!(percent_decode("a%2Fb%2fc").unwrap(), "a/b/c");
+        assert_eq!(percent_decode("na%C3%AFve").unwrap(), "naïve");
+        assert_eq!(percent_decode("plain+name").unwrap(), "plain+name");
+        for bad in ["%", "%2", "%zz", "%+f", "a%-1", "%ff", "%C3", "%C3%28"] {
+            assert!(percent_decode(bad).is_err(), "{bad}");
+        }
+        let error = decode_segment("x%zz").unwrap_err();
+        assert!(
+            matches!(&error, AdminError::Invalid(m) if m.starts_with("path segment \"x%zz\": ")),
+            "{error:?}"
+        );
+    }
+
+    /// Every byte percent-encoded, as a client library would.
+    fn encode_all(text: &str) -> String {
+        text.bytes().map(|b| format!("%{b:02X}")).collect()
+    }
+
+    /// Whether every `%` starts a two-hex-digit escape.
+    fn escapes_well_formed(raw: &str) -> bool {
+        let bytes = raw.as_bytes();
+        bytes.iter().enumerate().all(|(i, &b)| {
+            b != b'%'
+                || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text survives encoding then decoding, whether every byte or
+        /// none is escaped.
+        #[test]
+        fn arbitrary_input_path_segment_round_trips(text in any::<String>()) {
+            prop_assert_eq!(percent_decode(&encode_all(&text)).unwrap(), text.clone());
+            if !text.contains('%') {
+                prop_assert_eq!(percent_decode(&text).unwrap(), text);
+            }
+        }
+
+        /// Any segment is decoded or refused, never a panic; it is refused
+        /// exactly when an escape is malformed or the bytes are not UTF-8.
+        #[test]
+        fn arbitrary_input_path_segment_accepts_exactly_the_valid_ones(
+            raw in "([%0-9a-fA-FgG+/ ]|[^%]){0,24}",
+        ) {
+            let decoded = percent_decode(&raw);
+            if !escapes_well_formed(&raw) {
+                prop_assert!(decoded.is_err());
+            } else {
+                // Well-formed escapes: refused only for bytes that are not UTF-8.
+                let mut bytes = Vec::new();
+                let mut i = 0;
+                let raw_bytes = raw.as_bytes();
+                while i < raw_bytes.len() {
+                    if raw_bytes[i] == b'%' {
+                        let hex = std::str::from_utf8(&raw_bytes[i + 1..i + 3]).unwrap();
+                        bytes.push(u8::from_str_radix(hex, 16).unwrap());
+                        i += 3;
+                    } else {
+                        bytes.push(raw_bytes[i]);
+                        i += 1;
+                    }
+                }
+                prop_assert_eq!(decoded.ok(), String::from_utf8(bytes).ok());
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tollgate_metering::accounts::{
-    AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView, MAX_PAGE,
+    expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView, MAX_PAGE,
 };
 use tollgate_metering::reporting::{ReportParams, Reports};
 use tollgate_metering::reports::UsageGroup;
@@ -27,9 +27,23 @@ pub struct UsageError(pub String);
 fn account_error(error: AccountError) -> anyhow::Error {
     match error {
         AccountError::Invalid { field, message } => {
-            UsageError(format!("{}: {message}", field.replace('_', "-"))).into()
+            UsageError(format!("{}: {message}", flag(field))).into()
         }
         other => other.into(),
+    }
+}
+
+/// The command-line flag that carries an account field, so a usage error
+/// names what the user typed (`--grace`, not the admin API's
+/// `grace_seconds`). Fields with no flag of their own keep their name.
+fn flag(field: &str) -> String {
+    match field {
+        "grace_seconds" => "--grace".to_owned(),
+        "expires_at" => "--expires-in".to_owned(),
+        "customer" | "tier" | "routes" | "status" | "from" | "to" | "period" => {
+            format!("--{field}")
+        }
+        other => other.replace('_', "-"),
     }
 }
 
@@ -100,10 +114,9 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             let expires_at = expires_in
                 .map(|text| {
                     let lifetime = parse_duration(&text)
-                        .map_err(|error| UsageError(format!("expires-in: {error}")))?;
-                    let lifetime = time::Duration::try_from(lifetime)
-                        .map_err(|_| UsageError("expires-in: too long".to_owned()))?;
-                    Ok::<_, UsageError>(OffsetDateTime::now_utc() + lifetime)
+                        .map_err(|error| UsageError(format!("--expires-in: {error}")))?;
+                    expiry_after("expires_at", OffsetDateTime::now_utc(), lifetime)
+                        .map_err(account_error)
                 })
                 .transpose()?;
             let created = accounts
@@ -150,7 +163,7 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             json,
         } => {
             let grace =
-                parse_duration(&grace).map_err(|error| UsageError(format!("grace: {error}")))?;
+                parse_duration(&grace).map_err(|error| UsageError(format!("--grace: {error}")))?;
             let created = accounts
                 .rotate_key(&prefix_or_id, Some(grace))
                 .await

@@ -1149,3 +1149,85 @@ fn debug_output_hides_secrets() {
     let plain = format!("{:?}", Config::default().database);
     assert!(plain.contains("sqlite://data/tollgate.db"), "{plain}");
 }
+
+/// Config texts built from the lines a real file has, with values at and
+/// past the ends of their ranges, bad syntax and stray bytes mixed in.
+mod arbitrary_input_config {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        let fixed = prop_oneof![
+            Just("[server]"),
+            Just("[admin]"),
+            Just("[database]"),
+            Just("[usage]"),
+            Just("[keys]"),
+            Just("[[tiers]]"),
+            Just("[[routes]]"),
+            Just("[routes.set_headers]"),
+            Just("[pricing.\"gpt-4o\"]"),
+            Just("[[webhooks]]"),
+            Just("name = \"t\""),
+            Just("prefix = \"/v1/\""),
+            Just("upstream = \"http://127.0.0.1:1\""),
+            Just("timeout = \"999999999999999d\""),
+            Just("timeout = \"18446744073709551615ms\""),
+            Just("idle_timeout = \"0s\""),
+            Just("max_request_body = \"99999999999TiB\""),
+            Just("spool_max = \"18446744073709551615B\""),
+            Just("rate = \"99999999999999999999/s\""),
+            Just("rate = \"0/min\""),
+            Just("monthly_requests = -1"),
+            Just("monthly_requests = 9223372036854775807"),
+            Just("monthly_cost_usd = 1e300"),
+            Just("monthly_cost_usd = nan"),
+            Just("overage_price_per_request_usd = -0.0"),
+            Just("alerts = [0.5, 2.0, -1.0]"),
+            Just("batch_size = 0"),
+            Just("pool_size = 4294967296"),
+            Just("worker_threads = 18446744073709551615"),
+            Just("max_connections = -5"),
+            Just("listen = \"999.0.0.1:80\""),
+            Just("url = \"${MISSING}\""),
+            Just("tokens = [\"${TOLLGATE_ADMIN_TOKEN}\"]"),
+            Just("authorization = \"Bearer ${OPENAI_API_KEY}\""),
+            Just("x-key = \"${NEWLINE}\""),
+            Just("input = 0.15"),
+            Just("unknown_key = 1"),
+            Just("name = "),
+            Just("= 1"),
+            Just("[unclosed"),
+            Just("\"unterminated = 1"),
+        ]
+        .prop_map(str::to_owned);
+        prop_oneof![
+            8 => fixed,
+            1 => "[a-z_]{1,12} = \"[ -~]{0,16}\"",
+            1 => "[ -~]{0,24}",
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text is a config or an error, never a panic; every error
+        /// points at a line of the text (SPEC §1: `check-config` prints
+        /// `file:line`).
+        #[test]
+        fn arbitrary_input_config_errors_carry_a_line(lines in proptest::collection::vec(line(), 0..16)) {
+            let text = lines.join("\n");
+            if let Err(error) = parse(&text) {
+                let line = error.line();
+                prop_assert!(line.is_some(), "no line for {:?}\n---\n{}", error.to_string(), text);
+                let line = line.unwrap_or(0);
+                prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {} of\n{}", line, text);
+                let shown = error.to_string();
+                prop_assert!(shown.starts_with(&format!("tollgate.toml:{line}:")), "{}", shown);
+                prop_assert_eq!(shown.lines().count(), 1, "one line: {}", shown);
+            }
+        }
+    }
+}

@@ -355,4 +355,135 @@ mod tests {
             Err(UnitError::AmountTooLarge(_))
         ));
     }
+
+    use proptest::prelude::*;
+
+    /// Milliseconds per duration unit, bytes per size unit, the rate windows.
+    const DURATION_UNITS: [(&str, u64); 5] = [
+        ("ms", 1),
+        ("s", 1_000),
+        ("m", 60_000),
+        ("h", 3_600_000),
+        ("d", 86_400_000),
+    ];
+    const SIZE_UNITS: [(&str, u64); 9] = [
+        ("B", 1),
+        ("KiB", KIB),
+        ("MiB", MIB),
+        ("GiB", GIB),
+        ("TiB", TIB),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+        ("TB", 1_000_000_000_000),
+    ];
+    const RATE_UNITS: [(&str, u64); 3] = [("/s", 1), ("/min", 60), ("/h", 3_600)];
+
+    /// Digits (often more than fit a u64), then a unit or near-unit.
+    fn unit_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{1,25}(ms|s|m|h|d|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|/s|/min|/h|sec|MIB|/m|)",
+            "[0-9 .+-]{0,6}[a-zA-Z/]{0,4}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A count and a unit read back as count × unit, or `TooLarge` when
+        /// that does not fit: never a wrapped value.
+        #[test]
+        fn arbitrary_input_units_round_trip(count in any::<u64>(), unit in 0usize..9) {
+            let (name, millis) = DURATION_UNITS[unit % DURATION_UNITS.len()];
+            let text = format!("{count}{name}");
+            match count.checked_mul(millis) {
+                Some(total) => prop_assert_eq!(parse_duration(&text), Ok(Duration::from_millis(total))),
+                None => {
+                    let too_large = matches!(parse_duration(&text), Err(UnitError::TooLarge { .. }));
+                    prop_assert!(too_large, "{}", text);
+                }
+            }
+            let (name, bytes) = SIZE_UNITS[unit];
+            let text = format!("{count}{name}");
+            match count.checked_mul(bytes) {
+                Some(total) => prop_assert_eq!(parse_size(&text), Ok(total)),
+                None => {
+                    let too_large = matches!(parse_size(&text), Err(UnitError::TooLarge { .. }));
+                    prop_assert!(too_large, "{}", text);
+                }
+            }
+            let (name, seconds) = RATE_UNITS[unit % RATE_UNITS.len()];
+            let text = format!("{count}{name}");
+            let expected = if count == 0 {
+                Err(UnitError::ZeroRate(text.clone()))
+            } else {
+                Ok((count, Duration::from_secs(seconds)))
+            };
+            prop_assert_eq!(parse_rate(&text), expected);
+        }
+
+        /// Any text is parsed or refused, never a panic; what is accepted
+        /// is exactly `<digits><unit>` with a known unit.
+        #[test]
+        fn arbitrary_input_units_accept_exactly_the_grammar(text in unit_text()) {
+            let grammar = |units: &[&str]| {
+                let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+                digits > 0 && units.contains(&&text[digits..])
+            };
+            let durations: Vec<&str> = DURATION_UNITS.iter().map(|(u, _)| *u).collect();
+            let sizes: Vec<&str> = SIZE_UNITS.iter().map(|(u, _)| *u).collect();
+            let rates: Vec<&str> = RATE_UNITS.iter().map(|(u, _)| *u).collect();
+            let duration = parse_duration(&text);
+            if !grammar(&durations) {
+                prop_assert_eq!(duration, Err(UnitError::Duration(text.clone())));
+            } else {
+                prop_assert!(!matches!(duration, Err(UnitError::Duration(_))));
+            }
+            let size = parse_size(&text);
+            if !grammar(&sizes) {
+                prop_assert_eq!(size, Err(UnitError::Size(text.clone())));
+            } else {
+                prop_assert!(!matches!(size, Err(UnitError::Size(_))));
+            }
+            let rate = parse_rate(&text);
+            if !grammar(&rates) {
+                prop_assert_eq!(rate, Err(UnitError::Rate(text.clone())));
+            } else {
+                prop_assert!(!matches!(rate, Err(UnitError::Rate(_))));
+            }
+        }
+
+        /// Any USD float converts exactly or is refused; never a panic.
+        #[test]
+        fn arbitrary_input_units_usd(usd in any::<f64>(), whole in any::<i64>()) {
+            match usd_to_nanos(usd) {
+                Ok(nanos) => {
+                    prop_assert!(usd >= 0.0 && nanos >= 0);
+                    // Exact to the nano-USD, within float precision.
+                    let back = nanos as f64 / 1e9;
+                    prop_assert!((back - usd).abs() <= usd.abs() * 1e-12 + 1e-9, "{} -> {}", usd, nanos);
+                }
+                Err(_) => prop_assert!(!(0.0..9_223_372_036.854_775).contains(&usd)),
+            }
+            match usd_int_to_nanos(whole) {
+                Ok(nanos) => prop_assert_eq!(i128::from(nanos), i128::from(whole) * 1_000_000_000),
+                Err(_) => prop_assert!(!(0..=9_223_372_036).contains(&whole)),
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_durations_are_errors_not_wraps() {
+        assert!(matches!(
+            parse_duration("999999999999999d"),
+            Err(UnitError::TooLarge { .. })
+        ));
+        // Fits a u64 of milliseconds: representable here; whether it is a
+        // sensible lifetime is for the caller (it is past year 9999).
+        assert_eq!(
+            parse_duration("999999999d"),
+            Ok(Duration::from_millis(999_999_999 * 86_400_000))
+        );
+    }
 }
