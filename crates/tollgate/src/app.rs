@@ -33,7 +33,8 @@ use tollgate_proxy::{
 use crate::config::{Config, Overage, RouteConfig, SpoolFullPolicy, TierConfig, UsageFormat};
 use crate::reload::Reloader;
 
-/// How long in-flight requests may run after shutdown begins.
+/// How long in-flight requests may run after shutdown begins. Saving their
+/// usage rows may then take up to [`recorder::SHUTDOWN_GRACE`] more.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A gateway that is serving.
@@ -76,8 +77,14 @@ impl Running {
     }
 
     /// Closes the listeners, waits for in-flight requests (up to the
-    /// grace), then flushes every usage row to the spool and the database.
+    /// grace), then flushes every usage row to the spool and the database
+    /// (up to [`recorder::SHUTDOWN_GRACE`]).
     pub async fn stop(self) {
+        self.stop_within(recorder::SHUTDOWN_GRACE).await;
+    }
+
+    /// [`Running::stop`], giving the usage rows `usage_grace` to be saved.
+    pub async fn stop_within(self, usage_grace: Duration) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             if let Err(error) = task.await {
@@ -87,7 +94,7 @@ impl Running {
         for task in self.background {
             task.abort();
         }
-        self.recorder.shutdown().await;
+        self.recorder.shutdown_within(usage_grace).await;
     }
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! data plane ──record()──► channel ──► spooler: batch (batch_size | flush_interval),
 //!                                       append to the spool, fsync
+//!                                       (refused: Store::write_usage now)
 //!                                           │ Spooled { events, start, end }
 //!                                           │ (or, when 16 are queued, left on disk)
 //!                                           ▼
@@ -33,9 +34,30 @@
 //!   the ones before it, nor when more than a batch of events is waiting
 //!   behind a slow append).
 //!   Everything appended is replayed on the next start.
-//! - Spool write failure (disk full, I/O error): logged and counted; the
-//!   batch is retried, and the recorder reports itself not accepting so new
-//!   requests are refused rather than unmetered.
+//! - Spool write failure (disk full, I/O error): logged; the spooler writes
+//!   the batch straight to the database instead, and keeps trying the spool
+//!   first for every batch, so appends resume as soon as the disk has room
+//!   (a spool that filled the disk frees it itself once the writer has
+//!   drained it into the database). A batch is in the spool or written
+//!   directly, never both, so nothing is replayed that was written here.
+//!   Rows written directly are as durable as any committed row, but while
+//!   the database is slower than `flush_interval` a crash loses more.
+//! - Spool write failure with the database down too: the spooler holds the
+//!   batch (its requests already had their 200) and retries both every
+//!   [`RETRY_INTERVAL`] at most; [`Recorder::accepting`] is false until one
+//!   of them takes it, so new requests get 503 `metering_unavailable`
+//!   rather than go unmetered. Memory stays bounded: only requests already
+//!   in flight add rows.
+//! - Shutdown: [`RecorderHandle::shutdown_within`] ends within its grace
+//!   whatever the disk does. Rows still held then (disk refusing, database
+//!   down) are lost: counted in `rows_lost` and `rows_failed` and logged as
+//!   an error with their number. A row counted lost may still have reached
+//!   the spool or the database if an append or write it was waiting for
+//!   completed as the process stopped. Rows in the spool that the writer
+//!   had not written by then stay there for the next start.
+//! - A checkpoint the disk cannot persist still deletes the segments
+//!   before it (their rows are in the database); a restart then replays
+//!   from the older checkpoint file, which the database ignores.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,8 +145,36 @@ impl FlushMetrics {
     }
 }
 
-/// Called with every batch the writer committed to the database (not with
-/// the rows replayed at start, which happen before anything is counted):
+/// Where rows go once they are safe, shared by the writer (what the spool
+/// holds) and the spooler (rows the spool refused): the store, with the
+/// commit hook, the write metrics and the counters.
+#[derive(Clone)]
+struct Sink {
+    store: Arc<dyn Store>,
+    hook: Option<CommitHook>,
+    flush: FlushMetrics,
+    stats: Arc<RecorderStats>,
+}
+
+impl Sink {
+    /// Writes `rows` in one transaction; `again`: they may be in the
+    /// database already.
+    async fn write(&self, rows: &[UsageEvent], again: bool) -> Result<(), StoreError> {
+        self.flush
+            .write(&*self.store, rows, again, &self.stats)
+            .await?;
+        if let Some(hook) = &self.hook {
+            hook(rows);
+        }
+        self.stats
+            .rows_written
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Called with every batch committed to the database (not with the rows
+/// replayed at start, which happen before anything is counted):
 /// the limiter's multi-instance sync needs to know what this instance has
 /// committed.
 pub type CommitHook = Arc<dyn Fn(&[UsageEvent]) + Send + Sync>;
@@ -149,8 +199,15 @@ fn max_pending(batch_size: usize) -> u64 {
 /// checkpoint that lags only means that a crash replays a few more rows,
 /// which the database ignores.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// How often a writer that is behind retries the database.
+/// How often a writer that is behind retries the database, and the
+/// longest a spooler holding a batch that neither the spool nor the
+/// database took waits before it tries both again.
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long [`RecorderHandle::shutdown`] may take to save what it holds:
+/// rows still only in memory then are counted lost and logged, and rows in
+/// the spool wait there for the next start.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Counters the recorder publishes (for metrics and admission).
 #[derive(Debug, Default)]
@@ -163,12 +220,18 @@ pub struct RecorderStats {
     pub rows_written: AtomicU64,
     pub rows_replayed: AtomicU64,
     /// Database writes that failed, and the rows they held (those rows stay
-    /// in the spool and are written later).
+    /// in the spool, or with the spooler, and are written later); plus the
+    /// rows lost (below).
     pub write_failures: AtomicU64,
     pub rows_failed: AtomicU64,
+    /// Rows of finished requests that were saved neither to the spool nor
+    /// to the database: those still unsaved at the shutdown deadline.
+    pub rows_lost: AtomicU64,
     pub database_up: AtomicBool,
     spool_full: AtomicBool,
-    spool_failing: AtomicBool,
+    /// The spooler holds a batch that neither the spool nor the database
+    /// took at its last attempt; no new request is admitted meanwhile.
+    unsaved: AtomicBool,
     /// Set by the spooler when it left a batch on disk only (the writer's
     /// queue was full), before it queues any later batch; the writer checks
     /// it after taking batches from the queue and, when set, writes from
@@ -179,6 +242,13 @@ pub struct RecorderStats {
 }
 
 impl RecorderStats {
+    /// Counts `rows` lost, also under `rows_failed` (the metric's
+    /// `result="failed"`); the caller logs why.
+    fn lose(&self, rows: u64) {
+        self.rows_lost.fetch_add(rows, Ordering::Relaxed);
+        self.rows_failed.fetch_add(rows, Ordering::Relaxed);
+    }
+
     fn leave_on_disk(&self) {
         self.left_on_disk.store(true, Ordering::Release);
         self.left_on_disk_wake.notify_one();
@@ -219,9 +289,10 @@ impl Recorder {
     /// a bounded channel: a request that was admitted must always get its
     /// row, so `record` never waits and never drops; instead no new request
     /// is admitted while the spooler is `max_pending` events behind (only a
-    /// stalled disk gets it there).
+    /// stalled disk gets it there), nor while it holds a batch that neither
+    /// the spool nor the database takes (true again as soon as one does).
     pub fn accepting(&self) -> bool {
-        if self.stats.spool_failing.load(Ordering::Relaxed)
+        if self.stats.unsaved.load(Ordering::Relaxed)
             || self.stats.pending.load(Ordering::Relaxed) >= self.max_pending
         {
             return false;
@@ -272,11 +343,14 @@ pub async fn start(
     let spool = Arc::new(Mutex::new(spool));
     let mut writer = Writer {
         spool: spool.clone(),
-        store,
         stats: stats.clone(),
         batch_size: config.batch_size,
-        hook: None,
-        flush: config.flush_metrics,
+        sink: Sink {
+            store,
+            hook: None,
+            flush: config.flush_metrics,
+            stats: stats.clone(),
+        },
         written: checkpoint,
         unsaved: None,
         last_checkpoint: tokio::time::Instant::now(),
@@ -292,7 +366,7 @@ pub async fn start(
     // Everything in the spool is in the database now; the spooler's first
     // batch starts at its end.
     writer.written = lock(&spool)?.end_position();
-    writer.hook = on_commit;
+    writer.sink.hook = on_commit;
     publish_spool(&spool, &stats);
 
     let (events, receiver) = mpsc::unbounded_channel();
@@ -309,7 +383,7 @@ pub async fn start(
         closed,
         batches,
         spool.clone(),
-        stats.clone(),
+        writer.sink.clone(),
         config.batch_size,
         config.flush_interval,
     ));
@@ -327,26 +401,71 @@ impl RecorderHandle {
         self.recorder.clone()
     }
 
-    /// Flushes everything recorded so far and stops: every event is in the
-    /// spool, and in the database unless it is down (then the spool keeps
-    /// it for the next start). Call after the data plane stopped serving;
-    /// events recorded after this call are lost (and logged).
+    /// [`RecorderHandle::shutdown_within`] the [`SHUTDOWN_GRACE`].
     pub async fn shutdown(self) {
+        self.shutdown_within(SHUTDOWN_GRACE).await;
+    }
+
+    /// Flushes everything recorded so far and stops, within `grace`
+    /// whatever the disk and the database do: every event is in the spool
+    /// or the database, and in the database unless it is down (then the
+    /// spool keeps it for the next start). Rows that at the deadline are
+    /// in neither (the disk refuses them and the database is down) are
+    /// counted in `rows_lost` and logged as an error. Call after the data
+    /// plane stopped serving; events recorded after this call are lost
+    /// (and logged).
+    pub async fn shutdown_within(self, grace: Duration) {
         let RecorderHandle {
             recorder,
             close,
-            spooler,
-            writer,
+            mut spooler,
+            mut writer,
         } = self;
+        let deadline = tokio::time::Instant::now() + grace;
+        let stats = recorder.stats.clone();
         drop(recorder);
-        // The spooler closes its channel, spools what is buffered and ends;
+        // The spooler closes its channel, saves what is buffered and ends;
         // the writer ends when the spooler's batches stop.
         let _ = close.send(());
-        if let Err(error) = spooler.await {
-            tracing::error!(message = "Usage spooler failed.", %error);
+        let ended = match tokio::time::timeout_at(deadline, &mut spooler).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                // Still retrying a batch that neither the spool nor the
+                // database takes. Once it is stopped (and awaited, so that
+                // nothing is saved behind the count), the events it had not
+                // saved are lost: its batch and its channel's.
+                spooler.abort();
+                let ended = spooler.await;
+                let lost = stats.pending.load(Ordering::Relaxed);
+                stats.lose(lost);
+                tracing::error!(
+                    message = "Usage rows of finished requests could be saved neither to the spool nor to the database before the shutdown deadline; they are lost.",
+                    rows = lost,
+                    grace_secs = grace.as_secs_f64(),
+                );
+                ended
+            }
+        };
+        if let Err(error) = ended {
+            if !error.is_cancelled() {
+                tracing::error!(message = "Usage spooler failed.", %error);
+            }
         }
-        if let Err(error) = writer.await {
-            tracing::error!(message = "Usage writer failed.", %error);
+        let ended = match tokio::time::timeout_at(deadline, &mut writer).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                tracing::warn!(
+                    message = "Usage writer stopped at the shutdown deadline; the rows it had not written wait in the spool for the next start.",
+                    grace_secs = grace.as_secs_f64(),
+                );
+                writer.abort();
+                writer.await
+            }
+        };
+        if let Err(error) = ended {
+            if !error.is_cancelled() {
+                tracing::error!(message = "Usage writer failed.", %error);
+            }
         }
     }
 }
@@ -373,8 +492,9 @@ fn lock(spool: &Mutex<Spool>) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolE
 }
 
 /// Collects events into batches, appends each to the spool (fsync), and
-/// hands it to the writer. On `close` it stops taking new events, spools
-/// what is buffered, and ends.
+/// hands it to the writer; a batch the spool refuses goes straight to the
+/// database instead ([`save`]). On `close` it stops taking new events,
+/// saves what is buffered, and ends.
 ///
 /// A batch is appended early enough that its oldest event is on disk
 /// within `flush_interval` of being recorded: the wait for more events
@@ -390,11 +510,13 @@ async fn spooler(
     mut close: oneshot::Receiver<()>,
     batches: mpsc::Sender<Spooled>,
     spool: Arc<Mutex<Spool>>,
-    stats: Arc<RecorderStats>,
+    sink: Sink,
     batch_size: usize,
     flush_interval: Duration,
 ) {
+    let stats = sink.stats.clone();
     let mut closing = false;
+    let mut refusing = false;
     // Only this task appends, so the spool ends where its last batch did.
     let mut last_end = spool
         .lock()
@@ -451,7 +573,13 @@ async fn spooler(
         }
         let count = batch.len() as u64;
         let started = Instant::now();
-        let (events, end) = append_until_done(&spool, &stats, batch).await;
+        let saved = save(&spool, &sink, &mut refusing, batch).await;
+        stats.pending.fetch_sub(count, Ordering::Relaxed);
+        let Saved::Spooled(events, end) = saved else {
+            // Written to the database, or lost (logged): the spool holds
+            // nothing of it, so the writer is not told.
+            continue;
+        };
         let took = started.elapsed();
         append_time.observe(took);
         if took > flush_interval && !slow_disk {
@@ -463,7 +591,6 @@ async fn spooler(
         } else if took <= flush_interval / 2 {
             slow_disk = false;
         }
-        stats.pending.fetch_sub(count, Ordering::Relaxed);
         stats.rows_spooled.fetch_add(count, Ordering::Relaxed);
         let start = std::mem::replace(&mut last_end, end.clone());
         match batches.try_send(Spooled { events, start, end }) {
@@ -493,46 +620,87 @@ impl AppendTime {
     }
 }
 
-/// Appends with retries: an event that was recorded must reach the spool.
-async fn append_until_done(
+/// What became of a batch the spooler saved.
+enum Saved {
+    /// Appended to the spool: its events, and where its record ends.
+    Spooled(Vec<UsageEvent>, SpoolPosition),
+    /// Refused by the spool and written to the database instead.
+    Written,
+    /// Lost with a blocking task that died (a bug); counted and logged.
+    Lost,
+}
+
+/// Saves a batch: appends it to the spool or, when the disk refuses it
+/// (full, I/O errors), writes it straight to the database; retried until
+/// one of them takes it, and meanwhile no new request is admitted. An event
+/// that was recorded must be saved: its request may have had its 200.
+///
+/// A batch is never in both places: a failed append is cut back off the
+/// spool before the next one, so the writer never reads back, nor a
+/// restart replays, rows written here. (A crash between a failed append
+/// and that cut may leave it whole in the file, to be replayed: the
+/// database ignores the ids it has.) `refusing` is whether the spool's last
+/// append failed, for the log.
+async fn save(
     spool: &Arc<Mutex<Spool>>,
-    stats: &Arc<RecorderStats>,
+    sink: &Sink,
+    refusing: &mut bool,
     batch: Vec<UsageEvent>,
-) -> (Vec<UsageEvent>, SpoolPosition) {
+) -> Saved {
+    let stats = &sink.stats;
     let mut batch = batch;
+    // After a failed write the batch may have committed unseen.
+    let mut again = false;
     let mut delay = Duration::from_millis(100);
     loop {
+        let count = batch.len() as u64;
         let spool_ref = spool.clone();
         let attempt = blocking(move || {
             let result = lock(&spool_ref).and_then(|mut spool| spool.append(&batch));
             (batch, result)
         })
         .await;
-        match attempt {
-            Ok((returned, Ok(position))) => {
-                stats.spool_failing.store(false, Ordering::Relaxed);
-                publish_spool(spool, stats);
-                return (returned, position);
+        publish_spool(spool, stats);
+        let error = match attempt {
+            Ok((events, Ok(end))) => {
+                stats.unsaved.store(false, Ordering::Relaxed);
+                if std::mem::take(refusing) {
+                    tracing::info!(message = "Usage spool appends succeed again.");
+                }
+                return Saved::Spooled(events, end);
             }
             Ok((returned, Err(error))) => {
                 batch = returned;
-                stats.spool_failing.store(true, Ordering::Relaxed);
-                tracing::error!(
-                    message = "Usage spool append failed; retrying. New requests are refused until it succeeds.",
-                    %error,
-                    rows = batch.len(),
-                );
+                error
             }
             Err(error) => {
                 // The blocking task itself died (a panic): the batch is gone
                 // with it. This is a bug; say so loudly.
-                tracing::error!(message = "Usage spool task died; a batch is lost.", %error);
-                let position = spool.lock().map(|s| s.end_position()).unwrap_or_default();
-                return (Vec::new(), position);
+                stats.lose(count);
+                tracing::error!(message = "Usage spool task died; a batch is lost.", %error, rows = count);
+                return Saved::Lost;
             }
+        };
+        if !std::mem::replace(refusing, true) {
+            tracing::error!(
+                message = "Usage spool append failed; usage rows go straight to the database until the spool takes them again.",
+                %error,
+                rows = count,
+            );
+        }
+        if sink.write(&batch, again).await.is_ok() {
+            stats.unsaved.store(false, Ordering::Relaxed);
+            return Saved::Written;
+        }
+        again = true;
+        if !stats.unsaved.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                message = "Usage rows can be saved neither to the spool nor to the database; new requests are refused until one of them takes them.",
+                rows = count,
+            );
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        delay = (delay * 2).min(RETRY_INTERVAL);
     }
 }
 
@@ -551,11 +719,9 @@ struct Spooled {
 /// back from the spool whatever it did not get in memory.
 struct Writer {
     spool: Arc<Mutex<Spool>>,
-    store: Arc<dyn Store>,
     stats: Arc<RecorderStats>,
     batch_size: usize,
-    hook: Option<CommitHook>,
-    flush: FlushMetrics,
+    sink: Sink,
     /// Everything in the spool before this is in the database.
     written: SpoolPosition,
     /// The part of `written` not checkpointed yet.
@@ -670,21 +836,9 @@ impl Writer {
 
     /// Writes `rows`, everything in the spool from `written` to `end`.
     async fn write(&mut self, rows: &[UsageEvent], end: SpoolPosition) -> Result<(), StoreError> {
-        let written = self
-            .flush
-            .write(&*self.store, rows, self.unsure, &self.stats)
-            .await;
-        if written.is_err() {
-            self.unsure = true;
-        }
+        let written = self.sink.write(rows, self.unsure).await;
+        self.unsure = written.is_err();
         written?;
-        self.unsure = false;
-        if let Some(hook) = &self.hook {
-            hook(rows);
-        }
-        self.stats
-            .rows_written
-            .fetch_add(rows.len() as u64, Ordering::Relaxed);
         self.written = end.clone();
         self.unsaved = Some(end);
         Ok(())
@@ -824,15 +978,19 @@ async fn checkpoint(
         let Some(checkpoint) = lock(&spool_ref)?.prepare_checkpoint(position) else {
             return Ok(());
         };
-        checkpoint.persist()?;
+        let persisted = checkpoint.persist();
+        // The rows are in the database whether or not the file could be
+        // written (a full disk refuses even that), so the segments before
+        // the checkpoint are deleted anyway: on a full disk they are the
+        // room the spool needs. An older checkpoint file only makes a
+        // restart replay more, which the database ignores.
         lock(&spool_ref)?.checkpointed(checkpoint);
-        Ok::<(), SpoolError>(())
+        persisted
     })
     .await;
+    publish_spool(spool, stats);
     match result {
-        Ok(Ok(())) => publish_spool(spool, stats),
-        // A failed checkpoint only means those rows may be written again
-        // after a restart, which the database ignores.
+        Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
         Err(error) => tracing::warn!(message = "Usage spool checkpoint failed.", %error),
     }

@@ -43,7 +43,13 @@
 //! - An unreadable checkpoint file: logged, and everything in the spool is
 //!   replayed (the database ignores the rows it already has).
 //! - A failed append (disk full, I/O error) is cut back off the segment
-//!   before the next append, so a later record never follows garbage.
+//!   before the next append, so a later record never follows garbage. The
+//!   batch is not in the spool: the caller keeps it (and the recorder
+//!   writes it to the database directly).
+//! - A full disk: once everything in the active segment is checkpointed,
+//!   the append after a failed one deletes it and starts a new segment, so
+//!   a spool that filled the disk gives its space back by itself when the
+//!   database has taken its rows (other segments go at each checkpoint).
 //! - `open` returns everything pending at once, so a spool near `spool_max`
 //!   (after a long database outage) costs about that much memory again, and
 //!   more, while it is replayed.
@@ -166,6 +172,9 @@ pub struct Spool {
     pending_bytes: u64,
     /// The record being appended, kept to reuse its allocation.
     buf: Vec<u8>,
+    /// The last append failed: the disk may be full, so the next one first
+    /// gives back the active segment if it holds nothing pending.
+    refused: bool,
 }
 
 #[derive(Debug)]
@@ -330,6 +339,7 @@ impl Spool {
             checkpoint,
             pending_bytes: 0,
             buf: Vec::new(),
+            refused: false,
         };
         spool.remove_checkpointed_segments();
         spool.pending_bytes = spool.count_pending_bytes();
@@ -340,11 +350,27 @@ impl Spool {
     /// just after it. Succeeds whenever the disk does, even past
     /// `max_bytes`: admission control is the caller's, through
     /// [`Spool::is_full`]. An empty batch writes nothing.
+    ///
+    /// After a failed append, the next one starts a new segment when the
+    /// active one holds nothing pending, and deletes that one first: on a
+    /// full disk it is the room the spool can give back (other segments are
+    /// deleted by checkpoints, but the active one only once appends have
+    /// moved past it).
     pub fn append(&mut self, batch: &[UsageEvent]) -> Result<SpoolPosition, SpoolError> {
         if batch.is_empty() {
             return Ok(self.end.clone());
         }
         encode_record(&mut self.buf, batch)?;
+        if self.refused {
+            self.release_checkpointed_active();
+        }
+        let appended = self.append_record();
+        self.refused = appended.is_err();
+        appended
+    }
+
+    /// Appends the record in `buf`.
+    fn append_record(&mut self) -> Result<SpoolPosition, SpoolError> {
         let record_len = self.buf.len() as u64;
         let mut active = match self.active.take() {
             Some(active) if active.len == 0 || active.len + record_len <= self.segment_bytes => {
@@ -488,6 +514,29 @@ impl Spool {
             len: 0,
             dirty: false,
         })
+    }
+
+    /// Closes and deletes the active segment if everything in it is
+    /// checkpointed; the next append then creates a new one (numbered after
+    /// it, so positions keep growing). One that cannot be deleted is left
+    /// to the next checkpoint, as any other.
+    fn release_checkpointed_active(&mut self) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        let end = SpoolPosition {
+            segment: active.id,
+            offset: active.len,
+        };
+        if end > self.checkpoint {
+            return;
+        }
+        let (id, path) = (active.id, active.path.clone());
+        // Closed before it is deleted, so that its space is freed now.
+        self.active = None;
+        if remove_segment(&path) {
+            self.segments.remove(&id);
+        }
     }
 
     /// Deletes every segment that lies wholly before the checkpoint, except
@@ -1716,6 +1765,38 @@ pub(crate) mod tests {
             let replay = open(dir.path()).1;
             assert_eq!(replay, [events(0..2), events(4..6)].concat(), "roll {roll}");
         }
+    }
+
+    #[test]
+    fn after_a_failed_append_a_checkpointed_active_segment_is_given_back() {
+        let dir = TempDir::new().unwrap();
+        let (mut spool, _) = open(dir.path());
+        let p1 = spool.append(&events(0..2)).unwrap();
+        let path = segment_path(dir.path(), 1);
+        // A handle that cannot write makes the append fail, as a full disk
+        // would.
+        spool.active.as_mut().unwrap().file = File::open(&path).unwrap();
+        spool.append(&events(2..4)).unwrap_err();
+        // Not yet in the database: the segment is kept, and the append
+        // still goes to it (and fails).
+        spool.append(&events(2..4)).unwrap_err();
+        assert!(path.exists());
+
+        // Once its rows are in the database, the next append deletes it and
+        // starts a new segment after it.
+        spool.checkpoint(p1.clone()).unwrap();
+        assert!(path.exists(), "a checkpoint keeps the active segment");
+        let p2 = spool.append(&events(4..6)).unwrap();
+        assert_eq!(p2.segment(), 2);
+        assert!(!path.exists(), "the checkpointed segment is given back");
+        assert_eq!(spool.pending_bytes(), p2.offset());
+        let p3 = spool.append(&events(6..8)).unwrap();
+        assert_eq!(p3.segment(), 2, "appends go on in the new segment");
+        drop(spool);
+        let (spool, replay) = open(dir.path());
+        assert_eq!(replay, events(4..8));
+        assert_eq!(list_segments(dir.path()).unwrap(), [2]);
+        assert_eq!(spool.end_position(), p3);
     }
 
     #[test]
