@@ -59,6 +59,11 @@ const SPEC_METRICS: &[(&str, &str, &[&str])] = &[
         "counter",
         &["route", "kind"],
     ),
+    (
+        "tollgate_usage_invalid_values_total",
+        "counter",
+        &["route", "field"],
+    ),
 ];
 
 /// Sections written `[[name]]`: one table per entry.
