@@ -59,6 +59,12 @@ const SPEC_METRICS: &[(&str, &str, &[&str])] = &[
         "counter",
         &["route", "kind"],
     ),
+    (
+        "tollgate_usage_invalid_values_total",
+        "counter",
+        &["route", "field"],
+    ),
+    ("tollgate_open_connections", "gauge", &["listener"]),
 ];
 
 /// Sections written `[[name]]`: one table per entry.

@@ -382,8 +382,11 @@ fn check_exposition(text: &str) {
         }
     }
     for name in SPEC_METRICS {
-        if name == "tollgate_upstream_errors_total" {
-            continue; // exposed once one happens (checked above)
+        if matches!(
+            name,
+            "tollgate_upstream_errors_total" | "tollgate_usage_invalid_values_total"
+        ) {
+            continue; // exposed once one happens (upstream errors: checked above)
         }
         assert!(types.contains_key(name), "{name} is not exposed");
     }
@@ -449,6 +452,7 @@ async fn metrics_need_no_token_and_take_only_get() {
             name,
             "tollgate_requests_total"
                 | "tollgate_upstream_errors_total"
+                | "tollgate_usage_invalid_values_total"
                 | "tollgate_cost_nanos_total"
                 | "tollgate_tokens_total"
         ) {

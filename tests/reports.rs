@@ -652,3 +652,162 @@ fn the_cli_prints_the_same_reports() {
     );
     assert_eq!(code, 2, "{stderr}");
 }
+
+/// SPEC §5: sums never overflow. A database already holding rows at the
+/// top of the bigint range (several of them, so every sum leaves it) is
+/// one a gateway starts on, enforces its quotas with, reports and bills.
+async fn rows_at_the_bigint_limit(backend: Backend) {
+    let db = TestGuard::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate_store::open(db.url(), 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let huge = store
+        .create_customer(tollgate_metering::store::NewCustomer {
+            id: CustomerId::new(),
+            name: "huge".into(),
+            tier: "capped".into(),
+            overrides: json!({}),
+            created_at: datetime!(2026-01-01 0:00 UTC),
+        })
+        .await
+        .unwrap()
+        .id;
+    let max = i64::MAX as u64;
+    let mut events = Vec::new();
+    for day in 0..4u64 {
+        let ts = datetime!(2026-11-02 10:00 UTC) + Duration::from_secs(day * 86_400);
+        let mut e = event(
+            huge,
+            ts,
+            "openai",
+            Some("gpt-4o-mini"),
+            Outcome::Ok,
+            200,
+            (max, max),
+            i64::MAX,
+        );
+        (e.cache_read_tokens, e.cache_write_tokens) = (max, max);
+        e.key_id = KeyId(Uuid::nil());
+        events.push(e);
+    }
+    store.write_usage(&events).await.unwrap();
+    drop(store);
+
+    let toml = format!(
+        r#"
+[admin]
+tokens = ["admin-test-token"]
+
+[database]
+url = "{db}"
+
+[usage]
+spool_dir = "{spool}"
+
+[[tiers]]
+name = "capped"
+monthly_requests = 2
+monthly_tokens = 1000
+monthly_cost_usd = 5
+overage = "bill"
+overage_price_per_request_usd = 0.01
+
+[[routes]]
+name = "openai"
+prefix = "/v1/"
+upstream = "http://127.0.0.1:1"
+"#,
+        db = db.url(),
+        spool = dir.path().join("spool").display(),
+    );
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-29 12:00 UTC)));
+    // Loading the month's totals is part of starting.
+    let gateway = TestGateway::start_on_clock(config(&toml), None, clock).await;
+
+    let quota = get(&gateway, "/v1/quota/huge").await;
+    let requests = &quota["limits"]["monthly_requests"];
+    assert_eq!(
+        (&requests["used"], &requests["remaining"]),
+        (&json!(4), &json!(0))
+    );
+    let tokens = &quota["limits"]["monthly_tokens"];
+    assert_eq!(
+        (&tokens["used"], &tokens["remaining"]),
+        (&json!(u64::MAX), &json!(0))
+    );
+    let cost = &quota["limits"]["monthly_cost_usd"];
+    assert_eq!(
+        (&cost["used"], &cost["remaining"]),
+        (&json!("9223372036.854775807"), &json!("0"))
+    );
+    // The budgets are spent: the customer's next request is refused.
+    let key = admin(
+        &gateway,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "huge"})),
+    )
+    .await;
+    assert_eq!(key.status, StatusCode::CREATED, "{:?}", key.body);
+    let key = key.json()["key"].as_str().unwrap().to_owned();
+    // A new key reaches the data plane's cache within a second.
+    let call = || async {
+        send(
+            &client(),
+            authorized(Method::GET, gateway.url("/v1/models"), Some(&key))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    };
+    eventually(Duration::from_secs(5), || async {
+        call().await.status != StatusCode::UNAUTHORIZED
+    })
+    .await;
+    let refused = call().await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_type(), "budget_exceeded");
+
+    let summary = get(&gateway, "/v1/usage/summary").await;
+    assert_eq!(summary["requests"], json!(4));
+    assert_eq!(summary["input_tokens"], json!(max));
+    assert_eq!(summary["tokens"], json!(u64::MAX));
+    assert_eq!(summary["cost_usd"], json!("9223372036.854775807"));
+    let daily = get(&gateway, "/v1/usage/daily").await;
+    assert_eq!(
+        column(&daily, "cost_usd"),
+        vec![json!("9223372036.854775807"); 4]
+    );
+    for path in [
+        "/v1/usage/by-customer",
+        "/v1/usage/top-customers?by=tokens",
+        "/v1/usage/top-customers?by=cost",
+    ] {
+        let document = get(&gateway, path).await;
+        assert_eq!(
+            column(&document, "cost_usd"),
+            [json!("9223372036.854775807")],
+            "{path}"
+        );
+        assert_eq!(column(&document, "output_tokens"), [json!(max)], "{path}");
+    }
+    let bill = get(&gateway, "/v1/billing/summary?period=2026-11").await;
+    let line = &bill["data"][0];
+    assert_eq!(line["customer"], "huge");
+    assert_eq!(line["overage_requests"], json!(2));
+    assert_eq!(line["overage_charge_usd"], "0.02");
+    assert_eq!(line["metered_cost_usd"], "9223372036.854775807");
+    assert_eq!(line["total_usd"], "9223372036.854775807");
+    assert_eq!(line["total_usd_cents"], "9223372036.85");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_at_the_bigint_limit_sqlite() {
+    rows_at_the_bigint_limit(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_at_the_bigint_limit_postgres() {
+    rows_at_the_bigint_limit(Backend::Postgres).await;
+}

@@ -639,8 +639,12 @@ async fn shapes_are_metered_exactly(backend: Backend) {
     assert_eq!(rows["token-headers"].route, "plain");
     assert_eq!(rows["token-headers"].path, "/plain/v1/chat/completions");
     assert_eq!(rows["anthropic-sse"].route, "anthropic");
-    let gateway_metering = m.gateway.running.as_ref().unwrap().metering();
-    assert_eq!(gateway_metering.bad_cost_headers.load(Ordering::Relaxed), 2);
+    let scrape = Scrape::of(m.gateway.admin).await;
+    assert_eq!(
+        scrape.value(INVALID, &[("route", "openai"), ("field", "cost")]),
+        2.0,
+        "the garbage and the negative cost header"
+    );
 
     // The client that did not ask for usage sees exactly the stream it
     // asked for, while the upstream was asked for usage.
@@ -706,6 +710,246 @@ async fn shapes_are_metered_exactly(backend: Backend) {
     assert_eq!(own.cost_source, "none");
     assert_daily_consistent(m.db.url()).await;
     m.gateway.stop().await;
+}
+
+const INVALID: &str = "tollgate_usage_invalid_values_total";
+
+/// An upstream that answers every request with the JSON body its path
+/// names (`/absurd`, `/unusable`), as no real API would: the usage objects
+/// an upstream with a bug sends. Closes each connection after one answer.
+async fn lying_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as many body bytes as it declares.
+                let head_end = loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .map_or(0, |value| value.trim().parse().unwrap());
+                while request.len() < head_end + length {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let usage = if head.starts_with("post /absurd") {
+                    // The incident: 5 × 10^18 tokens each way.
+                    json!({"prompt_tokens": 5_000_000_000_000_000_000u64,
+                           "completion_tokens": 5_000_000_000_000_000_000u64})
+                } else {
+                    json!({"prompt_tokens": -5, "completion_tokens": 7.5,
+                           "prompt_tokens_details": {"cached_tokens": "2"}})
+                };
+                let body = json!({"model": "gpt-4o-mini", "usage": usage}).to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// SPEC §5: bad values never reach a row. Absurd and unusable counts are
+/// stored as 0, an absurd cost header gives way to pricing, and each
+/// ignored value is counted by route and field.
+async fn absurd_usage_is_ignored_and_counted(backend: Backend) {
+    let db = TestGuard::create(backend).await;
+    let mock = MockUpstream::start().await.unwrap();
+    let lying = lying_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url());
+    toml += &format!(
+        r#"
+[[routes]]
+name = "lying"
+prefix = "/lying/"
+strip_prefix = true
+upstream = "{lying}"
+usage = "openai"
+"#
+    );
+    let gateway = TestGateway::start_on(config(&toml), None).await;
+    let m = Metered {
+        db,
+        mock,
+        gateway,
+        _dir: dir,
+    };
+    let five = "one two three four five";
+    let cases: [Case; 7] = [
+        ("absurd-body", "/lying/absurd", chat(five, false), vec![]),
+        (
+            "unusable-body",
+            "/lying/unusable",
+            chat(five, false),
+            vec![],
+        ),
+        (
+            "absurd-cache",
+            "/anthropic/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "max_tokens": 100,
+                   "messages": [{"role": "user", "content": "a b c"}]}),
+            vec![
+                ("x-mock-chunks", "5"),
+                ("x-mock-cache-read", "5000000000000000000"),
+            ],
+        ),
+        (
+            "absurd-cost",
+            "/v1/chat/completions",
+            chat(five, false),
+            vec![
+                ("x-mock-chunks", "7"),
+                ("x-mock-cost-usd", "1000000.000000001"),
+            ],
+        ),
+        (
+            "largest-cost",
+            "/v1/chat/completions",
+            chat(five, false),
+            vec![("x-mock-chunks", "7"), ("x-mock-cost-usd", "1000000")],
+        ),
+        (
+            "absurd-headers",
+            "/plain/v1/chat/completions",
+            chat(five, false),
+            vec![
+                ("x-mock-header", "x-tokens-input: 5000000000000000000"),
+                ("x-mock-header", "x-tokens-output: -3"),
+                ("x-mock-cost-usd", "9223372036.854775807"),
+            ],
+        ),
+        (
+            "top-headers",
+            "/plain/v1/chat/completions",
+            chat(five, false),
+            vec![
+                ("x-mock-header", "x-tokens-input: 1000000000000"),
+                ("x-mock-header", "x-tokens-output: 1.0"),
+            ],
+        ),
+    ];
+    for (case, path, body, headers) in &cases {
+        let reply = m.post(path, case, body.clone(), headers).await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}: {:?}", reply.body);
+    }
+    let rows = wait_for_rows(m.db.url(), cases.len()).await;
+    let rows = by_case(&rows);
+    let expected: [(&str, Expected); 7] = [
+        (
+            "absurd-body",
+            (0, 0, 0, 0, Some("gpt-4o-mini"), 0, "pricing"),
+        ),
+        (
+            "unusable-body",
+            (0, 0, 0, 0, Some("gpt-4o-mini"), 0, "pricing"),
+        ),
+        // Input and output stand; the cache count does not: 3 × 0.80 + 5 × 4.0.
+        (
+            "absurd-cache",
+            (
+                3,
+                5,
+                0,
+                0,
+                Some("claude-3-5-haiku-latest"),
+                22_400,
+                "pricing",
+            ),
+        ),
+        (
+            "absurd-cost",
+            (5, 7, 0, 0, Some("gpt-4o-mini"), 4950, "pricing"),
+        ),
+        (
+            "largest-cost",
+            (
+                5,
+                7,
+                0,
+                0,
+                Some("gpt-4o-mini"),
+                1_000_000_000_000_000,
+                "header",
+            ),
+        ),
+        ("absurd-headers", (0, 0, 0, 0, None, 0, "none")),
+        ("top-headers", (1_000_000_000_000, 0, 0, 0, None, 0, "none")),
+    ];
+    for (case, want) in expected {
+        let row = &rows[case];
+        let got = (
+            row.input_tokens,
+            row.output_tokens,
+            row.cache_read_tokens,
+            row.cache_write_tokens,
+            row.model.as_deref(),
+            row.cost_nanos,
+            row.cost_source.as_str(),
+        );
+        assert_eq!(got, want, "{case}");
+        assert_eq!(row.outcome, "ok", "{case}");
+    }
+    let scrape = Scrape::of(m.gateway.admin).await;
+    let counted =
+        |route: &str, field: &str| scrape.value(INVALID, &[("route", route), ("field", field)]);
+    // The lying upstream: both counts of both bodies, and the cached count
+    // written as text.
+    assert_eq!(counted("lying", "input_tokens"), 2.0);
+    assert_eq!(counted("lying", "output_tokens"), 2.0);
+    assert_eq!(counted("lying", "cache_read_tokens"), 1.0);
+    assert_eq!(counted("anthropic", "cache_read_tokens"), 1.0);
+    assert_eq!(
+        counted("openai", "cost"),
+        1.0,
+        "1,000,000 USD itself is fine"
+    );
+    assert_eq!(counted("plain", "input_tokens"), 1.0);
+    assert_eq!(counted("plain", "output_tokens"), 2.0, "-3 and 1.0");
+    assert_eq!(counted("plain", "cost"), 1.0);
+    assert_eq!(scrape.sum(INVALID, &[]), 11.0, "nothing else");
+    // What was believed is what the quota counts.
+    let usage = m.gateway.get("/_tollgate/usage").await.json();
+    assert_eq!(
+        usage["totals"]["tokens"],
+        json!(1_000_000_000_000u64 + 3 + 5 + 5 + 7 + 5 + 7),
+        "{usage}"
+    );
+    assert_daily_consistent(m.db.url()).await;
+    m.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_usage_is_ignored_and_counted_sqlite() {
+    absurd_usage_is_ignored_and_counted(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_usage_is_ignored_and_counted_postgres() {
+    absurd_usage_is_ignored_and_counted(Backend::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use tollgate::config::Config;
 pub use tollgate_mock::MockUpstream;
 
 /// SPEC §7: every metric name Tollgate exports.
-pub const SPEC_METRICS: [&str; 16] = [
+pub const SPEC_METRICS: [&str; 18] = [
     "tollgate_requests_total",
     "tollgate_request_duration_seconds",
     "tollgate_upstream_duration_seconds",
@@ -37,6 +37,8 @@ pub const SPEC_METRICS: [&str; 16] = [
     "tollgate_metering_unavailable_total",
     "tollgate_keys_cached",
     "tollgate_upstream_errors_total",
+    "tollgate_usage_invalid_values_total",
+    "tollgate_open_connections",
 ];
 
 /// The environment used to interpolate test configs.

@@ -63,6 +63,7 @@ fn found(tokens: Option<TokenCounts>, model: &str) -> Extracted {
     Extracted {
         tokens,
         model: Some(model.to_owned()),
+        ..Extracted::default()
     }
 }
 
@@ -177,6 +178,7 @@ fn anthropic_fixtures_match_expected_counts_under_every_split() {
                 count("cache_write_tokens"),
             ),
             model: Some(want["model"].as_str().unwrap().to_owned()),
+            ..Extracted::default()
         };
         assert_scan_every_split(UsageFormat::Anthropic, true, &body, &want);
         // The same stream with \r\n line ends.
@@ -401,6 +403,7 @@ fn openai_chat_stream_without_usage_chunk_has_model_but_no_tokens() {
         &Extracted {
             tokens: None,
             model: Some("gpt-4o-mini-2024-07-18".to_owned()),
+            ..Extracted::default()
         },
     );
     // Client gone before the usage chunk of an include_usage stream.
@@ -416,6 +419,7 @@ fn openai_chat_stream_without_usage_chunk_has_model_but_no_tokens() {
         Extracted {
             tokens: None,
             model: Some("gpt-4o-mini-2024-07-18".to_owned()),
+            ..Extracted::default()
         }
     );
 }
@@ -435,6 +439,7 @@ fn openai_responses_stream() {
         Extracted {
             tokens: None,
             model: Some("gpt-4o-mini".to_owned()),
+            ..Extracted::default()
         }
     );
 }
@@ -460,18 +465,18 @@ fn events_larger_than_the_buffer_are_walked_as_they_stream() {
         Extracted {
             tokens: None,
             model: Some("gpt-4o-mini".to_owned()),
+            ..Extracted::default()
         }
     );
 }
 
 #[test]
 fn garbage_and_errors_yield_no_usage() {
-    let bodies: [&[u8]; 7] = [
+    let bodies: [&[u8]; 6] = [
         b"",
         b"not json at all",
         br#"{"error":{"type":"rate_limited","message":"usage exceeded"}}"#,
         br#"{"usage":"lots","model":42}"#,
-        br#"{"usage":{"prompt_tokens":-1}}"#,
         br#"[{"usage":{"prompt_tokens":1}}]"#,
         br#"{"usage":{"prompt_tokens":1,}}"#,
     ];
@@ -482,6 +487,15 @@ fn garbage_and_errors_yield_no_usage() {
             }
         }
     }
+    // A count that is not a whole number is no count, but is reported as
+    // unusable (to be counted), not taken for the absence of usage.
+    let negative = scan(
+        UsageFormat::Openai,
+        false,
+        &[br#"{"usage":{"prompt_tokens":-1}}"#],
+    );
+    assert_eq!(negative.tokens, Some(TokenCounts::default()));
+    assert!(negative.unusable.input);
     // A route without a usage parser reads nothing, even a perfect body.
     let stream = chat_stream(true, 2, 3, 0);
     assert_eq!(

@@ -22,8 +22,9 @@ use time::OffsetDateTime;
 use tollgate_metering::cache::Authenticated;
 use tollgate_metering::limits::{event_tokens, Admission, Limiter};
 use tollgate_metering::policy::Policies;
-use tollgate_metering::usage::cost::parse_usd_to_nanos;
-use tollgate_metering::usage::extract::{TokenCounts, UsageChunkFilter, UsageScanner};
+use tollgate_metering::usage::cost::{parse_usd_to_nanos, CostError};
+use tollgate_metering::usage::event::Reported;
+use tollgate_metering::usage::extract::{Count, UsageChunkFilter, UsageScanner};
 use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::Recorder;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
@@ -45,8 +46,6 @@ pub struct Metering {
     pub metrics: Arc<Metrics>,
     /// Log one line per finished request (`server.access_log`).
     pub access_log: bool,
-    /// Cost headers that were present but unusable (garbage, negative, …).
-    pub bad_cost_headers: AtomicU64,
 }
 
 impl Metering {
@@ -64,7 +63,6 @@ impl Metering {
             instance,
             metrics,
             access_log,
-            bad_cost_headers: AtomicU64::new(0),
         }
     }
 }
@@ -264,35 +262,30 @@ fn micros(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Usage facts available from the upstream's response headers.
+/// Usage facts in the upstream's response headers, as read: whether they
+/// are believed is decided with the body's, by [`Reported::apply`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HeaderUsage {
-    /// A valid cost header, in nano-USD.
-    pub cost_nanos: Option<i64>,
-    /// The header was present but not a usable cost (garbage, negative, …).
-    pub bad_cost_header: bool,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
+    /// The cost header, in nano-USD; an error when present but not a cost
+    /// (garbage, negative, …).
+    pub cost_nanos: Option<Result<i64, CostError>>,
+    pub input_tokens: Option<Count>,
+    pub output_tokens: Option<Count>,
 }
 
 impl HeaderUsage {
     pub fn read(headers: &HeaderMap, usage: &RouteUsage) -> HeaderUsage {
+        // A header that is not visible ASCII reads as garbage, not as
+        // absent: it was sent, so it is judged (and counted) as invalid.
         let text = |name: &Option<HeaderName>| {
-            name.as_ref()
-                .and_then(|name| headers.get(name))
-                .and_then(|value| value.to_str().ok())
-                .map(str::trim)
+            let value = name.as_ref().and_then(|name| headers.get(name))?;
+            Some(value.to_str().map(str::trim).unwrap_or("\u{FFFD}"))
         };
-        let mut found = HeaderUsage::default();
-        if let Some(cost) = text(&usage.cost_header) {
-            match parse_usd_to_nanos(cost) {
-                Ok(nanos) => found.cost_nanos = Some(nanos),
-                Err(_) => found.bad_cost_header = true,
-            }
+        HeaderUsage {
+            cost_nanos: text(&usage.cost_header).map(parse_usd_to_nanos),
+            input_tokens: text(&usage.input_tokens_header).map(Count::parse),
+            output_tokens: text(&usage.output_tokens_header).map(Count::parse),
         }
-        found.input_tokens = text(&usage.input_tokens_header).and_then(|t| t.parse().ok());
-        found.output_tokens = text(&usage.output_tokens_header).and_then(|t| t.parse().ok());
-        found
     }
 }
 
@@ -354,44 +347,36 @@ impl MeteredBody {
 }
 
 impl Meter {
-    /// Fills tokens, model and cost into the event (from what was seen so far).
+    /// Fills tokens, model and cost into the event (from what was seen so
+    /// far), believing only valid values: the ones ignored are counted and
+    /// logged here, once per request.
     fn settle(&mut self) {
-        let extracted = self.scanner.as_ref().map(UsageScanner::finish);
-        let headers = self.headers;
+        let reported = Reported {
+            body: self
+                .scanner
+                .as_ref()
+                .map(UsageScanner::finish)
+                .unwrap_or_default(),
+            input_tokens_header: self.headers.input_tokens,
+            output_tokens_header: self.headers.output_tokens,
+            cost_header: self.headers.cost_nanos,
+        };
         let response_bytes = self.response_bytes;
-        let pricing = &self.guard.pricing;
         let Some(event) = self.guard.event.as_mut() else {
             return;
         };
         event.response_bytes = response_bytes;
-        let mut tokens = TokenCounts::default();
-        if let Some(extracted) = extracted {
-            if let Some(found) = extracted.tokens {
-                tokens = found;
-            }
-            event.model = extracted.model;
+        let invalid = reported.apply(event, &self.guard.pricing);
+        if !invalid.is_empty() {
+            self.guard.route_metrics.invalid_values(&invalid);
+            let fields: Vec<&str> = invalid.iter().map(|(field, _)| field.as_str()).collect();
+            tracing::debug!(
+                message = "Ignored invalid usage values from the upstream.",
+                route = %event.route,
+                usage_id = %event.id,
+                fields = ?fields,
+            );
         }
-        if let Some(input) = headers.input_tokens {
-            tokens.input = input;
-        }
-        if let Some(output) = headers.output_tokens {
-            tokens.output = output;
-        }
-        event.input_tokens = tokens.input;
-        event.output_tokens = tokens.output;
-        event.cache_read_tokens = tokens.cache_read;
-        event.cache_write_tokens = tokens.cache_write;
-        // Cost precedence: the upstream's header, else the pricing table ×
-        // tokens, else zero.
-        let priced = event
-            .model
-            .as_deref()
-            .and_then(|model| pricing.cost_nanos(model, &tokens));
-        (event.cost_nanos, event.cost_source) = match (headers.cost_nanos, priced) {
-            (Some(nanos), _) => (nanos, CostSource::Header),
-            (None, Some(nanos)) => (nanos, CostSource::Pricing),
-            (None, None) => (0, CostSource::None),
-        };
     }
 
     fn finish(&mut self, outcome: Outcome) {

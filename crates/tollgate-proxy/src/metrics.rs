@@ -21,6 +21,7 @@ use metrics_exporter_prometheus::{
 };
 use tollgate_metering::cache::KeyCache;
 use tollgate_metering::limits::{Budget, Rejection};
+use tollgate_metering::usage::event::{InvalidValues, UsageField};
 use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::{FlushMetrics, RecorderStats};
 use tollgate_metering::usage::{Outcome, UsageEvent};
@@ -41,10 +42,11 @@ const DATABASE_UP: &str = "tollgate_database_up";
 const METERING_UNAVAILABLE: &str = "tollgate_metering_unavailable_total";
 const KEYS_CACHED: &str = "tollgate_keys_cached";
 const UPSTREAM_ERRORS: &str = "tollgate_upstream_errors_total";
+const INVALID_USAGE_VALUES: &str = "tollgate_usage_invalid_values_total";
 const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
 
 /// Every metric with its help text, in exposition order.
-const DESCRIPTIONS: [(&str, &str); 17] = [
+const DESCRIPTIONS: [(&str, &str); 18] = [
     (
         REQUESTS,
         "Data-plane requests, by route, status class and outcome.",
@@ -99,6 +101,10 @@ const DESCRIPTIONS: [(&str, &str); 17] = [
     (
         UPSTREAM_ERRORS,
         "Upstream failures, by route and kind (connect, timeout, reset).",
+    ),
+    (
+        INVALID_USAGE_VALUES,
+        "Usage values from upstreams ignored as invalid (unreadable or beyond the per-request bounds), by route and field.",
     ),
     (
         OPEN_CONNECTIONS,
@@ -394,6 +400,8 @@ pub struct RouteMetrics {
     upstream_duration: Histogram,
     /// connect, timeout, reset.
     upstream_errors: [OnceLock<Counter>; 3],
+    /// By [`UsageField`], registered on first use.
+    invalid_values: [OnceLock<Counter>; UsageField::ALL.len()],
     /// Per priced model, and `other` for everything else.
     models: HashMap<Box<str>, OnceLock<ModelCounters>>,
     other: OnceLock<ModelCounters>,
@@ -420,6 +428,7 @@ impl RouteMetrics {
             upstream_duration: registry
                 .register_histogram(&Key::from_parts(UPSTREAM_DURATION, route), &METADATA),
             upstream_errors: Default::default(),
+            invalid_values: Default::default(),
             models: models
                 .iter()
                 .map(|&model| (Box::from(model), OnceLock::new()))
@@ -479,6 +488,19 @@ impl RouteMetrics {
                     .register_counter(&Key::from_parts(UPSTREAM_ERRORS, labels), &METADATA)
             })
             .increment(1);
+    }
+
+    /// Usage values an upstream reported that were ignored as invalid.
+    pub fn invalid_values(&self, invalid: &InvalidValues) {
+        for (field, count) in invalid.iter() {
+            self.invalid_values[field.index()]
+                .get_or_init(|| {
+                    let labels = self.labels(&[("field", field.as_str())]);
+                    self.registry
+                        .register_counter(&Key::from_parts(INVALID_USAGE_VALUES, labels), &METADATA)
+                })
+                .increment(count);
+        }
     }
 
     /// A usage row's tokens and cost, under the pricing model that matches

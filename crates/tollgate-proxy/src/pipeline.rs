@@ -557,12 +557,6 @@ impl Gateway {
         guard.set_status(parts.status.as_u16());
         // Read before `strip_response_headers`, which often names them.
         let header_usage = HeaderUsage::read(&parts.headers, &route.usage);
-        if header_usage.bad_cost_header {
-            self.metering
-                .bad_cost_headers
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(message = "Ignored an unusable cost header.", route = %route.name);
-        }
         let content_type = parts
             .headers
             .get(CONTENT_TYPE)

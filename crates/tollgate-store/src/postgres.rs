@@ -1565,33 +1565,7 @@ impl Store for PostgresStore {
         &self,
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
-        run(async {
-            let client = self.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "SELECT customer_id, sum(requests)::bigint, \
-                     sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens)::bigint, \
-                     sum(cost_nanos)::bigint \
-                     FROM usage_customer_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id",
-                )
-                .await?;
-            let rows = client
-                .query(&statement, &[&period.first_day(), &period.next().first_day()])
-                .await?;
-            let mut totals = HashMap::with_capacity(rows.len());
-            for row in &rows {
-                totals.insert(
-                    CustomerId(get(row, 0)?),
-                    PeriodTotals {
-                        requests: u64::try_from(get::<i64>(row, 1)?).unwrap_or(0),
-                        tokens: u64::try_from(get::<i64>(row, 2)?).unwrap_or(0),
-                        cost_nanos: get(row, 3)?,
-                    },
-                );
-            }
-            Ok(totals)
-        })
-        .await
+        run(reports::period_totals(self, period)).await
     }
 
     async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {

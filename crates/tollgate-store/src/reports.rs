@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use time::OffsetDateTime;
-use tollgate_metering::limits::Period;
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{BillingLine, UsageFilter, UsageTotals};
 use tollgate_metering::store::StoreError;
 use uuid::Uuid;
@@ -61,6 +61,19 @@ pub(crate) fn totals(sums: [i64; 10]) -> UsageTotals {
         request_bytes: count(request_bytes),
         response_bytes: count(response_bytes),
         cost_nanos,
+    }
+}
+
+/// A customer's period totals, what the limiter loads at start and at
+/// each sync, from the same clamped sums the reports show: tokens of all
+/// four classes added as `limits::event_tokens` adds a row's, saturating.
+/// Whatever the rollups hold, a total is a number and never an error, so
+/// a gateway always starts on the database it has.
+pub(crate) fn period_totals(totals: &UsageTotals) -> PeriodTotals {
+    PeriodTotals {
+        requests: totals.requests,
+        tokens: totals.tokens(),
+        cost_nanos: totals.cost_nanos,
     }
 }
 

@@ -416,12 +416,6 @@ const UPSERT_CUSTOMER_DAILY: &str = concat!(
     add_sums!()
 );
 
-/// Per-customer totals of one period, from the customer-day rollup (`day`
-/// text sorts as dates do).
-const PERIOD_TOTALS: &str = "SELECT customer_id, sum(requests), \
-    sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), sum(cost_nanos) \
-    FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id";
-
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
 /// its id is present, and only the rows inserted are added to their
 /// `usage_daily` group, which is upserted once per group at the end, and
@@ -931,26 +925,8 @@ impl Store for SqliteStore {
         &self,
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
-        let from = period.first_day().to_string();
-        let to = period.next().first_day().to_string();
-        self.call(move |conn| {
-            let mut statement = conn.prepare_cached(PERIOD_TOTALS)?;
-            let mut rows = statement.query(params![from, to])?;
-            let mut totals = HashMap::new();
-            while let Some(row) = rows.next()? {
-                let customer = CustomerId(parse_uuid(&row.get::<_, String>(0)?)?);
-                totals.insert(
-                    customer,
-                    PeriodTotals {
-                        requests: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
-                        tokens: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
-                        cost_nanos: row.get(3)?,
-                    },
-                );
-            }
-            Ok(totals)
-        })
-        .await
+        self.call(move |conn| reports::period_totals(conn, period))
+            .await
     }
 
     async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {

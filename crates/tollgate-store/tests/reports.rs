@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use time::macros::{date, datetime};
 use time::{Month, OffsetDateTime};
-use tollgate_metering::limits::Period;
+use tollgate_metering::limits::{Limiter, Limits, ManualClock, Overage, Period, PeriodTotals};
+use tollgate_metering::reporting::Reports;
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, GroupKey, Ranking, UsageFilter, UsageGroup, UsageTotals,
 };
@@ -37,6 +38,7 @@ tollgate_store::both_backends!(
     concurrent_closes_from_two_stores_store_one_set_of_lines,
     duplicate_billing_lines_are_refused_and_store_nothing,
     report_sums_saturate_instead_of_failing,
+    rows_at_the_bigint_limit_load_report_and_bill,
 );
 
 fn february() -> Period {
@@ -1011,4 +1013,171 @@ async fn report_sums_saturate_instead_of_failing(backend: Backend) {
         .iter()
         .filter(|e| e.customer_id == customer)
         .all(|e| e.input_tokens == i64::MAX as u64));
+}
+
+/// Sets every summed column of a rollup row to `i64::MAX`: what a database
+/// holds after upstreams reported absurd numbers before they were bounded.
+const AT_THE_LIMIT: &str = "9223372036854775807, 9223372036854775807, 9223372036854775807, \
+    9223372036854775807, 9223372036854775807, 9223372036854775807, 9223372036854775807, \
+    9223372036854775807, 9223372036854775807, 9223372036854775807";
+
+async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let huge = create(&*store, "huge", "pro").await;
+    let small = create(&*store, "small", "pro").await;
+    // Through the writer: rows with i64::MAX in every count and the cost,
+    // several of them, so that each customer day saturates.
+    let max = i64::MAX as u64;
+    let mut events = Vec::new();
+    for n in 0..3u64 {
+        let at = datetime!(2026-03-02 12:00 UTC) + Duration::from_secs(86_400 * (n % 2));
+        let mut e = event(huge, at);
+        (e.input_tokens, e.output_tokens) = (max, max);
+        (e.cache_read_tokens, e.cache_write_tokens) = (max, max);
+        e.cost_nanos = i64::MAX;
+        events.push(e);
+    }
+    events.push(event(small, datetime!(2026-03-05 12:00 UTC)));
+    store.write_usage(&events).await.unwrap();
+    // Inserted directly: rollup rows at the limit in every column, the
+    // request counts included, on days of their own.
+    let key = KeyId::new();
+    for day in ["2026-03-10", "2026-03-11", "2026-03-12"] {
+        guard
+            .raw(&format!(
+                "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, errors, \
+                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+                 request_bytes, response_bytes, cost_nanos) \
+                 VALUES ('{day}', '{huge}', {AT_THE_LIMIT})"
+            ))
+            .await;
+        guard
+            .raw(&format!(
+                "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
+                 rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
+                 cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+                 VALUES ('{day}', '{huge}', '{key}', 'openai', 'gpt-4o', {AT_THE_LIMIT})"
+            ))
+            .await;
+    }
+    // A new row added to those at the limit: both upserts saturate.
+    let mut more = usage_event(huge, key, datetime!(2026-03-10 18:00 UTC));
+    more.cost_nanos = i64::MAX;
+    assert_eq!(store.write_usage(&[more]).await.unwrap(), 1);
+    let stored = guard
+        .raw(
+            "SELECT requests, input_tokens, cost_nanos FROM usage_daily WHERE day = '2026-03-10' \
+             UNION ALL \
+             SELECT requests, input_tokens, cost_nanos FROM usage_customer_daily \
+             WHERE day = '2026-03-10'",
+        )
+        .await;
+    let max_text = Some(i64::MAX.to_string());
+    assert_eq!(stored, vec![vec![max_text.clone(); 3]; 2]);
+
+    // The limiter's start-up load: saturated, not failed.
+    let totals = store.period_totals(march()).await.unwrap();
+    assert_eq!(
+        totals[&huge],
+        PeriodTotals {
+            requests: max,
+            tokens: u64::MAX,
+            cost_nanos: i64::MAX,
+        }
+    );
+    assert_eq!(
+        totals[&small],
+        PeriodTotals {
+            requests: 1,
+            tokens: 30,
+            cost_nanos: 1_000,
+        }
+    );
+    let clock = Arc::new(ManualClock::new(datetime!(2026-03-20 12:00 UTC)));
+    let limiter = Limiter::new(clock.clone());
+    let quota = Limits {
+        monthly_requests: Some(1_000),
+        monthly_tokens: Some(1_000_000),
+        monthly_cost_nanos: Some(5_000_000_000),
+        ..Limits::default()
+    };
+    limiter.set_limits(huge, quota.clone());
+    limiter.apply_totals(march(), &totals, &limiter.committed_snapshot());
+    let view = limiter.view(huge).unwrap();
+    assert_eq!(
+        (view.requests.used, view.requests.remaining),
+        (max, Some(0))
+    );
+    assert_eq!(
+        (view.tokens.used, view.tokens.remaining),
+        (u64::MAX, Some(0))
+    );
+    assert_eq!(
+        (view.cost_nanos.used, view.cost_nanos.remaining),
+        (i64::MAX, Some(0))
+    );
+    assert!(limiter.admit(huge).result.is_err(), "over every quota");
+
+    // Reports: every sum saturates at the column's range.
+    let f = UsageFilter::period(march());
+    let summary = store.usage_summary(&f).await.unwrap();
+    assert_eq!(summary.requests, max);
+    assert_eq!(summary.input_tokens, max);
+    assert_eq!(summary.tokens(), u64::MAX);
+    assert_eq!(summary.cost_nanos, i64::MAX);
+    for group in [
+        UsageGroup::Day,
+        UsageGroup::Customer,
+        UsageGroup::Route,
+        UsageGroup::Model,
+    ] {
+        let rows = store.usage_grouped(&f, group).await.unwrap();
+        assert!(!rows.is_empty(), "{group:?}");
+        let top = rows.iter().map(|(_, t)| t.cost_nanos).max();
+        assert_eq!(top, Some(i64::MAX), "{group:?}");
+    }
+    let days = store.usage_grouped(&f, UsageGroup::Day).await.unwrap();
+    assert_eq!(days.len(), 6, "three written days and three inserted");
+    for by in [Ranking::Cost, Ranking::Requests, Ranking::Tokens] {
+        let top = store.top_customers(&f, by, 2).await.unwrap();
+        assert_eq!(top.len(), 2, "{by:?}");
+        assert_eq!(
+            top[0].0,
+            GroupKey::Customer {
+                id: huge,
+                name: "huge".to_owned()
+            },
+            "{by:?}"
+        );
+        assert_eq!(top[0].1.requests, max, "{by:?}");
+    }
+
+    // Billing: the overage charge and the total saturate too, and the
+    // money strings say exactly what the saturated integers are.
+    let billing = store.billing_usage(march()).await.unwrap();
+    assert_eq!(
+        (billing[0].requests, billing[0].cost_nanos),
+        (max, i64::MAX)
+    );
+    let bill = Limits {
+        monthly_requests: Some(100),
+        overage: Overage::Bill,
+        overage_price_nanos: 1_000_000,
+        ..Limits::default()
+    };
+    let april = Arc::new(ManualClock::new(datetime!(2026-04-02 12:00 UTC)));
+    let reports = Reports::new(store.clone(), [("pro".to_owned(), bill)].into(), april);
+    let summary = reports.billing_summary(Some("2026-03")).await.unwrap();
+    let line = &summary["data"][0];
+    assert_eq!(line["customer"], "huge");
+    assert_eq!(line["requests"], max);
+    assert_eq!(line["overage_requests"], max - 100);
+    assert_eq!(line["overage_charge_usd"], "9223372036.854775807");
+    assert_eq!(line["metered_cost_usd"], "9223372036.854775807");
+    assert_eq!(line["total_usd"], "9223372036.854775807");
+    assert_eq!(line["total_usd_cents"], "9223372036.85");
+    assert_eq!(summary["total_usd"], "9223372036.854775807");
+    let closed = reports.close("2026-03").await.unwrap();
+    assert_eq!(closed["data"], summary["data"], "closed as computed");
+    assert_eq!(closed["total_usd"], "9223372036.854775807");
 }

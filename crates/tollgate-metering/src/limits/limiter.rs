@@ -1688,4 +1688,67 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        /// Whatever the database's totals and the responses' usage, the
+        /// counters saturate instead of overflowing: used is the exact sum
+        /// capped at the type's bound, remaining is never negative, and a
+        /// customer at the cap is refused rather than let through by a wrap.
+        #[test]
+        fn counters_saturate_at_any_magnitude(
+            total_requests in any::<u64>(),
+            total_tokens in any::<u64>(),
+            total_cost in any::<i64>(),
+            settled in proptest::collection::vec((any::<u64>(), any::<i64>()), 0..6),
+            monthly_tokens in any::<u64>(),
+            monthly_cost in any::<i64>(),
+        ) {
+            let (_, limiter) = setup(datetime!(2026-03-15 12:00 UTC));
+            let c = customer(7);
+            let period = Period::new(2026, time::Month::March);
+            let totals = HashMap::from([(c, PeriodTotals {
+                requests: total_requests,
+                tokens: total_tokens,
+                cost_nanos: total_cost,
+            })]);
+            limiter.apply_totals(period, &totals, &limiter.committed_snapshot());
+            for &(tokens, cost) in &settled {
+                let admission = admitted(limiter.admit(c));
+                limiter.settle(&admission, tokens, cost);
+            }
+            limiter.set_limits(c, Limits {
+                monthly_tokens: Some(monthly_tokens),
+                monthly_cost_nanos: Some(monthly_cost),
+                ..Limits::unlimited()
+            });
+            let exact_tokens = u128::from(total_tokens)
+                + settled.iter().map(|&(t, _)| u128::from(t)).sum::<u128>();
+            let exact_cost = i128::from(total_cost.max(0))
+                + settled.iter().map(|&(_, c)| i128::from(c.max(0))).sum::<i128>();
+            let exact_requests = u128::from(total_requests) + settled.len() as u128;
+            let view = limiter.view(c).unwrap();
+            prop_assert_eq!(
+                u128::from(view.requests.used),
+                exact_requests.min(u128::from(u64::MAX))
+            );
+            prop_assert_eq!(
+                u128::from(view.tokens.used),
+                exact_tokens.min(u128::from(u64::MAX))
+            );
+            prop_assert_eq!(
+                i128::from(view.cost_nanos.used),
+                exact_cost.min(i128::from(i64::MAX))
+            );
+            prop_assert_eq!(
+                view.tokens.remaining,
+                Some(monthly_tokens.saturating_sub(view.tokens.used))
+            );
+            let cost_remaining = view.cost_nanos.remaining.unwrap_or(-1);
+            prop_assert!(cost_remaining >= 0);
+            prop_assert!(cost_remaining <= monthly_cost.max(0));
+            let spent = view.tokens.used >= monthly_tokens
+                || view.cost_nanos.used >= monthly_cost;
+            prop_assert_eq!(limiter.admit(c).result.is_err(), spent);
+        }
+    }
 }

@@ -26,6 +26,12 @@
 //! larger than that is ignored. The filter holds back at most the one
 //! incomplete trailing event.
 //!
+//! Token counts are read as written and not judged here: a count that is
+//! not a whole number (negative, fractional, text) is marked [`Unusable`]
+//! rather than thrown away with the rest of the usage object, and how large
+//! a count may be is decided once, where the usage sources are combined
+//! ([`crate::usage::event::Reported`]).
+//!
 //! Known blind spot: a key spelled with JSON escapes (`"\u0075sage"`) is not
 //! recognised. No upstream writes keys that way.
 
@@ -65,12 +71,66 @@ pub struct TokenCounts {
     pub cache_write: u64,
 }
 
+/// Token classes whose count an upstream wrote but not as a whole number
+/// (see [`Count`]); such a class reads as 0 in [`TokenCounts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unusable {
+    pub input: bool,
+    pub output: bool,
+    pub cache_read: bool,
+    pub cache_write: bool,
+}
+
 /// What a body told about its usage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Extracted {
     /// `None` when no usage was seen (not even partial counts).
     pub tokens: Option<TokenCounts>,
     pub model: Option<String>,
+    /// Classes of `tokens` the body had an unusable count for.
+    pub unusable: Unusable,
+}
+
+/// One token count as an upstream wrote it (in a body or a header).
+///
+/// Anything but a whole number from 0 to `u64::MAX` (a negative or
+/// fractional number, `5.0`, text, a number beyond `u64`) is `Unusable`:
+/// it reads as absent, but is kept apart so that it can be counted, and so
+/// that one bad count does not take the other counts of its usage object
+/// down with it. A whole number may still be absurd; that is judged where
+/// usage sources are combined, not by the parsers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Whole(u64),
+    Unusable,
+}
+
+impl Count {
+    /// A count from header text (already trimmed).
+    pub fn parse(text: &str) -> Count {
+        text.parse().map_or(Count::Unusable, Count::Whole)
+    }
+
+    /// The count, or 0 when unusable.
+    fn or_zero(self) -> u64 {
+        match self {
+            Count::Whole(count) => count,
+            Count::Unusable => 0,
+        }
+    }
+
+    fn is_unusable(count: Option<Count>) -> bool {
+        count == Some(Count::Unusable)
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Count, D::Error> {
+        // Any JSON value is accepted (an `Option<Count>` still reads `null`
+        // as absent): refusing it would refuse the whole usage object.
+        let value = Value::deserialize(deserializer)?;
+        Ok(value.as_u64().map_or(Count::Unusable, Count::Whole))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -199,27 +259,27 @@ struct Tally {
     format: UsageFormat,
     event_stream: bool,
     model: Option<String>,
-    tokens: Option<TokenCounts>,
+    tokens: Option<(TokenCounts, Unusable)>,
     /// Anthropic streams: the cumulative output of the last `message_delta`.
-    delta_output: Option<u64>,
+    delta_output: Option<Count>,
 }
 
 /// The fields of a usage object, from either vendor.
 #[derive(Debug, Default, Deserialize)]
 struct UsageJson {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
+    prompt_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
     prompt_tokens_details: Option<Details>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+    input_tokens: Option<Count>,
+    output_tokens: Option<Count>,
     input_tokens_details: Option<Details>,
-    cache_read_input_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<Count>,
+    cache_creation_input_tokens: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct Details {
-    cached_tokens: Option<u64>,
+    cached_tokens: Option<Count>,
 }
 
 impl Tally {
@@ -264,70 +324,105 @@ impl Tally {
     }
 
     fn extracted(&self) -> Extracted {
-        let tokens = match (self.tokens, self.delta_output) {
-            (Some(tokens), Some(output)) => Some(TokenCounts { output, ..tokens }),
-            (Some(tokens), None) => Some(tokens),
-            (None, Some(output)) => Some(TokenCounts {
-                output,
-                ..TokenCounts::default()
-            }),
-            (None, None) => None,
+        let (tokens, unusable) = match (self.tokens, self.delta_output) {
+            (Some((tokens, unusable)), Some(output)) => (
+                Some(TokenCounts {
+                    output: output.or_zero(),
+                    ..tokens
+                }),
+                Unusable {
+                    output: output == Count::Unusable,
+                    ..unusable
+                },
+            ),
+            (Some((tokens, unusable)), None) => (Some(tokens), unusable),
+            (None, Some(output)) => (
+                Some(TokenCounts {
+                    output: output.or_zero(),
+                    ..TokenCounts::default()
+                }),
+                Unusable {
+                    output: output == Count::Unusable,
+                    ..Unusable::default()
+                },
+            ),
+            (None, None) => (None, Unusable::default()),
         };
         Extracted {
             tokens,
             model: self.model.clone(),
+            unusable,
         }
     }
 }
 
 /// OpenAI reports cached prompt tokens inside the prompt count; the row's
-/// `input_tokens` excludes them.
-fn openai_tokens(usage: &UsageJson) -> Option<TokenCounts> {
-    let cached = |details: &Option<Details>| {
-        details
-            .as_ref()
-            .and_then(|details| details.cached_tokens)
-            .unwrap_or(0)
-    };
+/// `input_tokens` excludes them. An unusable cached count is taken as no
+/// cached tokens (the whole prompt is input); an unusable prompt count
+/// leaves the input unknown.
+fn openai_tokens(usage: &UsageJson) -> Option<(TokenCounts, Unusable)> {
+    let cached = |details: &Option<Details>| details.as_ref().and_then(|d| d.cached_tokens);
     let (prompt, output, cached) =
         if usage.prompt_tokens.is_some() || usage.completion_tokens.is_some() {
             (
-                usage.prompt_tokens.unwrap_or(0),
-                usage.completion_tokens.unwrap_or(0),
+                usage.prompt_tokens,
+                usage.completion_tokens,
                 cached(&usage.prompt_tokens_details),
             )
         } else if usage.input_tokens.is_some() || usage.output_tokens.is_some() {
             (
-                usage.input_tokens.unwrap_or(0),
-                usage.output_tokens.unwrap_or(0),
+                usage.input_tokens,
+                usage.output_tokens,
                 cached(&usage.input_tokens_details),
             )
         } else {
             return None;
         };
-    Some(TokenCounts {
-        input: prompt.saturating_sub(cached),
-        output,
-        cache_read: cached,
+    let read = |count: Option<Count>| count.map_or(0, Count::or_zero);
+    let tokens = TokenCounts {
+        input: read(prompt).saturating_sub(read(cached)),
+        output: read(output),
+        cache_read: read(cached),
         cache_write: 0,
-    })
+    };
+    let unusable = Unusable {
+        input: Count::is_unusable(prompt),
+        output: Count::is_unusable(output),
+        cache_read: Count::is_unusable(cached),
+        cache_write: false,
+    };
+    Some((tokens, unusable))
 }
 
 /// Anthropic's `input_tokens` already excludes the cache counts.
-fn anthropic_tokens(usage: &UsageJson) -> Option<TokenCounts> {
-    if usage.input_tokens.is_none()
-        && usage.output_tokens.is_none()
-        && usage.cache_read_input_tokens.is_none()
-        && usage.cache_creation_input_tokens.is_none()
-    {
+fn anthropic_tokens(usage: &UsageJson) -> Option<(TokenCounts, Unusable)> {
+    let counts = [
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_creation_input_tokens,
+    ];
+    if counts.iter().all(Option::is_none) {
         return None;
     }
-    Some(TokenCounts {
-        input: usage.input_tokens.unwrap_or(0),
-        output: usage.output_tokens.unwrap_or(0),
-        cache_read: usage.cache_read_input_tokens.unwrap_or(0),
-        cache_write: usage.cache_creation_input_tokens.unwrap_or(0),
-    })
+    let [input, output, cache_read, cache_write] =
+        counts.map(|count| count.map_or(0, Count::or_zero));
+    let [input_unusable, output_unusable, cache_read_unusable, cache_write_unusable] =
+        counts.map(Count::is_unusable);
+    Some((
+        TokenCounts {
+            input,
+            output,
+            cache_read,
+            cache_write,
+        },
+        Unusable {
+            input: input_unusable,
+            output: output_unusable,
+            cache_read: cache_read_unusable,
+            cache_write: cache_write_unusable,
+        },
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -1321,9 +1416,102 @@ mod tests {
                         ..TokenCounts::default()
                     }),
                     model: Some("claude".to_owned()),
+                    unusable: Unusable::default(),
                 },
                 "cut at {cut}"
             );
+        }
+    }
+
+    fn scan(format: UsageFormat, event_stream: bool, body: &str) -> Extracted {
+        let mut scanner = UsageScanner::new(format, event_stream);
+        scanner.feed(body.as_bytes());
+        scanner.finish()
+    }
+
+    #[test]
+    fn unusable_counts_are_marked_and_keep_the_others() {
+        // Negative, fractional, text, beyond u64: each marks its class and
+        // leaves the other counts of the object standing.
+        let json = r#"{"model":"m","usage":{"prompt_tokens":-5,"completion_tokens":7,
+            "prompt_tokens_details":{"cached_tokens":1.5}}}"#;
+        let found = scan(UsageFormat::Openai, false, json);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                output: 7,
+                ..TokenCounts::default()
+            })
+        );
+        assert_eq!(
+            found.unusable,
+            Unusable {
+                input: true,
+                cache_read: true,
+                ..Unusable::default()
+            }
+        );
+        let json = r#"{"usage":{"input_tokens":"12","output_tokens":2,
+            "cache_read_input_tokens":1e30,"cache_creation_input_tokens":100000000000000000000}}"#;
+        let found = scan(UsageFormat::Anthropic, false, json);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                output: 2,
+                ..TokenCounts::default()
+            })
+        );
+        assert_eq!(
+            found.unusable,
+            Unusable {
+                input: true,
+                cache_read: true,
+                cache_write: true,
+                ..Unusable::default()
+            }
+        );
+        // Whole numbers pass as written, however large: bounds are judged
+        // where the sources are combined.
+        let json = r#"{"usage":{"prompt_tokens":5000000000000000000,"completion_tokens":5000000000000000000}}"#;
+        let found = scan(UsageFormat::Openai, false, json);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                input: 5_000_000_000_000_000_000,
+                output: 5_000_000_000_000_000_000,
+                ..TokenCounts::default()
+            })
+        );
+        assert_eq!(found.unusable, Unusable::default());
+    }
+
+    #[test]
+    fn an_unusable_delta_marks_the_output_of_an_anthropic_stream() {
+        let stream = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n\
+                      data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":-9}}\n\n";
+        let found = scan(UsageFormat::Anthropic, true, stream);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                input: 3,
+                ..TokenCounts::default()
+            })
+        );
+        assert_eq!(
+            found.unusable,
+            Unusable {
+                output: true,
+                ..Unusable::default()
+            }
+        );
+    }
+
+    #[test]
+    fn header_counts_are_whole_numbers_or_unusable() {
+        assert_eq!(Count::parse("12"), Count::Whole(12));
+        assert_eq!(Count::parse("18446744073709551615"), Count::Whole(u64::MAX));
+        for text in ["-1", "1.5", "", "abc", "18446744073709551616", "1e3"] {
+            assert_eq!(Count::parse(text), Count::Unusable, "{text:?}");
         }
     }
 }

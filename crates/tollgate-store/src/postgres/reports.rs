@@ -16,6 +16,7 @@
 //! for both.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
 use time::Date;
@@ -23,7 +24,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use tollgate_metering::limits::Period;
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
@@ -172,6 +173,33 @@ pub(super) async fn summary(
     let statement = client.prepare_cached(&sql).await?;
     let row = client.query_one(&statement, &args.refs()).await?;
     sums_at(&row, 0)
+}
+
+/// Each customer's totals of `period` for the limiter, from the customer
+/// days, summed in numeric and clamped as every report is.
+pub(super) async fn period_totals(
+    store: &PostgresStore,
+    period: Period,
+) -> Result<HashMap<CustomerId, PeriodTotals>, Failure> {
+    let sql = format!(
+        "SELECT customer_id, {} FROM usage_customer_daily WHERE day >= $1 AND day < $2 \
+         GROUP BY customer_id",
+        sums()
+    );
+    let client = store.client().await?;
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[&period.first_day(), &period.next().first_day()],
+        )
+        .await?;
+    let mut totals = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let customer = CustomerId(get(row, 0)?);
+        totals.insert(customer, reports::period_totals(&sums_at(row, 1)?));
+    }
+    Ok(totals)
 }
 
 pub(super) async fn grouped(

@@ -16,13 +16,15 @@
 //! `id`, in `(ts, id)` order. Texts compare bytewise (BINARY), as Postgres
 //! compares them under `COLLATE "C"`.
 
+use std::collections::HashMap;
+
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, Row, TransactionBehavior};
 use time::macros::format_description;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use tollgate_metering::limits::Period;
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
@@ -185,6 +187,30 @@ pub(super) fn summary(conn: &Connection, filter: &UsageFilter) -> Result<UsageTo
         Some(row) => sums_at(row, 0),
         None => Ok(UsageTotals::default()),
     }
+}
+
+/// Each customer's totals of `period` for the limiter, from the customer
+/// days, summed in halves as every report is.
+pub(super) fn period_totals(
+    conn: &Connection,
+    period: Period,
+) -> Result<HashMap<CustomerId, PeriodTotals>, Failure> {
+    let sql = format!(
+        "SELECT customer_id, {} FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 \
+         GROUP BY customer_id",
+        split_sums()
+    );
+    let mut statement = conn.prepare_cached(&sql)?;
+    let mut rows = statement.query(params![
+        day_text(period.first_day()),
+        day_text(period.next().first_day())
+    ])?;
+    let mut totals = HashMap::new();
+    while let Some(row) = rows.next()? {
+        let customer = CustomerId(parse_uuid(&row.get::<_, String>(0)?)?);
+        totals.insert(customer, reports::period_totals(&sums_at(row, 1)?));
+    }
+    Ok(totals)
 }
 
 pub(super) fn grouped(
