@@ -5,11 +5,8 @@
 //! [`Accounts`], render. Every error is the SPEC's JSON shape.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +27,7 @@ use tollgate_metering::StoreError;
 use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
 use crate::metrics::Metrics;
+use crate::panic::catch_panic;
 use crate::quota::quota_document;
 
 /// The largest admin request body accepted.
@@ -598,32 +596,6 @@ fn hex_digit(byte: u8) -> Option<u8> {
         b'a'..=b'f' => Some(byte - b'a' + 10),
         b'A'..=b'F' => Some(byte - b'A' + 10),
         _ => None,
-    }
-}
-
-/// Polls `future` to completion, turning a panic during any poll into
-/// `Err` with the panic's message. Polled in place rather than spawned, so
-/// a client that goes away still cancels the work as before; after a panic
-/// the future is dropped and never polled again.
-async fn catch_panic<F: Future>(future: F) -> Result<F::Output, String> {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(move |cx| {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
-        }
-    })
-    .await
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without a message".to_owned()
     }
 }
 

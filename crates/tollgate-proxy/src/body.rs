@@ -8,15 +8,18 @@
 //! Both are plain enums/structs over `Unpin` parts, so they need no pinning
 //! projections and no allocation per request.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::channel::Channel;
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::meter::MeteredBody;
 
@@ -101,7 +104,36 @@ pub struct BodyTooLarge {
 #[error("the client's request body failed: {0}")]
 pub struct ClientBodyFailed(#[source] pub hyper::Error);
 
-/// The client's body on its way upstream, counted and capped.
+/// The client sent nothing of its body for `request_body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body sent nothing for {}s", after.as_secs_f64())]
+pub struct BodyTimedOut {
+    pub after: Duration,
+}
+
+/// How far a streamed upload has come, for the forwarder: the route's
+/// timeout is the upstream's time to answer, so it does not run while the
+/// upstream is still waiting for the client's bytes.
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// The last poll of the body found nothing from the client yet.
+    waiting_on_client: AtomicBool,
+    /// When the last byte was handed upstream.
+    finished: OnceLock<Instant>,
+}
+
+impl Upload {
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
+    }
+
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.finished.get().copied()
+    }
+}
+
+/// The client's body on its way upstream, counted, capped, and cut off
+/// when the client stops sending.
 #[derive(Debug)]
 pub struct RequestBody {
     source: RequestSource,
@@ -109,6 +141,13 @@ pub struct RequestBody {
     seen: u64,
     /// Shared with the request's usage event (`request_bytes`).
     counter: Option<Arc<AtomicU64>>,
+    /// Longest wait for the client's next bytes.
+    stall_after: Duration,
+    /// The wait for the client's next bytes, armed while it runs; the
+    /// allocation is made on the first wait only (most bodies arrive whole
+    /// with their head and never wait).
+    stall: Option<(Pin<Box<Sleep>>, bool)>,
+    upload: Option<Arc<Upload>>,
 }
 
 #[derive(Debug)]
@@ -120,13 +159,24 @@ enum RequestSource {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    /// The client's body, cut at `limit` bytes (413) and after `stall_after`
+    /// without a byte (408).
+    pub fn new(inner: Incoming, limit: u64, stall_after: Duration) -> Self {
+        let upload = (!inner.is_end_stream()).then(Arc::default);
         RequestBody {
             source: RequestSource::Streaming(inner),
             limit,
             seen: 0,
             counter: None,
+            stall_after,
+            stall: None,
+            upload,
         }
+    }
+
+    /// The upload's progress, for a body that has bytes to come.
+    pub fn upload(&self) -> Option<Arc<Upload>> {
+        self.upload.clone()
     }
 
     /// A body the gateway already holds; `counter` is not touched (the
@@ -137,6 +187,10 @@ impl RequestBody {
             source: RequestSource::Buffered(Some(bytes)),
             seen: 0,
             counter: None,
+            // Never waited on: the bytes are already here.
+            stall_after: Duration::ZERO,
+            stall: None,
+            upload: None,
         }
     }
 
@@ -162,8 +216,20 @@ impl Body for RequestBody {
             }
             RequestSource::Streaming(inner) => inner,
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(upload) = &this.upload {
+            upload
+                .waiting_on_client
+                .store(polled.is_pending(), Ordering::Relaxed);
+            if let Poll::Ready(None) = polled {
+                let _ = upload.finished.set(Instant::now());
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some((_, armed)) = &mut this.stall {
+                    *armed = false;
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     this.seen += len;
@@ -182,7 +248,22 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Err(Box::new(ClientBodyFailed(error)))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let deadline = Instant::now() + this.stall_after;
+                let (sleep, armed) = this
+                    .stall
+                    .get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), true));
+                if !*armed {
+                    sleep.as_mut().reset(deadline);
+                    *armed = true;
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut {
+                        after: this.stall_after,
+                    }))));
+                }
+                Poll::Pending
+            }
         }
     }
 

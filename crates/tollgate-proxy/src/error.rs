@@ -2,9 +2,16 @@
 //!
 //! Every response the gateway makes itself (as opposed to relaying the
 //! upstream's) comes from one [`ProxyError`], rendered in one place,
-//! [`ProxyError::into_response`], as the SPEC's OpenAI-shaped JSON body. Each
-//! variant maps to exactly one status and `type` in one exhaustive `match`, so a
-//! new variant cannot be added without deciding how the client sees it.
+//! [`ProxyError::into_response`]. Each variant maps to exactly one status and
+//! `type` in one exhaustive `match`, so a new variant cannot be added without
+//! deciding how the client sees it.
+//!
+//! The body is shaped like OpenAI's errors, so OpenAI SDKs show it; on a
+//! route whose upstream speaks Anthropic's API it is shaped like Anthropic's
+//! instead ([`ErrorShape`]), so the Anthropic SDKs raise the matching
+//! exception class. Either way the `x-tollgate-error` header names the
+//! gateway's own type, which tells a client and an operator that the
+//! gateway answered, not the upstream.
 
 use std::time::Duration;
 
@@ -36,6 +43,19 @@ pub enum ProxyError {
     /// and Transfer-Encoding). The connection is closed after the response.
     #[error("malformed request: {reason}")]
     MalformedRequest { reason: &'static str },
+
+    /// The request line and headers together exceed `max_header_bytes`.
+    #[error("request head exceeds the limit of {limit} bytes")]
+    HeaderTooLarge { limit: u64 },
+
+    /// The request line alone exceeds `max_header_bytes`.
+    #[error("request line exceeds the limit of {limit} bytes")]
+    UriTooLong { limit: u64 },
+
+    /// The client sent nothing of its request body for
+    /// `request_body_timeout`.
+    #[error("the request body stalled for {}s", after.as_secs_f64())]
+    RequestTimeout { after: Duration },
 
     /// No route's prefix matches the path.
     #[error("no route matches the request path")]
@@ -92,6 +112,21 @@ impl ProxyError {
                 "invalid_request",
                 ErrorSide::Downstream,
             ),
+            ProxyError::HeaderTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::UriTooLong { .. } => (
+                StatusCode::URI_TOO_LONG,
+                "invalid_request",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::RequestTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                ErrorSide::Downstream,
+            ),
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", ErrorSide::Downstream),
             ProxyError::MissingApiKey => (
                 StatusCode::UNAUTHORIZED,
@@ -146,6 +181,16 @@ impl ProxyError {
     fn client_message(&self) -> String {
         match self {
             ProxyError::MalformedRequest { reason } => format!("Malformed request: {reason}."),
+            ProxyError::HeaderTooLarge { limit } => {
+                format!("The request line and headers exceed the limit of {limit} bytes.")
+            }
+            ProxyError::UriTooLong { limit } => {
+                format!("The request line exceeds the limit of {limit} bytes.")
+            }
+            ProxyError::RequestTimeout { after } => format!(
+                "The request body sent nothing for {} seconds.",
+                after.as_secs_f64()
+            ),
             ProxyError::NoRoute => "No route is configured for this path.".to_owned(),
             ProxyError::MissingApiKey => {
                 "No API key was presented. Send it as `Authorization: Bearer <key>`.".to_owned()
@@ -197,11 +242,14 @@ impl ProxyError {
             ProxyError::RouteForbidden { .. } => Some(Outcome::RouteForbidden),
             ProxyError::Limited(rejection) => Some(rejection.outcome()),
             ProxyError::PayloadTooLarge { .. } => Some(Outcome::PayloadTooLarge),
+            ProxyError::RequestTimeout { .. } => Some(Outcome::ClientTimeout),
             ProxyError::UpstreamTimeout { .. } => Some(Outcome::UpstreamTimeout),
             ProxyError::UpstreamUnavailable { .. } | ProxyError::Internal { .. } => {
                 Some(Outcome::UpstreamError)
             }
             ProxyError::MalformedRequest { .. }
+            | ProxyError::HeaderTooLarge { .. }
+            | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute
             | ProxyError::MissingApiKey
             | ProxyError::InvalidApiKey { .. }
@@ -211,19 +259,27 @@ impl ProxyError {
 
     /// Whether the connection must be closed after this response (HTTP/1
     /// only): after a framing error the rest of the byte stream cannot be
-    /// trusted, and after an unread oversized body it is cheaper to close
-    /// than to drain.
+    /// trusted, and after an unread oversized or stalled body it is cheaper
+    /// to close than to drain.
     fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::MalformedRequest { .. } | ProxyError::PayloadTooLarge { .. }
+            ProxyError::MalformedRequest { .. }
+                | ProxyError::HeaderTooLarge { .. }
+                | ProxyError::UriTooLong { .. }
+                | ProxyError::PayloadTooLarge { .. }
+                | ProxyError::RequestTimeout { .. }
         )
     }
 
-    /// Renders the SPEC's error body.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// Renders the error body in `shape`.
+    pub fn into_response(self, shape: ErrorShape) -> Response<ProxyBody> {
         let (status, kind, _) = self.classify();
-        let mut response = error_response(status, kind, &self.client_message());
+        let message = self.client_message();
+        let mut response = match shape {
+            ErrorShape::OpenAi => error_response(status, kind, &message),
+            ErrorShape::Anthropic => anthropic_error_response(status, kind, &message),
+        };
         if let ProxyError::Limited(rejection) = &self {
             response.headers_mut().insert(
                 RETRY_AFTER,
@@ -239,17 +295,65 @@ impl ProxyError {
     }
 }
 
+/// How an error body is shaped for the client's SDK.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error": {"type", "code", "message"}}`: OpenAI's, and the default.
+    #[default]
+    OpenAi,
+    /// `{"type": "error", "error": {"type", "message"}}` with Anthropic's
+    /// error types: on routes with `usage = "anthropic"`.
+    Anthropic,
+}
+
+/// Names the gateway's own error type on every error it produces.
+pub static X_TOLLGATE_ERROR: http::HeaderName = http::HeaderName::from_static("x-tollgate-error");
+
 /// Builds `{"error": {"type", "code", "message"}}` with the given status.
 /// Shared by the data plane and the admin API so both speak the same shape.
-pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<ProxyBody> {
+pub fn error_response(
+    status: StatusCode,
+    kind: &'static str,
+    message: &str,
+) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": { "type": kind, "code": kind, "message": message }
     });
+    json_error(status, kind, body)
+}
+
+/// Anthropic's error body: the SDKs pick their exception class from the
+/// status, and show `error.message`; `error.type` is one of Anthropic's.
+fn anthropic_error_response(
+    status: StatusCode,
+    kind: &'static str,
+    message: &str,
+) -> Response<ProxyBody> {
+    let anthropic_type = match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    };
+    let body = serde_json::json!({
+        "type": "error",
+        "error": { "type": anthropic_type, "message": message }
+    });
+    json_error(status, kind, body)
+}
+
+fn json_error(
+    status: StatusCode,
+    kind: &'static str,
+    body: serde_json::Value,
+) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(X_TOLLGATE_ERROR.clone(), HeaderValue::from_static(kind));
     response
 }
 
@@ -260,9 +364,10 @@ mod tests {
 
     #[tokio::test]
     async fn renders_the_openai_error_shape() {
-        let response = ProxyError::PayloadTooLarge { limit: 10 }.into_response();
+        let response = ProxyError::PayloadTooLarge { limit: 10 }.into_response(ErrorShape::OpenAi);
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(response.headers()[CONNECTION], "close");
+        assert_eq!(response.headers()[&X_TOLLGATE_ERROR], "payload_too_large");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["type"], "payload_too_large");
@@ -291,5 +396,62 @@ mod tests {
             StatusCode::NOT_FOUND,
             "no_route is a 404"
         );
+    }
+
+    #[tokio::test]
+    async fn anthropic_routes_get_anthropic_error_types() {
+        let cases = [
+            (
+                ProxyError::MissingApiKey,
+                401,
+                "authentication_error",
+                "missing_api_key",
+            ),
+            (
+                ProxyError::RouteForbidden { route: "r".into() },
+                403,
+                "permission_error",
+                "route_forbidden",
+            ),
+            (ProxyError::NoRoute, 404, "not_found_error", "no_route"),
+            (
+                ProxyError::PayloadTooLarge { limit: 1 },
+                413,
+                "invalid_request_error",
+                "payload_too_large",
+            ),
+            (
+                ProxyError::RequestTimeout {
+                    after: Duration::from_secs(1),
+                },
+                408,
+                "invalid_request_error",
+                "request_timeout",
+            ),
+            (
+                ProxyError::HeaderTooLarge { limit: 1 },
+                431,
+                "invalid_request_error",
+                "request_header_fields_too_large",
+            ),
+            (
+                ProxyError::MeteringUnavailable,
+                503,
+                "api_error",
+                "metering_unavailable",
+            ),
+        ];
+        for (error, status, anthropic, ours) in cases {
+            let response = error.into_response(ErrorShape::Anthropic);
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()[&X_TOLLGATE_ERROR], ours);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["type"], "error");
+            assert_eq!(json["error"]["type"], anthropic, "{status}");
+            assert!(json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
     }
 }

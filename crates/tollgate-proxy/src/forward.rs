@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{BodyTooLarge, ClientBodyFailed, RequestBody};
+use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody};
 
 /// How long an idle upstream connection is kept for reuse.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -51,6 +51,12 @@ pub fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
 /// failed mid-upload.
 pub fn is_client_body_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<ClientBodyFailed>(error)
+}
+
+/// Whether an upstream request failed because the client stopped sending
+/// its body (408).
+pub fn is_body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<BodyTimedOut>(error)
 }
 
 fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -7,15 +7,20 @@
 //! The SPEC wants it refused with 400, the stricter answer that also tells a
 //! misbehaving client what is wrong, so the HTTP/1 byte stream is watched on
 //! its way into hyper: [`FramingWatch`] wraps a connection's I/O and marks the
-//! connection when a header block holds both fields. The handler consults the
-//! mark only for requests that still show `Transfer-Encoding`, the necessary
-//! symptom, and clears it on every request.
+//! connection when a header block holds both fields. Only a request that
+//! still shows `Transfer-Encoding`, the necessary symptom, takes the mark:
+//! several pipelined requests may arrive in one read, and the mark set by
+//! the last of them must not be spent by an earlier, innocent one. hyper
+//! closes the connection after a request with both fields, so the
+//! conflicting request is always the last one a connection serves.
 //!
 //! # Failure behaviour
 //! The scanner does not know where bodies end, so a request *body* containing
-//! an HTTP-looking block with both fields marks the connection too; the next
+//! an HTTP-looking block with both fields marks the connection too; a later
 //! request on that connection is then refused only if it also uses
-//! Transfer-Encoding. The opposite error cannot happen: every head passes
+//! Transfer-Encoding. So is a chunked request pipelined just before a
+//! conflicting one (the connection closes, and the conflicting one is never
+//! served either). The opposite error cannot happen: every head passes
 //! through the scanner before hyper parses it. HTTP/2 connections are
 //! recognised by their preface and not scanned (h2 has no such framing).
 

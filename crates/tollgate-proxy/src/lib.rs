@@ -14,12 +14,14 @@ pub mod framing;
 pub mod headers;
 pub mod meter;
 pub mod metrics;
+mod panic;
 pub mod pipeline;
 pub mod progress;
 pub mod quota;
 pub mod route;
 pub mod server;
 pub mod tls;
+pub mod validate;
 
 pub use admin::Admin;
 pub use body::ProxyBody;

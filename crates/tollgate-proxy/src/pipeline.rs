@@ -26,14 +26,14 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, Version};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use time::OffsetDateTime;
 use tollgate_metering::limits::RateHeaders;
@@ -45,15 +45,19 @@ use tollgate_metering::usage::Outcome;
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
-use crate::body::{ProxyBody, RequestBody};
-use crate::error::{ErrorSide, ProxyError};
-use crate::forward::{is_body_too_large, is_client_body_failure, UpstreamClient};
+use crate::body::{ProxyBody, RequestBody, Upload};
+use crate::error::{ErrorShape, ErrorSide, ProxyError};
+use crate::forward::{
+    is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamClient,
+};
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
 use crate::meter::{AccessRecord, HeaderUsage, MeteredBody, Metering, UsageGuard};
 use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
+use crate::panic::catch_panic;
 use crate::quota::quota_document;
 use crate::route::{Route, RouteTable};
+use crate::validate;
 
 /// What the data plane knows about the connection a request came in on.
 #[derive(Clone, Debug)]
@@ -68,6 +72,10 @@ pub struct ConnInfo {
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
     pub max_request_body: u64,
+    /// Longest wait for the next bytes of a request body (408).
+    pub request_body_timeout: Duration,
+    /// Request line plus headers (431; 414 for the request line alone).
+    pub max_header_bytes: u64,
 }
 
 /// The part of the data plane's config a reload replaces (SIGHUP,
@@ -102,6 +110,8 @@ struct Exchange {
     route: Option<Arc<RouteMetrics>>,
     /// A `/_tollgate/` request: not forwarded, not counted as traffic.
     self_service: bool,
+    /// How the gateway's own errors are shaped for this request's route.
+    shape: ErrorShape,
 }
 
 impl Gateway {
@@ -153,13 +163,19 @@ impl Gateway {
             rate_headers: None,
             route: None,
             self_service: false,
+            shape: ErrorShape::OpenAi,
         };
         let method = request.method().clone();
         let request_id = client_request_id.unwrap_or_else(|| usage_id_header(usage_id));
         let live = self.live.load_full();
-        let result = self
-            .handle_inner(request, &live, &conn, &request_id, &mut exchange)
-            .await;
+        let result =
+            catch_panic(self.handle_inner(request, &live, &conn, &request_id, &mut exchange))
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(ProxyError::Internal {
+                        reason: format!("the request handler panicked: {panic}"),
+                    })
+                });
         drop(live);
         let mut response = match result {
             Ok(response) => response,
@@ -192,7 +208,7 @@ impl Gateway {
                         %error, status = status.as_u16(), kind, request_id = ?request_id,
                     ),
                 }
-                error.into_response()
+                error.into_response(exchange.shape)
             }
         };
         let headers = response.headers_mut();
@@ -258,15 +274,16 @@ impl Gateway {
         request_id: &HeaderValue,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        check_framing(&request, conn)?;
+        let found = live.routes.find(request.uri().path());
+        if found.is_some_and(|route| route.usage.format == UsageFormat::Anthropic) {
+            exchange.shape = ErrorShape::Anthropic;
+        }
+        self.check_request(&request, conn)?;
         if request.uri().path().starts_with(SELF_SERVICE) {
             exchange.self_service = true;
             return self.self_service(&request);
         }
-        let route = live
-            .routes
-            .find(request.uri().path())
-            .ok_or(ProxyError::NoRoute)?;
+        let route = found.ok_or(ProxyError::NoRoute)?;
         exchange.route = Some(route.metrics.clone());
         let caller = self.auth.authenticate(request.headers())?;
         if !self.metering.recorder.accepting() {
@@ -346,23 +363,13 @@ impl Gateway {
         guard: &mut UsageGuard,
     ) -> Result<(RequestBody, bool), ProxyError> {
         let limit = self.settings.max_request_body;
+        let body = RequestBody::new(body, limit, self.settings.request_body_timeout);
         if !may_need_usage_option(route, parts) {
-            let body = RequestBody::new(body, limit).counted(guard.request_bytes());
-            return Ok((body, false));
+            return Ok((body.counted(guard.request_bytes()), false));
         }
-        let bytes = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-            .collect()
-            .await
-        {
+        let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-                return Err(ProxyError::PayloadTooLarge { limit })
-            }
-            Err(_) => {
-                return Err(ProxyError::MalformedRequest {
-                    reason: "the request body could not be read",
-                })
-            }
+            Err(error) => return Err(self.client_body_error(&*error)),
         };
         guard
             .request_bytes()
@@ -375,6 +382,42 @@ impl Gateway {
                 Ok((RequestBody::buffered(Bytes::from(rewritten)), true))
             }
             None => Ok((RequestBody::buffered(bytes), false)),
+        }
+    }
+
+    /// Phase 1: what makes a request malformed, on every request of a
+    /// connection ([`crate::validate`], [`crate::framing`]).
+    fn check_request(
+        &self,
+        request: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<(), ProxyError> {
+        check_framing(request, conn)?;
+        validate::check_head_size(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            self.settings.max_header_bytes,
+        )?;
+        validate::check_path(request.uri().path())?;
+        validate::check_host(request.version(), request.headers())
+    }
+
+    /// The error for a client body that failed on its way in: too large,
+    /// stalled, or broken off.
+    fn client_body_error(&self, error: &(dyn std::error::Error + 'static)) -> ProxyError {
+        if is_body_too_large(error) {
+            ProxyError::PayloadTooLarge {
+                limit: self.settings.max_request_body,
+            }
+        } else if is_body_timed_out(error) {
+            ProxyError::RequestTimeout {
+                after: self.settings.request_body_timeout,
+            }
+        } else {
+            ProxyError::MalformedRequest {
+                reason: "the request body could not be read",
+            }
         }
     }
 
@@ -443,43 +486,38 @@ impl Gateway {
         guard: &mut UsageGuard,
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(route.timeout, self.client.request(request)).await;
+        let upload = request.body().upload();
+        let result = upstream_deadline(route.timeout, upload, self.client.request(request)).await;
         // Only a failure to connect proves the upstream never saw it.
-        if !matches!(&result, Ok(Err(error)) if error.is_connect()) {
+        if !matches!(&result, Some(Err(error)) if error.is_connect()) {
             guard.reached_upstream();
         }
+        let client_failed = |error: &(dyn std::error::Error + 'static)| {
+            is_body_too_large(error) || is_client_body_failure(error) || is_body_timed_out(error)
+        };
         let failed = match &result {
-            Err(_elapsed) => Some(UpstreamErrorKind::Timeout),
-            Ok(Err(error)) if error.is_connect() => Some(UpstreamErrorKind::Connect),
-            Ok(Err(error)) if is_body_too_large(error) || is_client_body_failure(error) => None,
-            Ok(Err(_)) => Some(UpstreamErrorKind::Reset),
-            Ok(Ok(_)) => None,
+            None => Some(UpstreamErrorKind::Timeout),
+            Some(Err(error)) if error.is_connect() => Some(UpstreamErrorKind::Connect),
+            Some(Err(error)) if client_failed(error) => None,
+            Some(Err(_)) => Some(UpstreamErrorKind::Reset),
+            Some(Ok(_)) => None,
         };
         if let Some(kind) = failed {
             route.metrics.upstream_error(kind);
         }
         let response = match result {
-            Err(_elapsed) => {
+            None => {
                 return Err(ProxyError::UpstreamTimeout {
                     after: route.timeout,
                 })
             }
-            Ok(Err(error)) if is_body_too_large(&error) => {
-                return Err(ProxyError::PayloadTooLarge {
-                    limit: self.settings.max_request_body,
-                })
-            }
-            Ok(Err(error)) if is_client_body_failure(&error) => {
-                return Err(ProxyError::MalformedRequest {
-                    reason: "the request body could not be read",
-                })
-            }
-            Ok(Err(error)) => {
+            Some(Err(error)) if client_failed(&error) => return Err(self.client_body_error(&error)),
+            Some(Err(error)) => {
                 return Err(ProxyError::UpstreamUnavailable {
                     source: Box::new(error),
                 })
             }
-            Ok(Ok(response)) => response,
+            Some(Ok(response)) => response,
         };
         tracing::trace!(
             message = "Upstream answered.",
@@ -491,16 +529,48 @@ impl Gateway {
     }
 }
 
+/// Waits for the upstream's response headers for `timeout`, not counting
+/// the time the upload waits for the client: a slow client is the client's
+/// (408, from the body), not the upstream's (504). `None` when the upstream
+/// took too long.
+async fn upstream_deadline<F: std::future::Future>(
+    timeout: Duration,
+    upload: Option<Arc<Upload>>,
+    response: F,
+) -> Option<F::Output> {
+    let mut response = std::pin::pin!(response);
+    let sleep = tokio::time::sleep(timeout);
+    let mut sleep = std::pin::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut response => return Some(output),
+            () = &mut sleep => {
+                let now = tokio::time::Instant::now();
+                let next = match upload.as_deref() {
+                    Some(upload) if upload.waiting_on_client() => now + timeout,
+                    Some(upload) => match upload.finished_at() {
+                        Some(finished) if finished + timeout > now => finished + timeout,
+                        _ => return None,
+                    },
+                    None => return None,
+                };
+                sleep.as_mut().reset(next);
+            }
+        }
+    }
+}
+
 /// Phase 1: a request that arrived with both Content-Length and
 /// Transfer-Encoding (see [`crate::framing`]) is refused.
 fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), ProxyError> {
     if request.version() >= Version::HTTP_2 {
         return Ok(());
     }
-    // Taken on every HTTP/1 request so a stale mark cannot outlive the
-    // request that follows it.
-    let conflicting = conn.framing.take();
-    if conflicting && request.headers().contains_key(TRANSFER_ENCODING) {
+    // Only a request that still shows Transfer-Encoding can be the one the
+    // mark is about, so only such a request takes it: an earlier request
+    // of a pipelined batch leaves it for the conflicting one behind it.
+    if request.headers().contains_key(TRANSFER_ENCODING) && conn.framing.take() {
         return Err(ProxyError::MalformedRequest {
             reason: "both Content-Length and Transfer-Encoding are present",
         });

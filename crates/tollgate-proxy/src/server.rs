@@ -309,11 +309,11 @@ where
         let Poll::Ready(Ok(response)) = this.inner.poll(cx) else {
             return Poll::Pending;
         };
-        let in_flight = this.in_flight.take().map_or_else(
-            // Polled again after completion: a hyper bug; count nothing.
-            || InFlight(Arc::default()),
-            |in_flight| in_flight,
-        );
+        // Polled again after completion (a hyper bug): count nothing.
+        let in_flight = this
+            .in_flight
+            .take()
+            .unwrap_or_else(|| InFlight(Arc::default()));
         Poll::Ready(Ok(response.map(|body| ServedBody::new(body, in_flight))))
     }
 }

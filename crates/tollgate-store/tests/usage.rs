@@ -482,7 +482,7 @@ async fn daily_rollups_match_the_rows(backend: Backend) {
             .sum()
     };
     assert_eq!(total(5) + total(6), 900, "requests + rejected = rows");
-    assert_eq!(total(6), 500, "5 of the 9 outcomes are rejections");
+    assert_eq!(total(6), 450, "5 of the 10 outcomes are rejections");
     assert_eq!(
         total(7) as usize,
         events.iter().filter(|e| e.is_error()).count()

@@ -212,6 +212,8 @@ pub async fn start_with_clock(
         client,
         GatewaySettings {
             max_request_body: config.server.max_request_body,
+            request_body_timeout: config.server.request_body_timeout,
+            max_header_bytes: config.server.max_header_bytes,
         },
         metering.clone(),
     ));

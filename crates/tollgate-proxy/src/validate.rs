@@ -1,0 +1,297 @@
+//! What makes a request malformed (phase 1 of the pipeline), checked on
+//! every request of a connection, pipelined or not.
+//!
+//! - Paths: a dot segment (`.` or `..`, literal or percent-encoded in any
+//!   case) would let `/pub/../premium/x` match route `pub` here and reach
+//!   `premium` at an upstream that normalises; an encoded slash or
+//!   backslash (`%2f`, `%5c`) or a raw backslash would do the same at an
+//!   upstream that decodes or treats `\` as `/`. The gateway refuses them
+//!   rather than normalising, so what it routes and meters is exactly what
+//!   the upstream sees.
+//! - `Host`: an HTTP/1.1 request carries exactly one, and it is a plain
+//!   `host[:port]` (RFC 9112 §3.2); it is copied into `x-forwarded-host`, so
+//!   anything else would be passed on to upstreams that trust it.
+//! - Head size: the request line and headers together are at most
+//!   `max_header_bytes` (431), the request line alone too (414).
+//!
+//! All checks are byte scans of what hyper already parsed: no allocation.
+
+use http::header::HOST;
+use http::uri::Authority;
+use http::{HeaderMap, Method, Uri, Version};
+
+use crate::error::ProxyError;
+
+/// Refuses a path with a dot segment, an encoded slash or backslash, or a
+/// raw backslash.
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return Err(malformed("the path contains a backslash"));
+    }
+    for (at, _) in path.match_indices('%') {
+        if let Some(code) = bytes.get(at + 1..at + 3) {
+            if code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c") {
+                return Err(malformed("the path contains an encoded slash or backslash"));
+            }
+        }
+    }
+    if path.split('/').any(is_dot_segment) {
+        return Err(malformed("the path contains a dot segment"));
+    }
+    Ok(())
+}
+
+/// `.` or `..`, each dot literal or `%2e` in any case.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1..3].eq_ignore_ascii_case(b"2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
+/// An HTTP/1.1 request has exactly one `Host`; any `Host` present (any
+/// version) is a plain `host[:port]`.
+pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(malformed("the request has more than one Host header"));
+    }
+    match first {
+        None if version == Version::HTTP_11 => {
+            Err(malformed("an HTTP/1.1 request must have a Host header"))
+        }
+        None => Ok(()),
+        Some(value) if is_host_port(value.as_bytes()) => Ok(()),
+        Some(_) => Err(malformed("the Host header is not a valid host[:port]")),
+    }
+}
+
+/// `host[:port]`: a registered name, an IPv4 address or a bracketed IPv6
+/// address, and an optional numeric port; no userinfo, path, query or
+/// whitespace.
+fn is_host_port(value: &[u8]) -> bool {
+    if value.is_empty()
+        || value
+            .iter()
+            .any(|&b| matches!(b, b'@' | b'/' | b'?' | b'#' | b'\\') || !b.is_ascii_graphic())
+    {
+        return false;
+    }
+    let Ok(authority) = Authority::try_from(value) else {
+        return false;
+    };
+    let host = authority.host();
+    if host.is_empty() {
+        return false;
+    }
+    // `Authority` accepts an empty port (`host:`) and any bracketed text.
+    if value.ends_with(b":") {
+        return false;
+    }
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')),
+    }
+}
+
+/// The request line and headers fit in `limit` bytes, counted as they
+/// travel in HTTP/1.1 (`name: value\r\n`).
+pub fn check_head_size(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<(), ProxyError> {
+    // "METHOD SP target SP HTTP/1.1 CRLF"
+    let target = uri.path_and_query().map_or(1, |path| path.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.scheme_str().map_or(0, |scheme| scheme.len() + 3);
+    let line = (method.as_str().len() + target + 12) as u64;
+    if line > limit {
+        return Err(ProxyError::UriTooLong { limit });
+    }
+    let mut size = line + 2;
+    for (name, value) in headers {
+        size += (name.as_str().len() + value.len() + 4) as u64;
+        if size > limit {
+            return Err(ProxyError::HeaderTooLarge { limit });
+        }
+    }
+    Ok(())
+}
+
+fn malformed(reason: &'static str) -> ProxyError {
+    ProxyError::MalformedRequest { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_refused_in_any_spelling() {
+        for bad in [
+            "/pub/../premium",
+            "/pub/..",
+            "/pub/./x",
+            "/pub/%2e%2e/premium",
+            "/pub/%2E%2e/x",
+            "/pub/.%2E/x",
+            "/pub/%2e./x",
+            "/pub/%2e/x",
+            "/pub/a%2fb",
+            "/pub/a%2Fb",
+            "/pub/a%5cb",
+            "/pub/a%5C..",
+            "/pub\\..\\premium",
+            "/..",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad} is refused");
+        }
+        for good in [
+            "/",
+            "/pub/x",
+            "/pub/...",
+            "/pub/.well-known/x",
+            "/pub/a..b",
+            "/pub/..x",
+            "/pub/%2e%2e%2e",
+            "/pub/%2ex",
+            "/pub/a%20b",
+            "/pub/%25%32%65",
+            "/v1/chat/completions",
+        ] {
+            assert!(check_path(good).is_ok(), "{good} is accepted");
+        }
+    }
+
+    fn headers(hosts: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for host in hosts {
+            map.append(HOST, HeaderValue::from_str(host).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_plain_host() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:443",
+            "my_host",
+        ] {
+            assert!(
+                check_host(Version::HTTP_11, &headers(&[good])).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "",
+            "user@example.com",
+            "example.com/path",
+            "example.com:port",
+            "example.com:",
+            "exa mple.com",
+            "example.com?x",
+            "[not-an-ip]",
+            ":80",
+            "example.com:99999",
+        ] {
+            assert!(
+                check_host(Version::HTTP_11, &headers(&[bad])).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(check_host(Version::HTTP_11, &headers(&[])).is_err());
+        assert!(check_host(Version::HTTP_11, &headers(&["a", "a"])).is_err());
+        assert!(check_host(Version::HTTP_10, &headers(&[])).is_ok());
+        assert!(check_host(Version::HTTP_2, &headers(&[])).is_ok());
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_431_and_long_request_lines_414() {
+        let uri: Uri = "/v1/chat".parse().unwrap();
+        let mut map = headers(&["example.com"]);
+        assert!(check_head_size(&Method::GET, &uri, &map, 1024).is_ok());
+        map.insert("x-big", HeaderValue::from_str(&"a".repeat(1000)).unwrap());
+        assert!(matches!(
+            check_head_size(&Method::GET, &uri, &map, 1024),
+            Err(ProxyError::HeaderTooLarge { limit: 1024 })
+        ));
+        let long: Uri = format!("/v1/{}", "a".repeat(1100)).parse().unwrap();
+        assert!(matches!(
+            check_head_size(&Method::GET, &long, &headers(&[]), 1024),
+            Err(ProxyError::UriTooLong { limit: 1024 })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the path, an accepted one has no segment that a
+        /// percent-decoding, backslash-folding upstream would read as `.`
+        /// or `..`.
+        #[test]
+        fn arbitrary_input_paths(path in "(/[a-zA-Z.%25\\\\2eEfF5cC]{0,6}){1,5}") {
+            if check_path(&path).is_ok() {
+                let folded = path.replace('\\', "/");
+                let decoded = decode(&folded);
+                for segment in decoded.split(['/', '\\']) {
+                    prop_assert!(segment != "." && segment != "..", "{path} -> {decoded}");
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_hosts(value in "\\PC{0,40}") {
+            if let Ok(header) = HeaderValue::from_str(&value) {
+                let mut map = HeaderMap::new();
+                map.insert(HOST, header);
+                if check_host(Version::HTTP_11, &map).is_ok() {
+                    prop_assert!(!value.contains(['@', '/', ' ', '?', '#']));
+                    prop_assert!(value.parse::<Authority>().is_ok());
+                }
+            }
+        }
+    }
+
+    /// One round of percent-decoding, as an upstream would do it.
+    fn decode(path: &str) -> String {
+        let bytes = path.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let Ok(byte) = u8::from_str_radix(&path[i + 1..i + 3], 16) {
+                    out.push(byte);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
