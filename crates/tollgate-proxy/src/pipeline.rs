@@ -443,7 +443,8 @@ impl Gateway {
         guard: &mut UsageGuard,
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(route.timeout, self.client.request(request)).await;
+        let result =
+            tokio::time::timeout(route.timeout, route.client(&self.client).request(request)).await;
         // Only a failure to connect proves the upstream never saw it.
         if !matches!(&result, Ok(Err(error)) if error.is_connect()) {
             guard.reached_upstream();
