@@ -127,6 +127,9 @@ async fn a_bad_certificate_file_is_a_clear_start_error() {
     let cert = write_file(dir.path(), "bad.pem", "not a certificate");
     let key = write_file(dir.path(), "bad.key", "not a key");
     let mut config = route_config("http://127.0.0.1:1", "");
+    // Its own database, so the test leaves nothing in the working directory.
+    config.database.url = format!("sqlite://{}/tollgate.db", dir.path().display());
+    config.usage.spool_dir = dir.path().join("spool");
     config.server.tls = Some(tollgate::config::TlsConfig { cert, key });
     let error = match tollgate::app::start(config).await {
         Ok(_) => panic!("a gateway with a bad certificate must not start"),
