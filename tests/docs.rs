@@ -427,14 +427,49 @@ fn keys_of(keys: &[DocKey], section: &str) -> Vec<DocKey> {
         .collect()
 }
 
+/// PEM files for the route keys whose files are read when the config is
+/// loaded (`ca_file`, `client_cert`): the documented sample paths do not
+/// exist, so the generated file points these keys at real ones.
+fn pem_files(dir: &Path) -> BTreeMap<&'static str, String> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["gateway".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &ca)
+        .unwrap();
+    let file = |name: &str, contents: &str| {
+        format!(
+            "{:?}",
+            common::write_file(dir, name, contents)
+                .display()
+                .to_string()
+        )
+    };
+    BTreeMap::from([
+        ("routes.ca_file", file("ca.pem", &ca.pem())),
+        ("routes.client_cert.cert", file("client.pem", &client.pem())),
+        (
+            "routes.client_cert.key",
+            file("client.key", &client_key.serialize_pem()),
+        ),
+    ])
+}
+
 #[test]
 fn every_documented_key_is_accepted_by_the_parser() {
     let keys = documented_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let pems = pem_files(dir.path());
     let text = generate(
         &keys,
         |row, rows| {
             if has_documented_keys(row, rows) {
                 None
+            } else if let Some(path) = pems.get(row.path().as_str()) {
+                Some(path.clone())
             } else {
                 row.sample().map(str::to_owned)
             }
@@ -448,9 +483,16 @@ fn every_documented_key_is_accepted_by_the_parser() {
     assert_eq!(config.pricing.len(), 1, "{text}");
     assert!(config.server.tls.is_some(), "{text}");
     assert!(!config.routes[0].set_headers.is_empty(), "{text}");
+    assert!(config.admin.tls.is_some(), "{text}");
+    assert!(
+        config.routes[0]
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.upstream.has_client_cert()),
+        "{text}"
+    );
 
     // The real binary agrees.
-    let dir = tempfile::tempdir().unwrap();
     let path = common::write_file(dir.path(), "documented.toml", &text);
     let (code, stdout, stderr) = check_config(&path);
     assert_eq!(code, 0, "check-config: {stderr}\n{text}");

@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -126,6 +127,9 @@ async fn a_bad_certificate_file_is_a_clear_start_error() {
     let cert = write_file(dir.path(), "bad.pem", "not a certificate");
     let key = write_file(dir.path(), "bad.key", "not a key");
     let mut config = route_config("http://127.0.0.1:1", "");
+    // Its own database, so the test leaves nothing in the working directory.
+    config.database.url = format!("sqlite://{}/tollgate.db", dir.path().display());
+    config.usage.spool_dir = dir.path().join("spool");
     config.server.tls = Some(tollgate::config::TlsConfig { cert, key });
     let error = match tollgate::app::start(config).await {
         Ok(_) => panic!("a gateway with a bad certificate must not start"),
@@ -133,4 +137,394 @@ async fn a_bad_certificate_file_is_a_clear_start_error() {
     };
     assert!(error.contains("bad.pem"), "{error}");
     assert!(error.contains("no certificate"), "{error}");
+}
+
+// ---- upstream TLS: ca_file and client_cert -----------------------------------
+
+/// A test CA and the certificates it signed, as PEM files: a server
+/// certificate for `localhost` (the upstream, or the admin listener) and a
+/// client certificate (the gateway's, for mutual TLS).
+struct TestCa {
+    dir: tempfile::TempDir,
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+    roots: rustls::RootCertStore,
+    server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    server_key_der: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tollgate test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap()
+                .signed_by(&server_key, &ca)
+                .unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client = rcgen::CertificateParams::new(vec!["gateway".to_owned()])
+            .unwrap()
+            .signed_by(&client_key, &ca)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        TestCa {
+            ca: write_file(dir.path(), "ca.pem", &ca.pem()),
+            server_cert: write_file(dir.path(), "server.pem", &server.pem()),
+            server_key: write_file(dir.path(), "server.key", &server_key.serialize_pem()),
+            client_cert: write_file(dir.path(), "client.pem", &client.pem()),
+            client_key: write_file(dir.path(), "client.key", &client_key.serialize_pem()),
+            roots,
+            server_chain: vec![server.der().clone()],
+            server_key_der: rustls::pki_types::PrivateKeyDer::Pkcs8(
+                server_key.serialize_der().into(),
+            ),
+            dir,
+        }
+    }
+}
+
+/// An https upstream that requires a client certificate signed by the test
+/// CA: it terminates TLS and relays the plaintext to a mock upstream.
+struct MtlsUpstream {
+    port: u16,
+    mock: MockUpstream,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MtlsUpstream {
+    async fn start(ca: &TestCa) -> MtlsUpstream {
+        let mock = MockUpstream::start().await.unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(ca.roots.clone()),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let backend = mock.addr();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A refused handshake just ends the connection.
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        MtlsUpstream { port, mock, task }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+}
+
+impl Drop for MtlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `[[routes]]` of the upstream TLS tests: `/private/` with both
+/// settings, `/no-cert/` without the client certificate, `/no-ca/` without
+/// the CA, `/bare/` to the same upstream with neither, and `/v1/` to a plain
+/// http mock (the default client).
+fn mtls_routes(ca: &TestCa, upstream: &MtlsUpstream, plain: &str) -> String {
+    let route = |name: &str, tls: &str| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}/\"\nupstream = \"{}\"\n\
+             strip_prefix = true\nusage = \"openai\"\n{tls}\n",
+            upstream.url()
+        )
+    };
+    let ca_file = format!("ca_file = \"{}\"\n", ca.ca.display());
+    let client_cert = format!(
+        "client_cert = {{ cert = \"{}\", key = \"{}\" }}\n",
+        ca.client_cert.display(),
+        ca.client_key.display()
+    );
+    [
+        route("private", &format!("{ca_file}{client_cert}")),
+        route("no-cert", &ca_file),
+        route("no-ca", &client_cert),
+        route("bare", ""),
+        format!("[[routes]]\nname = \"plain\"\nprefix = \"/v1/\"\nupstream = \"{plain}\"\nusage = \"openai\"\n"),
+    ]
+    .concat()
+}
+
+fn mtls_config(routes: &str) -> tollgate::config::Config {
+    config(&format!(
+        "[[tiers]]\nname = \"test\"\n\n[usage]\nflush_interval = \"50ms\"\n\n{routes}"
+    ))
+}
+
+const CHAT: &[u8] =
+    br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"one two three"}]}"#;
+
+async fn chat(gw: &TestGateway, path: &str) -> Reply {
+    send(
+        &client(),
+        gw.request(http::Method::POST, path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(CHAT)))
+            .unwrap(),
+    )
+    .await
+}
+
+/// (route, status, outcome, input tokens) of every usage row, once `count`
+/// rows are in the database.
+async fn usage_rows(gw: &TestGateway, count: usize) -> Vec<(String, i64, String, i64)> {
+    let path = gw
+        .config
+        .database
+        .url
+        .strip_prefix("sqlite://")
+        .unwrap()
+        .to_owned();
+    let read = move || {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let mut statement = db
+            .prepare("SELECT route, status, outcome, input_tokens FROM usage_events ORDER BY route")
+            .unwrap();
+        statement
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    };
+    let mut rows = Vec::new();
+    eventually(Duration::from_secs(5), || {
+        rows = read();
+        let done = rows.len() >= count;
+        async move { done }
+    })
+    .await;
+    rows
+}
+
+#[tokio::test]
+async fn a_route_with_ca_file_and_client_cert_reaches_an_mtls_upstream() {
+    let ca = TestCa::new();
+    let upstream = MtlsUpstream::start(&ca).await;
+    let plain = MockUpstream::start().await.unwrap();
+    let gw = TestGateway::start(mtls_config(&mtls_routes(&ca, &upstream, &plain.url()))).await;
+
+    // (a) Both settings: the handshake succeeds, the reply and its usage
+    // come through.
+    let reply = chat(&gw, "/private/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["usage"]["prompt_tokens"], 3);
+    let seen = upstream.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri.path(), "/v1/chat/completions");
+
+    // (b) No client certificate: the upstream refuses the handshake.
+    let reply = chat(&gw, "/no-cert/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_type(), "upstream_unavailable");
+
+    // (c) No CA file: the upstream's certificate has an unknown issuer.
+    let reply = chat(&gw, "/no-ca/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_type(), "upstream_unavailable");
+
+    // (d) Routes without settings use the default client: webpki roots
+    // only, so the test CA is not trusted, while plain http works as ever.
+    let reply = chat(&gw, "/bare/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_type(), "upstream_unavailable");
+    let reply = chat(&gw, "/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(plain.requests().len(), 1);
+    // Only the one good handshake reached the mock behind the TLS upstream.
+    assert_eq!(upstream.mock.requests().len(), 1);
+
+    let rows = usage_rows(&gw, 5).await;
+    assert_eq!(
+        rows,
+        [
+            ("bare".to_owned(), 502, "upstream_error".to_owned(), 0),
+            ("no-ca".to_owned(), 502, "upstream_error".to_owned(), 0),
+            ("no-cert".to_owned(), 502, "upstream_error".to_owned(), 0),
+            ("plain".to_owned(), 200, "ok".to_owned(), 3),
+            ("private".to_owned(), 200, "ok".to_owned(), 3),
+        ]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
+    let ca = TestCa::new();
+    let upstream = MtlsUpstream::start(&ca).await;
+    let plain = MockUpstream::start().await.unwrap();
+    let path = ca.dir.path().join("tollgate.toml");
+    let routes = mtls_routes(&ca, &upstream, &plain.url());
+    // The route starts without its client certificate.
+    let without_cert = routes.replacen(
+        &format!(
+            "client_cert = {{ cert = \"{}\", key = \"{}\" }}\n",
+            ca.client_cert.display(),
+            ca.client_key.display()
+        ),
+        "",
+        1,
+    );
+    let file = |routes: &str| {
+        format!("[[tiers]]\nname = \"test\"\n\n[usage]\nflush_interval = \"50ms\"\n\n{routes}")
+    };
+    std::fs::write(&path, file(&without_cert)).unwrap();
+    let mut config = mtls_config(&without_cert);
+    config.source = Some(path.clone());
+    let gw = TestGateway::start(config).await;
+    let reloader = gw.running.as_ref().unwrap().reloader().clone();
+    let reply = chat(&gw, "/private/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+
+    // The certificate is added: the route gets a client that presents it.
+    std::fs::write(&path, file(&routes)).unwrap();
+    let report = reloader.apply_file().unwrap();
+    assert_eq!(
+        report["changed"]["routes"]["changed"],
+        serde_json::json!(["private"])
+    );
+    let reply = chat(&gw, "/private/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    // A CA file that is gone: the reload is refused with the line and key,
+    // and the route keeps working on what it had.
+    let missing = ca.dir.path().join("gone.pem");
+    let broken = routes.replacen(
+        &format!("ca_file = \"{}\"", ca.ca.display()),
+        &format!("ca_file = \"{}\"", missing.display()),
+        1,
+    );
+    std::fs::write(&path, file(&broken)).unwrap();
+    let error = reloader.apply_file().unwrap_err();
+    let line = file(&broken)
+        .lines()
+        .position(|line| line.contains("gone.pem"))
+        .unwrap()
+        + 1;
+    assert!(
+        error.starts_with(&format!(
+            "{}:{line}:11: routes[0].ca_file: cannot read TLS certificate {}: ",
+            path.display(),
+            missing.display()
+        )),
+        "{error}"
+    );
+    let reply = chat(&gw, "/private/v1/chat/completions").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+// ---- admin listener over TLS --------------------------------------------------
+
+#[tokio::test]
+async fn the_admin_listener_serves_https_with_admin_tls() {
+    let ca = TestCa::new();
+    let mut config =
+        config("[admin]\ntokens = [\"${TOLLGATE_ADMIN_TOKEN}\"]\n\n[[tiers]]\nname = \"test\"\n");
+    config.admin.tls = Some(tollgate::config::TlsConfig {
+        cert: ca.server_cert.clone(),
+        key: ca.server_key.clone(),
+    });
+    let gw = TestGateway::start(config).await;
+    let port = gw.admin.port();
+    let tls = Tls {
+        _dir: tempfile::tempdir().unwrap(),
+        cert_path: ca.server_cert.clone(),
+        key_path: ca.server_key.clone(),
+        roots: ca.roots.clone(),
+    };
+    for h2 in [false, true] {
+        let client = tls_client(&tls, h2);
+        let health = client
+            .request(
+                Request::get(format!("https://localhost:{port}/healthz"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        let customers = client
+            .request(
+                Request::get(format!("https://localhost:{port}/v1/customers"))
+                    .header("authorization", "Bearer admin-test-token")
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(customers.status(), StatusCode::OK);
+        let body = customers.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(json.to_string().contains("\"test\""), "{json}");
+    }
+    // Plain http gets no HTTP answer from a TLS listener.
+    let plain = client()
+        .request(
+            Request::get(format!("http://127.0.0.1:{port}/healthz"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert!(plain.is_err(), "plain http answered: {plain:?}");
+    // The data plane is still plain http.
+    assert_eq!(get(&gw.url("/healthz")).await.status, StatusCode::NOT_FOUND);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_admin_certificate_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_file(dir.path(), "admin.pem", "not a certificate");
+    let key = write_file(dir.path(), "admin.key", "not a key");
+    let mut config = route_config("http://127.0.0.1:1", "");
+    config.database.url = format!("sqlite://{}/tollgate.db", dir.path().display());
+    config.usage.spool_dir = dir.path().join("spool");
+    config.admin.tls = Some(tollgate::config::TlsConfig { cert, key });
+    let error = match tollgate::app::start(config).await {
+        Ok(_) => panic!("a gateway with a bad admin certificate must not start"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("admin.tls"), "{error}");
+    assert!(error.contains("admin.pem"), "{error}");
 }

@@ -1,18 +1,23 @@
-//! The pooled upstream client.
+//! The pooled upstream clients.
 //!
-//! One client per gateway, shared by every route: HTTP/1.1 and HTTP/2 (by
-//! ALPN for https upstreams), rustls with the webpki roots, TCP_NODELAY, idle
-//! connections kept for reuse.
+//! One default client is shared by every route without TLS settings of its
+//! own: HTTP/1.1 and HTTP/2 (by ALPN for https upstreams), rustls with the
+//! webpki roots, TCP_NODELAY, idle connections kept for reuse. A route with
+//! `ca_file` or `client_cert` gets a client of its own, built the same way
+//! from its [`UpstreamTls`] when the routes are compiled, so choosing the
+//! client costs a request nothing and a connection made with one route's
+//! client certificate is never reused for another route.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody};
+use crate::tls::UpstreamTls;
 
 /// How long an idle upstream connection is kept for reuse.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -21,24 +26,46 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
-/// Builds the one upstream client.
+/// Builds the default upstream client.
 pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(provider)?
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+        .wrap_connector(http_connector());
+    Ok(pooled(connector))
+}
+
+/// Builds the client of a route with TLS settings of its own. It speaks
+/// https only: such a route's upstream is https (config validation and
+/// [`crate::route::Route::compile`] both insist), so a plain connection
+/// would mean the settings were silently skipped.
+pub fn upstream_client_with(tls: &UpstreamTls) -> UpstreamClient {
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.client_config())
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http_connector());
+    pooled(connector)
+}
+
+fn http_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http
+}
+
+fn pooled(connector: HttpsConnector<HttpConnector>) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector))
+        .build(connector)
 }
 
 /// Whether an upstream request failed because the client's body went over

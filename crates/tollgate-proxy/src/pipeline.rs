@@ -487,7 +487,8 @@ impl Gateway {
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = Instant::now();
         let upload = request.body().upload();
-        let result = upstream_deadline(route.timeout, upload, self.client.request(request)).await;
+        let client = route.client(&self.client);
+        let result = upstream_deadline(route.timeout, upload, client.request(request)).await;
         // Only a failure to connect proves the upstream never saw it.
         if !matches!(&result, Some(Err(error)) if error.is_connect()) {
             guard.reached_upstream();

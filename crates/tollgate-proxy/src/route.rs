@@ -2,7 +2,9 @@
 //!
 //! Routes are compiled once from config (upstream scheme and authority parsed,
 //! header names validated) so the per-request work is a prefix scan and one
-//! URI assembled from shared parts.
+//! URI assembled from shared parts. A route with TLS settings of its own
+//! gets its upstream client here too; the others use the gateway's shared
+//! default client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +12,10 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
+use crate::forward::{upstream_client_with, UpstreamClient};
 use crate::meter::RouteUsage;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::tls::UpstreamTls;
 use tollgate_metering::usage::pricing::Pricing;
 
 /// A route as configured: the proxy's view of a `[[routes]]` table.
@@ -26,6 +30,8 @@ pub struct RouteSpec {
     pub strip_response_headers: Vec<HeaderName>,
     /// Where the route's usage comes from.
     pub usage: RouteUsage,
+    /// `ca_file` and `client_cert`; `None` = the default client.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A route that cannot be served.
@@ -35,6 +41,8 @@ pub enum RouteError {
     BadUpstream { route: String, upstream: String },
     #[error("route {route:?}: prefix {prefix:?} must start with '/'")]
     BadPrefix { route: String, prefix: String },
+    #[error("route {route:?}: upstream TLS settings need an https:// upstream, not {upstream}")]
+    TlsOnPlainUpstream { route: String, upstream: String },
 }
 
 /// A compiled route.
@@ -56,6 +64,9 @@ pub struct Route {
     pub usage: RouteUsage,
     /// The route's metric handles.
     pub metrics: Arc<RouteMetrics>,
+    /// The route's own client and the settings it was built from, when it
+    /// has TLS settings of its own.
+    own_client: Option<(UpstreamTls, UpstreamClient)>,
 }
 
 impl Route {
@@ -65,6 +76,18 @@ impl Route {
         spec: RouteSpec,
         metrics: &Metrics,
         pricing: &Pricing,
+    ) -> Result<Route, RouteError> {
+        Self::compile_reusing(spec, metrics, pricing, None)
+    }
+
+    /// As [`Route::compile`]; a route whose TLS settings equal those of a
+    /// route in `previous` takes over that route's client, and so its pool
+    /// of open connections, instead of building a new one.
+    fn compile_reusing(
+        spec: RouteSpec,
+        metrics: &Metrics,
+        pricing: &Pricing,
+        previous: Option<&RouteTable>,
     ) -> Result<Route, RouteError> {
         let bad_upstream = || RouteError::BadUpstream {
             route: spec.name.clone(),
@@ -87,6 +110,21 @@ impl Route {
             .ok_or_else(bad_upstream)?;
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_upstream())?;
         let base_path = spec.upstream.path().trim_end_matches('/').to_owned();
+        let own_client = match spec.tls {
+            Some(_) if scheme != Scheme::HTTPS => {
+                return Err(RouteError::TlsOnPlainUpstream {
+                    route: spec.name.clone(),
+                    upstream: spec.upstream.to_string(),
+                })
+            }
+            Some(tls) => {
+                let client = previous
+                    .and_then(|table| table.client_for(&tls))
+                    .unwrap_or_else(|| upstream_client_with(&tls));
+                Some((tls, client))
+            }
+            None => None,
+        };
         Ok(Route {
             metrics: metrics.route(&spec.name, pricing),
             name: Arc::from(spec.name),
@@ -100,7 +138,22 @@ impl Route {
             set_headers: spec.set_headers,
             strip_response_headers: spec.strip_response_headers,
             usage: spec.usage,
+            own_client,
         })
+    }
+
+    /// The client that forwards this route's requests: its own when it has
+    /// TLS settings, else `default`.
+    pub fn client<'a>(&'a self, default: &'a UpstreamClient) -> &'a UpstreamClient {
+        match &self.own_client {
+            Some((_, client)) => client,
+            None => default,
+        }
+    }
+
+    /// Whether the route has a client of its own.
+    pub fn has_own_client(&self) -> bool {
+        self.own_client.is_some()
     }
 
     /// The `Host` header for the upstream: its authority as configured.
@@ -166,9 +219,21 @@ impl RouteTable {
         metrics: &Metrics,
         pricing: &Pricing,
     ) -> Result<RouteTable, RouteError> {
+        Self::new_reusing(specs, metrics, pricing, None)
+    }
+
+    /// As [`RouteTable::new`] for a reload: routes whose TLS settings did not
+    /// change keep the client (and its open connections) they had in
+    /// `previous`; changed or new settings get a new client.
+    pub fn new_reusing(
+        specs: Vec<RouteSpec>,
+        metrics: &Metrics,
+        pricing: &Pricing,
+        previous: Option<&RouteTable>,
+    ) -> Result<RouteTable, RouteError> {
         let mut routes = specs
             .into_iter()
-            .map(|spec| Route::compile(spec, metrics, pricing))
+            .map(|spec| Route::compile_reusing(spec, metrics, pricing, previous))
             .collect::<Result<Vec<_>, _>>()?;
         // Longest prefix wins; the sort is stable, so equal lengths keep
         // their config order.
@@ -181,6 +246,17 @@ impl RouteTable {
         self.routes
             .iter()
             .find(|route| path.starts_with(route.prefix.as_str()))
+    }
+
+    /// A client already built for exactly these TLS settings. (Cloning a
+    /// client shares its pool.)
+    fn client_for(&self, tls: &UpstreamTls) -> Option<UpstreamClient> {
+        self.routes
+            .iter()
+            .find_map(|route| match &route.own_client {
+                Some((built_for, client)) if built_for == tls => Some(client.clone()),
+                _ => None,
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -214,6 +290,7 @@ mod tests {
             set_headers: vec![],
             strip_response_headers: vec![],
             usage: RouteUsage::default(),
+            tls: None,
         }
     }
 
@@ -282,5 +359,22 @@ mod tests {
             compile(spec("a", "/v1/", "ftp://up", false)),
             Err(RouteError::BadUpstream { .. })
         ));
+    }
+
+    #[test]
+    fn only_routes_with_tls_settings_have_their_own_client() {
+        let tls = UpstreamTls::new(Vec::new(), None).unwrap();
+        let with_tls = |upstream: &str| RouteSpec {
+            tls: Some(tls.clone()),
+            ..spec("a", "/v1/", upstream, false)
+        };
+        assert!(matches!(
+            compile(with_tls("http://up")),
+            Err(RouteError::TlsOnPlainUpstream { .. })
+        ));
+        assert!(compile(with_tls("https://up")).unwrap().has_own_client());
+        assert!(!compile(spec("a", "/v1/", "https://up", false))
+            .unwrap()
+            .has_own_client());
     }
 }

@@ -140,8 +140,24 @@ pub async fn start_with_clock(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Running> {
+    // The listeners' certificates are read first: a bad one stops the
+    // start before the spool is replayed or anything else is opened.
+    let tls = match &config.server.tls {
+        Some(tls) => Some(
+            tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
+                .context("cannot set up TLS on the data plane (server.tls)")?,
+        ),
+        None => None,
+    };
+    let admin_tls = match &config.admin.tls {
+        Some(tls) => Some(
+            tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
+                .context("cannot set up TLS on the admin listener (admin.tls)")?,
+        ),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
-    let live = live_config(&config, &metrics)?;
+    let live = live_config(&config, &metrics, None)?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
     let limiter = Arc::new(Limiter::new(clock.clone()));
@@ -217,10 +233,6 @@ pub async fn start_with_clock(
         },
         metering.clone(),
     ));
-    let tls = match &config.server.tls {
-        Some(tls) => Some(tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)?),
-        None => None,
-    };
     let budgets = crate::descriptors::budgets(config.server.max_connections);
     let options = ServerOptions {
         header_timeout: config.server.request_header_timeout,
@@ -278,7 +290,7 @@ pub async fn start_with_clock(
     let admin_state = admin.clone();
     let admin_task = tokio::spawn(serve(
         admin_listener,
-        None,
+        admin_tls.clone(),
         admin_options,
         move |_conn| {
             let admin = admin_state.clone();
@@ -293,7 +305,11 @@ pub async fn start_with_clock(
         tls = tls.is_some(),
         routes = config.routes.len(),
     );
-    tracing::info!(message = "Admin listening.", addr = %admin_addr);
+    tracing::info!(
+        message = "Admin listening.",
+        addr = %admin_addr,
+        tls = admin_tls.is_some(),
+    );
     Ok(Running {
         data_addr,
         admin_addr,
@@ -327,6 +343,7 @@ fn route_spec(route: &RouteConfig) -> RouteSpec {
         timeout: route.timeout,
         set_headers: route.set_headers.clone(),
         strip_response_headers: route.strip_response_headers.clone(),
+        tls: route.tls.as_ref().map(|tls| tls.upstream.clone()),
         usage: RouteUsage {
             format: match route.usage {
                 UsageFormat::None => MeteringFormat::None,
@@ -425,13 +442,21 @@ fn recorder_config(config: &Config) -> RecorderConfig {
 }
 
 /// What a reload can replace, built from `config`: the routes, with their
-/// metric handles, and the prices.
-pub fn live_config(config: &Config, metrics: &Metrics) -> anyhow::Result<LiveConfig> {
+/// metric handles and, for routes with TLS settings of their own, their
+/// upstream clients; and the prices. A route whose TLS settings are the
+/// same as in `previous` (the routes being replaced) keeps its client and
+/// the connections it has open.
+pub fn live_config(
+    config: &Config,
+    metrics: &Metrics,
+    previous: Option<&RouteTable>,
+) -> anyhow::Result<LiveConfig> {
     let pricing = Arc::new(pricing(config));
-    let routes = RouteTable::new(
+    let routes = RouteTable::new_reusing(
         config.routes.iter().map(route_spec).collect(),
         metrics,
         &pricing,
+        previous,
     )
     .context("invalid route")?;
     Ok(LiveConfig { routes, pricing })

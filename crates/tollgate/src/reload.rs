@@ -6,7 +6,10 @@
 //! A file that does not validate, or that removes a tier customers are on,
 //! changes nothing. Requests already running
 //! keep the routes and prices they started with (each holds its own
-//! snapshot); limits apply from the next admission. Listen addresses, TLS,
+//! snapshot); limits apply from the next admission. A route's upstream TLS
+//! (`ca_file`, `client_cert`) is part of the route: its files are read
+//! again on every reload, and a route whose settings or file contents
+//! changed gets a new upstream client. Listen addresses, listener TLS,
 //! the database and the rest of `[server]`, `[admin]`, `[keys]` and
 //! `[usage]` are read at start only: a reload that sees them changed says
 //! so under `restart_required` and keeps running with the old values.
@@ -78,8 +81,13 @@ impl Reloader {
                 ));
             }
         }
-        let live: LiveConfig =
-            live_config(&next, &self.metrics).map_err(|error| format!("{error:#}"))?;
+        // Routes' TLS files were read and checked by `Config::load`; here
+        // each route with TLS settings gets its client, kept from the
+        // running routes when its settings did not change.
+        let running = self.gateway.live();
+        let live: LiveConfig = live_config(&next, &self.metrics, Some(&running.routes))
+            .map_err(|error| format!("{error:#}"))?;
+        drop(running);
 
         // Everything is validated and built: from here on nothing fails.
         self.gateway.reconfigure(live);

@@ -14,15 +14,21 @@
 //! e.g. `tollgate.toml:14:11: routes[1].timeout: invalid duration "5 parsecs"
 //! (expected ...)`. Loading stops at the first error.
 //!
-//! Loading is all-or-nothing and has no side effects beyond reading the file
-//! and environment, which is what lets a reload validate a new file completely
-//! before swapping it in and keep the last good config when it fails.
+//! Loading is all-or-nothing and has no side effects beyond reading the file,
+//! the environment and the PEM files of routes' `ca_file` and `client_cert`,
+//! which is what lets a reload validate a new file completely before
+//! swapping it in and keep the last good config when it fails. Those PEM
+//! files are read here, not when the routes are built, so that a bad one is
+//! reported like any other bad value: with the line and key that name it,
+//! by `check-config` and by a reload alike. (`server.tls` and `admin.tls`
+//! are read when the listeners start.)
 //!
 //! Money is never held as `f64` past parsing: USD amounts become integer
 //! nano-USD (`1e-9` USD) as they are read.
 //!
 //! This module must not depend on the runtime (tokio, hyper, the database):
-//! `tollgate check-config` uses it alone.
+//! `tollgate check-config` uses it alone. From the proxy crate it uses only
+//! `tls`'s PEM readers and [`UpstreamTls`], which are plain rustls.
 
 pub mod defaults;
 mod error;
@@ -42,6 +48,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
+use tollgate_proxy::tls::UpstreamTls;
 
 pub use error::{ConfigError, Location};
 
@@ -189,7 +196,10 @@ impl ServerConfig {
     }
 }
 
-/// `server.tls`: PEM files, read when the server starts, not here.
+/// `server.tls`, `admin.tls` and a route's `client_cert`: a PEM certificate
+/// chain (leaf first) and its private key. Relative paths are relative to
+/// the working directory. The listeners' files are read when the server
+/// starts, a route's when the config is loaded (see [`RouteTls`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -204,12 +214,15 @@ pub struct AdminConfig {
     /// Bearer tokens for the admin API's `/v1/*`. Empty = every `/v1/*`
     /// request is refused. Each is non-empty and free of whitespace.
     pub tokens: Vec<String>,
+    /// TLS on `admin_listen`; `None` = plain HTTP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminConfig")
             .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -413,6 +426,23 @@ pub struct RouteConfig {
     /// because they typically carry upstream credentials: `Debug` then hides
     /// them and HTTP/2 never puts them in the HPACK table.
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `ca_file` and `client_cert`; `None` when the route has neither, and
+    /// then it shares the gateway's default upstream client.
+    pub tls: Option<RouteTls>,
+}
+
+/// A route's own upstream TLS settings (only on an `https://` upstream):
+/// the paths as written and what the files held, read and checked when the
+/// config was loaded. Equal values mean the same files with the same
+/// contents, so a reload sees a rotated certificate as a changed route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTls {
+    /// Extra trusted roots, beside the webpki ones.
+    pub ca_file: Option<PathBuf>,
+    /// Presented when the upstream asks for a client certificate.
+    pub client_cert: Option<TlsConfig>,
+    /// The certificates and key, ready for the route's connector.
+    pub upstream: UpstreamTls,
 }
 
 /// How a route reads token usage from response bodies.

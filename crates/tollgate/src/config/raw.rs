@@ -59,6 +59,7 @@ pub(super) struct RawTls {
 #[serde(default, deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawAdmin {
     pub tokens: Vec<Str>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +116,8 @@ pub(super) struct RawRoute {
     pub strip_response_headers: Vec<Str>,
     #[serde(default)]
     pub set_headers: BTreeMap<String, Str>,
+    pub ca_file: Option<Str>,
+    pub client_cert: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize)]

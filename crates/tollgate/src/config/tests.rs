@@ -241,6 +241,7 @@ fn the_example_file_parses_to_the_documented_values() {
                 header("authorization"),
                 HeaderValue::from_static("Bearer sk-test")
             )],
+            tls: None,
         }]
     );
     assert!(config.routes[0].set_headers[0].1.is_sensitive());
@@ -287,8 +288,15 @@ fn the_examples_commented_out_settings_are_valid() {
     let (text, enabled) = example_with_commented_settings_enabled();
     assert_eq!(
         enabled,
-        BTreeSet::from(["instance_id".to_owned(), "tls".to_owned()])
+        BTreeSet::from(["instance_id", "tls", "ca_file", "client_cert"].map(str::to_owned))
     );
+    // A route's PEM files are read at load: point the example's paths at
+    // real ones.
+    let pems = Pems::new();
+    let text = text
+        .replace("certs/internal-ca.pem", &pems.path(&pems.ca))
+        .replace("certs/gw-client.pem", &pems.path(&pems.cert))
+        .replace("certs/gw-client.key", &pems.path(&pems.key));
     let config = Config::parse(&text, "tollgate.example.toml", &env).unwrap();
     assert_eq!(
         config.server.tls,
@@ -297,6 +305,23 @@ fn the_examples_commented_out_settings_are_valid() {
             key: PathBuf::from("certs/gw.key"),
         })
     );
+    assert_eq!(
+        config.admin.tls,
+        Some(TlsConfig {
+            cert: PathBuf::from("certs/admin.pem"),
+            key: PathBuf::from("certs/admin.key"),
+        })
+    );
+    let tls = config.routes[0].tls.as_ref().unwrap();
+    assert_eq!(tls.ca_file.as_ref(), Some(&pems.ca));
+    assert_eq!(
+        tls.client_cert,
+        Some(TlsConfig {
+            cert: pems.cert.clone(),
+            key: pems.key.clone(),
+        })
+    );
+    assert!(tls.upstream.has_client_cert());
     assert_eq!(config.server.instance_id, "gw-1");
 }
 
@@ -1230,4 +1255,250 @@ mod arbitrary_input_config {
             }
         }
     }
+}
+
+// ---- upstream TLS ----------------------------------------------------------
+
+/// PEM files for a route's `ca_file` and `client_cert`: a test CA, a client
+/// certificate it signed with its key, and a second, unrelated key.
+struct Pems {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    other_key: PathBuf,
+    dir: PathBuf,
+}
+
+impl Pems {
+    fn new() -> Pems {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client = rcgen::CertificateParams::new(vec!["gateway".to_owned()])
+            .unwrap()
+            .signed_by(&client_key, &ca)
+            .unwrap();
+        let write = |name: &str, contents: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        };
+        Pems {
+            ca: write("ca.pem", &ca.pem()),
+            cert: write("client.pem", &client.pem()),
+            key: write("client.key", &client_key.serialize_pem()),
+            other_key: write(
+                "other.key",
+                &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+            ),
+            dir: dir.path().to_owned(),
+            _dir: dir,
+        }
+    }
+
+    /// `path` as it is written in a TOML string.
+    fn path(&self, path: &Path) -> String {
+        path.display().to_string()
+    }
+
+    /// A file of the test's own in the same directory.
+    fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        self.path(&path)
+    }
+}
+
+/// A valid https route with `extra` lines appended; its keys start on line 5.
+fn https_route(extra: &str) -> String {
+    format!("[[routes]]\nname = \"r\"\nprefix = \"/\"\nupstream = \"https://up\"\n{extra}")
+}
+
+#[test]
+fn route_tls_reads_and_keeps_the_files() {
+    let pems = Pems::new();
+    let config = parse(&https_route(&format!(
+        "ca_file = {:?}\nclient_cert = {{ cert = {:?}, key = {:?} }}\n",
+        pems.path(&pems.ca),
+        pems.path(&pems.cert),
+        pems.path(&pems.key)
+    )))
+    .unwrap();
+    let tls = config.routes[0].tls.as_ref().unwrap();
+    assert_eq!(tls.ca_file.as_ref(), Some(&pems.ca));
+    assert!(tls.upstream.has_client_cert());
+
+    // Either key alone is enough.
+    let ca_only = parse(&https_route(&format!(
+        "ca_file = {:?}\n",
+        pems.path(&pems.ca)
+    )))
+    .unwrap();
+    let tls = ca_only.routes[0].tls.as_ref().unwrap();
+    assert_eq!(tls.client_cert, None);
+    assert!(!tls.upstream.has_client_cert());
+    let cert_only = parse(&https_route(&format!(
+        "client_cert = {{ cert = {:?}, key = {:?} }}\n",
+        pems.path(&pems.cert),
+        pems.path(&pems.key)
+    )))
+    .unwrap();
+    assert_eq!(cert_only.routes[0].tls.as_ref().unwrap().ca_file, None);
+
+    // Neither: the route has no TLS settings of its own.
+    assert_eq!(parse(&https_route("")).unwrap().routes[0].tls, None);
+
+    // The same files read twice are equal; other contents are not (what a
+    // reload compares).
+    assert_eq!(
+        config,
+        parse(&https_route(&format!(
+            "ca_file = {:?}\nclient_cert = {{ cert = {:?}, key = {:?} }}\n",
+            pems.path(&pems.ca),
+            pems.path(&pems.cert),
+            pems.path(&pems.key)
+        )))
+        .unwrap()
+    );
+    assert_ne!(ca_only.routes[0].tls, cert_only.routes[0].tls);
+
+    // Debug shows no key material.
+    let debug = format!("{:?}", config.routes[0]);
+    let key_pem = std::fs::read_to_string(&pems.key).unwrap();
+    let key_body = key_pem.lines().nth(1).unwrap();
+    assert!(!debug.contains(key_body), "{debug}");
+}
+
+#[test]
+fn route_tls_errors_name_the_line_and_key() {
+    let pems = Pems::new();
+    let ca = pems.path(&pems.ca);
+    let cert = pems.path(&pems.cert);
+    let key = pems.path(&pems.key);
+    let dir = pems.path(&pems.dir);
+
+    // A file that is not there.
+    assert_eq!(
+        message(&https_route(&format!("ca_file = \"{dir}/missing.pem\"\n"))),
+        format!(
+            "tollgate.toml:5:11: routes[0].ca_file: cannot read TLS certificate {dir}/missing.pem: \
+             I/O error: No such file or directory (os error 2)"
+        )
+    );
+    assert_eq!(
+        message(&https_route(&format!(
+            "client_cert = {{ cert = {cert:?}, key = \"{dir}/missing.key\" }}\n"
+        ))),
+        format!(
+            "tollgate.toml:5:{}: routes[0].client_cert.key: cannot read TLS private key {dir}/missing.key: \
+             I/O error: No such file or directory (os error 2)",
+            34 + cert.len()
+        )
+    );
+    // A PEM file without a certificate (here: a key given as the CA file).
+    assert_eq!(
+        message(&https_route(&format!("ca_file = {key:?}\n"))),
+        format!("tollgate.toml:5:11: routes[0].ca_file: TLS certificate file {key} holds no certificate")
+    );
+    assert_eq!(
+        message(&https_route(&format!(
+            "client_cert = {{ cert = {key:?}, key = {key:?} }}\n"
+        ))),
+        format!("tollgate.toml:5:24: routes[0].client_cert.cert: TLS certificate file {key} holds no certificate")
+    );
+    // A key file without a key.
+    assert_eq!(
+        message(&https_route(&format!(
+            "client_cert = {{ cert = {cert:?}, key = {cert:?} }}\n"
+        ))),
+        format!(
+            "tollgate.toml:5:{}: routes[0].client_cert.key: TLS private key file {cert} holds no private key",
+            34 + cert.len()
+        )
+    );
+    // A key that does not parse.
+    let garbage = pems.write(
+        "garbage.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    let error = message(&https_route(&format!(
+        "client_cert = {{ cert = {cert:?}, key = {garbage:?} }}\n"
+    )));
+    assert!(
+        error.starts_with(&format!(
+            "tollgate.toml:5:{}: routes[0].client_cert.key: the private key is not usable: ",
+            34 + cert.len()
+        )),
+        "{error}"
+    );
+    // A key of another certificate.
+    let other = pems.path(&pems.other_key);
+    let error = message(&https_route(&format!(
+        "client_cert = {{ cert = {cert:?}, key = {other:?} }}\n"
+    )));
+    assert!(
+        error.starts_with("tollgate.toml:5:")
+            && error.contains(": routes[0].client_cert.key: the client certificate and key do not belong together: "),
+        "{error}"
+    );
+    // A certificate block that is no certificate.
+    let bad_root = pems.write(
+        "bad-root.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let error = message(&https_route(&format!("ca_file = {bad_root:?}\n")));
+    assert!(
+        error.starts_with(
+            "tollgate.toml:5:11: routes[0].ca_file: certificate 1 of the CA file is not a usable trust anchor: "
+        ),
+        "{error}"
+    );
+    // On a plain-http upstream the settings could never apply.
+    assert_eq!(
+        message(&route(&format!("ca_file = {ca:?}\n"))),
+        "tollgate.toml:5:11: routes[0].ca_file: ca_file and client_cert apply to https:// upstreams only; \
+         this route's upstream is http://"
+    );
+    assert_eq!(
+        message(&route(&format!("client_cert = {{ cert = {cert:?}, key = {key:?} }}\n"))),
+        "tollgate.toml:5:24: routes[0].client_cert: ca_file and client_cert apply to https:// upstreams only; \
+         this route's upstream is http://"
+    );
+    // The table's shape.
+    assert_eq!(
+        message(&https_route(&format!(
+            "client_cert = {{ cert = {cert:?} }}\n"
+        ))),
+        "tollgate.toml:5:15: routes[0].client_cert: missing field `key`"
+    );
+    assert_eq!(
+        message(&https_route("ca_file = \"\"\n")),
+        "tollgate.toml:5:11: routes[0].ca_file: must not be empty"
+    );
+}
+
+#[test]
+fn admin_tls_takes_two_paths() {
+    let config = parse("[admin]\ntls = { cert = \"a.pem\", key = \"a.key\" }\n").unwrap();
+    assert_eq!(
+        config.admin.tls,
+        Some(TlsConfig {
+            cert: PathBuf::from("a.pem"),
+            key: PathBuf::from("a.key"),
+        })
+    );
+    // Like server.tls, the files are read when the listener starts.
+    assert_eq!(
+        message("[admin]\ntls = { cert = \"a.pem\" }\n"),
+        "tollgate.toml:2:7: admin.tls: missing field `key`"
+    );
+    assert_eq!(
+        message("[admin]\ntls = { cert = \"a.pem\", key = \"\" }\n"),
+        "tollgate.toml:2:31: admin.tls.key: must not be empty"
+    );
 }

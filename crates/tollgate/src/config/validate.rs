@@ -13,20 +13,22 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, Uri};
 use serde_spanned::Spanned;
+use tollgate_proxy::tls::{self, ClientIdentity, TlsError, UpstreamTls};
 
 use super::defaults;
 use super::error::{ConfigError, Location};
 use super::interpolate::{interpolate, InterpolateError};
 use super::raw::{
-    RawAdmin, RawConfig, RawDatabase, RawKeys, RawPrice, RawRoute, RawServer, RawTier, RawUsage,
-    RawUsd, Str,
+    RawAdmin, RawConfig, RawDatabase, RawKeys, RawPrice, RawRoute, RawServer, RawTier, RawTls,
+    RawUsage, RawUsd, Str,
 };
 use super::units;
 use super::{
     AdminConfig, Config, DatabaseConfig, KeysConfig, ModelPrice, Overage, Rate, RouteConfig,
-    ServerConfig, SpoolFullPolicy, TierConfig, TlsConfig, UsageConfig, UsageFormat,
+    RouteTls, ServerConfig, SpoolFullPolicy, TierConfig, TlsConfig, UsageConfig, UsageFormat,
 };
 
 /// Serde's span wrapper addresses its parts as map keys with this prefix;
@@ -285,13 +287,7 @@ impl Cx<'_> {
                 ));
             }
         }
-        let tls = match raw.tls {
-            Some(tls) => Some(TlsConfig {
-                cert: self.non_empty_path(&tls.cert, "server.tls.cert")?,
-                key: self.non_empty_path(&tls.key, "server.tls.key")?,
-            }),
-            None => None,
-        };
+        let tls = self.tls_paths(raw.tls.as_ref(), "server.tls")?;
         let max_request_body = self.parsed_or(
             raw.max_request_body.as_ref(),
             "server.max_request_body",
@@ -368,6 +364,21 @@ impl Cx<'_> {
         })
     }
 
+    /// A `{ cert, key }` table's two paths (files not read).
+    fn tls_paths(
+        &self,
+        raw: Option<&RawTls>,
+        path: &str,
+    ) -> Result<Option<TlsConfig>, ConfigError> {
+        raw.map(|tls| {
+            Ok(TlsConfig {
+                cert: self.non_empty_path(&tls.cert, &child(path, "cert"))?,
+                key: self.non_empty_path(&tls.key, &child(path, "key"))?,
+            })
+        })
+        .transpose()
+    }
+
     /// A duration that must not be zero: a zero timeout or interval would
     /// either fail everything at once or spin.
     fn positive_duration(
@@ -405,7 +416,8 @@ impl Cx<'_> {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(AdminConfig { tokens })
+        let tls = self.tls_paths(raw.tls.as_ref(), "admin.tls")?;
+        Ok(AdminConfig { tokens, tls })
     }
 
     fn database(&self, raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {
@@ -661,8 +673,10 @@ impl Cx<'_> {
                 })
                 .collect::<Result<_, _>>()?;
 
+            let upstream = self.parsed(&route.upstream, &at("upstream"), parse_upstream)?;
+            let tls = self.route_tls(route, &upstream, &at)?;
             routes.push(RouteConfig {
-                upstream: self.parsed(&route.upstream, &at("upstream"), parse_upstream)?,
+                upstream,
                 strip_prefix: route.strip_prefix.unwrap_or(defaults::ROUTE_STRIP_PREFIX),
                 usage,
                 cost_header: self
@@ -682,11 +696,77 @@ impl Cx<'_> {
                 )?,
                 strip_response_headers,
                 set_headers: self.set_headers(&route.set_headers, &at("set_headers"))?,
+                tls,
                 name,
                 prefix,
             });
         }
         Ok(routes)
+    }
+
+    /// A route's `ca_file` and `client_cert`, with their files read and
+    /// checked. Each failure points at the key whose file is at fault.
+    fn route_tls(
+        &self,
+        route: &RawRoute,
+        upstream: &Uri,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<Option<RouteTls>, ConfigError> {
+        // The first TLS key written, for errors about the settings as a whole.
+        let first = match (&route.ca_file, &route.client_cert) {
+            (None, None) => return Ok(None),
+            (Some(ca_file), _) => (ca_file.span(), at("ca_file")),
+            (None, Some(client_cert)) => (client_cert.cert.span(), at("client_cert")),
+        };
+        if upstream.scheme() != Some(&Scheme::HTTPS) {
+            return Err(self.invalid(
+                first.0,
+                &first.1,
+                "ca_file and client_cert apply to https:// upstreams only; this route's upstream is http://",
+            ));
+        }
+        let file_error = |value: &Str, path: &str| {
+            let (span, path) = (value.span(), path.to_owned());
+            move |error: TlsError| self.invalid(span, &path, error)
+        };
+        let (ca_file, roots) = match &route.ca_file {
+            Some(value) => {
+                let path = at("ca_file");
+                let file = self.non_empty_path(value, &path)?;
+                let roots = tls::read_certificates(&file).map_err(file_error(value, &path))?;
+                (Some(file), roots)
+            }
+            None => (None, Vec::new()),
+        };
+        let (client_cert, identity) = match &route.client_cert {
+            Some(raw) => {
+                let paths = TlsConfig {
+                    cert: self.non_empty_path(&raw.cert, &at("client_cert.cert"))?,
+                    key: self.non_empty_path(&raw.key, &at("client_cert.key"))?,
+                };
+                let chain = tls::read_certificates(&paths.cert)
+                    .map_err(file_error(&raw.cert, &at("client_cert.cert")))?;
+                let key = tls::read_private_key(&paths.key)
+                    .map_err(file_error(&raw.key, &at("client_cert.key")))?;
+                (Some(paths), Some(ClientIdentity { chain, key }))
+            }
+            None => (None, None),
+        };
+        let upstream = UpstreamTls::new(roots, identity).map_err(|error| {
+            // A root that is no trust anchor is the CA file's fault; a key
+            // rustls cannot load, or one of another certificate, the key's.
+            let blame = match (&error, &route.ca_file, &route.client_cert) {
+                (TlsError::TrustAnchor { .. }, Some(ca_file), _) => (ca_file.span(), at("ca_file")),
+                (_, _, Some(client_cert)) => (client_cert.key.span(), at("client_cert.key")),
+                _ => first.clone(),
+            };
+            self.invalid(blame.0, &blame.1, error)
+        })?;
+        Ok(Some(RouteTls {
+            ca_file,
+            client_cert,
+            upstream,
+        }))
     }
 
     fn set_headers(
