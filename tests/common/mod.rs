@@ -348,10 +348,47 @@ impl Process {
         Self::spawn(key, dir, log)
     }
 
+    /// As [`Process::serve`], with the process's file-descriptor limit
+    /// (soft and hard) set to `limit` by `prlimit`.
+    pub fn serve_with_descriptor_limit(toml: &str, limit: u64) -> Process {
+        let process = Self::serve_logged(toml, "info");
+        let (key, dir) = process.into_parts();
+        Self::spawn_with(key, dir, "info", Some(limit))
+    }
+
+    fn into_parts(mut self) -> (Option<String>, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let placeholder = tempfile::tempdir().unwrap();
+        let dir = std::mem::replace(&mut self.dir, placeholder);
+        (self.key.take(), dir)
+    }
+
     /// Starts the binary on `dir/tollgate.toml`, in `dir`, and waits for
     /// both listeners.
     fn spawn(key: Option<String>, dir: tempfile::TempDir, log: &str) -> Process {
-        let mut child = Command::new(binary())
+        Self::spawn_with(key, dir, log, None)
+    }
+
+    fn spawn_with(
+        key: Option<String>,
+        dir: tempfile::TempDir,
+        log: &str,
+        descriptors: Option<u64>,
+    ) -> Process {
+        let mut command = match descriptors {
+            // prlimit sets the limit and then execs the binary: same pid.
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .args(["--log-format", "json", "--config"])
             .arg(dir.path().join("tollgate.toml"))
             .arg("serve")
@@ -400,13 +437,8 @@ impl Process {
 
     /// SIGKILLs the gateway and starts it again on the same directory
     /// (config, SQLite file, spool) with the same key.
-    pub fn kill_and_restart(mut self, log: &str) -> Process {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let placeholder = tempfile::tempdir().unwrap();
-        let dir = std::mem::replace(&mut self.dir, placeholder);
-        let key = self.key.take();
-        drop(self);
+    pub fn kill_and_restart(self, log: &str) -> Process {
+        let (key, dir) = self.into_parts();
         Self::spawn(key, dir, log)
     }
 

@@ -26,25 +26,39 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The per-connection mark shared between the I/O wrapper and the handler.
+/// The per-connection mark shared between the I/O wrapper, the handler
+/// and the connection's timer.
 #[derive(Clone, Debug, Default)]
-pub struct FramingMark(Arc<AtomicBool>);
+pub struct FramingMark(Arc<Marks>);
+
+#[derive(Debug, Default)]
+struct Marks {
+    conflict: AtomicBool,
+    /// HTTP/1 bytes received so far: the connection's timer tells a head
+    /// that is arriving (slowly) from a connection that is merely idle.
+    received: AtomicU64,
+}
 
 impl FramingMark {
     /// Takes the mark: whether a CL+TE header block has been read since the
     /// last call.
     pub fn take(&self) -> bool {
-        self.0.swap(false, Ordering::Relaxed)
+        self.0.conflict.swap(false, Ordering::Relaxed)
+    }
+
+    /// HTTP/1 bytes received on the connection so far (0 on HTTP/2).
+    pub fn received(&self) -> u64 {
+        self.0.received.load(Ordering::Relaxed)
     }
 
     fn set(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.conflict.store(true, Ordering::Relaxed);
     }
 }
 
@@ -152,8 +166,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingWatch<IO> {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            if this.scanner.feed(&buf.filled()[before..]) {
+            let read = &buf.filled()[before..];
+            if this.scanner.feed(read) {
                 this.mark.set();
+            }
+            if !this.scanner.disabled {
+                this.mark
+                    .0
+                    .received
+                    .fetch_add(read.len() as u64, Ordering::Relaxed);
             }
         }
         result

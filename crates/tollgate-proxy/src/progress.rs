@@ -83,6 +83,13 @@ impl Progress {
     }
 }
 
+/// The response head went to the client: until its body is polled, the
+/// response waits for the client (an HTTP/2 stream whose window is closed
+/// never polls its body at all).
+pub fn head_handed_out() {
+    let _ = PROGRESS.try_with(|progress| progress.record(&Poll::Ready(Some(()))));
+}
+
 /// Runs `poll` with `progress` as the current task's progress.
 pub fn with_progress<R>(progress: &Arc<Progress>, poll: impl FnOnce() -> R) -> R {
     PROGRESS.sync_scope(progress.clone(), poll)

@@ -191,7 +191,11 @@ fn connection_builder(options: &ServerOptions) -> auto::Builder<WatchingExecutor
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_timeout)
+        // The connection's own timer enforces the header timeout, from the
+        // moment of connecting and from the first byte of each later head;
+        // hyper's would also close kept-alive connections that are merely
+        // idle, before `idle_timeout`.
+        .header_read_timeout(None)
         .max_buf_size(head_limit)
         .keep_alive(true);
     builder
@@ -314,6 +318,7 @@ where
             .in_flight
             .take()
             .unwrap_or_else(|| InFlight(Arc::default()));
+        crate::progress::head_handed_out();
         Poll::Ready(Ok(response.map(|body| ServedBody::new(body, in_flight))))
     }
 }
@@ -351,6 +356,7 @@ impl Connection {
         };
         let watch = Watch {
             activity,
+            framing: self.framing.clone(),
             opened,
             options: &self.options,
             closing: self.closing,
@@ -421,6 +427,8 @@ enum Ended {
 /// One connection's timer and shutdown signal.
 struct Watch<'a> {
     activity: Arc<Activity>,
+    /// Bytes received, to tell a head arriving from an idle connection.
+    framing: FramingMark,
     opened: Instant,
     options: &'a ServerOptions,
     closing: watch::Receiver<Closing>,
@@ -436,9 +444,7 @@ impl Watch<'_> {
     {
         let mut conn = pin!(conn);
         let mut stall = StallWatch::new(self.options.idle_timeout);
-        // Until the first request: the header timeout from connecting.
-        let mut quiet_since = self.opened;
-        let mut seen = 0;
+        let mut quiet = Quiet::new(self.opened);
         let mut closed_for: Option<Ended> = None;
         let timer = tokio::time::sleep_until(self.opened + self.options.header_timeout);
         let mut timer = pin!(timer);
@@ -467,30 +473,13 @@ impl Watch<'_> {
                         return closed_for.unwrap_or(Ended::Idle);
                     }
                     let now = Instant::now();
-                    let started = self.activity.started.load(Ordering::Relaxed);
-                    let in_flight = self.activity.in_flight.load(Ordering::Relaxed);
-                    if in_flight > 0 || started != seen {
-                        seen = started;
-                        quiet_since = now;
-                    }
-                    let limit = if started == 0 {
-                        self.options.header_timeout
-                    } else {
-                        self.options.idle_timeout
-                    };
-                    if in_flight == 0 && now >= quiet_since + limit {
-                        conn.as_mut().graceful_shutdown();
-                        closed_for = Some(if started == 0 { Ended::HeaderTimeout } else { Ended::Idle });
-                        timer.as_mut().reset(now + CLOSE_GRACE);
-                    } else {
-                        // Checked four times per timeout: a connection
-                        // closes within a quarter of it after going quiet.
-                        let next = if in_flight == 0 {
-                            (quiet_since + limit).min(now + limit / 4)
-                        } else {
-                            now + limit / 4
-                        };
-                        timer.as_mut().reset(next);
+                    match quiet.check(now, &self.activity, &self.framing, self.options) {
+                        Check::Busy(next) => timer.as_mut().reset(next),
+                        Check::Close(reason) => {
+                            conn.as_mut().graceful_shutdown();
+                            closed_for = Some(reason);
+                            timer.as_mut().reset(now + CLOSE_GRACE);
+                        }
                     }
                 }
                 changed = self.closing.changed() => {
@@ -510,6 +499,76 @@ impl Watch<'_> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What a connection's timer concluded.
+enum Check {
+    /// Look again at this instant.
+    Busy(Instant),
+    Close(Ended),
+}
+
+/// Since when a connection has had no request in flight, and whether a
+/// request head has started arriving since.
+struct Quiet {
+    since: Instant,
+    /// Requests started, as of `since`.
+    started: u64,
+    /// Bytes received, as of `since`.
+    received: u64,
+    /// When bytes of a new head were first seen (HTTP/1).
+    head_since: Option<Instant>,
+}
+
+impl Quiet {
+    fn new(opened: Instant) -> Self {
+        Quiet {
+            since: opened,
+            started: 0,
+            received: 0,
+            head_since: None,
+        }
+    }
+
+    /// The rules of SPEC §3 "Connections", checked at `now`:
+    /// - no complete first head within `header_timeout` of connecting;
+    /// - a later head not complete within `header_timeout` of its first
+    ///   byte (as seen by the timer);
+    /// - no request in flight for `idle_timeout`.
+    fn check(
+        &mut self,
+        now: Instant,
+        activity: &Activity,
+        framing: &FramingMark,
+        options: &ServerOptions,
+    ) -> Check {
+        let started = activity.started.load(Ordering::Relaxed);
+        let in_flight = activity.in_flight.load(Ordering::Relaxed);
+        let received = framing.received();
+        // Four looks per timeout: a connection closes within a quarter of
+        // it after its deadline.
+        let tick = options.header_timeout.min(options.idle_timeout) / 4;
+        if in_flight > 0 || started != self.started {
+            self.since = now;
+            self.started = started;
+            self.received = received;
+            self.head_since = None;
+            return Check::Busy(now + tick);
+        }
+        if started > 0 && self.head_since.is_none() && received != self.received {
+            self.head_since = Some(now);
+        }
+        let (deadline, reason) = match self.head_since {
+            _ if started == 0 => (self.since + options.header_timeout, Ended::HeaderTimeout),
+            Some(head) => (head + options.header_timeout, Ended::HeaderTimeout),
+            None => (self.since + options.idle_timeout, Ended::Idle),
+        };
+        if now >= deadline {
+            Check::Close(reason)
+        } else {
+            Check::Busy(deadline.min(now + tick))
         }
     }
 }
