@@ -449,31 +449,62 @@ async fn h2_connect(addr: SocketAddr, window: u32) -> h2::client::SendRequest<By
 }
 
 fn h2_request(gw: &TestGateway, path: &str) -> http::Request<()> {
-    http::Request::get(format!("http://{}{path}", gw.addr))
-        .header(
-            "authorization",
-            format!("Bearer {}", gw.key.as_deref().unwrap()),
-        )
+    h2_get(gw.addr, gw.key.as_deref().unwrap(), path)
+}
+
+fn h2_get(addr: SocketAddr, key: &str, path: &str) -> http::Request<()> {
+    http::Request::get(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {key}"))
         .body(())
         .unwrap()
+}
+
+/// Opens `count` streams on one connection and resets each at once.
+async fn rapid_reset(addr: SocketAddr, key: &str, count: usize) {
+    let mut client = h2_connect(addr, 65_535).await;
+    for _ in 0..count {
+        let Ok(ready) = client.clone().ready().await else {
+            return; // the gateway closed this connection: fine
+        };
+        client = ready;
+        let Ok((_response, mut stream)) = client.send_request(h2_get(addr, key, "/v1/ok"), false)
+        else {
+            return;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+/// Sends a HEADERS frame and then up to 1 MiB of CONTINUATION frames that
+/// never end the header block; returns once the gateway cut it off.
+async fn continuation_flood(addr: SocketAddr) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut bytes = H2_PREFACE.to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[]));
+    // :method GET, :scheme http, :path / (static table indices).
+    bytes.extend(frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84]));
+    stream.write_all(&bytes).await.unwrap();
+    // Literal without indexing, name "x-a", a 158-byte value (HPACK
+    // integer 127 + 31).
+    let mut literal = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f, 0x1f];
+    literal.extend(std::iter::repeat_n(b'a', 0x7f + 0x1f));
+    let continuation = frame(0x9, 0, 1, &literal.repeat(16));
+    let mut written = 0usize;
+    while written < 1 << 20 {
+        if stream.write_all(&continuation).await.is_err() {
+            return;
+        }
+        written += continuation.len();
+    }
+    // Written into socket buffers; the gateway must still close it.
+    read_to_close(&mut stream, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
 async fn rapid_reset_leaves_the_gateway_serving() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = gateway(&mock).await;
-    let mut client = h2_connect(gw.addr, 65_535).await;
-    for _ in 0..2_000 {
-        let Ok(ready) = client.clone().ready().await else {
-            break; // the gateway closed this connection: fine
-        };
-        client = ready;
-        let Ok((_response, mut stream)) = client.send_request(h2_request(&gw, "/v1/ok"), false)
-        else {
-            break;
-        };
-        stream.send_reset(h2::Reason::CANCEL);
-    }
+    rapid_reset(gw.addr, gw.key.as_deref().unwrap(), 2_000).await;
     // A fresh connection is served at once.
     let reply = send(
         &h2c_client(),
@@ -490,33 +521,7 @@ async fn rapid_reset_leaves_the_gateway_serving() {
 async fn a_continuation_flood_is_cut_off() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = gateway(&mock).await; // header lists up to 32 KiB
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let mut bytes = H2_PREFACE.to_vec();
-    bytes.extend(frame(0x4, 0, 0, &[]));
-    // HEADERS without END_HEADERS, then CONTINUATION frames of literal
-    // headers that never end: 1 MiB offered against a 32 KiB limit.
-    bytes.extend(frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84])); // :method GET, :scheme http, :path /
-    let literal: Vec<u8> = {
-        // Literal without indexing, name "x-a", a 158-byte value (HPACK
-        // integer 127 + 31).
-        let mut header = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f, 0x1f];
-        header.extend(std::iter::repeat_n(b'a', 0x7f + 0x1f));
-        header
-    };
-    let mut written = 0usize;
-    let mut cut = false;
-    while written < 1 << 20 {
-        let continuation = frame(0x9, 0, 1, &literal.repeat(16));
-        if stream.write_all(&continuation).await.is_err() {
-            cut = true;
-            break;
-        }
-        written += continuation.len();
-    }
-    if !cut {
-        // Written into socket buffers; the gateway must still close it.
-        read_to_close(&mut stream, Duration::from_secs(5)).await;
-    }
+    continuation_flood(gw.addr).await;
     // And it keeps serving.
     assert_eq!(gw.get("/v1/ok").await.status, StatusCode::OK);
     gw.stop().await;
@@ -655,4 +660,89 @@ upstream = "{}"
         after < before + 32 * 1024,
         "memory stays bounded: {before} -> {after} KiB"
     );
+}
+
+/// The real binary through every HTTP/2 abuse above at once, many
+/// connections each: its peak memory stays bounded.
+#[tokio::test]
+async fn h2_abuse_keeps_the_gateways_memory_bounded() {
+    let mock = MockUpstream::start().await.unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "LISTEN"
+admin_listen = "ADMIN"
+request_header_timeout = "1s"
+idle_timeout = "1s"
+
+[[tiers]]
+name = "test"
+
+[[routes]]
+name = "mock"
+prefix = "/v1/"
+upstream = "{}"
+"#,
+        mock.url()
+    );
+    let gw = Process::serve(&toml);
+    let key = gw.key.clone().unwrap();
+    // Warm up: the first requests allocate pools and caches.
+    for _ in 0..20 {
+        let reply = send(
+            &h2c_client(),
+            gw.request(Method::GET, "/v1/ok")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let before = gw.status_kib("VmHWM");
+    let mut attacks = Vec::new();
+    for _ in 0..20 {
+        let (addr, key) = (gw.addr, key.clone());
+        attacks.push(tokio::spawn(
+            async move { rapid_reset(addr, &key, 1_000).await },
+        ));
+    }
+    for handle in attacks {
+        handle.await.unwrap();
+    }
+    let mut floods = Vec::new();
+    for _ in 0..20 {
+        floods.push(tokio::spawn(continuation_flood(gw.addr)));
+    }
+    for handle in floods {
+        handle.await.unwrap();
+    }
+    // 100 connections that open a stream each and never read the answer.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let client = h2_connect(gw.addr, 0).await;
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client
+            .send_request(h2_get(gw.addr, &key, "/v1/ok"), true)
+            .unwrap();
+        stalled.push((client, response));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = gw.status_kib("VmHWM");
+    eprintln!(
+        "h2 abuse (20x1000 rapid resets, 20 CONTINUATION floods of 1 MiB, 100 zero-window \
+         streams): VmHWM {before} -> {after} KiB"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "memory stays bounded: {before} -> {after} KiB"
+    );
+    drop(stalled);
+    let reply = send(
+        &h2c_client(),
+        gw.request(Method::GET, "/v1/ok")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
 }
