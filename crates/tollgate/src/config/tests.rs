@@ -1502,3 +1502,36 @@ fn admin_tls_takes_two_paths() {
         "tollgate.toml:2:31: admin.tls.key: must not be empty"
     );
 }
+
+#[test]
+fn connection_limits_and_their_bounds() {
+    let config = parse(
+        "[server]\nidle_timeout = \"90s\"\nrequest_body_timeout = \"5s\"\n\
+         max_connections = 500\nmax_header_bytes = \"32KiB\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.server.idle_timeout, Duration::from_secs(90));
+    assert_eq!(config.server.request_body_timeout, Duration::from_secs(5));
+    assert_eq!(config.server.max_connections, 500);
+    assert_eq!(config.server.max_header_bytes, 32 * 1024);
+    let defaults = Config::default().server;
+    assert_eq!(defaults.idle_timeout, defaults::IDLE_TIMEOUT);
+    assert_eq!(defaults.max_connections, 10_000);
+    assert_eq!(defaults.max_header_bytes, 64 * 1024);
+    assert_eq!(
+        message("[server]\nidle_timeout = \"0s\"\n"),
+        "tollgate.toml:2:16: server.idle_timeout: duration \"0s\" must be greater than zero"
+    );
+    assert_eq!(
+        message("[server]\nmax_connections = 0\n"),
+        "tollgate.toml:2:19: server.max_connections: must be at least 1"
+    );
+    assert_eq!(
+        message("[server]\nmax_header_bytes = \"512B\"\n"),
+        "tollgate.toml:2:20: server.max_header_bytes: size \"512B\" must be between 1KiB and 16MiB"
+    );
+    assert_eq!(
+        message("[server]\nrequest_body_timeout = \"soon\"\n"),
+        "tollgate.toml:2:24: server.request_body_timeout: invalid duration \"soon\" (expected e.g. \"250ms\", \"10s\", \"5m\", \"24h\", \"30d\")"
+    );
+}
