@@ -448,6 +448,13 @@ async fn h2_connect(addr: SocketAddr, window: u32) -> h2::client::SendRequest<By
     client
 }
 
+/// The status of a GET sent with prior-knowledge HTTP/2 on a new connection.
+async fn h2_status(request: http::request::Builder) -> StatusCode {
+    send(&h2c_client(), request.body(Full::default()).unwrap())
+        .await
+        .status
+}
+
 fn h2_request(gw: &TestGateway, path: &str) -> http::Request<()> {
     h2_get(gw.addr, gw.key.as_deref().unwrap(), path)
 }
@@ -506,14 +513,10 @@ async fn rapid_reset_leaves_the_gateway_serving() {
     let gw = gateway(&mock).await;
     rapid_reset(gw.addr, gw.key.as_deref().unwrap(), 2_000).await;
     // A fresh connection is served at once.
-    let reply = send(
-        &h2c_client(),
-        gw.request(Method::GET, "/v1/ok")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        h2_status(gw.request(Method::GET, "/v1/ok")).await,
+        StatusCode::OK
+    );
     gw.stop().await;
 }
 
@@ -551,14 +554,10 @@ async fn an_h2_stream_whose_window_never_opens_is_abandoned() {
     assert_eq!(rows[0].1, "client_closed", "{rows:?}");
     // Other streams on the same connection were never at risk; a new one
     // with an open window is served.
-    let reply = send(
-        &h2c_client(),
-        gw.request(Method::GET, "/v1/ok")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        h2_status(gw.request(Method::GET, "/v1/ok")).await,
+        StatusCode::OK
+    );
     gw.stop().await;
 }
 
@@ -588,17 +587,15 @@ async fn an_h2_stream_that_never_sends_its_body_is_408() {
     gw.stop().await;
 }
 
-// ---- 6. Connection exhaustion ----------------------------------------------------
-
-#[tokio::test]
-async fn silent_sockets_under_a_low_descriptor_limit_take_down_nothing() {
-    let mock = MockUpstream::start().await.unwrap();
-    let toml = format!(
+/// A config for the real binary: one route to `mock`, one-second timeouts.
+fn process_config(mock: &MockUpstream) -> String {
+    format!(
         r#"
 [server]
 listen = "LISTEN"
 admin_listen = "ADMIN"
 request_header_timeout = "1s"
+idle_timeout = "1s"
 
 [[tiers]]
 name = "test"
@@ -609,8 +606,15 @@ prefix = "/v1/"
 upstream = "{}"
 "#,
         mock.url()
-    );
-    let gw = Process::serve_with_descriptor_limit(&toml, 256);
+    )
+}
+
+// ---- 6. Connection exhaustion ----------------------------------------------------
+
+#[tokio::test]
+async fn silent_sockets_under_a_low_descriptor_limit_take_down_nothing() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = Process::serve_with_descriptor_limit(&process_config(&mock), 256);
     let before = gw.status_kib("VmHWM");
     // 300 connections that never send a byte: more than the process has
     // descriptors for.
@@ -667,36 +671,14 @@ upstream = "{}"
 #[tokio::test]
 async fn h2_abuse_keeps_the_gateways_memory_bounded() {
     let mock = MockUpstream::start().await.unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "LISTEN"
-admin_listen = "ADMIN"
-request_header_timeout = "1s"
-idle_timeout = "1s"
-
-[[tiers]]
-name = "test"
-
-[[routes]]
-name = "mock"
-prefix = "/v1/"
-upstream = "{}"
-"#,
-        mock.url()
-    );
-    let gw = Process::serve(&toml);
+    let gw = Process::serve(&process_config(&mock));
     let key = gw.key.clone().unwrap();
     // Warm up: the first requests allocate pools and caches.
     for _ in 0..20 {
-        let reply = send(
-            &h2c_client(),
-            gw.request(Method::GET, "/v1/ok")
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            h2_status(gw.request(Method::GET, "/v1/ok")).await,
+            StatusCode::OK
+        );
     }
     let before = gw.status_kib("VmHWM");
     let mut attacks = Vec::new();
@@ -737,12 +719,8 @@ upstream = "{}"
         "memory stays bounded: {before} -> {after} KiB"
     );
     drop(stalled);
-    let reply = send(
-        &h2c_client(),
-        gw.request(Method::GET, "/v1/ok")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        h2_status(gw.request(Method::GET, "/v1/ok")).await,
+        StatusCode::OK
+    );
 }
