@@ -226,21 +226,27 @@ impl AcceptErrors {
         ) {
             return;
         }
-        self.since_logged += 1;
-        let now = Instant::now();
-        if self
-            .last_logged
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY)
-        {
+        if let Some(failures) = self.count(Instant::now()) {
             tracing::warn!(
                 message = "Accepting connections failed; backing off.",
                 %error,
-                failures = self.since_logged,
+                failures,
             );
-            self.last_logged = Some(now);
-            self.since_logged = 0;
         }
         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+    }
+
+    /// Counts one failure at `now`; the failures since the last log line
+    /// when it is time for another.
+    fn count(&mut self, now: Instant) -> Option<u64> {
+        self.since_logged += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_EVERY);
+        due.then(|| {
+            self.last_logged = Some(now);
+            std::mem::take(&mut self.since_logged)
+        })
     }
 }
 
@@ -576,4 +582,28 @@ impl Quiet {
 /// A deadline that never comes in practice.
 fn now_plus_forever() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_are_logged_at_most_once_a_second_with_their_count() {
+        let mut errors = AcceptErrors::default();
+        let start = Instant::now();
+        // A failure every back-off for five seconds: 100 failures.
+        let logged: Vec<(u128, u64)> = (0..100u32)
+            .filter_map(|i| {
+                let at = start + ACCEPT_ERROR_BACKOFF * i;
+                errors
+                    .count(at)
+                    .map(|failures| (at.duration_since(start).as_millis(), failures))
+            })
+            .collect();
+        assert_eq!(
+            logged,
+            [(0, 1), (1000, 20), (2000, 20), (3000, 20), (4000, 20)]
+        );
+    }
 }
