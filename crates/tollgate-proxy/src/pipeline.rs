@@ -4,7 +4,11 @@
 //! error; [`Gateway::handle_inner`] is a flat chain of phases, each of which
 //! may end the request with a [`ProxyError`]:
 //!
-//! 1. framing      — refuse conflicting Content-Length / Transfer-Encoding
+//! 1. check        — refuse a malformed request, on every request of a
+//!    connection: conflicting Content-Length / Transfer-Encoding, a dot
+//!    segment or encoded separator in the path, a bad `Host` (400), an
+//!    oversized head (431, 414). The route is looked up first only to
+//!    shape the error for its SDK ([`ErrorShape`])
 //! 2. route        — longest prefix, else 404 `no_route`
 //! 3. authenticate — the key from the configured headers, checked against
 //!    the in-memory cache (401); from here on the request has a usage
@@ -12,16 +16,20 @@
 //!    then its route list (403)
 //! 4. body         — a declared body over `max_request_body` is 413 up front;
 //!    an OpenAI streaming request that did not ask for usage is read and
-//!    rewritten to ask for it
+//!    rewritten to ask for it; a body that stalls for
+//!    `request_body_timeout` is 408
 //! 5. forward      — rewrite the head, stream the body, wait for response
-//!    headers up to the route's timeout
+//!    headers up to the route's timeout, which does not run while the
+//!    upload waits for the client
 //! 6. respond      — strip hop-by-hop and configured headers, stream the body
 //!    back through the meter ([`MeteredBody`]), which records the usage
 //!    event when the body ends
 //!
 //! A request that ends with the gateway's own error after step 3 records
 //! its event in [`Gateway::handle`], with the error's outcome; one whose
-//! client goes away records it when the guard is dropped.
+//! client goes away records it when the guard is dropped. A panic anywhere
+//! in the chain is answered 500 `internal_error`, never a dropped
+//! connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -474,9 +474,9 @@ impl Watch<'_> {
                     };
                 }
                 () = &mut timer => {
-                    if closed_for.is_some() {
+                    if let Some(reason) = closed_for.take() {
                         // It had its chance to say goodbye.
-                        return closed_for.unwrap_or(Ended::Idle);
+                        return reason;
                     }
                     let now = Instant::now();
                     match quiet.check(now, &self.activity, &self.framing, self.options) {
