@@ -14,14 +14,17 @@
 //!    the in-memory cache (401); from here on the request has a usage
 //!    event ([`UsageGuard`]), unless metering is unavailable (503, no row);
 //!    then its route list (403)
-//! 4. body         — a declared body over `max_request_body` is 413 up front;
-//!    an OpenAI streaming request that did not ask for usage is read and
+//! 4. admit        — a declared body over `max_request_body` is 413 first
+//!    (it could never be served); then the customer's limits
+//!    ([`tollgate_metering::limits`]): a request reservation, or 429 with
+//!    `Retry-After` and `x-ratelimit-*`; a refusal consumes nothing
+//! 5. body         — an OpenAI streaming request that did not ask for usage is read and
 //!    rewritten to ask for it; a body that stalls for
 //!    `request_body_timeout` is 408
-//! 5. forward      — rewrite the head, stream the body, wait for response
+//! 6. forward      — rewrite the head, stream the body, wait for response
 //!    headers up to the route's timeout, which does not run while the
 //!    upload waits for the client
-//! 6. respond      — strip hop-by-hop and configured headers, stream the body
+//! 7. respond      — strip hop-by-hop and configured headers, stream the body
 //!    back through the meter ([`MeteredBody`]), which records the usage
 //!    event when the body ends
 //!

@@ -2,7 +2,7 @@
 //! connection bounded in number and in time, and a graceful drain on
 //! shutdown.
 //!
-//! A connection is watched by one timer of its own ([`drive`]):
+//! A connection is watched by one timer of its own (`Watch::drive`):
 //! - until its first request head is complete (the TLS handshake included)
 //!   it has `header_timeout` from the moment it was accepted, so a client
 //!   that connects and sends nothing, or only the HTTP/2 preface, is closed;
