@@ -16,10 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_metering::cache::{run_feed, KeyCache};
-use tollgate_metering::limits::{self, Clock, Limiter, Limits, Period, SystemClock};
+use tollgate_metering::limits::{Clock, Limiter, Limits, Period, SystemClock};
 use tollgate_metering::policy::Policies;
-use tollgate_metering::usage::extract::UsageFormat as MeteringFormat;
-use tollgate_metering::usage::pricing::{ModelPrice, Pricing};
+use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
@@ -30,7 +29,7 @@ use tollgate_proxy::{
     serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
-use crate::config::{Config, Overage, RouteConfig, SpoolFullPolicy, TierConfig, UsageFormat};
+use crate::config::{Config, RouteConfig, SpoolFullPolicy, TierConfig};
 use crate::reload::Reloader;
 
 /// How long in-flight requests may run after shutdown begins. Saving their
@@ -345,11 +344,7 @@ fn route_spec(route: &RouteConfig) -> RouteSpec {
         strip_response_headers: route.strip_response_headers.clone(),
         tls: route.tls.as_ref().map(|tls| tls.upstream.clone()),
         usage: RouteUsage {
-            format: match route.usage {
-                UsageFormat::None => MeteringFormat::None,
-                UsageFormat::Openai => MeteringFormat::Openai,
-                UsageFormat::Anthropic => MeteringFormat::Anthropic,
-            },
+            format: route.usage,
             cost_header: route.cost_header.clone(),
             input_tokens_header: route.input_tokens_header.clone(),
             output_tokens_header: route.output_tokens_header.clone(),
@@ -415,17 +410,11 @@ pub fn tier_limits(config: &Config) -> HashMap<String, Limits> {
 
 fn limits_of(tier: &TierConfig) -> Limits {
     Limits {
-        rate: tier.rate.map(|rate| limits::Rate {
-            count: rate.count,
-            per: rate.per,
-        }),
+        rate: tier.rate,
         monthly_requests: tier.monthly_requests,
         monthly_tokens: tier.monthly_tokens,
         monthly_cost_nanos: tier.monthly_cost_nanos,
-        overage: match tier.overage {
-            Overage::Block => limits::Overage::Block,
-            Overage::Bill => limits::Overage::Bill,
-        },
+        overage: tier.overage,
         overage_price_nanos: tier.overage_price_per_request_nanos.unwrap_or(0),
     }
 }
@@ -463,15 +452,10 @@ pub fn live_config(
 }
 
 fn pricing(config: &Config) -> Pricing {
-    Pricing::new(config.pricing.iter().map(|(model, price)| {
-        (
-            model.clone(),
-            ModelPrice {
-                input: price.input,
-                output: price.output,
-                cache_read: price.cache_read,
-                cache_write: price.cache_write,
-            },
-        )
-    }))
+    Pricing::new(
+        config
+            .pricing
+            .iter()
+            .map(|(model, price)| (model.clone(), *price)),
+    )
 }

@@ -51,6 +51,12 @@ use http::{HeaderName, HeaderValue, Uri};
 use tollgate_proxy::tls::UpstreamTls;
 
 pub use error::{ConfigError, Location};
+// The config speaks the domain's types where they are the same idea: a
+// tier's overage and rate, a route's usage format, a model's prices. Their
+// config-file spellings live with them (`as_str`).
+pub use tollgate_metering::limits::{Overage, Rate};
+pub use tollgate_metering::usage::extract::UsageFormat;
+pub use tollgate_metering::usage::pricing::ModelPrice;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,35 +379,6 @@ pub struct TierConfig {
     pub overage_price_per_request_nanos: Option<i64>,
 }
 
-/// A short-window rate limit: `count` requests per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// At least 1.
-    pub count: u64,
-    /// 1 s, 1 min or 1 h.
-    pub per: Duration,
-}
-
-/// What happens once `monthly_requests` is used up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Overage {
-    /// 429 `quota_exceeded`.
-    #[default]
-    Block,
-    /// Requests continue and the excess is billed.
-    Bill,
-}
-
-impl Overage {
-    /// The config-file spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Block => "block",
-            Self::Bill => "bill",
-        }
-    }
-}
-
 /// One `[[routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
@@ -443,36 +420,4 @@ pub struct RouteTls {
     pub client_cert: Option<TlsConfig>,
     /// The certificates and key, ready for the route's connector.
     pub upstream: UpstreamTls,
-}
-
-/// How a route reads token usage from response bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UsageFormat {
-    #[default]
-    None,
-    Openai,
-    Anthropic,
-}
-
-impl UsageFormat {
-    /// The config-file spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Openai => "openai",
-            Self::Anthropic => "anthropic",
-        }
-    }
-}
-
-/// `[pricing."<model>"]`: nano-USD per **million** tokens, so
-/// `input = 0.15` (USD per million) is `150_000_000`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ModelPrice {
-    pub input: i64,
-    pub output: i64,
-    /// Defaults to `input`.
-    pub cache_read: i64,
-    /// Defaults to `input`.
-    pub cache_write: i64,
 }
