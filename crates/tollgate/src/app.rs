@@ -16,19 +16,21 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_metering::cache::{run_feed, KeyCache};
-use tollgate_metering::limits::{Clock, Limiter, Limits, Period, SystemClock};
+use tollgate_metering::limits::{Clock, Limiter, Limits, SystemClock};
 use tollgate_metering::policy::Policies;
 use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
 use tollgate_proxy::meter::{Metering, RouteUsage};
-use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+use tollgate_proxy::metrics::Metrics;
 use tollgate_proxy::pipeline::LiveConfig;
+use tollgate_proxy::tls::TlsAcceptor;
 use tollgate_proxy::{
     serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
 };
 
+use crate::background;
 use crate::config::{Config, RouteConfig, SpoolFullPolicy, TierConfig};
 use crate::reload::Reloader;
 
@@ -141,56 +143,17 @@ pub async fn start_with_clock(
 ) -> anyhow::Result<Running> {
     // The listeners' certificates are read first: a bad one stops the
     // start before the spool is replayed or anything else is opened.
-    let tls = match &config.server.tls {
-        Some(tls) => Some(
-            tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
-                .context("cannot set up TLS on the data plane (server.tls)")?,
-        ),
-        None => None,
-    };
-    let admin_tls = match &config.admin.tls {
-        Some(tls) => Some(
-            tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
-                .context("cannot set up TLS on the admin listener (admin.tls)")?,
-        ),
-        None => None,
-    };
+    let tls = acceptor(config.server.tls.as_ref(), "the data plane (server.tls)")?;
+    let admin_tls = acceptor(config.admin.tls.as_ref(), "the admin listener (admin.tls)")?;
     let metrics = Arc::new(Metrics::new());
     let live = live_config(&config, &metrics, None)?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
-    let limiter = Arc::new(Limiter::new(clock.clone()));
-    let committed: CommitHook = {
-        let limiter = limiter.clone();
-        Arc::new(move |batch| limiter.committed(batch))
-    };
-    // Replays the spool before the period totals are read, so they
-    // include every row an earlier run recorded.
-    let recorder_config = RecorderConfig {
-        flush_metrics: metrics.flush_metrics(),
-        ..recorder_config(&config)
-    };
-    let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
-        .await
-        .context("cannot start usage recording")?;
-    let policies = Arc::new(Policies::new(tier_limits(&config), limiter.clone()));
-    let customers = policies
-        .reload(&*store)
-        .await
-        .context("cannot load customers from the database")?;
-    sync_totals(&*store, &limiter, &*clock)
-        .await
-        .context("cannot load this month's usage totals from the database")?;
-    tracing::info!(
-        message = "Customer limits and usage totals loaded.",
-        customers
-    );
-    let sync = tokio::spawn(run_sync(
-        store.clone(),
-        limiter.clone(),
-        clock.clone(),
-        config.usage.sync_interval,
-    ));
+    let Accounting {
+        recorder,
+        policies,
+        sync,
+    } = start_accounting(&config, &store, &clock, &metrics).await?;
     let metering = Arc::new(Metering::new(
         recorder.recorder(),
         policies.clone(),
@@ -200,16 +163,7 @@ pub async fn start_with_clock(
     ));
     let keys = Arc::new(KeyCache::new());
     metrics.watch(recorder.recorder().stats().clone(), keys.clone());
-    let upkeep = {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
-            loop {
-                ticker.tick().await;
-                metrics.upkeep();
-            }
-        })
-    };
+    let upkeep = background::spawn_upkeep(metrics.clone());
     let loaded = keys
         .reload(&*store)
         .await
@@ -232,20 +186,7 @@ pub async fn start_with_clock(
         },
         metering.clone(),
     ));
-    let budgets = crate::descriptors::budgets(config.server.max_connections);
-    let options = ServerOptions {
-        header_timeout: config.server.request_header_timeout,
-        idle_timeout: config.server.idle_timeout,
-        max_connections: budgets.data,
-        max_header_bytes: config.server.max_header_bytes,
-        shutdown_grace: SHUTDOWN_GRACE,
-        open_connections: metrics.open_connections("data"),
-    };
-    let admin_options = ServerOptions {
-        max_connections: budgets.admin,
-        open_connections: metrics.open_connections("admin"),
-        ..options.clone()
-    };
+    let (options, admin_options) = server_options(&config, &metrics);
 
     let data_listener = bind(config.server.listen, "data plane").await?;
     let admin_listener = bind(config.server.admin_listen, "admin").await?;
@@ -253,49 +194,20 @@ pub async fn start_with_clock(
     let admin_addr = admin_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
 
-    let data_gateway = gateway.clone();
-    let data_task = tokio::spawn(serve(
+    let data_task = tokio::spawn(serve_data(
         data_listener,
         tls.clone(),
-        options.clone(),
-        move |conn| {
-            let gateway = data_gateway.clone();
-            service_fn(move |request| gateway.clone().handle(request, conn.clone()))
-        },
-        wait_for(stopped.clone()),
+        options,
+        gateway.clone(),
+        stopped.clone(),
     ));
-    let accounts = Arc::new(crate::manage::accounts_for(&config, store.clone()));
-    let reports = Arc::new(tollgate_metering::reporting::Reports::new(
-        store.clone(),
-        tier_limits(&config),
-        clock.clone(),
-    ));
-    let reloader = Arc::new(Reloader::new(
-        config.clone(),
-        gateway,
-        policies.clone(),
-        reports.clone(),
-        accounts.clone(),
-        metrics.clone(),
-    ));
-    let admin = Arc::new(Admin::new(
-        accounts,
-        policies,
-        reports,
-        &config.admin.tokens,
-        metrics,
-        reloader.clone(),
-    ));
-    let admin_state = admin.clone();
-    let admin_task = tokio::spawn(serve(
+    let (admin, reloader) = admin_api(&config, &store, &clock, gateway, policies, metrics);
+    let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         admin_tls.clone(),
         admin_options,
-        move |_conn| {
-            let admin = admin_state.clone();
-            service_fn(move |request| admin.clone().handle(request))
-        },
-        wait_for(stopped),
+        admin.clone(),
+        stopped,
     ));
     admin.set_ready(true);
     tracing::info!(
@@ -320,6 +232,159 @@ pub async fn start_with_clock(
         metering,
         reloader,
     })
+}
+
+/// The accounting side, started in the order correctness needs.
+struct Accounting {
+    recorder: RecorderHandle,
+    policies: Arc<Policies>,
+    /// The periodic totals sync.
+    sync: JoinHandle<()>,
+}
+
+/// Starts the usage recorder (replaying the spool), then loads customers
+/// and this month's totals, then starts the periodic sync: the totals are
+/// read after the replay, so they include every row an earlier run
+/// recorded.
+async fn start_accounting(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Metrics,
+) -> anyhow::Result<Accounting> {
+    let limiter = Arc::new(Limiter::new(clock.clone()));
+    let committed: CommitHook = {
+        let limiter = limiter.clone();
+        Arc::new(move |batch| limiter.committed(batch))
+    };
+    let recorder_config = RecorderConfig {
+        flush_metrics: metrics.flush_metrics(),
+        ..recorder_config(config)
+    };
+    let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
+        .await
+        .context("cannot start usage recording")?;
+    let policies = Arc::new(Policies::new(tier_limits(config), limiter.clone()));
+    let customers = policies
+        .reload(&**store)
+        .await
+        .context("cannot load customers from the database")?;
+    background::sync_totals(&**store, &limiter, &**clock)
+        .await
+        .context("cannot load this month's usage totals from the database")?;
+    tracing::info!(
+        message = "Customer limits and usage totals loaded.",
+        customers
+    );
+    let sync = tokio::spawn(background::run_sync(
+        store.clone(),
+        limiter.clone(),
+        clock.clone(),
+        config.usage.sync_interval,
+    ));
+    Ok(Accounting {
+        recorder,
+        policies,
+        sync,
+    })
+}
+
+/// The admin API over the same accounts, reports and policies as the
+/// data plane, and the reloader both SIGHUP and `POST /v1/reload` use.
+fn admin_api(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    clock: &Arc<dyn Clock>,
+    gateway: Arc<Gateway>,
+    policies: Arc<Policies>,
+    metrics: Arc<Metrics>,
+) -> (Arc<Admin>, Arc<Reloader>) {
+    let accounts = Arc::new(crate::manage::accounts_for(config, store.clone()));
+    let reports = Arc::new(tollgate_metering::reporting::Reports::new(
+        store.clone(),
+        tier_limits(config),
+        clock.clone(),
+    ));
+    let reloader = Arc::new(Reloader::new(
+        config.clone(),
+        gateway,
+        policies.clone(),
+        reports.clone(),
+        accounts.clone(),
+        metrics.clone(),
+    ));
+    let admin = Arc::new(Admin::new(
+        accounts,
+        policies,
+        reports,
+        &config.admin.tokens,
+        metrics,
+        reloader.clone(),
+    ));
+    (admin, reloader)
+}
+
+/// A TLS acceptor for a listener, if it has TLS.
+fn acceptor(
+    tls: Option<&crate::config::TlsConfig>,
+    what: &str,
+) -> anyhow::Result<Option<TlsAcceptor>> {
+    tls.map(|tls| {
+        tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
+            .with_context(|| format!("cannot set up TLS on {what}"))
+    })
+    .transpose()
+}
+
+/// The data plane's and the admin listener's connection settings: the
+/// same timeouts, a budget each.
+fn server_options(config: &Config, metrics: &Metrics) -> (ServerOptions, ServerOptions) {
+    let budgets = crate::descriptors::budgets(config.server.max_connections);
+    let data = ServerOptions {
+        header_timeout: config.server.request_header_timeout,
+        idle_timeout: config.server.idle_timeout,
+        max_connections: budgets.data,
+        max_header_bytes: config.server.max_header_bytes,
+        shutdown_grace: SHUTDOWN_GRACE,
+        open_connections: metrics.open_connections("data"),
+    };
+    let admin = ServerOptions {
+        max_connections: budgets.admin,
+        open_connections: metrics.open_connections("admin"),
+        ..data.clone()
+    };
+    (data, admin)
+}
+
+/// Serves the data plane until `stopped`, then drains.
+async fn serve_data(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    options: ServerOptions,
+    gateway: Arc<Gateway>,
+    stopped: watch::Receiver<bool>,
+) {
+    let make_service = move |conn: tollgate_proxy::ConnInfo| {
+        let gateway = gateway.clone();
+        service_fn(move |request| gateway.clone().handle(request, conn.clone()))
+    };
+    serve(listener, tls, options, make_service, wait_for(stopped)).await;
+}
+
+/// Serves the admin API, `/metrics` and the health endpoints until
+/// `stopped`, then drains.
+async fn serve_admin(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    options: ServerOptions,
+    admin: Arc<Admin>,
+    stopped: watch::Receiver<bool>,
+) {
+    let make_service = move |_conn| {
+        let admin = admin.clone();
+        service_fn(move |request| admin.clone().handle(request))
+    };
+    serve(listener, tls, options, make_service, wait_for(stopped)).await;
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -349,53 +414,6 @@ fn route_spec(route: &RouteConfig) -> RouteSpec {
             input_tokens_header: route.input_tokens_header.clone(),
             output_tokens_header: route.output_tokens_header.clone(),
         },
-    }
-}
-
-/// One multi-instance sync: this instance's committed rows are noted
-/// before the database is read, so they are never counted twice (see
-/// [`Limiter::apply_totals`]).
-async fn sync_totals(
-    store: &dyn Store,
-    limiter: &Limiter,
-    clock: &dyn Clock,
-) -> Result<(), tollgate_metering::StoreError> {
-    let period = Period::containing(clock.now());
-    let committed = limiter.committed_snapshot();
-    let totals = store.period_totals(period).await?;
-    limiter.apply_totals(period, &totals, &committed);
-    Ok(())
-}
-
-/// Refreshes the period totals every `interval`: other instances' usage
-/// reaches this one's limits within `flush_interval + interval`.
-async fn run_sync(
-    store: Arc<dyn Store>,
-    limiter: Arc<Limiter>,
-    clock: Arc<dyn Clock>,
-    interval: Duration,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    let mut failing = false;
-    loop {
-        ticker.tick().await;
-        match sync_totals(&*store, &limiter, &*clock).await {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!(message = "Usage totals sync recovered.");
-            }
-            Ok(()) => {}
-            Err(error) if !failing => {
-                failing = true;
-                tracing::warn!(
-                    message = "Usage totals sync failed; limits use the last totals plus this instance's own counts.",
-                    %error,
-                );
-            }
-            Err(_) => {}
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `main.rs` stays thin; tests start gateways in-process through [`app`].
 
 pub mod app;
+mod background;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -1,0 +1,76 @@
+//! The gateway's background loops: each runs for the life of the process,
+//! owns nothing the request path waits for, and logs a failure once per
+//! outage rather than once per attempt.
+//!
+//! The key feed (`tollgate_metering::cache::run_feed`) and the usage
+//! recorder run beside these; they live with what they feed.
+//!
+//! # Failure behaviour
+//! A failed totals sync leaves the limits on the last totals plus this
+//! instance's own counts; the next tick tries again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tollgate_metering::limits::{Clock, Limiter, Period};
+use tollgate_metering::Store;
+use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+
+/// One multi-instance sync: this instance's committed rows are noted
+/// before the database is read, so they are never counted twice (see
+/// [`Limiter::apply_totals`]).
+pub(crate) async fn sync_totals(
+    store: &dyn Store,
+    limiter: &Limiter,
+    clock: &dyn Clock,
+) -> Result<(), tollgate_metering::StoreError> {
+    let period = Period::containing(clock.now());
+    let committed = limiter.committed_snapshot();
+    let totals = store.period_totals(period).await?;
+    limiter.apply_totals(period, &totals, &committed);
+    Ok(())
+}
+
+/// Refreshes the period totals every `interval`: other instances' usage
+/// reaches this one's limits within `flush_interval + interval`.
+pub(crate) async fn run_sync(
+    store: Arc<dyn Store>,
+    limiter: Arc<Limiter>,
+    clock: Arc<dyn Clock>,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match sync_totals(&*store, &limiter, &*clock).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(message = "Usage totals sync recovered.");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    message = "Usage totals sync failed; limits use the last totals plus this instance's own counts.",
+                    %error,
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Folds histogram samples in between scrapes, every [`UPKEEP_INTERVAL`].
+pub(crate) fn spawn_upkeep(metrics: Arc<Metrics>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            metrics.upkeep();
+        }
+    })
+}
