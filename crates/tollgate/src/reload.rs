@@ -187,27 +187,53 @@ fn changes<T: PartialEq>(before: BTreeMap<&str, &T>, after: BTreeMap<&str, &T>) 
     json!({"added": added, "removed": removed, "changed": changed})
 }
 
-/// The settings read at start only that differ in `next`.
+/// The settings read at start only that differ in `next`. Every `[server]`
+/// key is named here: the destructuring is exhaustive, so a new key cannot
+/// be added without deciding how a reload reports it.
 fn restart_required(current: &Config, next: &Config) -> Vec<&'static str> {
-    let (a, b) = (&current.server, &next.server);
+    let crate::config::ServerConfig {
+        listen,
+        admin_listen,
+        tls,
+        max_request_body,
+        request_header_timeout,
+        idle_timeout,
+        request_body_timeout,
+        max_connections,
+        max_header_bytes,
+        worker_threads,
+        instance_id,
+        access_log,
+    } = &current.server;
+    let b = &next.server;
     let checks = [
-        ("server.listen", a.listen != b.listen),
-        ("server.admin_listen", a.admin_listen != b.admin_listen),
-        ("server.tls", a.tls != b.tls),
+        ("server.listen", *listen != b.listen),
+        ("server.admin_listen", *admin_listen != b.admin_listen),
+        ("server.tls", *tls != b.tls),
         (
             "server.max_request_body",
-            a.max_request_body != b.max_request_body,
+            *max_request_body != b.max_request_body,
         ),
         (
             "server.request_header_timeout",
-            a.request_header_timeout != b.request_header_timeout,
+            *request_header_timeout != b.request_header_timeout,
+        ),
+        ("server.idle_timeout", *idle_timeout != b.idle_timeout),
+        (
+            "server.request_body_timeout",
+            *request_body_timeout != b.request_body_timeout,
         ),
         (
-            "server.worker_threads",
-            a.worker_threads != b.worker_threads,
+            "server.max_connections",
+            *max_connections != b.max_connections,
         ),
-        ("server.instance_id", a.instance_id != b.instance_id),
-        ("server.access_log", a.access_log != b.access_log),
+        (
+            "server.max_header_bytes",
+            *max_header_bytes != b.max_header_bytes,
+        ),
+        ("server.worker_threads", *worker_threads != b.worker_threads),
+        ("server.instance_id", *instance_id != b.instance_id),
+        ("server.access_log", *access_log != b.access_log),
         ("admin", current.admin != next.admin),
         ("database", current.database != next.database),
         ("keys", current.keys != next.keys),
@@ -218,4 +244,29 @@ fn restart_required(current: &Config, next: &Config) -> Vec<&'static str> {
         .filter(|&(_, differs)| differs)
         .map(|(key, _)| key)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_settings_need_a_restart() {
+        let current = Config::default();
+        let mut next = current.clone();
+        next.server.idle_timeout *= 2;
+        next.server.request_body_timeout *= 2;
+        next.server.max_connections += 1;
+        next.server.max_header_bytes += 1;
+        assert_eq!(
+            restart_required(&current, &next),
+            [
+                "server.idle_timeout",
+                "server.request_body_timeout",
+                "server.max_connections",
+                "server.max_header_bytes",
+            ]
+        );
+        assert!(restart_required(&current, &current).is_empty());
+    }
 }
