@@ -1,4 +1,4 @@
-//! The key format (SPEC §3) and the digest keys are stored and looked up by.
+//! The key format (README, Keys and storage) and the digest keys are stored and looked up by.
 //!
 //! A key is `{prefix}_{30 base62 random}{6 base62 checksum}`. The checksum is
 //! CRC-32 (IEEE) over the 30 random characters, in base62 (`0-9A-Za-z`), most
@@ -255,7 +255,7 @@ mod tests {
         }
     }
 
-    /// The SPEC §3 format, checked independently of [`KeyFormat::check`]:
+    /// The documented key format, checked independently of [`KeyFormat::check`]:
     /// `tg_`, 30 base62 characters, then the base62 CRC-32 of those 30.
     fn spec_valid(presented: &str) -> bool {
         let Some(rest) = presented.strip_prefix("tg_") else {
@@ -305,7 +305,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
-        /// `check` accepts exactly the keys the SPEC describes, whatever
+        /// `check` accepts exactly the keys the documented format describes, whatever
         /// it is given.
         #[test]
         fn arbitrary_input_key_check_accepts_exactly_the_valid_ones(text in presented()) {

@@ -1,4 +1,4 @@
-//! Usage reports and billing (SPEC §6, and the `usage` and `billing`
+//! Usage reports and billing (README, Admin API, and the `usage` and `billing`
 //! commands): one set of rules for the admin API and the CLI, from
 //! parameter parsing to the JSON documents both print.
 //!
@@ -387,7 +387,7 @@ fn closed_json(closed: &ClosedPeriod) -> Value {
     billing_json(closed.period, &closed.lines, Some(closed.closed_at))
 }
 
-/// The export's header row: the `usage_events` column names (SPEC §5).
+/// The export's header row: the `usage_events` column names (README, Usage metering).
 pub const CSV_HEADER: &str = "id,client_request_id,ts,customer_id,key_id,instance,route,method,\
 path,status,outcome,latency_us,upstream_latency_us,request_bytes,response_bytes,model,\
 input_tokens,output_tokens,cache_read_tokens,cache_write_tokens,cost_nanos,cost_source\r\n";

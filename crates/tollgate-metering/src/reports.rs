@@ -1,5 +1,5 @@
 //! What usage reports and billing periods read and write through the
-//! [`Store`](crate::store::Store) (SPEC §5, §6): the filter a report covers,
+//! [`Store`](crate::store::Store) (README, Usage metering and Admin API): the filter a report covers,
 //! the totals it sums from `usage_daily`, how rows are grouped and ranked,
 //! and the frozen billing lines of a closed month.
 //!
@@ -52,7 +52,7 @@ impl UsageFilter {
     }
 }
 
-/// Sums over `usage_daily` rows (SPEC §5 meanings): `requests` counts
+/// Sums over `usage_daily` rows (the meanings the README's Usage metering gives): `requests` counts
 /// admitted requests, `rejected` those refused by a limit, `errors`
 /// admitted requests that failed upstream; tokens, bytes and cost are sums
 /// over all rows, rejected ones included. Each sum saturates at the
@@ -91,7 +91,7 @@ pub enum UsageGroup {
     Model,
 }
 
-/// One group's key. Customers carry their name (SPEC §6: every
+/// One group's key. Customers carry their name (README, Admin API: every
 /// per-customer row has both); a customer id found in usage but not among
 /// the customers is named by its id. A model of `""` means none.
 #[derive(Clone, Debug, PartialEq, Eq)]

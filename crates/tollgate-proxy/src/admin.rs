@@ -1,8 +1,8 @@
-//! The admin listener (SPEC §6): health and readiness, and under `/v1/` the
+//! The admin listener (README, Admin API): health and readiness, and under `/v1/` the
 //! customer and key management API, behind bearer admin tokens.
 //!
 //! Handlers are thin: parse and validate the request, call
-//! [`Accounts`], render. Every error is the SPEC's JSON shape.
+//! [`Accounts`], render. Every error has the gateway's JSON error shape.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -229,7 +229,7 @@ impl Admin {
 
     /// Answers one admin request. A panic anywhere in the handler is
     /// answered with 500 `internal_error` and logged, so the client never
-    /// sees a dropped connection (SPEC §6).
+    /// sees a dropped connection (README, Admin API).
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
@@ -557,7 +557,7 @@ fn parse_limit(query: &ListQuery) -> Result<Option<u32>, AdminError> {
         .transpose()
 }
 
-/// One path segment, percent-decoded (SPEC §6: `/v1/customers/sp%20ace`
+/// One path segment, percent-decoded (README, Admin API: `/v1/customers/sp%20ace`
 /// names the customer `sp ace`). Segments are split on the raw `/` first,
 /// so `%2F` decodes to a slash inside a name rather than a new segment.
 /// A malformed escape or bytes that are not UTF-8 are the client's

@@ -1,4 +1,4 @@
-//! Data-plane authentication (SPEC §3 step 2): find the key in the configured
+//! Data-plane authentication (README, Data plane behaviour): find the key in the configured
 //! headers, check its format and checksum (no lookup for a malformed key),
 //! then one digest and one cache lookup. No I/O.
 

@@ -104,7 +104,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The HTTP status, the SPEC's error `type`, and the side to blame.
+    /// The HTTP status, the documented error `type`, and the side to blame.
     pub fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
         match self {
             ProxyError::MalformedRequest { .. } => (

@@ -4,7 +4,7 @@
 //! hyper resolves such a request itself (Transfer-Encoding wins, the
 //! Content-Length header is dropped before the request reaches us, and the
 //! connection is closed afterwards), so the handler cannot see the conflict.
-//! The SPEC wants it refused with 400, the stricter answer that also tells a
+//! The gateway refuses it with 400, the stricter answer that also tells a
 //! misbehaving client what is wrong, so the HTTP/1 byte stream is watched on
 //! its way into hyper: [`FramingWatch`] wraps a connection's I/O and marks the
 //! connection when a header block holds both fields. Only a request that

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §7), served on the admin listener's `/metrics`.
+//! Prometheus metrics (docs/METRICS.md), served on the admin listener's `/metrics`.
 //!
 //! Each gateway owns its registry (no process-global recorder, so several
 //! gateways in one process, as in the tests, never mix their numbers), and
@@ -226,7 +226,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A registry with every metric described (SPEC §7) and the histogram
+    /// A registry with every metric described (docs/METRICS.md) and the histogram
     /// buckets set.
     pub fn new() -> Metrics {
         let builder = [REQUEST_DURATION, UPSTREAM_DURATION, FLUSH_DURATION]

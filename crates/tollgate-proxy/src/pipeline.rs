@@ -364,7 +364,7 @@ impl Gateway {
     }
 
     /// The body to send upstream, and whether the gateway rewrote it to ask
-    /// for usage (SPEC §3 step 4: then the usage chunk this produces is
+    /// for usage (README, Usage metering: then the usage chunk this produces is
     /// hidden from the client).
     async fn request_body(
         &self,
@@ -662,7 +662,7 @@ impl Gateway {
     }
 }
 
-/// Paths under this prefix are the gateway's own (SPEC §3 step 0).
+/// Paths under this prefix are the gateway's own (README, Data plane behaviour).
 const SELF_SERVICE: &str = "/_tollgate/";
 
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -670,7 +670,7 @@ static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-
 static X_RATELIMIT_USED: HeaderName = HeaderName::from_static("x-ratelimit-used");
 static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// `x-ratelimit-*` (SPEC §3 step 5), on every response to a customer with
+/// `x-ratelimit-*` (README, Data plane behaviour), on every response to a customer with
 /// a request limit, the gateway's own 429s included.
 fn set_rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
     headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(rate.limit));

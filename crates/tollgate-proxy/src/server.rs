@@ -538,7 +538,7 @@ impl Quiet {
         }
     }
 
-    /// The rules of SPEC §3 "Connections", checked at `now`:
+    /// The connection rules (README, Data plane behaviour), checked at `now`:
     /// - no complete first head within `header_timeout` of connecting;
     /// - a later head not complete within `header_timeout` of its first
     ///   byte (as seen by the timer);

@@ -1,4 +1,4 @@
-//! What both backends agree on when writing usage rows (SPEC §5): how a
+//! What both backends agree on when writing usage rows (README, Usage metering): how a
 //! batch is checked and normalized before it reaches SQL, and how values
 //! that do not fit a column are made to fit.
 //!
@@ -189,7 +189,7 @@ pub(crate) struct Rollup {
 impl Rollup {
     /// Adds `event`, each value as its `usage_events` column holds it.
     pub(crate) fn add(&mut self, event: &UsageEvent) {
-        // `is_rejected` and `is_error` define the columns (SPEC §5):
+        // `is_rejected` and `is_error` define the columns (README, Usage metering):
         // refused rows count in `rejected`, the others in `requests`.
         let rejected = event.outcome.is_rejected();
         let values = [

@@ -1,4 +1,4 @@
-//! The command line (SPEC §1), as clap types only; behaviour is in
+//! The command line (README, Commands), as clap types only; behaviour is in
 //! [`crate::commands`].
 
 use std::net::SocketAddr;

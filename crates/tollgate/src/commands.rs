@@ -1,5 +1,5 @@
 //! What each command does, and how its outcome becomes an exit code
-//! (SPEC §1: 0 success, 1 runtime error, 2 usage or config error).
+//! (README, Commands: 0 success, 1 runtime error, 2 usage or config error).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -156,7 +156,7 @@ pub enum Problem {
 }
 
 impl Limits {
-    /// No limits at all; overage `block` at no price (SPEC §2 tier defaults).
+    /// No limits at all; overage `block` at no price (the tier defaults in docs/CONFIGURATION.md).
     pub const fn unlimited() -> Limits {
         Limits {
             rate: None,

@@ -1,5 +1,5 @@
 //! Limits: the in-memory admission core for rate limits, monthly request
-//! quotas and token/cost budgets (SPEC §4). Pure logic, no I/O: the proxy
+//! quotas and token/cost budgets (README, Limits). Pure logic, no I/O: the proxy
 //! calls [`Limiter::admit`] before forwarding, [`Limiter::release`] /
 //! [`Limiter::settle`] after; background tasks feed it limits
 //! ([`Limiter::set_limits`]) and database totals

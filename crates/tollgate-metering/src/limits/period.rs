@@ -1,4 +1,4 @@
-//! Billing periods: calendar months in UTC (SPEC §2).
+//! Billing periods: calendar months in UTC (docs/CONFIGURATION.md).
 
 use std::fmt;
 use std::str::FromStr;

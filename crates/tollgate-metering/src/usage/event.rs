@@ -1,4 +1,4 @@
-//! The usage row (SPEC §5): one per request that presented a valid key,
+//! The usage row (README, Usage metering): one per request that presented a valid key,
 //! and how what an upstream reported about a request's usage becomes the
 //! row's tokens and cost ([`Reported::apply`]): the one place where values
 //! an upstream sent are judged, so that bad values never reach a row.
@@ -190,12 +190,12 @@ impl UsageEvent {
 }
 
 /// The largest token count of one class believed for one request
-/// (SPEC §5). Far above any real request, far below what sums of many such
+/// (README, Usage metering). Far above any real request, far below what sums of many such
 /// requests need to stay exact in 64 bits.
 pub const MAX_TOKENS: u64 = 1_000_000_000_000;
 
 /// The largest cost believed for one request, in nano-USD: 1,000,000 USD
-/// (SPEC §5), from a cost header or from the pricing table.
+/// (README, Usage metering), from a cost header or from the pricing table.
 pub const MAX_COST_NANOS: i64 = 1_000_000 * 1_000_000_000;
 
 /// Within [`MAX_COST_NANOS`] either way: a credit (from a negative price)

@@ -6,7 +6,7 @@
 //!   usage object and the model name, in OpenAI's (Chat Completions,
 //!   Responses, Embeddings) or Anthropic's (Messages) shapes.
 //! - [`inject_include_usage`] asks OpenAI for a usage chunk in a streamed
-//!   chat completion (SPEC §3 step 4), and [`UsageChunkFilter`] takes what
+//!   chat completion (README, Data plane behaviour), and [`UsageChunkFilter`] takes what
 //!   that added back out of the stream the client receives, byte for byte.
 //!
 //! All three rest on one small incremental JSON structure walker
@@ -73,7 +73,7 @@ impl UsageFormat {
     }
 }
 
-/// Tokens by class. `input` excludes cached input (SPEC §5).
+/// Tokens by class. `input` excludes cached input (README, Usage metering).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenCounts {
     pub input: u64,
@@ -1215,7 +1215,7 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<V
     Value::deserialize(deserializer).map(Some)
 }
 
-/// SPEC §3 step 4: for a JSON chat request with `"stream": true` and no
+/// For a JSON chat request with `"stream": true` and no
 /// `stream_options.include_usage = true`, the body with that option added;
 /// else `None` (leave the request alone: not JSON, not an object, not
 /// streaming, already asking for usage, a duplicate key, or a

@@ -2,7 +2,7 @@
 //!
 //! Prices are held as integer nano-USD per million tokens and a cost is
 //! computed exactly (in `i128`) as the sum over token classes of tokens ×
-//! price, then rounded once, half up, to a whole nano-USD (SPEC §5). No
+//! price, then rounded once, half up, to a whole nano-USD (README, Usage metering). No
 //! floating point is involved, so the same tokens always cost the same
 //! nanos on every instance and every replay.
 
@@ -48,7 +48,7 @@ impl Pricing {
     /// else the longest priced name `p` such that `model` is `p` followed by
     /// `-` and more (OpenAI answers `gpt-4o-mini` requests with
     /// `gpt-4o-mini-2024-07-18`). The name is also the bounded value for a
-    /// `model` metric label (SPEC §7).
+    /// `model` metric label (docs/METRICS.md).
     pub fn resolve(&self, model: &str) -> Option<(&str, &ModelPrice)> {
         if let Some((name, price)) = self.models.get_key_value(model) {
             return Some((name.as_str(), price));

@@ -1,6 +1,6 @@
 //! Every built-in default, in one place.
 //!
-//! These are exactly the values SPEC §2 documents, and
+//! These are exactly the values docs/CONFIGURATION.md documents, and
 //! `config/tollgate.example.toml` shows them; a test parses that file and
 //! checks it against these constants, so the three cannot drift apart.
 

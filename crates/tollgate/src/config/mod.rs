@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of SPEC §2, read and validated into [`Config`].
+//! Configuration: the TOML file described in docs/CONFIGURATION.md, read and validated into [`Config`].
 //!
 //! Loading happens in three steps, each in its own file:
 //!
@@ -79,7 +79,7 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The built-in defaults of SPEC §2: what `serve` runs with when there is
+    /// The built-in defaults (docs/CONFIGURATION.md): what `serve` runs with when there is
     /// no config file at all. No admin tokens, tiers, routes or prices, so
     /// every data-plane request gets `no_route`.
     fn default() -> Self {

@@ -816,7 +816,7 @@ fn money_becomes_integer_nano_usd() {
             cache_write: 3_750_000_000,
         }
     );
-    // SPEC §2: every pricing key is optional; an absent price is zero.
+    // docs/CONFIGURATION.md: every pricing key is optional; an absent price is zero.
     assert_eq!(
         parse("[pricing.free]\n").unwrap().pricing["free"],
         ModelPrice::default()
@@ -1239,7 +1239,7 @@ mod arbitrary_input_config {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         /// Any text is a config or an error, never a panic; every error
-        /// points at a line of the text (SPEC §1: `check-config` prints
+        /// points at a line of the text (README, Commands: `check-config` prints
         /// `file:line`).
         #[test]
         fn arbitrary_input_config_errors_carry_a_line(lines in proptest::collection::vec(line(), 0..16)) {

@@ -832,7 +832,7 @@ impl Cx<'_> {
             }
             let at = |key: &str| child(&path, key);
             let raw = price.get_ref();
-            // SPEC §2 makes every pricing key optional: a missing input or
+            // Every pricing key is optional: a missing input or
             // output price is 0, a missing cache price is the input price.
             let input = self
                 .optional_usd(raw.input.as_ref(), &at("input"))?
