@@ -17,6 +17,7 @@ pub mod policy;
 pub mod reporting;
 pub mod reports;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 
 pub use ids::{CustomerId, KeyId};
