@@ -52,114 +52,132 @@ pub fn parse_usd_to_nanos(text: &str) -> Result<i64, CostError> {
     {
         return Err(CostError::NotFinite);
     }
+    Decimal::scan(body)
+        .map_err(|at| match at {
+            Some(at) => invalid(text, offset + at),
+            None => CostError::NoDigits,
+        })?
+        .to_nanos()
+}
 
-    // Mantissa: integer digits, optional fraction.
-    let mut at = 0;
-    let int_start = at;
-    while at < body.len() && body[at].is_ascii_digit() {
-        at += 1;
-    }
-    let int_digits = &body[int_start..at];
-    let mut frac_digits: &[u8] = &[];
-    if at < body.len() && body[at] == b'.' {
-        at += 1;
-        let frac_start = at;
-        while at < body.len() && body[at].is_ascii_digit() {
-            at += 1;
-        }
-        frac_digits = &body[frac_start..at];
-    }
-    if int_digits.is_empty() && frac_digits.is_empty() {
-        return match body.get(at) {
-            Some(&byte) if byte != b'.' => Err(invalid(text, offset + at)),
-            _ => Err(CostError::NoDigits),
+/// A decimal number as written: its integer and fraction digits and a
+/// power of ten.
+struct Decimal<'a> {
+    int_digits: &'a [u8],
+    frac_digits: &'a [u8],
+    exponent: i64,
+}
+
+impl<'a> Decimal<'a> {
+    /// Reads `digits[.digits][e[+-]digits]`, all of `body`. On error, the
+    /// byte offset of the first unexpected character, or `None` where
+    /// digits are missing.
+    fn scan(body: &'a [u8]) -> Result<Decimal<'a>, Option<usize>> {
+        let digits_from = |at: usize| {
+            at + body[at..]
+                .iter()
+                .take_while(|byte| byte.is_ascii_digit())
+                .count()
         };
-    }
-
-    // Exponent: saturated far beyond any meaningful value, so that a huge
-    // one cannot overflow the arithmetic below.
-    let mut exponent: i64 = 0;
-    if at < body.len() && (body[at] == b'e' || body[at] == b'E') {
-        at += 1;
-        let negative = match body.get(at) {
-            Some(b'-') => {
-                at += 1;
-                true
-            }
-            Some(b'+') => {
-                at += 1;
-                false
-            }
-            _ => false,
-        };
-        let exp_start = at;
-        while at < body.len() && body[at].is_ascii_digit() {
-            exponent = (exponent * 10 + i64::from(body[at] - b'0')).min(1_000_000_000);
+        // Mantissa: integer digits, optional fraction.
+        let mut at = digits_from(0);
+        let int_digits = &body[..at];
+        let mut frac_digits: &[u8] = &[];
+        if body.get(at) == Some(&b'.') {
+            let frac_end = digits_from(at + 1);
+            frac_digits = &body[at + 1..frac_end];
+            at = frac_end;
+        }
+        if int_digits.is_empty() && frac_digits.is_empty() {
+            return match body.get(at) {
+                Some(&byte) if byte != b'.' => Err(Some(at)),
+                _ => Err(None),
+            };
+        }
+        let mut exponent: i64 = 0;
+        if matches!(body.get(at), Some(b'e' | b'E')) {
             at += 1;
+            let negative = body.get(at) == Some(&b'-');
+            if matches!(body.get(at), Some(b'-' | b'+')) {
+                at += 1;
+            }
+            let exp_end = digits_from(at);
+            if exp_end == at {
+                return Err(body.get(at).map(|_| at));
+            }
+            // Saturated far beyond any meaningful value, so that a huge
+            // exponent cannot overflow the arithmetic in `to_nanos`.
+            for &digit in &body[at..exp_end] {
+                exponent = (exponent * 10 + i64::from(digit - b'0')).min(1_000_000_000);
+            }
+            if negative {
+                exponent = -exponent;
+            }
+            at = exp_end;
         }
-        if at == exp_start {
-            return Err(match body.get(at) {
-                Some(_) => invalid(text, offset + at),
-                None => CostError::NoDigits,
-            });
+        if at < body.len() {
+            return Err(Some(at));
         }
-        if negative {
-            exponent = -exponent;
-        }
-    }
-    if at < body.len() {
-        return Err(invalid(text, offset + at));
+        Ok(Decimal {
+            int_digits,
+            frac_digits,
+            exponent,
+        })
     }
 
-    // The digits d₀d₁…dₙ₋₁ with the decimal point after `point` of them
-    // (point may be negative or beyond n). The nano value keeps the first
-    // point + 9 digits; the next digit decides the rounding.
-    let digits = || {
-        int_digits
-            .iter()
-            .chain(frac_digits)
-            .map(|d| i64::from(d - b'0'))
-    };
-    let leading_zeros = digits().take_while(|&d| d == 0).count();
-    let count = int_digits.len() + frac_digits.len();
-    if leading_zeros == count {
-        return Ok(0);
-    }
-    // Drop leading zeros: they shift nothing but would be counted as kept
-    // digits below.
-    let point = int_digits.len() as i64 - leading_zeros as i64 + exponent;
-    let keep = point + NANOS_PER_USD_DIGITS;
-    let significant = (count - leading_zeros) as i64;
-    if keep > significant + 19 {
-        // At least 20 integer digits of nano-USD: beyond i64.
-        return Err(CostError::Overflow);
-    }
-    let mut nanos: i64 = 0;
-    let mut round_up = false;
-    for (index, digit) in digits().skip(leading_zeros).enumerate() {
-        let index = index as i64;
-        if index < keep {
-            nanos = nanos
-                .checked_mul(10)
-                .and_then(|n| n.checked_add(digit))
-                .ok_or(CostError::Overflow)?;
-        } else {
-            round_up = index == keep && digit >= 5;
-            break;
+    /// The value in nano-USD, rounded once, half up, at the ninth
+    /// fractional digit.
+    fn to_nanos(&self) -> Result<i64, CostError> {
+        // The digits d₀d₁…dₙ₋₁ with the decimal point after `point` of them
+        // (point may be negative or beyond n). The nano value keeps the
+        // first point + 9 digits; the next digit decides the rounding.
+        let digits = || {
+            self.int_digits
+                .iter()
+                .chain(self.frac_digits)
+                .map(|d| i64::from(d - b'0'))
+        };
+        let leading_zeros = digits().take_while(|&d| d == 0).count();
+        let count = self.int_digits.len() + self.frac_digits.len();
+        if leading_zeros == count {
+            return Ok(0);
         }
+        // Drop leading zeros: they shift nothing but would be counted as
+        // kept digits below.
+        let point = self.int_digits.len() as i64 - leading_zeros as i64 + self.exponent;
+        let keep = point + NANOS_PER_USD_DIGITS;
+        let significant = (count - leading_zeros) as i64;
+        if keep > significant + 19 {
+            // At least 20 integer digits of nano-USD: beyond i64.
+            return Err(CostError::Overflow);
+        }
+        let mut nanos: i64 = 0;
+        let mut round_up = false;
+        for (index, digit) in digits().skip(leading_zeros).enumerate() {
+            let index = index as i64;
+            if index < keep {
+                nanos = nanos
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(digit))
+                    .ok_or(CostError::Overflow)?;
+            } else {
+                round_up = index == keep && digit >= 5;
+                break;
+            }
+        }
+        for _ in significant..keep.max(significant) {
+            nanos = nanos.checked_mul(10).ok_or(CostError::Overflow)?;
+        }
+        if keep < 0 {
+            // The first significant digit lies more than one place below a
+            // nano-USD: the amount rounds to zero.
+            round_up = false;
+        }
+        if round_up {
+            nanos = nanos.checked_add(1).ok_or(CostError::Overflow)?;
+        }
+        Ok(nanos)
     }
-    for _ in significant..keep.max(significant) {
-        nanos = nanos.checked_mul(10).ok_or(CostError::Overflow)?;
-    }
-    if keep < 0 {
-        // The first significant digit lies more than one place below a
-        // nano-USD: the amount rounds to zero.
-        round_up = false;
-    }
-    if round_up {
-        nanos = nanos.checked_add(1).ok_or(CostError::Overflow)?;
-    }
-    Ok(nanos)
 }
 
 fn invalid(text: &str, at: usize) -> CostError {

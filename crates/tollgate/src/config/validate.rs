@@ -58,11 +58,12 @@ pub(super) fn parse(
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let cx = Cx { text, origin, env };
-    let deserializer = toml::de::Deserializer::parse(text).map_err(|error| cx.syntax(&error))?;
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(deserializer).map_err(|error| cx.deserialize(error))?;
-    cx.config(raw)
+    let validator = Validator { text, origin, env };
+    let deserializer =
+        toml::de::Deserializer::parse(text).map_err(|error| validator.syntax(&error))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(deserializer)
+        .map_err(|error| validator.deserialize(error))?;
+    validator.config(raw)
 }
 
 /// Appends `key` to a dotted path, quoting it when it is not a bare TOML key.
@@ -122,14 +123,15 @@ fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// Everything a check needs to report an error, and the environment.
-struct Cx<'a> {
+/// Checks one config document: its text and origin (for locations in
+/// errors) and the environment `${VAR}` reads.
+struct Validator<'a> {
     text: &'a str,
     origin: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-impl Cx<'_> {
+impl Validator<'_> {
     fn location(&self, span: Option<Range<usize>>) -> Option<Location> {
         span.map(|span| Location::of_offset(self.text, span.start))
     }
@@ -186,7 +188,7 @@ impl Cx<'_> {
         parse(&text).map_err(|error| self.invalid(value.span(), path, error))
     }
 
-    /// Like [`Cx::parsed`] for an optional key, with its default.
+    /// Like [`Validator::parsed`] for an optional key, with its default.
     fn parsed_or<T, E: Display>(
         &self,
         value: Option<&Str>,
@@ -257,6 +259,66 @@ impl Cx<'_> {
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        let (listen, admin_listen) = self.listen_addresses(&raw)?;
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            tls: self.tls_paths(raw.tls.as_ref(), "server.tls")?,
+            max_request_body: self.parsed_or(
+                raw.max_request_body.as_ref(),
+                "server.max_request_body",
+                defaults::MAX_REQUEST_BODY,
+                units::parse_size,
+            )?,
+            request_header_timeout: self.positive_duration(
+                raw.request_header_timeout.as_ref(),
+                "server.request_header_timeout",
+                defaults::REQUEST_HEADER_TIMEOUT,
+            )?,
+            idle_timeout: self.positive_duration(
+                raw.idle_timeout.as_ref(),
+                "server.idle_timeout",
+                defaults::IDLE_TIMEOUT,
+            )?,
+            request_body_timeout: self.positive_duration(
+                raw.request_body_timeout.as_ref(),
+                "server.request_body_timeout",
+                defaults::REQUEST_BODY_TIMEOUT,
+            )?,
+            max_connections: match raw.max_connections {
+                Some(value) if *value.get_ref() == 0 => {
+                    return Err(self.invalid(
+                        value.span(),
+                        "server.max_connections",
+                        "must be at least 1",
+                    ))
+                }
+                Some(value) => value.into_inner(),
+                None => defaults::MAX_CONNECTIONS,
+            },
+            max_header_bytes: self.parsed_or(
+                raw.max_header_bytes.as_ref(),
+                "server.max_header_bytes",
+                defaults::MAX_HEADER_BYTES,
+                |text| match units::parse_size(text) {
+                    // Below a request line and a Host header nothing could
+                    // be served; above 16 MiB a head is an attack, not a
+                    // request.
+                    Ok(size) if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&size) => {
+                        Err(format!("size {text:?} must be between 1KiB and 16MiB"))
+                    }
+                    Ok(size) => Ok(size),
+                    Err(error) => Err(error.to_string()),
+                },
+            )?,
+            worker_threads: raw.worker_threads.unwrap_or(defaults::WORKER_THREADS),
+            instance_id: self.instance_id(raw.instance_id.as_ref())?,
+            access_log: raw.access_log.unwrap_or(false),
+        })
+    }
+
+    /// `server.listen` and `server.admin_listen`, which must differ.
+    fn listen_addresses(&self, raw: &RawServer) -> Result<(SocketAddr, SocketAddr), ConfigError> {
         let listen = self.parsed_or(
             raw.listen.as_ref(),
             "server.listen",
@@ -287,80 +349,23 @@ impl Cx<'_> {
                 ));
             }
         }
-        let tls = self.tls_paths(raw.tls.as_ref(), "server.tls")?;
-        let max_request_body = self.parsed_or(
-            raw.max_request_body.as_ref(),
-            "server.max_request_body",
-            defaults::MAX_REQUEST_BODY,
-            units::parse_size,
-        )?;
-        let request_header_timeout = self.positive_duration(
-            raw.request_header_timeout.as_ref(),
-            "server.request_header_timeout",
-            defaults::REQUEST_HEADER_TIMEOUT,
-        )?;
-        let idle_timeout = self.positive_duration(
-            raw.idle_timeout.as_ref(),
-            "server.idle_timeout",
-            defaults::IDLE_TIMEOUT,
-        )?;
-        let request_body_timeout = self.positive_duration(
-            raw.request_body_timeout.as_ref(),
-            "server.request_body_timeout",
-            defaults::REQUEST_BODY_TIMEOUT,
-        )?;
-        let max_connections = match raw.max_connections {
-            Some(value) if *value.get_ref() == 0 => {
-                return Err(self.invalid(
-                    value.span(),
-                    "server.max_connections",
-                    "must be at least 1",
+        Ok((listen, admin_listen))
+    }
+
+    fn instance_id(&self, raw: Option<&Str>) -> Result<String, ConfigError> {
+        let Some(value) = raw else {
+            return Ok(defaults::instance_id());
+        };
+        self.parsed(value, "server.instance_id", |text| {
+            if text.is_empty() {
+                Err("must not be empty".to_owned())
+            } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err(format!(
+                    "invalid instance id {text:?} (must not contain whitespace or control characters)"
                 ))
+            } else {
+                Ok(text.to_owned())
             }
-            Some(value) => value.into_inner(),
-            None => defaults::MAX_CONNECTIONS,
-        };
-        let max_header_bytes = self.parsed_or(
-            raw.max_header_bytes.as_ref(),
-            "server.max_header_bytes",
-            defaults::MAX_HEADER_BYTES,
-            |text| match units::parse_size(text) {
-                // Below a request line and a Host header nothing could be
-                // served; above 16 MiB a head is an attack, not a request.
-                Ok(size) if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&size) => {
-                    Err(format!("size {text:?} must be between 1KiB and 16MiB"))
-                }
-                Ok(size) => Ok(size),
-                Err(error) => Err(error.to_string()),
-            },
-        )?;
-        let instance_id = match &raw.instance_id {
-            Some(value) => self.parsed(value, "server.instance_id", |text| {
-                if text.is_empty() {
-                    Err("must not be empty".to_owned())
-                } else if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    Err(format!(
-                        "invalid instance id {text:?} (must not contain whitespace or control characters)"
-                    ))
-                } else {
-                    Ok(text.to_owned())
-                }
-            })?,
-            None => defaults::instance_id(),
-        };
-        Ok(ServerConfig {
-            listen,
-            admin_listen,
-            tls,
-            max_request_body,
-            request_header_timeout,
-            idle_timeout,
-            request_body_timeout,
-            max_connections,
-            max_header_bytes,
-            worker_threads: raw.worker_threads.unwrap_or(defaults::WORKER_THREADS),
-            instance_id,
-            access_log: raw.access_log.unwrap_or(false),
         })
     }
 
