@@ -104,7 +104,7 @@ name = "enterprise"
     // "Now" is late November 2026: October is closable, November is not.
     let clock = Arc::new(ManualClock::new(datetime!(2026-11-29 12:00 UTC)));
     let gateway = TestGateway::start_on_clock(config(&toml), None, clock).await;
-    let accounts = tollgate::manage::accounts_for(&gateway.config, gateway.store.clone());
+    let accounts = tollgate::snapshot::accounts_for(&gateway.config, gateway.store.clone());
     let mut ids = Vec::new();
     for (name, tier) in [
         ("acme", "pro"),

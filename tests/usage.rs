@@ -1018,7 +1018,7 @@ async fn every_outcome_is_recorded(backend: Backend) {
     let reply = m.post("/v1/chat/completions", "too-large", big, &[]).await;
     assert_eq!(reply.error_type(), "payload_too_large");
     // A key limited to another route.
-    let accounts = tollgate::manage::accounts_for(&m.gateway.config, m.gateway.store.clone());
+    let accounts = tollgate::snapshot::accounts_for(&m.gateway.config, m.gateway.store.clone());
     let limited = accounts
         .create_key(tollgate_metering::accounts::KeyRequest {
             customer: "limited".into(),

@@ -138,7 +138,7 @@ impl TestGateway {
             .expect("database opens");
         let key = match config.tiers.first() {
             Some(tier) => {
-                let accounts = tollgate::manage::accounts_for(&config, store.clone());
+                let accounts = tollgate::snapshot::accounts_for(&config, store.clone());
                 let created = accounts
                     .create_key(tollgate_metering::accounts::KeyRequest {
                         customer: "test".into(),

@@ -5,7 +5,6 @@
 //! the listeners, drains in-flight requests and then flushes every usage
 //! row. Tests use the same two calls in-process.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,23 +15,20 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_metering::cache::{run_feed, KeyCache};
-use tollgate_metering::limits::{Clock, Limiter, Limits, SystemClock};
+use tollgate_metering::limits::{Clock, Limiter, SystemClock};
 use tollgate_metering::policy::Policies;
-use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
 use tollgate_proxy::auth::Authenticator;
-use tollgate_proxy::meter::{Metering, RouteUsage};
+use tollgate_proxy::meter::Metering;
 use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::pipeline::LiveConfig;
 use tollgate_proxy::tls::TlsAcceptor;
-use tollgate_proxy::{
-    serve, Admin, Gateway, GatewaySettings, RouteSpec, RouteTable, ServerOptions,
-};
+use tollgate_proxy::{serve, Admin, Gateway, GatewaySettings, ServerOptions};
 
 use crate::background;
-use crate::config::{Config, RouteConfig, SpoolFullPolicy, TierConfig};
+use crate::config::{Config, SpoolFullPolicy};
 use crate::reload::Reloader;
+use crate::snapshot::{self, Snapshot};
 
 /// How long in-flight requests may run after shutdown begins. Saving their
 /// usage rows may then take up to [`recorder::SHUTDOWN_GRACE`] more.
@@ -146,7 +142,7 @@ pub async fn start_with_clock(
     let tls = acceptor(config.server.tls.as_ref(), "the data plane (server.tls)")?;
     let admin_tls = acceptor(config.admin.tls.as_ref(), "the admin listener (admin.tls)")?;
     let metrics = Arc::new(Metrics::new());
-    let live = live_config(&config, &metrics, None)?;
+    let snapshot = Snapshot::build(&config, &metrics, None)?;
     let client = tollgate_proxy::forward::upstream_client()
         .context("cannot set up TLS for upstream connections")?;
     let Accounting {
@@ -176,7 +172,7 @@ pub async fn start_with_clock(
         config.keys.headers.clone(),
     );
     let gateway = Arc::new(Gateway::new(
-        live,
+        snapshot.live,
         auth,
         client,
         GatewaySettings {
@@ -264,7 +260,10 @@ async fn start_accounting(
     let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
         .await
         .context("cannot start usage recording")?;
-    let policies = Arc::new(Policies::new(tier_limits(config), limiter.clone()));
+    let policies = Arc::new(Policies::new(
+        snapshot::tier_limits(config),
+        limiter.clone(),
+    ));
     let customers = policies
         .reload(&**store)
         .await
@@ -299,10 +298,10 @@ fn admin_api(
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
 ) -> (Arc<Admin>, Arc<Reloader>) {
-    let accounts = Arc::new(crate::manage::accounts_for(config, store.clone()));
+    let accounts = Arc::new(snapshot::accounts_for(config, store.clone()));
     let reports = Arc::new(tollgate_metering::reporting::Reports::new(
         store.clone(),
-        tier_limits(config),
+        snapshot::tier_limits(config),
         clock.clone(),
     ));
     let reloader = Arc::new(Reloader::new(
@@ -398,45 +397,6 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-fn route_spec(route: &RouteConfig) -> RouteSpec {
-    RouteSpec {
-        name: route.name.clone(),
-        prefix: route.prefix.clone(),
-        upstream: route.upstream.clone(),
-        strip_prefix: route.strip_prefix,
-        timeout: route.timeout,
-        set_headers: route.set_headers.clone(),
-        strip_response_headers: route.strip_response_headers.clone(),
-        tls: route.tls.as_ref().map(|tls| tls.upstream.clone()),
-        usage: RouteUsage {
-            format: route.usage,
-            cost_header: route.cost_header.clone(),
-            input_tokens_header: route.input_tokens_header.clone(),
-            output_tokens_header: route.output_tokens_header.clone(),
-        },
-    }
-}
-
-/// The configured tiers as limits.
-pub fn tier_limits(config: &Config) -> HashMap<String, Limits> {
-    config
-        .tiers
-        .iter()
-        .map(|tier| (tier.name.clone(), limits_of(tier)))
-        .collect()
-}
-
-fn limits_of(tier: &TierConfig) -> Limits {
-    Limits {
-        rate: tier.rate,
-        monthly_requests: tier.monthly_requests,
-        monthly_tokens: tier.monthly_tokens,
-        monthly_cost_nanos: tier.monthly_cost_nanos,
-        overage: tier.overage,
-        overage_price_nanos: tier.overage_price_per_request_nanos.unwrap_or(0),
-    }
-}
-
 fn recorder_config(config: &Config) -> RecorderConfig {
     RecorderConfig {
         batch_size: config.usage.batch_size,
@@ -446,34 +406,4 @@ fn recorder_config(config: &Config) -> RecorderConfig {
         reject_when_full: config.usage.on_spool_full == SpoolFullPolicy::Reject,
         flush_metrics: Default::default(),
     }
-}
-
-/// What a reload can replace, built from `config`: the routes, with their
-/// metric handles and, for routes with TLS settings of their own, their
-/// upstream clients; and the prices. A route whose TLS settings are the
-/// same as in `previous` (the routes being replaced) keeps its client and
-/// the connections it has open.
-pub fn live_config(
-    config: &Config,
-    metrics: &Metrics,
-    previous: Option<&RouteTable>,
-) -> anyhow::Result<LiveConfig> {
-    let pricing = Arc::new(pricing(config));
-    let routes = RouteTable::new_reusing(
-        config.routes.iter().map(route_spec).collect(),
-        metrics,
-        &pricing,
-        previous,
-    )
-    .context("invalid route")?;
-    Ok(LiveConfig { routes, pricing })
-}
-
-fn pricing(config: &Config) -> Pricing {
-    Pricing::new(
-        config
-            .pricing
-            .iter()
-            .map(|(model, price)| (model.clone(), *price)),
-    )
 }

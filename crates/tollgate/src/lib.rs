@@ -12,4 +12,5 @@ mod descriptors;
 pub mod manage;
 pub mod reload;
 pub mod shutdown;
+pub mod snapshot;
 pub mod telemetry;

@@ -12,7 +12,6 @@ use tollgate_metering::accounts::{
 };
 use tollgate_metering::reporting::{ReportParams, Reports};
 use tollgate_metering::reports::UsageGroup;
-use tollgate_metering::KeyFormat;
 
 use crate::cli::{BillingCommand, CustomersCommand, KeysCommand, UsageBy};
 use crate::config::units::parse_duration;
@@ -50,16 +49,7 @@ fn flag(field: &str) -> String {
 /// Builds the account operations for `config`, opening (and migrating) its database.
 pub async fn accounts(config: &Config) -> anyhow::Result<Accounts> {
     let store = crate::app::open_store(config).await?;
-    Ok(accounts_for(config, store))
-}
-
-pub fn accounts_for(config: &Config, store: Arc<dyn tollgate_metering::Store>) -> Accounts {
-    Accounts::new(
-        store,
-        KeyFormat::new(&config.keys.prefix),
-        config.tiers.iter().map(|t| t.name.clone()).collect(),
-        config.routes.iter().map(|r| r.name.clone()).collect(),
-    )
+    Ok(crate::snapshot::accounts_for(config, store))
 }
 
 pub async fn customers(config: &Config, command: CustomersCommand) -> anyhow::Result<()> {
@@ -195,7 +185,7 @@ where
 pub fn reports_for(config: &Config, store: Arc<dyn tollgate_metering::Store>) -> Reports {
     Reports::new(
         store,
-        crate::app::tier_limits(config),
+        crate::snapshot::tier_limits(config),
         Arc::new(tollgate_metering::limits::SystemClock),
     )
 }

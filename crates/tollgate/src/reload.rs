@@ -17,17 +17,64 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tollgate_metering::accounts::Accounts;
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::Reports;
 use tollgate_proxy::admin::Reload;
 use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::pipeline::LiveConfig;
 use tollgate_proxy::Gateway;
 
-use crate::app::{live_config, tier_limits};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::snapshot::Snapshot;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the gateway runs on built-in defaults, with no config file to re-read")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Customers on a removed tier would all be blocked: they must be moved
+    /// first.
+    #[error(
+        "{file}: tiers: tier {tier:?} is removed but {customers} customer(s) are on it; \
+         move them to another tier first (tollgate customers set-tier)"
+    )]
+    TierInUse {
+        file: String,
+        tier: String,
+        customers: usize,
+    },
+    /// A route's upstream client could not be built.
+    #[error("{0:#}")]
+    Routes(anyhow::Error),
+}
+
+/// What a reload changed: the `POST /v1/reload` reply and the log line.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub changed: Changed,
+    /// Changed settings that are read at start only and keep their running
+    /// values until a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+/// The names added, removed and changed in each reloadable section.
+#[derive(Debug, Serialize)]
+pub struct Changed {
+    pub routes: NameChanges,
+    pub tiers: NameChanges,
+    pub pricing: NameChanges,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct NameChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
 
 /// What a reload replaces, and the config it compares against.
 pub struct Reloader {
@@ -60,55 +107,49 @@ impl Reloader {
 
     /// Reads the file again and applies it; returns what changed. On any
     /// error nothing is applied.
-    pub fn apply_file(&self) -> Result<Value, String> {
+    pub fn apply_file(&self) -> Result<ReloadReport, ReloadError> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let Some(path) = current.source.clone() else {
-            return Err(
-                "the gateway runs on built-in defaults, with no config file to re-read".to_owned(),
-            );
+            return Err(ReloadError::NoConfigFile);
         };
-        let next = Config::load(&path).map_err(|error| error.to_string())?;
-        // A tier that customers are on cannot just vanish: they would all
-        // be blocked. They must be moved first.
+        let next = Config::load(&path)?;
         for tier in &current.tiers {
-            let on_it = self.policies.customers_on(&tier.name);
-            if next.tier(&tier.name).is_none() && on_it > 0 {
-                return Err(format!(
-                    "{}: tiers: tier {:?} is removed but {on_it} customer(s) are on it; \
-                     move them to another tier first (tollgate customers set-tier)",
-                    path.display(),
-                    tier.name
-                ));
+            let customers = self.policies.customers_on(&tier.name);
+            if next.tier(&tier.name).is_none() && customers > 0 {
+                return Err(ReloadError::TierInUse {
+                    file: path.display().to_string(),
+                    tier: tier.name.clone(),
+                    customers,
+                });
             }
         }
         // Routes' TLS files were read and checked by `Config::load`; here
         // each route with TLS settings gets its client, kept from the
         // running routes when its settings did not change.
-        let running = self.gateway.live();
-        let live: LiveConfig = live_config(&next, &self.metrics, Some(&running.routes))
-            .map_err(|error| format!("{error:#}"))?;
-        drop(running);
-
-        // Everything is validated and built: from here on nothing fails.
-        self.gateway.reconfigure(live);
-        let tiers = tier_limits(&next);
-        self.policies.set_tiers(tiers.clone());
-        self.reports.set_tiers(tiers);
-        self.accounts.set_names(
-            next.tiers.iter().map(|tier| tier.name.clone()).collect(),
-            next.routes.iter().map(|route| route.name.clone()).collect(),
-        );
-        let report = json!({
-            "changed": {
-                "routes": changes(by_name(&current.routes, |r| &r.name), by_name(&next.routes, |r| &r.name)),
-                "tiers": changes(by_name(&current.tiers, |t| &t.name), by_name(&next.tiers, |t| &t.name)),
-                "pricing": changes(
-                    current.pricing.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+        let snapshot = Snapshot::build(&next, &self.metrics, Some(&self.gateway.live().routes))
+            .map_err(ReloadError::Routes)?;
+        let report = ReloadReport {
+            changed: Changed {
+                routes: changes(
+                    by_name(&current.routes, |r| &r.name),
+                    by_name(&next.routes, |r| &r.name),
+                ),
+                tiers: changes(
+                    by_name(&current.tiers, |t| &t.name),
+                    by_name(&next.tiers, |t| &t.name),
+                ),
+                pricing: changes(
+                    current
+                        .pricing
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v))
+                        .collect(),
                     next.pricing.iter().map(|(k, v)| (k.as_str(), v)).collect(),
                 ),
             },
-            "restart_required": restart_required(&current, &next),
-        });
+            restart_required: restart_required(&current, &next),
+        };
+        self.install(snapshot);
         // What needs a restart stays as it runs, so later reloads keep
         // reporting it until the process restarts.
         let kept = Config {
@@ -121,18 +162,31 @@ impl Reloader {
         Ok(report)
     }
 
+    /// Swaps a built snapshot in; nothing here can fail. The data plane's
+    /// routes and prices change in one step (a request holds the snapshot
+    /// it started with); the tiers then apply from the next admission.
+    fn install(&self, snapshot: Snapshot) {
+        let Snapshot {
+            live,
+            tiers,
+            tier_names,
+            route_names,
+        } = snapshot;
+        self.gateway.reconfigure(live);
+        self.policies.set_tiers(tiers.clone());
+        self.reports.set_tiers(tiers);
+        self.accounts.set_names(tier_names, route_names);
+    }
+
     /// A reload from SIGHUP: the outcome goes to the log.
     pub fn reload_and_log(&self) {
         match self.apply_file() {
             Ok(report) => {
-                let pending = report["restart_required"]
-                    .as_array()
-                    .is_some_and(|keys| !keys.is_empty());
-                tracing::info!(message = "Config reloaded.", changes = %report["changed"]);
-                if pending {
+                log_applied(&report);
+                if !report.restart_required.is_empty() {
                     tracing::warn!(
                         message = "Some changed settings take effect only after a restart.",
-                        keys = %report["restart_required"],
+                        keys = %json_text(&report.restart_required),
                     );
                 }
             }
@@ -146,18 +200,28 @@ impl Reloader {
 
 impl Reload for Reloader {
     fn reload(&self) -> Result<Value, String> {
-        let result = self.apply_file();
-        match &result {
+        match self.apply_file() {
             Ok(report) => {
-                tracing::info!(message = "Config reloaded.", changes = %report["changed"])
+                log_applied(&report);
+                serde_json::to_value(&report).map_err(|error| error.to_string())
             }
-            Err(error) => tracing::warn!(
-                message = "Config reload refused; the running config is unchanged.",
-                %error,
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    message = "Config reload refused; the running config is unchanged.",
+                    %error,
+                );
+                Err(error.to_string())
+            }
         }
-        result
     }
+}
+
+fn log_applied(report: &ReloadReport) {
+    tracing::info!(message = "Config reloaded.", changes = %json_text(&report.changed));
+}
+
+fn json_text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 fn by_name<'a, T>(items: &'a [T], name: impl Fn(&'a T) -> &'a String) -> BTreeMap<&'a str, &'a T> {
@@ -168,23 +232,20 @@ fn by_name<'a, T>(items: &'a [T], name: impl Fn(&'a T) -> &'a String) -> BTreeMa
 }
 
 /// Names added, removed and changed between two versions of a section.
-fn changes<T: PartialEq>(before: BTreeMap<&str, &T>, after: BTreeMap<&str, &T>) -> Value {
-    let added: Vec<&str> = after
-        .keys()
-        .filter(|name| !before.contains_key(*name))
-        .copied()
-        .collect();
-    let removed: Vec<&str> = before
-        .keys()
-        .filter(|name| !after.contains_key(*name))
-        .copied()
-        .collect();
-    let changed: Vec<&str> = after
-        .iter()
-        .filter(|(name, item)| before.get(*name).is_some_and(|old| old != *item))
-        .map(|(name, _)| *name)
-        .collect();
-    json!({"added": added, "removed": removed, "changed": changed})
+fn changes<T: PartialEq>(before: BTreeMap<&str, &T>, after: BTreeMap<&str, &T>) -> NameChanges {
+    let names = |map: &BTreeMap<&str, &T>, keep: &dyn Fn(&str, &T) -> bool| -> Vec<String> {
+        map.iter()
+            .filter(|(name, item)| keep(name, item))
+            .map(|(name, _)| (*name).to_owned())
+            .collect()
+    };
+    NameChanges {
+        added: names(&after, &|name, _| !before.contains_key(name)),
+        removed: names(&before, &|name, _| !after.contains_key(name)),
+        changed: names(&after, &|name, item| {
+            before.get(name).is_some_and(|old| *old != item)
+        }),
+    }
 }
 
 /// The settings read at start only that differ in `next`. Every `[server]`

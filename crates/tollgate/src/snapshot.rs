@@ -1,0 +1,126 @@
+//! What the config gives the running gateway that a reload may replace:
+//! the routes (with their metric handles and upstream clients), the
+//! prices, the tiers' limits, and the tier and route names new customers
+//! and keys are checked against.
+//!
+//! A [`Snapshot`] is built whole from a validated [`Config`] before
+//! anything is swapped, so a reload either applies all of it or none.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tollgate_metering::accounts::Accounts;
+use tollgate_metering::limits::Limits;
+use tollgate_metering::usage::pricing::Pricing;
+use tollgate_metering::{KeyFormat, Store};
+use tollgate_proxy::meter::RouteUsage;
+use tollgate_proxy::metrics::Metrics;
+use tollgate_proxy::pipeline::LiveConfig;
+use tollgate_proxy::{RouteSpec, RouteTable};
+
+use crate::config::{Config, RouteConfig, TierConfig};
+
+/// Everything a reload replaces, built from one config.
+pub struct Snapshot {
+    /// Routes and prices, swapped into the data plane in one step.
+    pub live: LiveConfig,
+    /// Each tier's limits, by tier name.
+    pub tiers: HashMap<String, Limits>,
+    /// The configured tier names, in config order.
+    pub tier_names: Vec<String>,
+    /// The configured route names, in config order.
+    pub route_names: Vec<String>,
+}
+
+impl Snapshot {
+    /// Builds every part from `config`. A route whose TLS settings are the
+    /// same as in `previous` (the routes being replaced) keeps its
+    /// upstream client and the connections it has open.
+    pub fn build(
+        config: &Config,
+        metrics: &Metrics,
+        previous: Option<&RouteTable>,
+    ) -> anyhow::Result<Snapshot> {
+        let pricing = Arc::new(pricing(config));
+        let routes = RouteTable::new_reusing(
+            config.routes.iter().map(route_spec).collect(),
+            metrics,
+            &pricing,
+            previous,
+        )
+        .context("invalid route")?;
+        Ok(Snapshot {
+            live: LiveConfig { routes, pricing },
+            tiers: tier_limits(config),
+            tier_names: config.tiers.iter().map(|tier| tier.name.clone()).collect(),
+            route_names: config
+                .routes
+                .iter()
+                .map(|route| route.name.clone())
+                .collect(),
+        })
+    }
+}
+
+/// The account operations over `store`, checking names against `config`.
+pub fn accounts_for(config: &Config, store: Arc<dyn Store>) -> Accounts {
+    Accounts::new(
+        store,
+        KeyFormat::new(&config.keys.prefix),
+        config.tiers.iter().map(|tier| tier.name.clone()).collect(),
+        config
+            .routes
+            .iter()
+            .map(|route| route.name.clone())
+            .collect(),
+    )
+}
+
+/// The configured tiers as limits.
+pub fn tier_limits(config: &Config) -> HashMap<String, Limits> {
+    config
+        .tiers
+        .iter()
+        .map(|tier| (tier.name.clone(), limits_of(tier)))
+        .collect()
+}
+
+fn limits_of(tier: &TierConfig) -> Limits {
+    Limits {
+        rate: tier.rate,
+        monthly_requests: tier.monthly_requests,
+        monthly_tokens: tier.monthly_tokens,
+        monthly_cost_nanos: tier.monthly_cost_nanos,
+        overage: tier.overage,
+        overage_price_nanos: tier.overage_price_per_request_nanos.unwrap_or(0),
+    }
+}
+
+fn route_spec(route: &RouteConfig) -> RouteSpec {
+    RouteSpec {
+        name: route.name.clone(),
+        prefix: route.prefix.clone(),
+        upstream: route.upstream.clone(),
+        strip_prefix: route.strip_prefix,
+        timeout: route.timeout,
+        set_headers: route.set_headers.clone(),
+        strip_response_headers: route.strip_response_headers.clone(),
+        tls: route.tls.as_ref().map(|tls| tls.upstream.clone()),
+        usage: RouteUsage {
+            format: route.usage,
+            cost_header: route.cost_header.clone(),
+            input_tokens_header: route.input_tokens_header.clone(),
+            output_tokens_header: route.output_tokens_header.clone(),
+        },
+    }
+}
+
+fn pricing(config: &Config) -> Pricing {
+    Pricing::new(
+        config
+            .pricing
+            .iter()
+            .map(|(model, price)| (model.clone(), *price)),
+    )
+}
