@@ -23,10 +23,12 @@ use dashmap::DashMap;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::events::{KeyFeedResynced, KeyFeedUpdateFailed};
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
 use crate::policy::Policies;
 use crate::store::{KeyRecord, Store, StoreError, StoreEvent};
+use crate::telemetry::emit;
 
 /// Why a well-formed key is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -217,12 +219,11 @@ pub async fn run_feed(store: Arc<dyn Store>, cache: Arc<KeyCache>, policies: Arc
             match apply(&*store, &cache, &policies, event).await {
                 Ok(()) => break,
                 Err(error) => {
-                    tracing::warn!(
-                        message = "Key cache update failed; retrying.",
-                        %error,
-                        event = ?event,
-                        retry_in_ms = backoff.as_millis() as u64,
-                    );
+                    emit(KeyFeedUpdateFailed {
+                        error: &error,
+                        event,
+                        retry_in: backoff,
+                    });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -248,11 +249,7 @@ async fn apply(
         StoreEvent::Resync => {
             let keys = cache.reload(store).await?;
             let customers = policies.reload(store).await?;
-            tracing::info!(
-                message = "Key cache and customer limits resynchronised.",
-                keys,
-                customers
-            );
+            emit(KeyFeedResynced { keys, customers });
         }
     }
     Ok(())

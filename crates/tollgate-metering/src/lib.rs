@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod cache;
+mod events;
 pub mod ids;
 pub mod key;
 pub mod limits;

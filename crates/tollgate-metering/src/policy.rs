@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 
+use crate::events::{BlockedReason, CustomerBlocked};
 use crate::ids::CustomerId;
 use crate::limits::{Limiter, Limits};
 use crate::store::{Customer, Page, Store, StoreError};
+use crate::telemetry::emit;
 
 /// Customers fetched per page when loading them all.
 const PAGE: u32 = 1000;
@@ -95,20 +97,18 @@ impl Policies {
             Some(tier) => match tier.with_overrides(&customer.overrides) {
                 Ok(limits) => limits,
                 Err(error) => {
-                    tracing::error!(
-                        message = "Customer overrides are invalid; the customer is blocked until they are fixed.",
-                        customer_id = %customer.id,
-                        %error,
-                    );
+                    emit(CustomerBlocked {
+                        customer: customer.id,
+                        reason: BlockedReason::InvalidOverrides(&error),
+                    });
                     blocked()
                 }
             },
             None => {
-                tracing::error!(
-                    message = "Customer has a tier the config does not define; the customer is blocked until it is.",
-                    customer_id = %customer.id,
-                    tier = %customer.tier,
-                );
+                emit(CustomerBlocked {
+                    customer: customer.id,
+                    reason: BlockedReason::UnknownTier(&customer.tier),
+                });
                 blocked()
             }
         };

@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tollgate_metering::limits::{Clock, Limiter, Period};
+use tollgate_metering::telemetry::emit;
 use tollgate_metering::Store;
 use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+
+use crate::events::{TotalsSyncFailed, TotalsSyncRecovered};
 
 /// One multi-instance sync: this instance's committed rows are noted
 /// before the database is read, so they are never counted twice (see
@@ -49,15 +52,12 @@ pub(crate) async fn run_sync(
         match sync_totals(&*store, &limiter, &*clock).await {
             Ok(()) if failing => {
                 failing = false;
-                tracing::info!(message = "Usage totals sync recovered.");
+                emit(TotalsSyncRecovered);
             }
             Ok(()) => {}
             Err(error) if !failing => {
                 failing = true;
-                tracing::warn!(
-                    message = "Usage totals sync failed; limits use the last totals plus this instance's own counts.",
-                    %error,
-                );
+                emit(TotalsSyncFailed(&error));
             }
             Err(_) => {}
         }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 mod descriptors;
+mod events;
 pub mod manage;
 pub mod reload;
 pub mod shutdown;

@@ -22,11 +22,13 @@ use serde_json::Value;
 use tollgate_metering::accounts::Accounts;
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::Reports;
+use tollgate_metering::telemetry::emit;
 use tollgate_proxy::admin::Reload;
 use tollgate_proxy::metrics::Metrics;
 use tollgate_proxy::Gateway;
 
 use crate::config::{Config, ConfigError};
+use crate::events::{ConfigReloadFailed, ConfigReloaded, ReloadTrigger};
 use crate::snapshot::Snapshot;
 
 /// Why a reload changed nothing.
@@ -180,48 +182,26 @@ impl Reloader {
 
     /// A reload from SIGHUP: the outcome goes to the log.
     pub fn reload_and_log(&self) {
-        match self.apply_file() {
-            Ok(report) => {
-                log_applied(&report);
-                if !report.restart_required.is_empty() {
-                    tracing::warn!(
-                        message = "Some changed settings take effect only after a restart.",
-                        keys = %json_text(&report.restart_required),
-                    );
-                }
-            }
-            Err(error) => tracing::error!(
-                message = "Config reload failed; the running config is unchanged.",
-                %error,
-            ),
+        let _ = self.apply_and_log(ReloadTrigger::Signal);
+    }
+
+    fn apply_and_log(&self, trigger: ReloadTrigger) -> Result<ReloadReport, ReloadError> {
+        let result = self.apply_file();
+        match &result {
+            Ok(report) => emit(ConfigReloaded { report, trigger }),
+            Err(error) => emit(ConfigReloadFailed { error, trigger }),
         }
+        result
     }
 }
 
 impl Reload for Reloader {
     fn reload(&self) -> Result<Value, String> {
-        match self.apply_file() {
-            Ok(report) => {
-                log_applied(&report);
-                serde_json::to_value(&report).map_err(|error| error.to_string())
-            }
-            Err(error) => {
-                tracing::warn!(
-                    message = "Config reload refused; the running config is unchanged.",
-                    %error,
-                );
-                Err(error.to_string())
-            }
-        }
+        let report = self
+            .apply_and_log(ReloadTrigger::Api)
+            .map_err(|error| error.to_string())?;
+        serde_json::to_value(&report).map_err(|error| error.to_string())
     }
-}
-
-fn log_applied(report: &ReloadReport) {
-    tracing::info!(message = "Config reloaded.", changes = %json_text(&report.changed));
-}
-
-fn json_text(value: &impl Serialize) -> String {
-    serde_json::to_string(value).unwrap_or_default()
 }
 
 fn by_name<'a, T>(items: &'a [T], name: impl Fn(&'a T) -> &'a String) -> BTreeMap<&'a str, &'a T> {
