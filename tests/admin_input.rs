@@ -1,5 +1,5 @@
 //! Bad and extreme input to the admin API and the management commands
-//! (SPEC §1, §6): a value out of range is a 400 `invalid_request` naming the
+//! (docs/CLI.md, docs/ADMIN-API.md): a value out of range is a 400 `invalid_request` naming the
 //! field (a usage error, exit 2, naming the flag, on the command line),
 //! never a panic or a dropped connection; path segments are percent-decoded.
 

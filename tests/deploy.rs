@@ -2,7 +2,7 @@
 //! Tollgate config under it passes the real binary's `check-config`, and the
 //! pieces agree with each other (the compose file with its config and the
 //! Prometheus targets, the Kubernetes probes with the ConfigMap's admin port)
-//! and with the metric names of SPEC §7.
+//! and with the metric names Tollgate exports (docs/METRICS.md).
 //!
 //! Nothing here needs a database or a container runtime: `check-config` only
 //! parses and validates, and the rest reads files.
@@ -16,10 +16,10 @@ use std::process::Command;
 use yaml_rust2::{Yaml, YamlLoader};
 
 mod common;
-use common::SPEC_METRICS;
+use common::EXPORTED_METRICS;
 
-/// The SPEC §7 histograms: their series are `_bucket`, `_sum` and `_count`.
-const SPEC_HISTOGRAMS: [&str; 4] = [
+/// The exported histograms: their series are `_bucket`, `_sum` and `_count`.
+const HISTOGRAMS: [&str; 4] = [
     "tollgate_request_duration_seconds",
     "tollgate_upstream_duration_seconds",
     "tollgate_usage_flush_duration_seconds",
@@ -869,18 +869,18 @@ fn kubernetes_deployment_probes_the_admin_port_and_keeps_secrets_out() {
 // Metric names.
 
 fn allowed_metric(name: &str) -> bool {
-    SPEC_METRICS.contains(&name)
+    EXPORTED_METRICS.contains(&name)
         || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
             name.strip_suffix(suffix)
-                .is_some_and(|base| SPEC_HISTOGRAMS.contains(&base))
+                .is_some_and(|base| HISTOGRAMS.contains(&base))
         })
 }
 
-/// The base SPEC name of a series name (`_bucket` etc. removed).
-fn spec_base(name: &str) -> &str {
+/// The metric a series belongs to (`_bucket` etc. removed).
+fn metric_base(name: &str) -> &str {
     for suffix in ["_bucket", "_sum", "_count"] {
         if let Some(base) = name.strip_suffix(suffix) {
-            if SPEC_HISTOGRAMS.contains(&base) {
+            if HISTOGRAMS.contains(&base) {
                 return base;
             }
         }
@@ -1064,7 +1064,7 @@ fn promql_metric_extraction_finds_metrics_only() {
 }
 
 #[test]
-fn dashboard_and_prometheus_config_use_only_spec_metric_names() {
+fn dashboard_and_prometheus_config_use_only_exported_metric_names() {
     let path = deploy().join("grafana").join("tollgate-dashboard.json");
     let dashboard = load_json(&path);
 
@@ -1134,9 +1134,9 @@ fn dashboard_and_prometheus_config_use_only_spec_metric_names() {
         }
         for metric in metrics {
             if !allowed_metric(&metric) {
-                errors.push(format!("{at}: {metric} is not a SPEC §7 metric"));
+                errors.push(format!("{at}: {metric} is not a metric Tollgate exports"));
             }
-            used.insert(spec_base(&metric).to_owned());
+            used.insert(metric_base(&metric).to_owned());
         }
         // Every $variable used is defined (Grafana's own $__ ones aside).
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$')) {
@@ -1147,7 +1147,7 @@ fn dashboard_and_prometheus_config_use_only_spec_metric_names() {
             }
         }
     }
-    let unused: Vec<&str> = SPEC_METRICS
+    let unused: Vec<&str> = EXPORTED_METRICS
         .iter()
         .copied()
         .filter(|m| !used.contains(*m))
@@ -1156,12 +1156,12 @@ fn dashboard_and_prometheus_config_use_only_spec_metric_names() {
         errors.push(format!("the dashboard shows no panel for {unused:?}"));
     }
 
-    // The Prometheus config names no metric (relabelling, rules) outside SPEC §7.
+    // The Prometheus config names no metric (relabelling, rules) outside docs/METRICS.md.
     let prometheus = read(&deploy().join("prometheus.yml"));
     for word in prometheus.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("tollgate_") && !allowed_metric(word) {
             errors.push(format!(
-                "deploy/prometheus.yml: {word} is not a SPEC §7 metric"
+                "deploy/prometheus.yml: {word} is not a metric Tollgate exports"
             ));
         }
     }

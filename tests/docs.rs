@@ -5,9 +5,13 @@
 //! - every key that reference documents is accepted by the real parser, with
 //!   the documented defaults, and an undocumented key is refused;
 //! - the example itself passes `tollgate check-config`;
-//! - `docs/METRICS.md` catalogues exactly the metrics of SPEC §7, with their
-//!   types and labels;
-//! - config keys named in the README and the docs are documented keys.
+//! - every setting that chooses between named behaviours lists its choices,
+//!   and the parser takes exactly those;
+//! - `docs/METRICS.md` catalogues exactly the metrics Tollgate exports, with
+//!   their types and labels;
+//! - config keys named in the README and the docs are documented keys;
+//! - every page under `docs/` is linked from the README, and every relative
+//!   link in the README and the docs names a file the repository has.
 //!
 //! No database is needed.
 
@@ -23,10 +27,10 @@ use tollgate::config::Config;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// SPEC §7: every metric name, its type and its labels. Hard-coded here
-/// because tests must not read files outside the repository; when SPEC §7
-/// changes, this list and docs/METRICS.md change with it.
-const SPEC_METRICS: &[(&str, &str, &[&str])] = &[
+/// Every metric Tollgate exports: name, type and labels. `tests/metrics.rs`
+/// checks the live `/metrics` against the same names; when a metric is
+/// added or changed, this list and docs/METRICS.md change with it.
+const EXPORTED_METRICS: &[(&str, &str, &[&str])] = &[
     (
         "tollgate_requests_total",
         "counter",
@@ -410,12 +414,68 @@ fn the_reference_tables_are_well_formed() {
             key.path()
         );
     }
-    // The SPEC extensions are marked as such.
-    for extension in ["server.access_log", "usage.on_spool_full"] {
-        let key = keys.iter().find(|key| key.path() == extension).unwrap();
+}
+
+/// Settings that choose between named behaviours: each lists its choices
+/// (`"reject"`, `"serve"`) in its description.
+const CHOICE_KEYS: &[&str] = &["usage.on_spool_full", "tiers.overage", "routes.usage"];
+
+/// The quoted string literals among the code spans of `text`: the choices
+/// a description names.
+fn string_choices(text: &str) -> Vec<String> {
+    code_spans(text)
+        .into_iter()
+        .filter(|span| span.len() > 2 && span.starts_with('"') && span.ends_with('"'))
+        .filter(|span| is_toml_value(span))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn documented_choices_are_exactly_what_the_parser_accepts() {
+    let keys = documented_keys();
+    let required = |row: &DocKey| {
+        row.required()
+            .then(|| row.sample().map(str::to_owned))
+            .flatten()
+    };
+    let with = |path: &str, value: &str| {
+        generate(
+            &keys,
+            |row, _| {
+                if row.path() == path {
+                    Some(value.to_owned())
+                } else {
+                    required(row)
+                }
+            },
+            |_| None,
+        )
+    };
+    for path in CHOICE_KEYS {
+        let key = keys.iter().find(|key| key.path() == *path).unwrap();
+        let choices = string_choices(&key.description);
         assert!(
-            key.description.contains("*(extension)*"),
-            "{extension} is a SPEC extension; mark it"
+            choices.len() >= 2,
+            "{path}: the description must list its choices as `\"...\"`: {choices:?}"
+        );
+        let default = key
+            .literal_default()
+            .unwrap_or_else(|| panic!("{path}: no default"));
+        assert!(
+            choices.iter().any(|choice| choice == default),
+            "{path}: the default {default} is not among the documented choices {choices:?}"
+        );
+        for choice in &choices {
+            parse(&with(path, choice));
+        }
+        let text = with(path, "\"no-such-choice\"");
+        let error = Config::parse(&text, "choices.toml", &common::test_env)
+            .expect_err(&format!("{path} accepted an undocumented choice:\n{text}"));
+        let name = path.rsplit('.').next().unwrap();
+        assert!(
+            error.to_string().contains(name),
+            "{path}: the error does not name the key: {error}"
         );
     }
 }
@@ -572,7 +632,7 @@ fn the_example_passes_check_config() {
     assert!(stdout.contains("ok"), "{stdout}");
 }
 
-// ---- (d) the metrics catalogue is SPEC §7 ----------------------------------
+// ---- (d) the metrics catalogue is what Tollgate exports ---------------------
 
 /// One `### `name`` entry of the catalogue in docs/METRICS.md.
 #[derive(Debug, Default)]
@@ -639,27 +699,27 @@ fn metric_words(text: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn the_metrics_catalogue_is_exactly_spec_section_7() {
+fn the_metrics_catalogue_is_exactly_the_exported_metrics() {
     let doc = read("docs/METRICS.md");
     let catalogue = catalogue(&doc);
 
-    let spec: BTreeSet<&str> = SPEC_METRICS.iter().map(|(name, _, _)| *name).collect();
+    let exported: BTreeSet<&str> = EXPORTED_METRICS.iter().map(|(name, _, _)| *name).collect();
     let documented: BTreeSet<&str> = catalogue.keys().map(String::as_str).collect();
     assert_eq!(
-        documented, spec,
-        "docs/METRICS.md's catalogue and SPEC §7 name different metrics"
+        documented, exported,
+        "docs/METRICS.md's catalogue and the exported metrics differ"
     );
 
-    for (name, kind, labels) in SPEC_METRICS {
+    for (name, kind, labels) in EXPORTED_METRICS {
         let entry = &catalogue[*name];
         assert_eq!(entry.kind.as_deref(), Some(*kind), "type of {name}");
         let expected: Vec<String> = labels.iter().map(|label| (*label).to_owned()).collect();
         assert_eq!(entry.labels.as_ref(), Some(&expected), "labels of {name}");
     }
 
-    // Anywhere on the page (PromQL, alerts), only SPEC names, or a
+    // Anywhere on the page (PromQL, alerts), only exported names, or a
     // histogram's series (`_bucket`, `_sum`, `_count`).
-    let histograms: BTreeSet<&str> = SPEC_METRICS
+    let histograms: BTreeSet<&str> = EXPORTED_METRICS
         .iter()
         .filter(|(_, kind, _)| *kind == "histogram")
         .map(|(name, _, _)| *name)
@@ -670,25 +730,34 @@ fn the_metrics_catalogue_is_exactly_spec_section_7() {
                 .is_some_and(|base| histograms.contains(base))
         });
         assert!(
-            spec.contains(word.as_str()) || series_of_histogram,
-            "docs/METRICS.md names {word}, which is not a SPEC §7 metric"
+            exported.contains(word.as_str()) || series_of_histogram,
+            "docs/METRICS.md names {word}, which is not an exported metric"
         );
     }
 }
 
 // ---- config keys named in prose ---------------------------------------------
 
+/// The README and every page under `docs/`.
+const OPERATOR_DOCS: &[&str] = &[
+    "README.md",
+    "docs/ADMIN-API.md",
+    "docs/ARCHITECTURE.md",
+    "docs/CLI.md",
+    "docs/CONFIGURATION.md",
+    "docs/HTTP.md",
+    "docs/METRICS.md",
+    "docs/PERFORMANCE.md",
+    "docs/RUNBOOK.md",
+    "docs/STORAGE.md",
+];
+
 /// `section.key` references in the operator docs (`usage.spool_max`,
 /// `server.access_log = true`) must be documented keys.
 #[test]
 fn config_keys_named_in_the_docs_are_documented() {
     let documented: BTreeSet<String> = documented_keys().iter().map(DocKey::path).collect();
-    for file in [
-        "README.md",
-        "docs/CONFIGURATION.md",
-        "docs/METRICS.md",
-        "docs/RUNBOOK.md",
-    ] {
+    for file in OPERATOR_DOCS {
         let text = read(file);
         // Fenced blocks would upset the pairing of backticks.
         let mut prose = String::new();
@@ -721,8 +790,71 @@ fn config_keys_named_in_the_docs_are_documented() {
                 "{file} names `{reference}`, which docs/CONFIGURATION.md does not document"
             );
         }
-        if file != "docs/METRICS.md" {
+        if !["docs/METRICS.md", "docs/PERFORMANCE.md"].contains(file) {
             assert!(checked > 0, "{file}: no config key references found");
         }
     }
+}
+
+// ---- the docs are whole -------------------------------------------------------
+
+/// The targets of the markdown links `](target)` in `text`.
+fn link_targets(text: &str) -> Vec<&str> {
+    text.split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(')').map(|(target, _)| target))
+        .collect()
+}
+
+/// Every page under `docs/` is one of `OPERATOR_DOCS` and is linked from
+/// the README, so a reader who starts there finds the whole contract.
+#[test]
+fn every_doc_page_is_listed_and_linked_from_the_readme() {
+    let readme = read("README.md");
+    let linked: BTreeSet<&str> = link_targets(&readme)
+        .into_iter()
+        .map(|target| target.split('#').next().unwrap_or_default())
+        .collect();
+    let mut pages = Vec::new();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            pages.push(format!("docs/{name}"));
+        }
+    }
+    assert!(pages.len() >= 5, "docs/: {pages:?}");
+    for page in &pages {
+        assert!(
+            OPERATOR_DOCS.contains(&page.as_str()),
+            "{page} is not in OPERATOR_DOCS"
+        );
+        assert!(
+            linked.contains(page.as_str()),
+            "README.md does not link {page}"
+        );
+    }
+}
+
+/// Every relative link in the README and the docs names a file or
+/// directory the repository has: the docs refer to nothing it lacks.
+#[test]
+fn relative_links_in_the_docs_resolve() {
+    let mut checked = 0;
+    for file in OPERATOR_DOCS {
+        let text = read(file);
+        let base = Path::new(ROOT).join(file);
+        let dir = base.parent().unwrap();
+        for target in link_targets(&text) {
+            let path = target.split('#').next().unwrap_or_default();
+            if path.is_empty() || path.contains("://") || path.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                dir.join(path).exists(),
+                "{file} links to {target}, which the repository does not have"
+            );
+        }
+    }
+    assert!(checked >= 10, "only {checked} relative links found");
 }

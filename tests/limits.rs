@@ -502,7 +502,7 @@ async fn two_instances_on_one_postgres_stay_within_the_documented_bound() {
         admitted += count;
         last = last.max(at);
     }
-    // SPEC §4: the overshoot is bounded by (flush_interval + sync_interval)
+    // docs/RUNBOOK.md, Scaling out: the overshoot is bounded by (flush_interval + sync_interval)
     // × the customer's request rate; the rate is measured here.
     let rate = f64::from(admitted) / last.duration_since(started).as_secs_f64();
     let bound = ((0.020 + 0.200) * rate).ceil() as u32;

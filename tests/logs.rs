@@ -1,4 +1,4 @@
-//! Logs (SPEC §1): with `--log-format json` every stderr line is one JSON
+//! Logs (docs/CLI.md): with `--log-format json` every stderr line is one JSON
 //! object; the access log has one line per request with the fields
 //! operators need; and no key, valid or not, is ever written.
 #![allow(clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! `/metrics` (SPEC §7): exact counter deltas after a known mix of
+//! `/metrics` (docs/METRICS.md): exact counter deltas after a known mix of
 //! requests, and the exposition format checked line by line, and by
 //! Prometheus's own `promtool` where it is installed (the test command
 //! installs it).
@@ -309,7 +309,7 @@ async fn counters_move_by_exactly_what_the_requests_did(backend: Backend) {
 /// The text format, checked the way a scraper reads it: every family has
 /// one HELP and one TYPE before its samples; sample names belong to their
 /// family (histograms: `_bucket`, `_sum`, `_count`); buckets are cumulative
-/// and end in `+Inf` equal to `_count`; only SPEC names; no unbounded label.
+/// and end in `+Inf` equal to `_count`; only exported names; no unbounded label.
 fn check_exposition(text: &str) {
     let mut help = BTreeSet::new();
     let mut types = BTreeMap::new();
@@ -342,8 +342,8 @@ fn check_exposition(text: &str) {
             .unwrap_or(name);
         assert!(types.contains_key(family), "sample before its TYPE: {line}");
         assert!(
-            SPEC_METRICS.contains(&family),
-            "not a SPEC metric: {family}"
+            EXPORTED_METRICS.contains(&family),
+            "not an exported metric: {family}"
         );
         let value: f64 = value.parse().unwrap();
         assert!(value.is_finite() && value >= 0.0, "{line}");
@@ -381,7 +381,7 @@ fn check_exposition(text: &str) {
             counts.insert(id, value);
         }
     }
-    for name in SPEC_METRICS {
+    for name in EXPORTED_METRICS {
         if matches!(
             name,
             "tollgate_upstream_errors_total" | "tollgate_usage_invalid_values_total"
@@ -445,9 +445,9 @@ async fn metrics_need_no_token_and_take_only_get() {
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(gateway_config(&mock.url())).await;
     let scrape = Scrape::of(gw.admin).await;
-    // Described at start: every SPEC family that exists before traffic has
+    // Described at start: every exported family that exists before traffic has
     // its HELP line.
-    for name in SPEC_METRICS {
+    for name in EXPORTED_METRICS {
         if matches!(
             name,
             "tollgate_requests_total"

@@ -1,4 +1,4 @@
-//! Hot reload (SPEC §6 `POST /v1/reload`, SIGHUP): routes, tiers and
+//! Hot reload (`POST /v1/reload` in docs/ADMIN-API.md, SIGHUP): routes, tiers and
 //! pricing change for new requests; a bad file changes nothing; a request
 //! in flight finishes on the config it started with.
 #![allow(clippy::unwrap_used)]

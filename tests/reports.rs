@@ -653,7 +653,7 @@ fn the_cli_prints_the_same_reports() {
     assert_eq!(code, 2, "{stderr}");
 }
 
-/// SPEC §5: sums never overflow. A database already holding rows at the
+/// docs/STORAGE.md: sums never overflow. A database already holding rows at the
 /// top of the bigint range (several of them, so every sum leaves it) is
 /// one a gateway starts on, enforces its quotas with, reports and bills.
 async fn rows_at_the_bigint_limit(backend: Backend) {

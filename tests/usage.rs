@@ -176,7 +176,7 @@ const REJECTED: [&str; 5] = [
     "payload_too_large",
 ];
 
-/// `usage_daily` as the SPEC defines it from `usage_events`.
+/// `usage_daily` as docs/STORAGE.md defines it from `usage_events`.
 fn expected_daily(rows: &[Row]) -> Daily {
     let mut daily = Daily::new();
     for row in rows {
@@ -772,7 +772,7 @@ async fn lying_upstream() -> String {
     format!("http://{addr}")
 }
 
-/// SPEC §5: bad values never reach a row. Absurd and unusable counts are
+/// docs/STORAGE.md: bad values never reach a row. Absurd and unusable counts are
 /// stored as 0, an absurd cost header gives way to pricing, and each
 /// ignored value is counted by route and field.
 async fn absurd_usage_is_ignored_and_counted(backend: Backend) {

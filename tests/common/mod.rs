@@ -19,8 +19,8 @@ use tollgate::config::Config;
 #[allow(unused_imports)]
 pub use tollgate_mock::MockUpstream;
 
-/// SPEC §7: every metric name Tollgate exports.
-pub const SPEC_METRICS: [&str; 18] = [
+/// Every metric name Tollgate exports (docs/METRICS.md).
+pub const EXPORTED_METRICS: [&str; 18] = [
     "tollgate_requests_total",
     "tollgate_request_duration_seconds",
     "tollgate_upstream_duration_seconds",
@@ -248,7 +248,7 @@ impl Reply {
         })
     }
 
-    /// The gateway's error `type`, checking the whole SPEC shape.
+    /// The gateway's error `type`, checking the whole documented error shape (docs/HTTP.md).
     pub fn error_type(&self) -> String {
         let json = self.json();
         let error = &json["error"];

@@ -170,7 +170,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn generated_keys_check_and_look_like_the_spec() {
+    fn generated_keys_check_and_have_the_documented_format() {
         let format = KeyFormat::new("tg");
         let key = format.generate().unwrap();
         let text = key.expose();
@@ -257,7 +257,7 @@ mod tests {
 
     /// The documented key format, checked independently of [`KeyFormat::check`]:
     /// `tg_`, 30 base62 characters, then the base62 CRC-32 of those 30.
-    fn spec_valid(presented: &str) -> bool {
+    fn valid_by_the_documented_format(presented: &str) -> bool {
         let Some(rest) = presented.strip_prefix("tg_") else {
             return false;
         };
@@ -309,7 +309,7 @@ mod tests {
         /// it is given.
         #[test]
         fn arbitrary_input_key_check_accepts_exactly_the_valid_ones(text in presented()) {
-            prop_assert_eq!(KeyFormat::new("tg").check(&text).is_ok(), spec_valid(&text), "{:?}", text);
+            prop_assert_eq!(KeyFormat::new("tg").check(&text).is_ok(), valid_by_the_documented_format(&text), "{:?}", text);
             // The display prefix never panics, even for text that is not a key.
             let shown = KeyFormat::new("tg").display_prefix(&text);
             prop_assert!(shown.chars().count() <= 11);

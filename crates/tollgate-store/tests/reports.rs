@@ -5,7 +5,7 @@
 //! The seed is written through `write_usage`, as the gateway writes it.
 //! Expected values are either counted by hand (the rows at the month
 //! boundary, the ties) or computed here, in Rust, from the seed rows with
-//! the SPEC §5 definitions, independently of `usage_daily`.
+//! the definitions of docs/STORAGE.md, independently of `usage_daily`.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 
@@ -230,7 +230,7 @@ fn in_filter(e: &UsageEvent, filter: &UsageFilter) -> bool {
     day >= filter.from && day <= filter.to && filter.customer.is_none_or(|c| c == e.customer_id)
 }
 
-/// SPEC §5 sums, from the rows.
+/// The sums docs/STORAGE.md defines, from the rows.
 fn add(totals: &mut UsageTotals, e: &UsageEvent) {
     if e.outcome.is_rejected() {
         totals.rejected += 1;

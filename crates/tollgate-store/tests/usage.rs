@@ -36,7 +36,7 @@ tollgate_store::both_backends!(
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
 
-/// The `ts` text format of SPEC §5, written independently of the store.
+/// The `ts` text format of docs/STORAGE.md, written independently of the store.
 const TS_FORMAT: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 const DAY_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day]");
@@ -99,7 +99,7 @@ async fn sorted(guard: &TestGuard, sql: &str) -> Vec<Vec<Option<String>>> {
     rows
 }
 
-/// Every column of `usage_events`, as SPEC §5 text in both backends.
+/// Every column of `usage_events`, as docs/STORAGE.md gives their text in both backends.
 fn events_sql(backend: Backend) -> String {
     let ts = match backend {
         Backend::Sqlite => "ts",
@@ -166,7 +166,7 @@ fn daily_sql(backend: Backend) -> &'static str {
     }
 }
 
-/// What `usage_daily` must hold for `events` (SPEC §5), computed in Rust.
+/// What `usage_daily` must hold for `events` (docs/STORAGE.md), computed in Rust.
 fn expected_daily<'a>(
     events: impl IntoIterator<Item = &'a UsageEvent>,
 ) -> Vec<Vec<Option<String>>> {
@@ -211,7 +211,7 @@ fn expected_daily<'a>(
 }
 
 /// `usage_daily` recomputed by SQL from `usage_events`; the outcome lists
-/// come from `Outcome`, the error rule is SPEC §5's.
+/// come from `Outcome`, the error rule is the one docs/STORAGE.md gives.
 fn regrouped_sql(backend: Backend) -> String {
     let list = |outcomes: Vec<Outcome>| {
         outcomes
@@ -370,7 +370,7 @@ async fn rows_round_trip_column_by_column(backend: Backend) {
 
     let stored = sorted(&guard, &events_sql(backend)).await;
     assert_eq!(stored, expected_events(&batch));
-    // The encodings SPEC §5 names, spelled out once.
+    // The encodings docs/STORAGE.md names, spelled out once.
     let row = stored
         .iter()
         .find(|row| row[0].as_deref() == Some(&*batch[2].id.to_string()))

@@ -1,4 +1,4 @@
--- Usage rows (SPEC §5) and their daily rollup.
+-- Usage rows (docs/STORAGE.md) and their daily rollup.
 --
 -- usage_events is range-partitioned by month on ts, one partition per UTC
 -- month named usage_events_YYYY_MM. The gateway creates them ahead of time

@@ -1,4 +1,4 @@
--- Usage exports and closed billing periods (SPEC §6).
+-- Usage exports and closed billing periods.
 --
 -- The export pages through usage_events in (ts, id) order with a keyset
 -- cursor, so it needs a b-tree on exactly that: each page is one index

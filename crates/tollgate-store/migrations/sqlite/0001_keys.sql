@@ -1,6 +1,6 @@
 -- Customers, API keys and the change log the key feed polls.
 --
--- Conventions (SPEC §5, §8): ids are canonical lowercase UUID text, so text
+-- Conventions (docs/STORAGE.md): ids are canonical lowercase UUID text, so text
 -- order is id order; timestamps are RFC 3339 text in UTC with exactly six
 -- fractional digits and `Z`, so text order is time order.
 

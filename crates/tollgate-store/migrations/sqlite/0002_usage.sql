@@ -1,4 +1,4 @@
--- Usage rows (SPEC §5) and their daily rollup.
+-- Usage rows (docs/STORAGE.md) and their daily rollup.
 --
 -- Same columns as in Postgres. Encodings as in 0001: ids are canonical
 -- lowercase UUID text, ts is RFC 3339 UTC text with six fractional digits

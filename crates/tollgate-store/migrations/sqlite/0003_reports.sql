@@ -1,4 +1,4 @@
--- Closed billing periods (SPEC §6). Encodings as in 0001: ids are
+-- Closed billing periods. Encodings as in 0001: ids are
 -- canonical lowercase UUID text, closed_at is RFC 3339 UTC text with six
 -- fractional digits and `Z`, period is 'YYYY-MM'.
 --

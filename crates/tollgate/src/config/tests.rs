@@ -55,7 +55,7 @@ fn header(name: &'static str) -> HeaderName {
 // ---- defaults --------------------------------------------------------------
 
 #[test]
-fn defaults_are_the_spec_values() {
+fn defaults_are_the_documented_values() {
     assert_eq!(
         defaults::LISTEN,
         "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
