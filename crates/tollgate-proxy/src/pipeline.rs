@@ -73,10 +73,10 @@ use crate::validate;
 /// What the data plane knows about the connection a request came in on.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// `"http"` or `"https"`, for `x-forwarded-proto`.
-    pub proto: &'static str,
-    pub framing: FramingMark,
+    pub(crate) proto: &'static str,
+    pub(crate) framing: FramingMark,
 }
 
 /// Settings of the data plane that are not per route.
@@ -306,7 +306,7 @@ impl Gateway {
             exchange.usage_id,
             exchange.client_request_id.take(),
             &caller,
-            route,
+            &route.metrics,
             &live.pricing,
             request.method(),
             request.uri().path(),
@@ -658,7 +658,7 @@ impl Gateway {
         }
         parts.version = Version::HTTP_11;
         let body = MeteredBody::new(body, guard, scanner, filter, header_usage);
-        Response::from_parts(parts, ProxyBody::Metered(body))
+        Response::from_parts(parts, ProxyBody::metered(body))
     }
 }
 

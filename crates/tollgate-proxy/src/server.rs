@@ -261,7 +261,7 @@ struct Activity {
 
 /// A request in flight on its connection, until its response body is gone.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {

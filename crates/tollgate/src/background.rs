@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tollgate_metering::limits::{Clock, Limiter, Period};
 use tollgate_metering::Store;
-use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+use tollgate_proxy::{Metrics, UPKEEP_INTERVAL};
 
 /// One multi-instance sync: this instance's committed rows are noted
 /// before the database is read, so they are never counted twice (see

@@ -21,10 +21,7 @@ use serde_json::{json, Value};
 use tollgate_metering::accounts::Accounts;
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::Reports;
-use tollgate_proxy::admin::Reload;
-use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::pipeline::LiveConfig;
-use tollgate_proxy::Gateway;
+use tollgate_proxy::{Gateway, LiveConfig, Metrics, Reload};
 
 use crate::app::{live_config, tier_limits};
 use crate::config::Config;
