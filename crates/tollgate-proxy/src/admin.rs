@@ -26,6 +26,7 @@ use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
+use crate::events::{emit, AdminRequestFailed, ExportBrokenOff};
 use crate::metrics::Metrics;
 use crate::panic::catch_panic;
 use crate::quota::quota_document;
@@ -95,7 +96,7 @@ impl AdminError {
                 "The database is unavailable; the change was not made. Retry later.",
             ),
             AdminError::Internal(message) => {
-                tracing::error!(message = "Admin request failed.", error = %message);
+                emit(AdminRequestFailed { error: &message });
                 error_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal_error",
@@ -660,7 +661,7 @@ impl Admin {
                         next = cursor;
                     }
                     Err(error) => {
-                        tracing::warn!(message = "Usage export failed mid-stream.", %error);
+                        emit(ExportBrokenOff { error: &error });
                         sender.abort(Box::new(error));
                         return;
                     }

@@ -112,7 +112,7 @@ mod tests {
 
     fn reason(result: Result<Authenticated, ProxyError>) -> String {
         match result {
-            Err(ProxyError::InvalidApiKey { reason }) => reason.reason().to_owned(),
+            Err(ProxyError::InvalidApiKey { reason }) => reason.label().as_str().to_owned(),
             Err(ProxyError::MissingApiKey) => "missing".to_owned(),
             other => format!("{other:?}"),
         }

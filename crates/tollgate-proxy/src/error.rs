@@ -25,17 +25,8 @@ use tollgate_metering::usage::Outcome;
 use tollgate_metering::KeyFormatError;
 
 use crate::body::ProxyBody;
-
-/// Which side of the proxy an error is attributed to, for logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ErrorSide {
-    /// The client sent something we refuse.
-    Downstream,
-    /// The origin failed us.
-    Upstream,
-    /// We failed ourselves.
-    Internal,
-}
+use crate::events::{ErrorSide, Refusal};
+use crate::metrics::AuthFailure;
 
 /// Why a presented key is not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,13 +38,13 @@ pub(crate) enum InvalidKey {
 }
 
 impl InvalidKey {
-    /// A bounded label for logs and metrics.
-    pub(crate) fn reason(&self) -> &'static str {
+    /// The `reason` label of `tollgate_auth_failures_total`.
+    pub(crate) fn label(&self) -> AuthFailure {
         match self {
-            InvalidKey::Malformed(_) => "malformed",
-            InvalidKey::Refused(KeyRefusal::Unknown) => "unknown",
-            InvalidKey::Refused(KeyRefusal::Revoked) => "revoked",
-            InvalidKey::Refused(KeyRefusal::Expired) => "expired",
+            InvalidKey::Malformed(_) => AuthFailure::Malformed,
+            InvalidKey::Refused(KeyRefusal::Unknown) => AuthFailure::Unknown,
+            InvalidKey::Refused(KeyRefusal::Revoked) => AuthFailure::Revoked,
+            InvalidKey::Refused(KeyRefusal::Expired) => AuthFailure::Expired,
         }
     }
 }
@@ -276,6 +267,27 @@ impl ProxyError {
             | ProxyError::MissingApiKey
             | ProxyError::InvalidApiKey { .. }
             | ProxyError::MeteringUnavailable => None,
+        }
+    }
+
+    /// What this error counts besides the request, when it refused one: a
+    /// missing or invalid key, a limit, or metering being unavailable.
+    pub(crate) fn refusal(&self) -> Option<Refusal<'_>> {
+        match self {
+            ProxyError::MissingApiKey => Some(Refusal::Auth(AuthFailure::Missing)),
+            ProxyError::InvalidApiKey { reason } => Some(Refusal::Auth(reason.label())),
+            ProxyError::Limited(rejection) => Some(Refusal::Limit(rejection)),
+            ProxyError::MeteringUnavailable => Some(Refusal::MeteringUnavailable),
+            ProxyError::MalformedRequest { .. }
+            | ProxyError::HeaderTooLarge { .. }
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::RequestTimeout { .. }
+            | ProxyError::NoRoute
+            | ProxyError::RouteForbidden { .. }
+            | ProxyError::PayloadTooLarge { .. }
+            | ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::Internal { .. } => None,
         }
     }
 

@@ -52,6 +52,7 @@ mod admin;
 mod auth;
 mod body;
 mod error;
+mod events;
 mod forward;
 mod framing;
 mod headers;

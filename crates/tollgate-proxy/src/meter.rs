@@ -30,6 +30,7 @@ use tollgate_metering::usage::recorder::Recorder;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use uuid::Uuid;
 
+use crate::events::{emit, AccessFields, InvalidUsageIgnored, RequestCompleted, UpstreamFailed};
 use crate::metrics::{Metrics, RequestOutcome, RouteMetrics, UpstreamErrorKind};
 
 /// What metering needs that is the same for every request.
@@ -63,34 +64,6 @@ impl Metering {
             metrics,
             access_log,
         }
-    }
-}
-
-/// What the access log says of one finished request (`server.access_log`):
-/// never a key, a body or a customer.
-pub(crate) struct AccessRecord<'a> {
-    pub request_id: &'a str,
-    pub route: &'a str,
-    pub method: &'a str,
-    pub status: u16,
-    pub outcome: RequestOutcome,
-    pub latency_us: u64,
-    pub upstream_latency_us: u64,
-}
-
-impl AccessRecord<'_> {
-    pub(crate) fn log(&self) {
-        tracing::info!(
-            target: "tollgate::access",
-            message = "request",
-            request_id = self.request_id,
-            route = self.route,
-            method = self.method,
-            status = self.status,
-            outcome = self.outcome.as_str(),
-            latency_us = self.latency_us,
-            upstream_latency_us = self.upstream_latency_us,
-        );
     }
 }
 
@@ -223,11 +196,9 @@ impl UsageGuard {
                 limiter.release(&admission);
             }
         }
-        let outcome = RequestOutcome::Usage(outcome);
-        self.route_metrics.request(event.status, outcome, latency);
         self.route_metrics.usage(&event, &self.pricing);
-        if self.metering.access_log {
-            let usage_id;
+        let usage_id;
+        let access = if self.metering.access_log {
             let request_id = match event.client_request_id.as_deref() {
                 Some(id) => id,
                 None => {
@@ -235,17 +206,21 @@ impl UsageGuard {
                     &usage_id
                 }
             };
-            AccessRecord {
+            Some(AccessFields {
                 request_id,
-                route: &event.route,
                 method: &event.method,
-                status: event.status,
-                outcome,
-                latency_us: event.latency_us,
                 upstream_latency_us: event.upstream_latency_us,
-            }
-            .log();
-        }
+            })
+        } else {
+            None
+        };
+        emit(RequestCompleted {
+            route: &self.route_metrics,
+            status: event.status,
+            outcome: RequestOutcome::Usage(outcome),
+            took: latency,
+            access,
+        });
         self.metering.recorder.record(event);
     }
 }
@@ -369,16 +344,11 @@ impl ResponseTally {
         };
         event.response_bytes = response_bytes;
         let invalid = reported.apply(event, &self.guard.pricing);
-        if !invalid.is_empty() {
-            self.guard.route_metrics.invalid_values(&invalid);
-            let fields: Vec<&str> = invalid.iter().map(|(field, _)| field.as_str()).collect();
-            tracing::debug!(
-                message = "Ignored invalid usage values from the upstream.",
-                route = %event.route,
-                usage_id = %event.id,
-                fields = ?fields,
-            );
-        }
+        emit(InvalidUsageIgnored {
+            route: &self.guard.route_metrics,
+            usage_id: event.id,
+            invalid: &invalid,
+        });
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -442,10 +412,10 @@ impl Body for MeteredBody {
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    this.tally
-                        .guard
-                        .route_metrics
-                        .upstream_error(UpstreamErrorKind::Reset);
+                    emit(UpstreamFailed {
+                        route: &this.tally.guard.route_metrics,
+                        kind: UpstreamErrorKind::Reset,
+                    });
                     this.tally.finish(Outcome::UpstreamError);
                     this.done = true;
                     return Poll::Ready(Some(Err(error)));

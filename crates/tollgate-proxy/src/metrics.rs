@@ -178,9 +178,38 @@ impl RequestOutcome {
     }
 }
 
-/// `reason` of `tollgate_auth_failures_total`.
-pub(crate) const AUTH_FAILURE_REASONS: [&str; 5] =
-    ["missing", "malformed", "unknown", "revoked", "expired"];
+/// `reason` of `tollgate_auth_failures_total`: why a request's key was not
+/// accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    /// No configured header carried a key.
+    Missing,
+    /// Not a key of this gateway's format.
+    Malformed,
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+impl AuthFailure {
+    const ALL: [AuthFailure; 5] = [
+        AuthFailure::Missing,
+        AuthFailure::Malformed,
+        AuthFailure::Unknown,
+        AuthFailure::Revoked,
+        AuthFailure::Expired,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Unknown => "unknown",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::Expired => "expired",
+        }
+    }
+}
 
 /// `kind` of `tollgate_upstream_errors_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,8 +296,8 @@ impl Metrics {
         };
         Metrics {
             handle: registry.handle(),
-            auth_failures: AUTH_FAILURE_REASONS
-                .map(|reason| counter(AUTH_FAILURES, "reason", reason)),
+            auth_failures: AuthFailure::ALL
+                .map(|reason| counter(AUTH_FAILURES, "reason", reason.as_str())),
             limit_rejections: ["rate", "monthly_requests", "monthly_tokens", "monthly_cost"]
                 .map(|limit| counter(LIMIT_REJECTIONS, "limit", limit)),
             metering_unavailable: registry
@@ -326,10 +355,9 @@ impl Metrics {
     }
 
     /// A missing (`reason` = `missing`) or refused key.
-    pub(crate) fn auth_failed(&self, reason: &str) {
-        if let Some(index) = AUTH_FAILURE_REASONS.iter().position(|&r| r == reason) {
-            self.auth_failures[index].increment(1);
-        }
+    pub(crate) fn auth_failed(&self, reason: AuthFailure) {
+        // `ALL` is in declaration order.
+        self.auth_failures[reason as usize].increment(1);
     }
 
     pub(crate) fn limit_rejected(&self, rejection: &Rejection) {
