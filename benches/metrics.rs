@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tollgate_metering::usage::pricing::{ModelPrice, Pricing};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_proxy::metrics::{Metrics, RequestOutcome};
+use tollgate_proxy::{Metrics, RequestOutcome};
 use uuid::Uuid;
 
 fn pricing(models: usize) -> Pricing {

@@ -26,6 +26,7 @@ use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::error_response;
+use crate::events::{emit, AdminRequestFailed, ExportBrokenOff};
 use crate::metrics::Metrics;
 use crate::panic::catch_panic;
 use crate::quota::quota_document;
@@ -95,7 +96,7 @@ impl AdminError {
                 "The database is unavailable; the change was not made. Retry later.",
             ),
             AdminError::Internal(message) => {
-                tracing::error!(message = "Admin request failed.", error = %message);
+                emit(AdminRequestFailed { error: &message });
                 error_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal_error",
@@ -165,21 +166,41 @@ struct RotateKey {
     grace_seconds: Option<u64>,
 }
 
+/// `GET /readyz`.
 #[derive(Deserialize, Default)]
-struct ListQuery {
-    limit: Option<String>,
-    cursor: Option<String>,
-    customer: Option<String>,
-    status: Option<String>,
+struct ReadyQuery {
     strict: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
-    by: Option<String>,
-    format: Option<String>,
-    period: Option<String>,
 }
 
-impl ListQuery {
+/// `GET /v1/customers`.
+#[derive(Deserialize, Default)]
+struct CustomersQuery {
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/keys`.
+#[derive(Deserialize, Default)]
+struct KeysQuery {
+    customer: Option<String>,
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/usage/{report}`: the range and customer of every report;
+/// `by` and `limit` for `top-customers`, `format` for `export`.
+#[derive(Deserialize, Default)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    customer: Option<String>,
+    by: Option<String>,
+    limit: Option<String>,
+    format: Option<String>,
+}
+
+impl UsageQuery {
     fn report(&self) -> ReportParams {
         ReportParams {
             from: self.from.clone(),
@@ -187,6 +208,132 @@ impl ListQuery {
             customer: self.customer.clone(),
         }
     }
+}
+
+/// `GET /v1/billing/summary`.
+#[derive(Deserialize, Default)]
+struct BillingQuery {
+    period: Option<String>,
+}
+
+/// Parses an endpoint's query string; parameters it does not take are
+/// ignored.
+fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, AdminError> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|error| AdminError::Invalid(format!("query: {error}")))
+}
+
+/// The endpoints under `/v1/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Reload,
+    CreateCustomer,
+    ListCustomers,
+    GetCustomer,
+    PatchCustomer,
+    CreateKey,
+    ListKeys,
+    GetKey,
+    RevokeKey,
+    RotateKey,
+    UsageReport,
+    BillingSummary,
+    ClosePeriod,
+    Quota,
+}
+
+/// A path segment of a route: fixed text, or a parameter (a customer, a
+/// key, a report, a period) that matches any one segment.
+#[derive(Clone, Copy, Debug)]
+enum Segment {
+    Fixed(&'static str),
+    Param,
+}
+
+use Segment::{Fixed, Param};
+
+/// Every endpoint under `/v1/`: method, path, what answers it. A path
+/// listed here with other methods is 405; a path not listed is 404.
+static V1_ROUTES: [(Method, &[Segment], Endpoint); 14] = [
+    (Method::POST, &[Fixed("reload")], Endpoint::Reload),
+    (
+        Method::POST,
+        &[Fixed("customers")],
+        Endpoint::CreateCustomer,
+    ),
+    (Method::GET, &[Fixed("customers")], Endpoint::ListCustomers),
+    (
+        Method::GET,
+        &[Fixed("customers"), Param],
+        Endpoint::GetCustomer,
+    ),
+    (
+        Method::PATCH,
+        &[Fixed("customers"), Param],
+        Endpoint::PatchCustomer,
+    ),
+    (Method::POST, &[Fixed("keys")], Endpoint::CreateKey),
+    (Method::GET, &[Fixed("keys")], Endpoint::ListKeys),
+    (Method::GET, &[Fixed("keys"), Param], Endpoint::GetKey),
+    (Method::DELETE, &[Fixed("keys"), Param], Endpoint::RevokeKey),
+    (
+        Method::POST,
+        &[Fixed("keys"), Param, Fixed("rotate")],
+        Endpoint::RotateKey,
+    ),
+    (Method::GET, &[Fixed("usage"), Param], Endpoint::UsageReport),
+    (
+        Method::GET,
+        &[Fixed("billing"), Fixed("summary")],
+        Endpoint::BillingSummary,
+    ),
+    (
+        Method::POST,
+        &[Fixed("billing"), Fixed("periods"), Param, Fixed("close")],
+        Endpoint::ClosePeriod,
+    ),
+    (Method::GET, &[Fixed("quota"), Param], Endpoint::Quota),
+];
+
+/// The endpoint for `method` on the `/v1/` path `segments`, and the path's
+/// parameters in order. 405 when the path is known for other methods only.
+fn find_v1<'s>(
+    method: &Method,
+    segments: &[&'s str],
+) -> Result<(Endpoint, Vec<&'s str>), AdminError> {
+    let mut path_known = false;
+    for (route_method, pattern, endpoint) in &V1_ROUTES {
+        let Some(params) = match_path(pattern, segments) else {
+            continue;
+        };
+        if route_method == method {
+            return Ok((*endpoint, params));
+        }
+        path_known = true;
+    }
+    if path_known {
+        return Err(AdminError::MethodNotAllowed);
+    }
+    Err(AdminError::NotFound(format!(
+        "admin endpoint /v1/{}",
+        segments.join("/")
+    )))
+}
+
+/// The parameters of `segments` when they match `pattern`.
+fn match_path<'s>(pattern: &[Segment], segments: &[&'s str]) -> Option<Vec<&'s str>> {
+    if pattern.len() != segments.len() {
+        return None;
+    }
+    let mut params = Vec::new();
+    for (expected, &segment) in pattern.iter().zip(segments) {
+        match expected {
+            Fixed(text) if *text == segment => {}
+            Fixed(_) => return None,
+            Param => params.push(segment),
+        }
+    }
+    Some(params)
 }
 
 #[derive(Serialize)]
@@ -223,7 +370,7 @@ impl Admin {
         self.ready.store(ready, Ordering::Release);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
@@ -249,8 +396,6 @@ impl Admin {
 
     async fn route(&self, request: Request<Incoming>) -> AdminResult {
         let path = request.uri().path().to_owned();
-        let query: ListQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
-            .map_err(|error| AdminError::Invalid(format!("query: {error}")))?;
         let decoded = path
             .trim_matches('/')
             .split('/')
@@ -263,6 +408,7 @@ impl Admin {
                 .map(|()| json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
             ["readyz"] => {
                 only_get(&method)?;
+                let query: ReadyQuery = parse_query(request.uri().query())?;
                 self.readyz(query.strict.as_deref() == Some("true")).await
             }
             ["metrics"] => {
@@ -276,7 +422,8 @@ impl Admin {
             }
             ["v1", ..] => {
                 self.authorize(&request)?;
-                self.route_v1(method, &segments[1..], query, request).await
+                let (endpoint, params) = find_v1(&method, &segments[1..])?;
+                self.serve_v1(endpoint, &params, request).await
             }
             _ => Err(AdminError::NotFound(format!("admin endpoint {path}"))),
         }
@@ -331,147 +478,147 @@ impl Admin {
         }
     }
 
-    async fn route_v1(
+    /// Answers one `/v1/` endpoint, `params` being its path parameters in
+    /// order.
+    async fn serve_v1(
         &self,
-        method: Method,
-        segments: &[&str],
-        query: ListQuery,
+        endpoint: Endpoint,
+        params: &[&str],
         request: Request<Incoming>,
     ) -> AdminResult {
         let accounts = &*self.accounts;
-        match (segments, &method) {
-            (["reload"], &Method::POST) => {
-                // Reading the file and re-applying every customer's limits
-                // is blocking work.
-                let reloader = self.reloader.clone();
-                match tokio::task::spawn_blocking(move || reloader.reload()).await {
-                    Ok(Ok(changed)) => Ok(json(StatusCode::OK, &changed)),
-                    Ok(Err(error)) => Err(AdminError::Invalid(error)),
-                    Err(error) => Err(AdminError::Internal(format!("reload failed: {error}"))),
-                }
-            }
-            (["customers"], &Method::POST) => {
+        let query = request.uri().query().map(str::to_owned);
+        let query = query.as_deref();
+        let param = |index: usize| params.get(index).copied().unwrap_or_default();
+        match endpoint {
+            Endpoint::Reload => self.reload().await,
+            Endpoint::CreateCustomer => {
                 let body: CreateCustomer = read_json(request).await?;
                 let customer = accounts
                     .create_customer(&body.name, &body.tier, body.overrides)
                     .await?;
                 Ok(json(StatusCode::CREATED, &customer))
             }
-            (["customers"], &Method::GET) => {
+            Endpoint::ListCustomers => {
+                let query: CustomersQuery = parse_query(query)?;
                 let (data, next_cursor) = accounts
-                    .list_customers(query.cursor.as_deref(), parse_limit(&query)?)
+                    .list_customers(query.cursor.as_deref(), parse_limit(query.limit)?)
                     .await?;
                 Ok(json(StatusCode::OK, &List { data, next_cursor }))
             }
-            (["customers", id], &Method::GET) => {
-                Ok(json(StatusCode::OK, &accounts.customer(id).await?))
-            }
-            (["customers", id], &Method::PATCH) => {
+            Endpoint::GetCustomer => Ok(json(StatusCode::OK, &accounts.customer(param(0)).await?)),
+            Endpoint::PatchCustomer => {
                 let body: PatchCustomer = read_json(request).await?;
                 let customer = accounts
-                    .update_customer(id, body.tier, body.overrides)
+                    .update_customer(param(0), body.tier, body.overrides)
                     .await?;
                 Ok(json(StatusCode::OK, &customer))
             }
-            (["keys"], &Method::POST) => {
-                let body: CreateKey = read_json(request).await?;
-                let created = accounts
-                    .create_key(KeyRequest {
-                        customer: body.customer,
-                        tier: body.tier,
-                        name: body.name,
-                        expires_at: body.expires_at,
-                        routes: body.routes,
-                    })
-                    .await?;
-                Ok(json(StatusCode::CREATED, &created))
-            }
-            (["keys"], &Method::GET) => {
+            Endpoint::CreateKey => self.create_key(request).await,
+            Endpoint::ListKeys => {
+                let query: KeysQuery = parse_query(query)?;
                 let (data, next_cursor) = accounts
                     .list_keys(
                         query.customer.as_deref(),
                         query.status.as_deref(),
                         query.cursor.as_deref(),
-                        parse_limit(&query)?,
+                        parse_limit(query.limit)?,
                     )
                     .await?;
                 Ok(json(StatusCode::OK, &List { data, next_cursor }))
             }
-            (["keys", id], &Method::GET) => Ok(json(StatusCode::OK, &accounts.key(id).await?)),
-            (["keys", id], &Method::DELETE) => {
-                accounts.revoke_key(id).await?;
+            Endpoint::GetKey => Ok(json(StatusCode::OK, &accounts.key(param(0)).await?)),
+            Endpoint::RevokeKey => {
+                accounts.revoke_key(param(0)).await?;
                 let mut response = Response::new(ProxyBody::empty());
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 Ok(response)
             }
-            (["keys", id, "rotate"], &Method::POST) => {
+            Endpoint::RotateKey => {
                 let body: RotateKey = read_json_or_default(request).await?;
                 let created = accounts
-                    .rotate_key(id, body.grace_seconds.map(Duration::from_secs))
+                    .rotate_key(param(0), body.grace_seconds.map(Duration::from_secs))
                     .await?;
                 Ok(json(StatusCode::CREATED, &created))
             }
-            (["usage", report], &Method::GET) => {
-                let reports = &*self.reports;
-                let scope = reports.scope(&query.report()).await?;
-                let document = match *report {
-                    "summary" => reports.summary(&scope).await?,
-                    "daily" => reports.grouped(&scope, UsageGroup::Day).await?,
-                    "by-customer" => reports.grouped(&scope, UsageGroup::Customer).await?,
-                    "top-customers" => {
-                        reports
-                            .top(&scope, query.by.as_deref(), query.limit.as_deref())
-                            .await?
-                    }
-                    "export" => return self.export(scope, query.format.as_deref()).await,
-                    other => {
-                        return Err(AdminError::NotFound(format!(
-                            "admin endpoint /v1/usage/{other}"
-                        )))
-                    }
-                };
-                Ok(json(StatusCode::OK, &document))
-            }
-            (["billing", "summary"], &Method::GET) => {
+            Endpoint::UsageReport => self.usage_report(param(0), parse_query(query)?).await,
+            Endpoint::BillingSummary => {
+                let query: BillingQuery = parse_query(query)?;
                 let document = self
                     .reports
                     .billing_summary(query.period.as_deref())
                     .await?;
                 Ok(json(StatusCode::OK, &document))
             }
-            (["billing", "periods", period, "close"], &Method::POST) => {
-                Ok(json(StatusCode::OK, &self.reports.close(period).await?))
-            }
-            (["quota", customer], &Method::GET) => {
-                let customer = accounts.customer(customer).await?;
-                let limiter = self.policies.limiter();
-                let view = limiter.view_or_unlimited(customer.id);
-                let tier = self.policies.tier(customer.id);
-                let document = quota_document(
-                    customer.id,
-                    Some(&customer.name),
-                    Some(tier.as_deref().unwrap_or(&customer.tier)),
-                    &view,
-                );
-                Ok(json(StatusCode::OK, &document))
-            }
-            (
-                ["customers"]
-                | ["customers", _]
-                | ["keys"]
-                | ["keys", _]
-                | ["keys", _, "rotate"]
-                | ["quota", _]
-                | ["usage", _]
-                | ["billing", "summary"]
-                | ["billing", "periods", _, "close"],
-                _,
-            ) => Err(AdminError::MethodNotAllowed),
-            _ => Err(AdminError::NotFound(format!(
-                "admin endpoint /v1/{}",
-                segments.join("/")
-            ))),
+            Endpoint::ClosePeriod => Ok(json(StatusCode::OK, &self.reports.close(param(0)).await?)),
+            Endpoint::Quota => self.quota(param(0)).await,
         }
+    }
+
+    /// `POST /v1/reload`.
+    async fn reload(&self) -> AdminResult {
+        // Reading the file and re-applying every customer's limits is
+        // blocking work.
+        let reloader = self.reloader.clone();
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(changed)) => Ok(json(StatusCode::OK, &changed)),
+            Ok(Err(error)) => Err(AdminError::Invalid(error)),
+            Err(error) => Err(AdminError::Internal(format!("reload failed: {error}"))),
+        }
+    }
+
+    /// `POST /v1/keys`.
+    async fn create_key(&self, request: Request<Incoming>) -> AdminResult {
+        let body: CreateKey = read_json(request).await?;
+        let created = self
+            .accounts
+            .create_key(KeyRequest {
+                customer: body.customer,
+                tier: body.tier,
+                name: body.name,
+                expires_at: body.expires_at,
+                routes: body.routes,
+            })
+            .await?;
+        Ok(json(StatusCode::CREATED, &created))
+    }
+
+    /// `GET /v1/usage/{report}`.
+    async fn usage_report(&self, report: &str, query: UsageQuery) -> AdminResult {
+        let reports = &*self.reports;
+        let scope = reports.scope(&query.report()).await?;
+        let document = match report {
+            "summary" => reports.summary(&scope).await?,
+            "daily" => reports.grouped(&scope, UsageGroup::Day).await?,
+            "by-customer" => reports.grouped(&scope, UsageGroup::Customer).await?,
+            "top-customers" => {
+                reports
+                    .top(&scope, query.by.as_deref(), query.limit.as_deref())
+                    .await?
+            }
+            "export" => return self.export(scope, query.format.as_deref()).await,
+            other => {
+                return Err(AdminError::NotFound(format!(
+                    "admin endpoint /v1/usage/{other}"
+                )))
+            }
+        };
+        Ok(json(StatusCode::OK, &document))
+    }
+
+    /// `GET /v1/quota/{customer}`.
+    async fn quota(&self, customer: &str) -> AdminResult {
+        let customer = self.accounts.customer(customer).await?;
+        let limiter = self.policies.limiter();
+        let view = limiter.view_or_unlimited(customer.id);
+        let tier = self.policies.tier(customer.id);
+        let document = quota_document(
+            customer.id,
+            Some(&customer.name),
+            Some(tier.as_deref().unwrap_or(&customer.tier)),
+            &view,
+        );
+        Ok(json(StatusCode::OK, &document))
     }
 }
 
@@ -514,14 +661,14 @@ impl Admin {
                         next = cursor;
                     }
                     Err(error) => {
-                        tracing::warn!(message = "Usage export failed mid-stream.", %error);
+                        emit(ExportBrokenOff { error: &error });
                         sender.abort(Box::new(error));
                         return;
                     }
                 }
             }
         });
-        let mut response = Response::new(ProxyBody::Stream(body));
+        let mut response = Response::new(ProxyBody::stream(body));
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -543,9 +690,9 @@ fn only_get(method: &Method) -> Result<(), AdminError> {
     }
 }
 
-fn parse_limit(query: &ListQuery) -> Result<Option<u32>, AdminError> {
-    query
-        .limit
+/// A list endpoint's `limit`, a page size.
+fn parse_limit(limit: Option<String>) -> Result<Option<u32>, AdminError> {
+    limit
         .as_deref()
         .map(|limit| {
             limit.parse().map_err(|_| {
@@ -707,6 +854,27 @@ mod tests {
             matches!(&error, AdminError::Invalid(m) if m.starts_with("path segment \"x%zz\": ")),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn the_route_table_decides_between_an_endpoint_405_and_404() {
+        let (endpoint, params) = find_v1(&Method::POST, &["keys", "k 1", "rotate"]).unwrap();
+        assert_eq!((endpoint, params), (Endpoint::RotateKey, vec!["k 1"]));
+        let (endpoint, params) =
+            find_v1(&Method::POST, &["billing", "periods", "2026-01", "close"]).unwrap();
+        assert_eq!((endpoint, params), (Endpoint::ClosePeriod, vec!["2026-01"]));
+        assert!(matches!(
+            find_v1(&Method::PUT, &["customers", "acme"]),
+            Err(AdminError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            find_v1(&Method::HEAD, &["keys"]),
+            Err(AdminError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            find_v1(&Method::GET, &["keys", "k", "x"]),
+            Err(AdminError::NotFound(what)) if what == "admin endpoint /v1/keys/k/x"
+        ));
     }
 
     /// Every byte percent-encoded, as a client library would.

@@ -7,31 +7,10 @@ use std::time::SystemTime;
 
 use http::header::{HeaderName, AUTHORIZATION};
 use http::HeaderMap;
-use tollgate_metering::cache::{Authenticated, KeyCache, KeyRefusal};
+use tollgate_metering::cache::{Authenticated, KeyCache};
 use tollgate_metering::{KeyDigest, KeyFormat, KeyFormatError};
 
-use crate::error::ProxyError;
-
-/// Why a presented key is not accepted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidKey {
-    #[error("malformed: {0}")]
-    Malformed(KeyFormatError),
-    #[error("{0}")]
-    Refused(KeyRefusal),
-}
-
-impl InvalidKey {
-    /// A bounded label for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            InvalidKey::Malformed(_) => "malformed",
-            InvalidKey::Refused(KeyRefusal::Unknown) => "unknown",
-            InvalidKey::Refused(KeyRefusal::Revoked) => "revoked",
-            InvalidKey::Refused(KeyRefusal::Expired) => "expired",
-        }
-    }
-}
+use crate::error::{InvalidKey, ProxyError};
 
 /// Finds and checks keys.
 pub struct Authenticator {
@@ -50,7 +29,7 @@ impl Authenticator {
     }
 
     /// The customer and key behind the request's key.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, ProxyError> {
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, ProxyError> {
         let presented = self.presented_key(headers)?;
         self.format
             .check(presented)
@@ -91,14 +70,10 @@ impl Authenticator {
 
     /// Removes every header a key may travel in, so that no key (the one
     /// used, or a second one the client also sent) is forwarded upstream.
-    pub fn strip_key_headers(&self, headers: &mut HeaderMap) {
+    pub(crate) fn strip_key_headers(&self, headers: &mut HeaderMap) {
         for name in &self.headers {
             headers.remove(name);
         }
-    }
-
-    pub fn cache(&self) -> &Arc<KeyCache> {
-        &self.cache
     }
 }
 
@@ -137,7 +112,7 @@ mod tests {
 
     fn reason(result: Result<Authenticated, ProxyError>) -> String {
         match result {
-            Err(ProxyError::InvalidApiKey { reason }) => reason.reason().to_owned(),
+            Err(ProxyError::InvalidApiKey { reason }) => reason.label().as_str().to_owned(),
             Err(ProxyError::MissingApiKey) => "missing".to_owned(),
             other => format!("{other:?}"),
         }

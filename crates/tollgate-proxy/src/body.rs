@@ -1,8 +1,8 @@
 //! Body types of the data plane.
 //!
 //! Bodies stream: nothing here buffers more than the one frame in flight.
-//! [`ProxyBody`] is what the gateway answers with (a relayed upstream body or a
-//! small synthetic one); [`RequestBody`] is the client's body on its way
+//! [`ProxyBody`] is what the gateway answers with (a relayed, metered upstream
+//! body or one the gateway made); [`RequestBody`] is the client's body on its way
 //! upstream, with the size limit enforced as the bytes pass.
 //!
 //! Both are plain enums/structs over `Unpin` parts, so they need no pinning
@@ -24,16 +24,18 @@ use tokio::time::{Instant, Sleep};
 use crate::meter::MeteredBody;
 
 /// Errors a relayed body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A response body: relayed from the upstream, or made by the gateway.
+/// A response body: relayed from the upstream (and metered), or made by
+/// the gateway.
 #[derive(Debug)]
-pub enum ProxyBody {
+pub struct ProxyBody(Source);
+
+#[derive(Debug)]
+enum Source {
     /// A complete body the gateway produced (error JSON, admin answers).
     Full(Option<Bytes>),
-    /// The upstream's body, relayed frame by frame.
-    Upstream(Incoming),
-    /// The upstream's body, relayed and metered.
+    /// The upstream's body, relayed frame by frame and metered.
     Metered(MeteredBody),
     /// A body the gateway produces piece by piece (an export), with
     /// back-pressure from the client.
@@ -41,12 +43,20 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn full(bytes: impl Into<Bytes>) -> Self {
-        ProxyBody::Full(Some(bytes.into()))
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
+        ProxyBody(Source::Full(Some(bytes.into())))
     }
 
-    pub fn empty() -> Self {
-        ProxyBody::Full(None)
+    pub(crate) fn empty() -> Self {
+        ProxyBody(Source::Full(None))
+    }
+
+    pub(crate) fn metered(body: MeteredBody) -> Self {
+        ProxyBody(Source::Metered(body))
+    }
+
+    pub(crate) fn stream(channel: Channel<Bytes, BoxError>) -> Self {
+        ProxyBody(Source::Stream(channel))
     }
 }
 
@@ -58,32 +68,29 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(incoming) => Pin::new(incoming)
+        match &mut self.get_mut().0 {
+            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Metered(metered) => Pin::new(metered)
                 .poll_frame(cx)
                 .map_err(|error| Box::new(error) as BoxError),
-            ProxyBody::Metered(metered) => Pin::new(metered).poll_frame(cx),
-            ProxyBody::Stream(channel) => Pin::new(channel).poll_frame(cx),
+            Source::Stream(channel) => Pin::new(channel).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Upstream(incoming) => incoming.is_end_stream(),
-            ProxyBody::Metered(metered) => metered.is_end_stream(),
-            ProxyBody::Stream(channel) => channel.is_end_stream(),
+        match &self.0 {
+            Source::Full(bytes) => bytes.is_none(),
+            Source::Metered(metered) => metered.is_end_stream(),
+            Source::Stream(channel) => channel.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            ProxyBody::Full(None) => SizeHint::with_exact(0),
-            ProxyBody::Upstream(incoming) => incoming.size_hint(),
-            ProxyBody::Metered(metered) => metered.size_hint(),
-            ProxyBody::Stream(channel) => channel.size_hint(),
+        match &self.0 {
+            Source::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Source::Full(None) => SizeHint::with_exact(0),
+            Source::Metered(metered) => metered.size_hint(),
+            Source::Stream(channel) => channel.size_hint(),
         }
     }
 }
@@ -94,7 +101,7 @@ impl Body for ProxyBody {
 /// it in the client error's source chain and answers 413.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the limit of {limit} bytes")]
-pub struct BodyTooLarge {
+pub(crate) struct BodyTooLarge {
     pub limit: u64,
 }
 
@@ -102,12 +109,12 @@ pub struct BodyTooLarge {
 /// broke the framing mid-upload): the client's fault, not the upstream's.
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body failed: {0}")]
-pub struct ClientBodyFailed(#[source] pub hyper::Error);
+pub(crate) struct ClientBodyFailed(#[source] pub hyper::Error);
 
 /// The client sent nothing of its body for `request_body_timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body sent nothing for {}s", after.as_secs_f64())]
-pub struct BodyTimedOut {
+pub(crate) struct BodyTimedOut {
     pub after: Duration,
 }
 
@@ -115,7 +122,7 @@ pub struct BodyTimedOut {
 /// timeout is the upstream's time to answer, so it does not run while the
 /// upstream is still waiting for the client's bytes.
 #[derive(Debug, Default)]
-pub struct Upload {
+pub(crate) struct Upload {
     /// The last poll of the body found nothing from the client yet.
     waiting_on_client: AtomicBool,
     /// When the last byte was handed upstream.
@@ -123,11 +130,11 @@ pub struct Upload {
 }
 
 impl Upload {
-    pub fn waiting_on_client(&self) -> bool {
+    pub(crate) fn waiting_on_client(&self) -> bool {
         self.waiting_on_client.load(Ordering::Relaxed)
     }
 
-    pub fn finished_at(&self) -> Option<Instant> {
+    pub(crate) fn finished_at(&self) -> Option<Instant> {
         self.finished.get().copied()
     }
 }
@@ -135,7 +142,7 @@ impl Upload {
 /// The client's body on its way upstream, counted, capped, and cut off
 /// when the client stops sending.
 #[derive(Debug)]
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     source: RequestSource,
     limit: u64,
     seen: u64,
@@ -161,7 +168,7 @@ enum RequestSource {
 impl RequestBody {
     /// The client's body, cut at `limit` bytes (413) and after `stall_after`
     /// without a byte (408).
-    pub fn new(inner: Incoming, limit: u64, stall_after: Duration) -> Self {
+    pub(crate) fn new(inner: Incoming, limit: u64, stall_after: Duration) -> Self {
         let upload = (!inner.is_end_stream()).then(Arc::default);
         RequestBody {
             source: RequestSource::Streaming(inner),
@@ -175,13 +182,13 @@ impl RequestBody {
     }
 
     /// The upload's progress, for a body that has bytes to come.
-    pub fn upload(&self) -> Option<Arc<Upload>> {
+    pub(crate) fn upload(&self) -> Option<Arc<Upload>> {
         self.upload.clone()
     }
 
     /// A body the gateway already holds; `counter` is not touched (the
     /// caller counted what the client sent).
-    pub fn buffered(bytes: Bytes) -> Self {
+    pub(crate) fn buffered(bytes: Bytes) -> Self {
         RequestBody {
             limit: u64::MAX,
             source: RequestSource::Buffered(Some(bytes)),
@@ -195,7 +202,7 @@ impl RequestBody {
     }
 
     /// Adds every byte that passes to `counter`.
-    pub fn counted(mut self, counter: Arc<AtomicU64>) -> Self {
+    pub(crate) fn counted(mut self, counter: Arc<AtomicU64>) -> Self {
         self.counter = Some(counter);
         self
     }

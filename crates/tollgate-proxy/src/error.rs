@@ -19,26 +19,39 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use tollgate_metering::cache::KeyRefusal;
 use tollgate_metering::limits::Rejection;
 use tollgate_metering::usage::Outcome;
+use tollgate_metering::KeyFormatError;
 
-use crate::auth::InvalidKey;
 use crate::body::ProxyBody;
+use crate::events::{ErrorSide, Refusal};
+use crate::metrics::AuthFailure;
 
-/// Which side of the proxy an error is attributed to, for logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorSide {
-    /// The client sent something we refuse.
-    Downstream,
-    /// The origin failed us.
-    Upstream,
-    /// We failed ourselves.
-    Internal,
+/// Why a presented key is not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum InvalidKey {
+    #[error("malformed: {0}")]
+    Malformed(KeyFormatError),
+    #[error("{0}")]
+    Refused(KeyRefusal),
+}
+
+impl InvalidKey {
+    /// The `reason` label of `tollgate_auth_failures_total`.
+    pub(crate) fn label(&self) -> AuthFailure {
+        match self {
+            InvalidKey::Malformed(_) => AuthFailure::Malformed,
+            InvalidKey::Refused(KeyRefusal::Unknown) => AuthFailure::Unknown,
+            InvalidKey::Refused(KeyRefusal::Revoked) => AuthFailure::Revoked,
+            InvalidKey::Refused(KeyRefusal::Expired) => AuthFailure::Expired,
+        }
+    }
 }
 
 /// Everything that makes the gateway answer a request itself.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The request is malformed (for example it carries both Content-Length
     /// and Transfer-Encoding). The connection is closed after the response.
     #[error("malformed request: {reason}")]
@@ -105,7 +118,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The HTTP status, the documented error `type`, and the side to blame.
-    pub fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
+    pub(crate) fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
         match self {
             ProxyError::MalformedRequest { .. } => (
                 StatusCode::BAD_REQUEST,
@@ -237,7 +250,7 @@ impl ProxyError {
     /// The usage row outcome of a request that presented a valid key and
     /// ended with this error; `None` for errors that record no row (they
     /// happen before the key is known, or mean nothing can be recorded).
-    pub fn outcome(&self) -> Option<Outcome> {
+    pub(crate) fn outcome(&self) -> Option<Outcome> {
         match self {
             ProxyError::RouteForbidden { .. } => Some(Outcome::RouteForbidden),
             ProxyError::Limited(rejection) => Some(rejection.outcome()),
@@ -257,6 +270,27 @@ impl ProxyError {
         }
     }
 
+    /// What this error counts besides the request, when it refused one: a
+    /// missing or invalid key, a limit, or metering being unavailable.
+    pub(crate) fn refusal(&self) -> Option<Refusal<'_>> {
+        match self {
+            ProxyError::MissingApiKey => Some(Refusal::Auth(AuthFailure::Missing)),
+            ProxyError::InvalidApiKey { reason } => Some(Refusal::Auth(reason.label())),
+            ProxyError::Limited(rejection) => Some(Refusal::Limit(rejection)),
+            ProxyError::MeteringUnavailable => Some(Refusal::MeteringUnavailable),
+            ProxyError::MalformedRequest { .. }
+            | ProxyError::HeaderTooLarge { .. }
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::RequestTimeout { .. }
+            | ProxyError::NoRoute
+            | ProxyError::RouteForbidden { .. }
+            | ProxyError::PayloadTooLarge { .. }
+            | ProxyError::UpstreamUnavailable { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::Internal { .. } => None,
+        }
+    }
+
     /// Whether the connection must be closed after this response (HTTP/1
     /// only): after a framing error the rest of the byte stream cannot be
     /// trusted, and after an unread oversized or stalled body it is cheaper
@@ -273,7 +307,7 @@ impl ProxyError {
     }
 
     /// Renders the error body in `shape`.
-    pub fn into_response(self, shape: ErrorShape) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self, shape: ErrorShape) -> Response<ProxyBody> {
         let (status, kind, _) = self.classify();
         let message = self.client_message();
         let mut response = match shape {
@@ -297,7 +331,7 @@ impl ProxyError {
 
 /// How an error body is shaped for the client's SDK.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ErrorShape {
+pub(crate) enum ErrorShape {
     /// `{"error": {"type", "code", "message"}}`: OpenAI's, and the default.
     #[default]
     OpenAi,
@@ -307,11 +341,12 @@ pub enum ErrorShape {
 }
 
 /// Names the gateway's own error type on every error it produces.
-pub static X_TOLLGATE_ERROR: http::HeaderName = http::HeaderName::from_static("x-tollgate-error");
+pub(crate) static X_TOLLGATE_ERROR: http::HeaderName =
+    http::HeaderName::from_static("x-tollgate-error");
 
 /// Builds `{"error": {"type", "code", "message"}}` with the given status.
 /// Shared by the data plane and the admin API so both speak the same shape.
-pub fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     kind: &'static str,
     message: &str,

@@ -11,20 +11,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody};
 use crate::tls::UpstreamTls;
 
 /// How long an idle upstream connection is kept for reuse.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long establishing an upstream TCP connection may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+/// A pooled upstream client. Cloning it shares its pool.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient(Client<HttpsConnector<HttpConnector>, RequestBody>);
+
+impl UpstreamClient {
+    /// Sends `request` on a pooled connection.
+    pub(crate) fn request(&self, request: Request<RequestBody>) -> ResponseFuture {
+        self.0.request(request)
+    }
+}
 
 /// Builds the default upstream client.
 pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
@@ -42,7 +52,7 @@ pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
 /// https only: such a route's upstream is https (config validation and
 /// [`crate::route::Route::compile`] both insist), so a plain connection
 /// would mean the settings were silently skipped.
-pub fn upstream_client_with(tls: &UpstreamTls) -> UpstreamClient {
+pub(crate) fn upstream_client_with(tls: &UpstreamTls) -> UpstreamClient {
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls.client_config())
         .https_only()
@@ -61,28 +71,30 @@ fn http_connector() -> HttpConnector {
 }
 
 fn pooled(connector: HttpsConnector<HttpConnector>) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    UpstreamClient(
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector),
+    )
 }
 
 /// Whether an upstream request failed because the client's body went over
 /// the size limit (rather than because the upstream failed).
-pub fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_body_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<BodyTooLarge>(error)
 }
 
 /// Whether an upstream request failed because the client's own body
 /// failed mid-upload.
-pub fn is_client_body_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_client_body_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<ClientBodyFailed>(error)
 }
 
 /// Whether an upstream request failed because the client stopped sending
 /// its body (408).
-pub fn is_body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<BodyTimedOut>(error)
 }
 

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The per-connection mark shared between the I/O wrapper, the handler
 /// and the connection's timer.
 #[derive(Clone, Debug, Default)]
-pub struct FramingMark(Arc<Marks>);
+pub(crate) struct FramingMark(Arc<Marks>);
 
 #[derive(Debug, Default)]
 struct Marks {
@@ -48,12 +48,12 @@ struct Marks {
 impl FramingMark {
     /// Takes the mark: whether a CL+TE header block has been read since the
     /// last call.
-    pub fn take(&self) -> bool {
+    pub(crate) fn take(&self) -> bool {
         self.0.conflict.swap(false, Ordering::Relaxed)
     }
 
     /// HTTP/1 bytes received on the connection so far (0 on HTTP/2).
-    pub fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.0.received.load(Ordering::Relaxed)
     }
 
@@ -140,14 +140,14 @@ impl Scanner {
 
 /// Connection I/O that watches incoming bytes for conflicting framing.
 #[derive(Debug)]
-pub struct FramingWatch<IO> {
+pub(crate) struct FramingWatch<IO> {
     inner: IO,
     scanner: Scanner,
     mark: FramingMark,
 }
 
 impl<IO> FramingWatch<IO> {
-    pub fn new(inner: IO, mark: FramingMark) -> Self {
+    pub(crate) fn new(inner: IO, mark: FramingMark) -> Self {
         FramingWatch {
             inner,
             scanner: Scanner::new(),

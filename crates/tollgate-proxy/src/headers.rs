@@ -6,20 +6,20 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue, CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::HeaderMap;
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The longest client `x-request-id` the gateway passes on.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Removes the hop-by-hop headers: `Connection` and every header it names,
 /// then the fixed list. Applied to requests going upstream and responses
 /// coming back.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         // Collected first: the map cannot be mutated while its values are
         // borrowed. Only connections that name headers pay for this Vec.
@@ -45,7 +45,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The client's `x-request-id` if it is sane: 1 to 128 visible ASCII
 /// characters. Anything else is ignored (and replaced by the usage id).
-pub fn sane_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+pub(crate) fn sane_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     let value = headers.get(&X_REQUEST_ID)?;
     let bytes = value.as_bytes();
     let sane = !bytes.is_empty()
@@ -57,7 +57,7 @@ pub fn sane_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// Appends the client address to `x-forwarded-for` (joining any values the
 /// client or an earlier proxy sent) and sets `x-forwarded-proto` and
 /// `x-forwarded-host`.
-pub fn set_forwarded(
+pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     client_ip: IpAddr,
     proto: &'static str,

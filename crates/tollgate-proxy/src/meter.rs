@@ -30,7 +30,7 @@ use tollgate_metering::usage::recorder::Recorder;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use uuid::Uuid;
 
-use crate::body::BoxError;
+use crate::events::{emit, AccessFields, InvalidUsageIgnored, RequestCompleted, UpstreamFailed};
 use crate::metrics::{Metrics, RequestOutcome, RouteMetrics, UpstreamErrorKind};
 
 /// What metering needs that is the same for every request.
@@ -67,34 +67,6 @@ impl Metering {
     }
 }
 
-/// What the access log says of one finished request (`server.access_log`):
-/// never a key, a body or a customer.
-pub struct AccessRecord<'a> {
-    pub request_id: &'a str,
-    pub route: &'a str,
-    pub method: &'a str,
-    pub status: u16,
-    pub outcome: RequestOutcome,
-    pub latency_us: u64,
-    pub upstream_latency_us: u64,
-}
-
-impl AccessRecord<'_> {
-    pub fn log(&self) {
-        tracing::info!(
-            target: "tollgate::access",
-            message = "request",
-            request_id = self.request_id,
-            route = self.route,
-            method = self.method,
-            status = self.status,
-            outcome = self.outcome.as_str(),
-            latency_us = self.latency_us,
-            upstream_latency_us = self.upstream_latency_us,
-        );
-    }
-}
-
 /// Where a route's usage comes from (the route's config).
 #[derive(Clone, Debug, Default)]
 pub struct RouteUsage {
@@ -105,7 +77,7 @@ pub struct RouteUsage {
 }
 
 /// The one usage event of a request, finished exactly once.
-pub struct UsageGuard {
+pub(crate) struct UsageGuard {
     event: Option<UsageEvent>,
     metering: Arc<Metering>,
     /// The route's metrics and the prices in force when the request
@@ -123,12 +95,12 @@ pub struct UsageGuard {
 
 impl UsageGuard {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         metering: &Arc<Metering>,
         id: Uuid,
         client_request_id: Option<String>,
         caller: &Authenticated,
-        route: &crate::route::Route,
+        route: &Arc<RouteMetrics>,
         pricing: &Arc<Pricing>,
         method: &http::Method,
         path: &str,
@@ -143,7 +115,7 @@ impl UsageGuard {
                 customer_id: caller.customer_id,
                 key_id: caller.key_id,
                 instance: metering.instance.clone(),
-                route: route.name.to_string(),
+                route: route.name().to_owned(),
                 method: method.as_str().to_owned(),
                 path: path.to_owned(),
                 status: 0,
@@ -161,7 +133,7 @@ impl UsageGuard {
                 cost_source: CostSource::None,
             }),
             metering: metering.clone(),
-            route_metrics: route.metrics.clone(),
+            route_metrics: route.clone(),
             pricing: pricing.clone(),
             started,
             request_bytes: Arc::new(AtomicU64::new(0)),
@@ -172,28 +144,28 @@ impl UsageGuard {
 
     /// The request was admitted by the limits: settle or release
     /// `admission` when the event is finished.
-    pub fn admitted(&mut self, admission: Admission) {
+    pub(crate) fn admitted(&mut self, admission: Admission) {
         self.admission = Some(admission);
     }
 
     /// The request was handed to the upstream (it may have been received
     /// even if no response came back).
-    pub fn reached_upstream(&mut self) {
+    pub(crate) fn reached_upstream(&mut self) {
         self.reached_upstream = true;
     }
 
     /// The counter the request body adds to as it streams upstream.
-    pub fn request_bytes(&self) -> Arc<AtomicU64> {
+    pub(crate) fn request_bytes(&self) -> Arc<AtomicU64> {
         self.request_bytes.clone()
     }
 
-    pub fn set_status(&mut self, status: u16) {
+    pub(crate) fn set_status(&mut self, status: u16) {
         if let Some(event) = &mut self.event {
             event.status = status;
         }
     }
 
-    pub fn set_upstream_latency(&mut self, since_start: std::time::Duration) {
+    pub(crate) fn set_upstream_latency(&mut self, since_start: std::time::Duration) {
         if let Some(event) = &mut self.event {
             event.upstream_latency_us = micros(since_start);
         }
@@ -201,11 +173,11 @@ impl UsageGuard {
 
     /// Records the event with `outcome` (and `status`, when the gateway
     /// answered itself).
-    pub fn finish(mut self, outcome: Outcome, status: Option<u16>) {
-        self.emit(outcome, status);
+    pub(crate) fn finish(mut self, outcome: Outcome, status: Option<u16>) {
+        self.record(outcome, status);
     }
 
-    fn emit(&mut self, outcome: Outcome, status: Option<u16>) {
+    fn record(&mut self, outcome: Outcome, status: Option<u16>) {
         let Some(mut event) = self.event.take() else {
             return;
         };
@@ -224,11 +196,9 @@ impl UsageGuard {
                 limiter.release(&admission);
             }
         }
-        let outcome = RequestOutcome::Usage(outcome);
-        self.route_metrics.request(event.status, outcome, latency);
         self.route_metrics.usage(&event, &self.pricing);
-        if self.metering.access_log {
-            let usage_id;
+        let usage_id;
+        let access = if self.metering.access_log {
             let request_id = match event.client_request_id.as_deref() {
                 Some(id) => id,
                 None => {
@@ -236,17 +206,21 @@ impl UsageGuard {
                     &usage_id
                 }
             };
-            AccessRecord {
+            Some(AccessFields {
                 request_id,
-                route: &event.route,
                 method: &event.method,
-                status: event.status,
-                outcome,
-                latency_us: event.latency_us,
                 upstream_latency_us: event.upstream_latency_us,
-            }
-            .log();
-        }
+            })
+        } else {
+            None
+        };
+        emit(RequestCompleted {
+            route: &self.route_metrics,
+            status: event.status,
+            outcome: RequestOutcome::Usage(outcome),
+            took: latency,
+            access,
+        });
         self.metering.recorder.record(event);
     }
 }
@@ -254,7 +228,7 @@ impl UsageGuard {
 impl Drop for UsageGuard {
     fn drop(&mut self) {
         // Not finished by the pipeline or the body: the client went away.
-        self.emit(Outcome::ClientClosed, None);
+        self.record(Outcome::ClientClosed, None);
     }
 }
 
@@ -265,7 +239,7 @@ fn micros(duration: std::time::Duration) -> u64 {
 /// Usage facts in the upstream's response headers, as read: whether they
 /// are believed is decided with the body's, by [`Reported::apply`].
 #[derive(Clone, Copy, Debug, Default)]
-pub struct HeaderUsage {
+pub(crate) struct HeaderUsage {
     /// The cost header, in nano-USD; an error when present but not a cost
     /// (garbage, negative, …).
     pub cost_nanos: Option<Result<i64, CostError>>,
@@ -274,7 +248,7 @@ pub struct HeaderUsage {
 }
 
 impl HeaderUsage {
-    pub fn read(headers: &HeaderMap, usage: &RouteUsage) -> HeaderUsage {
+    pub(crate) fn read(headers: &HeaderMap, usage: &RouteUsage) -> HeaderUsage {
         // A header that is not visible ASCII reads as garbage, not as
         // absent: it was sent, so it is judged (and counted) as invalid.
         let text = |name: &Option<HeaderName>| {
@@ -292,9 +266,9 @@ impl HeaderUsage {
 /// The upstream's response body on its way to the client: counted, scanned
 /// for usage, optionally filtered (the hidden usage chunk), and the usage
 /// event finished when it ends, fails or is dropped.
-pub struct MeteredBody {
+pub(crate) struct MeteredBody {
     inner: Incoming,
-    meter: Box<Meter>,
+    tally: Box<ResponseTally>,
     /// The event is recorded and nothing is left to send.
     done: bool,
 }
@@ -302,13 +276,16 @@ pub struct MeteredBody {
 impl std::fmt::Debug for MeteredBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeteredBody")
-            .field("response_bytes", &self.meter.response_bytes)
+            .field("response_bytes", &self.tally.response_bytes)
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
 }
 
-struct Meter {
+/// What has passed of a response body so far (bytes, and the usage the
+/// scanner found in them), and the request's usage event it is finished
+/// into.
+struct ResponseTally {
     guard: UsageGuard,
     scanner: Option<UsageScanner>,
     filter: Option<UsageChunkFilter>,
@@ -320,7 +297,7 @@ impl MeteredBody {
     /// Wraps the upstream's body. A body that is already complete (HEAD,
     /// 204, 304, an empty 200) is recorded at once: the server never polls
     /// such a body, so waiting for its end would wait forever.
-    pub fn new(
+    pub(crate) fn new(
         inner: Incoming,
         guard: UsageGuard,
         scanner: Option<UsageScanner>,
@@ -329,7 +306,7 @@ impl MeteredBody {
     ) -> MeteredBody {
         let mut body = MeteredBody {
             inner,
-            meter: Box::new(Meter {
+            tally: Box::new(ResponseTally {
                 guard,
                 scanner,
                 filter,
@@ -339,18 +316,18 @@ impl MeteredBody {
             done: false,
         };
         if body.inner.is_end_stream() {
-            body.meter.finish(Outcome::Ok);
+            body.tally.finish(Outcome::Ok);
             body.done = true;
         }
         body
     }
 }
 
-impl Meter {
-    /// Fills tokens, model and cost into the event (from what was seen so
-    /// far), believing only valid values: the ones ignored are counted and
+impl ResponseTally {
+    /// Fills tokens, model and cost into the usage event (from what was
+    /// seen so far), believing only valid values: the ones ignored are counted and
     /// logged here, once per request.
-    fn settle(&mut self) {
+    fn fill_event(&mut self) {
         let reported = Reported {
             body: self
                 .scanner
@@ -367,25 +344,20 @@ impl Meter {
         };
         event.response_bytes = response_bytes;
         let invalid = reported.apply(event, &self.guard.pricing);
-        if !invalid.is_empty() {
-            self.guard.route_metrics.invalid_values(&invalid);
-            let fields: Vec<&str> = invalid.iter().map(|(field, _)| field.as_str()).collect();
-            tracing::debug!(
-                message = "Ignored invalid usage values from the upstream.",
-                route = %event.route,
-                usage_id = %event.id,
-                fields = ?fields,
-            );
-        }
+        emit(InvalidUsageIgnored {
+            route: &self.guard.route_metrics,
+            usage_id: event.id,
+            invalid: &invalid,
+        });
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        self.settle();
-        self.guard.emit(outcome, None);
+        self.fill_event();
+        self.guard.record(outcome, None);
     }
 
     /// Scans, filters and counts one chunk on its way to the client.
-    fn pass(&mut self, data: Bytes) -> Bytes {
+    fn pass_chunk(&mut self, data: Bytes) -> Bytes {
         if let Some(scanner) = &mut self.scanner {
             scanner.feed(&data);
         }
@@ -398,7 +370,7 @@ impl Meter {
     }
 
     /// What the filter still holds at the end of the body.
-    fn flush(&mut self) -> Bytes {
+    fn take_held_back(&mut self) -> Bytes {
         let rest = match &mut self.filter {
             Some(filter) => Bytes::from(filter.finish()),
             None => Bytes::new(),
@@ -408,24 +380,24 @@ impl Meter {
     }
 }
 
-impl Drop for Meter {
+impl Drop for ResponseTally {
     fn drop(&mut self) {
-        // Dropped before the end: the client went away mid-body. Settle
-        // with what passed, then the guard records client_closed.
+        // Dropped before the end: the client went away mid-body. Fill in
+        // what passed, then the guard records client_closed.
         if self.guard.event.is_some() {
-            self.settle();
+            self.fill_event();
         }
     }
 }
 
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
@@ -434,19 +406,19 @@ impl Body for MeteredBody {
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    let rest = this.meter.flush();
-                    this.meter.finish(Outcome::Ok);
+                    let rest = this.tally.take_held_back();
+                    this.tally.finish(Outcome::Ok);
                     this.done = true;
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    this.meter
-                        .guard
-                        .route_metrics
-                        .upstream_error(UpstreamErrorKind::Reset);
-                    this.meter.finish(Outcome::UpstreamError);
+                    emit(UpstreamFailed {
+                        route: &this.tally.guard.route_metrics,
+                        kind: UpstreamErrorKind::Reset,
+                    });
+                    this.tally.finish(Outcome::UpstreamError);
                     this.done = true;
-                    return Poll::Ready(Some(Err(Box::new(error))));
+                    return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
@@ -455,18 +427,18 @@ impl Body for MeteredBody {
                 // Trailers pass as they are.
                 Err(frame) => return Poll::Ready(Some(Ok(frame))),
             };
-            let mut data = this.meter.pass(data);
+            let mut data = this.tally.pass_chunk(data);
             // The server stops polling once the body says it has ended, so
             // the last chunk is also where the event is finished.
             if this.inner.is_end_stream() {
-                let rest = this.meter.flush();
+                let rest = this.tally.take_held_back();
                 if !rest.is_empty() {
                     let mut joined = Vec::with_capacity(data.len() + rest.len());
                     joined.extend_from_slice(&data);
                     joined.extend_from_slice(&rest);
                     data = Bytes::from(joined);
                 }
-                this.meter.finish(Outcome::Ok);
+                this.tally.finish(Outcome::Ok);
                 this.done = true;
                 if data.is_empty() {
                     return Poll::Ready(None);
@@ -489,7 +461,7 @@ impl Body for MeteredBody {
     fn size_hint(&self) -> SizeHint {
         if self.done {
             SizeHint::with_exact(0)
-        } else if self.meter.filter.is_some() {
+        } else if self.tally.filter.is_some() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

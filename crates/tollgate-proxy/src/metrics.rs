@@ -114,14 +114,14 @@ const DESCRIPTIONS: [(&str, &str); 18] = [
 
 /// Seconds, from tens of microseconds (the gateway's own overhead) to the
 /// longest streamed responses.
-pub const DURATION_BUCKETS: [f64; 22] = [
+pub(crate) const DURATION_BUCKETS: [f64; 22] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 /// Rows per database write: one row at idle up to sixteen merged batches
 /// of the default size.
-pub const BATCH_ROW_BUCKETS: [f64; 11] = [
+pub(crate) const BATCH_ROW_BUCKETS: [f64; 11] = [
     1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 40000.0, 80000.0,
 ];
 
@@ -167,7 +167,7 @@ impl RequestOutcome {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RequestOutcome::Usage(outcome) => outcome.as_str(),
             RequestOutcome::AuthFailed => "auth_failed",
@@ -178,13 +178,42 @@ impl RequestOutcome {
     }
 }
 
-/// `reason` of `tollgate_auth_failures_total`.
-pub const AUTH_FAILURE_REASONS: [&str; 5] =
-    ["missing", "malformed", "unknown", "revoked", "expired"];
+/// `reason` of `tollgate_auth_failures_total`: why a request's key was not
+/// accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    /// No configured header carried a key.
+    Missing,
+    /// Not a key of this gateway's format.
+    Malformed,
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+impl AuthFailure {
+    const ALL: [AuthFailure; 5] = [
+        AuthFailure::Missing,
+        AuthFailure::Malformed,
+        AuthFailure::Unknown,
+        AuthFailure::Revoked,
+        AuthFailure::Expired,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Unknown => "unknown",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::Expired => "expired",
+        }
+    }
+}
 
 /// `kind` of `tollgate_upstream_errors_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     /// No connection could be made.
     Connect,
     /// No response headers within the route's timeout.
@@ -267,8 +296,8 @@ impl Metrics {
         };
         Metrics {
             handle: registry.handle(),
-            auth_failures: AUTH_FAILURE_REASONS
-                .map(|reason| counter(AUTH_FAILURES, "reason", reason)),
+            auth_failures: AuthFailure::ALL
+                .map(|reason| counter(AUTH_FAILURES, "reason", reason.as_str())),
             limit_rejections: ["rate", "monthly_requests", "monthly_tokens", "monthly_cost"]
                 .map(|limit| counter(LIMIT_REJECTIONS, "limit", limit)),
             metering_unavailable: registry
@@ -321,18 +350,17 @@ impl Metrics {
     }
 
     /// Requests no route matched, or that failed before routing.
-    pub fn unrouted(&self) -> &Arc<RouteMetrics> {
+    pub(crate) fn unrouted(&self) -> &Arc<RouteMetrics> {
         &self.unrouted
     }
 
     /// A missing (`reason` = `missing`) or refused key.
-    pub fn auth_failed(&self, reason: &str) {
-        if let Some(index) = AUTH_FAILURE_REASONS.iter().position(|&r| r == reason) {
-            self.auth_failures[index].increment(1);
-        }
+    pub(crate) fn auth_failed(&self, reason: AuthFailure) {
+        // `ALL` is in declaration order.
+        self.auth_failures[reason as usize].increment(1);
     }
 
-    pub fn limit_rejected(&self, rejection: &Rejection) {
+    pub(crate) fn limit_rejected(&self, rejection: &Rejection) {
         let index = match rejection {
             Rejection::RateLimited { .. } => 0,
             Rejection::QuotaExceeded { .. } => 1,
@@ -348,7 +376,7 @@ impl Metrics {
         self.limit_rejections[index].increment(1);
     }
 
-    pub fn metering_unavailable(&self) {
+    pub(crate) fn metering_unavailable(&self) {
         self.metering_unavailable.increment(1);
     }
 
@@ -438,7 +466,7 @@ impl RouteMetrics {
     }
 
     /// The route's name (`""` for unrouted requests).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -475,7 +503,7 @@ impl RouteMetrics {
         self.upstream_duration.record(took.as_secs_f64());
     }
 
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
         let (index, label) = match kind {
             UpstreamErrorKind::Connect => (0, "connect"),
             UpstreamErrorKind::Timeout => (1, "timeout"),
@@ -491,7 +519,7 @@ impl RouteMetrics {
     }
 
     /// Usage values an upstream reported that were ignored as invalid.
-    pub fn invalid_values(&self, invalid: &InvalidValues) {
+    pub(crate) fn invalid_values(&self, invalid: &InvalidValues) {
         for (field, count) in invalid.iter() {
             self.invalid_values[field.index()]
                 .get_or_init(|| {

@@ -13,7 +13,7 @@ use std::task::Poll;
 /// `Err` with the panic's message. Polled in place rather than spawned, so
 /// a client that goes away still cancels the work as before; after a panic
 /// the future is dropped and never polled again.
-pub async fn catch_panic<F: Future>(future: F) -> Result<F::Output, String> {
+pub(crate) async fn catch_panic<F: Future>(future: F) -> Result<F::Output, String> {
     let mut future = std::pin::pin!(future);
     std::future::poll_fn(move |cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {

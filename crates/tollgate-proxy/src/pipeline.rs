@@ -57,13 +57,16 @@ use uuid::Uuid;
 
 use crate::auth::Authenticator;
 use crate::body::{ProxyBody, RequestBody, Upload};
-use crate::error::{ErrorShape, ErrorSide, ProxyError};
+use crate::error::{ErrorShape, ProxyError};
+use crate::events::{
+    emit, AccessFields, RequestCompleted, RequestRefused, UpstreamAnswered, UpstreamFailed,
+};
 use crate::forward::{
     is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamClient,
 };
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
-use crate::meter::{AccessRecord, HeaderUsage, MeteredBody, Metering, UsageGuard};
+use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
 use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
 use crate::panic::catch_panic;
 use crate::quota::quota_document;
@@ -73,10 +76,10 @@ use crate::validate;
 /// What the data plane knows about the connection a request came in on.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// `"http"` or `"https"`, for `x-forwarded-proto`.
-    pub proto: &'static str,
-    pub framing: FramingMark,
+    pub(crate) proto: &'static str,
+    pub(crate) framing: FramingMark,
 }
 
 /// Settings of the data plane that are not per route.
@@ -192,6 +195,9 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => {
                 let (status, kind, side) = error.classify();
+                let counted = (!exchange.self_service)
+                    .then(|| error.refusal().map(|why| (&*self.metering.metrics, why)))
+                    .flatten();
                 match exchange.guard.take() {
                     // Every request that presented a valid key has its row:
                     // an error with no outcome of its own after that point
@@ -209,16 +215,14 @@ impl Gateway {
                         &request_id,
                     ),
                 }
-                match side {
-                    ErrorSide::Downstream => tracing::debug!(
-                        message = "Request refused.",
-                        %error, status = status.as_u16(), kind, request_id = ?request_id,
-                    ),
-                    ErrorSide::Upstream | ErrorSide::Internal => tracing::warn!(
-                        message = "Request failed.",
-                        %error, status = status.as_u16(), kind, request_id = ?request_id,
-                    ),
-                }
+                emit(RequestRefused {
+                    error: &error,
+                    status: status.as_u16(),
+                    kind,
+                    side,
+                    request_id: &request_id,
+                    counted,
+                });
                 error.into_response(exchange.shape)
             }
         };
@@ -245,12 +249,7 @@ impl Gateway {
         }
         let metrics = &self.metering.metrics;
         let outcome = match error {
-            ProxyError::MissingApiKey => {
-                metrics.auth_failed("missing");
-                RequestOutcome::AuthFailed
-            }
-            ProxyError::InvalidApiKey { reason } => {
-                metrics.auth_failed(reason.reason());
+            ProxyError::MissingApiKey | ProxyError::InvalidApiKey { .. } => {
                 RequestOutcome::AuthFailed
             }
             ProxyError::NoRoute => RequestOutcome::NoRoute,
@@ -260,21 +259,18 @@ impl Gateway {
                 .map_or(RequestOutcome::InvalidRequest, RequestOutcome::Usage),
         };
         let route = exchange.route.as_ref().unwrap_or(metrics.unrouted());
-        let took = exchange.started.elapsed();
-        route.request(status, outcome, took);
-        if self.metering.access_log {
-            // `request_id` is the client's sane id or the usage id, both ASCII.
-            AccessRecord {
+        emit(RequestCompleted {
+            route,
+            status,
+            outcome,
+            took: exchange.started.elapsed(),
+            access: self.metering.access_log.then(|| AccessFields {
+                // The client's sane id or the usage id, both ASCII.
                 request_id: request_id.to_str().unwrap_or_default(),
-                route: route.name(),
                 method: method.as_str(),
-                status,
-                outcome,
-                latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
                 upstream_latency_us: 0,
-            }
-            .log();
-        }
+            }),
+        });
     }
 
     async fn handle_inner(
@@ -298,7 +294,6 @@ impl Gateway {
         exchange.route = Some(route.metrics.clone());
         let caller = self.auth.authenticate(request.headers())?;
         if !self.metering.recorder.accepting() {
-            self.metering.metrics.metering_unavailable();
             return Err(ProxyError::MeteringUnavailable);
         }
         let guard = exchange.guard.insert(UsageGuard::new(
@@ -306,7 +301,7 @@ impl Gateway {
             exchange.usage_id,
             exchange.client_request_id.take(),
             &caller,
-            route,
+            &route.metrics,
             &live.pricing,
             request.method(),
             request.uri().path(),
@@ -321,10 +316,7 @@ impl Gateway {
         self.check_declared_length(&request)?;
         let decision = self.metering.limiter.admit(caller.customer_id);
         exchange.rate_headers = decision.headers;
-        let admission = decision.result.map_err(|rejection| {
-            self.metering.metrics.limit_rejected(&rejection);
-            ProxyError::Limited(rejection)
-        })?;
+        let admission = decision.result.map_err(ProxyError::Limited)?;
         guard.admitted(admission);
         let (mut parts, body) = request.into_parts();
         let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
@@ -332,7 +324,11 @@ impl Gateway {
         let upstream_response = self.forward(route, upstream_request, guard).await?;
         let upstream_latency = exchange.started.elapsed();
         guard.set_upstream_latency(upstream_latency);
-        route.metrics.upstream_answered(upstream_latency);
+        emit(UpstreamAnswered {
+            route: &route.metrics,
+            status: upstream_response.status().as_u16(),
+            latency: upstream_latency,
+        });
         let guard = exchange.guard.take().ok_or_else(|| ProxyError::Internal {
             reason: "usage event missing".to_owned(),
         })?;
@@ -496,7 +492,6 @@ impl Gateway {
         request: Request<RequestBody>,
         guard: &mut UsageGuard,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let started = Instant::now();
         let upload = request.body().upload();
         let client = route.client(&self.client);
         let result = upstream_deadline(route.timeout, upload, client.request(request)).await;
@@ -515,7 +510,10 @@ impl Gateway {
             Some(Ok(_)) => None,
         };
         if let Some(kind) = failed {
-            route.metrics.upstream_error(kind);
+            emit(UpstreamFailed {
+                route: &route.metrics,
+                kind,
+            });
         }
         let response = match result {
             None => {
@@ -531,12 +529,6 @@ impl Gateway {
             }
             Some(Ok(response)) => response,
         };
-        tracing::trace!(
-            message = "Upstream answered.",
-            route = %route.name,
-            status = response.status().as_u16(),
-            upstream_latency_us = started.elapsed().as_micros() as u64,
-        );
         Ok(response)
     }
 }
@@ -658,7 +650,7 @@ impl Gateway {
         }
         parts.version = Version::HTTP_11;
         let body = MeteredBody::new(body, guard, scanner, filter, header_usage);
-        Response::from_parts(parts, ProxyBody::Metered(body))
+        Response::from_parts(parts, ProxyBody::metered(body))
     }
 }
 

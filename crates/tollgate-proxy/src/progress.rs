@@ -59,7 +59,7 @@ const AWAITING_CLIENT: u8 = 2;
 /// move between threads, all `Relaxed` because there is no other data to
 /// order against.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     state: AtomicU8,
     /// Bumped every time a body hands data out.
     handed_out: AtomicU32,
@@ -86,18 +86,18 @@ impl Progress {
 /// The response head went to the client: until its body is polled, the
 /// response waits for the client (an HTTP/2 stream whose window is closed
 /// never polls its body at all).
-pub fn head_handed_out() {
+pub(crate) fn head_handed_out() {
     let _ = PROGRESS.try_with(|progress| progress.record(&Poll::Ready(Some(()))));
 }
 
 /// Runs `poll` with `progress` as the current task's progress.
-pub fn with_progress<R>(progress: &Arc<Progress>, poll: impl FnOnce() -> R) -> R {
+pub(crate) fn with_progress<R>(progress: &Arc<Progress>, poll: impl FnOnce() -> R) -> R {
     PROGRESS.sync_scope(progress.clone(), poll)
 }
 
 /// Decides when a task's response has been stuck on its client too long.
 #[derive(Debug)]
-pub struct StallWatch {
+pub(crate) struct StallWatch {
     progress: Arc<Progress>,
     timeout: Duration,
     /// Armed while a body waits for the client, with the `handed_out` count
@@ -106,7 +106,7 @@ pub struct StallWatch {
 }
 
 impl StallWatch {
-    pub fn new(timeout: Duration) -> Self {
+    pub(crate) fn new(timeout: Duration) -> Self {
         StallWatch {
             progress: Arc::default(),
             timeout,
@@ -114,13 +114,13 @@ impl StallWatch {
         }
     }
 
-    pub fn progress(&self) -> &Arc<Progress> {
+    pub(crate) fn progress(&self) -> &Arc<Progress> {
         &self.progress
     }
 
     /// Called after the task's work returned `Pending`: true when its
     /// response has waited for the client for the whole timeout.
-    pub fn poll_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn poll_stalled(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(handed_out) = self.progress.awaiting_client() else {
             // Waiting for the upstream or for a request: not our business.
             self.timer = None;
@@ -144,7 +144,7 @@ impl StallWatch {
 
 pin_project_lite::pin_project! {
     /// A task that is dropped when its response stalls on the client.
-    pub struct Watched<F> {
+    pub(crate) struct Watched<F> {
         #[pin]
         inner: F,
         watch: StallWatch,
@@ -172,7 +172,7 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
 
 /// Spawns hyper's HTTP/2 stream tasks, each watched for a stalled client.
 #[derive(Clone, Debug)]
-pub struct WatchingExecutor {
+pub(crate) struct WatchingExecutor {
     pub idle_timeout: Duration,
 }
 
@@ -191,13 +191,13 @@ where
 /// A response body as served: reports its progress to the polling task,
 /// and holds `guard` (the connection's in-flight mark) until it is dropped.
 #[derive(Debug)]
-pub struct ServedBody<G> {
+pub(crate) struct ServedBody<G> {
     inner: ProxyBody,
     _guard: G,
 }
 
 impl<G> ServedBody<G> {
-    pub fn new(inner: ProxyBody, guard: G) -> Self {
+    pub(crate) fn new(inner: ProxyBody, guard: G) -> Self {
         ServedBody {
             inner,
             _guard: guard,

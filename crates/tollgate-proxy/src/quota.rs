@@ -10,7 +10,7 @@ use tollgate_metering::usage::cost::format_usd;
 use tollgate_metering::CustomerId;
 
 /// Renders a customer's limits and usage.
-pub fn quota_document(
+pub(crate) fn quota_document(
     customer_id: CustomerId,
     customer: Option<&str>,
     tier: Option<&str>,

@@ -47,7 +47,7 @@ pub enum RouteError {
 
 /// A compiled route.
 #[derive(Debug)]
-pub struct Route {
+pub(crate) struct Route {
     pub name: Arc<str>,
     pub prefix: String,
     scheme: Scheme,
@@ -71,19 +71,11 @@ pub struct Route {
 
 impl Route {
     /// Checks and compiles `spec`, with its metric handles from `metrics`
-    /// (their `model` labels are `pricing`'s models).
-    pub fn compile(
-        spec: RouteSpec,
-        metrics: &Metrics,
-        pricing: &Pricing,
-    ) -> Result<Route, RouteError> {
-        Self::compile_reusing(spec, metrics, pricing, None)
-    }
-
-    /// As [`Route::compile`]; a route whose TLS settings equal those of a
-    /// route in `previous` takes over that route's client, and so its pool
-    /// of open connections, instead of building a new one.
-    fn compile_reusing(
+    /// (their `model` labels are `pricing`'s models). A route whose TLS
+    /// settings equal those of a route in `previous` takes over that
+    /// route's client, and so its pool of open connections, instead of
+    /// building a new one.
+    fn compile(
         spec: RouteSpec,
         metrics: &Metrics,
         pricing: &Pricing,
@@ -144,25 +136,20 @@ impl Route {
 
     /// The client that forwards this route's requests: its own when it has
     /// TLS settings, else `default`.
-    pub fn client<'a>(&'a self, default: &'a UpstreamClient) -> &'a UpstreamClient {
+    pub(crate) fn client<'a>(&'a self, default: &'a UpstreamClient) -> &'a UpstreamClient {
         match &self.own_client {
             Some((_, client)) => client,
             None => default,
         }
     }
 
-    /// Whether the route has a client of its own.
-    pub fn has_own_client(&self) -> bool {
-        self.own_client.is_some()
-    }
-
     /// The `Host` header for the upstream: its authority as configured.
-    pub fn host_header(&self) -> &HeaderValue {
+    pub(crate) fn host_header(&self) -> &HeaderValue {
         &self.host
     }
 
     /// The upstream URI for a client request URI routed here.
-    pub fn upstream_uri(&self, client: &Uri) -> Result<Uri, http::Error> {
+    pub(crate) fn upstream_uri(&self, client: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = match self.rewrite_path(client.path()) {
             None => client
                 .path_and_query()
@@ -214,17 +201,10 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(
-        specs: Vec<RouteSpec>,
-        metrics: &Metrics,
-        pricing: &Pricing,
-    ) -> Result<RouteTable, RouteError> {
-        Self::new_reusing(specs, metrics, pricing, None)
-    }
-
-    /// As [`RouteTable::new`] for a reload: routes whose TLS settings did not
-    /// change keep the client (and its open connections) they had in
-    /// `previous`; changed or new settings get a new client.
+    /// Compiles `specs`, longest prefix first. For a reload, `previous` is
+    /// the table being replaced: routes whose TLS settings did not change
+    /// keep the client (and its open connections) they had in it; changed
+    /// or new settings get a new client.
     pub fn new_reusing(
         specs: Vec<RouteSpec>,
         metrics: &Metrics,
@@ -233,7 +213,7 @@ impl RouteTable {
     ) -> Result<RouteTable, RouteError> {
         let mut routes = specs
             .into_iter()
-            .map(|spec| Route::compile_reusing(spec, metrics, pricing, previous))
+            .map(|spec| Route::compile(spec, metrics, pricing, previous))
             .collect::<Result<Vec<_>, _>>()?;
         // Longest prefix wins; the sort is stable, so equal lengths keep
         // their config order.
@@ -242,7 +222,7 @@ impl RouteTable {
     }
 
     /// The route with the longest prefix of `path`.
-    pub fn find(&self, path: &str) -> Option<&Route> {
+    pub(crate) fn find(&self, path: &str) -> Option<&Route> {
         self.routes
             .iter()
             .find(|route| path.starts_with(route.prefix.as_str()))
@@ -258,14 +238,6 @@ impl RouteTable {
                 _ => None,
             })
     }
-
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -273,11 +245,11 @@ mod tests {
     use super::*;
 
     fn compile(spec: RouteSpec) -> Result<Route, RouteError> {
-        Route::compile(spec, &Metrics::new(), &Pricing::default())
+        Route::compile(spec, &Metrics::new(), &Pricing::default(), None)
     }
 
     fn route_table(specs: Vec<RouteSpec>) -> RouteTable {
-        RouteTable::new(specs, &Metrics::new(), &Pricing::default()).unwrap()
+        RouteTable::new_reusing(specs, &Metrics::new(), &Pricing::default(), None).unwrap()
     }
 
     fn spec(name: &str, prefix: &str, upstream: &str, strip: bool) -> RouteSpec {
@@ -372,9 +344,13 @@ mod tests {
             compile(with_tls("http://up")),
             Err(RouteError::TlsOnPlainUpstream { .. })
         ));
-        assert!(compile(with_tls("https://up")).unwrap().has_own_client());
-        assert!(!compile(spec("a", "/v1/", "https://up", false))
+        assert!(compile(with_tls("https://up"))
             .unwrap()
-            .has_own_client());
+            .own_client
+            .is_some());
+        assert!(compile(spec("a", "/v1/", "https://up", false))
+            .unwrap()
+            .own_client
+            .is_none());
     }
 }

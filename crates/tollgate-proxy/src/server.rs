@@ -47,6 +47,9 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::ProxyBody;
+use crate::events::{
+    emit, AcceptFailed, ConnectionClosed, ConnectionEnd, ConnectionOpened, ShutdownGraceEnded,
+};
 use crate::framing::{FramingMark, FramingWatch};
 use crate::pipeline::ConnInfo;
 use crate::progress::{with_progress, ServedBody, StallWatch, WatchingExecutor};
@@ -171,11 +174,10 @@ pub async fn serve<F, S>(
     tokio::select! {
         _ = permits.acquire_many(all) => {}
         () = tokio::time::sleep(options.shutdown_grace) => {
-            tracing::warn!(
-                message = "Shutdown grace period ended with connections still open.",
-                grace_secs = options.shutdown_grace.as_secs_f64(),
-                connections = budget - permits.available_permits(),
-            );
+            emit(ShutdownGraceEnded {
+                grace: options.shutdown_grace,
+                connections: budget - permits.available_permits(),
+            });
             closing.send_replace(Closing::Now);
         }
     }
@@ -227,11 +229,10 @@ impl AcceptErrors {
             return;
         }
         if let Some(failures) = self.count(Instant::now()) {
-            tracing::warn!(
-                message = "Accepting connections failed; backing off.",
-                %error,
+            emit(AcceptFailed {
+                error: &error,
                 failures,
-            );
+            });
         }
         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
     }
@@ -261,7 +262,7 @@ struct Activity {
 
 /// A request in flight on its connection, until its response body is gone.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
@@ -351,7 +352,9 @@ impl Connection {
     {
         let opened = Instant::now();
         let gauge = self.options.open_connections.clone();
-        gauge.increment(1.0);
+        emit(ConnectionOpened {
+            open_connections: &gauge,
+        });
         if let Err(error) = self.stream.set_nodelay(true) {
             tracing::debug!(message = "Cannot set TCP_NODELAY.", %error);
         }
@@ -384,50 +387,17 @@ impl Connection {
                             .drive(self.builder.serve_connection(io, service))
                             .await
                     }
-                    Ok(Err(error)) => Ended::Failed(error.to_string()),
-                    Err(_) => Ended::HeaderTimeout,
+                    Ok(Err(error)) => ConnectionEnd::Failed(error.to_string()),
+                    Err(_) => ConnectionEnd::HeaderTimeout,
                 }
             }
         };
-        gauge.decrement(1.0);
-        match ended {
-            Ended::Done | Ended::Drained => {}
-            Ended::Failed(error) => {
-                tracing::debug!(message = "Connection ended with an error.", %error, peer = %self.peer);
-            }
-            Ended::HeaderTimeout => {
-                tracing::debug!(message = "Closed a connection that sent no request in time.", peer = %self.peer);
-            }
-            Ended::Idle => {
-                tracing::debug!(message = "Closed an idle connection.", peer = %self.peer);
-            }
-            Ended::Stalled => {
-                tracing::debug!(
-                    message = "Abandoned a response its client stopped reading.",
-                    peer = %self.peer,
-                );
-            }
-            Ended::Dropped => {
-                tracing::debug!(message = "Dropped a connection at the end of the shutdown grace.", peer = %self.peer);
-            }
-        }
+        emit(ConnectionClosed {
+            open_connections: &gauge,
+            peer: self.peer,
+            end: ended,
+        });
     }
-}
-
-/// How a connection ended.
-enum Ended {
-    /// The client closed it, or it finished its last request.
-    Done,
-    Failed(String),
-    /// No complete request head within the header timeout of connecting.
-    HeaderTimeout,
-    Idle,
-    /// Its response waited for the client for `idle_timeout` (HTTP/1).
-    Stalled,
-    /// Closed for shutdown.
-    Drained,
-    /// Still open when the shutdown grace ended.
-    Dropped,
 }
 
 /// One connection's timer and shutdown signal.
@@ -443,7 +413,7 @@ struct Watch<'a> {
 impl Watch<'_> {
     /// Serves `conn` to its end, closing it when it idles or stalls, and
     /// when the listener shuts down.
-    async fn drive<C>(mut self, conn: C) -> Ended
+    async fn drive<C>(mut self, conn: C) -> ConnectionEnd
     where
         C: GracefulConnection,
         C::Error: Display,
@@ -451,7 +421,7 @@ impl Watch<'_> {
         let mut conn = pin!(conn);
         let mut stall = StallWatch::new(self.options.idle_timeout);
         let mut quiet = Quiet::new(self.opened);
-        let mut closed_for: Option<Ended> = None;
+        let mut closed_for: Option<ConnectionEnd> = None;
         let timer = tokio::time::sleep_until(self.opened + self.options.header_timeout);
         let mut timer = pin!(timer);
         loop {
@@ -467,10 +437,10 @@ impl Watch<'_> {
                 biased;
                 served = served => {
                     return match (served, closed_for) {
-                        (None, _) => Ended::Stalled,
+                        (None, _) => ConnectionEnd::Stalled,
                         (Some(_), Some(reason)) => reason,
-                        (Some(Ok(())), None) => Ended::Done,
-                        (Some(Err(error)), None) => Ended::Failed(error.to_string()),
+                        (Some(Ok(())), None) => ConnectionEnd::Done,
+                        (Some(Err(error)), None) => ConnectionEnd::Failed(error.to_string()),
                     };
                 }
                 () = &mut timer => {
@@ -496,12 +466,12 @@ impl Watch<'_> {
                             if closed_for.is_none() {
                                 conn.as_mut().graceful_shutdown();
                             }
-                            closed_for = Some(Ended::Drained);
+                            closed_for = Some(ConnectionEnd::Drained);
                             // No idle close while draining; the listener's
                             // grace decides.
                             timer.as_mut().reset(now_plus_forever());
                         }
-                        Closing::Now => return Ended::Dropped,
+                        Closing::Now => return ConnectionEnd::Dropped,
                     }
                 }
             }
@@ -513,7 +483,7 @@ impl Watch<'_> {
 enum Check {
     /// Look again at this instant.
     Busy(Instant),
-    Close(Ended),
+    Close(ConnectionEnd),
 }
 
 /// Since when a connection has had no request in flight, and whether a
@@ -567,9 +537,12 @@ impl Quiet {
             self.head_since = Some(now);
         }
         let (deadline, reason) = match self.head_since {
-            _ if started == 0 => (self.since + options.header_timeout, Ended::HeaderTimeout),
-            Some(head) => (head + options.header_timeout, Ended::HeaderTimeout),
-            None => (self.since + options.idle_timeout, Ended::Idle),
+            _ if started == 0 => (
+                self.since + options.header_timeout,
+                ConnectionEnd::HeaderTimeout,
+            ),
+            Some(head) => (head + options.header_timeout, ConnectionEnd::HeaderTimeout),
+            None => (self.since + options.idle_timeout, ConnectionEnd::Idle),
         };
         if now >= deadline {
             Check::Close(reason)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
-pub use tokio_rustls::TlsAcceptor;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -87,7 +87,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 }
 
 /// Builds an acceptor from DER parts (also used by tests with generated certs).
-pub fn acceptor_from_der(
+pub(crate) fn acceptor_from_der(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<TlsAcceptor, TlsError> {
@@ -184,7 +184,7 @@ impl UpstreamTls {
     }
 
     /// The rustls config for the route's connector.
-    pub fn client_config(&self) -> rustls::ClientConfig {
+    pub(crate) fn client_config(&self) -> rustls::ClientConfig {
         (*self.config).clone()
     }
 }

@@ -23,7 +23,7 @@ use crate::error::ProxyError;
 
 /// Refuses a path with a dot segment, an encoded slash or backslash, or a
 /// raw backslash.
-pub fn check_path(path: &str) -> Result<(), ProxyError> {
+pub(crate) fn check_path(path: &str) -> Result<(), ProxyError> {
     let bytes = path.as_bytes();
     if bytes.contains(&b'\\') {
         return Err(malformed("the path contains a backslash"));
@@ -60,7 +60,7 @@ fn is_dot_segment(segment: &str) -> bool {
 
 /// An HTTP/1.1 request has exactly one `Host`; any `Host` present (any
 /// version) is a plain `host[:port]`.
-pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+pub(crate) fn check_host(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
     let mut hosts = headers.get_all(HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -116,7 +116,7 @@ fn is_port(digits: &str) -> bool {
 
 /// The request line and headers fit in `limit` bytes, counted as they
 /// travel in HTTP/1.1 (`name: value\r\n`).
-pub fn check_head_size(
+pub(crate) fn check_head_size(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,

@@ -19,11 +19,10 @@ use tollgate_metering::limits::{Clock, Limiter, SystemClock};
 use tollgate_metering::policy::Policies;
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::{KeyFormat, Store};
-use tollgate_proxy::auth::Authenticator;
-use tollgate_proxy::meter::Metering;
-use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::tls::TlsAcceptor;
-use tollgate_proxy::{serve, Admin, Gateway, GatewaySettings, ServerOptions};
+use tollgate_proxy::{
+    serve, Admin, Authenticator, Gateway, GatewaySettings, Metering, Metrics, ServerOptions,
+    TlsAcceptor,
+};
 
 use crate::background;
 use crate::config::{Config, SpoolFullPolicy};
@@ -143,8 +142,8 @@ pub async fn start_with_clock(
     let admin_tls = acceptor(config.admin.tls.as_ref(), "the admin listener (admin.tls)")?;
     let metrics = Arc::new(Metrics::new());
     let snapshot = Snapshot::build(&config, &metrics, None)?;
-    let client = tollgate_proxy::forward::upstream_client()
-        .context("cannot set up TLS for upstream connections")?;
+    let client =
+        tollgate_proxy::upstream_client().context("cannot set up TLS for upstream connections")?;
     let Accounting {
         recorder,
         policies,
@@ -329,7 +328,7 @@ fn acceptor(
     what: &str,
 ) -> anyhow::Result<Option<TlsAcceptor>> {
     tls.map(|tls| {
-        tollgate_proxy::tls::acceptor(&tls.cert, &tls.key)
+        tollgate_proxy::acceptor(&tls.cert, &tls.key)
             .with_context(|| format!("cannot set up TLS on {what}"))
     })
     .transpose()

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tollgate_metering::limits::{Clock, Limiter, Period};
 use tollgate_metering::telemetry::emit;
 use tollgate_metering::Store;
-use tollgate_proxy::metrics::{Metrics, UPKEEP_INTERVAL};
+use tollgate_proxy::{Metrics, UPKEEP_INTERVAL};
 
 use crate::events::{TotalsSyncFailed, TotalsSyncRecovered};
 

@@ -23,9 +23,7 @@ use tollgate_metering::accounts::Accounts;
 use tollgate_metering::policy::Policies;
 use tollgate_metering::reporting::Reports;
 use tollgate_metering::telemetry::emit;
-use tollgate_proxy::admin::Reload;
-use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::Gateway;
+use tollgate_proxy::{Gateway, Metrics, Reload};
 
 use crate::config::{Config, ConfigError};
 use crate::events::{ConfigReloadFailed, ConfigReloaded, ReloadTrigger};

@@ -14,10 +14,7 @@ use tollgate_metering::accounts::Accounts;
 use tollgate_metering::limits::Limits;
 use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::{KeyFormat, Store};
-use tollgate_proxy::meter::RouteUsage;
-use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::pipeline::LiveConfig;
-use tollgate_proxy::{RouteSpec, RouteTable};
+use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage};
 
 use crate::config::{Config, RouteConfig, TierConfig};
 

@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
-use tollgate_proxy::tls::UpstreamTls;
+use tollgate_proxy::UpstreamTls;
 
 pub use error::{ConfigError, Location};
 // The config speaks the domain's types where they are the same idea: a

@@ -16,7 +16,7 @@ use std::time::Duration;
 use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, Uri};
 use serde_spanned::Spanned;
-use tollgate_proxy::tls::{self, ClientIdentity, TlsError, UpstreamTls};
+use tollgate_proxy::{read_certificates, read_private_key, ClientIdentity, TlsError, UpstreamTls};
 
 use super::defaults;
 use super::error::{ConfigError, Location};
@@ -738,7 +738,7 @@ impl Validator<'_> {
             Some(value) => {
                 let path = at("ca_file");
                 let file = self.non_empty_path(value, &path)?;
-                let roots = tls::read_certificates(&file).map_err(file_error(value, &path))?;
+                let roots = read_certificates(&file).map_err(file_error(value, &path))?;
                 (Some(file), roots)
             }
             None => (None, Vec::new()),
@@ -749,9 +749,9 @@ impl Validator<'_> {
                     cert: self.non_empty_path(&raw.cert, &at("client_cert.cert"))?,
                     key: self.non_empty_path(&raw.key, &at("client_cert.key"))?,
                 };
-                let chain = tls::read_certificates(&paths.cert)
+                let chain = read_certificates(&paths.cert)
                     .map_err(file_error(&raw.cert, &at("client_cert.cert")))?;
-                let key = tls::read_private_key(&paths.key)
+                let key = read_private_key(&paths.key)
                     .map_err(file_error(&raw.key, &at("client_cert.key")))?;
                 (Some(paths), Some(ClientIdentity { chain, key }))
             }
