@@ -53,9 +53,10 @@ pub struct Admin {
 
 /// Re-reads the config file (`POST /v1/reload`, as SIGHUP does).
 pub trait Reload: Send + Sync {
-    /// What changed, as a JSON document; or why nothing did (the running
-    /// config is then untouched).
-    fn reload(&self) -> Result<serde_json::Value, String>;
+    /// What changed, as the JSON document the endpoint answers with; or
+    /// why nothing did (the running config is then untouched), answered
+    /// as a 400 with the error's message.
+    fn reload(&self) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// An admin request that failed, rendered in one place.
@@ -562,7 +563,7 @@ impl Admin {
         let reloader = self.reloader.clone();
         match tokio::task::spawn_blocking(move || reloader.reload()).await {
             Ok(Ok(changed)) => Ok(json(StatusCode::OK, &changed)),
-            Ok(Err(error)) => Err(AdminError::Invalid(error)),
+            Ok(Err(error)) => Err(AdminError::Invalid(error.to_string())),
             Err(error) => Err(AdminError::Internal(format!("reload failed: {error}"))),
         }
     }

@@ -194,11 +194,9 @@ impl Reloader {
 }
 
 impl Reload for Reloader {
-    fn reload(&self) -> Result<Value, String> {
-        let report = self
-            .apply_and_log(ReloadTrigger::Api)
-            .map_err(|error| error.to_string())?;
-        serde_json::to_value(&report).map_err(|error| error.to_string())
+    fn reload(&self) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let report = self.apply_and_log(ReloadTrigger::Api)?;
+        Ok(serde_json::to_value(&report)?)
     }
 }
 
