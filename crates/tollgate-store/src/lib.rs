@@ -30,7 +30,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tollgate_metering::store::{KeyStatus, Store, StoreError, StoreEvent};
+use tollgate_metering::store::{KeyStatus, NewCustomer, NewKey, Store, StoreError, StoreEvent};
 use tollgate_metering::{CustomerId, KeyId};
 
 mod migrations;
@@ -97,31 +97,51 @@ fn change_event(kind: &str, id: &str) -> Option<StoreEvent> {
     }
 }
 
-/// `Conflict` messages, the same for both backends.
-fn customer_name_taken(name: &str) -> StoreError {
-    StoreError::Conflict(format!("customer {name:?} already exists"))
+/// A schema rule an insert of a customer or key can break, which callers
+/// are told about in their own terms. Each backend names its constraints
+/// for these in one table (`CONSTRAINTS`); what breaking one means is
+/// worded here, once ([`Inserted::refused`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Constraint {
+    CustomerName,
+    CustomerId,
+    KeyDigest,
+    KeyId,
+    /// The key's customer must exist.
+    KeyCustomer,
 }
 
-fn customer_id_taken(id: CustomerId) -> StoreError {
-    StoreError::Conflict(format!("customer {id} already exists"))
+/// A row being inserted.
+trait Inserted {
+    /// What breaking `constraint` by inserting this row means, or `None`
+    /// when it is not one this row can break (the driver's error stands).
+    fn refused(&self, constraint: Constraint) -> Option<StoreError>;
 }
 
-fn key_id_taken(id: KeyId) -> StoreError {
-    StoreError::Conflict(format!("key {id} already exists"))
+impl Inserted for NewCustomer {
+    fn refused(&self, constraint: Constraint) -> Option<StoreError> {
+        let message = match constraint {
+            Constraint::CustomerName => format!("customer {:?} already exists", self.name),
+            Constraint::CustomerId => format!("customer {} already exists", self.id),
+            Constraint::KeyDigest | Constraint::KeyId | Constraint::KeyCustomer => return None,
+        };
+        Some(StoreError::Conflict(message))
+    }
 }
 
-fn key_digest_taken() -> StoreError {
-    StoreError::Conflict("a key with this digest already exists".to_owned())
-}
-
-fn key_revoked(id: KeyId) -> StoreError {
-    StoreError::Conflict(format!("key {id} is revoked"))
-}
-
-fn ambiguous_prefix(prefix: &str, matches: usize) -> StoreError {
-    StoreError::Conflict(format!(
-        "prefix {prefix} matches {matches} keys; use the id"
-    ))
+impl Inserted for NewKey {
+    fn refused(&self, constraint: Constraint) -> Option<StoreError> {
+        Some(match constraint {
+            Constraint::KeyDigest => {
+                StoreError::Conflict("a key with this digest already exists".to_owned())
+            }
+            Constraint::KeyId => StoreError::Conflict(format!("key {} already exists", self.id)),
+            Constraint::KeyCustomer => {
+                StoreError::NotFound(format!("customer {}", self.customer_id))
+            }
+            Constraint::CustomerName | Constraint::CustomerId => return None,
+        })
+    }
 }
 
 /// The SQL condition selecting keys whose status at the instant bound to

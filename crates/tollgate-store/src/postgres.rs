@@ -52,14 +52,15 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Socket};
 use uuid::Uuid;
 
+use tollgate_metering::accounts::AccountStore;
 use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
 use tollgate_metering::store::{
-    Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
-    NewKey, Page, Store, StoreError, StoreEvent,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport,
+    NewCustomer, NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
 };
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
@@ -68,7 +69,7 @@ use crate::migrations;
 use crate::usage::{
     self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
 };
-use crate::{backoff, change_event, status_condition, KEY_BATCH};
+use crate::{backoff, change_event, status_condition, Constraint, Inserted, KEY_BATCH};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,17 +160,36 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// The constraint a unique violation names.
-fn unique_violation(failure: &Failure) -> Option<&str> {
-    let Failure::Postgres(error) = failure else {
-        return None;
-    };
-    let db = error.as_db_error()?;
-    (*db.code() == SqlState::UNIQUE_VIOLATION).then(|| db.constraint().unwrap_or_default())
-}
+/// The constraints whose violation callers are told about in their own
+/// terms, by the names migration 1 gives them (explicitly, or Postgres's
+/// defaults `<table>_pkey` and `<table>_<column>_fkey`).
+const CONSTRAINTS: [(&str, Constraint); 5] = [
+    ("customers_name_unique", Constraint::CustomerName),
+    ("customers_pkey", Constraint::CustomerId),
+    ("api_keys_digest_unique", Constraint::KeyDigest),
+    ("api_keys_pkey", Constraint::KeyId),
+    ("api_keys_customer_id_fkey", Constraint::KeyCustomer),
+];
 
-fn foreign_key_violation(failure: &Failure) -> bool {
-    matches!(failure, Failure::Postgres(error) if error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION))
+/// `failure`, or what it means for inserting `new` when it broke one of
+/// the [`CONSTRAINTS`].
+fn refused(failure: Failure, new: &impl Inserted) -> Failure {
+    let Failure::Postgres(error) = &failure else {
+        return failure;
+    };
+    let broken = error
+        .as_db_error()
+        .filter(|db| {
+            *db.code() == SqlState::UNIQUE_VIOLATION
+                || *db.code() == SqlState::FOREIGN_KEY_VIOLATION
+        })
+        .and_then(|db| db.constraint())
+        .and_then(|name| CONSTRAINTS.iter().find(|(known, _)| *known == name))
+        .and_then(|&(_, constraint)| new.refused(constraint));
+    match broken {
+        Some(error) => error.into(),
+        None => failure,
+    }
 }
 
 fn corrupt(message: String) -> Failure {
@@ -305,12 +325,12 @@ impl PostgresStore {
         }
     }
 
-    /// [`Store::write_usage`], or with `again` [`Store::write_usage_again`]:
-    /// the deduplicating way at once.
+    /// [`UsageSink::write_usage`], or with `deduplicate`
+    /// [`UsageSink::write_usage_deduplicated`]: the deduplicating way at once.
     async fn write_usage_batch(
         &self,
         batch: &[UsageEvent],
-        again: bool,
+        deduplicate: bool,
     ) -> Result<u64, StoreError> {
         if batch.is_empty() {
             return Ok(0);
@@ -327,20 +347,20 @@ impl PostgresStore {
                 CopyTarget::Partitions
             };
             loop {
-                let attempt = if again {
+                let attempt = if deduplicate {
                     write_deduplicated(&mut client, &rows).await
                 } else {
                     write_new(&mut client, &rows, &months, target).await
                 };
                 let written = match attempt {
-                    Err(failure) if !again && already_written(&failure) => {
+                    Err(failure) if !deduplicate && already_written(&failure) => {
                         tracing::debug!(
                             message = "Usage batch holds rows written before; deduplicating.",
                             rows = rows.len(),
                         );
                         write_deduplicated(&mut client, &rows).await
                     }
-                    Err(failure) if !again && target == CopyTarget::Partitions && partition_unusable(&failure) => {
+                    Err(failure) if !deduplicate && target == CopyTarget::Partitions && partition_unusable(&failure) => {
                         tracing::warn!(
                             message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
                             months = ?months,
@@ -462,7 +482,7 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
         ))
         .await?;
     let digest: &[u8] = new.digest.as_bytes();
-    let inserted = client
+    let row = client
         .query_one(
             &statement,
             &[
@@ -477,18 +497,8 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
             ],
         )
         .await
-        .map_err(Failure::from);
-    match inserted {
-        Ok(row) => key_row(&row),
-        Err(failure) if foreign_key_violation(&failure) => {
-            Err(StoreError::NotFound(format!("customer {}", new.customer_id)).into())
-        }
-        Err(failure) => Err(match unique_violation(&failure) {
-            Some("api_keys_digest_unique") => crate::key_digest_taken().into(),
-            Some(_) => crate::key_id_taken(new.id).into(),
-            None => failure,
-        }),
-    }
+        .map_err(|error| refused(error.into(), new))?;
+    key_row(&row)
 }
 
 // ---- change feed -----------------------------------------------------------
@@ -599,7 +609,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 // way against 110,000 through staging alone (2 cores, client and server on
 // one machine). The cost of a replayed batch is one failed COPY, which the
 // Postgres log shows as a unique violation on the partition's primary key;
-// `write_usage_again`, which the recorder uses for the batches likeliest
+// `write_usage_deduplicated`, which the recorder uses for the batches likeliest
 // to hold such rows (the first after a restart or a failed write), goes
 // the deduplicating way at once instead.
 
@@ -1292,7 +1302,10 @@ impl Store for PostgresStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl AccountStore for PostgresStore {
     async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError> {
         run(async {
             let client = self.client().await?;
@@ -1302,7 +1315,7 @@ impl Store for PostgresStore {
                      VALUES ($1, $2, $3, $4, $5) RETURNING {CUSTOMER_COLUMNS}"
                 ))
                 .await?;
-            let inserted = client
+            let row = client
                 .query_one(
                     &statement,
                     &[
@@ -1314,44 +1327,32 @@ impl Store for PostgresStore {
                     ],
                 )
                 .await
-                .map_err(Failure::from);
-            match inserted {
-                Ok(row) => customer_row(&row),
-                Err(failure) => Err(match unique_violation(&failure) {
-                    Some("customers_name_unique") => crate::customer_name_taken(&new.name).into(),
-                    Some(_) => crate::customer_id_taken(new.id).into(),
-                    None => failure,
-                }),
-            }
-        })
-        .await
-    }
-
-    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError> {
-        run(async {
-            let client = self.client().await?;
-            if let Ok(id) = Uuid::parse_str(name_or_id) {
-                if let Some(customer) = customer_by_id(&client, id).await? {
-                    return Ok(Some(customer));
-                }
-            }
-            let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = $1"
-                ))
-                .await?;
-            client
-                .query_opt(&statement, &[&name_or_id])
-                .await?
-                .as_ref()
-                .map(customer_row)
-                .transpose()
+                .map_err(|error| refused(error.into(), &new))?;
+            customer_row(&row)
         })
         .await
     }
 
     async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError> {
         run(async { customer_by_id(&self.client().await?, id.0).await }).await
+    }
+
+    async fn customer_named(&self, name: &str) -> Result<Option<Customer>, StoreError> {
+        run(async {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = $1"
+                ))
+                .await?;
+            client
+                .query_opt(&statement, &[&name])
+                .await?
+                .as_ref()
+                .map(customer_row)
+                .transpose()
+        })
+        .await
     }
 
     async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError> {
@@ -1407,31 +1408,21 @@ impl Store for PostgresStore {
         run(async { insert_key(&self.client().await?, &new).await }).await
     }
 
-    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        run(async { key_by_id(&self.client().await?, id, false).await }).await
+    }
+
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<KeyRecord>, StoreError> {
         run(async {
             let client = self.client().await?;
-            if let Ok(id) = Uuid::parse_str(id_or_prefix) {
-                if let Some(record) = key_by_id(&client, KeyId(id), false).await? {
-                    return Ok(Some(record));
-                }
-            }
             let statement = client
                 .prepare_cached(&format!(
                     "SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1 ORDER BY id"
                 ))
                 .await?;
-            let mut found =
-                decode_all(&client.query(&statement, &[&id_or_prefix]).await?, key_row)?;
-            match found.len() {
-                0 | 1 => Ok(found.pop()),
-                matches => Err(crate::ambiguous_prefix(id_or_prefix, matches).into()),
-            }
+            decode_all(&client.query(&statement, &[&prefix]).await?, key_row)
         })
         .await
-    }
-
-    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        run(async { key_by_id(&self.client().await?, id, false).await }).await
     }
 
     async fn list_keys(
@@ -1505,17 +1496,11 @@ impl Store for PostgresStore {
             let tx = client.transaction().await?;
             // FOR UPDATE: a concurrent revoke waits for this rotation (or
             // this rotation sees the revocation and refuses).
-            let current = key_by_id(&tx, old, true)
+            let expires_at = key_by_id(&tx, old, true)
                 .await?
-                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?;
-            if current.revoked_at.is_some() {
-                return Err(crate::key_revoked(old).into());
-            }
+                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?
+                .expiry_after_rotation(old_expires_at)?;
             let created = insert_key(&tx, &new).await?;
-            let expires_at = match current.expires_at {
-                Some(existing) if existing <= old_expires_at => existing,
-                _ => old_expires_at,
-            };
             let statement = tx
                 .prepare_cached(&format!(
                     "UPDATE api_keys SET expires_at = $2 WHERE id = $1 RETURNING {KEY_COLUMNS}"
@@ -1560,7 +1545,21 @@ impl Store for PostgresStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl UsageSink for PostgresStore {
+    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        self.write_usage_batch(batch, false).await
+    }
+
+    async fn write_usage_deduplicated(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        self.write_usage_batch(batch, true).await
+    }
+}
+
+#[async_trait]
+impl UsageReports for PostgresStore {
     async fn period_totals(
         &self,
         period: Period,
@@ -1614,15 +1613,10 @@ impl Store for PostgresStore {
     ) -> Result<ClosedPeriod, StoreError> {
         run(reports::close_period(self, period, lines, at)).await
     }
+}
 
-    async fn write_usage_again(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        self.write_usage_batch(batch, true).await
-    }
-
-    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        self.write_usage_batch(batch, false).await
-    }
-
+#[async_trait]
+impl ChangeFeed for PostgresStore {
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {
         let mut delay = backoff::FIRST;
         loop {
