@@ -30,7 +30,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tollgate_metering::store::{KeyStatus, NewCustomer, NewKey, Store, StoreError, StoreEvent};
+use time::OffsetDateTime;
+use tollgate_metering::store::{
+    KeyFilter, KeyStatus, NewCustomer, NewKey, Page, Store, StoreError, StoreEvent,
+};
 use tollgate_metering::{CustomerId, KeyId};
 
 mod migrations;
@@ -111,6 +114,21 @@ enum Constraint {
     KeyCustomer,
 }
 
+/// What inserting `new` broke, in the caller's terms, when the driver
+/// reported the constraint `reported` (its name, or SQLite's message) and
+/// the backend's table `constraints` knows it; else `None`, and the
+/// driver's error stands.
+fn refusal(
+    constraints: &[(&str, Constraint)],
+    reported: Option<&str>,
+    new: &impl Inserted,
+) -> Option<StoreError> {
+    let &(_, constraint) = constraints
+        .iter()
+        .find(|(known, _)| Some(*known) == reported)?;
+    new.refused(constraint)
+}
+
 /// A row being inserted.
 trait Inserted {
     /// What breaking `constraint` by inserting this row means, or `None`
@@ -144,22 +162,56 @@ impl Inserted for NewKey {
     }
 }
 
-/// The SQL condition selecting keys whose status at the instant bound to
-/// `now` (a placeholder such as `?3` or `$3`) is `status`. It must agree
-/// with [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
+/// A value [`list_keys_sql`] binds, for the backend to encode.
+enum KeyArg {
+    Customer(CustomerId),
+    After(KeyId),
+    Now(OffsetDateTime),
+    Limit(u32),
+}
+
+/// The query of `list_keys`: `columns` of the keys that pass `filter` on
+/// `page`, in id order, with a placeholder from `bind` (`$n` or `?n`) for
+/// each value it binds. The status conditions agree with
+/// [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
 /// revoked wins over expired, and a key expires at `expires_at` exactly.
-/// The `Revoked` condition does not use `now`: bind it only for the others
-/// (Postgres refuses a parameter it cannot type).
-fn status_condition(status: KeyStatus, now: &str) -> String {
-    match status {
-        KeyStatus::Revoked => "revoked_at IS NOT NULL".to_owned(),
-        KeyStatus::Expired => {
-            format!("revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {now}")
+/// `Revoked` does not bind the instant (Postgres refuses a parameter it
+/// cannot type).
+fn list_keys_sql(
+    columns: &str,
+    filter: &KeyFilter,
+    page: Page<KeyId>,
+    mut bind: impl FnMut(KeyArg) -> String,
+) -> String {
+    let mut sql = format!("SELECT {columns} FROM api_keys WHERE TRUE");
+    if let Some(customer) = filter.customer {
+        sql += &format!(" AND customer_id = {}", bind(KeyArg::Customer(customer)));
+    }
+    if let Some(after) = page.after {
+        sql += &format!(" AND id > {}", bind(KeyArg::After(after)));
+    }
+    let mut now = || {
+        bind(KeyArg::Now(
+            filter.now.unwrap_or_else(OffsetDateTime::now_utc),
+        ))
+    };
+    match filter.status {
+        None => {}
+        Some(KeyStatus::Revoked) => sql += " AND revoked_at IS NOT NULL",
+        Some(KeyStatus::Expired) => {
+            sql += &format!(
+                " AND revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {}",
+                now()
+            );
         }
-        KeyStatus::Active => {
-            format!("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {now})")
+        Some(KeyStatus::Active) => {
+            sql += &format!(
+                " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {})",
+                now()
+            );
         }
     }
+    sql + &format!(" ORDER BY id LIMIT {}", bind(KeyArg::Limit(page.limit)))
 }
 
 /// The backoff of the change feed after a failure.

@@ -59,8 +59,8 @@ use tollgate_metering::reports::{
     UsageTotals,
 };
 use tollgate_metering::store::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport,
-    NewCustomer, NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, MigrationReport, NewCustomer,
+    NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
 };
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
@@ -69,7 +69,7 @@ use crate::migrations;
 use crate::usage::{
     self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
 };
-use crate::{backoff, change_event, status_condition, Constraint, Inserted, KEY_BATCH};
+use crate::{backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, KEY_BATCH};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -174,22 +174,17 @@ const CONSTRAINTS: [(&str, Constraint); 5] = [
 /// `failure`, or what it means for inserting `new` when it broke one of
 /// the [`CONSTRAINTS`].
 fn refused(failure: Failure, new: &impl Inserted) -> Failure {
-    let Failure::Postgres(error) = &failure else {
-        return failure;
+    let reported = match &failure {
+        Failure::Postgres(error) => error
+            .as_db_error()
+            .filter(|db| {
+                *db.code() == SqlState::UNIQUE_VIOLATION
+                    || *db.code() == SqlState::FOREIGN_KEY_VIOLATION
+            })
+            .and_then(|db| db.constraint()),
+        _ => None,
     };
-    let broken = error
-        .as_db_error()
-        .filter(|db| {
-            *db.code() == SqlState::UNIQUE_VIOLATION
-                || *db.code() == SqlState::FOREIGN_KEY_VIOLATION
-        })
-        .and_then(|db| db.constraint())
-        .and_then(|name| CONSTRAINTS.iter().find(|(known, _)| *known == name))
-        .and_then(|&(_, constraint)| new.refused(constraint));
-    match broken {
-        Some(error) => error.into(),
-        None => failure,
-    }
+    crate::refusal(&CONSTRAINTS, reported, new).map_or(failure, Failure::from)
 }
 
 fn corrupt(message: String) -> Failure {
@@ -1431,31 +1426,16 @@ impl AccountStore for PostgresStore {
         page: Page<KeyId>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         run(async {
-            let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE TRUE");
             let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-            let mut bind = |value: Box<dyn ToSql + Sync + Send>| {
-                args.push(value);
+            let sql = list_keys_sql(KEY_COLUMNS, &filter, page, |arg| {
+                args.push(match arg {
+                    KeyArg::Customer(id) => Box::new(id.0),
+                    KeyArg::After(id) => Box::new(id.0),
+                    KeyArg::Now(now) => Box::new(now),
+                    KeyArg::Limit(limit) => Box::new(i64::from(limit)),
+                });
                 format!("${}", args.len())
-            };
-            if let Some(customer) = filter.customer {
-                sql += &format!(" AND customer_id = {}", bind(Box::new(customer.0)));
-            }
-            if let Some(after) = page.after {
-                sql += &format!(" AND id > {}", bind(Box::new(after.0)));
-            }
-            if let Some(status) = filter.status {
-                let now = match status {
-                    KeyStatus::Revoked => String::new(),
-                    KeyStatus::Active | KeyStatus::Expired => {
-                        bind(Box::new(filter.now.unwrap_or_else(OffsetDateTime::now_utc)))
-                    }
-                };
-                sql += &format!(" AND {}", status_condition(status, &now));
-            }
-            sql += &format!(
-                " ORDER BY id LIMIT {}",
-                bind(Box::new(i64::from(page.limit)))
-            );
+            });
             let params: Vec<&(dyn ToSql + Sync)> = args
                 .iter()
                 .map(|arg| arg.as_ref() as &(dyn ToSql + Sync))

@@ -46,15 +46,15 @@ use tollgate_metering::reports::{
     UsageTotals,
 };
 use tollgate_metering::store::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport,
-    NewCustomer, NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, MigrationReport, NewCustomer,
+    NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
 };
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations::{self, Migration};
 use crate::usage::{self, bigint, text, Groups};
-use crate::{backoff, change_event, status_condition, Constraint, Inserted, KEY_BATCH};
+use crate::{backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, KEY_BATCH};
 
 mod reports;
 
@@ -158,17 +158,15 @@ const CONSTRAINTS: [(&str, Constraint); 5] = [
 /// `failure`, or what it means for inserting `new` when it broke one of
 /// the [`CONSTRAINTS`].
 fn refused(failure: Failure, new: &impl Inserted) -> Failure {
-    let Failure::Sqlite(rusqlite::Error::SqliteFailure(error, Some(message))) = &failure else {
-        return failure;
+    let reported = match &failure {
+        Failure::Sqlite(rusqlite::Error::SqliteFailure(error, message))
+            if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            message.as_deref()
+        }
+        _ => None,
     };
-    let broken = Some(message)
-        .filter(|_| error.code == rusqlite::ErrorCode::ConstraintViolation)
-        .and_then(|message| CONSTRAINTS.iter().find(|(known, _)| known == message))
-        .and_then(|&(_, constraint)| new.refused(constraint));
-    match broken {
-        Some(error) => error.into(),
-        None => failure,
-    }
+    crate::refusal(&CONSTRAINTS, reported, new).map_or(failure, Failure::from)
 }
 
 impl SqliteStore {
@@ -783,35 +781,16 @@ impl AccountStore for SqliteStore {
         page: Page<KeyId>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         self.call(move |conn| {
-            let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE 1");
             let mut args: Vec<Value> = Vec::new();
-            let mut bind = |value: Value| {
-                args.push(value);
+            let sql = list_keys_sql(KEY_COLUMNS, &filter, page, |arg| {
+                args.push(match arg {
+                    KeyArg::Customer(id) => Value::Text(id.to_string()),
+                    KeyArg::After(id) => Value::Text(id.to_string()),
+                    KeyArg::Now(now) => Value::Text(ts(now)),
+                    KeyArg::Limit(limit) => Value::Integer(i64::from(limit)),
+                });
                 format!("?{}", args.len())
-            };
-            if let Some(customer) = filter.customer {
-                sql += &format!(
-                    " AND customer_id = {}",
-                    bind(Value::Text(customer.to_string()))
-                );
-            }
-            if let Some(after) = page.after {
-                sql += &format!(" AND id > {}", bind(Value::Text(after.to_string())));
-            }
-            if let Some(status) = filter.status {
-                let now = match status {
-                    KeyStatus::Revoked => String::new(),
-                    KeyStatus::Active | KeyStatus::Expired => {
-                        let now = filter.now.unwrap_or_else(OffsetDateTime::now_utc);
-                        bind(Value::Text(ts(now)))
-                    }
-                };
-                sql += &format!(" AND {}", status_condition(status, &now));
-            }
-            sql += &format!(
-                " ORDER BY id LIMIT {}",
-                bind(Value::Integer(i64::from(page.limit)))
-            );
+            });
             let mut statement = conn.prepare_cached(&sql)?;
             all(&mut statement, params_from_iter(args), key_row)
         })
