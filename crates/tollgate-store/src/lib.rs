@@ -1,16 +1,20 @@
-//! Tollgate's storage backends: the [`Store`] trait of `tollgate-metering`
-//! for SQLite (embedded, one gateway instance) and Postgres (production,
-//! many instances sharing one database).
+//! Tollgate's storage backends: the [`Store`] of `tollgate-metering` for
+//! SQLite (embedded, one gateway instance) and Postgres (production, many
+//! instances sharing one database).
 //!
 //! This crate owns the schema and its versioned migrations
-//! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary),
-//! the SQL for customers and keys, usage rows and their daily rollups
-//! ([`Store::write_usage`]), the usage reports, export and closed billing
-//! periods read from them ([`Store::usage_summary`] and the rest; shared
-//! rules in `reports`), and the change feed that keeps every
-//! gateway's key cache current (Postgres `LISTEN/NOTIFY`; SQLite a
+//! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary)
+//! and the data access of each role of the store: the rows of customers
+//! and keys ([`AccountStore`]; the rules over them, such as lookups by id
+//! or name and what rotation does to the old key, are in
+//! `tollgate_metering::accounts`, written once), usage rows and their
+//! daily rollups ([`UsageSink::write_usage`]), the usage reports, export
+//! and closed billing periods read from them ([`UsageReports`]; shared
+//! rules in `reports`), and the change feed that keeps every gateway's key
+//! cache current ([`ChangeFeed`]: Postgres `LISTEN/NOTIFY`; SQLite a
 //! trigger-filled `change_log` table that is polled). It knows nothing of
-//! HTTP and must not depend on the proxy crate; callers see only the trait.
+//! HTTP and must not depend on the proxy crate; callers see only the
+//! traits.
 //!
 //! Choose a backend by URL with [`open`]; [`testing`] has throwaway
 //! databases for tests of this and other crates.
@@ -20,12 +24,19 @@
 //! Every method either succeeds or returns a classified [`StoreError`]:
 //! an unreachable or failing database is `Unavailable` (Postgres gives up
 //! after a few seconds instead of hanging: connect, pool wait and recycle
-//! are all bounded), a uniqueness rule is `Conflict`, undecodable rows are
+//! are all bounded), a uniqueness rule is `Conflict` (worded once here,
+//! from one table of constraint names per backend), undecodable rows are
 //! `Corrupt`. Writes are single statements or single transactions, so a
-//! failed call changes nothing. The change feed ([`Store::watch`]) never
-//! gives up: it reconnects with backoff (100 ms doubling to 2 s) and, when
-//! it cannot rule out that changes were missed, sends
+//! failed call changes nothing. The change feed ([`ChangeFeed::watch`])
+//! never gives up: it reconnects with backoff (100 ms doubling to 2 s)
+//! and, when it cannot rule out that changes were missed, sends
 //! [`StoreEvent::Resync`] so the caller reloads.
+//!
+//! [`AccountStore`]: tollgate_metering::accounts::AccountStore
+//! [`UsageSink::write_usage`]: tollgate_metering::store::UsageSink::write_usage
+//! [`UsageReports`]: tollgate_metering::store::UsageReports
+//! [`ChangeFeed`]: tollgate_metering::store::ChangeFeed
+//! [`ChangeFeed::watch`]: tollgate_metering::store::ChangeFeed::watch
 
 use std::path::PathBuf;
 use std::sync::Arc;
