@@ -714,3 +714,47 @@ fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> String) -> Option<
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn record(expires_at: Option<OffsetDateTime>, revoked_at: Option<OffsetDateTime>) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::new(),
+            customer_id: CustomerId::new(),
+            digest: KeyDigest::of("tg_test"),
+            prefix: "tg_test0000".to_owned(),
+            name: None,
+            routes: None,
+            created_at: datetime!(2026-11-22 08:00 UTC),
+            expires_at,
+            revoked_at,
+        }
+    }
+
+    #[test]
+    fn rotation_ends_the_old_key_at_the_grace_end_or_its_earlier_expiry() {
+        let grace_end = datetime!(2026-11-23 08:00 UTC);
+        let soon = datetime!(2026-11-22 12:00 UTC);
+        let far = datetime!(2030-01-01 00:00 UTC);
+        let expiry = |expires_at| {
+            record(expires_at, None)
+                .expiry_after_rotation(grace_end)
+                .ok()
+        };
+        assert_eq!(expiry(None), Some(grace_end));
+        assert_eq!(expiry(Some(soon)), Some(soon));
+        assert_eq!(expiry(Some(grace_end)), Some(grace_end));
+        assert_eq!(expiry(Some(far)), Some(grace_end));
+
+        let revoked = record(None, Some(soon));
+        match revoked.expiry_after_rotation(grace_end) {
+            Err(StoreError::Conflict(message)) => {
+                assert_eq!(message, format!("key {} is revoked", revoked.id));
+            }
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+    }
+}
