@@ -229,13 +229,33 @@ fn list_keys_sql(
 mod backoff {
     use std::time::Duration;
 
-    pub const FIRST: Duration = Duration::from_millis(100);
-    pub const MAX: Duration = Duration::from_secs(2);
+    use tokio::sync::mpsc;
+    use tollgate_metering::store::StoreEvent;
 
-    pub fn next(current: Duration) -> Duration {
+    pub(crate) const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub(super) fn next(current: Duration) -> Duration {
         (current * 2).min(MAX)
     }
+
+    /// Waits `delay` before the next try, then doubles it (up to 2 s);
+    /// `false` when the receiver went away meanwhile: the feed is over.
+    pub(crate) async fn wait(events: &mpsc::Sender<StoreEvent>, delay: &mut Duration) -> bool {
+        tokio::select! {
+            () = events.closed() => return false,
+            () = tokio::time::sleep(*delay) => {}
+        }
+        *delay = next(*delay);
+        true
+    }
 }
+
+/// The columns of `customers` and of `api_keys`, in the order both
+/// backends decode them.
+const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
+const KEY_COLUMNS: &str =
+    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// How many keys one `load_keys` batch carries: large enough that a million
 /// keys take a hundred round trips, small enough to stay a few MiB.

@@ -69,7 +69,10 @@ use crate::migrations;
 use crate::usage::{
     self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
 };
-use crate::{backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, KEY_BATCH};
+use crate::{
+    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
+    KEY_BATCH, KEY_COLUMNS,
+};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -88,10 +91,6 @@ const LISTEN: &str = "LISTEN tollgate_changes";
 /// The advisory lock serializing `migrate` across processes ("tollgate" in
 /// ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
-
-const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
-const KEY_COLUMNS: &str =
-    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// The Postgres [`Store`].
 pub struct PostgresStore {
@@ -1631,11 +1630,9 @@ impl ChangeFeed for PostgresStore {
                 error = %error,
                 retry_in_ms = delay.as_millis() as u64,
             );
-            tokio::select! {
-                () = events.closed() => return,
-                () = tokio::time::sleep(delay) => {}
+            if !backoff::wait(&events, &mut delay).await {
+                return;
             }
-            delay = backoff::next(delay);
         }
     }
 }

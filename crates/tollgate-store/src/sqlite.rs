@@ -54,7 +54,10 @@ use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations::{self, Migration};
 use crate::usage::{self, bigint, text, Groups};
-use crate::{backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, KEY_BATCH};
+use crate::{
+    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
+    KEY_BATCH, KEY_COLUMNS,
+};
 
 mod reports;
 
@@ -71,10 +74,6 @@ const CHANGE_BATCH: i64 = 1_000;
 /// Prepared statements kept per connection: every statement the store
 /// issues, `list_keys`'s variants included, so none is re-parsed.
 const STATEMENT_CACHE: usize = 64;
-
-const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
-const KEY_COLUMNS: &str =
-    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// The SQLite [`Store`].
 pub struct SqliteStore {
@@ -1016,11 +1015,9 @@ impl ChangeFeed for SqliteStore {
                         %error,
                         retry_in_ms = delay.as_millis() as u64,
                     );
-                    tokio::select! {
-                        () = events.closed() => return,
-                        () = tokio::time::sleep(delay) => {}
+                    if !backoff::wait(&events, &mut delay).await {
+                        return;
                     }
-                    delay = backoff::next(delay);
                 }
             }
         }
