@@ -1,11 +1,20 @@
-//! Customer and key management, shared by the admin API and the CLI so both
-//! apply the same rules: tier and route names must exist in config,
-//! `keys create` makes the customer when it is new, rotation keeps the old
-//! key alive for its grace period.
+//! Customers and keys: what a backend stores of them ([`AccountStore`]) and
+//! every rule over them, here once in plain Rust rather than in each
+//! backend's SQL.
+//!
+//! The store's rules: a customer is found by id or by name, a key by id or
+//! by display prefix (a prefix shared by several keys is a conflict), and
+//! rotating a key ends the old one at its grace end or at its own earlier
+//! expiry, never for a revoked key ([`KeyRecord::expiry_after_rotation`]).
+//! The operators' rules, shared by the admin API and the CLI ([`Accounts`]):
+//! tier and route names must exist in config, `keys create` makes the
+//! customer when it is new, rotation keeps the old key alive for its grace
+//! period.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -20,9 +29,105 @@ use crate::store::{
 /// The longest page a list returns.
 pub const MAX_PAGE: u32 = 1000;
 /// The page size when none is asked for.
-pub const DEFAULT_PAGE: u32 = 100;
+const DEFAULT_PAGE: u32 = 100;
 /// How long a rotated key keeps working when no grace is given.
-pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// The customers and keys a backend stores: rows in and out, each write
+/// one statement or one transaction. The lookups by id or name
+/// ([`AccountStore::find_customer`], [`AccountStore::find_key`]) are
+/// written here over the plain reads, for every backend.
+#[async_trait]
+pub trait AccountStore: Send + Sync + 'static {
+    async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError>;
+    async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError>;
+    /// By exact name.
+    async fn customer_named(&self, name: &str) -> Result<Option<Customer>, StoreError>;
+    /// In id (creation) order.
+    async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError>;
+    async fn update_customer(
+        &self,
+        id: CustomerId,
+        update: CustomerUpdate,
+    ) -> Result<Customer, StoreError>;
+
+    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError>;
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// The keys with this display prefix, in id order.
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<KeyRecord>, StoreError>;
+    /// In id (creation) order.
+    async fn list_keys(
+        &self,
+        filter: KeyFilter,
+        page: Page<KeyId>,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Sets `revoked_at` (idempotent: an already revoked key keeps its time).
+    async fn revoke_key(&self, id: KeyId, at: OffsetDateTime) -> Result<KeyRecord, StoreError>;
+    /// In one transaction, with the old key locked against a concurrent
+    /// revoke: reads it (`NotFound` if there is none), takes its new expiry
+    /// from [`KeyRecord::expiry_after_rotation`] (which refuses a revoked
+    /// key), creates `new` and sets that expiry. Returns (old, new).
+    async fn rotate_key(
+        &self,
+        old: KeyId,
+        new: NewKey,
+        old_expires_at: OffsetDateTime,
+    ) -> Result<(KeyRecord, KeyRecord), StoreError>;
+
+    /// Every key record, streamed to `sink` in batches (1M keys must load
+    /// without holding them twice). Revoked and expired keys are included so
+    /// the data plane can say why a key is refused.
+    async fn load_keys(
+        &self,
+        sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
+    ) -> Result<(), StoreError>;
+
+    /// By id (UUID text, any case) or, failing that, by name.
+    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError> {
+        if let Ok(id) = uuid::Uuid::parse_str(name_or_id) {
+            if let Some(customer) = self.customer(CustomerId(id)).await? {
+                return Ok(Some(customer));
+            }
+        }
+        self.customer_named(name_or_id).await
+    }
+
+    /// By id (UUID text, any case) or, failing that, by display prefix. A
+    /// prefix shared by several keys is a `Conflict` (ask for the id).
+    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
+        if let Ok(id) = uuid::Uuid::parse_str(id_or_prefix) {
+            if let Some(record) = self.key(KeyId(id)).await? {
+                return Ok(Some(record));
+            }
+        }
+        let mut found = self.keys_with_prefix(id_or_prefix).await?;
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
+            matches => Err(StoreError::Conflict(format!(
+                "prefix {id_or_prefix} matches {matches} keys; use the id"
+            ))),
+        }
+    }
+}
+
+impl KeyRecord {
+    /// When this key stops working once rotated with a grace period ending
+    /// at `grace_end`: then, or at its own expiry if that is earlier. A
+    /// revoked key cannot be rotated (`Conflict`). Backends call this inside
+    /// the rotation's transaction, on the key as locked there.
+    pub fn expiry_after_rotation(
+        &self,
+        grace_end: OffsetDateTime,
+    ) -> Result<OffsetDateTime, StoreError> {
+        if self.revoked_at.is_some() {
+            return Err(StoreError::Conflict(format!("key {} is revoked", self.id)));
+        }
+        Ok(match self.expires_at {
+            Some(existing) if existing <= grace_end => existing,
+            _ => grace_end,
+        })
+    }
+}
 
 /// Why an account operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -607,5 +712,49 @@ fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> String) -> Option<
         items.last().map(id)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn record(expires_at: Option<OffsetDateTime>, revoked_at: Option<OffsetDateTime>) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::new(),
+            customer_id: CustomerId::new(),
+            digest: KeyDigest::of("tg_test"),
+            prefix: "tg_test0000".to_owned(),
+            name: None,
+            routes: None,
+            created_at: datetime!(2026-11-22 08:00 UTC),
+            expires_at,
+            revoked_at,
+        }
+    }
+
+    #[test]
+    fn rotation_ends_the_old_key_at_the_grace_end_or_its_earlier_expiry() {
+        let grace_end = datetime!(2026-11-23 08:00 UTC);
+        let soon = datetime!(2026-11-22 12:00 UTC);
+        let far = datetime!(2030-01-01 00:00 UTC);
+        let expiry = |expires_at| {
+            record(expires_at, None)
+                .expiry_after_rotation(grace_end)
+                .ok()
+        };
+        assert_eq!(expiry(None), Some(grace_end));
+        assert_eq!(expiry(Some(soon)), Some(soon));
+        assert_eq!(expiry(Some(grace_end)), Some(grace_end));
+        assert_eq!(expiry(Some(far)), Some(grace_end));
+
+        let revoked = record(None, Some(soon));
+        match revoked.expiry_after_rotation(grace_end) {
+            Err(StoreError::Conflict(message)) => {
+                assert_eq!(message, format!("key {} is revoked", revoked.id));
+            }
+            other => panic!("expected Conflict, got {other:?}"),
+        }
     }
 }

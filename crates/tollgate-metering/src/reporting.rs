@@ -40,11 +40,11 @@ use crate::usage::cost::format_usd;
 use crate::usage::UsageEvent;
 
 /// The longest ranking asked for.
-pub const MAX_TOP: u32 = 1000;
+pub(crate) const MAX_TOP: u32 = 1000;
 /// The ranking length when none is asked for.
-pub const DEFAULT_TOP: u32 = 10;
+pub(crate) const DEFAULT_TOP: u32 = 10;
 /// Rows per page when exporting.
-pub const EXPORT_PAGE: u32 = 1000;
+pub(crate) const EXPORT_PAGE: u32 = 1000;
 
 /// Report parameters as they arrive (query string or CLI flags).
 #[derive(Clone, Debug, Default)]
@@ -255,7 +255,7 @@ impl Reports {
 
 /// The billing rule (see the module docs). A tier the config no longer
 /// has bills the metered cost only.
-pub fn billing_line(usage: &BillingUsage, tier: Option<&Limits>) -> BillingLine {
+pub(crate) fn billing_line(usage: &BillingUsage, tier: Option<&Limits>) -> BillingLine {
     let included = tier.and_then(|limits| limits.monthly_requests);
     let (overage_requests, overage_charge_nanos) = match (tier, included) {
         (Some(limits), Some(included)) if limits.overage == Overage::Bill => {
@@ -281,7 +281,7 @@ pub fn billing_line(usage: &BillingUsage, tier: Option<&Limits>) -> BillingLine 
 }
 
 /// Nano-USD rounded half up (away from zero) to whole cents.
-pub fn round_to_cents(nanos: i64) -> i64 {
+pub(crate) fn round_to_cents(nanos: i64) -> i64 {
     const NANOS_PER_CENT: i128 = 10_000_000;
     let nanos = i128::from(nanos);
     let cents = (nanos.abs() + NANOS_PER_CENT / 2) / NANOS_PER_CENT;
@@ -327,7 +327,7 @@ fn merge(into: &mut Value, from: Value) {
 }
 
 /// A report row's sums; money as a decimal string.
-pub fn totals_json(totals: &UsageTotals) -> Value {
+pub(crate) fn totals_json(totals: &UsageTotals) -> Value {
     json!({
         "requests": totals.requests,
         "rejected": totals.rejected,

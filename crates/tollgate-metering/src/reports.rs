@@ -81,7 +81,7 @@ impl UsageTotals {
     }
 }
 
-/// What [`Store::usage_grouped`](crate::store::Store::usage_grouped)
+/// What [`UsageReports::usage_grouped`](crate::store::UsageReports::usage_grouped)
 /// groups by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UsageGroup {
@@ -102,7 +102,7 @@ pub enum GroupKey {
     Model(String),
 }
 
-/// What [`Store::top_customers`](crate::store::Store::top_customers)
+/// What [`UsageReports::top_customers`](crate::store::UsageReports::top_customers)
 /// ranks by: cost, admitted requests, or tokens of all four classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ranking {

@@ -1,6 +1,9 @@
 //! The storage contract. Two backends implement it (SQLite and Postgres, in
 //! the `tollgate-store` crate) and must behave the same through it; the
-//! gateway, the admin API and the CLI only ever see this trait.
+//! gateway, the admin API and the CLI only ever see these traits: one
+//! [`Store`] made of four roles, [`AccountStore`] (customers and keys, with
+//! their rules, in [`crate::accounts`]), [`UsageSink`], [`UsageReports`] and
+//! [`ChangeFeed`].
 //!
 //! Nothing on the request path calls a `Store` method: keys are served from
 //! the [`crate::cache::KeyCache`], which the change feed keeps current.
@@ -14,6 +17,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::accounts::AccountStore;
 use crate::ids::{CustomerId, KeyId};
 use crate::key::KeyDigest;
 use crate::limits::{Period, PeriodTotals};
@@ -63,7 +67,7 @@ pub enum KeyStatus {
 }
 
 impl KeyStatus {
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             KeyStatus::Active => "active",
             KeyStatus::Revoked => "revoked",
@@ -183,73 +187,46 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// The storage contract shared by the SQLite and Postgres backends.
+/// A storage backend: every role below, plus the schema. The gateway and
+/// the CLI hold one as `Arc<dyn Store>`; each part of them uses one role.
+///
+/// The roles are thin data access: rows in, rows out, each write a single
+/// statement or transaction. The rules over customers and keys (lookup by
+/// id or name, what rotation does to the old key) are plain Rust in
+/// [`crate::accounts`], written once for every backend.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed {
     /// Applies pending migrations (recorded in a migrations table); a no-op
     /// when current; `SchemaTooNew` when the database is ahead of the binary.
     async fn migrate(&self) -> Result<MigrationReport, StoreError>;
 
     /// Succeeds when the database answers a trivial query.
     async fn ping(&self) -> Result<(), StoreError>;
+}
 
-    async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError>;
-    /// By id (canonical UUID text) or by name.
-    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError>;
-    async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError>;
-    /// In id (creation) order.
-    async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError>;
-    async fn update_customer(
-        &self,
-        id: CustomerId,
-        update: CustomerUpdate,
-    ) -> Result<Customer, StoreError>;
-
-    async fn create_key(&self, new: NewKey) -> Result<KeyRecord, StoreError>;
-    /// By id (canonical UUID text) or display prefix. A prefix shared by
-    /// several keys is a `Conflict` (ask for the id).
-    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError>;
-    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
-    /// In id (creation) order.
-    async fn list_keys(
-        &self,
-        filter: KeyFilter,
-        page: Page<KeyId>,
-    ) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Sets `revoked_at` (idempotent: an already revoked key keeps its time).
-    async fn revoke_key(&self, id: KeyId, at: OffsetDateTime) -> Result<KeyRecord, StoreError>;
-    /// In one transaction: creates `new` and sets the old key's `expires_at`
-    /// to `old_expires_at` (or keeps an earlier expiry). Returns (old, new).
-    async fn rotate_key(
-        &self,
-        old: KeyId,
-        new: NewKey,
-        old_expires_at: OffsetDateTime,
-    ) -> Result<(KeyRecord, KeyRecord), StoreError>;
-
-    /// Every key record, streamed to `sink` in batches (1M keys must load
-    /// without holding them twice). Revoked and expired keys are included so
-    /// the data plane can say why a key is refused.
-    async fn load_keys(
-        &self,
-        sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
-    ) -> Result<(), StoreError>;
-
+/// Where the recorder's usage rows go.
+#[async_trait]
+pub trait UsageSink: Send + Sync + 'static {
     /// Writes a batch of usage rows and their `usage_daily` rollups in one
     /// transaction. Idempotent on `id`: rows already present are skipped and
     /// are not rolled up again, so replaying a batch never double-counts.
     /// Returns how many rows were new.
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError>;
 
-    /// [`Store::write_usage`] for a batch that may well hold rows the
+    /// [`UsageSink::write_usage`] for a batch that may well hold rows the
     /// database already has (the first write of a spool replay, the retry of
-    /// a write whose outcome went unseen): the same result, reached without
-    /// trying first the way that such rows make fail (on Postgres, a COPY
-    /// the server logs as a unique violation).
-    async fn write_usage_again(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+    /// a write whose outcome went unseen): the same result, reached by
+    /// deduplicating at once, without first trying the way that such rows
+    /// make fail (on Postgres, a COPY the server logs as a unique violation).
+    async fn write_usage_deduplicated(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
         self.write_usage(batch).await
     }
+}
 
+/// What is read back from the usage rollups: the limiter's period totals,
+/// the reports and export, and the frozen billing periods.
+#[async_trait]
+pub trait UsageReports: Send + Sync + 'static {
     /// Each customer's totals for the days of `period` (admitted requests,
     /// tokens of every class, cost), from the per-customer daily rollup:
     /// what the limiter loads at start and re-reads every `sync_interval`,
@@ -315,7 +292,11 @@ pub trait Store: Send + Sync + 'static {
         lines: &[BillingLine],
         at: OffsetDateTime,
     ) -> Result<ClosedPeriod, StoreError>;
+}
 
+/// The change feed that keeps every gateway's key cache current.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
     /// Runs the change feed until `events` is closed. Its first event is a
     /// [`StoreEvent::Resync`], sent once the feed is live: from then on
     /// every committed change to keys and customers, from any process,

@@ -1,16 +1,20 @@
-//! Tollgate's storage backends: the [`Store`] trait of `tollgate-metering`
-//! for SQLite (embedded, one gateway instance) and Postgres (production,
-//! many instances sharing one database).
+//! Tollgate's storage backends: the [`Store`] of `tollgate-metering` for
+//! SQLite (embedded, one gateway instance) and Postgres (production, many
+//! instances sharing one database).
 //!
 //! This crate owns the schema and its versioned migrations
-//! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary),
-//! the SQL for customers and keys, usage rows and their daily rollups
-//! ([`Store::write_usage`]), the usage reports, export and closed billing
-//! periods read from them ([`Store::usage_summary`] and the rest; shared
-//! rules in `reports`), and the change feed that keeps every
-//! gateway's key cache current (Postgres `LISTEN/NOTIFY`; SQLite a
+//! (`migrations/{sqlite,postgres}/NNNN_name.sql`, embedded in the binary)
+//! and the data access of each role of the store: the rows of customers
+//! and keys ([`AccountStore`]; the rules over them, such as lookups by id
+//! or name and what rotation does to the old key, are in
+//! `tollgate_metering::accounts`, written once), usage rows and their
+//! daily rollups ([`UsageSink::write_usage`]), the usage reports, export
+//! and closed billing periods read from them ([`UsageReports`]; shared
+//! rules in `reports`), and the change feed that keeps every gateway's key
+//! cache current ([`ChangeFeed`]: Postgres `LISTEN/NOTIFY`; SQLite a
 //! trigger-filled `change_log` table that is polled). It knows nothing of
-//! HTTP and must not depend on the proxy crate; callers see only the trait.
+//! HTTP and must not depend on the proxy crate; callers see only the
+//! traits.
 //!
 //! Choose a backend by URL with [`open`]; [`testing`] has throwaway
 //! databases for tests of this and other crates.
@@ -20,17 +24,27 @@
 //! Every method either succeeds or returns a classified [`StoreError`]:
 //! an unreachable or failing database is `Unavailable` (Postgres gives up
 //! after a few seconds instead of hanging: connect, pool wait and recycle
-//! are all bounded), a uniqueness rule is `Conflict`, undecodable rows are
+//! are all bounded), a uniqueness rule is `Conflict` (worded once here,
+//! from one table of constraint names per backend), undecodable rows are
 //! `Corrupt`. Writes are single statements or single transactions, so a
-//! failed call changes nothing. The change feed ([`Store::watch`]) never
-//! gives up: it reconnects with backoff (100 ms doubling to 2 s) and, when
-//! it cannot rule out that changes were missed, sends
+//! failed call changes nothing. The change feed ([`ChangeFeed::watch`])
+//! never gives up: it reconnects with backoff (100 ms doubling to 2 s)
+//! and, when it cannot rule out that changes were missed, sends
 //! [`StoreEvent::Resync`] so the caller reloads.
+//!
+//! [`AccountStore`]: tollgate_metering::accounts::AccountStore
+//! [`UsageSink::write_usage`]: tollgate_metering::store::UsageSink::write_usage
+//! [`UsageReports`]: tollgate_metering::store::UsageReports
+//! [`ChangeFeed`]: tollgate_metering::store::ChangeFeed
+//! [`ChangeFeed::watch`]: tollgate_metering::store::ChangeFeed::watch
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tollgate_metering::store::{KeyStatus, Store, StoreError, StoreEvent};
+use time::OffsetDateTime;
+use tollgate_metering::store::{
+    KeyFilter, KeyStatus, NewCustomer, NewKey, Page, Store, StoreError, StoreEvent,
+};
 use tollgate_metering::{CustomerId, KeyId};
 
 mod migrations;
@@ -97,62 +111,151 @@ fn change_event(kind: &str, id: &str) -> Option<StoreEvent> {
     }
 }
 
-/// `Conflict` messages, the same for both backends.
-fn customer_name_taken(name: &str) -> StoreError {
-    StoreError::Conflict(format!("customer {name:?} already exists"))
+/// A schema rule an insert of a customer or key can break, which callers
+/// are told about in their own terms. Each backend names its constraints
+/// for these in one table (`CONSTRAINTS`); what breaking one means is
+/// worded here, once ([`Inserted::refused`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Constraint {
+    CustomerName,
+    CustomerId,
+    KeyDigest,
+    KeyId,
+    /// The key's customer must exist.
+    KeyCustomer,
 }
 
-fn customer_id_taken(id: CustomerId) -> StoreError {
-    StoreError::Conflict(format!("customer {id} already exists"))
+/// What inserting `new` broke, in the caller's terms, when the driver
+/// reported the constraint `reported` (its name, or SQLite's message) and
+/// the backend's table `constraints` knows it; else `None`, and the
+/// driver's error stands.
+fn refusal(
+    constraints: &[(&str, Constraint)],
+    reported: Option<&str>,
+    new: &impl Inserted,
+) -> Option<StoreError> {
+    let &(_, constraint) = constraints
+        .iter()
+        .find(|(known, _)| Some(*known) == reported)?;
+    new.refused(constraint)
 }
 
-fn key_id_taken(id: KeyId) -> StoreError {
-    StoreError::Conflict(format!("key {id} already exists"))
+/// A row being inserted.
+trait Inserted {
+    /// What breaking `constraint` by inserting this row means, or `None`
+    /// when it is not one this row can break (the driver's error stands).
+    fn refused(&self, constraint: Constraint) -> Option<StoreError>;
 }
 
-fn key_digest_taken() -> StoreError {
-    StoreError::Conflict("a key with this digest already exists".to_owned())
+impl Inserted for NewCustomer {
+    fn refused(&self, constraint: Constraint) -> Option<StoreError> {
+        let message = match constraint {
+            Constraint::CustomerName => format!("customer {:?} already exists", self.name),
+            Constraint::CustomerId => format!("customer {} already exists", self.id),
+            Constraint::KeyDigest | Constraint::KeyId | Constraint::KeyCustomer => return None,
+        };
+        Some(StoreError::Conflict(message))
+    }
 }
 
-fn key_revoked(id: KeyId) -> StoreError {
-    StoreError::Conflict(format!("key {id} is revoked"))
+impl Inserted for NewKey {
+    fn refused(&self, constraint: Constraint) -> Option<StoreError> {
+        Some(match constraint {
+            Constraint::KeyDigest => {
+                StoreError::Conflict("a key with this digest already exists".to_owned())
+            }
+            Constraint::KeyId => StoreError::Conflict(format!("key {} already exists", self.id)),
+            Constraint::KeyCustomer => {
+                StoreError::NotFound(format!("customer {}", self.customer_id))
+            }
+            Constraint::CustomerName | Constraint::CustomerId => return None,
+        })
+    }
 }
 
-fn ambiguous_prefix(prefix: &str, matches: usize) -> StoreError {
-    StoreError::Conflict(format!(
-        "prefix {prefix} matches {matches} keys; use the id"
-    ))
+/// A value [`list_keys_sql`] binds, for the backend to encode.
+enum KeyArg {
+    Customer(CustomerId),
+    After(KeyId),
+    Now(OffsetDateTime),
+    Limit(u32),
 }
 
-/// The SQL condition selecting keys whose status at the instant bound to
-/// `now` (a placeholder such as `?3` or `$3`) is `status`. It must agree
-/// with [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
+/// The query of `list_keys`: `columns` of the keys that pass `filter` on
+/// `page`, in id order, with a placeholder from `bind` (`$n` or `?n`) for
+/// each value it binds. The status conditions agree with
+/// [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
 /// revoked wins over expired, and a key expires at `expires_at` exactly.
-/// The `Revoked` condition does not use `now`: bind it only for the others
-/// (Postgres refuses a parameter it cannot type).
-fn status_condition(status: KeyStatus, now: &str) -> String {
-    match status {
-        KeyStatus::Revoked => "revoked_at IS NOT NULL".to_owned(),
-        KeyStatus::Expired => {
-            format!("revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {now}")
+/// `Revoked` does not bind the instant (Postgres refuses a parameter it
+/// cannot type).
+fn list_keys_sql(
+    columns: &str,
+    filter: &KeyFilter,
+    page: Page<KeyId>,
+    mut bind: impl FnMut(KeyArg) -> String,
+) -> String {
+    let mut sql = format!("SELECT {columns} FROM api_keys WHERE TRUE");
+    if let Some(customer) = filter.customer {
+        sql += &format!(" AND customer_id = {}", bind(KeyArg::Customer(customer)));
+    }
+    if let Some(after) = page.after {
+        sql += &format!(" AND id > {}", bind(KeyArg::After(after)));
+    }
+    let mut now = || {
+        bind(KeyArg::Now(
+            filter.now.unwrap_or_else(OffsetDateTime::now_utc),
+        ))
+    };
+    match filter.status {
+        None => {}
+        Some(KeyStatus::Revoked) => sql += " AND revoked_at IS NOT NULL",
+        Some(KeyStatus::Expired) => {
+            sql += &format!(
+                " AND revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= {}",
+                now()
+            );
         }
-        KeyStatus::Active => {
-            format!("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {now})")
+        Some(KeyStatus::Active) => {
+            sql += &format!(
+                " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > {})",
+                now()
+            );
         }
     }
+    sql + &format!(" ORDER BY id LIMIT {}", bind(KeyArg::Limit(page.limit)))
 }
 
 /// The backoff of the change feed after a failure.
 mod backoff {
     use std::time::Duration;
 
-    pub const FIRST: Duration = Duration::from_millis(100);
-    pub const MAX: Duration = Duration::from_secs(2);
+    use tokio::sync::mpsc;
+    use tollgate_metering::store::StoreEvent;
 
-    pub fn next(current: Duration) -> Duration {
+    pub(crate) const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub(super) fn next(current: Duration) -> Duration {
         (current * 2).min(MAX)
     }
+
+    /// Waits `delay` before the next try, then doubles it (up to 2 s);
+    /// `false` when the receiver went away meanwhile: the feed is over.
+    pub(crate) async fn wait(events: &mpsc::Sender<StoreEvent>, delay: &mut Duration) -> bool {
+        tokio::select! {
+            () = events.closed() => return false,
+            () = tokio::time::sleep(*delay) => {}
+        }
+        *delay = next(*delay);
+        true
+    }
 }
+
+/// The columns of `customers` and of `api_keys`, in the order both
+/// backends decode them.
+const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
+const KEY_COLUMNS: &str =
+    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// How many keys one `load_keys` batch carries: large enough that a million
 /// keys take a hundred round trips, small enough to stay a few MiB.

@@ -52,14 +52,15 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Socket};
 use uuid::Uuid;
 
+use tollgate_metering::accounts::AccountStore;
 use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
 use tollgate_metering::store::{
-    Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
-    NewKey, Page, Store, StoreError, StoreEvent,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, MigrationReport, NewCustomer,
+    NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
 };
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
@@ -68,7 +69,10 @@ use crate::migrations;
 use crate::usage::{
     self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
 };
-use crate::{backoff, change_event, status_condition, KEY_BATCH};
+use crate::{
+    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
+    KEY_BATCH, KEY_COLUMNS,
+};
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -87,10 +91,6 @@ const LISTEN: &str = "LISTEN tollgate_changes";
 /// The advisory lock serializing `migrate` across processes ("tollgate" in
 /// ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
-
-const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
-const KEY_COLUMNS: &str =
-    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// The Postgres [`Store`].
 pub struct PostgresStore {
@@ -159,17 +159,31 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// The constraint a unique violation names.
-fn unique_violation(failure: &Failure) -> Option<&str> {
-    let Failure::Postgres(error) = failure else {
-        return None;
-    };
-    let db = error.as_db_error()?;
-    (*db.code() == SqlState::UNIQUE_VIOLATION).then(|| db.constraint().unwrap_or_default())
-}
+/// The constraints whose violation callers are told about in their own
+/// terms, by the names migration 1 gives them (explicitly, or Postgres's
+/// defaults `<table>_pkey` and `<table>_<column>_fkey`).
+const CONSTRAINTS: [(&str, Constraint); 5] = [
+    ("customers_name_unique", Constraint::CustomerName),
+    ("customers_pkey", Constraint::CustomerId),
+    ("api_keys_digest_unique", Constraint::KeyDigest),
+    ("api_keys_pkey", Constraint::KeyId),
+    ("api_keys_customer_id_fkey", Constraint::KeyCustomer),
+];
 
-fn foreign_key_violation(failure: &Failure) -> bool {
-    matches!(failure, Failure::Postgres(error) if error.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION))
+/// `failure`, or what it means for inserting `new` when it broke one of
+/// the [`CONSTRAINTS`].
+fn refused(failure: Failure, new: &impl Inserted) -> Failure {
+    let reported = match &failure {
+        Failure::Postgres(error) => error
+            .as_db_error()
+            .filter(|db| {
+                *db.code() == SqlState::UNIQUE_VIOLATION
+                    || *db.code() == SqlState::FOREIGN_KEY_VIOLATION
+            })
+            .and_then(|db| db.constraint()),
+        _ => None,
+    };
+    crate::refusal(&CONSTRAINTS, reported, new).map_or(failure, Failure::from)
 }
 
 fn corrupt(message: String) -> Failure {
@@ -305,12 +319,12 @@ impl PostgresStore {
         }
     }
 
-    /// [`Store::write_usage`], or with `again` [`Store::write_usage_again`]:
-    /// the deduplicating way at once.
+    /// [`UsageSink::write_usage`], or with `deduplicate`
+    /// [`UsageSink::write_usage_deduplicated`]: the deduplicating way at once.
     async fn write_usage_batch(
         &self,
         batch: &[UsageEvent],
-        again: bool,
+        deduplicate: bool,
     ) -> Result<u64, StoreError> {
         if batch.is_empty() {
             return Ok(0);
@@ -327,20 +341,20 @@ impl PostgresStore {
                 CopyTarget::Partitions
             };
             loop {
-                let attempt = if again {
+                let attempt = if deduplicate {
                     write_deduplicated(&mut client, &rows).await
                 } else {
                     write_new(&mut client, &rows, &months, target).await
                 };
                 let written = match attempt {
-                    Err(failure) if !again && already_written(&failure) => {
+                    Err(failure) if !deduplicate && already_written(&failure) => {
                         tracing::debug!(
                             message = "Usage batch holds rows written before; deduplicating.",
                             rows = rows.len(),
                         );
                         write_deduplicated(&mut client, &rows).await
                     }
-                    Err(failure) if !again && target == CopyTarget::Partitions && partition_unusable(&failure) => {
+                    Err(failure) if !deduplicate && target == CopyTarget::Partitions && partition_unusable(&failure) => {
                         tracing::warn!(
                             message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
                             months = ?months,
@@ -462,7 +476,7 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
         ))
         .await?;
     let digest: &[u8] = new.digest.as_bytes();
-    let inserted = client
+    let row = client
         .query_one(
             &statement,
             &[
@@ -477,18 +491,8 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
             ],
         )
         .await
-        .map_err(Failure::from);
-    match inserted {
-        Ok(row) => key_row(&row),
-        Err(failure) if foreign_key_violation(&failure) => {
-            Err(StoreError::NotFound(format!("customer {}", new.customer_id)).into())
-        }
-        Err(failure) => Err(match unique_violation(&failure) {
-            Some("api_keys_digest_unique") => crate::key_digest_taken().into(),
-            Some(_) => crate::key_id_taken(new.id).into(),
-            None => failure,
-        }),
-    }
+        .map_err(|error| refused(error.into(), new))?;
+    key_row(&row)
 }
 
 // ---- change feed -----------------------------------------------------------
@@ -599,7 +603,7 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 // way against 110,000 through staging alone (2 cores, client and server on
 // one machine). The cost of a replayed batch is one failed COPY, which the
 // Postgres log shows as a unique violation on the partition's primary key;
-// `write_usage_again`, which the recorder uses for the batches likeliest
+// `write_usage_deduplicated`, which the recorder uses for the batches likeliest
 // to hold such rows (the first after a restart or a failed write), goes
 // the deduplicating way at once instead.
 
@@ -1292,7 +1296,10 @@ impl Store for PostgresStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl AccountStore for PostgresStore {
     async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError> {
         run(async {
             let client = self.client().await?;
@@ -1302,7 +1309,7 @@ impl Store for PostgresStore {
                      VALUES ($1, $2, $3, $4, $5) RETURNING {CUSTOMER_COLUMNS}"
                 ))
                 .await?;
-            let inserted = client
+            let row = client
                 .query_one(
                     &statement,
                     &[
@@ -1314,44 +1321,32 @@ impl Store for PostgresStore {
                     ],
                 )
                 .await
-                .map_err(Failure::from);
-            match inserted {
-                Ok(row) => customer_row(&row),
-                Err(failure) => Err(match unique_violation(&failure) {
-                    Some("customers_name_unique") => crate::customer_name_taken(&new.name).into(),
-                    Some(_) => crate::customer_id_taken(new.id).into(),
-                    None => failure,
-                }),
-            }
-        })
-        .await
-    }
-
-    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError> {
-        run(async {
-            let client = self.client().await?;
-            if let Ok(id) = Uuid::parse_str(name_or_id) {
-                if let Some(customer) = customer_by_id(&client, id).await? {
-                    return Ok(Some(customer));
-                }
-            }
-            let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = $1"
-                ))
-                .await?;
-            client
-                .query_opt(&statement, &[&name_or_id])
-                .await?
-                .as_ref()
-                .map(customer_row)
-                .transpose()
+                .map_err(|error| refused(error.into(), &new))?;
+            customer_row(&row)
         })
         .await
     }
 
     async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError> {
         run(async { customer_by_id(&self.client().await?, id.0).await }).await
+    }
+
+    async fn customer_named(&self, name: &str) -> Result<Option<Customer>, StoreError> {
+        run(async {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(&format!(
+                    "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = $1"
+                ))
+                .await?;
+            client
+                .query_opt(&statement, &[&name])
+                .await?
+                .as_ref()
+                .map(customer_row)
+                .transpose()
+        })
+        .await
     }
 
     async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError> {
@@ -1407,31 +1402,21 @@ impl Store for PostgresStore {
         run(async { insert_key(&self.client().await?, &new).await }).await
     }
 
-    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        run(async { key_by_id(&self.client().await?, id, false).await }).await
+    }
+
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<KeyRecord>, StoreError> {
         run(async {
             let client = self.client().await?;
-            if let Ok(id) = Uuid::parse_str(id_or_prefix) {
-                if let Some(record) = key_by_id(&client, KeyId(id), false).await? {
-                    return Ok(Some(record));
-                }
-            }
             let statement = client
                 .prepare_cached(&format!(
                     "SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1 ORDER BY id"
                 ))
                 .await?;
-            let mut found =
-                decode_all(&client.query(&statement, &[&id_or_prefix]).await?, key_row)?;
-            match found.len() {
-                0 | 1 => Ok(found.pop()),
-                matches => Err(crate::ambiguous_prefix(id_or_prefix, matches).into()),
-            }
+            decode_all(&client.query(&statement, &[&prefix]).await?, key_row)
         })
         .await
-    }
-
-    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        run(async { key_by_id(&self.client().await?, id, false).await }).await
     }
 
     async fn list_keys(
@@ -1440,31 +1425,16 @@ impl Store for PostgresStore {
         page: Page<KeyId>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         run(async {
-            let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE TRUE");
             let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-            let mut bind = |value: Box<dyn ToSql + Sync + Send>| {
-                args.push(value);
+            let sql = list_keys_sql(KEY_COLUMNS, &filter, page, |arg| {
+                args.push(match arg {
+                    KeyArg::Customer(id) => Box::new(id.0),
+                    KeyArg::After(id) => Box::new(id.0),
+                    KeyArg::Now(now) => Box::new(now),
+                    KeyArg::Limit(limit) => Box::new(i64::from(limit)),
+                });
                 format!("${}", args.len())
-            };
-            if let Some(customer) = filter.customer {
-                sql += &format!(" AND customer_id = {}", bind(Box::new(customer.0)));
-            }
-            if let Some(after) = page.after {
-                sql += &format!(" AND id > {}", bind(Box::new(after.0)));
-            }
-            if let Some(status) = filter.status {
-                let now = match status {
-                    KeyStatus::Revoked => String::new(),
-                    KeyStatus::Active | KeyStatus::Expired => {
-                        bind(Box::new(filter.now.unwrap_or_else(OffsetDateTime::now_utc)))
-                    }
-                };
-                sql += &format!(" AND {}", status_condition(status, &now));
-            }
-            sql += &format!(
-                " ORDER BY id LIMIT {}",
-                bind(Box::new(i64::from(page.limit)))
-            );
+            });
             let params: Vec<&(dyn ToSql + Sync)> = args
                 .iter()
                 .map(|arg| arg.as_ref() as &(dyn ToSql + Sync))
@@ -1505,17 +1475,11 @@ impl Store for PostgresStore {
             let tx = client.transaction().await?;
             // FOR UPDATE: a concurrent revoke waits for this rotation (or
             // this rotation sees the revocation and refuses).
-            let current = key_by_id(&tx, old, true)
+            let expires_at = key_by_id(&tx, old, true)
                 .await?
-                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?;
-            if current.revoked_at.is_some() {
-                return Err(crate::key_revoked(old).into());
-            }
+                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?
+                .expiry_after_rotation(old_expires_at)?;
             let created = insert_key(&tx, &new).await?;
-            let expires_at = match current.expires_at {
-                Some(existing) if existing <= old_expires_at => existing,
-                _ => old_expires_at,
-            };
             let statement = tx
                 .prepare_cached(&format!(
                     "UPDATE api_keys SET expires_at = $2 WHERE id = $1 RETURNING {KEY_COLUMNS}"
@@ -1560,7 +1524,21 @@ impl Store for PostgresStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl UsageSink for PostgresStore {
+    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        self.write_usage_batch(batch, false).await
+    }
+
+    async fn write_usage_deduplicated(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
+        self.write_usage_batch(batch, true).await
+    }
+}
+
+#[async_trait]
+impl UsageReports for PostgresStore {
     async fn period_totals(
         &self,
         period: Period,
@@ -1614,15 +1592,10 @@ impl Store for PostgresStore {
     ) -> Result<ClosedPeriod, StoreError> {
         run(reports::close_period(self, period, lines, at)).await
     }
+}
 
-    async fn write_usage_again(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        self.write_usage_batch(batch, true).await
-    }
-
-    async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
-        self.write_usage_batch(batch, false).await
-    }
-
+#[async_trait]
+impl ChangeFeed for PostgresStore {
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {
         let mut delay = backoff::FIRST;
         loop {
@@ -1657,11 +1630,9 @@ impl Store for PostgresStore {
                 error = %error,
                 retry_in_ms = delay.as_millis() as u64,
             );
-            tokio::select! {
-                () = events.closed() => return,
-                () = tokio::time::sleep(delay) => {}
+            if !backoff::wait(&events, &mut delay).await {
+                return;
             }
-            delay = backoff::next(delay);
         }
     }
 }

@@ -39,21 +39,25 @@ use time::{Date, OffsetDateTime, UtcOffset};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use tollgate_metering::accounts::AccountStore;
 use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::reports::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
 use tollgate_metering::store::{
-    Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, MigrationReport, NewCustomer,
-    NewKey, Page, Store, StoreError, StoreEvent,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, MigrationReport, NewCustomer,
+    NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
 };
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyDigest, KeyId};
 
 use crate::migrations::{self, Migration};
 use crate::usage::{self, bigint, text, Groups};
-use crate::{backoff, change_event, status_condition, KEY_BATCH};
+use crate::{
+    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
+    KEY_BATCH, KEY_COLUMNS,
+};
 
 mod reports;
 
@@ -70,10 +74,6 @@ const CHANGE_BATCH: i64 = 1_000;
 /// Prepared statements kept per connection: every statement the store
 /// issues, `list_keys`'s variants included, so none is re-parsed.
 const STATEMENT_CACHE: usize = 64;
-
-const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
-const KEY_COLUMNS: &str =
-    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
 
 /// The SQLite [`Store`].
 pub struct SqliteStore {
@@ -133,22 +133,39 @@ fn classify(error: rusqlite::Error) -> StoreError {
     }
 }
 
-/// The `table.column` a UNIQUE or PRIMARY KEY violation names.
-fn unique_violation(error: &rusqlite::Error) -> Option<&str> {
-    match error {
-        rusqlite::Error::SqliteFailure(failure, Some(message))
-            if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-                || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+/// The constraints whose violation callers are told about in their own
+/// terms, by the message SQLite gives for them. SQLite does not name a
+/// foreign key: the only one an insert of a customer or key can break is
+/// the key's customer.
+const CONSTRAINTS: [(&str, Constraint); 5] = [
+    (
+        "UNIQUE constraint failed: customers.name",
+        Constraint::CustomerName,
+    ),
+    (
+        "UNIQUE constraint failed: customers.id",
+        Constraint::CustomerId,
+    ),
+    (
+        "UNIQUE constraint failed: api_keys.digest",
+        Constraint::KeyDigest,
+    ),
+    ("UNIQUE constraint failed: api_keys.id", Constraint::KeyId),
+    ("FOREIGN KEY constraint failed", Constraint::KeyCustomer),
+];
+
+/// `failure`, or what it means for inserting `new` when it broke one of
+/// the [`CONSTRAINTS`].
+fn refused(failure: Failure, new: &impl Inserted) -> Failure {
+    let reported = match &failure {
+        Failure::Sqlite(rusqlite::Error::SqliteFailure(error, message))
+            if error.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            message.strip_prefix("UNIQUE constraint failed: ")
+            message.as_deref()
         }
         _ => None,
-    }
-}
-
-fn foreign_key_violation(error: &rusqlite::Error) -> bool {
-    matches!(error, rusqlite::Error::SqliteFailure(failure, _)
-        if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
+    };
+    crate::refusal(&CONSTRAINTS, reported, new).map_or(failure, Failure::from)
 }
 
 impl SqliteStore {
@@ -349,19 +366,9 @@ fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
         ],
         key_row,
     );
-    match inserted {
-        Ok(Some(record)) => Ok(record),
-        Ok(None) => Err(corrupt("INSERT … RETURNING returned no row".to_owned())),
-        Err(Failure::Sqlite(error)) if foreign_key_violation(&error) => Err(Failure::Store(
-            StoreError::NotFound(format!("customer {}", new.customer_id)),
-        )),
-        Err(Failure::Sqlite(error)) => Err(match unique_violation(&error) {
-            Some("api_keys.digest") => crate::key_digest_taken().into(),
-            Some(_) => crate::key_id_taken(new.id).into(),
-            None => Failure::Sqlite(error),
-        }),
-        Err(other) => Err(other),
-    }
+    inserted
+        .map_err(|failure| refused(failure, new))?
+        .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".to_owned()))
 }
 
 // ---- usage -----------------------------------------------------------------
@@ -663,7 +670,10 @@ impl Store for SqliteStore {
         self.call(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
     }
+}
 
+#[async_trait]
+impl AccountStore for SqliteStore {
     async fn create_customer(&self, new: NewCustomer) -> Result<Customer, StoreError> {
         self.call(move |conn| {
             let mut statement = conn.prepare_cached(&format!(
@@ -681,38 +691,26 @@ impl Store for SqliteStore {
                 ],
                 customer_row,
             );
-            match inserted {
-                Ok(Some(customer)) => Ok(customer),
-                Ok(None) => Err(corrupt("INSERT … RETURNING returned no row".to_owned())),
-                Err(Failure::Sqlite(error)) => Err(match unique_violation(&error) {
-                    Some("customers.name") => crate::customer_name_taken(&new.name).into(),
-                    Some(_) => crate::customer_id_taken(new.id).into(),
-                    None => Failure::Sqlite(error),
-                }),
-                Err(other) => Err(other),
-            }
-        })
-        .await
-    }
-
-    async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError> {
-        let name_or_id = name_or_id.to_owned();
-        self.call(move |conn| {
-            if let Ok(id) = Uuid::parse_str(&name_or_id) {
-                if let Some(customer) = customer_by_id(conn, id)? {
-                    return Ok(Some(customer));
-                }
-            }
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = ?1"
-            ))?;
-            first(&mut statement, [name_or_id], customer_row)
+            inserted
+                .map_err(|failure| refused(failure, &new))?
+                .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".to_owned()))
         })
         .await
     }
 
     async fn customer(&self, id: CustomerId) -> Result<Option<Customer>, StoreError> {
         self.call(move |conn| customer_by_id(conn, id.0)).await
+    }
+
+    async fn customer_named(&self, name: &str) -> Result<Option<Customer>, StoreError> {
+        let name = name.to_owned();
+        self.call(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE name = ?1"
+            ))?;
+            first(&mut statement, [name], customer_row)
+        })
+        .await
     }
 
     async fn list_customers(&self, page: Page<CustomerId>) -> Result<Vec<Customer>, StoreError> {
@@ -761,28 +759,19 @@ impl Store for SqliteStore {
         self.call(move |conn| insert_key(conn, &new)).await
     }
 
-    async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let id_or_prefix = id_or_prefix.to_owned();
+    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.call(move |conn| key_by_id(conn, id)).await
+    }
+
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let prefix = prefix.to_owned();
         self.call(move |conn| {
-            if let Ok(id) = Uuid::parse_str(&id_or_prefix) {
-                if let Some(record) = key_by_id(conn, KeyId(id))? {
-                    return Ok(Some(record));
-                }
-            }
             let mut statement = conn.prepare_cached(&format!(
                 "SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = ?1 ORDER BY id"
             ))?;
-            let mut found = all(&mut statement, [&id_or_prefix], key_row)?;
-            match found.len() {
-                0 | 1 => Ok(found.pop()),
-                matches => Err(crate::ambiguous_prefix(&id_or_prefix, matches).into()),
-            }
+            all(&mut statement, [prefix], key_row)
         })
         .await
-    }
-
-    async fn key(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        self.call(move |conn| key_by_id(conn, id)).await
     }
 
     async fn list_keys(
@@ -791,35 +780,16 @@ impl Store for SqliteStore {
         page: Page<KeyId>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         self.call(move |conn| {
-            let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE 1");
             let mut args: Vec<Value> = Vec::new();
-            let mut bind = |value: Value| {
-                args.push(value);
+            let sql = list_keys_sql(KEY_COLUMNS, &filter, page, |arg| {
+                args.push(match arg {
+                    KeyArg::Customer(id) => Value::Text(id.to_string()),
+                    KeyArg::After(id) => Value::Text(id.to_string()),
+                    KeyArg::Now(now) => Value::Text(ts(now)),
+                    KeyArg::Limit(limit) => Value::Integer(i64::from(limit)),
+                });
                 format!("?{}", args.len())
-            };
-            if let Some(customer) = filter.customer {
-                sql += &format!(
-                    " AND customer_id = {}",
-                    bind(Value::Text(customer.to_string()))
-                );
-            }
-            if let Some(after) = page.after {
-                sql += &format!(" AND id > {}", bind(Value::Text(after.to_string())));
-            }
-            if let Some(status) = filter.status {
-                let now = match status {
-                    KeyStatus::Revoked => String::new(),
-                    KeyStatus::Active | KeyStatus::Expired => {
-                        let now = filter.now.unwrap_or_else(OffsetDateTime::now_utc);
-                        bind(Value::Text(ts(now)))
-                    }
-                };
-                sql += &format!(" AND {}", status_condition(status, &now));
-            }
-            sql += &format!(
-                " ORDER BY id LIMIT {}",
-                bind(Value::Integer(i64::from(page.limit)))
-            );
+            });
             let mut statement = conn.prepare_cached(&sql)?;
             all(&mut statement, params_from_iter(args), key_row)
         })
@@ -846,16 +816,10 @@ impl Store for SqliteStore {
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let current =
-                key_by_id(&tx, old)?.ok_or_else(|| StoreError::NotFound(format!("key {old}")))?;
-            if current.revoked_at.is_some() {
-                return Err(crate::key_revoked(old).into());
-            }
+            let expires_at = key_by_id(&tx, old)?
+                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?
+                .expiry_after_rotation(old_expires_at)?;
             let created = insert_key(&tx, &new)?;
-            let expires_at = match current.expires_at {
-                Some(existing) if existing <= old_expires_at => existing,
-                _ => old_expires_at,
-            };
             let updated = {
                 let mut statement = tx.prepare_cached(&format!(
                     "UPDATE api_keys SET expires_at = ?2 WHERE id = ?1 RETURNING {KEY_COLUMNS}"
@@ -910,7 +874,10 @@ impl Store for SqliteStore {
             }
         }
     }
+}
 
+#[async_trait]
+impl UsageSink for SqliteStore {
     async fn write_usage(&self, batch: &[UsageEvent]) -> Result<u64, StoreError> {
         if batch.is_empty() {
             return Ok(0);
@@ -920,7 +887,10 @@ impl Store for SqliteStore {
         let batch = batch.to_vec();
         self.call(move |conn| write_usage(conn, &batch)).await
     }
+}
 
+#[async_trait]
+impl UsageReports for SqliteStore {
     async fn period_totals(
         &self,
         period: Period,
@@ -986,7 +956,10 @@ impl Store for SqliteStore {
         self.call(move |conn| reports::close_period(conn, period, &lines, at))
             .await
     }
+}
 
+#[async_trait]
+impl ChangeFeed for SqliteStore {
     async fn watch(&self, events: mpsc::Sender<StoreEvent>) {
         let mut feed = Some(Feed {
             conn: None,
@@ -1042,11 +1015,9 @@ impl Store for SqliteStore {
                         %error,
                         retry_in_ms = delay.as_millis() as u64,
                     );
-                    tokio::select! {
-                        () = events.closed() => return,
-                        () = tokio::time::sleep(delay) => {}
+                    if !backoff::wait(&events, &mut delay).await {
+                        return;
                     }
-                    delay = backoff::next(delay);
                 }
             }
         }

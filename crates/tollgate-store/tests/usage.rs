@@ -24,7 +24,7 @@ use uuid::Uuid;
 tollgate_store::both_backends!(
     rows_round_trip_column_by_column,
     replayed_rows_are_skipped_and_not_counted_again,
-    writing_again_counts_only_the_new_rows,
+    deduplicated_writes_count_only_the_new_rows,
     daily_rollups_match_the_rows,
     rows_either_side_of_midnight_utc_land_on_two_days,
     an_empty_batch_writes_nothing,
@@ -380,16 +380,19 @@ async fn rows_round_trip_column_by_column(backend: Backend) {
     assert_eq!(row[15], None, "no model is NULL in usage_events");
 }
 
-async fn writing_again_counts_only_the_new_rows(backend: Backend) {
-    // write_usage_again: the same results as write_usage, for new rows,
+async fn deduplicated_writes_count_only_the_new_rows(backend: Backend) {
+    // write_usage_deduplicated: the same results as write_usage, for new rows,
     // rows already there, and a mix.
     let (store, guard) = test_store(backend).await;
     let first = varied(30, T0);
-    assert_eq!(store.write_usage_again(&first).await.unwrap(), 30);
-    assert_eq!(store.write_usage_again(&first).await.unwrap(), 0);
+    assert_eq!(store.write_usage_deduplicated(&first).await.unwrap(), 30);
+    assert_eq!(store.write_usage_deduplicated(&first).await.unwrap(), 0);
     let more = varied(30, T0 + Duration::from_secs(86_400));
     let overlapping: Vec<UsageEvent> = first[10..].iter().chain(&more).cloned().collect();
-    assert_eq!(store.write_usage_again(&overlapping).await.unwrap(), 30);
+    assert_eq!(
+        store.write_usage_deduplicated(&overlapping).await.unwrap(),
+        30
+    );
     let written: Vec<&UsageEvent> = first.iter().chain(&more).collect();
     assert_eq!(
         sorted(&guard, &events_sql(backend)).await,
@@ -903,10 +906,10 @@ mod postgres_only {
         // deduplicating way.
         assert_eq!(store.write_usage(&first).await.unwrap(), 0);
         assert_eq!(copies().await, "2");
-        // Through write_usage_again: the deduplicating way only.
+        // Through write_usage_deduplicated: the deduplicating way only.
         let mut again = first.clone();
         again.push(event(customer, key, now));
-        assert_eq!(store.write_usage_again(&again).await.unwrap(), 1);
+        assert_eq!(store.write_usage_deduplicated(&again).await.unwrap(), 1);
         assert_eq!(copies().await, "2");
         assert_eq!(
             placement(&guard).await,

@@ -110,7 +110,7 @@ impl FlushMetrics {
     /// counts the rows of every failed attempt (a batch retried during an
     /// outage counts again each time).
     /// `again`: the rows may be in the database already
-    /// ([`Store::write_usage_again`]).
+    /// ([`UsageSink::write_usage_deduplicated`](crate::store::UsageSink::write_usage_deduplicated)).
     async fn write(
         &self,
         store: &dyn Store,
@@ -120,7 +120,7 @@ impl FlushMetrics {
     ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
         let result = if again {
-            store.write_usage_again(rows).await
+            store.write_usage_deduplicated(rows).await
         } else {
             store.write_usage(rows).await
         };
