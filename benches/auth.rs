@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use sha2::{Digest, Sha256};
 use time::macros::datetime;
-use tollgate_metering::cache::KeyCache;
-use tollgate_metering::store::KeyRecord;
-use tollgate_metering::{CustomerId, KeyDigest, KeyFormat, KeyId};
+use tollgate_metering::keys::KeyCache;
+use tollgate_metering::keys::KeyRecord;
+use tollgate_metering::keys::{KeyDigest, KeyFormat};
+use tollgate_metering::{CustomerId, KeyId};
 
 const KEYS: usize = 100_000;
 

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use tollgate_metering::cache::KeyCache;
+use tollgate_metering::keys::KeyCache;
 use tollgate_store::testing::TestDatabase;
 
 fn status_kib(field: &str) -> u64 {

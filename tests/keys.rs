@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use tollgate_metering::KeyFormat;
+use tollgate_metering::keys::KeyFormat;
 
 use tollgate_store::testing::{Backend, TestGuard};
 

@@ -662,7 +662,7 @@ async fn rows_at_the_bigint_limit(backend: Backend) {
     let store = tollgate_store::open(db.url(), 2).await.unwrap();
     store.migrate().await.unwrap();
     let huge = store
-        .create_customer(tollgate_metering::store::NewCustomer {
+        .create_customer(tollgate_metering::keys::NewCustomer {
             id: CustomerId::new(),
             name: "huge".into(),
             tier: "capped".into(),

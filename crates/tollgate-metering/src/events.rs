@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::ids::CustomerId;
+use crate::keys::ids::CustomerId;
 use crate::store::{StoreError, StoreEvent};
 use crate::telemetry::Event;
 

@@ -1,26 +1,33 @@
-//! Tollgate's accounting domain: who a request belongs to and what it costs.
+//! Tollgate's accounting domain: who a request belongs to, what it may do,
+//! what it cost, and what a customer is billed. It knows neither hyper nor
+//! any database driver: the proxy crate calls into it on the hot path, and
+//! the store crate implements its storage traits.
 //!
-//! Owns the key format and digest, the in-memory key cache, identifiers, the
-//! records the gateway keeps (customers, keys) and the [`Store`] trait that
-//! storage backends implement. Limits, usage extraction, pricing and the
-//! recorder join it as they arrive.
+//! - [`keys`]: the key format and digest, the key cache the data plane
+//!   authenticates against, customers and keys and their rules.
+//! - [`limits`]: rate limits, monthly quotas and USD budgets, checked in
+//!   memory. **A 429 comes from here**: [`limits::Limiter::admit`] refuses
+//!   with a [`limits::Rejection`] (rate, quota or budget), which the proxy
+//!   renders.
+//! - [`usage`]: reading what a response cost (headers, JSON and SSE
+//!   bodies, pricing) and recording it. **A usage row is born** in the
+//!   proxy as a [`usage::UsageEvent`] (one per request, enforced by its
+//!   guard), handed to the [`usage::Recorder`], appended to the durable
+//!   spool, and **reaches the database** when the recorder's writer calls
+//!   [`usage::UsageSink::write_usage`] on the store.
+//! - [`billing`]: usage reports and monthly billing over `usage_daily`.
 //!
-//! It must know neither hyper nor any database driver: the proxy crate calls
-//! into it on the hot path, and the store crate implements its trait.
+//! The [`Store`] trait is every storage role together ([`keys::AccountStore`],
+//! [`keys::ChangeFeed`], [`usage::UsageSink`], [`billing::UsageReports`]);
+//! the store crate implements it for Postgres and SQLite.
 
-pub mod accounts;
-pub mod cache;
+pub mod billing;
 mod events;
-pub mod ids;
-pub mod key;
+pub mod keys;
 pub mod limits;
-pub mod policy;
-pub mod reporting;
-pub mod reports;
-pub mod store;
+mod store;
 pub mod telemetry;
 pub mod usage;
 
-pub use ids::{CustomerId, KeyId};
-pub use key::{KeyDigest, KeyFormat, KeyFormatError, PlainKey};
-pub use store::{Store, StoreError};
+pub use keys::{CustomerId, KeyId};
+pub use store::{MigrationReport, Store, StoreError};

@@ -2,11 +2,11 @@
 //! the `tollgate-store` crate) and must behave the same through it; the
 //! gateway, the admin API and the CLI only ever see these traits: one
 //! [`Store`] made of four roles, [`AccountStore`] (customers and keys, with
-//! their rules, in [`crate::accounts`]), [`UsageSink`], [`UsageReports`] and
+//! their rules, in [`crate::keys::accounts`]), [`UsageSink`], [`UsageReports`] and
 //! [`ChangeFeed`].
 //!
 //! Nothing on the request path calls a `Store` method: keys are served from
-//! the [`crate::cache::KeyCache`], which the change feed keeps current.
+//! the [`crate::keys::cache::KeyCache`], which the change feed keeps current.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,14 +17,14 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::accounts::AccountStore;
-use crate::ids::{CustomerId, KeyId};
-use crate::key::KeyDigest;
-use crate::limits::{Period, PeriodTotals};
-use crate::reports::{
+use crate::billing::records::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
+use crate::keys::accounts::AccountStore;
+use crate::keys::format::KeyDigest;
+use crate::keys::ids::{CustomerId, KeyId};
+use crate::limits::{Period, PeriodTotals};
 use crate::usage::UsageEvent;
 
 /// A customer as stored.
@@ -193,7 +193,7 @@ pub enum StoreError {
 /// The roles are thin data access: rows in, rows out, each write a single
 /// statement or transaction. The rules over customers and keys (lookup by
 /// id or name, what rotation does to the old key) are plain Rust in
-/// [`crate::accounts`], written once for every backend.
+/// [`crate::keys::accounts`], written once for every backend.
 #[async_trait]
 pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed {
     /// Applies pending migrations (recorded in a migrations table); a no-op

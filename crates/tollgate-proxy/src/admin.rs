@@ -18,10 +18,10 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tollgate_metering::accounts::{AccountError, Accounts, KeyRequest, MAX_PAGE};
-use tollgate_metering::policy::Policies;
-use tollgate_metering::reporting::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
-use tollgate_metering::reports::UsageGroup;
+use tollgate_metering::billing::UsageGroup;
+use tollgate_metering::billing::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
+use tollgate_metering::keys::{AccountError, Accounts, KeyRequest, MAX_PAGE};
+use tollgate_metering::limits::Policies;
 use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};

@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use http::header::{HeaderName, AUTHORIZATION};
 use http::HeaderMap;
-use tollgate_metering::cache::{Authenticated, KeyCache};
-use tollgate_metering::{KeyDigest, KeyFormat, KeyFormatError};
+use tollgate_metering::keys::{Authenticated, KeyCache};
+use tollgate_metering::keys::{KeyDigest, KeyFormat, KeyFormatError};
 
 use crate::error::{InvalidKey, ProxyError};
 

@@ -19,10 +19,10 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use tollgate_metering::cache::KeyRefusal;
+use tollgate_metering::keys::KeyFormatError;
+use tollgate_metering::keys::KeyRefusal;
 use tollgate_metering::limits::Rejection;
 use tollgate_metering::usage::Outcome;
-use tollgate_metering::KeyFormatError;
 
 use crate::body::ProxyBody;
 use crate::events::{ErrorSide, Refusal};

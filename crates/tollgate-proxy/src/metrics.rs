@@ -19,7 +19,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, R
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use tollgate_metering::cache::KeyCache;
+use tollgate_metering::keys::KeyCache;
 use tollgate_metering::limits::{Budget, Rejection};
 use tollgate_metering::usage::event::{InvalidValues, UsageField};
 use tollgate_metering::usage::pricing::Pricing;

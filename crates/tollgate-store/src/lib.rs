@@ -32,20 +32,19 @@
 //! and, when it cannot rule out that changes were missed, sends
 //! [`StoreEvent::Resync`] so the caller reloads.
 //!
-//! [`AccountStore`]: tollgate_metering::accounts::AccountStore
-//! [`UsageSink::write_usage`]: tollgate_metering::store::UsageSink::write_usage
-//! [`UsageReports`]: tollgate_metering::store::UsageReports
-//! [`ChangeFeed`]: tollgate_metering::store::ChangeFeed
-//! [`ChangeFeed::watch`]: tollgate_metering::store::ChangeFeed::watch
+//! [`AccountStore`]: tollgate_metering::keys::AccountStore
+//! [`UsageSink::write_usage`]: tollgate_metering::usage::UsageSink::write_usage
+//! [`UsageReports`]: tollgate_metering::billing::UsageReports
+//! [`ChangeFeed`]: tollgate_metering::keys::ChangeFeed
+//! [`ChangeFeed::watch`]: tollgate_metering::keys::ChangeFeed::watch
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
-use tollgate_metering::store::{
-    KeyFilter, KeyStatus, NewCustomer, NewKey, Page, Store, StoreError, StoreEvent,
-};
+use tollgate_metering::keys::{KeyFilter, KeyStatus, NewCustomer, NewKey, Page, StoreEvent};
 use tollgate_metering::{CustomerId, KeyId};
+use tollgate_metering::{Store, StoreError};
 
 mod migrations;
 mod postgres;
@@ -184,7 +183,7 @@ enum KeyArg {
 /// The query of `list_keys`: `columns` of the keys that pass `filter` on
 /// `page`, in id order, with a placeholder from `bind` (`$n` or `?n`) for
 /// each value it binds. The status conditions agree with
-/// [`KeyRecord::status`](tollgate_metering::store::KeyRecord::status):
+/// [`KeyRecord::status`](tollgate_metering::keys::KeyRecord::status):
 /// revoked wins over expired, and a key expires at `expires_at` exactly.
 /// `Revoked` does not bind the instant (Postgres refuses a parameter it
 /// cannot type).
@@ -230,7 +229,7 @@ mod backoff {
     use std::time::Duration;
 
     use tokio::sync::mpsc;
-    use tollgate_metering::store::StoreEvent;
+    use tollgate_metering::keys::StoreEvent;
 
     pub(crate) const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(2);

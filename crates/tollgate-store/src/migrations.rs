@@ -12,7 +12,7 @@
 //! To add a migration: write `migrations/{sqlite,postgres}/NNNN_name.sql`
 //! and append it to both lists below. Never edit one that has shipped.
 
-use tollgate_metering::store::StoreError;
+use tollgate_metering::StoreError;
 
 /// One schema change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

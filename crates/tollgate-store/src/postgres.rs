@@ -52,18 +52,22 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Socket};
 use uuid::Uuid;
 
-use tollgate_metering::accounts::AccountStore;
-use tollgate_metering::limits::{Period, PeriodTotals};
-use tollgate_metering::reports::{
+use tollgate_metering::billing::UsageReports;
+use tollgate_metering::billing::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
-use tollgate_metering::store::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, MigrationReport, NewCustomer,
-    NewKey, Page, Store, StoreError, StoreEvent, UsageReports, UsageSink,
+use tollgate_metering::keys::AccountStore;
+use tollgate_metering::keys::KeyDigest;
+use tollgate_metering::keys::{
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, NewCustomer, NewKey, Page,
+    StoreEvent,
 };
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
-use tollgate_metering::{CustomerId, KeyDigest, KeyId};
+use tollgate_metering::usage::UsageSink;
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_metering::{MigrationReport, Store, StoreError};
 
 use crate::migrations;
 use crate::usage::{

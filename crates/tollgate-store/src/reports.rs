@@ -12,9 +12,9 @@
 use std::collections::HashSet;
 
 use time::OffsetDateTime;
+use tollgate_metering::billing::{BillingLine, UsageFilter, UsageTotals};
 use tollgate_metering::limits::{Period, PeriodTotals};
-use tollgate_metering::reports::{BillingLine, UsageFilter, UsageTotals};
-use tollgate_metering::store::StoreError;
+use tollgate_metering::StoreError;
 use uuid::Uuid;
 
 /// The summed columns of `usage_daily`, in the order of [`totals`].

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokio_postgres::NoTls;
-use tollgate_metering::store::Store;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::Store;
 use tollgate_metering::{CustomerId, KeyId};
 use uuid::Uuid;
 

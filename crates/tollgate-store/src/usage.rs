@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use time::{Date, Month, OffsetDateTime, UtcOffset};
-use tollgate_metering::store::StoreError;
 use tollgate_metering::usage::UsageEvent;
+use tollgate_metering::StoreError;
 use tollgate_metering::{CustomerId, KeyId};
 
 /// How many months after the current one `migrate` creates partitions for

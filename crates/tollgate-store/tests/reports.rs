@@ -15,14 +15,15 @@ use std::time::Duration;
 
 use time::macros::{date, datetime};
 use time::{Month, OffsetDateTime};
-use tollgate_metering::limits::{Limiter, Limits, ManualClock, Overage, Period, PeriodTotals};
-use tollgate_metering::reporting::Reports;
-use tollgate_metering::reports::{
+use tollgate_metering::billing::Reports;
+use tollgate_metering::billing::{
     BillingLine, BillingUsage, GroupKey, Ranking, UsageFilter, UsageGroup, UsageTotals,
 };
-use tollgate_metering::store::{NewCustomer, Store, StoreError};
+use tollgate_metering::keys::NewCustomer;
+use tollgate_metering::limits::{Limiter, Limits, ManualClock, Overage, Period, PeriodTotals};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
+use tollgate_metering::{Store, StoreError};
 use tollgate_store::testing::{test_store, usage_event, Backend, TestGuard};
 use uuid::Uuid;
 
@@ -773,7 +774,7 @@ async fn billing_usage_lists_every_customer_by_name(backend: Backend) {
     store
         .update_customer(
             seed.idle,
-            tollgate_metering::store::CustomerUpdate {
+            tollgate_metering::keys::CustomerUpdate {
                 tier: Some("pro".to_owned()),
                 overrides: None,
             },

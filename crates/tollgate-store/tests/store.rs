@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tollgate_metering::store::{
-    CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey, Page, Store, StoreError,
-    StoreEvent,
+use tollgate_metering::keys::KeyDigest;
+use tollgate_metering::keys::{
+    CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey, Page, StoreEvent,
 };
-use tollgate_metering::{CustomerId, KeyDigest, KeyId};
+use tollgate_metering::{CustomerId, KeyId};
+use tollgate_metering::{Store, StoreError};
 use tollgate_store::testing::{test_store, Backend, TestGuard};
 
 tollgate_store::both_backends!(

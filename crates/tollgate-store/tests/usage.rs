@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use time::format_description::FormatItem;
 use time::macros::{datetime, format_description};
 use time::{Date, Month, OffsetDateTime, UtcOffset};
-use tollgate_metering::store::{Store, StoreError};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
+use tollgate_metering::{Store, StoreError};
 use tollgate_store::testing::{test_store, usage_event as event, Backend, TestGuard};
 use uuid::Uuid;
 

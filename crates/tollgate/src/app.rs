@@ -14,11 +14,12 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tollgate_metering::cache::{run_feed, KeyCache};
+use tollgate_metering::keys::KeyFormat;
+use tollgate_metering::keys::{run_feed, KeyCache};
+use tollgate_metering::limits::Policies;
 use tollgate_metering::limits::{Clock, Limiter, SystemClock};
-use tollgate_metering::policy::Policies;
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
-use tollgate_metering::{KeyFormat, Store};
+use tollgate_metering::Store;
 use tollgate_proxy::{
     serve, Admin, Authenticator, Gateway, GatewaySettings, Metering, Metrics, ServerOptions,
     TlsAcceptor,
@@ -298,7 +299,7 @@ fn admin_api(
     metrics: Arc<Metrics>,
 ) -> (Arc<Admin>, Arc<Reloader>) {
     let accounts = Arc::new(snapshot::accounts_for(config, store.clone()));
-    let reports = Arc::new(tollgate_metering::reporting::Reports::new(
+    let reports = Arc::new(tollgate_metering::billing::Reports::new(
         store.clone(),
         snapshot::tier_limits(config),
         clock.clone(),

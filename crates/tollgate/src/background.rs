@@ -2,7 +2,7 @@
 //! owns nothing the request path waits for, and logs a failure once per
 //! outage rather than once per attempt.
 //!
-//! The key feed (`tollgate_metering::cache::run_feed`) and the usage
+//! The key feed (`tollgate_metering::keys::run_feed`) and the usage
 //! recorder run beside these; they live with what they feed.
 //!
 //! # Failure behaviour

@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tollgate_metering::accounts::Accounts;
+use tollgate_metering::keys::Accounts;
+use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::limits::Limits;
 use tollgate_metering::usage::pricing::Pricing;
-use tollgate_metering::{KeyFormat, Store};
+use tollgate_metering::Store;
 use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage};
 
 use crate::config::{Config, RouteConfig, TierConfig};

@@ -29,7 +29,7 @@ use super::clock::{from_unix_nanos, unix_nanos, Clock};
 use super::config::{Limits, Overage};
 use super::gcra::Gcra;
 use super::period::Period;
-use crate::ids::CustomerId;
+use crate::keys::ids::CustomerId;
 use crate::usage::{Outcome, UsageEvent};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
@@ -783,7 +783,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::ids::KeyId;
+    use crate::keys::ids::KeyId;
     use crate::limits::{parse_rate, ManualClock};
     use crate::usage::CostSource;
 

@@ -28,6 +28,7 @@ mod config;
 mod gcra;
 mod limiter;
 mod period;
+pub(crate) mod policy;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{parse_rate, Limits, LimitsError, Overage, Problem, Rate, RateError};
@@ -36,3 +37,4 @@ pub use limiter::{
     QuotaView, RateHeaders, Rejection,
 };
 pub use period::{Period, PeriodError};
+pub use policy::Policies;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::ids::{CustomerId, KeyId};
+use crate::keys::ids::{CustomerId, KeyId};
 use crate::usage::cost::CostError;
 use crate::usage::extract::{Count, Extracted, TokenCounts};
 use crate::usage::pricing::Pricing;

@@ -9,4 +9,5 @@ pub mod pricing;
 pub mod recorder;
 pub mod spool;
 
+pub use crate::store::UsageSink;
 pub use event::{CostSource, Outcome, UsageEvent};

@@ -71,7 +71,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::ids::{CustomerId, KeyId};
+use crate::keys::ids::{CustomerId, KeyId};
 use crate::usage::{CostSource, Outcome, UsageEvent};
 
 /// A segment is rolled before a batch that would take it past this size.
@@ -1215,7 +1215,7 @@ pub(crate) mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::ids::{CustomerId, KeyId};
+    use crate::keys::ids::{CustomerId, KeyId};
     use crate::usage::{CostSource, Outcome};
 
     fn event(n: u64) -> UsageEvent {

@@ -24,11 +24,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use tollgate_metering::limits::{Period, PeriodTotals};
-use tollgate_metering::reports::{
+use tollgate_metering::billing::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
+use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::{CustomerId, KeyId};
 

@@ -24,9 +24,9 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::events::{KeyFeedResynced, KeyFeedUpdateFailed};
-use crate::ids::{CustomerId, KeyId};
-use crate::key::KeyDigest;
-use crate::policy::Policies;
+use crate::keys::format::KeyDigest;
+use crate::keys::ids::{CustomerId, KeyId};
+use crate::limits::policy::Policies;
 use crate::store::{KeyRecord, Store, StoreError, StoreEvent};
 use crate::telemetry::emit;
 

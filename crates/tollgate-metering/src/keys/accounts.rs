@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::ids::{CustomerId, KeyId};
-use crate::key::{KeyDigest, KeyFormat, PlainKey};
+use crate::keys::format::{KeyDigest, KeyFormat, PlainKey};
+use crate::keys::ids::{CustomerId, KeyId};
 use crate::limits::Limits;
 use crate::store::{
     Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey, Page, Store,

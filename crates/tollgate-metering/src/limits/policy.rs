@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dashmap::DashMap;
 
 use crate::events::{BlockedReason, CustomerBlocked};
-use crate::ids::CustomerId;
+use crate::keys::ids::CustomerId;
 use crate::limits::{Limiter, Limits};
 use crate::store::{Customer, Page, Store, StoreError};
 use crate::telemetry::emit;

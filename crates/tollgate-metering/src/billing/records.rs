@@ -11,7 +11,7 @@
 
 use time::{Date, OffsetDateTime, Time};
 
-use crate::ids::CustomerId;
+use crate::keys::ids::CustomerId;
 use crate::limits::Period;
 
 /// Which usage rows a report covers: UTC days `from..=to`, optionally one

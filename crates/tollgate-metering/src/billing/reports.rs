@@ -28,13 +28,13 @@ use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::accounts::AccountError;
-use crate::ids::CustomerId;
-use crate::limits::{Clock, Limits, Overage, Period};
-use crate::reports::{
+use crate::billing::records::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
+use crate::keys::accounts::AccountError;
+use crate::keys::ids::CustomerId;
+use crate::limits::{Clock, Limits, Overage, Period};
 use crate::store::Store;
 use crate::usage::cost::format_usd;
 use crate::usage::UsageEvent;

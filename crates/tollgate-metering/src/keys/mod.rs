@@ -1,0 +1,28 @@
+//! Who a request belongs to: the key format and its digest, the in-memory
+//! key cache the data plane authenticates against, the change feed that
+//! keeps it current, and the customers and keys operators manage.
+//!
+//! A key is checked offline first ([`KeyFormat::check`]: prefix, length,
+//! alphabet, checksum), then by one BLAKE3 digest and one lookup in the
+//! [`KeyCache`]; an unknown key never reaches the database. [`run_feed`]
+//! applies the store's [`StoreEvent`]s so a key revoked on one instance is
+//! refused on every instance within the feed's delay. [`Accounts`] holds
+//! the operators' rules (names, rotation, paging) over any
+//! [`AccountStore`].
+
+pub(crate) mod accounts;
+pub(crate) mod cache;
+pub(crate) mod format;
+pub(crate) mod ids;
+
+pub use crate::store::{
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey,
+    Page, StoreEvent,
+};
+pub use accounts::{
+    expiry_after, AccountError, AccountStore, Accounts, CreatedKey, CustomerView, KeyRequest,
+    KeyView, MAX_PAGE,
+};
+pub use cache::{run_feed, Authenticated, KeyCache, KeyRefusal};
+pub use format::{KeyDigest, KeyFormat, KeyFormatError, PlainKey};
+pub use ids::{CustomerId, KeyId};
