@@ -3,7 +3,9 @@
 //! durably into the database.
 
 pub mod cost;
+mod database;
 pub mod event;
+mod events;
 pub mod extract;
 pub mod pricing;
 pub mod recorder;
