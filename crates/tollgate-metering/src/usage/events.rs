@@ -50,42 +50,31 @@ fn lose(stats: &RecorderStats, rows: usize) {
     Rows::Failed.add(stats, rows);
 }
 
-/// A database write of `rows` committed after `took`.
-pub(super) struct UsageWritten<'a> {
+/// A database write of `rows` that took `took`: committed, or `failed`
+/// (its rows stay in the spool, or with the spooler, and are written
+/// again later; logged once per outage).
+pub(super) struct UsageFlushed<'a> {
     pub flush: &'a FlushMetrics,
     pub stats: &'a RecorderStats,
     pub rows: usize,
     pub took: Duration,
+    pub failed: Option<&'a StoreError>,
 }
 
-impl Event for UsageWritten<'_> {
+impl Event for UsageFlushed<'_> {
     fn emit(self) {
         self.flush.observe(self.rows, self.took);
-        Rows::Written.add(self.stats, self.rows);
-        self.stats.database_up.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A database write of `rows` failed after `took`; its rows stay in the
-/// spool (or with the spooler) and are written again later. Logged once
-/// per outage.
-pub(super) struct UsageWriteFailed<'a> {
-    pub flush: &'a FlushMetrics,
-    pub stats: &'a RecorderStats,
-    pub rows: usize,
-    pub took: Duration,
-    pub error: &'a StoreError,
-}
-
-impl Event for UsageWriteFailed<'_> {
-    fn emit(self) {
-        self.flush.observe(self.rows, self.took);
+        let Some(error) = self.failed else {
+            Rows::Written.add(self.stats, self.rows);
+            self.stats.database_up.store(true, Ordering::Relaxed);
+            return;
+        };
         self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
         Rows::Failed.add(self.stats, self.rows);
         if self.stats.database_up.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 message = "Usage write failed; rows stay in the spool until the database answers.",
-                error = %self.error,
+                %error,
             );
         }
     }

@@ -451,28 +451,17 @@ impl Writes {
     async fn write(&self, rows: &[UsageEvent], again: bool) -> Result<(), StoreError> {
         let started = Instant::now();
         let written = self.database.write(rows, again).await;
-        let (flush, stats, took) = (&self.flush, &*self.stats, started.elapsed());
-        let rows_len = rows.len();
-        if let Err(error) = &written {
-            emit(events::UsageWriteFailed {
-                flush,
-                stats,
-                rows: rows_len,
-                took,
-                error,
-            });
-            return written;
-        }
-        if let Some(hook) = &self.hook {
+        if let (Ok(()), Some(hook)) = (&written, &self.hook) {
             hook(rows);
         }
-        emit(events::UsageWritten {
-            flush,
-            stats,
-            rows: rows_len,
-            took,
+        emit(events::UsageFlushed {
+            flush: &self.flush,
+            stats: &self.stats,
+            rows: rows.len(),
+            took: started.elapsed(),
+            failed: written.as_ref().err(),
         });
-        Ok(())
+        written
     }
 }
 
