@@ -10,5 +10,7 @@ pub mod extract;
 pub mod pricing;
 pub mod recorder;
 pub mod spool;
+mod spooler;
+mod writer;
 
 pub use event::{CostSource, Outcome, UsageEvent};

@@ -76,7 +76,9 @@ use crate::store::{Store, StoreError};
 use crate::telemetry::emit;
 use crate::usage::database::{StoreDatabase, UsageDatabase};
 use crate::usage::events::{self, Task};
-use crate::usage::spool::{Spool, SpoolError, SpoolPosition, Tail};
+use crate::usage::spool::{Spool, SpoolError};
+use crate::usage::spooler::Spooler;
+use crate::usage::writer::Writer;
 use crate::usage::UsageEvent;
 
 /// How the recorder batches and where it spools.
@@ -134,7 +136,7 @@ pub type CommitHook = Arc<dyn Fn(&[UsageEvent]) + Send + Sync>;
 /// per day × customer × key × route × model group, which a bigger batch
 /// repeats less) are shared by more rows, so the writer speeds up exactly
 /// when it has to (`benches/usage_write.rs`).
-const WRITE_MERGE: usize = 16;
+pub(super) const WRITE_MERGE: usize = 16;
 
 /// Events queued for the spooler beyond which no new request is admitted:
 /// 16 batches, and at least 100,000 events (some 30 MB), so that a burst
@@ -147,11 +149,11 @@ fn max_pending(batch_size: usize) -> u64 {
 /// fsync that would otherwise sit between every two database writes; a
 /// checkpoint that lags only means that a crash replays a few more rows,
 /// which the database ignores.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+pub(super) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the writer retries a failed write, and the longest a spooler
 /// holding a batch that neither the spool nor the database took waits
 /// before it tries both again.
-const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+pub(super) const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long [`RecorderHandle::shutdown`] may take to save what it holds:
 /// rows still only in memory then are counted lost and logged, and rows in
@@ -181,25 +183,25 @@ pub struct RecorderStats {
 
 /// What the recorder's parts share: the spool, the counters, and the
 /// state that admission reads.
-struct Shared {
-    spool: Mutex<Spool>,
-    stats: Arc<RecorderStats>,
+pub(super) struct Shared {
+    pub(super) spool: Mutex<Spool>,
+    pub(super) stats: Arc<RecorderStats>,
     /// The spool holds `spool_max` bytes or more.
-    spool_full: AtomicBool,
+    pub(super) spool_full: AtomicBool,
     /// The spooler holds a batch that neither the spool nor the database
     /// took at its last attempt; no new request is admitted meanwhile.
-    unsaved: AtomicBool,
+    pub(super) unsaved: AtomicBool,
     /// Wakes the writer after each append.
-    appended: Notify,
+    pub(super) appended: Notify,
 }
 
 impl Shared {
-    fn lock(&self) -> Result<MutexGuard<'_, Spool>, SpoolError> {
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, Spool>, SpoolError> {
         self.spool.lock().map_err(|_| SpoolError::Poisoned)
     }
 
     /// Publishes the spool's size, for metrics and admission.
-    fn publish(&self, spool: &Spool) {
+    pub(super) fn publish(&self, spool: &Spool) {
         let stats = &self.stats;
         stats
             .spool_bytes
@@ -209,7 +211,7 @@ impl Shared {
 }
 
 /// An event and when it was recorded (its flush deadline counts from then).
-type Recorded = (Instant, UsageEvent);
+pub(super) type Recorded = (Instant, UsageEvent);
 
 /// The data plane's handle: cheap to clone, never blocks.
 #[derive(Clone)]
@@ -315,15 +317,7 @@ async fn start_on(
     };
     let (running, spooler_running) = watch::channel(());
     let mut writer = Writer::new(shared.clone(), writes.clone(), spooler_running, &config);
-    if pending > 0 {
-        emit(events::SpoolReplaying { rows: pending });
-        writer.replay().await?;
-        emit(events::SpoolReplayed {
-            stats: &shared.stats,
-        });
-    }
-    // Everything in the spool is in the database now.
-    writer.written = shared.lock()?.end_position();
+    writer.replay(pending).await?;
     writes.hook = on_commit.clone();
     writer.writes.hook = on_commit;
 
@@ -335,18 +329,7 @@ async fn start_on(
         reject_when_full: config.reject_when_full,
         max_pending: max_pending(config.batch_size),
     };
-    let spooler = Spooler {
-        events: receiver,
-        close: Some(closed),
-        shared,
-        writes,
-        batch_size: config.batch_size,
-        flush_interval: config.flush_interval,
-        append_time: AppendTime::default(),
-        slow_disk: false,
-        refusing: false,
-        _running: running,
-    };
+    let spooler = Spooler::new(receiver, closed, shared, writes, &config, running);
     Ok(RecorderHandle {
         recorder,
         close,
@@ -427,7 +410,7 @@ impl RecorderHandle {
 
 /// Runs `f` on a blocking thread: spool I/O, and anything that locks the
 /// spool (an append holds it through its fsync).
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
 ) -> Result<T, SpoolError> {
     tokio::task::spawn_blocking(f)
@@ -438,17 +421,17 @@ async fn blocking<T: Send + 'static>(
 /// Database writes, as both tasks make them: timed, counted, and passed to
 /// the commit hook.
 #[derive(Clone)]
-struct Writes {
+pub(super) struct Writes {
     database: Arc<dyn UsageDatabase>,
-    hook: Option<CommitHook>,
+    pub(super) hook: Option<CommitHook>,
     flush: FlushMetrics,
-    stats: Arc<RecorderStats>,
+    pub(super) stats: Arc<RecorderStats>,
 }
 
 impl Writes {
     /// Writes `rows` in one transaction; `again`: they may be in the
     /// database already.
-    async fn write(&self, rows: &[UsageEvent], again: bool) -> Result<(), StoreError> {
+    pub(super) async fn write(&self, rows: &[UsageEvent], again: bool) -> Result<(), StoreError> {
         let started = Instant::now();
         let written = self.database.write(rows, again).await;
         if let (Ok(()), Some(hook)) = (&written, &self.hook) {
@@ -462,386 +445,6 @@ impl Writes {
             failed: written.as_ref().err(),
         });
         written
-    }
-}
-
-/// Collects events into batches and appends each to the spool (fsync),
-/// which wakes the writer; a batch the spool refuses goes straight to the
-/// database instead ([`Spooler::save`]). On `close` it stops taking new
-/// events, saves what is buffered, and ends.
-///
-/// A batch is appended early enough that its oldest event is on disk
-/// within `flush_interval` of being recorded: the wait for more events
-/// ends an eighth of `flush_interval` early (room for a late timer on a
-/// busy machine), and earlier still by what appends have been taking
-/// lately ([`AppendTime`]). It never waits for the writer: the writer's
-/// reads and checkpoint fsyncs are made without holding the spool.
-struct Spooler {
-    events: mpsc::UnboundedReceiver<Recorded>,
-    /// Taken once it fired: then the channel is closed and drained.
-    close: Option<oneshot::Receiver<()>>,
-    shared: Arc<Shared>,
-    writes: Writes,
-    batch_size: usize,
-    flush_interval: Duration,
-    append_time: AppendTime,
-    /// An append took longer than `flush_interval` (and it was logged).
-    slow_disk: bool,
-    /// The spool's last append failed (and it was logged).
-    refusing: bool,
-    /// Dropped when the spooler ends, which tells the writer.
-    _running: watch::Sender<()>,
-}
-
-/// What became of an append.
-enum Appended {
-    Yes,
-    /// Refused by the spool: the batch, back, and why.
-    Refused(Vec<UsageEvent>, SpoolError),
-    /// Lost with a blocking task that died (a bug); counted and logged.
-    Lost,
-}
-
-impl Spooler {
-    async fn run(mut self) {
-        while let Some(batch) = self.next_batch().await {
-            let rows = batch.len() as u64;
-            self.save(batch).await;
-            self.shared.stats.pending.fetch_sub(rows, Ordering::Relaxed);
-        }
-    }
-
-    /// The next event, waiting until `deadline` at most; `None` at the
-    /// deadline, and once closed and drained.
-    async fn next_event(&mut self, deadline: Option<Instant>) -> Option<Recorded> {
-        loop {
-            let Some(close) = &mut self.close else {
-                return self.events.recv().await;
-            };
-            let timeout = async {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                event = self.events.recv() => return event,
-                () = timeout => return None,
-                _ = close => {
-                    self.close = None;
-                    self.events.close();
-                }
-            }
-        }
-    }
-
-    /// The next batch: the first event, and those that come before its
-    /// deadline (all that are buffered, when closing), up to `batch_size`.
-    async fn next_batch(&mut self) -> Option<Vec<UsageEvent>> {
-        let (recorded_at, first) = self.next_event(None).await?;
-        let flush = self.flush_interval;
-        let deadline = recorded_at
-            + flush
-                .saturating_sub(flush / 8)
-                .saturating_sub(self.append_time.estimate());
-        let mut batch = Vec::with_capacity(self.batch_size.min(8192));
-        batch.push(first);
-        while batch.len() < self.batch_size {
-            match self.next_event(Some(deadline)).await {
-                Some((_, event)) => batch.push(event),
-                None => break,
-            }
-        }
-        Some(batch)
-    }
-
-    /// Saves a batch: appends it to the spool or, when the disk refuses it
-    /// (full, I/O errors), writes it straight to the database; retried until
-    /// one of them takes it, and meanwhile no new request is admitted. An
-    /// event that was recorded must be saved: its request may have had its
-    /// 200.
-    ///
-    /// A batch is never in both places: a failed append is cut back off the
-    /// spool before the next one, so the writer never reads back, nor a
-    /// restart replays, rows written here. (A crash between a failed append
-    /// and that cut may leave it whole in the file, to be replayed: the
-    /// database ignores the ids it has.)
-    async fn save(&mut self, mut batch: Vec<UsageEvent>) {
-        let rows = batch.len();
-        // After a failed write the batch may have committed unseen.
-        let mut again = false;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let error = match self.append(batch).await {
-                Appended::Yes | Appended::Lost => break,
-                Appended::Refused(returned, error) => {
-                    batch = returned;
-                    error
-                }
-            };
-            if !std::mem::replace(&mut self.refusing, true) {
-                emit(events::SpoolAppendFailed {
-                    error: &error,
-                    rows,
-                });
-            }
-            if self.writes.write(&batch, again).await.is_ok() {
-                break;
-            }
-            again = true;
-            if !self.shared.unsaved.swap(true, Ordering::Relaxed) {
-                emit(events::RowsUnsaved { rows });
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(RETRY_INTERVAL);
-        }
-        self.shared.unsaved.store(false, Ordering::Relaxed);
-    }
-
-    /// Appends `batch` to the spool, which keeps it in memory for the
-    /// writer, and wakes the writer.
-    async fn append(&mut self, batch: Vec<UsageEvent>) -> Appended {
-        let rows = batch.len();
-        let shared = self.shared.clone();
-        let started = Instant::now();
-        let attempt = tokio::task::spawn_blocking(move || {
-            let mut batch = batch;
-            let appended = shared.lock().and_then(|mut spool| {
-                let appended = spool.append_and_keep(&mut batch);
-                shared.publish(&spool);
-                appended
-            });
-            (batch, appended)
-        })
-        .await;
-        let stats = &*self.shared.stats;
-        match attempt {
-            Ok((_, Ok(_))) => {}
-            Ok((batch, Err(error))) => return Appended::Refused(batch, error),
-            Err(error) => {
-                emit(events::SpoolTaskDied {
-                    stats,
-                    rows,
-                    error: &error,
-                });
-                return Appended::Lost;
-            }
-        }
-        self.shared.appended.notify_one();
-        let took = started.elapsed();
-        self.append_time.observe(took);
-        if took > self.flush_interval && !self.slow_disk {
-            self.slow_disk = true;
-            emit(events::SlowSpoolAppend { took });
-        } else if took <= self.flush_interval / 2 {
-            self.slow_disk = false;
-        }
-        emit(events::RowsSpooled { stats, rows });
-        if std::mem::take(&mut self.refusing) {
-            emit(events::SpoolAppendsResumed);
-        }
-        Appended::Yes
-    }
-}
-
-/// How long spool appends have been taking: the longest recent one,
-/// forgotten by an eighth per append, so that one slow fsync makes the
-/// next batches go early at once and a disk that got fast again is
-/// trusted again after a few dozen appends.
-#[derive(Debug, Default)]
-struct AppendTime {
-    recent: Duration,
-}
-
-impl AppendTime {
-    fn observe(&mut self, took: Duration) {
-        self.recent = took.max(self.recent - self.recent / 8);
-    }
-
-    fn estimate(&self) -> Duration {
-        self.recent
-    }
-}
-
-/// Follows the spool from its position: reads what comes next, writes it
-/// to the database, checkpoints when due; on error, waits
-/// [`RETRY_INTERVAL`] and tries again. It ends once the spooler has ended
-/// and it has written everything, or when a write fails after that (the
-/// spool keeps the rest for the next start).
-struct Writer {
-    shared: Arc<Shared>,
-    writes: Writes,
-    /// Closed when the spooler ends.
-    spooler_running: watch::Receiver<()>,
-    /// Rows in one transaction at most (give or take a batch).
-    limit: usize,
-    /// Everything in the spool before this is in the database.
-    written: SpoolPosition,
-    /// `written` is past the checkpoint.
-    unsaved: bool,
-    last_checkpoint: Instant,
-    /// The rows after `written` may be in the database already (those
-    /// committed after the last checkpoint before a crash, or by a write
-    /// whose outcome went unseen): the next write says so to the store.
-    unsure: bool,
-    /// A write failed since the writer last had nothing left to write.
-    behind: bool,
-}
-
-impl Writer {
-    fn new(
-        shared: Arc<Shared>,
-        writes: Writes,
-        spooler_running: watch::Receiver<()>,
-        config: &RecorderConfig,
-    ) -> Writer {
-        let written = shared
-            .lock()
-            .map(|spool| spool.checkpoint_position())
-            .unwrap_or_default();
-        Writer {
-            shared,
-            writes,
-            spooler_running,
-            limit: config.batch_size.saturating_mul(WRITE_MERGE),
-            written,
-            unsaved: false,
-            last_checkpoint: Instant::now(),
-            unsure: false,
-            behind: false,
-        }
-    }
-
-    /// Writes everything the spool holds at start, checkpointing after
-    /// each transaction; fails if the database does not take it.
-    async fn replay(&mut self) -> Result<(), RecorderError> {
-        while let Some((rows, end)) = self.read().await? {
-            self.writes.write(&rows, true).await?;
-            self.written = end;
-            self.unsaved = true;
-            self.checkpoint().await;
-        }
-        Ok(())
-    }
-
-    async fn run(mut self) {
-        loop {
-            let spooler_ended = self.spooler_ended();
-            match self.read().await {
-                Ok(Some((rows, end))) => {
-                    if !self.write(&rows, end).await {
-                        break;
-                    }
-                }
-                Ok(None) if spooler_ended => break,
-                Ok(None) => {
-                    if std::mem::take(&mut self.behind) {
-                        emit(events::WriterCaughtUp);
-                    }
-                    self.wait().await;
-                }
-                Err(error) => {
-                    emit(events::SpoolUnreadable { error: &error });
-                    if spooler_ended {
-                        break;
-                    }
-                    self.back_off().await;
-                }
-            }
-        }
-        self.checkpoint().await;
-    }
-
-    /// What follows `written`: batches the spool keeps in memory, or
-    /// records read back from its files; `None` when there is nothing.
-    async fn read(&self) -> Result<Option<(Vec<UsageEvent>, SpoolPosition)>, SpoolError> {
-        let (shared, after, limit) = (self.shared.clone(), self.written.clone(), self.limit);
-        blocking(move || {
-            let tail = shared.lock()?.tail(&after, limit);
-            let (events, end) = match tail {
-                Tail::Recent(events, end) => (events, end),
-                Tail::OnDisk(records) => records.read(limit)?,
-                Tail::End => return Ok(None),
-            };
-            Ok((!events.is_empty()).then_some((events, end)))
-        })
-        .await
-    }
-
-    /// Writes `rows`, the spool's up to `end`, retrying every
-    /// [`RETRY_INTERVAL`] until the database takes them; false when it gave
-    /// up, once the spooler has ended (shutdown).
-    async fn write(&mut self, rows: &[UsageEvent], end: SpoolPosition) -> bool {
-        loop {
-            let spooler_ended = self.spooler_ended();
-            if self.writes.write(rows, self.unsure).await.is_ok() {
-                self.unsure = false;
-                self.written = end;
-                self.unsaved = true;
-                if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                    self.checkpoint().await;
-                }
-                return true;
-            }
-            self.unsure = true;
-            self.behind = true;
-            if spooler_ended {
-                return false;
-            }
-            self.back_off().await;
-        }
-    }
-
-    /// Waits for the next append, checkpointing what is written when that
-    /// is due meanwhile.
-    async fn wait(&mut self) {
-        let due = self.last_checkpoint + CHECKPOINT_INTERVAL;
-        tokio::select! {
-            () = self.shared.appended.notified() => {}
-            () = tokio::time::sleep_until(due), if self.unsaved => self.checkpoint().await,
-            _ = self.spooler_running.changed() => {}
-        }
-    }
-
-    /// Waits [`RETRY_INTERVAL`], or until the spooler ends.
-    async fn back_off(&mut self) {
-        tokio::select! {
-            () = tokio::time::sleep(RETRY_INTERVAL) => {}
-            _ = self.spooler_running.changed() => {}
-        }
-    }
-
-    fn spooler_ended(&self) -> bool {
-        self.spooler_running.has_changed().is_err()
-    }
-
-    /// Checkpoints what is written, if any of it is not yet. The fsyncs
-    /// happen without holding the spool, so that appends go on.
-    async fn checkpoint(&mut self) {
-        self.last_checkpoint = Instant::now();
-        if !std::mem::take(&mut self.unsaved) {
-            return;
-        }
-        let (shared, upto) = (self.shared.clone(), self.written.clone());
-        let result = blocking(move || {
-            let Some(checkpoint) = shared.lock()?.prepare_checkpoint(upto) else {
-                return Ok(());
-            };
-            let persisted = checkpoint.persist();
-            // The rows are in the database whether or not the file could be
-            // written (a full disk refuses even that), so the segments
-            // before the checkpoint are deleted anyway: on a full disk they
-            // are the room the spool needs. An older checkpoint file only
-            // makes a restart replay more, which the database ignores.
-            let mut spool = shared.lock()?;
-            spool.checkpointed(checkpoint);
-            shared.publish(&spool);
-            persisted
-        })
-        .await;
-        if let Err(error) = result {
-            emit(events::CheckpointFailed { error: &error });
-        }
     }
 }
 
@@ -1013,23 +616,5 @@ mod tests {
         assert_eq!(database.ids(), ids(&events(0..25)));
         let distinct: HashSet<_> = database.ids().into_iter().collect();
         assert_eq!(distinct.len(), 25);
-    }
-
-    #[test]
-    fn append_time_jumps_to_a_slow_append_and_forgets_it_slowly() {
-        let ms = Duration::from_millis;
-        let mut time = AppendTime::default();
-        assert_eq!(time.estimate(), Duration::ZERO);
-        time.observe(ms(8));
-        assert_eq!(time.estimate(), ms(8));
-        time.observe(ms(1));
-        assert_eq!(time.estimate(), ms(7));
-        time.observe(ms(40));
-        assert_eq!(time.estimate(), ms(40));
-        for _ in 0..40 {
-            time.observe(ms(1));
-        }
-        assert!(time.estimate() < ms(2), "{:?}", time.estimate());
-        assert!(time.estimate() >= ms(1));
     }
 }
