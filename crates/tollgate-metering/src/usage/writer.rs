@@ -29,7 +29,7 @@ pub(super) struct Writer {
     /// Everything in the spool before this is in the database.
     written: SpoolPosition,
     /// `written` is past the checkpoint.
-    unsaved: bool,
+    past_checkpoint: bool,
     last_checkpoint: Instant,
     /// The rows after `written` may be in the database already (those
     /// committed after the last checkpoint before a crash, or by a write
@@ -56,7 +56,7 @@ impl Writer {
             spooler_running,
             limit: config.batch_size.saturating_mul(WRITE_MERGE),
             written,
-            unsaved: false,
+            past_checkpoint: false,
             last_checkpoint: Instant::now(),
             unsure: false,
             behind: false,
@@ -72,7 +72,7 @@ impl Writer {
             while let Some((rows, end)) = self.read().await? {
                 self.writes.write(&rows, true).await?;
                 self.written = end;
-                self.unsaved = true;
+                self.past_checkpoint = true;
                 self.checkpoint().await;
             }
             emit(events::SpoolReplayed {
@@ -137,7 +137,7 @@ impl Writer {
             if self.writes.write(rows, self.unsure).await.is_ok() {
                 self.unsure = false;
                 self.written = end;
-                self.unsaved = true;
+                self.past_checkpoint = true;
                 if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
                     self.checkpoint().await;
                 }
@@ -158,7 +158,7 @@ impl Writer {
         let due = self.last_checkpoint + CHECKPOINT_INTERVAL;
         tokio::select! {
             () = self.shared.appended.notified() => {}
-            () = tokio::time::sleep_until(due), if self.unsaved => self.checkpoint().await,
+            () = tokio::time::sleep_until(due), if self.past_checkpoint => self.checkpoint().await,
             _ = self.spooler_running.changed() => {}
         }
     }
@@ -179,7 +179,7 @@ impl Writer {
     /// happen without holding the spool, so that appends go on.
     async fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
-        if !std::mem::take(&mut self.unsaved) {
+        if !std::mem::take(&mut self.past_checkpoint) {
             return;
         }
         let (shared, upto) = (self.shared.clone(), self.written.clone());
