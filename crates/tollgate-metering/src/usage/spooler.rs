@@ -95,7 +95,10 @@ impl Spooler {
                     None => std::future::pending().await,
                 }
             };
+            // An event already queued goes in the batch even when the
+            // deadline has passed: a late batch is not cut short.
             tokio::select! {
+                biased;
                 event = self.events.recv() => return event,
                 () = timeout => return None,
                 _ = close => {
