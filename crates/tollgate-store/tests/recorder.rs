@@ -1,6 +1,7 @@
 //! The recorder (spooler and writer) in front of a real Postgres whose
 //! writes keep stalling: every event reaches the database exactly once,
-//! however often the spooler had to leave batches on disk only.
+//! however often the writer fell behind what the spool keeps in memory and
+//! read batches back from disk.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 
@@ -14,9 +15,9 @@ use tollgate_store::testing::{test_store, usage_event, Backend};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
-    // Tiny batches, so that the writer's queue fills within each stall and
-    // the spooler leaves batches on disk only, over and over, while the
-    // writer switches between the spool and the queue.
+    // Tiny batches, so that within each stall more are appended than the
+    // spool keeps in memory, over and over, and the writer switches between
+    // reading them back from disk and taking them from memory.
     let (store, guard) = test_store(Backend::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
     let config = RecorderConfig {

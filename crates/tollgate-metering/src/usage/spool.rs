@@ -9,7 +9,10 @@
 //! replays too much rather than too little.
 //!
 //! It knows nothing of the database or the recorder's tasks; it is plain
-//! blocking file I/O, to be called from a blocking thread.
+//! blocking file I/O, to be called from a blocking thread. Besides the
+//! files it keeps its last [`RECENT_BATCHES`] batches in memory
+//! ([`Spool::append_and_keep`]), so that a reader following close behind
+//! the appends ([`Spool::tail`]) gets them without reading them back.
 //!
 //! # On disk
 //! ```text
@@ -61,7 +64,7 @@
 //! [postcard]: https://postcard.jamesmunns.com/wire-format
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -91,6 +94,9 @@ const CHECKPOINT_MAGIC: [u8; 4] = *b"TGCP";
 const CHECKPOINT_BYTES: usize = 24;
 /// Read buffer for scanning segments.
 const READ_BUFFER: usize = 256 << 10;
+/// Batches the spool keeps in memory after appending them; older ones are
+/// read back from disk when asked for.
+pub const RECENT_BATCHES: usize = 16;
 
 /// A point in the spool: everything before it was appended earlier.
 /// Ordered by segment, then byte offset in the segment.
@@ -141,6 +147,8 @@ pub enum SpoolError {
     Locked { dir: PathBuf },
     #[error("usage spool unusable: a thread panicked while holding it")]
     Poisoned,
+    #[error("usage spool task failed: {0}")]
+    Task(String),
     #[error("usage batch of {events} events is too large for one spool record ({bytes} bytes)")]
     BatchTooLarge { events: usize, bytes: usize },
     #[error("cannot encode usage event {id}: {reason}")]
@@ -175,6 +183,30 @@ pub struct Spool {
     /// The last append failed: the disk may be full, so the next one first
     /// gives back the active segment if it holds nothing pending.
     refused: bool,
+    /// The last batches appended with [`Spool::append_and_keep`], oldest
+    /// first, until [`Spool::tail`] hands them out.
+    recent: VecDeque<Kept>,
+}
+
+/// A batch kept in memory: its events and where its record lies, `start`
+/// being where the record before it ended.
+#[derive(Debug)]
+struct Kept {
+    start: SpoolPosition,
+    end: SpoolPosition,
+    events: Vec<UsageEvent>,
+}
+
+/// What follows a position in the spool ([`Spool::tail`]).
+#[derive(Debug)]
+pub enum Tail {
+    /// Batches kept in memory, taken out of the spool's keeping: their
+    /// events and the position after the last one.
+    Recent(Vec<UsageEvent>, SpoolPosition),
+    /// Records to read back from disk (up to the first batch still kept).
+    OnDisk(Pending),
+    /// Nothing: the position is the end of the spool.
+    End,
 }
 
 #[derive(Debug)]
@@ -340,6 +372,7 @@ impl Spool {
             pending_bytes: 0,
             buf: Vec::new(),
             refused: false,
+            recent: VecDeque::new(),
         };
         spool.remove_checkpointed_segments();
         spool.pending_bytes = spool.count_pending_bytes();
@@ -367,6 +400,67 @@ impl Spool {
         let appended = self.append_record();
         self.refused = appended.is_err();
         appended
+    }
+
+    /// [`Spool::append`], keeping the batch in memory among the last
+    /// [`RECENT_BATCHES`] for [`Spool::tail`]: on success `batch` is left
+    /// empty, on failure it is left as it was.
+    pub fn append_and_keep(
+        &mut self,
+        batch: &mut Vec<UsageEvent>,
+    ) -> Result<SpoolPosition, SpoolError> {
+        let start = self.end.clone();
+        let end = self.append(batch)?;
+        if !batch.is_empty() {
+            if self.recent.len() == RECENT_BATCHES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(Kept {
+                start,
+                end: end.clone(),
+                events: std::mem::take(batch),
+            });
+        }
+        Ok(end)
+    }
+
+    /// What follows `after` (a position an append or an earlier `tail`
+    /// returned): the batches kept in memory from there, whole ones while
+    /// they fit in `max_events` and at least one; or, when the first of
+    /// them is not the next, the records before it, to be read from disk
+    /// without holding the spool. Kept batches that end at or before
+    /// `after` are dropped.
+    pub fn tail(&mut self, after: &SpoolPosition, max_events: usize) -> Tail {
+        while self.recent.front().is_some_and(|kept| kept.end <= *after) {
+            self.recent.pop_front();
+        }
+        match self.recent.front() {
+            Some(first) if first.start == *after => {}
+            Some(first) => return Tail::OnDisk(self.pending(Some(after)).until(&first.start)),
+            None if *after < self.end => return Tail::OnDisk(self.pending(Some(after))),
+            None => return Tail::End,
+        }
+        let mut events: Vec<UsageEvent> = Vec::new();
+        let mut end = after.clone();
+        while let Some(next) = self.recent.front() {
+            let full = !events.is_empty() && events.len() + next.events.len() > max_events;
+            if next.start != end || full {
+                break;
+            }
+            let Some(kept) = self.recent.pop_front() else {
+                break;
+            };
+            end = kept.end;
+            if events.is_empty() {
+                events = kept.events;
+            } else {
+                events.extend(kept.events);
+            }
+            if events.len() >= max_events {
+                break;
+            }
+        }
+        Tail::Recent(events, end)
     }
 
     /// Appends the record in `buf`.
@@ -1823,6 +1917,64 @@ pub(crate) mod tests {
         assert_eq!(page, events(2..4));
         let (rest, _) = spool.pending(Some(&after)).read(usize::MAX).unwrap();
         assert_eq!(rest, events(4..40));
+    }
+
+    /// Everything `tail` hands out from `after` on, `max_events` at a
+    /// time, and how many of those reads came from memory.
+    fn tail_all(
+        spool: &mut Spool,
+        mut after: SpoolPosition,
+        max: usize,
+    ) -> (Vec<UsageEvent>, usize) {
+        let (mut all, mut recent) = (Vec::new(), 0);
+        loop {
+            let (page, end) = match spool.tail(&after, max) {
+                Tail::Recent(page, end) => {
+                    recent += 1;
+                    (page, end)
+                }
+                Tail::OnDisk(records) => records.read(max).unwrap(),
+                Tail::End => return (all, recent),
+            };
+            assert!(!page.is_empty() && page.len() <= max.max(3));
+            assert!(end > after);
+            all.extend(page);
+            after = end;
+        }
+    }
+
+    #[test]
+    fn tail_hands_out_kept_batches_and_reads_back_the_older_ones() {
+        let dir = TempDir::new().unwrap();
+        let (mut spool, _) = open_small(dir.path(), 1024);
+        let batches = RECENT_BATCHES as u64 + 4;
+        for i in 0..batches {
+            let mut batch = events(3 * i..3 * i + 3);
+            spool.append_and_keep(&mut batch).unwrap();
+            assert!(batch.is_empty(), "kept, not copied");
+        }
+        assert!(spool.end_position().segment() > 2, "batches span segments");
+        // The first four are on disk only; the rest come from memory, two
+        // batches (six events) at a time.
+        let (all, recent) = tail_all(&mut spool, SpoolPosition::default(), 7);
+        assert_eq!(all, events(0..3 * batches));
+        assert_eq!(recent, RECENT_BATCHES / 2);
+        // Handed out once: a second reader from the start reads it all
+        // back from disk.
+        let (again, recent) = tail_all(&mut spool, SpoolPosition::default(), 1000);
+        assert_eq!((again, recent), (events(0..3 * batches), 0));
+
+        // A reader that got ahead of what is kept skips it; one behind the
+        // checkpoint starts there.
+        let end = spool.end_position();
+        let mut batch = events(100..103);
+        spool.append_and_keep(&mut batch).unwrap();
+        spool.checkpoint(end.clone()).unwrap();
+        let (tail, recent) = tail_all(&mut spool, end, 1000);
+        assert_eq!((tail, recent), (events(100..103), 1));
+        let (tail, _) = tail_all(&mut spool, SpoolPosition::default(), 1000);
+        assert_eq!(tail, events(100..103));
+        assert!(matches!(spool.tail(&spool.end_position(), 10), Tail::End));
     }
 
     #[test]
