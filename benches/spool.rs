@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use time::OffsetDateTime;
-use tollgate_metering::usage::spool::Spool;
+use tollgate_metering::usage::Spool;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
 use uuid::Uuid;

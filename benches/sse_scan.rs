@@ -15,7 +15,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tollgate_metering::usage::extract::{
+use tollgate_metering::usage::{
     baseline_count_blank_lines, UsageChunkFilter, UsageFormat, UsageScanner,
 };
 

@@ -1,3 +1,4 @@
+#![warn(unreachable_pub)]
 //! Tollgate's accounting domain: who a request belongs to, what it may do,
 //! what it cost, and what a customer is billed. It knows neither hyper nor
 //! any database driver: the proxy crate calls into it on the hot path, and

@@ -17,8 +17,8 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
-use tollgate_metering::usage::cost::{format_usd, parse_usd_to_nanos, CostError};
-use tollgate_metering::usage::extract::{
+use tollgate_metering::usage::{format_usd, parse_usd_to_nanos, CostError};
+use tollgate_metering::usage::{
     inject_include_usage, Extracted, UsageChunkFilter, UsageFormat, UsageScanner,
 };
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use tollgate_metering::usage::extract::{
+use tollgate_metering::usage::{
     inject_include_usage, Extracted, TokenCounts, UsageChunkFilter, UsageFormat, UsageScanner,
 };
 

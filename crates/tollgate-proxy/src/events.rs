@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use metrics::Gauge;
 use tollgate_metering::limits::Rejection;
-use tollgate_metering::usage::event::InvalidValues;
+use tollgate_metering::usage::InvalidValues;
 use uuid::Uuid;
 
 pub(crate) use tollgate_metering::telemetry::{emit, Event};

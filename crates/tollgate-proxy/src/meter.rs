@@ -22,12 +22,12 @@ use time::OffsetDateTime;
 use tollgate_metering::keys::Authenticated;
 use tollgate_metering::limits::Policies;
 use tollgate_metering::limits::{event_tokens, Admission, Limiter};
-use tollgate_metering::usage::cost::{parse_usd_to_nanos, CostError};
-use tollgate_metering::usage::event::Reported;
-use tollgate_metering::usage::extract::{Count, UsageChunkFilter, UsageScanner};
-use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::Recorder;
+use tollgate_metering::usage::Pricing;
+use tollgate_metering::usage::Reported;
+use tollgate_metering::usage::{parse_usd_to_nanos, CostError};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
+use tollgate_metering::usage::{Count, UsageChunkFilter, UsageScanner};
 use uuid::Uuid;
 
 use crate::events::{emit, AccessFields, InvalidUsageIgnored, RequestCompleted, UpstreamFailed};
@@ -70,7 +70,7 @@ impl Metering {
 /// Where a route's usage comes from (the route's config).
 #[derive(Clone, Debug, Default)]
 pub struct RouteUsage {
-    pub format: tollgate_metering::usage::extract::UsageFormat,
+    pub format: tollgate_metering::usage::UsageFormat,
     pub cost_header: Option<HeaderName>,
     pub input_tokens_header: Option<HeaderName>,
     pub output_tokens_header: Option<HeaderName>,

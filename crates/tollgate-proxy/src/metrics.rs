@@ -21,9 +21,9 @@ use metrics_exporter_prometheus::{
 };
 use tollgate_metering::keys::KeyCache;
 use tollgate_metering::limits::{Budget, Rejection};
-use tollgate_metering::usage::event::{InvalidValues, UsageField};
-use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::recorder::{FlushMetrics, RecorderStats};
+use tollgate_metering::usage::Pricing;
+use tollgate_metering::usage::{InvalidValues, UsageField};
 use tollgate_metering::usage::{Outcome, UsageEvent};
 
 const REQUESTS: &str = "tollgate_requests_total";

@@ -48,11 +48,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use time::OffsetDateTime;
 use tollgate_metering::limits::RateHeaders;
-use tollgate_metering::usage::extract::{
-    inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner,
-};
-use tollgate_metering::usage::pricing::Pricing;
 use tollgate_metering::usage::Outcome;
+use tollgate_metering::usage::Pricing;
+use tollgate_metering::usage::{inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use tollgate_metering::limits::{Meter, QuotaView, RateHeaders};
-use tollgate_metering::usage::cost::format_usd;
+use tollgate_metering::usage::format_usd;
 use tollgate_metering::CustomerId;
 
 /// Renders a customer's limits and usage.

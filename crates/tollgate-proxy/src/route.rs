@@ -16,7 +16,7 @@ use crate::forward::{upstream_client_with, UpstreamClient};
 use crate::meter::RouteUsage;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::tls::UpstreamTls;
-use tollgate_metering::usage::pricing::Pricing;
+use tollgate_metering::usage::Pricing;
 
 /// A route as configured: the proxy's view of a `[[routes]]` table.
 #[derive(Clone, Debug)]

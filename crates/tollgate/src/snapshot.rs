@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use tollgate_metering::keys::Accounts;
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::limits::Limits;
-use tollgate_metering::usage::pricing::Pricing;
+use tollgate_metering::usage::Pricing;
 use tollgate_metering::Store;
 use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage};
 

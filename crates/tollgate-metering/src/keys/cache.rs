@@ -52,7 +52,7 @@ pub struct Authenticated {
 
 /// The routes a key is limited to, shared between the cache entry and every
 /// lookup (a thin pointer: most keys have none, and entries stay small).
-pub type RouteList = Arc<Vec<Box<str>>>;
+pub(crate) type RouteList = Arc<Vec<Box<str>>>;
 
 impl Authenticated {
     pub fn may_use(&self, route: &str) -> bool {
@@ -198,7 +198,7 @@ impl KeyCache {
 }
 
 /// Unix microseconds of a timestamp (saturating far outside ±292,000 years).
-pub fn unix_micros(at: OffsetDateTime) -> i64 {
+pub(crate) fn unix_micros(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 

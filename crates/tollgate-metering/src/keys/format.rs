@@ -9,13 +9,13 @@
 use std::fmt;
 
 /// The base62 alphabet, in digit order.
-pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random characters per key (30 × log2(62) ≈ 178 bits of entropy).
-pub const RANDOM_LEN: usize = 30;
+pub(crate) const RANDOM_LEN: usize = 30;
 /// Checksum characters per key.
-pub const CHECKSUM_LEN: usize = 6;
+pub(crate) const CHECKSUM_LEN: usize = 6;
 /// Random characters shown in the display prefix.
-pub const DISPLAY_LEN: usize = 8;
+pub(crate) const DISPLAY_LEN: usize = 8;
 
 /// Why a presented string is not a well-formed key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -134,7 +134,7 @@ impl KeyFormat {
 }
 
 /// The 6-character base62 CRC-32 of `random`.
-pub fn checksum(random: &[u8]) -> [u8; CHECKSUM_LEN] {
+pub(crate) fn checksum(random: &[u8]) -> [u8; CHECKSUM_LEN] {
     let mut value = crc32fast::hash(random);
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {

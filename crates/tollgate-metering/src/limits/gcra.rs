@@ -24,7 +24,7 @@ pub(super) struct Gcra {
 }
 
 impl Gcra {
-    pub fn new(rate: Rate) -> Gcra {
+    pub(super) fn new(rate: Rate) -> Gcra {
         let per_ns = i64::try_from(rate.per.as_nanos())
             .unwrap_or(i64::MAX)
             .max(1);
@@ -53,7 +53,7 @@ impl Gcra {
 
     /// The TAT after admitting a request at `now`, or how many nanoseconds
     /// until one would conform.
-    pub fn check(&self, tat: i64, now: i64) -> Result<i64, i64> {
+    pub(super) fn check(&self, tat: i64, now: i64) -> Result<i64, i64> {
         let new_tat = tat.max(now).saturating_add(self.interval_ns);
         let ahead = new_tat.saturating_sub(now);
         if ahead <= self.tolerance_ns {
@@ -64,7 +64,7 @@ impl Gcra {
     }
 
     /// How many requests would conform right now, back to back.
-    pub fn remaining(&self, tat: i64, now: i64) -> u64 {
+    pub(super) fn remaining(&self, tat: i64, now: i64) -> u64 {
         let ahead = tat.saturating_sub(now).max(0);
         let free = self.tolerance_ns.saturating_sub(ahead);
         if free <= 0 {
@@ -77,14 +77,14 @@ impl Gcra {
     }
 
     /// When the window is fully replenished.
-    pub fn reset(&self, tat: i64, now: i64) -> i64 {
+    pub(super) fn reset(&self, tat: i64, now: i64) -> i64 {
         tat.max(now)
     }
 
     /// The TAT that keeps the same number of requests "in the window" under
     /// `self` as `tat` held under `old`, so a live rate change neither
     /// forgives nor charges past requests.
-    pub fn rescale_from(&self, old: &Gcra, tat: i64, now: i64) -> i64 {
+    pub(super) fn rescale_from(&self, old: &Gcra, tat: i64, now: i64) -> i64 {
         let ahead = tat.saturating_sub(now).max(0);
         if ahead == 0 {
             return tat;

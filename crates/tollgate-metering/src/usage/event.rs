@@ -192,11 +192,11 @@ impl UsageEvent {
 /// The largest token count of one class believed for one request
 /// (README, Usage metering). Far above any real request, far below what sums of many such
 /// requests need to stay exact in 64 bits.
-pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+pub(crate) const MAX_TOKENS: u64 = 1_000_000_000_000;
 
 /// The largest cost believed for one request, in nano-USD: 1,000,000 USD
 /// (README, Usage metering), from a cost header or from the pricing table.
-pub const MAX_COST_NANOS: i64 = 1_000_000 * 1_000_000_000;
+pub(crate) const MAX_COST_NANOS: i64 = 1_000_000 * 1_000_000_000;
 
 /// Within [`MAX_COST_NANOS`] either way: a credit (from a negative price)
 /// that large is as absurd as such a charge.

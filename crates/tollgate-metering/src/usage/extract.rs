@@ -45,11 +45,11 @@ use serde_json::Value;
 /// go (with a cheap pre-check first); a larger event (say, a Responses API
 /// `response.completed` repeating a long output) is walked incrementally
 /// instead, so it is never held whole.
-pub const EVENT_BUFFER_LIMIT: usize = 64 * 1024;
+pub(crate) const EVENT_BUFFER_LIMIT: usize = 64 * 1024;
 /// The largest `usage` or `model` value captured from a streamed document.
-pub const CAPTURE_LIMIT: usize = 16 * 1024;
+pub(crate) const CAPTURE_LIMIT: usize = 16 * 1024;
 /// The longest model name accepted; a longer one is ignored.
-pub const MODEL_LIMIT: usize = 256;
+pub(crate) const MODEL_LIMIT: usize = 256;
 /// Watched keys are short; a longer key is not one of them.
 const KEY_LIMIT: usize = 32;
 

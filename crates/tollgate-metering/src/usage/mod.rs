@@ -2,16 +2,26 @@
 //! fill it in while bodies stream, pricing, and the recorder that gets it
 //! durably into the database.
 
-pub mod cost;
+pub(crate) mod cost;
 mod database;
-pub mod event;
+pub(crate) mod event;
 mod events;
-pub mod extract;
-pub mod pricing;
+pub(crate) mod extract;
+pub(crate) mod pricing;
 pub mod recorder;
-pub mod spool;
+pub(crate) mod spool;
 mod spooler;
 mod writer;
 
 pub use crate::store::UsageSink;
-pub use event::{CostSource, Outcome, UsageEvent};
+pub use cost::{format_usd, parse_usd_to_nanos, CostError};
+pub use event::{CostSource, InvalidValues, Outcome, Reported, UsageEvent, UsageField};
+#[doc(hidden)]
+pub use extract::baseline_count_blank_lines;
+pub use extract::{
+    inject_include_usage, Count, Extracted, TokenCounts, UsageChunkFilter, UsageFormat,
+    UsageScanner,
+};
+pub use pricing::{ModelPrice, Pricing};
+pub use recorder::Recorder;
+pub use spool::Spool;

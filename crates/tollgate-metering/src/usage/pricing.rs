@@ -71,7 +71,7 @@ impl Pricing {
 }
 
 /// The exact cost of `tokens` at `price`.
-pub fn cost_nanos(price: &ModelPrice, tokens: &TokenCounts) -> i64 {
+pub(crate) fn cost_nanos(price: &ModelPrice, tokens: &TokenCounts) -> i64 {
     let terms = [
         (tokens.input, price.input),
         (tokens.output, price.output),

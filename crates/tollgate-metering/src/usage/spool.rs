@@ -96,7 +96,7 @@ const CHECKPOINT_BYTES: usize = 24;
 const READ_BUFFER: usize = 256 << 10;
 /// Batches the spool keeps in memory after appending them; older ones are
 /// read back from disk when asked for.
-pub const RECENT_BATCHES: usize = 16;
+pub(crate) const RECENT_BATCHES: usize = 16;
 
 /// A point in the spool: everything before it was appended earlier.
 /// Ordered by segment, then byte offset in the segment.

@@ -55,8 +55,8 @@ pub use error::{ConfigError, Location};
 // tier's overage and rate, a route's usage format, a model's prices. Their
 // config-file spellings live with them (`as_str`).
 pub use tollgate_metering::limits::{Overage, Rate};
-pub use tollgate_metering::usage::extract::UsageFormat;
-pub use tollgate_metering::usage::pricing::ModelPrice;
+pub use tollgate_metering::usage::ModelPrice;
+pub use tollgate_metering::usage::UsageFormat;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
