@@ -162,7 +162,7 @@ impl KeyCache {
     /// Forgets a key that no longer exists in the store. Keys are never
     /// deleted in normal operation, so this scan is for the odd manual
     /// clean-up.
-    pub fn remove(&self, id: KeyId) {
+    pub(crate) fn remove(&self, id: KeyId) {
         self.by_digest.retain(|_, key| key.key_id != id);
     }
 

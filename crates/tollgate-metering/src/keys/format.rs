@@ -9,7 +9,8 @@
 use std::fmt;
 
 /// The base62 alphabet, in digit order.
-pub(crate) const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random characters per key (30 × log2(62) ≈ 178 bits of entropy).
 pub(crate) const RANDOM_LEN: usize = 30;
 /// Checksum characters per key.
@@ -91,7 +92,7 @@ impl KeyFormat {
     }
 
     /// The total length of a key in this format.
-    pub fn key_len(&self) -> usize {
+    pub(crate) fn key_len(&self) -> usize {
         self.head.len() + RANDOM_LEN + CHECKSUM_LEN
     }
 

@@ -64,8 +64,9 @@ impl ManualClock {
         }
     }
 
+    #[cfg(test)]
     /// Jumps to `at` (backwards too).
-    pub fn set(&self, at: OffsetDateTime) {
+    pub(crate) fn set(&self, at: OffsetDateTime) {
         *self.now.lock().unwrap_or_else(PoisonError::into_inner) = at.to_offset(UtcOffset::UTC);
     }
 

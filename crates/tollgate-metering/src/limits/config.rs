@@ -131,8 +131,9 @@ pub enum LimitsError {
 }
 
 impl LimitsError {
+    #[cfg(test)]
     /// The field at fault, for an admin API `invalid_request` that names it.
-    pub fn field(&self) -> &str {
+    pub(crate) fn field(&self) -> &str {
         match self {
             LimitsError::NotAnObject { .. } => "overrides",
             LimitsError::UnknownField { field } => field,
@@ -177,7 +178,7 @@ impl Limits {
     /// string). A JSON `null` for one of the four limits removes it
     /// (unlimited); `overage` and the price are not limits and may not be
     /// null. Unknown fields are refused, as unknown config keys are.
-    pub fn with_overrides(&self, overrides: &Value) -> Result<Limits, LimitsError> {
+    pub(crate) fn with_overrides(&self, overrides: &Value) -> Result<Limits, LimitsError> {
         let Value::Object(fields) = overrides else {
             return Err(LimitsError::NotAnObject {
                 found: describe(overrides),

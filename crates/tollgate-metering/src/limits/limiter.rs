@@ -45,7 +45,7 @@ pub struct PeriodTotals {
 }
 
 impl PeriodTotals {
-    pub const ZERO: PeriodTotals = PeriodTotals {
+    pub(crate) const ZERO: PeriodTotals = PeriodTotals {
         requests: 0,
         tokens: 0,
         cost_nanos: 0,
@@ -102,12 +102,9 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn customer(&self) -> CustomerId {
-        self.customer
-    }
-
+    #[cfg(test)]
     /// The period the request was counted in.
-    pub fn period(&self) -> Period {
+    pub(crate) fn period(&self) -> Period {
         self.period
     }
 }
@@ -166,8 +163,9 @@ impl Rejection {
         }
     }
 
+    #[cfg(test)]
     /// The `limit` label of `tollgate_limit_rejections_total`.
-    pub fn limit(&self) -> &'static str {
+    pub(crate) fn limit(&self) -> &'static str {
         match self {
             Rejection::RateLimited { .. } => "rate",
             Rejection::QuotaExceeded { .. } => "monthly_requests",
@@ -234,12 +232,13 @@ pub struct CommittedSnapshot {
 }
 
 impl CommittedSnapshot {
-    pub fn period(&self) -> Period {
+    #[cfg(test)]
+    pub(crate) fn period(&self) -> Period {
         self.period
     }
 
     /// This instance's committed rows of `customer` in the period.
-    pub fn get(&self, customer: CustomerId) -> PeriodTotals {
+    pub(crate) fn get(&self, customer: CustomerId) -> PeriodTotals {
         self.committed.get(&customer).copied().unwrap_or_default()
     }
 }
@@ -500,7 +499,7 @@ impl Limiter {
     }
 
     /// Forgets a customer and its counters (the customer was deleted).
-    pub fn remove(&self, customer: CustomerId) {
+    pub(crate) fn remove(&self, customer: CustomerId) {
         self.customers.remove(&customer);
     }
 

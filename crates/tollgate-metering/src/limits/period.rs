@@ -34,11 +34,7 @@ impl Period {
         Period::new(t.year(), t.month())
     }
 
-    pub fn year(self) -> i32 {
-        self.year
-    }
-
-    pub fn month(self) -> Month {
+    pub(crate) fn month(self) -> Month {
         Month::try_from(self.month).unwrap_or(Month::January)
     }
 
@@ -57,8 +53,9 @@ impl Period {
         }
     }
 
+    #[cfg(test)]
     /// The month before this one.
-    pub fn previous(self) -> Period {
+    pub(crate) fn previous(self) -> Period {
         if self.month <= 1 {
             Period {
                 year: self.year.saturating_sub(1),
@@ -83,12 +80,12 @@ impl Period {
     }
 
     /// Midnight UTC on the first day: when the period begins.
-    pub fn start(self) -> OffsetDateTime {
+    pub(crate) fn start(self) -> OffsetDateTime {
         self.first_day().midnight().assume_utc()
     }
 
     /// When the next period begins (this one's end, exclusive).
-    pub fn next_start(self) -> OffsetDateTime {
+    pub(crate) fn next_start(self) -> OffsetDateTime {
         self.next().start()
     }
 }

@@ -87,7 +87,7 @@ impl Policies {
     /// (both only possible after a config change), leave the customer
     /// blocked rather than unlimited: every monthly limit zero, which the
     /// operator sees as 429s and in the log, never as an unbounded bill.
-    pub fn apply(&self, customer: &Customer) {
+    pub(crate) fn apply(&self, customer: &Customer) {
         let tiers = self.lock();
         self.apply_with(&tiers, Arc::new(customer.clone()));
     }
@@ -123,7 +123,11 @@ impl Policies {
     }
 
     /// Re-reads one customer (after a change event).
-    pub async fn refresh(&self, store: &dyn Store, id: CustomerId) -> Result<(), StoreError> {
+    pub(crate) async fn refresh(
+        &self,
+        store: &dyn Store,
+        id: CustomerId,
+    ) -> Result<(), StoreError> {
         match store.customer(id).await? {
             Some(customer) => self.apply(&customer),
             None => {

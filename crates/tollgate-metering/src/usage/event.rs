@@ -258,7 +258,7 @@ impl InvalidValues {
         *count = count.saturating_add(1);
     }
 
-    pub fn get(&self, field: UsageField) -> u64 {
+    pub(crate) fn get(&self, field: UsageField) -> u64 {
         u64::from(self.0[field.index()])
     }
 

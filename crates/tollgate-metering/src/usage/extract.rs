@@ -62,17 +62,6 @@ pub enum UsageFormat {
     Anthropic,
 }
 
-impl UsageFormat {
-    /// The config-file spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Openai => "openai",
-            Self::Anthropic => "anthropic",
-        }
-    }
-}
-
 /// Tokens by class. `input` excludes cached input (README, Usage metering).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenCounts {

@@ -35,10 +35,6 @@ impl Pricing {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
-    }
-
     /// The priced model names.
     pub fn models(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
@@ -64,7 +60,7 @@ impl Pricing {
     /// of tokens × price / 1e6, computed exactly and rounded once, half up
     /// (half away from zero, should a price be negative). `None` when the
     /// model has no price. Saturates at the `i64` bounds.
-    pub fn cost_nanos(&self, model: &str, tokens: &TokenCounts) -> Option<i64> {
+    pub(crate) fn cost_nanos(&self, model: &str, tokens: &TokenCounts) -> Option<i64> {
         let (_, price) = self.resolve(model)?;
         Some(cost_nanos(price, tokens))
     }

@@ -107,8 +107,9 @@ pub struct SpoolPosition {
 }
 
 impl SpoolPosition {
+    #[cfg(test)]
     /// The segment's number (its file is `seg-<number>.log`).
-    pub fn segment(&self) -> u64 {
+    pub(crate) fn segment(&self) -> u64 {
         self.segment
     }
 
@@ -199,7 +200,7 @@ struct Kept {
 
 /// What follows a position in the spool ([`Spool::tail`]).
 #[derive(Debug)]
-pub enum Tail {
+pub(crate) enum Tail {
     /// Batches kept in memory, taken out of the spool's keeping: their
     /// events and the position after the last one.
     Recent(Vec<UsageEvent>, SpoolPosition),
@@ -268,7 +269,7 @@ impl Spool {
     /// every record is still read and checked, but none is kept, so opening
     /// a full spool costs no more memory than one record. Replay then pages
     /// through them with [`Spool::read_pending`].
-    pub fn open_counting(dir: &Path, max_bytes: u64) -> Result<(Spool, u64), SpoolError> {
+    pub(crate) fn open_counting(dir: &Path, max_bytes: u64) -> Result<(Spool, u64), SpoolError> {
         let (spool, _, pending) = Self::open_inner(dir, max_bytes, SEGMENT_BYTES, false)?;
         Ok((spool, pending))
     }
@@ -405,7 +406,7 @@ impl Spool {
     /// [`Spool::append`], keeping the batch in memory among the last
     /// [`RECENT_BATCHES`] for [`Spool::tail`]: on success `batch` is left
     /// empty, on failure it is left as it was.
-    pub fn append_and_keep(
+    pub(crate) fn append_and_keep(
         &mut self,
         batch: &mut Vec<UsageEvent>,
     ) -> Result<SpoolPosition, SpoolError> {
@@ -430,7 +431,7 @@ impl Spool {
     /// them is not the next, the records before it, to be read from disk
     /// without holding the spool. Kept batches that end at or before
     /// `after` are dropped.
-    pub fn tail(&mut self, after: &SpoolPosition, max_events: usize) -> Tail {
+    pub(crate) fn tail(&mut self, after: &SpoolPosition, max_events: usize) -> Tail {
         while self.recent.front().is_some_and(|kept| kept.end <= *after) {
             self.recent.pop_front();
         }
@@ -515,7 +516,7 @@ impl Spool {
     /// need not wait. One checkpoint at a time: two persisted out of order
     /// would move the checkpoint back. `None` when `upto` is not past the
     /// current checkpoint.
-    pub fn prepare_checkpoint(&self, upto: SpoolPosition) -> Option<Checkpoint> {
+    pub(crate) fn prepare_checkpoint(&self, upto: SpoolPosition) -> Option<Checkpoint> {
         let upto = upto.min(self.end.clone());
         (upto > self.checkpoint).then(|| Checkpoint {
             dir: self.dir.clone(),
@@ -525,7 +526,7 @@ impl Spool {
 
     /// The last step of a checkpoint, once persisted: deletes the segments
     /// wholly before it.
-    pub fn checkpointed(&mut self, checkpoint: Checkpoint) {
+    pub(crate) fn checkpointed(&mut self, checkpoint: Checkpoint) {
         if checkpoint.upto <= self.checkpoint {
             return;
         }
@@ -534,12 +535,13 @@ impl Spool {
         self.pending_bytes = self.count_pending_bytes();
     }
 
+    #[cfg(test)]
     /// Reads from disk the events after `max(after, checkpoint)`: whole
     /// records (batches) while they fit in `max_events`, and always at least
     /// one record when anything is pending. Returns them with the position
     /// just after the last one, or an empty vec (and the start position)
     /// when nothing is pending.
-    pub fn read_pending(
+    pub(crate) fn read_pending(
         &self,
         after: Option<&SpoolPosition>,
         max_events: usize,
@@ -550,7 +552,7 @@ impl Spool {
     /// The records after `max(after, checkpoint)` as they are now, to be
     /// read without holding the spool ([`Pending::read`]) while appends go
     /// on.
-    pub fn pending(&self, after: Option<&SpoolPosition>) -> Pending {
+    pub(crate) fn pending(&self, after: Option<&SpoolPosition>) -> Pending {
         let start = match after {
             Some(after) if *after > self.checkpoint => after.clone(),
             _ => self.checkpoint.clone(),
@@ -573,7 +575,7 @@ impl Spool {
     }
 
     /// The checkpoint: everything before it is in the database.
-    pub fn checkpoint_position(&self) -> SpoolPosition {
+    pub(crate) fn checkpoint_position(&self) -> SpoolPosition {
         self.checkpoint.clone()
     }
 
@@ -583,7 +585,7 @@ impl Spool {
     }
 
     /// `pending_bytes() >= max_bytes`.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.pending_bytes >= self.max_bytes
     }
 
@@ -671,7 +673,7 @@ impl Spool {
 
 /// A checkpoint to persist: see [`Spool::prepare_checkpoint`].
 #[derive(Debug)]
-pub struct Checkpoint {
+pub(crate) struct Checkpoint {
     dir: PathBuf,
     upto: SpoolPosition,
 }
@@ -679,7 +681,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Writes the checkpoint file (temporary file, fsync, rename, fsync of
     /// the directory).
-    pub fn persist(&self) -> Result<(), SpoolError> {
+    pub(crate) fn persist(&self) -> Result<(), SpoolError> {
         write_checkpoint(&self.dir, &self.upto)
     }
 }
@@ -689,7 +691,7 @@ impl Checkpoint {
 /// one, so these can be read while appends go on; not while a checkpoint
 /// past them is made.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     dir: PathBuf,
     start: SpoolPosition,
     /// The segments from the start's on, with their lengths then.
@@ -698,7 +700,7 @@ pub struct Pending {
 
 impl Pending {
     /// Only the records that end at or before `end`.
-    pub fn until(mut self, end: &SpoolPosition) -> Pending {
+    pub(crate) fn until(mut self, end: &SpoolPosition) -> Pending {
         self.segments.retain(|&(id, _)| id <= end.segment);
         for (id, len) in &mut self.segments {
             if *id == end.segment {
@@ -708,22 +710,13 @@ impl Pending {
         self
     }
 
-    /// Whether no record lies after `position` (a position [`Pending::read`]
-    /// returned): everything there was has been read.
-    pub fn is_read_through(&self, position: &SpoolPosition) -> bool {
-        self.segments.iter().all(|&(id, len)| {
-            len == 0
-                || SpoolPosition {
-                    segment: id,
-                    offset: len,
-                } <= *position
-        })
-    }
-
     /// The events, whole records (batches) while they fit in `max_events`
     /// and always at least one record when there is any, with the position
     /// just after the last one; or an empty vec and the start position.
-    pub fn read(&self, max_events: usize) -> Result<(Vec<UsageEvent>, SpoolPosition), SpoolError> {
+    pub(crate) fn read(
+        &self,
+        max_events: usize,
+    ) -> Result<(Vec<UsageEvent>, SpoolPosition), SpoolError> {
         let start = &self.start;
         let mut events = Vec::new();
         let mut position = start.clone();
