@@ -24,5 +24,5 @@ pub use accounts::{
     KeyView, MAX_PAGE,
 };
 pub use cache::{run_feed, Authenticated, KeyCache, KeyRefusal};
-pub use format::{KeyDigest, KeyFormat, KeyFormatError, PlainKey};
+pub use format::{KeyDigest, KeyFormat, KeyFormatError};
 pub use ids::{CustomerId, KeyId};

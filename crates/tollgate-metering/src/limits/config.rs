@@ -115,7 +115,7 @@ pub struct Limits {
 
 /// Why overrides were refused; each names the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum LimitsError {
+pub(crate) enum LimitsError {
     #[error("overrides must be a JSON object, found {found}")]
     NotAnObject { found: String },
     #[error(
@@ -144,7 +144,7 @@ impl LimitsError {
 
 /// What was wrong with one override's value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Problem {
+pub(crate) enum Problem {
     #[error(transparent)]
     Rate(#[from] RateError),
     #[error("{0}")]

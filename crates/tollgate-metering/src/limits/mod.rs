@@ -31,10 +31,10 @@ mod period;
 pub(crate) mod policy;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{parse_rate, Limits, LimitsError, Overage, Problem, Rate, RateError};
+pub use config::{parse_rate, Limits, Overage, Rate};
 pub use limiter::{
-    event_tokens, Admission, Budget, CommittedSnapshot, Decision, Limiter, Meter, PeriodTotals,
+    event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals,
     QuotaView, RateHeaders, Rejection,
 };
-pub use period::{Period, PeriodError};
+pub use period::Period;
 pub use policy::Policies;
