@@ -193,7 +193,7 @@ pub enum StoreError {
 /// The roles are thin data access: rows in, rows out, each write a single
 /// statement or transaction. The rules over customers and keys (lookup by
 /// id or name, what rotation does to the old key) are plain Rust in
-/// [`crate::keys::accounts`], written once for every backend.
+/// `keys::accounts`, written once for every backend.
 #[async_trait]
 pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed {
     /// Applies pending migrations (recorded in a migrations table); a no-op

@@ -293,9 +293,9 @@ pub struct Reported {
 impl Reported {
     /// Fills `event`'s tokens, model, cost and cost source.
     ///
-    /// A token count that is not a whole number, or above [`MAX_TOKENS`],
+    /// A token count that is not a whole number, or above `MAX_TOKENS` (10¹²),
     /// is ignored as if absent (the row has 0 for it); a cost that is not
-    /// a cost, or beyond [`MAX_COST_NANOS`] either way, is ignored and the
+    /// a cost, or beyond `MAX_COST_NANOS` ($1M) either way, is ignored and the
     /// next source in precedence applies: the cost header, else the
     /// pricing table × the (believed) tokens, else none. Each ignored
     /// value is returned, to be counted; a value that was never consulted

@@ -22,7 +22,7 @@
 //!
 //! # Failure behaviour
 //! - Database down: batches keep going to the spool; the writer retries
-//!   every [`RETRY_INTERVAL`] with the rows it holds (one transaction's
+//!   every `RETRY_INTERVAL` (500 ms) with the rows it holds (one transaction's
 //!   worth) and then reads on through the spool. Nothing is lost; memory
 //!   stays bounded (the spool keeps only its last few batches in memory).
 //! - Database slow (a write blocked on a lock, say): the spooler never
@@ -48,7 +48,7 @@
 //!   the database is slower than `flush_interval` a crash loses more.
 //! - Spool write failure with the database down too: the spooler holds the
 //!   batch (its requests already had their 200) and retries both every
-//!   [`RETRY_INTERVAL`] at most; [`Recorder::accepting`] is false until one
+//!   `RETRY_INTERVAL` at most; [`Recorder::accepting`] is false until one
 //!   of them takes it, so new requests get 503 `metering_unavailable`
 //!   rather than go unmetered. Memory stays bounded: only requests already
 //!   in flight add rows.

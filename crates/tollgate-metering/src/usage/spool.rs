@@ -383,7 +383,7 @@ impl Spool {
     /// Appends the batch as one record, fsyncs, and returns the position
     /// just after it. Succeeds whenever the disk does, even past
     /// `max_bytes`: admission control is the caller's, through
-    /// [`Spool::is_full`]. An empty batch writes nothing.
+    /// `Spool::is_full`. An empty batch writes nothing.
     ///
     /// After a failed append, the next one starts a new segment when the
     /// active one holds nothing pending, and deletes that one first: on a
