@@ -5,9 +5,11 @@
 pub(crate) mod records;
 pub(crate) mod reports;
 
-pub use crate::store::UsageReports;
-pub use records::{
-    BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
-    UsageTotals,
+pub use crate::{
+    billing::records::{
+        BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
+        UsageTotals,
+    },
+    billing::reports::{csv_row, ReportParams, Reports, Scope, CSV_HEADER},
+    store::UsageReports,
 };
-pub use reports::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};

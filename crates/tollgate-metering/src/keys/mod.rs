@@ -15,14 +15,16 @@ pub(crate) mod cache;
 pub(crate) mod format;
 pub(crate) mod ids;
 
-pub use crate::store::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey,
-    Page, StoreEvent,
+pub use crate::{
+    keys::accounts::{
+        expiry_after, AccountError, AccountStore, Accounts, CreatedKey, CustomerView, KeyRequest,
+        KeyView, MAX_PAGE,
+    },
+    keys::cache::{run_feed, Authenticated, KeyCache, KeyRefusal},
+    keys::format::{KeyDigest, KeyFormat, KeyFormatError},
+    keys::ids::{CustomerId, KeyId},
+    store::{
+        ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey,
+        Page, StoreEvent,
+    },
 };
-pub use accounts::{
-    expiry_after, AccountError, AccountStore, Accounts, CreatedKey, CustomerView, KeyRequest,
-    KeyView, MAX_PAGE,
-};
-pub use cache::{run_feed, Authenticated, KeyCache, KeyRefusal};
-pub use format::{KeyDigest, KeyFormat, KeyFormatError};
-pub use ids::{CustomerId, KeyId};

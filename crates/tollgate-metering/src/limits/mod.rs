@@ -30,11 +30,13 @@ mod limiter;
 mod period;
 pub(crate) mod policy;
 
-pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{parse_rate, Limits, Overage, Rate};
-pub use limiter::{
-    event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals,
-    QuotaView, RateHeaders, Rejection,
+pub use crate::{
+    limits::clock::{Clock, ManualClock, SystemClock},
+    limits::config::{parse_rate, Limits, Overage, Rate},
+    limits::limiter::{
+        event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
+        Rejection,
+    },
+    limits::period::Period,
+    limits::policy::Policies,
 };
-pub use period::Period;
-pub use policy::Policies;

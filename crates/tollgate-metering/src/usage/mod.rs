@@ -13,15 +13,17 @@ pub(crate) mod spool;
 mod spooler;
 mod writer;
 
-pub use crate::store::UsageSink;
-pub use cost::{format_usd, parse_usd_to_nanos, CostError};
-pub use event::{CostSource, InvalidValues, Outcome, Reported, UsageEvent, UsageField};
 #[doc(hidden)]
-pub use extract::baseline_count_blank_lines;
-pub use extract::{
-    inject_include_usage, Count, Extracted, TokenCounts, UsageChunkFilter, UsageFormat,
-    UsageScanner,
+pub use crate::usage::extract::baseline_count_blank_lines;
+pub use crate::{
+    store::UsageSink,
+    usage::cost::{format_usd, parse_usd_to_nanos, CostError},
+    usage::event::{CostSource, InvalidValues, Outcome, Reported, UsageEvent, UsageField},
+    usage::extract::{
+        inject_include_usage, Count, Extracted, TokenCounts, UsageChunkFilter, UsageFormat,
+        UsageScanner,
+    },
+    usage::pricing::{ModelPrice, Pricing},
+    usage::recorder::Recorder,
+    usage::spool::Spool,
 };
-pub use pricing::{ModelPrice, Pricing};
-pub use recorder::Recorder;
-pub use spool::Spool;
