@@ -3,7 +3,6 @@
 //! durably into the database.
 
 pub(crate) mod cost;
-mod database;
 pub(crate) mod event;
 mod events;
 pub(crate) mod extract;

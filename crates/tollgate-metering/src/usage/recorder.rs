@@ -72,9 +72,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::store::{Store, StoreError};
+use crate::store::{StoreError, UsageSink};
 use crate::telemetry::emit;
-use crate::usage::database::{StoreDatabase, UsageDatabase};
 use crate::usage::events::{self, Task};
 use crate::usage::spool::{Spool, SpoolError};
 use crate::usage::spooler::Spooler;
@@ -284,15 +283,7 @@ pub enum RecorderError {
 /// include those rows); it fails if the database does not take them.
 pub async fn start(
     config: RecorderConfig,
-    store: Arc<dyn Store>,
-    on_commit: Option<CommitHook>,
-) -> Result<RecorderHandle, RecorderError> {
-    start_on(config, Arc::new(StoreDatabase(store)), on_commit).await
-}
-
-async fn start_on(
-    config: RecorderConfig,
-    database: Arc<dyn UsageDatabase>,
+    database: Arc<dyn UsageSink>,
     on_commit: Option<CommitHook>,
 ) -> Result<RecorderHandle, RecorderError> {
     let (dir, max) = (config.spool_dir.clone(), config.spool_max);
@@ -422,7 +413,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 /// the commit hook.
 #[derive(Clone)]
 pub(super) struct Writes {
-    database: Arc<dyn UsageDatabase>,
+    database: Arc<dyn UsageSink>,
     pub(super) hook: Option<CommitHook>,
     flush: FlushMetrics,
     pub(super) stats: Arc<RecorderStats>,
@@ -433,7 +424,13 @@ impl Writes {
     /// database already.
     pub(super) async fn write(&self, rows: &[UsageEvent], again: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let written = self.database.write(rows, again).await;
+        // The recorder's one call into the database.
+        let written = if again {
+            self.database.write_usage_deduplicated(rows).await
+        } else {
+            self.database.write_usage(rows).await
+        }
+        .map(|_new_rows| ());
         if let (Ok(()), Some(hook)) = (&written, &self.hook) {
             hook(rows);
         }
@@ -468,14 +465,14 @@ mod tests {
     }
 
     #[async_trait]
-    impl UsageDatabase for FakeDatabase {
-        async fn write(&self, rows: &[UsageEvent], _again: bool) -> Result<(), StoreError> {
+    impl UsageSink for FakeDatabase {
+        async fn write_usage(&self, rows: &[UsageEvent]) -> Result<u64, StoreError> {
             self.attempts.lock().unwrap().push(Instant::now());
             if self.down.load(Ordering::Relaxed) {
                 return Err(StoreError::Unavailable("down".into()));
             }
             self.rows.lock().unwrap().extend_from_slice(rows);
-            Ok(())
+            Ok(rows.len() as u64)
         }
     }
 
@@ -497,7 +494,7 @@ mod tests {
     }
 
     async fn started(dir: &std::path::Path, database: &Arc<FakeDatabase>) -> RecorderHandle {
-        start_on(config(dir), database.clone(), None).await.unwrap()
+        start(config(dir), database.clone(), None).await.unwrap()
     }
 
     fn ids(rows: &[UsageEvent]) -> Vec<uuid::Uuid> {
