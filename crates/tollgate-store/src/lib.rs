@@ -7,7 +7,7 @@
 //! and the data access of each role of the store: the rows of customers
 //! and keys ([`AccountStore`]; the rules over them, such as lookups by id
 //! or name and what rotation does to the old key, are in
-//! `tollgate_metering::accounts`, written once), usage rows and their
+//! `tollgate_metering::keys`, written once), usage rows and their
 //! daily rollups ([`UsageSink::write_usage`]), the usage reports, export
 //! and closed billing periods read from them ([`UsageReports`]; shared
 //! rules in `reports`), and the change feed that keeps every gateway's key
