@@ -5,6 +5,7 @@
 //! the listeners, drains in-flight requests and then flushes every usage
 //! row. Tests use the same two calls in-process.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +15,11 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tollgate_metering::keys::Accounts;
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::keys::{run_feed, KeyCache};
 use tollgate_metering::limits::Policies;
-use tollgate_metering::limits::{Clock, Limiter, SystemClock};
+use tollgate_metering::limits::{Clock, Limiter, Limits, SystemClock};
 use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
 use tollgate_metering::Store;
 use tollgate_proxy::{
@@ -28,7 +30,7 @@ use tollgate_proxy::{
 use crate::background;
 use crate::config::{Config, SpoolFullPolicy};
 use crate::reload::Reloader;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{Catalog, Snapshot};
 
 /// How long in-flight requests may run after shutdown begins. Saving their
 /// usage rows may then take up to [`recorder::SHUTDOWN_GRACE`] more.
@@ -142,14 +144,16 @@ pub async fn start_with_clock(
     let tls = acceptor(config.server.tls.as_ref(), "the data plane (server.tls)")?;
     let admin_tls = acceptor(config.admin.tls.as_ref(), "the admin listener (admin.tls)")?;
     let metrics = Arc::new(Metrics::new());
-    let snapshot = Snapshot::build(&config, &metrics, None)?;
+    // The same snapshot a reload builds: routes and prices for the data
+    // plane, the catalog for the accounting side and the admin API.
+    let Snapshot { live, catalog } = Snapshot::build(&config, &metrics, None)?;
     let client =
         tollgate_proxy::upstream_client().context("cannot set up TLS for upstream connections")?;
     let Accounting {
         recorder,
         policies,
         sync,
-    } = start_accounting(&config, &store, &clock, &metrics).await?;
+    } = start_accounting(&config, catalog.tiers.clone(), &store, &clock, &metrics).await?;
     let metering = Arc::new(Metering::new(
         recorder.recorder(),
         policies.clone(),
@@ -172,7 +176,7 @@ pub async fn start_with_clock(
         config.keys.headers.clone(),
     );
     let gateway = Arc::new(Gateway::new(
-        snapshot.live,
+        live,
         auth,
         client,
         GatewaySettings {
@@ -197,7 +201,7 @@ pub async fn start_with_clock(
         gateway.clone(),
         stopped.clone(),
     ));
-    let (admin, reloader) = admin_api(&config, &store, &clock, gateway, policies, metrics);
+    let (admin, reloader) = admin_api(&config, catalog, &store, &clock, gateway, policies, metrics);
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         admin_tls.clone(),
@@ -244,6 +248,7 @@ struct Accounting {
 /// recorded.
 async fn start_accounting(
     config: &Config,
+    tiers: HashMap<String, Limits>,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     metrics: &Metrics,
@@ -260,10 +265,7 @@ async fn start_accounting(
     let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
         .await
         .context("cannot start usage recording")?;
-    let policies = Arc::new(Policies::new(
-        snapshot::tier_limits(config),
-        limiter.clone(),
-    ));
+    let policies = Arc::new(Policies::new(tiers, limiter.clone()));
     let customers = policies
         .reload(&**store)
         .await
@@ -292,16 +294,22 @@ async fn start_accounting(
 /// data plane, and the reloader both SIGHUP and `POST /v1/reload` use.
 fn admin_api(
     config: &Config,
+    catalog: Catalog,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     gateway: Arc<Gateway>,
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
 ) -> (Arc<Admin>, Arc<Reloader>) {
-    let accounts = Arc::new(snapshot::accounts_for(config, store.clone()));
+    let accounts = Arc::new(Accounts::new(
+        store.clone(),
+        KeyFormat::new(&config.keys.prefix),
+        catalog.tier_names,
+        catalog.route_names,
+    ));
     let reports = Arc::new(tollgate_metering::billing::Reports::new(
         store.clone(),
-        snapshot::tier_limits(config),
+        catalog.tiers,
         clock.clone(),
     ));
     let reloader = Arc::new(Reloader::new(

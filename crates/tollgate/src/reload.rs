@@ -27,7 +27,7 @@ use tollgate_proxy::{Gateway, Metrics, Reload};
 
 use crate::config::{Config, ConfigError};
 use crate::events::{ConfigReloadFailed, ConfigReloaded, ReloadTrigger};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Catalog, Snapshot};
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -168,9 +168,12 @@ impl Reloader {
     fn install(&self, snapshot: Snapshot) {
         let Snapshot {
             live,
-            tiers,
-            tier_names,
-            route_names,
+            catalog:
+                Catalog {
+                    tiers,
+                    tier_names,
+                    route_names,
+                },
         } = snapshot;
         self.gateway.reconfigure(live);
         self.policies.set_tiers(tiers.clone());

@@ -23,6 +23,12 @@ use crate::config::{Config, RouteConfig, TierConfig};
 pub struct Snapshot {
     /// Routes and prices, swapped into the data plane in one step.
     pub live: LiveConfig,
+    /// What the accounting side and the admin API check against.
+    pub catalog: Catalog,
+}
+
+/// The tiers and the names customers and keys are checked against.
+pub struct Catalog {
     /// Each tier's limits, by tier name.
     pub tiers: HashMap<String, Limits>,
     /// The configured tier names, in config order.
@@ -50,13 +56,11 @@ impl Snapshot {
         .context("invalid route")?;
         Ok(Snapshot {
             live: LiveConfig { routes, pricing },
-            tiers: tier_limits(config),
-            tier_names: config.tiers.iter().map(|tier| tier.name.clone()).collect(),
-            route_names: config
-                .routes
-                .iter()
-                .map(|route| route.name.clone())
-                .collect(),
+            catalog: Catalog {
+                tiers: tier_limits(config),
+                tier_names: tier_names(config),
+                route_names: route_names(config),
+            },
         })
     }
 }
@@ -66,13 +70,21 @@ pub fn accounts_for(config: &Config, store: Arc<dyn Store>) -> Accounts {
     Accounts::new(
         store,
         KeyFormat::new(&config.keys.prefix),
-        config.tiers.iter().map(|tier| tier.name.clone()).collect(),
-        config
-            .routes
-            .iter()
-            .map(|route| route.name.clone())
-            .collect(),
+        tier_names(config),
+        route_names(config),
     )
+}
+
+fn tier_names(config: &Config) -> Vec<String> {
+    config.tiers.iter().map(|tier| tier.name.clone()).collect()
+}
+
+fn route_names(config: &Config) -> Vec<String> {
+    config
+        .routes
+        .iter()
+        .map(|route| route.name.clone())
+        .collect()
 }
 
 /// The configured tiers as limits.
