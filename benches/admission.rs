@@ -22,7 +22,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate_metering::limits::{parse_rate, Limiter, Limits, Overage, SystemClock};
+use tollgate_metering::limits::{Limiter, Limits, Overage, Rate, SystemClock};
 use tollgate_metering::CustomerId;
 
 const MANY: usize = 10_000;
@@ -71,7 +71,7 @@ fn fixtures(customers: usize) -> (Vec<CustomerId>, Limiter, Naive) {
     let ids: Vec<CustomerId> = (0..customers).map(|_| CustomerId::new()).collect();
     let limiter = Limiter::new(Arc::new(SystemClock));
     let limits = Limits {
-        rate: Some(parse_rate(RATE).unwrap()),
+        rate: Some(RATE.parse::<Rate>().unwrap()),
         monthly_requests: Some(QUOTA),
         overage: Overage::Block,
         ..Limits::unlimited()

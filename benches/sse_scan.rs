@@ -1,9 +1,11 @@
 //! Usage scanning on the streaming hot path, in MB/s of response body.
 //!
-//! - `UsageScanner` over a ~1 MB OpenAI chat stream (include_usage shape:
-//!   `"usage":null` in every chunk, a usage chunk last) fed in 4 KiB pieces
-//!   and in one piece, and over a ~1 MB Anthropic stream;
-//! - `UsageChunkFilter` over the same OpenAI stream (every event is edited);
+//! - a response's usage (`ResponseUsage`) read from a ~1 MB OpenAI chat
+//!   stream (include_usage shape: `"usage":null` in every chunk, a usage
+//!   chunk last) fed in 4 KiB pieces and in one piece, and from a ~1 MB
+//!   Anthropic stream;
+//! - the same with the hidden usage chunk filtered out of the OpenAI stream
+//!   (every event is edited);
 //! - the naive baseline beside them: a plain memchr (SIMD `memmem`) scan for
 //!   `\n\n` over the same bytes, the cost floor of finding event boundaries
 //!   at all.
@@ -14,10 +16,14 @@
 
 use std::hint::black_box;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use memchr::memmem;
 use tollgate_metering::usage::{
-    baseline_count_blank_lines, UsageChunkFilter, UsageFormat, UsageScanner,
+    CostSource, Outcome, Pricing, ResponseBody, ResponseUsage, UsageEvent, UsageFormat,
+    UsageHeaders,
 };
+use tollgate_metering::{CustomerId, KeyId};
 
 const TARGET: usize = 1 << 20;
 const PIECE: usize = 4096;
@@ -72,19 +78,62 @@ fn anthropic_stream() -> Vec<u8> {
     stream.into_bytes()
 }
 
-fn scan(format: UsageFormat, pieces: &[&[u8]]) -> Option<u64> {
-    let mut scanner = UsageScanner::new(format, true);
-    for piece in pieces {
-        scanner.feed(piece);
+/// The naive baseline: the number of `\n\n` in `bytes`, found with
+/// memchr's SIMD substring search. No parser can find event boundaries
+/// faster than this.
+fn baseline_count_blank_lines(bytes: &[u8]) -> usize {
+    memmem::find_iter(bytes, b"\n\n").count()
+}
+
+fn event() -> UsageEvent {
+    UsageEvent {
+        id: uuid::Uuid::now_v7(),
+        client_request_id: None,
+        ts: time::OffsetDateTime::UNIX_EPOCH,
+        customer_id: CustomerId::new(),
+        key_id: KeyId::new(),
+        instance: "gw-1".to_owned(),
+        route: "chat".to_owned(),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        status: 200,
+        outcome: Outcome::Ok,
+        latency_us: 0,
+        upstream_latency_us: 0,
+        request_bytes: 0,
+        response_bytes: 0,
+        model: None,
+        input_tokens: 0,
+        output_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        cost_nanos: 0,
+        cost_source: CostSource::None,
     }
-    scanner.finish().tokens.map(|tokens| tokens.output)
+}
+
+/// Passes the pieces through a response's usage; returns the bytes the
+/// client gets and the output tokens found.
+fn read(format: UsageFormat, hide_usage_chunk: bool, pieces: &[Bytes]) -> (usize, u64) {
+    let body = ResponseBody::EventStream { hide_usage_chunk };
+    let mut usage = ResponseUsage::new(format, body, UsageHeaders::default());
+    let mut passed = 0;
+    for piece in pieces {
+        passed += usage.pass(piece.clone()).len();
+    }
+    passed += usage.held_back().len();
+    let mut event = event();
+    usage.fill(&mut event, &Pricing::default());
+    (passed, event.output_tokens)
 }
 
 fn bench_stream(c: &mut Criterion, name: &str, format: UsageFormat, stream: &[u8], filter: bool) {
-    let pieces: Vec<&[u8]> = stream.chunks(PIECE).collect();
-    // The scanner must have found the usage, or the numbers mean nothing.
-    assert!(scan(format, &pieces).is_some_and(|output| output > 1000));
-    assert_eq!(scan(format, &pieces), scan(format, &[stream]));
+    let pieces: Vec<Bytes> = stream.chunks(PIECE).map(Bytes::copy_from_slice).collect();
+    let whole = [Bytes::copy_from_slice(stream)];
+    // The usage must have been found, or the numbers mean nothing.
+    let (passed, output) = read(format, false, &pieces);
+    assert!(output > 1000 && passed == stream.len());
+    assert_eq!(read(format, false, &whole), (passed, output));
 
     let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Bytes(stream.len() as u64));
@@ -97,27 +146,20 @@ fn bench_stream(c: &mut Criterion, name: &str, format: UsageFormat, stream: &[u8
         })
     });
     group.bench_function("scanner_4k_pieces", |b| {
-        b.iter(|| scan(format, black_box(&pieces)))
+        b.iter(|| read(format, false, black_box(&pieces)))
     });
     group.bench_function("scanner_one_piece", |b| {
-        b.iter(|| scan(format, &[black_box(stream)]))
+        b.iter(|| read(format, false, black_box(&whole)))
     });
     if filter {
-        let mut check = UsageChunkFilter::new();
-        let filtered: usize = pieces.iter().map(|piece| check.feed(piece).len()).sum();
+        let (filtered, output) = read(format, true, &pieces);
+        assert!(output > 1000);
         assert!(
             filtered < stream.len() - 40_000,
             "the filter must cut usage:null"
         );
-        group.bench_function("filter_4k_pieces", |b| {
-            b.iter(|| {
-                let mut filter = UsageChunkFilter::new();
-                let mut out = 0;
-                for piece in &pieces {
-                    out += filter.feed(black_box(piece)).len();
-                }
-                out + filter.finish().len()
-            })
+        group.bench_function("scanner_and_filter_4k_pieces", |b| {
+            b.iter(|| read(format, true, black_box(&pieces)))
         });
     }
     group.finish();

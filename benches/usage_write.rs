@@ -296,7 +296,7 @@ async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let run = Run::since(started, cpu, total);
-    handle.shutdown().await;
+    handle.shutdown(recorder::SHUTDOWN_GRACE).await;
     run
 }
 

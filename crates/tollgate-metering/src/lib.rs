@@ -30,5 +30,7 @@ mod store;
 pub mod telemetry;
 pub mod usage;
 
-pub use keys::{CustomerId, KeyId};
-pub use store::{MigrationReport, Store, StoreError};
+pub use crate::{
+    keys::{CustomerId, KeyId},
+    store::{MigrationReport, Store, StoreError},
+};

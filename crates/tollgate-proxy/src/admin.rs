@@ -19,12 +19,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_metering::billing::UsageGroup;
-use tollgate_metering::billing::{csv_row, ReportParams, Reports, Scope, CSV_HEADER};
+use tollgate_metering::billing::{ReportParams, Reports, Scope};
 use tollgate_metering::keys::{AccountError, Accounts, KeyRequest, MAX_PAGE};
 use tollgate_metering::limits::Policies;
 use tollgate_metering::StoreError;
 
 use crate::body::{BoxError, ProxyBody};
+use crate::csv::{csv_row, CSV_HEADER};
 use crate::error::error_response;
 use crate::events::{emit, AdminRequestFailed, ExportBrokenOff};
 use crate::metrics::Metrics;
@@ -611,7 +612,7 @@ impl Admin {
     async fn quota(&self, customer: &str) -> AdminResult {
         let customer = self.accounts.customer(customer).await?;
         let limiter = self.policies.limiter();
-        let view = limiter.view_or_unlimited(customer.id);
+        let view = limiter.view(customer.id);
         let tier = self.policies.tier(customer.id);
         let document = quota_document(
             customer.id,

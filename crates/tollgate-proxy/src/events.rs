@@ -191,7 +191,7 @@ pub(crate) struct InvalidUsageIgnored<'a> {
 
 impl Event for InvalidUsageIgnored<'_> {
     fn emit(self) {
-        if self.invalid.is_empty() {
+        if self.invalid.iter().next().is_none() {
             return;
         }
         self.route.invalid_values(self.invalid);

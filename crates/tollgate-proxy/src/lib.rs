@@ -51,6 +51,7 @@
 mod admin;
 mod auth;
 mod body;
+mod csv;
 mod error;
 mod events;
 mod forward;

@@ -24,10 +24,8 @@ use tollgate_metering::limits::Policies;
 use tollgate_metering::limits::{event_tokens, Admission, Limiter};
 use tollgate_metering::usage::recorder::Recorder;
 use tollgate_metering::usage::Pricing;
-use tollgate_metering::usage::Reported;
-use tollgate_metering::usage::{parse_usd_to_nanos, CostError};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
-use tollgate_metering::usage::{Count, UsageChunkFilter, UsageScanner};
+use tollgate_metering::usage::{ResponseBody, ResponseUsage, UsageHeaders};
 use uuid::Uuid;
 
 use crate::events::{emit, AccessFields, InvalidUsageIgnored, RequestCompleted, UpstreamFailed};
@@ -236,31 +234,24 @@ fn micros(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Usage facts in the upstream's response headers, as read: whether they
-/// are believed is decided with the body's, by [`Reported::apply`].
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct HeaderUsage {
-    /// The cost header, in nano-USD; an error when present but not a cost
-    /// (garbage, negative, …).
-    pub cost_nanos: Option<Result<i64, CostError>>,
-    pub input_tokens: Option<Count>,
-    pub output_tokens: Option<Count>,
-}
-
-impl HeaderUsage {
-    pub(crate) fn read(headers: &HeaderMap, usage: &RouteUsage) -> HeaderUsage {
-        // A header that is not visible ASCII reads as garbage, not as
-        // absent: it was sent, so it is judged (and counted) as invalid.
-        let text = |name: &Option<HeaderName>| {
-            let value = name.as_ref().and_then(|name| headers.get(name))?;
-            Some(value.to_str().map(str::trim).unwrap_or("\u{FFFD}"))
-        };
-        HeaderUsage {
-            cost_nanos: text(&usage.cost_header).map(parse_usd_to_nanos),
-            input_tokens: text(&usage.input_tokens_header).map(Count::parse),
-            output_tokens: text(&usage.output_tokens_header).map(Count::parse),
-        }
-    }
+/// Reads the route's usage headers from a response and starts its usage.
+pub(crate) fn response_usage(
+    headers: &HeaderMap,
+    usage: &RouteUsage,
+    body: ResponseBody,
+) -> ResponseUsage {
+    // A header that is not visible ASCII reads as garbage, not as absent:
+    // it was sent, so it is judged (and counted) as invalid.
+    let text = |name: &Option<HeaderName>| {
+        let value = name.as_ref().and_then(|name| headers.get(name))?;
+        Some(value.to_str().map(str::trim).unwrap_or("\u{FFFD}"))
+    };
+    let headers = UsageHeaders {
+        cost: text(&usage.cost_header),
+        input_tokens: text(&usage.input_tokens_header),
+        output_tokens: text(&usage.output_tokens_header),
+    };
+    ResponseUsage::new(usage.format, body, headers)
 }
 
 /// The upstream's response body on its way to the client: counted, scanned
@@ -287,9 +278,7 @@ impl std::fmt::Debug for MeteredBody {
 /// into.
 struct ResponseTally {
     guard: UsageGuard,
-    scanner: Option<UsageScanner>,
-    filter: Option<UsageChunkFilter>,
-    headers: HeaderUsage,
+    usage: ResponseUsage,
     response_bytes: u64,
 }
 
@@ -297,20 +286,12 @@ impl MeteredBody {
     /// Wraps the upstream's body. A body that is already complete (HEAD,
     /// 204, 304, an empty 200) is recorded at once: the server never polls
     /// such a body, so waiting for its end would wait forever.
-    pub(crate) fn new(
-        inner: Incoming,
-        guard: UsageGuard,
-        scanner: Option<UsageScanner>,
-        filter: Option<UsageChunkFilter>,
-        headers: HeaderUsage,
-    ) -> MeteredBody {
+    pub(crate) fn new(inner: Incoming, guard: UsageGuard, usage: ResponseUsage) -> MeteredBody {
         let mut body = MeteredBody {
             inner,
             tally: Box::new(ResponseTally {
                 guard,
-                scanner,
-                filter,
-                headers,
+                usage,
                 response_bytes: 0,
             }),
             done: false,
@@ -328,22 +309,12 @@ impl ResponseTally {
     /// seen so far), believing only valid values: the ones ignored are counted and
     /// logged here, once per request.
     fn fill_event(&mut self) {
-        let reported = Reported {
-            body: self
-                .scanner
-                .as_ref()
-                .map(UsageScanner::finish)
-                .unwrap_or_default(),
-            input_tokens_header: self.headers.input_tokens,
-            output_tokens_header: self.headers.output_tokens,
-            cost_header: self.headers.cost_nanos,
-        };
         let response_bytes = self.response_bytes;
         let Some(event) = self.guard.event.as_mut() else {
             return;
         };
         event.response_bytes = response_bytes;
-        let invalid = reported.apply(event, &self.guard.pricing);
+        let invalid = self.usage.fill(event, &self.guard.pricing);
         emit(InvalidUsageIgnored {
             route: &self.guard.route_metrics,
             usage_id: event.id,
@@ -358,23 +329,14 @@ impl ResponseTally {
 
     /// Scans, filters and counts one chunk on its way to the client.
     fn pass_chunk(&mut self, data: Bytes) -> Bytes {
-        if let Some(scanner) = &mut self.scanner {
-            scanner.feed(&data);
-        }
-        let data = match &mut self.filter {
-            Some(filter) => Bytes::from(filter.feed(&data)),
-            None => data,
-        };
+        let data = self.usage.pass(data);
         self.response_bytes += data.len() as u64;
         data
     }
 
     /// What the filter still holds at the end of the body.
     fn take_held_back(&mut self) -> Bytes {
-        let rest = match &mut self.filter {
-            Some(filter) => Bytes::from(filter.finish()),
-            None => Bytes::new(),
-        };
+        let rest = self.usage.held_back();
         self.response_bytes += rest.len() as u64;
         rest
     }
@@ -461,7 +423,7 @@ impl Body for MeteredBody {
     fn size_hint(&self) -> SizeHint {
         if self.done {
             SizeHint::with_exact(0)
-        } else if self.tally.filter.is_some() {
+        } else if self.tally.usage.edits_body() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

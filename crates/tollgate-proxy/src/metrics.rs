@@ -521,7 +521,7 @@ impl RouteMetrics {
     /// Usage values an upstream reported that were ignored as invalid.
     pub(crate) fn invalid_values(&self, invalid: &InvalidValues) {
         for (field, count) in invalid.iter() {
-            self.invalid_values[field.index()]
+            self.invalid_values[field as usize]
                 .get_or_init(|| {
                     let labels = self.labels(&[("field", field.as_str())]);
                     self.registry

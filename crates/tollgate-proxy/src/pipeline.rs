@@ -50,7 +50,7 @@ use time::OffsetDateTime;
 use tollgate_metering::limits::RateHeaders;
 use tollgate_metering::usage::Outcome;
 use tollgate_metering::usage::Pricing;
-use tollgate_metering::usage::{inject_include_usage, UsageChunkFilter, UsageFormat, UsageScanner};
+use tollgate_metering::usage::{inject_include_usage, ResponseBody, UsageFormat};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -64,7 +64,7 @@ use crate::forward::{
 };
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
-use crate::meter::{HeaderUsage, MeteredBody, Metering, UsageGuard};
+use crate::meter::{response_usage, MeteredBody, Metering, UsageGuard};
 use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
 use crate::panic::catch_panic;
 use crate::quota::quota_document;
@@ -347,7 +347,7 @@ impl Gateway {
             });
         }
         let customer = caller.customer_id;
-        let view = self.metering.limiter.view_or_unlimited(customer);
+        let view = self.metering.limiter.view(customer);
         let tier = self.metering.policies.tier(customer);
         let document = quota_document(customer, None, tier.as_deref(), &view);
         let mut response = Response::new(ProxyBody::full(document.to_string()));
@@ -627,19 +627,22 @@ impl Gateway {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         guard.set_status(parts.status.as_u16());
-        // Read before `strip_response_headers`, which often names them.
-        let header_usage = HeaderUsage::read(&parts.headers, &route.usage);
         let content_type = parts
             .headers
             .get(CONTENT_TYPE)
             .map_or(&b""[..], |value| value.as_bytes());
-        let event_stream = is_event_stream(content_type);
-        let scanner = (route.usage.format != UsageFormat::None
-            && (event_stream || is_json(content_type)))
-        .then(|| UsageScanner::new(route.usage.format, event_stream));
-        let filter = (asked_for_usage && event_stream && parts.status.is_success())
-            .then(UsageChunkFilter::new);
-        if filter.is_some() {
+        let shape = if is_event_stream(content_type) {
+            ResponseBody::EventStream {
+                hide_usage_chunk: asked_for_usage && parts.status.is_success(),
+            }
+        } else if is_json(content_type) {
+            ResponseBody::Json
+        } else {
+            ResponseBody::Opaque
+        };
+        // Read before `strip_response_headers`, which often names them.
+        let usage = response_usage(&parts.headers, &route.usage, shape);
+        if usage.edits_body() {
             parts.headers.remove(CONTENT_LENGTH);
         }
         strip_hop_by_hop(&mut parts.headers);
@@ -647,7 +650,7 @@ impl Gateway {
             parts.headers.remove(name);
         }
         parts.version = Version::HTTP_11;
-        let body = MeteredBody::new(body, guard, scanner, filter, header_usage);
+        let body = MeteredBody::new(body, guard, usage);
         Response::from_parts(parts, ProxyBody::metered(body))
     }
 }

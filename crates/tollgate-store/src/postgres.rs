@@ -420,8 +420,9 @@ fn key_row(row: &Row) -> Result<KeyRecord, Failure> {
     Ok(KeyRecord {
         id: KeyId(get(row, 0)?),
         customer_id: CustomerId(get(row, 1)?),
-        digest: KeyDigest::from_slice(digest)
-            .ok_or_else(|| corrupt(format!("a key digest of {} bytes", digest.len())))?,
+        digest: <[u8; 32]>::try_from(digest)
+            .map(KeyDigest)
+            .map_err(|_| corrupt(format!("a key digest of {} bytes", digest.len())))?,
         prefix: get(row, 3)?,
         name: get(row, 4)?,
         routes: get(row, 5)?,
@@ -479,7 +480,7 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
         ))
         .await?;
-    let digest: &[u8] = new.digest.as_bytes();
+    let digest: &[u8] = &new.digest.0;
     let row = client
         .query_one(
             &statement,

@@ -296,8 +296,9 @@ fn key_row(row: &Row<'_>) -> Result<KeyRecord, Failure> {
     Ok(KeyRecord {
         id: KeyId(parse_uuid(&row.get::<_, String>(0)?)?),
         customer_id: CustomerId(parse_uuid(&row.get::<_, String>(1)?)?),
-        digest: KeyDigest::from_slice(&digest)
-            .ok_or_else(|| corrupt(format!("a key digest of {} bytes", digest.len())))?,
+        digest: <[u8; 32]>::try_from(digest.as_slice())
+            .map(KeyDigest)
+            .map_err(|_| corrupt(format!("a key digest of {} bytes", digest.len())))?,
         prefix: row.get(3)?,
         name: row.get(4)?,
         routes: row
@@ -361,7 +362,7 @@ fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
         params![
             new.id.to_string(),
             new.customer_id.to_string(),
-            new.digest.as_bytes(),
+            &new.digest.0,
             new.prefix,
             new.name,
             routes,

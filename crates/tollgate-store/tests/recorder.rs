@@ -70,7 +70,7 @@ async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
         "every row written once, none left in the spool"
     );
     drop(recorder);
-    running.shutdown().await;
+    running.shutdown(recorder::SHUTDOWN_GRACE).await;
     assert_eq!(stats.rows_written.load(Ordering::Relaxed), recorded);
     let counts = guard
         .raw(

@@ -1103,8 +1103,8 @@ async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
         ..Limits::default()
     };
     limiter.set_limits(huge, quota.clone());
-    limiter.apply_totals(march(), &totals, &limiter.committed_snapshot());
-    let view = limiter.view(huge).unwrap();
+    limiter.sync(&*store).await.unwrap();
+    let view = limiter.view(huge);
     assert_eq!(
         (view.requests.used, view.requests.remaining),
         (max, Some(0))

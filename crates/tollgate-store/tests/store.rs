@@ -877,7 +877,7 @@ mod sqlite_only {
         assert_eq!(id, new.id.to_string());
         assert_eq!(id, id.to_lowercase());
         assert_eq!(customer_id, acme.id.to_string());
-        assert_eq!(digest, new.digest.as_bytes());
+        assert_eq!(digest, &new.digest.0);
         assert_eq!(routes, r#"["openai","anthropic"]"#);
         assert_eq!(created_at, "2026-11-22T08:00:00.123456Z");
         assert_eq!(expires_at, None);

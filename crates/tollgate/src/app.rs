@@ -93,7 +93,7 @@ impl Running {
         for task in self.background {
             task.abort();
         }
-        self.recorder.shutdown_within(usage_grace).await;
+        self.recorder.shutdown(usage_grace).await;
     }
 }
 
@@ -270,7 +270,8 @@ async fn start_accounting(
         .reload(&**store)
         .await
         .context("cannot load customers from the database")?;
-    background::sync_totals(&**store, &limiter, &**clock)
+    limiter
+        .sync(&**store)
         .await
         .context("cannot load this month's usage totals from the database")?;
     tracing::info!(
@@ -280,7 +281,6 @@ async fn start_accounting(
     let sync = tokio::spawn(background::run_sync(
         store.clone(),
         limiter.clone(),
-        clock.clone(),
         config.usage.sync_interval,
     ));
     Ok(Accounting {

@@ -13,43 +13,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tollgate_metering::limits::{Clock, Limiter, Period};
+use tollgate_metering::limits::Limiter;
 use tollgate_metering::telemetry::emit;
 use tollgate_metering::Store;
 use tollgate_proxy::{Metrics, UPKEEP_INTERVAL};
 
 use crate::events::{TotalsSyncFailed, TotalsSyncRecovered};
 
-/// One multi-instance sync: this instance's committed rows are noted
-/// before the database is read, so they are never counted twice (see
-/// [`Limiter::apply_totals`]).
-pub(crate) async fn sync_totals(
-    store: &dyn Store,
-    limiter: &Limiter,
-    clock: &dyn Clock,
-) -> Result<(), tollgate_metering::StoreError> {
-    let period = Period::containing(clock.now());
-    let committed = limiter.committed_snapshot();
-    let totals = store.period_totals(period).await?;
-    limiter.apply_totals(period, &totals, &committed);
-    Ok(())
-}
-
 /// Refreshes the period totals every `interval`: other instances' usage
 /// reaches this one's limits within `flush_interval + interval`.
-pub(crate) async fn run_sync(
-    store: Arc<dyn Store>,
-    limiter: Arc<Limiter>,
-    clock: Arc<dyn Clock>,
-    interval: Duration,
-) {
+pub(crate) async fn run_sync(store: Arc<dyn Store>, limiter: Arc<Limiter>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut failing = false;
     loop {
         ticker.tick().await;
-        match sync_totals(&*store, &limiter, &*clock).await {
+        match limiter.sync(&*store).await {
             Ok(()) if failing => {
                 failing = false;
                 emit(TotalsSyncRecovered);

@@ -10,6 +10,6 @@ pub use crate::{
         BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
         UsageTotals,
     },
-    billing::reports::{csv_row, ReportParams, Reports, Scope, CSV_HEADER},
+    billing::reports::{ReportParams, Reports, Scope},
     store::UsageReports,
 };

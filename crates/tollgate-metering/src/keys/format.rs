@@ -39,15 +39,6 @@ impl KeyDigest {
     pub fn of(key: &str) -> KeyDigest {
         KeyDigest(*blake3::hash(key.as_bytes()).as_bytes())
     }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// From stored bytes; `None` unless exactly 32.
-    pub fn from_slice(bytes: &[u8]) -> Option<KeyDigest> {
-        bytes.try_into().ok().map(KeyDigest)
-    }
 }
 
 impl fmt::Debug for KeyDigest {

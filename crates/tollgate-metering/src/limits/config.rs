@@ -49,37 +49,41 @@ pub enum RateError {
 const MAX_RATE_COUNT: u64 = 1_000_000_000;
 
 /// Parses `N/s`, `N/min` or `N/h` (surrounding whitespace allowed).
-pub fn parse_rate(text: &str) -> Result<Rate, RateError> {
-    let trimmed = text.trim();
-    let Some((count, unit)) = trimmed.split_once('/') else {
-        return Err(RateError::Format {
-            found: text.to_owned(),
-        });
-    };
-    if count.is_empty() || unit.is_empty() {
-        return Err(RateError::Format {
-            found: text.to_owned(),
-        });
+impl std::str::FromStr for Rate {
+    type Err = RateError;
+
+    fn from_str(text: &str) -> Result<Rate, RateError> {
+        let trimmed = text.trim();
+        let Some((count, unit)) = trimmed.split_once('/') else {
+            return Err(RateError::Format {
+                found: text.to_owned(),
+            });
+        };
+        if count.is_empty() || unit.is_empty() {
+            return Err(RateError::Format {
+                found: text.to_owned(),
+            });
+        }
+        let count_error = || RateError::Count {
+            found: count.to_owned(),
+            max: MAX_RATE_COUNT,
+        };
+        if !count.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(count_error());
+        }
+        let count: u64 = count.parse().map_err(|_| count_error())?;
+        if count == 0 || count > MAX_RATE_COUNT {
+            return Err(count_error());
+        }
+        let per = RATE_UNITS
+            .iter()
+            .find(|(name, _)| *name == unit)
+            .map(|(_, per)| *per)
+            .ok_or_else(|| RateError::Unit {
+                unit: unit.to_owned(),
+            })?;
+        Ok(Rate { count, per })
     }
-    let count_error = || RateError::Count {
-        found: count.to_owned(),
-        max: MAX_RATE_COUNT,
-    };
-    if !count.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(count_error());
-    }
-    let count: u64 = count.parse().map_err(|_| count_error())?;
-    if count == 0 || count > MAX_RATE_COUNT {
-        return Err(count_error());
-    }
-    let per = RATE_UNITS
-        .iter()
-        .find(|(name, _)| *name == unit)
-        .map(|(_, per)| *per)
-        .ok_or_else(|| RateError::Unit {
-            unit: unit.to_owned(),
-        })?;
-    Ok(Rate { count, per })
 }
 
 /// What happens once `monthly_requests` is used up.
@@ -189,7 +193,7 @@ impl Limits {
             match name.as_str() {
                 "rate" => {
                     limits.rate = nullable(value, |value| match value {
-                        Value::String(text) => parse_rate(text).map_err(Problem::from),
+                        Value::String(text) => text.parse::<Rate>().map_err(Problem::from),
                         other => Err(type_problem(
                             "a rate like \"60/min\" (N/s, N/min or N/h) or null",
                             other,
@@ -310,45 +314,45 @@ mod tests {
     #[test]
     fn parse_rate_accepts_the_three_units() {
         assert_eq!(
-            parse_rate("60/min"),
+            "60/min".parse::<Rate>(),
             Ok(Rate {
                 count: 60,
                 per: Duration::from_secs(60)
             })
         );
         assert_eq!(
-            parse_rate(" 10/s "),
+            " 10/s ".parse::<Rate>(),
             Ok(Rate {
                 count: 10,
                 per: Duration::from_secs(1)
             })
         );
         assert_eq!(
-            parse_rate("5/h"),
+            "5/h".parse::<Rate>(),
             Ok(Rate {
                 count: 5,
                 per: Duration::from_secs(3600)
             })
         );
         for text in ["60/min", "1/s", "1000000000/h"] {
-            assert_eq!(parse_rate(text).unwrap().to_string(), text);
+            assert_eq!(text.parse::<Rate>().unwrap().to_string(), text);
         }
     }
 
     #[test]
     fn parse_rate_refuses_with_reasons() {
         assert_eq!(
-            parse_rate("60").unwrap_err().to_string(),
+            "60".parse::<Rate>().unwrap_err().to_string(),
             "expected N/s, N/min or N/h (e.g. \"60/min\"), found \"60\""
         );
         assert_eq!(
-            parse_rate("/min").unwrap_err(),
+            "/min".parse::<Rate>().unwrap_err(),
             RateError::Format {
                 found: "/min".into()
             }
         );
         assert_eq!(
-            parse_rate("0/s").unwrap_err().to_string(),
+            "0/s".parse::<Rate>().unwrap_err().to_string(),
             "the count must be a whole number from 1 to 1000000000, found \"0\""
         );
         for count in [
@@ -361,18 +365,21 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    parse_rate(&format!("{count}/s")),
+                    format!("{count}/s").parse::<Rate>(),
                     Err(RateError::Count { .. })
                 ),
                 "{count}"
             );
         }
         assert_eq!(
-            parse_rate("60/minute").unwrap_err().to_string(),
+            "60/minute".parse::<Rate>().unwrap_err().to_string(),
             "unknown unit \"minute\": use s, min or h"
         );
-        assert!(matches!(parse_rate("6/d"), Err(RateError::Unit { .. })));
-        assert!(matches!(parse_rate("6/s/s"), Err(RateError::Unit { .. })));
+        assert!(matches!("6/d".parse::<Rate>(), Err(RateError::Unit { .. })));
+        assert!(matches!(
+            "6/s/s".parse::<Rate>(),
+            Err(RateError::Unit { .. })
+        ));
     }
 
     #[test]

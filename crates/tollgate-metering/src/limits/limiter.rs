@@ -30,6 +30,7 @@ use super::config::{Limits, Overage};
 use super::gcra::Gcra;
 use super::period::Period;
 use crate::keys::ids::CustomerId;
+use crate::store::{StoreError, UsageReports};
 use crate::usage::{Outcome, UsageEvent};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
@@ -226,7 +227,7 @@ pub struct QuotaView {
 /// What this instance had committed to the database, per customer, at one
 /// moment: see [`Limiter::apply_totals`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CommittedSnapshot {
+pub(crate) struct CommittedSnapshot {
     period: Period,
     committed: HashMap<CustomerId, PeriodTotals>,
 }
@@ -591,7 +592,7 @@ impl Limiter {
 
     /// What this instance has committed so far in the current period, per
     /// customer. Take it just BEFORE reading the database totals.
-    pub fn committed_snapshot(&self) -> CommittedSnapshot {
+    pub(crate) fn committed_snapshot(&self) -> CommittedSnapshot {
         let now_ns = self.now();
         let period = Self::period_at(now_ns);
         let mut committed = HashMap::new();
@@ -606,7 +607,18 @@ impl Limiter {
         CommittedSnapshot { period, committed }
     }
 
-    /// Start-up load and multi-instance sync.
+    /// Start-up load and multi-instance sync: reads the current period's
+    /// totals from the database and takes them in, as
+    /// [`Limiter::apply_totals`] says. The limiter's one I/O.
+    pub async fn sync(&self, store: &dyn UsageReports) -> Result<(), StoreError> {
+        let period = Self::period_at(self.now());
+        let committed = self.committed_snapshot();
+        let totals = store.period_totals(period).await?;
+        self.apply_totals(period, &totals, &committed);
+        Ok(())
+    }
+
+    /// The arithmetic of [`Limiter::sync`].
     ///
     /// `totals` are the database's totals of `period` per customer (a
     /// customer absent has none); `committed` is [`committed_snapshot`]
@@ -621,7 +633,7 @@ impl Limiter {
     /// until their limits are set.
     ///
     /// [`committed_snapshot`]: Limiter::committed_snapshot
-    pub fn apply_totals(
+    pub(crate) fn apply_totals(
         &self,
         period: Period,
         totals: &HashMap<CustomerId, PeriodTotals>,
@@ -665,9 +677,8 @@ impl Limiter {
         }
     }
 
-    /// Used / remaining / reset per limit; `None` for a customer this
-    /// limiter has never seen.
-    pub fn view(&self, customer: CustomerId) -> Option<QuotaView> {
+    /// [`Limiter::view`] of a customer this limiter has seen.
+    fn known_view(&self, customer: CustomerId) -> Option<QuotaView> {
         let now_ns = self.now();
         let mut entry = self.customers.get_mut(&customer)?;
         let state = &mut *entry;
@@ -675,11 +686,11 @@ impl Limiter {
         Some(state.view(now_ns))
     }
 
-    /// As [`Limiter::view`], with a customer this limiter has not seen yet
-    /// (created a moment ago, not yet through the change feed) shown as it
-    /// is treated: no limits and no usage in the current period.
-    pub fn view_or_unlimited(&self, customer: CustomerId) -> QuotaView {
-        self.view(customer).unwrap_or_else(|| {
+    /// Used / remaining / reset per limit. A customer this limiter has not
+    /// seen yet (created a moment ago, not yet through the change feed) is
+    /// shown as it is treated: no limits and no usage in the current period.
+    pub fn view(&self, customer: CustomerId) -> QuotaView {
+        self.known_view(customer).unwrap_or_else(|| {
             let period = Self::period_at(self.now());
             let nothing = Meter {
                 used: 0,
@@ -783,7 +794,7 @@ mod tests {
 
     use super::*;
     use crate::keys::ids::KeyId;
-    use crate::limits::{parse_rate, ManualClock};
+    use crate::limits::{ManualClock, Rate};
     use crate::usage::CostSource;
 
     fn setup(at: OffsetDateTime) -> (Arc<ManualClock>, Limiter) {
@@ -806,7 +817,7 @@ mod tests {
 
     fn rate(text: &str) -> Limits {
         Limits {
-            rate: Some(parse_rate(text).unwrap()),
+            rate: Some(text.parse::<Rate>().unwrap()),
             ..Limits::unlimited()
         }
     }
@@ -820,7 +831,7 @@ mod tests {
     }
 
     fn used(limiter: &Limiter, customer: CustomerId) -> PeriodTotals {
-        let view = limiter.view(customer).unwrap();
+        let view = limiter.known_view(customer).unwrap();
         PeriodTotals {
             requests: view.requests.used,
             tokens: view.tokens.used,
@@ -921,7 +932,7 @@ mod tests {
         ));
 
         clock.advance(secs(2));
-        let view = limiter.view(c).unwrap();
+        let view = limiter.known_view(c).unwrap();
         assert_eq!(
             view.rate,
             Some(RateHeaders {
@@ -1065,7 +1076,7 @@ mod tests {
             })
         );
         admitted(decision);
-        let view = limiter.view(bill).unwrap();
+        let view = limiter.known_view(bill).unwrap();
         assert_eq!(
             view.requests,
             Meter {
@@ -1150,7 +1161,7 @@ mod tests {
                 retry_after: to_july
             }
         );
-        let view = limiter.view(cost).unwrap();
+        let view = limiter.known_view(cost).unwrap();
         assert_eq!(view.requests.used, 2);
         assert_eq!(
             view.cost_nanos,
@@ -1229,7 +1240,7 @@ mod tests {
         // January's late settlement and release touch nothing in February.
         limiter.settle(&january, 5_000, 7);
         limiter.release(&january);
-        let view = limiter.view(c).unwrap();
+        let view = limiter.known_view(c).unwrap();
         assert_eq!(view.period.to_string(), "2026-02");
         assert_eq!(view.requests.used, 1);
         assert_eq!(view.tokens.used, 0);
@@ -1283,7 +1294,7 @@ mod tests {
             rejected(limiter.admit(c)),
             Rejection::QuotaExceeded { .. }
         ));
-        assert_eq!(limiter.view(c).unwrap().period.to_string(), "2026-03");
+        assert_eq!(limiter.known_view(c).unwrap().period.to_string(), "2026-03");
     }
 
     #[test]
@@ -1368,7 +1379,7 @@ mod tests {
             },
         );
         // quota 1 vs rate 7: the quota, with its reset.
-        let view = limiter.view(c).unwrap();
+        let view = limiter.known_view(c).unwrap();
         assert_eq!(
             view.headers,
             Some(RateHeaders {
@@ -1395,8 +1406,8 @@ mod tests {
     fn unknown_customers_are_admitted_unlimited_but_counted() {
         let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
         let c = customer(9);
-        assert_eq!(limiter.view(c), None);
-        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!(limiter.known_view(c), None);
+        let unseen = limiter.view(c);
         assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
         assert_eq!(unseen.limits, Limits::unlimited());
         let decision = limiter.admit(c);
@@ -1406,18 +1417,18 @@ mod tests {
         admitted(limiter.admit(c));
         // Limits arrive later: the usage is already there.
         limiter.set_limits(c, quota(2, Overage::Block));
-        let view = limiter.view(c).unwrap();
+        let view = limiter.known_view(c).unwrap();
         assert_eq!(view.requests.remaining, Some(0));
         assert_eq!(view.tokens.used, 10);
         assert!(limiter.admit(c).result.is_err());
         limiter.remove(c);
-        assert_eq!(limiter.view(c), None);
-        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!(limiter.known_view(c), None);
+        let unseen = limiter.view(c);
         assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
         assert_eq!(unseen.limits, Limits::unlimited());
         limiter.release(&admission); // the customer is gone: nothing to do
-        assert_eq!(limiter.view(c), None);
-        let unseen = limiter.view_or_unlimited(c);
+        assert_eq!(limiter.known_view(c), None);
+        let unseen = limiter.view(c);
         assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
         assert_eq!(unseen.limits, Limits::unlimited());
     }
@@ -1518,7 +1529,7 @@ mod tests {
             },
             "exact again: (13 − 5) + 5"
         );
-        assert_eq!(limiter.view(c).unwrap().requests.remaining, Some(87));
+        assert_eq!(limiter.known_view(c).unwrap().requests.remaining, Some(87));
 
         // A customer absent from the totals has no database usage.
         let other = customer(2);
@@ -1679,7 +1690,7 @@ mod tests {
                     requests = 0;
                     tokens = 0;
                 }
-                let view = limiter.view(c).unwrap();
+                let view = limiter.known_view(c).unwrap();
                 prop_assert!(view.requests.used <= monthly_requests);
                 prop_assert_eq!(view.requests.used, requests);
                 prop_assert_eq!(view.tokens.used, tokens);
@@ -1725,7 +1736,7 @@ mod tests {
             let exact_cost = i128::from(total_cost.max(0))
                 + settled.iter().map(|&(_, c)| i128::from(c.max(0))).sum::<i128>();
             let exact_requests = u128::from(total_requests) + settled.len() as u128;
-            let view = limiter.view(c).unwrap();
+            let view = limiter.known_view(c).unwrap();
             prop_assert_eq!(
                 u128::from(view.requests.used),
                 exact_requests.min(u128::from(u64::MAX))

@@ -1,9 +1,10 @@
 //! Limits: the in-memory admission core for rate limits, monthly request
-//! quotas and token/cost budgets (README, Limits). Pure logic, no I/O: the proxy
+//! quotas and token/cost budgets (README, Limits). Memory only, but for the
+//! database read of [`Limiter::sync`]: the proxy
 //! calls [`Limiter::admit`] before forwarding, [`Limiter::release`] /
 //! [`Limiter::settle`] after; background tasks feed it limits
 //! ([`Limiter::set_limits`]) and database totals
-//! ([`Limiter::apply_totals`]).
+//! ([`Limiter::sync`]).
 //!
 //! - **Rate** (`rate = "60/min"`): GCRA per customer, per instance; a burst
 //!   of `count` from idle, then one every `per / count`.
@@ -17,7 +18,7 @@
 //! # Failure behaviour
 //! Everything here is memory. A crash loses this instance's counts; on
 //! start the wiring loads the period's totals from the database
-//! ([`Limiter::apply_totals`] with an empty snapshot), so only usage not
+//! ([`Limiter::sync`]), so only usage not
 //! yet in the database (rows still in the spool, replayed later) is
 //! missing until the next sync. Across instances, quotas and budgets
 //! overshoot by at most what the other instances admit between syncs:
@@ -32,7 +33,7 @@ pub(crate) mod policy;
 
 pub use crate::{
     limits::clock::{Clock, ManualClock, SystemClock},
-    limits::config::{parse_rate, Limits, Overage, Rate},
+    limits::config::{Limits, Overage, Rate},
     limits::limiter::{
         event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
         Rejection,

@@ -8,7 +8,7 @@
 
 /// Why a cost text was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum CostError {
+pub(crate) enum CostError {
     #[error("the cost is empty")]
     Empty,
     #[error("the cost is negative")]
@@ -35,7 +35,7 @@ const NANOS_PER_USD_DIGITS: i64 = 9;
 /// ninth fractional place are rounded once, half up. Refused, with the
 /// reason: empty text, a minus sign (even `"-0"`), NaN and infinities, any
 /// other character, and amounts above `i64::MAX` nano-USD.
-pub fn parse_usd_to_nanos(text: &str) -> Result<i64, CostError> {
+pub(crate) fn parse_usd_to_nanos(text: &str) -> Result<i64, CostError> {
     let text = text.trim();
     let bytes = text.as_bytes();
     if bytes.is_empty() {

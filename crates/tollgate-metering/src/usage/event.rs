@@ -205,7 +205,8 @@ fn believable_cost(nanos: i64) -> bool {
 }
 
 /// A usage value an upstream reports: the `field` label of
-/// `tollgate_usage_invalid_values_total`.
+/// `tollgate_usage_invalid_values_total`. The variants are declared in the
+/// order of [`UsageField::ALL`], so `field as usize` is its position there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UsageField {
     InputTokens,
@@ -235,17 +236,6 @@ impl UsageField {
             UsageField::Cost => "cost",
         }
     }
-
-    /// Position in [`UsageField::ALL`].
-    pub fn index(self) -> usize {
-        match self {
-            UsageField::InputTokens => 0,
-            UsageField::OutputTokens => 1,
-            UsageField::CacheReadTokens => 2,
-            UsageField::CacheWriteTokens => 3,
-            UsageField::Cost => 4,
-        }
-    }
 }
 
 /// How many values of each field [`Reported::apply`] ignored.
@@ -254,16 +244,12 @@ pub struct InvalidValues([u8; UsageField::ALL.len()]);
 
 impl InvalidValues {
     fn add(&mut self, field: UsageField) {
-        let count = &mut self.0[field.index()];
+        let count = &mut self.0[field as usize];
         *count = count.saturating_add(1);
     }
 
     pub(crate) fn get(&self, field: UsageField) -> u64 {
-        u64::from(self.0[field.index()])
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|&count| count == 0)
+        u64::from(self.0[field as usize])
     }
 
     /// The fields with at least one ignored value, and how many.
@@ -278,7 +264,7 @@ impl InvalidValues {
 /// Everything an upstream said about one request's usage, as read and
 /// before any of it is believed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reported {
+pub(crate) struct Reported {
     /// What the route's usage parser found in the body.
     pub body: Extracted,
     /// The route's token headers: each, when present, replaces the body's
@@ -301,7 +287,7 @@ impl Reported {
     /// value is returned, to be counted; a value that was never consulted
     /// (the body's count where a header gave it, the priced cost where the
     /// header gave one) is not judged.
-    pub fn apply(&self, event: &mut UsageEvent, pricing: &Pricing) -> InvalidValues {
+    pub(crate) fn apply(&self, event: &mut UsageEvent, pricing: &Pricing) -> InvalidValues {
         let mut invalid = InvalidValues::default();
         let body = self.body.tokens;
         let unusable = self.body.unusable;
@@ -490,7 +476,7 @@ mod tests {
             body: body(MAX_TOKENS - 11, 7, 3, 1),
             ..Reported::default()
         });
-        assert!(invalid.is_empty());
+        assert!(invalid.iter().next().is_none());
         assert_eq!(
             (event.cost_nanos, event.cost_source),
             (MAX_COST_NANOS, CostSource::Pricing)
@@ -626,7 +612,7 @@ mod tests {
             ]
         );
         for (index, field) in UsageField::ALL.into_iter().enumerate() {
-            assert_eq!(field.index(), index);
+            assert_eq!(field as usize, index);
         }
     }
 

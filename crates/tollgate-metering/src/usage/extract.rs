@@ -64,7 +64,7 @@ pub enum UsageFormat {
 
 /// Tokens by class. `input` excludes cached input (README, Usage metering).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TokenCounts {
+pub(crate) struct TokenCounts {
     pub input: u64,
     pub output: u64,
     pub cache_read: u64,
@@ -74,7 +74,7 @@ pub struct TokenCounts {
 /// Token classes whose count an upstream wrote but not as a whole number
 /// (see [`Count`]); such a class reads as 0 in [`TokenCounts`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Unusable {
+pub(crate) struct Unusable {
     pub input: bool,
     pub output: bool,
     pub cache_read: bool,
@@ -83,7 +83,7 @@ pub struct Unusable {
 
 /// What a body told about its usage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Extracted {
+pub(crate) struct Extracted {
     /// `None` when no usage was seen (not even partial counts).
     pub tokens: Option<TokenCounts>,
     pub model: Option<String>,
@@ -100,14 +100,14 @@ pub struct Extracted {
 /// down with it. A whole number may still be absurd; that is judged where
 /// usage sources are combined, not by the parsers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Count {
+pub(crate) enum Count {
     Whole(u64),
     Unusable,
 }
 
 impl Count {
     /// A count from header text (already trimmed).
-    pub fn parse(text: &str) -> Count {
+    pub(crate) fn parse(text: &str) -> Count {
         text.parse().map_or(Count::Unusable, Count::Whole)
     }
 
@@ -156,7 +156,7 @@ impl<'de> Deserialize<'de> for Count {
 ///   last `message_delta` (not a sum), else `message_start`'s.
 /// - Model: the first one named, at the same places.
 #[derive(Clone, Debug)]
-pub struct UsageScanner {
+pub(crate) struct UsageScanner {
     tally: Tally,
     mode: Mode,
 }
@@ -171,7 +171,7 @@ enum Mode {
 impl UsageScanner {
     /// `event_stream`: the response is `text/event-stream` (SSE), else a
     /// JSON body.
-    pub fn new(format: UsageFormat, event_stream: bool) -> UsageScanner {
+    pub(crate) fn new(format: UsageFormat, event_stream: bool) -> UsageScanner {
         let mode = match (format, event_stream) {
             (UsageFormat::None, _) => Mode::Off,
             (_, false) => Mode::Json(Box::new(JsonWalker::new(&JSON_BODY, true))),
@@ -189,7 +189,7 @@ impl UsageScanner {
     }
 
     /// The next piece of the body; pieces may split it anywhere.
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         let tally = &mut self.tally;
         match &mut self.mode {
             Mode::Off => {}
@@ -203,7 +203,7 @@ impl UsageScanner {
     /// the output of the last `message_delta` seen). A final event without
     /// its closing blank line, or a JSON body missing its closing brace,
     /// still counts if what it holds is complete.
-    pub fn finish(&self) -> Extracted {
+    pub(crate) fn finish(&self) -> Extracted {
         match &self.mode {
             Mode::Off => self.tally.extracted(),
             Mode::Json(walker) => {
@@ -988,7 +988,7 @@ fn members(watch: &'static Watch, json: &[u8]) -> (Vec<Option<Member>>, Vec<Opti
 /// Only events with a single `data:` line are edited (OpenAI never splits
 /// one); anything else passes unchanged.
 #[derive(Clone, Debug)]
-pub struct UsageChunkFilter {
+pub(crate) struct UsageChunkFilter {
     /// The start of an event not yet complete.
     held: Vec<u8>,
     /// Bytes of `held` already searched for the end of the event.
@@ -1010,7 +1010,7 @@ static CHUNK_EVENT: Watch = Watch {
 };
 
 impl UsageChunkFilter {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         UsageChunkFilter {
             held: Vec::new(),
             scanned: 0,
@@ -1020,7 +1020,7 @@ impl UsageChunkFilter {
 
     /// The next piece of the upstream's stream; returns what the client
     /// gets now (possibly nothing).
-    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(chunk.len() + self.held.len());
         if self.held.is_empty() {
             // Nothing held: work on the chunk itself, keep only its tail.
@@ -1039,7 +1039,7 @@ impl UsageChunkFilter {
     }
 
     /// The end of the stream: whatever is held, as one last event.
-    pub fn finish(&mut self) -> Vec<u8> {
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.held.len());
         pass_event(&self.held, &mut out);
         self.held.clear();
@@ -1287,16 +1287,6 @@ fn trimmed(json: &[u8], member: &Member) -> (usize, usize) {
     let start = member.value_start + (raw.len() - skip_space(raw).len());
     let end = member.value_start + trim_end(raw);
     (start, end.max(start))
-}
-
-// ---------------------------------------------------------------------------
-
-/// The naive baseline for the `sse_scan` benchmark: the number of `\n\n`
-/// in `bytes`, found with memchr's SIMD substring search. No parser can
-/// find event boundaries faster than this.
-#[doc(hidden)]
-pub fn baseline_count_blank_lines(bytes: &[u8]) -> usize {
-    memmem::find_iter(bytes, b"\n\n").count()
 }
 
 #[cfg(test)]

@@ -8,21 +8,19 @@ mod events;
 pub(crate) mod extract;
 pub(crate) mod pricing;
 pub mod recorder;
+mod response;
 pub(crate) mod spool;
 mod spooler;
+#[cfg(test)]
+mod tests;
 mod writer;
 
-#[doc(hidden)]
-pub use crate::usage::extract::baseline_count_blank_lines;
 pub use crate::{
     store::UsageSink,
-    usage::cost::{format_usd, parse_usd_to_nanos, CostError},
-    usage::event::{CostSource, InvalidValues, Outcome, Reported, UsageEvent, UsageField},
-    usage::extract::{
-        inject_include_usage, Count, Extracted, TokenCounts, UsageChunkFilter, UsageFormat,
-        UsageScanner,
-    },
+    usage::cost::format_usd,
+    usage::event::{CostSource, InvalidValues, Outcome, UsageEvent, UsageField},
+    usage::extract::{inject_include_usage, UsageFormat},
     usage::pricing::{ModelPrice, Pricing},
     usage::recorder::Recorder,
-    usage::spool::Spool,
+    usage::response::{ResponseBody, ResponseUsage, UsageHeaders},
 };

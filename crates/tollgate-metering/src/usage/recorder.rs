@@ -52,7 +52,7 @@
 //!   of them takes it, so new requests get 503 `metering_unavailable`
 //!   rather than go unmetered. Memory stays bounded: only requests already
 //!   in flight add rows.
-//! - Shutdown: [`RecorderHandle::shutdown_within`] ends within its grace
+//! - Shutdown: [`RecorderHandle::shutdown`] ends within its grace
 //!   whatever the disk does. Rows still held then (disk refusing, database
 //!   down) are lost: counted in `rows_lost` and `rows_failed` and logged as
 //!   an error with their number. A row counted lost may still have reached
@@ -334,11 +334,6 @@ impl RecorderHandle {
         self.recorder.clone()
     }
 
-    /// [`RecorderHandle::shutdown_within`] the [`SHUTDOWN_GRACE`].
-    pub async fn shutdown(self) {
-        self.shutdown_within(SHUTDOWN_GRACE).await;
-    }
-
     /// Flushes everything recorded so far and stops, within `grace`
     /// whatever the disk and the database do: every event is in the spool
     /// or the database, and in the database unless it is down (then the
@@ -347,7 +342,7 @@ impl RecorderHandle {
     /// counted in `rows_lost` and logged as an error. Call after the data
     /// plane stopped serving; events recorded after this call are lost
     /// (and logged).
-    pub async fn shutdown_within(self, grace: Duration) {
+    pub async fn shutdown(self, grace: Duration) {
         let RecorderHandle {
             recorder,
             close,
@@ -517,7 +512,7 @@ mod tests {
         assert_eq!(recorder.stats().rows_spooled.load(Ordering::Relaxed), 2);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(database.ids(), ids(&events(0..2)));
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -557,7 +552,7 @@ mod tests {
         // Checkpointed soon after: a restart replays nothing.
         assert_eq!(stats.spool_bytes.load(Ordering::Relaxed), 0);
         drop(recorder);
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
         let (_, pending) = Spool::open_counting(&dir.path().join("spool"), u64::MAX).unwrap();
         assert_eq!(pending, 0);
     }
@@ -578,7 +573,7 @@ mod tests {
         assert_eq!(database.ids(), ids(&events(0..30)));
         tokio::time::sleep(CHECKPOINT_INTERVAL).await;
         assert_eq!(stats.spool_bytes.load(Ordering::Relaxed), 0);
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -594,7 +589,7 @@ mod tests {
         let stats = recorder.stats().clone();
         drop(recorder);
         let began = Instant::now();
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
         assert!(began.elapsed() <= RETRY_INTERVAL, "{:?}", began.elapsed());
         assert_eq!(stats.rows_spooled.load(Ordering::Relaxed), 25);
         assert_eq!(stats.rows_lost.load(Ordering::Relaxed), 0);
@@ -607,9 +602,9 @@ mod tests {
         let stats = running.recorder().stats().clone();
         assert_eq!(stats.rows_replayed.load(Ordering::Relaxed), 25);
         assert_eq!(stats.rows_written.load(Ordering::Relaxed), 0);
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
         let running = started(dir.path(), &database).await;
-        running.shutdown().await;
+        running.shutdown(SHUTDOWN_GRACE).await;
         assert_eq!(database.ids(), ids(&events(0..25)));
         let distinct: HashSet<_> = database.ids().into_iter().collect();
         assert_eq!(distinct.len(), 25);

@@ -101,7 +101,7 @@ pub(crate) const RECENT_BATCHES: usize = 16;
 /// A point in the spool: everything before it was appended earlier.
 /// Ordered by segment, then byte offset in the segment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SpoolPosition {
+pub(crate) struct SpoolPosition {
     segment: u64,
     offset: u64,
 }
@@ -113,8 +113,9 @@ impl SpoolPosition {
         self.segment
     }
 
+    #[cfg(test)]
     /// The byte offset in the segment.
-    pub fn offset(&self) -> u64 {
+    pub(crate) fn offset(&self) -> u64 {
         self.offset
     }
 }
@@ -166,7 +167,7 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 
 /// The spool. Not shared: the recorder keeps it behind a mutex.
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
@@ -258,10 +259,11 @@ impl Active {
 }
 
 impl Spool {
+    #[cfg(test)]
     /// Creates `dir` if needed, takes an exclusive lock on it, recovers a
     /// torn tail (truncating it away, with a warning), and returns every
     /// event after the checkpoint, in append order.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Vec<UsageEvent>), SpoolError> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Vec<UsageEvent>), SpoolError> {
         Self::open_with_segment_bytes(dir, max_bytes, SEGMENT_BYTES)
     }
 
@@ -274,6 +276,7 @@ impl Spool {
         Ok((spool, pending))
     }
 
+    #[cfg(test)]
     pub(crate) fn open_with_segment_bytes(
         dir: &Path,
         max_bytes: u64,
@@ -390,7 +393,7 @@ impl Spool {
     /// full disk it is the room the spool can give back (other segments are
     /// deleted by checkpoints, but the active one only once appends have
     /// moved past it).
-    pub fn append(&mut self, batch: &[UsageEvent]) -> Result<SpoolPosition, SpoolError> {
+    pub(crate) fn append(&mut self, batch: &[UsageEvent]) -> Result<SpoolPosition, SpoolError> {
         if batch.is_empty() {
             return Ok(self.end.clone());
         }
@@ -497,12 +500,13 @@ impl Spool {
         Ok(self.end.clone())
     }
 
+    #[cfg(test)]
     /// Records that everything before `upto` is in the database: persists
     /// it atomically (temporary file, fsync, rename, fsync of the
     /// directory) and deletes the segments wholly before it. A position at
     /// or before the current checkpoint is ignored; one past the end is
     /// taken as the end.
-    pub fn checkpoint(&mut self, upto: SpoolPosition) -> Result<(), SpoolError> {
+    pub(crate) fn checkpoint(&mut self, upto: SpoolPosition) -> Result<(), SpoolError> {
         if let Some(checkpoint) = self.prepare_checkpoint(upto) {
             checkpoint.persist()?;
             self.checkpointed(checkpoint);
@@ -570,7 +574,7 @@ impl Spool {
     }
 
     /// The position after the last append.
-    pub fn end_position(&self) -> SpoolPosition {
+    pub(crate) fn end_position(&self) -> SpoolPosition {
         self.end.clone()
     }
 
@@ -580,7 +584,7 @@ impl Spool {
     }
 
     /// Bytes appended after the checkpoint (records with their framing).
-    pub fn pending_bytes(&self) -> u64 {
+    pub(crate) fn pending_bytes(&self) -> u64 {
         self.pending_bytes
     }
 

@@ -9,11 +9,11 @@
 
 use std::path::PathBuf;
 
-use proptest::prelude::*;
-use serde_json::{json, Map, Value};
-use tollgate_metering::usage::{
+use crate::usage::extract::{
     inject_include_usage, Extracted, TokenCounts, UsageChunkFilter, UsageFormat, UsageScanner,
 };
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
 
 // ---------------------------------------------------------------------------
 // Helpers.

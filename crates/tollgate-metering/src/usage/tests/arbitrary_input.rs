@@ -15,12 +15,12 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 
-use proptest::prelude::*;
-use serde_json::Value;
-use tollgate_metering::usage::{format_usd, parse_usd_to_nanos, CostError};
-use tollgate_metering::usage::{
+use crate::usage::cost::{format_usd, parse_usd_to_nanos, CostError};
+use crate::usage::extract::{
     inject_include_usage, Extracted, UsageChunkFilter, UsageFormat, UsageScanner,
 };
+use proptest::prelude::*;
+use serde_json::Value;
 
 /// Pieces that make the scanners take their interesting paths (events,
 /// usage objects, escapes, numbers at their limits) mixed with raw bytes.
