@@ -379,7 +379,7 @@ async fn budgets_block_on_metered_cost_and_stream_tokens() {
     // Tokens from streamed usage: 5 prompt + 7 completion = 12 a request.
     let accounts = tollgate::snapshot::accounts_for(&l.gateway.config, l.gateway.store.clone());
     let tokens_key = accounts
-        .create_key(tollgate_metering::keys::KeyRequest {
+        .create_key(tollgate_accounts::KeyRequest {
             customer: "streamer".into(),
             tier: Some("tokens".into()),
             ..Default::default()

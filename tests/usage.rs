@@ -1020,7 +1020,7 @@ async fn every_outcome_is_recorded(backend: Backend) {
     // A key limited to another route.
     let accounts = tollgate::snapshot::accounts_for(&m.gateway.config, m.gateway.store.clone());
     let limited = accounts
-        .create_key(tollgate_metering::keys::KeyRequest {
+        .create_key(tollgate_accounts::KeyRequest {
             customer: "limited".into(),
             tier: Some("test".into()),
             routes: Some(vec!["plain".into()]),

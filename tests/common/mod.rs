@@ -140,7 +140,7 @@ impl TestGateway {
             Some(tier) => {
                 let accounts = tollgate::snapshot::accounts_for(&config, store.clone());
                 let created = accounts
-                    .create_key(tollgate_metering::keys::KeyRequest {
+                    .create_key(tollgate_accounts::KeyRequest {
                         customer: "test".into(),
                         tier: Some(tier.name.clone()),
                         ..Default::default()

@@ -1,11 +1,11 @@
 #![warn(unreachable_pub)]
 //! Tollgate's accounting domain: who a request belongs to, what it may do,
-//! what it cost, and what a customer is billed. It knows neither hyper nor
-//! any database driver: the proxy crate calls into it on the hot path, and
-//! the store crate implements its storage traits.
+//! what it cost, and what is kept of it for reports and bills. It knows
+//! neither hyper nor any database driver: the proxy crate calls into it on
+//! the hot path, and the store crate implements its storage traits.
 //!
 //! - [`keys`]: the key format and digest, the key cache the data plane
-//!   authenticates against, customers and keys and their rules.
+//!   authenticates against, customers and keys as stored.
 //! - [`limits`]: rate limits, monthly quotas and USD budgets, checked in
 //!   memory. **A 429 comes from here**: [`limits::Limiter::admit`] refuses
 //!   with a [`limits::Rejection`] (rate, quota or budget), which the proxy
@@ -16,7 +16,8 @@
 //!   guard), handed to the [`usage::Recorder`], appended to the durable
 //!   spool, and **reaches the database** when the recorder's writer calls
 //!   [`usage::UsageSink::write_usage`] on the store.
-//! - [`billing`]: usage reports and monthly billing over `usage_daily`.
+//! - [`billing`]: what reports and billing read back from `usage_daily`
+//!   (the reports themselves and the billing rule are in `tollgate-accounts`).
 //!
 //! The [`Store`] trait is every storage role together ([`keys::AccountStore`],
 //! [`keys::ChangeFeed`], [`usage::UsageSink`], [`billing::UsageReports`]);

@@ -18,9 +18,9 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tollgate_accounts::{AccountError, Accounts, KeyRequest, MAX_PAGE};
+use tollgate_accounts::{ReportParams, Reports, Scope};
 use tollgate_metering::billing::UsageGroup;
-use tollgate_metering::billing::{ReportParams, Reports, Scope};
-use tollgate_metering::keys::{AccountError, Accounts, KeyRequest, MAX_PAGE};
 use tollgate_metering::limits::Policies;
 use tollgate_metering::StoreError;
 

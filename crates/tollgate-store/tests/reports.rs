@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use time::macros::{date, datetime};
 use time::{Month, OffsetDateTime};
-use tollgate_metering::billing::Reports;
+use tollgate_accounts::Reports;
 use tollgate_metering::billing::{
     BillingLine, BillingUsage, GroupKey, Ranking, UsageFilter, UsageGroup, UsageTotals,
 };

@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tollgate_metering::keys::Accounts;
+use tollgate_accounts::Accounts;
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::keys::{run_feed, KeyCache};
 use tollgate_metering::limits::Policies;
@@ -307,7 +307,7 @@ fn admin_api(
         catalog.tier_names,
         catalog.route_names,
     ));
-    let reports = Arc::new(tollgate_metering::billing::Reports::new(
+    let reports = Arc::new(tollgate_accounts::Reports::new(
         store.clone(),
         catalog.tiers,
         clock.clone(),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use tollgate_metering::billing::ReportParams;
+use tollgate_accounts::ReportParams;
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, ConfigError};

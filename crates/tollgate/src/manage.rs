@@ -7,11 +7,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::Serialize;
 use time::OffsetDateTime;
-use tollgate_metering::billing::UsageGroup;
-use tollgate_metering::billing::{ReportParams, Reports};
-use tollgate_metering::keys::{
-    expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView, MAX_PAGE,
+use tollgate_accounts::{
+    expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView,
+    ReportParams, Reports, MAX_PAGE,
 };
+use tollgate_metering::billing::UsageGroup;
 
 use crate::cli::{BillingCommand, CustomersCommand, KeysCommand, UsageBy};
 use crate::config::units::parse_duration;

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::Value;
-use tollgate_metering::billing::Reports;
-use tollgate_metering::keys::Accounts;
+use tollgate_accounts::Accounts;
+use tollgate_accounts::Reports;
 use tollgate_metering::limits::Policies;
 use tollgate_metering::telemetry::emit;
 use tollgate_proxy::{Gateway, Metrics, Reload};

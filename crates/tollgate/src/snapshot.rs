@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tollgate_metering::keys::Accounts;
+use tollgate_accounts::Accounts;
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::limits::Limits;
 use tollgate_metering::usage::Pricing;

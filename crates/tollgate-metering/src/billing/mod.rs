@@ -1,15 +1,14 @@
-//! Usage reports and billing: one set of rules for the admin API and the
-//! CLI ([`Reports`]), over the sums a backend takes from `usage_daily`
-//! ([`UsageReports`]) and the records it keeps of closed months.
+//! What a backend reads back for reports and billing ([`UsageReports`]):
+//! the sums it takes from `usage_daily`, the usage a month is billed on,
+//! and the records it keeps of closed months. The reports and the billing
+//! rule over them live in the `tollgate-accounts` crate.
 
 pub(crate) mod records;
-pub(crate) mod reports;
 
 pub use crate::{
     billing::records::{
         BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
         UsageTotals,
     },
-    billing::reports::{ReportParams, Reports, Scope},
     store::UsageReports,
 };

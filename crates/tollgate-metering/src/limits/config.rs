@@ -119,7 +119,7 @@ pub struct Limits {
 
 /// Why overrides were refused; each names the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum LimitsError {
+pub enum LimitsError {
     #[error("overrides must be a JSON object, found {found}")]
     NotAnObject { found: String },
     #[error(
@@ -130,7 +130,7 @@ pub(crate) enum LimitsError {
     #[error("invalid {field}: {problem}")]
     Invalid {
         field: &'static str,
-        problem: Problem,
+        problem: String,
     },
 }
 
@@ -182,7 +182,7 @@ impl Limits {
     /// string). A JSON `null` for one of the four limits removes it
     /// (unlimited); `overage` and the price are not limits and may not be
     /// null. Unknown fields are refused, as unknown config keys are.
-    pub(crate) fn with_overrides(&self, overrides: &Value) -> Result<Limits, LimitsError> {
+    pub fn with_overrides(&self, overrides: &Value) -> Result<Limits, LimitsError> {
         let Value::Object(fields) = overrides else {
             return Err(LimitsError::NotAnObject {
                 found: describe(overrides),
@@ -241,7 +241,10 @@ impl Limits {
 }
 
 fn invalid(field: &'static str) -> impl Fn(Problem) -> LimitsError {
-    move |problem| LimitsError::Invalid { field, problem }
+    move |problem| LimitsError::Invalid {
+        field,
+        problem: problem.to_string(),
+    }
 }
 
 fn nullable<T>(

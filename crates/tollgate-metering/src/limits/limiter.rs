@@ -608,8 +608,13 @@ impl Limiter {
     }
 
     /// Start-up load and multi-instance sync: reads the current period's
-    /// totals from the database and takes them in, as
-    /// [`Limiter::apply_totals`] says. The limiter's one I/O.
+    /// totals from the database and takes them in. Each customer's used
+    /// becomes (database total − what this instance had committed just
+    /// before the read) + this instance's own counts, so this instance's
+    /// rows are never counted twice nor missed; rows committed between
+    /// that moment and the read count twice until the next sync (the safe
+    /// direction). Customers this limiter has not seen are added, unlimited
+    /// until their limits are set. The limiter's one I/O.
     pub async fn sync(&self, store: &dyn UsageReports) -> Result<(), StoreError> {
         let period = Self::period_at(self.now());
         let committed = self.committed_snapshot();

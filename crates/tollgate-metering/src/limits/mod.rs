@@ -33,7 +33,7 @@ pub(crate) mod policy;
 
 pub use crate::{
     limits::clock::{Clock, ManualClock, SystemClock},
-    limits::config::{Limits, Overage, Rate},
+    limits::config::{Limits, LimitsError, Overage, Rate},
     limits::limiter::{
         event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
         Rejection,

@@ -238,7 +238,7 @@ impl UsageField {
     }
 }
 
-/// How many values of each field [`Reported::apply`] ignored.
+/// How many values of each field [`ResponseUsage::fill`](crate::usage::ResponseUsage::fill) ignored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InvalidValues([u8; UsageField::ALL.len()]);
 

@@ -26,18 +26,16 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
-use uuid::Uuid;
-
-use crate::billing::records::{
+use tollgate_metering::billing::{
     BillingLine, BillingUsage, ClosedPeriod, GroupKey, Ranking, UsageFilter, UsageGroup,
     UsageTotals,
 };
-use crate::keys::accounts::AccountError;
-use crate::keys::ids::CustomerId;
-use crate::limits::{Clock, Limits, Overage, Period};
-use crate::store::Store;
-use crate::usage::cost::format_usd;
-use crate::usage::UsageEvent;
+use tollgate_metering::limits::{Clock, Limits, Overage, Period};
+use tollgate_metering::usage::{format_usd, UsageEvent};
+use tollgate_metering::{CustomerId, Store};
+use uuid::Uuid;
+
+use crate::accounts::AccountError;
 
 /// The longest ranking asked for.
 pub(crate) const MAX_TOP: u32 = 1000;
