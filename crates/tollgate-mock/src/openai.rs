@@ -130,9 +130,12 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Reply {
         return Reply::json(&response.object("completed", Some(&text), usage))
             .with_output_tokens(completion);
     }
+    response_stream(&response, &text, usage, completion)
+}
 
-    // The event sequence of a one-message text response, each event with its
-    // sequence number; the content deltas sit between `head` and `tail`.
+/// The event sequence of a one-message text response, each event with its
+/// sequence number; the content deltas sit between `head` and `tail`.
+fn response_stream(response: &ResponseIds, text: &str, usage: Value, completion: u64) -> Reply {
     let in_progress = response.object("in_progress", None, Value::Null);
     let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
     let item_ref = |extra: Value| {
@@ -178,17 +181,17 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Reply {
         ),
         sequenced(
             "response.content_part.done",
-            item_ref(json!({"part": part(&text)})),
+            item_ref(json!({"part": part(text)})),
             &mut sequence,
         ),
         sequenced(
             "response.output_item.done",
-            json!({"output_index": 0, "item": response.message("completed", Some(&text))}),
+            json!({"output_index": 0, "item": response.message("completed", Some(text))}),
             &mut sequence,
         ),
         sequenced(
             "response.completed",
-            json!({"response": response.object("completed", Some(&text), usage)}),
+            json!({"response": response.object("completed", Some(text), usage)}),
             &mut sequence,
         ),
     ];
