@@ -128,6 +128,7 @@ tollgate_store::both_backends!(
     auth_errors_say_why,
     admin_api_manages_customers_and_keys,
     keys_never_reach_the_upstream,
+    patching_a_key_changes_it_on_the_data_plane_within_a_second,
 );
 
 async fn cli_key_works_then_revocation_is_live_within_a_second(backend: Backend) {
@@ -758,4 +759,130 @@ fn keys_and_bodies_never_appear_in_logs() {
     ] {
         assert!(!logs.contains(secret), "{secret} appeared in the logs");
     }
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+async fn patching_a_key_changes_it_on_the_data_plane_within_a_second(backend: Backend) {
+    let setup = setup(backend).await;
+    let gw = setup.gateway().await;
+    let created = admin(
+        &gw,
+        Method::POST,
+        "/v1/keys",
+        Some(serde_json::json!({"customer": "acme", "tier": "test", "name": "one"})),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let key = created.json()["key"].as_str().unwrap().to_owned();
+    let prefix = created.json()["prefix"].as_str().unwrap().to_owned();
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(1), || async {
+        call(&gw, "/v1/a", &key).await.status == StatusCode::OK
+    })
+    .await;
+    let patch = |who: String, body: serde_json::Value| {
+        let gw = &gw;
+        async move { admin(gw, Method::PATCH, &format!("/v1/keys/{who}"), Some(body)).await }
+    };
+
+    // Narrow its routes and rename it, by prefix: the data plane follows.
+    let reply = patch(
+        prefix.clone(),
+        serde_json::json!({"routes": ["other"], "name": "two"}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let view = reply.json();
+    assert_eq!(
+        (view["id"].as_str(), view["name"].as_str()),
+        (Some(&*id), Some("two"))
+    );
+    assert_eq!(view["routes"], serde_json::json!(["other"]));
+    assert_eq!(view["customer"], "acme");
+    assert!(
+        view.get("key").is_none(),
+        "the plaintext is shown once only"
+    );
+    let took = eventually(Duration::from_secs(1), || async {
+        call(&gw, "/v1/a", &key).await.status == StatusCode::FORBIDDEN
+    })
+    .await;
+    eprintln!("{backend:?}: route change live after {took:?}");
+    assert_eq!(
+        call(&gw, "/v1/a", &key).await.error_type(),
+        "route_forbidden"
+    );
+    assert_eq!(call(&gw, "/other/a", &key).await.status, StatusCode::OK);
+
+    // `null` clears (every route, no name); absent fields stay.
+    let reply = patch(
+        id.clone(),
+        serde_json::json!({"routes": null, "name": null}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert!(reply.json()["routes"].is_null() && reply.json()["name"].is_null());
+    eventually(Duration::from_secs(1), || async {
+        call(&gw, "/v1/a", &key).await.status == StatusCode::OK
+    })
+    .await;
+    let reply = patch(id.clone(), serde_json::json!({"name": "three"})).await;
+    assert_eq!(reply.json()["name"], "three");
+    assert!(reply.json()["routes"].is_null());
+    let fetched = admin(&gw, Method::GET, &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(fetched.json()["name"], "three");
+
+    // Bad changes are refused whole, naming the field; nothing changes.
+    let past = rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(1));
+    for (body, field) in [
+        (
+            serde_json::json!({"expires_at": past, "name": "x"}),
+            "expires_at:",
+        ),
+        (serde_json::json!({"routes": ["nope"]}), "routes:"),
+        (serde_json::json!({"routes": []}), "routes:"),
+        (serde_json::json!({"name": "a\u{7}b"}), "name:"),
+        (serde_json::json!({"expires_at": "tomorrow"}), "expires_at:"),
+        (
+            serde_json::json!({"limits": {"monthly_requests": 5}}),
+            "limits:",
+        ),
+        (serde_json::json!({"colour": "red"}), "colour:"),
+    ] {
+        let reply = patch(id.clone(), body.clone()).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(reply.error_type(), "invalid_request");
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.starts_with(field), "{body}: {message}");
+    }
+    let fetched = admin(&gw, Method::GET, &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(fetched.json()["name"], "three");
+    let unknown = patch(
+        uuid::Uuid::now_v7().to_string(),
+        serde_json::json!({"name": "x"}),
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+
+    // An expiry set now ends the key then.
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    let reply = patch(id.clone(), serde_json::json!({"expires_at": rfc3339(soon)})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert!(reply.json()["expires_at"].is_string());
+    let took = eventually(Duration::from_secs(3), || async {
+        call(&gw, "/v1/a", &key).await.status == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    eprintln!("{backend:?}: expiry live after {took:?}");
+    assert!(call(&gw, "/v1/a", &key).await.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
 }

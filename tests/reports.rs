@@ -27,6 +27,9 @@ struct Seeded {
     gateway: TestGateway,
     _dir: tempfile::TempDir,
     acme: CustomerId,
+    /// acme's one stored key (id, prefix), named "ci": the key of its four
+    /// October requests on `openai`.
+    acme_key: (KeyId, String),
     events: Vec<UsageEvent>,
 }
 
@@ -115,11 +118,21 @@ name = "enterprise"
         ids.push(accounts.create_customer(name, tier, None).await.unwrap().id);
     }
     let (acme, beta, corp) = (ids[0], ids[1], ids[2]);
+    let key = accounts
+        .create_key(tollgate_accounts::KeyRequest {
+            customer: "acme".into(),
+            tier: None,
+            name: Some("ci".into()),
+            expires_at: None,
+            routes: None,
+        })
+        .await
+        .unwrap();
     let gpt = Some("gpt-4o-mini");
     let mut events = Vec::new();
     for hour in 0..4 {
         let ts = datetime!(2026-10-15 10:00 UTC) + Duration::from_secs(hour * 3600);
-        events.push(event(
+        let mut row = event(
             acme,
             ts,
             "openai",
@@ -128,7 +141,9 @@ name = "enterprise"
             200,
             (10, 20),
             1_000_000,
-        ));
+        );
+        row.key_id = key.id;
+        events.push(row);
     }
     // The last microsecond of October, and the first of November.
     let last = datetime!(2026-10-31 23:59:59.999_999 UTC);
@@ -196,6 +211,7 @@ name = "enterprise"
         gateway,
         _dir: dir,
         acme,
+        acme_key: (key.id, key.prefix),
         events,
     }
 }
@@ -327,6 +343,84 @@ async fn every_report_is_exact_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_report_is_exact_postgres() {
     every_report_is_exact(Backend::Postgres).await;
+}
+
+async fn usage_by_route_model_and_key(backend: Backend) {
+    let s = seeded(backend).await;
+    let g = &s.gateway;
+    let october = "from=2026-10-01&to=2026-10-31";
+
+    let by_route = get(g, &format!("/v1/usage/by-route?{october}")).await;
+    assert_eq!(
+        column(&by_route, "route"),
+        [json!("anthropic"), json!("openai")]
+    );
+    // openai: acme 4, beta 2 (+1 refused), corp 1 error.
+    assert_eq!(column(&by_route, "requests"), [json!(1), json!(7)]);
+    assert_eq!(column(&by_route, "rejected"), [json!(0), json!(1)]);
+    assert_eq!(
+        column(&by_route, "cost_usd"),
+        [json!("0.002500001"), json!("0.004")]
+    );
+
+    let by_model = get(g, &format!("/v1/usage/by-model?{october}")).await;
+    assert_eq!(
+        column(&by_model, "model"),
+        [Value::Null, json!("claude"), json!("gpt-4o-mini")]
+    );
+    assert_eq!(
+        column(&by_model, "requests"),
+        [json!(2), json!(1), json!(5)]
+    );
+
+    let by_key = get(g, &format!("/v1/usage/by-key?{october}")).await;
+    let rows = by_key["data"].as_array().unwrap();
+    // acme: its stored key and the anthropic request's; beta: three; corp: one.
+    assert_eq!(rows.len(), 6, "{by_key}");
+    let (key_id, prefix) = &s.acme_key;
+    let stored: Vec<&Value> = rows
+        .iter()
+        .filter(|row| row["key_id"] == json!(key_id))
+        .collect();
+    assert_eq!(stored.len(), 1, "{by_key}");
+    assert_eq!(
+        (
+            &stored[0]["prefix"],
+            &stored[0]["name"],
+            &stored[0]["customer"],
+            &stored[0]["customer_id"]
+        ),
+        (&json!(prefix), &json!("ci"), &json!("acme"), &json!(s.acme))
+    );
+    assert_eq!(
+        (&stored[0]["requests"], &stored[0]["cost_usd"]),
+        (&json!(4), &json!("0.004"))
+    );
+    let requests: u64 = rows
+        .iter()
+        .map(|row| row["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, 8, "every grouping adds up to the summary");
+    assert_eq!(
+        column(&by_key, "customer")[..3],
+        [json!("acme"), json!("acme"), json!("beta")],
+        "by customer name"
+    );
+
+    let beta = get(g, &format!("/v1/usage/by-key?{october}&customer=beta")).await;
+    assert_eq!(column(&beta, "customer"), vec![json!("beta"); 3]);
+    assert_eq!(beta["customer"], "beta");
+    s.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_by_route_model_and_key_sqlite() {
+    usage_by_route_model_and_key(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_by_route_model_and_key_postgres() {
+    usage_by_route_model_and_key(Backend::Postgres).await;
 }
 
 async fn billing_closes_once(backend: Backend) {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tollgate_metering::keys::{
-    Customer, CustomerUpdate, KeyDigest, KeyFilter, KeyFormat, KeyRecord, KeyStatus, NewCustomer,
-    NewKey, Page, PlainKey,
+    Customer, CustomerUpdate, KeyDigest, KeyFilter, KeyFormat, KeyRecord, KeyStatus, KeyUpdate,
+    NewCustomer, NewKey, Page, PlainKey,
 };
 use tollgate_metering::limits::Limits;
 use tollgate_metering::{CustomerId, KeyId, Store, StoreError};
@@ -405,6 +405,33 @@ impl Accounts {
             });
         }
         Ok((views, next))
+    }
+
+    /// Changes a key's name, routes or expiry, checked as at creation: a
+    /// route must be configured, a name short and printable, an expiry in
+    /// the future. `None` leaves a field; `Some(None)` clears it. The data
+    /// plane sees the change within the change feed's delay.
+    pub async fn update_key(
+        &self,
+        id_or_prefix: &str,
+        mut update: KeyUpdate,
+    ) -> Result<KeyView, AccountError> {
+        if let Some(Some(name)) = &update.name {
+            check_label("name", name)?;
+        }
+        if let Some(Some(routes)) = &update.routes {
+            self.check_routes(routes)?;
+        }
+        if let Some(Some(at)) = update.expires_at {
+            let at = in_utc(at)?;
+            if at <= now() {
+                return Err(AccountError::invalid("expires_at", "must be in the future"));
+            }
+            update.expires_at = Some(Some(at));
+        }
+        let record = self.find_key(id_or_prefix).await?;
+        let updated = self.store.update_key(record.id, update).await?;
+        self.view(updated).await
     }
 
     pub async fn revoke_key(&self, id_or_prefix: &str) -> Result<KeyView, AccountError> {

@@ -347,6 +347,19 @@ fn row_json(key: &GroupKey, totals: &UsageTotals) -> Value {
         GroupKey::Customer { id, name } => json!({"customer_id": id, "customer": name}),
         GroupKey::Route(route) => json!({"route": route}),
         GroupKey::Model(model) => json!({"model": (!model.is_empty()).then_some(model)}),
+        GroupKey::Key {
+            id,
+            prefix,
+            name,
+            customer_id,
+            customer,
+        } => json!({
+            "key_id": id,
+            "prefix": prefix,
+            "name": name,
+            "customer_id": customer_id,
+            "customer": customer,
+        }),
     };
     merge(&mut row, totals_json(totals));
     row

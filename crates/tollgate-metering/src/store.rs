@@ -125,6 +125,15 @@ pub struct CustomerUpdate {
     pub overrides: Option<serde_json::Value>,
 }
 
+/// A change to a key: `None` leaves a field as it is, `Some(None)` clears
+/// it (no name; every route; no expiry).
+#[derive(Clone, Debug, Default)]
+pub struct KeyUpdate {
+    pub name: Option<Option<String>>,
+    pub routes: Option<Option<Vec<String>>>,
+    pub expires_at: Option<Option<OffsetDateTime>>,
+}
+
 /// Which keys to list.
 #[derive(Clone, Debug, Default)]
 pub struct KeyFilter {

@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use tollgate_accounts::{AccountError, Accounts, KeyRequest, MAX_PAGE};
 use tollgate_accounts::{ReportParams, Reports, Scope};
 use tollgate_metering::billing::UsageGroup;
+use tollgate_metering::keys::KeyUpdate;
 use tollgate_metering::limits::Policies;
 use tollgate_metering::StoreError;
 
@@ -162,6 +163,38 @@ struct CreateKey {
     routes: Option<Vec<String>>,
 }
 
+/// `PATCH /v1/keys/{id}`: an absent field is left as it is, `null`
+/// clears it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchKey {
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    routes: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present_time")]
+    expires_at: Option<Option<OffsetDateTime>>,
+    #[serde(default, deserialize_with = "present")]
+    limits: Option<Option<serde_json::Value>>,
+}
+
+/// A field that is present, `null` included: `Some(None)` for `null`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// [`present`] for an RFC 3339 time.
+fn present_time<'de, D>(deserializer: D) -> Result<Option<Option<OffsetDateTime>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    time::serde::rfc3339::option::deserialize(deserializer).map(Some)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RotateKey {
@@ -236,6 +269,7 @@ enum Endpoint {
     CreateKey,
     ListKeys,
     GetKey,
+    PatchKey,
     RevokeKey,
     RotateKey,
     UsageReport,
@@ -256,7 +290,7 @@ use Segment::{Fixed, Param};
 
 /// Every endpoint under `/v1/`: method, path, what answers it. A path
 /// listed here with other methods is 405; a path not listed is 404.
-static V1_ROUTES: [(Method, &[Segment], Endpoint); 14] = [
+static V1_ROUTES: [(Method, &[Segment], Endpoint); 15] = [
     (Method::POST, &[Fixed("reload")], Endpoint::Reload),
     (
         Method::POST,
@@ -277,6 +311,7 @@ static V1_ROUTES: [(Method, &[Segment], Endpoint); 14] = [
     (Method::POST, &[Fixed("keys")], Endpoint::CreateKey),
     (Method::GET, &[Fixed("keys")], Endpoint::ListKeys),
     (Method::GET, &[Fixed("keys"), Param], Endpoint::GetKey),
+    (Method::PATCH, &[Fixed("keys"), Param], Endpoint::PatchKey),
     (Method::DELETE, &[Fixed("keys"), Param], Endpoint::RevokeKey),
     (
         Method::POST,
@@ -530,6 +565,23 @@ impl Admin {
                 Ok(json(StatusCode::OK, &List { data, next_cursor }))
             }
             Endpoint::GetKey => Ok(json(StatusCode::OK, &accounts.key(param(0)).await?)),
+            Endpoint::PatchKey => {
+                let body: PatchKey = read_json(request).await?;
+                if body.limits.is_some() {
+                    return Err(AdminError::Invalid(
+                        "limits: per-key limits are not supported by this version".to_owned(),
+                    ));
+                }
+                let update = KeyUpdate {
+                    name: body.name,
+                    routes: body.routes,
+                    expires_at: body.expires_at,
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &accounts.update_key(param(0), update).await?,
+                ))
+            }
             Endpoint::RevokeKey => {
                 accounts.revoke_key(param(0)).await?;
                 let mut response = Response::new(ProxyBody::empty());
@@ -593,6 +645,9 @@ impl Admin {
             "summary" => reports.summary(&scope).await?,
             "daily" => reports.grouped(&scope, UsageGroup::Day).await?,
             "by-customer" => reports.grouped(&scope, UsageGroup::Customer).await?,
+            "by-route" => reports.grouped(&scope, UsageGroup::Route).await?,
+            "by-model" => reports.grouped(&scope, UsageGroup::Model).await?,
+            "by-key" => reports.grouped(&scope, UsageGroup::Key).await?,
             "top-customers" => {
                 reports
                     .top(&scope, query.by.as_deref(), query.limit.as_deref())

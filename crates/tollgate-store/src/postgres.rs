@@ -60,8 +60,8 @@ use tollgate_metering::billing::{
 use tollgate_metering::keys::AccountStore;
 use tollgate_metering::keys::KeyDigest;
 use tollgate_metering::keys::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, NewCustomer, NewKey, Page,
-    StoreEvent,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyUpdate, NewCustomer, NewKey,
+    Page, StoreEvent,
 };
 use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
@@ -1447,6 +1447,42 @@ impl AccountStore for PostgresStore {
             let client = self.client().await?;
             let statement = client.prepare_cached(&sql).await?;
             decode_all(&client.query(&statement, &params).await?, key_row)
+        })
+        .await
+    }
+
+    async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
+        run(async {
+            let client = self.client().await?;
+            // Each field: a flag saying whether to set it, and the value
+            // (NULL clears).
+            let statement = client
+                .prepare_cached(&format!(
+                    "UPDATE api_keys SET \
+                     name = CASE WHEN $2 THEN $3::text ELSE name END, \
+                     routes = CASE WHEN $4 THEN $5::text[] ELSE routes END, \
+                     expires_at = CASE WHEN $6 THEN $7::timestamptz ELSE expires_at END \
+                     WHERE id = $1 RETURNING {KEY_COLUMNS}"
+                ))
+                .await?;
+            let name = update.name.as_ref().map(Option::as_deref);
+            let routes = update.routes.as_ref().map(Option::as_deref);
+            let row = client
+                .query_opt(
+                    &statement,
+                    &[
+                        &id.0,
+                        &name.is_some(),
+                        &name.flatten(),
+                        &routes.is_some(),
+                        &routes.flatten(),
+                        &update.expires_at.is_some(),
+                        &update.expires_at.flatten(),
+                    ],
+                )
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+            key_row(&row)
         })
         .await
     }

@@ -47,8 +47,8 @@ use tollgate_metering::billing::{
 use tollgate_metering::keys::AccountStore;
 use tollgate_metering::keys::KeyDigest;
 use tollgate_metering::keys::{
-    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, NewCustomer, NewKey, Page,
-    StoreEvent,
+    ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyUpdate, NewCustomer, NewKey,
+    Page, StoreEvent,
 };
 use tollgate_metering::limits::{Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
@@ -797,6 +797,39 @@ impl AccountStore for SqliteStore {
             });
             let mut statement = conn.prepare_cached(&sql)?;
             all(&mut statement, params_from_iter(args), key_row)
+        })
+        .await
+    }
+
+    async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
+        self.call(move |conn| {
+            // Each field: a flag saying whether to set it, and the value
+            // (NULL clears).
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE api_keys SET \
+                 name = CASE WHEN ?2 THEN ?3 ELSE name END, \
+                 routes = CASE WHEN ?4 THEN ?5 ELSE routes END, \
+                 expires_at = CASE WHEN ?6 THEN ?7 ELSE expires_at END \
+                 WHERE id = ?1 RETURNING {KEY_COLUMNS}"
+            ))?;
+            let routes = match &update.routes {
+                Some(Some(routes)) => Some(serde_json::to_string(routes)?),
+                _ => None,
+            };
+            first(
+                &mut statement,
+                params![
+                    id.to_string(),
+                    update.name.is_some(),
+                    update.name.clone().flatten(),
+                    update.routes.is_some(),
+                    routes,
+                    update.expires_at.is_some(),
+                    update.expires_at.flatten().map(ts),
+                ],
+                key_row,
+            )?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")).into())
         })
         .await
     }

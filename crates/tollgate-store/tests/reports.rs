@@ -273,6 +273,17 @@ fn expected_groups(
                 let model = e.model.clone().unwrap_or_default();
                 (model.clone(), GroupKey::Model(model))
             }
+            // The seed's keys are not stored: each shows its id as prefix.
+            UsageGroup::Key => (
+                format!("{}\u{0}{}", seed.name(e.customer_id), e.key_id),
+                GroupKey::Key {
+                    id: e.key_id,
+                    prefix: e.key_id.to_string(),
+                    name: None,
+                    customer_id: e.customer_id,
+                    customer: seed.name(e.customer_id),
+                },
+            ),
         };
         let tiebreak = e.customer_id.to_string();
         let tiebreak = if group == UsageGroup::Customer {
@@ -485,9 +496,13 @@ async fn groups_have_exact_keys_in_order(backend: Backend) {
     );
     assert_eq!(by_model, expected_groups(&seed, &f, UsageGroup::Model));
 
+    let by_key = store.usage_grouped(&f, UsageGroup::Key).await.unwrap();
+    assert!(by_key.len() > by_customer.len(), "{} keys", by_key.len());
+    assert_eq!(by_key, expected_groups(&seed, &f, UsageGroup::Key));
+
     // Every grouping adds up to the summary.
     let summary = store.usage_summary(&f).await.unwrap();
-    for grouped in [&by_day, &by_customer, &by_route, &by_model] {
+    for grouped in [&by_day, &by_customer, &by_route, &by_model, &by_key] {
         let mut sum = UsageTotals::default();
         for (_, totals) in grouped.iter() {
             sum.requests += totals.requests;

@@ -11,7 +11,7 @@
 
 use time::{Date, OffsetDateTime, Time};
 
-use crate::keys::ids::CustomerId;
+use crate::keys::ids::{CustomerId, KeyId};
 use crate::limits::Period;
 
 /// Which usage rows a report covers: UTC days `from..=to`, optionally one
@@ -89,6 +89,7 @@ pub enum UsageGroup {
     Customer,
     Route,
     Model,
+    Key,
 }
 
 /// One group's key. Customers carry their name (README, Admin API: every
@@ -97,9 +98,21 @@ pub enum UsageGroup {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GroupKey {
     Day(Date),
-    Customer { id: CustomerId, name: String },
+    Customer {
+        id: CustomerId,
+        name: String,
+    },
     Route(String),
     Model(String),
+    /// A key with its display prefix and name, and its customer. A key no
+    /// longer stored shows its id as its prefix.
+    Key {
+        id: KeyId,
+        prefix: String,
+        name: Option<String>,
+        customer_id: CustomerId,
+        customer: String,
+    },
 }
 
 /// What [`UsageReports::top_customers`](crate::store::UsageReports::top_customers)

@@ -12,7 +12,8 @@ use time::OffsetDateTime;
 
 use crate::keys::ids::{CustomerId, KeyId};
 use crate::store::{
-    Customer, CustomerUpdate, KeyFilter, KeyRecord, NewCustomer, NewKey, Page, StoreError,
+    Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyUpdate, NewCustomer, NewKey, Page,
+    StoreError,
 };
 
 /// The customers and keys a backend stores: rows in and out, each write
@@ -43,6 +44,8 @@ pub trait AccountStore: Send + Sync + 'static {
         filter: KeyFilter,
         page: Page<KeyId>,
     ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Applies `update` (one statement); `NotFound` if there is no such key.
+    async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError>;
     /// Sets `revoked_at` (idempotent: an already revoked key keeps its time).
     async fn revoke_key(&self, id: KeyId, at: OffsetDateTime) -> Result<KeyRecord, StoreError>;
     /// In one transaction, with the old key locked against a concurrent

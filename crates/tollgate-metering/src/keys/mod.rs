@@ -22,7 +22,7 @@ pub use crate::{
     keys::format::{KeyDigest, KeyFormat, KeyFormatError, PlainKey},
     keys::ids::{CustomerId, KeyId},
     store::{
-        ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, NewCustomer, NewKey,
-        Page, StoreEvent,
+        ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyStatus, KeyUpdate,
+        NewCustomer, NewKey, Page, StoreEvent,
     },
 };

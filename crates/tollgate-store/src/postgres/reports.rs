@@ -144,6 +144,39 @@ fn customers_sql(filter: &UsageFilter, rank: Option<(Ranking, u32)>, args: &mut 
     )
 }
 
+fn key_key(row: &Row) -> Result<GroupKey, Failure> {
+    Ok(GroupKey::Key {
+        id: KeyId(get(row, 0)?),
+        prefix: get(row, 1)?,
+        name: get(row, 2)?,
+        customer_id: CustomerId(get(row, 3)?),
+        customer: get(row, 4)?,
+    })
+}
+
+/// Per-key totals with each key's prefix and name and its customer's name
+/// (a key or customer no longer stored shows its id), by customer name,
+/// then prefix.
+fn keys_sql(filter: &UsageFilter, args: &mut Args) -> String {
+    let where_ = daily_filter(filter, args);
+    let columns = SUMMED
+        .iter()
+        .map(|column| format!("t.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let customer = "COALESCE(c.name, t.customer_id::text)";
+    format!(
+        "SELECT t.key_id, COALESCE(k.prefix, t.key_id::text), k.name, t.customer_id, {customer}, \
+         {columns} \
+         FROM (SELECT key_id, customer_id, {sums} FROM usage_daily WHERE {where_} \
+               GROUP BY key_id, customer_id) AS t \
+         LEFT JOIN api_keys AS k ON k.id = t.key_id \
+         LEFT JOIN customers AS c ON c.id = t.customer_id \
+         ORDER BY {customer} COLLATE \"C\", k.prefix COLLATE \"C\", t.key_id",
+        sums = sums(),
+    )
+}
+
 async fn grouped_rows(
     store: &PostgresStore,
     sql: &str,
@@ -213,6 +246,10 @@ pub(super) async fn grouped(
         UsageGroup::Customer => {
             let sql = customers_sql(filter, None, &mut args);
             return grouped_rows(store, &sql, &args, customer_key, 2).await;
+        }
+        UsageGroup::Key => {
+            let sql = keys_sql(filter, &mut args);
+            return grouped_rows(store, &sql, &args, key_key, 5).await;
         }
         UsageGroup::Day => ("day", |row| Ok(GroupKey::Day(get::<Date>(row, 0)?))),
         UsageGroup::Route => ("route", |row| Ok(GroupKey::Route(get(row, 0)?))),

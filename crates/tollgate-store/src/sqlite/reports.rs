@@ -113,6 +113,35 @@ fn customer_key(row: &Row<'_>) -> Result<GroupKey, Failure> {
     })
 }
 
+fn key_key(row: &Row<'_>) -> Result<GroupKey, Failure> {
+    Ok(GroupKey::Key {
+        id: KeyId(parse_uuid(&row.get::<_, String>(0)?)?),
+        prefix: row.get(1)?,
+        name: row.get(2)?,
+        customer_id: CustomerId(parse_uuid(&row.get::<_, String>(3)?)?),
+        customer: row.get(4)?,
+    })
+}
+
+/// Per-key totals with each key's prefix and name and its customer's name
+/// (a key or customer no longer stored shows its id), by customer name,
+/// then prefix.
+fn keys_sql(filter: &UsageFilter, args: &mut Args) -> String {
+    let where_ = daily_filter(filter, args);
+    let customer = "COALESCE(c.name, t.customer_id)";
+    format!(
+        "SELECT t.key_id, COALESCE(k.prefix, t.key_id), k.name, t.customer_id, {customer}, \
+         {columns} \
+         FROM (SELECT key_id, customer_id, {sums} FROM usage_daily WHERE {where_} \
+               GROUP BY key_id, customer_id) AS t \
+         LEFT JOIN api_keys AS k ON k.id = t.key_id \
+         LEFT JOIN customers AS c ON c.id = t.customer_id \
+         ORDER BY {customer}, k.prefix, t.key_id",
+        columns = split_columns("t"),
+        sums = split_sums(),
+    )
+}
+
 /// A column's exact sum from the halves of subquery `t`, for ranking: an
 /// integer, or a REAL where it leaves the 64-bit range (SQLite's `*` and
 /// `+` turn to floating point on overflow rather than failing).
@@ -223,6 +252,10 @@ pub(super) fn grouped(
         UsageGroup::Customer => {
             let sql = customers_sql(filter, None, &mut args);
             return grouped_rows(conn, &sql, args, customer_key, 2);
+        }
+        UsageGroup::Key => {
+            let sql = keys_sql(filter, &mut args);
+            return grouped_rows(conn, &sql, args, key_key, 5);
         }
         UsageGroup::Day => ("day", |row| {
             Ok(GroupKey::Day(parse_day(&row.get::<_, String>(0)?)?))
