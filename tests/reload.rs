@@ -428,3 +428,128 @@ strip_prefix = true
     drop(process);
     drop(upstream);
 }
+
+/// `GET /v1/routes` and `GET /v1/tiers` show the loaded config, in file
+/// order, with the values of `set_headers` redacted; a reload replaces
+/// them, and a key may then be limited to the new route.
+#[tokio::test]
+async fn routes_and_tiers_show_the_loaded_config_without_secrets() {
+    let mock = MockUpstream::start().await.unwrap();
+    let (gw, path) = start(&mock).await;
+    let routes = admin(&gw, Method::GET, "/v1/routes", None).await;
+    assert_eq!(routes.status, StatusCode::OK, "{:?}", routes.body);
+    assert_eq!(
+        routes.json(),
+        json!({"data": [{
+            "name": "a",
+            "prefix": "/a/",
+            "upstream": format!("{}/", mock.url()),
+            "strip_prefix": true,
+            "usage": "openai",
+            "cost_header": null,
+            "input_tokens_header": null,
+            "output_tokens_header": null,
+            "timeout_ms": 300000,
+            "strip_response_headers": [],
+            "set_headers": {},
+            "ca_file": null,
+            "client_cert": null,
+        }], "next_cursor": null})
+    );
+    let tiers = admin(&gw, Method::GET, "/v1/tiers", None).await;
+    assert_eq!(
+        tiers.json()["data"],
+        json!([{
+            "name": "t",
+            "rate": null,
+            "monthly_requests": null,
+            "monthly_tokens": null,
+            "monthly_cost_usd": null,
+            "overage": "block",
+            "overage_price_per_request_usd": "0",
+        }])
+    );
+    let unknown = admin(
+        &gw,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "c", "tier": "t", "routes": ["b"]})),
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+
+    write_config(
+        &path,
+        &format!(
+            r#"
+[[tiers]]
+name = "t"
+
+[[tiers]]
+name = "gold"
+rate = "10/s"
+monthly_cost_usd = 250.5
+overage = "bill"
+overage_price_per_request_usd = 0.0015
+
+[[routes]]
+name = "a"
+prefix = "/a/"
+upstream = "{upstream}"
+strip_prefix = true
+usage = "openai"
+
+[[routes]]
+name = "b"
+prefix = "/b/"
+upstream = "{upstream}"
+timeout = "5s"
+cost_header = "x-cost-usd"
+strip_response_headers = ["x-internal"]
+[routes.set_headers]
+authorization = "Bearer upstream-secret"
+"#,
+            upstream = mock.url()
+        ),
+    );
+    assert_eq!(reload(&gw).await.status, StatusCode::OK);
+    let routes = admin(&gw, Method::GET, "/v1/routes", None).await;
+    assert!(
+        !String::from_utf8_lossy(&routes.body).contains("upstream-secret"),
+        "{:?}",
+        routes.body
+    );
+    let b = &routes.json()["data"][1];
+    assert_eq!(
+        (&b["name"], &b["timeout_ms"], &b["cost_header"]),
+        (&json!("b"), &json!(5000), &json!("x-cost-usd"))
+    );
+    assert_eq!(b["set_headers"], json!({"authorization": "[redacted]"}));
+    assert_eq!(b["strip_response_headers"], json!(["x-internal"]));
+    let tiers = admin(&gw, Method::GET, "/v1/tiers", None).await;
+    let gold = &tiers.json()["data"][1];
+    assert_eq!(
+        (
+            &gold["name"],
+            &gold["rate"],
+            &gold["monthly_cost_usd"],
+            &gold["overage"],
+            &gold["overage_price_per_request_usd"]
+        ),
+        (
+            &json!("gold"),
+            &json!("10/s"),
+            &json!("250.5"),
+            &json!("bill"),
+            &json!("0.0015")
+        )
+    );
+    let created = admin(
+        &gw,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "c", "tier": "gold", "routes": ["b"]})),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+}

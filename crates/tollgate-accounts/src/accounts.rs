@@ -4,7 +4,7 @@
 //! new, rotation keeps the old key alive for its grace period, and every
 //! input is checked here, naming the field to fix.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,6 +15,8 @@ use tollgate_metering::keys::{
 };
 use tollgate_metering::limits::Limits;
 use tollgate_metering::{CustomerId, KeyId, Store, StoreError};
+
+use crate::catalog::Catalog;
 
 /// The longest page a list returns.
 pub const MAX_PAGE: u32 = 1000;
@@ -128,42 +130,36 @@ pub struct KeyRequest {
     pub routes: Option<Vec<String>>,
 }
 
-/// The account operations, over a store and the configured names.
+/// The account operations, over a store and the loaded config's catalog.
 pub struct Accounts {
     store: Arc<dyn Store>,
     format: KeyFormat,
-    /// The configured tier and route names; replaced on a config reload.
-    names: std::sync::RwLock<Names>,
-}
-
-struct Names {
-    tiers: Vec<String>,
-    routes: Vec<String>,
+    /// The configured routes and tiers; replaced on a config reload.
+    catalog: RwLock<Arc<Catalog>>,
 }
 
 impl Accounts {
-    pub fn new(
-        store: Arc<dyn Store>,
-        format: KeyFormat,
-        tiers: Vec<String>,
-        routes: Vec<String>,
-    ) -> Accounts {
+    pub fn new(store: Arc<dyn Store>, format: KeyFormat, catalog: Catalog) -> Accounts {
         Accounts {
             store,
             format,
-            names: std::sync::RwLock::new(Names { tiers, routes }),
+            catalog: RwLock::new(Arc::new(catalog)),
         }
     }
 
-    /// The tier and route names new customers and keys are checked against
-    /// from now on (after a config reload).
-    pub fn set_names(&self, tiers: Vec<String>, routes: Vec<String>) {
-        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
-        *names = Names { tiers, routes };
+    /// The routes and tiers new customers and keys are checked against,
+    /// and `GET /v1/routes` and `GET /v1/tiers` show, from now on (after a
+    /// config reload).
+    pub fn set_catalog(&self, catalog: Catalog) {
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
     }
 
-    fn names(&self) -> std::sync::RwLockReadGuard<'_, Names> {
-        self.names.read().unwrap_or_else(|e| e.into_inner())
+    /// The loaded config's routes and tiers.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -171,14 +167,14 @@ impl Accounts {
     }
 
     fn check_tier(&self, field: &'static str, tier: &str) -> Result<(), AccountError> {
-        let names = self.names();
-        if names.tiers.iter().any(|t| t == tier) {
+        let catalog = self.catalog();
+        if catalog.has_tier(tier) {
             return Ok(());
         }
-        let known = if names.tiers.is_empty() {
+        let known = if catalog.tiers.is_empty() {
             "no tiers are configured".to_owned()
         } else {
-            format!("configured tiers: {}", names.tiers.join(", "))
+            format!("configured tiers: {}", catalog.tier_names())
         };
         Err(AccountError::invalid(
             field,
@@ -193,14 +189,14 @@ impl Accounts {
                 "an empty route list would make the key useless; omit it to allow every route",
             ));
         }
-        let names = self.names();
+        let catalog = self.catalog();
         for route in routes {
-            if !names.routes.iter().any(|r| r == route) {
+            if !catalog.has_route(route) {
                 return Err(AccountError::invalid(
                     "routes",
                     format!(
                         "unknown route {route:?} (configured routes: {})",
-                        names.routes.join(", ")
+                        catalog.route_names()
                     ),
                 ));
             }

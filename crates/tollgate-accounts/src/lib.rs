@@ -7,6 +7,8 @@
 //! - [`Reports`]: usage summaries, breakdowns, rankings and the export,
 //!   read from the daily rollups so a report costs the same at any volume;
 //!   the monthly billing summary and closing a period.
+//! - [`Catalog`]: the loaded config's routes and tiers as operators see
+//!   them (no secrets), which names are checked against.
 //!
 //! Both work over a [`tollgate_metering::Store`]; what a backend keeps and
 //! the rules over its rows are in `tollgate_metering`.
@@ -14,6 +16,7 @@
 #![warn(unreachable_pub)]
 
 mod accounts;
+mod catalog;
 mod reports;
 
 pub use crate::{
@@ -21,5 +24,6 @@ pub use crate::{
         expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView,
         MAX_PAGE,
     },
+    catalog::{Catalog, RouteView, TierView, REDACTED},
     reports::{ReportParams, Reports, Scope},
 };

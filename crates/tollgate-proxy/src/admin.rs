@@ -276,6 +276,8 @@ enum Endpoint {
     BillingSummary,
     ClosePeriod,
     Quota,
+    Routes,
+    Tiers,
 }
 
 /// A path segment of a route: fixed text, or a parameter (a customer, a
@@ -290,7 +292,7 @@ use Segment::{Fixed, Param};
 
 /// Every endpoint under `/v1/`: method, path, what answers it. A path
 /// listed here with other methods is 405; a path not listed is 404.
-static V1_ROUTES: [(Method, &[Segment], Endpoint); 15] = [
+static V1_ROUTES: [(Method, &[Segment], Endpoint); 17] = [
     (Method::POST, &[Fixed("reload")], Endpoint::Reload),
     (
         Method::POST,
@@ -330,6 +332,8 @@ static V1_ROUTES: [(Method, &[Segment], Endpoint); 15] = [
         Endpoint::ClosePeriod,
     ),
     (Method::GET, &[Fixed("quota"), Param], Endpoint::Quota),
+    (Method::GET, &[Fixed("routes")], Endpoint::Routes),
+    (Method::GET, &[Fixed("tiers")], Endpoint::Tiers),
 ];
 
 /// The endpoint for `method` on the `/v1/` path `segments`, and the path's
@@ -606,6 +610,20 @@ impl Admin {
             }
             Endpoint::ClosePeriod => Ok(json(StatusCode::OK, &self.reports.close(param(0)).await?)),
             Endpoint::Quota => self.quota(param(0)).await,
+            Endpoint::Routes => Ok(json(
+                StatusCode::OK,
+                &List {
+                    data: accounts.catalog().routes.clone(),
+                    next_cursor: None,
+                },
+            )),
+            Endpoint::Tiers => Ok(json(
+                StatusCode::OK,
+                &List {
+                    data: accounts.catalog().tiers.clone(),
+                    next_cursor: None,
+                },
+            )),
         }
     }
 

@@ -304,8 +304,7 @@ fn admin_api(
     let accounts = Arc::new(Accounts::new(
         store.clone(),
         KeyFormat::new(&config.keys.prefix),
-        catalog.tier_names,
-        catalog.route_names,
+        catalog.view,
     ));
     let reports = Arc::new(tollgate_accounts::Reports::new(
         store.clone(),

@@ -168,17 +168,12 @@ impl Reloader {
     fn install(&self, snapshot: Snapshot) {
         let Snapshot {
             live,
-            catalog:
-                Catalog {
-                    tiers,
-                    tier_names,
-                    route_names,
-                },
+            catalog: Catalog { tiers, view },
         } = snapshot;
         self.gateway.reconfigure(live);
         self.policies.set_tiers(tiers.clone());
         self.reports.set_tiers(tiers);
-        self.accounts.set_names(tier_names, route_names);
+        self.accounts.set_catalog(view);
     }
 
     /// A reload from SIGHUP: the outcome goes to the log.

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tollgate_accounts::Accounts;
+use tollgate_accounts::{Accounts, RouteView, TierView, REDACTED};
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::limits::Limits;
-use tollgate_metering::usage::Pricing;
+use tollgate_metering::usage::{Pricing, UsageFormat};
 use tollgate_metering::Store;
 use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage};
 
@@ -27,14 +27,13 @@ pub struct Snapshot {
     pub catalog: Catalog,
 }
 
-/// The tiers and the names customers and keys are checked against.
+/// The tiers' limits, and the routes and tiers as operators see them.
 pub struct Catalog {
     /// Each tier's limits, by tier name.
     pub tiers: HashMap<String, Limits>,
-    /// The configured tier names, in config order.
-    pub tier_names: Vec<String>,
-    /// The configured route names, in config order.
-    pub route_names: Vec<String>,
+    /// What account operations check names against and the admin API
+    /// shows, in config order.
+    pub view: tollgate_accounts::Catalog,
 }
 
 impl Snapshot {
@@ -58,8 +57,7 @@ impl Snapshot {
             live: LiveConfig { routes, pricing },
             catalog: Catalog {
                 tiers: tier_limits(config),
-                tier_names: tier_names(config),
-                route_names: route_names(config),
+                view: catalog_view(config),
             },
         })
     }
@@ -70,21 +68,56 @@ pub fn accounts_for(config: &Config, store: Arc<dyn Store>) -> Accounts {
     Accounts::new(
         store,
         KeyFormat::new(&config.keys.prefix),
-        tier_names(config),
-        route_names(config),
+        catalog_view(config),
     )
 }
 
-fn tier_names(config: &Config) -> Vec<String> {
-    config.tiers.iter().map(|tier| tier.name.clone()).collect()
+/// The routes and tiers as operators see them: no header values, no keys.
+fn catalog_view(config: &Config) -> tollgate_accounts::Catalog {
+    tollgate_accounts::Catalog {
+        routes: config.routes.iter().map(route_view).collect(),
+        tiers: config
+            .tiers
+            .iter()
+            .map(|tier| TierView::new(&tier.name, &limits_of(tier)))
+            .collect(),
+    }
 }
 
-fn route_names(config: &Config) -> Vec<String> {
-    config
-        .routes
-        .iter()
-        .map(|route| route.name.clone())
-        .collect()
+fn route_view(route: &RouteConfig) -> RouteView {
+    let name = |header: &Option<http::HeaderName>| header.as_ref().map(|h| h.to_string());
+    let path = |path: &std::path::Path| path.display().to_string();
+    let tls = route.tls.as_ref();
+    RouteView {
+        name: route.name.clone(),
+        prefix: route.prefix.clone(),
+        upstream: route.upstream.to_string(),
+        strip_prefix: route.strip_prefix,
+        usage: match route.usage {
+            UsageFormat::None => "none",
+            UsageFormat::Openai => "openai",
+            UsageFormat::Anthropic => "anthropic",
+        }
+        .to_owned(),
+        cost_header: name(&route.cost_header),
+        input_tokens_header: name(&route.input_tokens_header),
+        output_tokens_header: name(&route.output_tokens_header),
+        timeout_ms: u64::try_from(route.timeout.as_millis()).unwrap_or(u64::MAX),
+        strip_response_headers: route
+            .strip_response_headers
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        set_headers: route
+            .set_headers
+            .iter()
+            .map(|(header, _)| (header.to_string(), REDACTED.to_owned()))
+            .collect(),
+        ca_file: tls.and_then(|tls| tls.ca_file.as_deref()).map(path),
+        client_cert: tls
+            .and_then(|tls| tls.client_cert.as_ref())
+            .map(|cert| path(&cert.cert)),
+    }
 }
 
 /// The configured tiers as limits.
