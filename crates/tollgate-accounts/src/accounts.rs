@@ -15,6 +15,7 @@ use tollgate_metering::keys::{
 };
 use tollgate_metering::limits::Limits;
 use tollgate_metering::{CustomerId, KeyId, Store, StoreError};
+use utoipa::ToSchema;
 
 use crate::catalog::Catalog;
 
@@ -50,15 +51,19 @@ impl AccountError {
 }
 
 /// A key as shown to operators: never the plaintext or the digest.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct KeyView {
+    #[schema(value_type = uuid::Uuid)]
     pub id: KeyId,
     pub prefix: String,
+    #[schema(value_type = uuid::Uuid)]
     pub customer_id: CustomerId,
     pub customer: String,
     pub tier: String,
     pub name: Option<String>,
     pub routes: Option<Vec<String>>,
+    /// `active`, `revoked` or `expired`.
+    #[schema(value_type = String, pattern = "^(active|revoked|expired)$")]
     pub status: KeyStatus,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -69,11 +74,14 @@ pub struct KeyView {
 }
 
 /// A key just made: the one time its plaintext is shown.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct CreatedKey {
+    #[schema(value_type = uuid::Uuid)]
     pub id: KeyId,
+    /// The plaintext key: shown this once, never stored.
     pub key: String,
     pub prefix: String,
+    #[schema(value_type = uuid::Uuid)]
     pub customer_id: CustomerId,
     pub customer: String,
     pub tier: String,
@@ -92,13 +100,18 @@ pub struct CreatedKey {
 }
 
 /// A customer as shown to operators.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct CustomerView {
+    #[schema(value_type = uuid::Uuid)]
     pub id: CustomerId,
+    #[schema(value_type = uuid::Uuid)]
     pub customer_id: CustomerId,
     pub name: String,
     pub customer: String,
     pub tier: String,
+    /// The customer's own limits over its tier's (an object; see the
+    /// configuration's tier fields).
+    #[schema(value_type = Object)]
     pub overrides: serde_json::Value,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

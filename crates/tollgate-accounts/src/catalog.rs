@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tollgate_metering::limits::{Limits, Overage};
 use tollgate_metering::usage::format_usd;
+use utoipa::ToSchema;
 
 /// What `set_headers` values show as: they usually carry upstream
 /// credentials.
@@ -21,7 +22,7 @@ pub struct Catalog {
 
 /// One `[[routes]]` entry. Header values the gateway sets upstream are
 /// shown as [`REDACTED`]; TLS files by path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RouteView {
     pub name: String,
     pub prefix: String,
@@ -42,7 +43,7 @@ pub struct RouteView {
 }
 
 /// One `[[tiers]]` entry; money as decimal USD strings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct TierView {
     pub name: String,
     /// As in the config, e.g. `"60/min"`.

@@ -25,5 +25,8 @@ pub use crate::{
         MAX_PAGE,
     },
     catalog::{Catalog, RouteView, TierView, REDACTED},
-    reports::{ReportParams, Reports, Scope},
+    reports::{
+        BillingLineView, BillingSummary, ReportParams, ReportScope, Reports, RowGroup, Scope,
+        UsageRow, UsageRows, UsageSummary, UsageSums,
+    },
 };

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 use tollgate_metering::billing::{
@@ -32,7 +32,8 @@ use tollgate_metering::billing::{
 };
 use tollgate_metering::limits::{Clock, Limits, Overage, Period};
 use tollgate_metering::usage::{format_usd, UsageEvent};
-use tollgate_metering::{CustomerId, Store};
+use tollgate_metering::{CustomerId, KeyId, Store};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::accounts::AccountError;
@@ -119,22 +120,23 @@ impl Reports {
     }
 
     /// `GET /v1/usage/summary`.
-    pub async fn summary(&self, scope: &Scope) -> Result<Value, AccountError> {
+    pub async fn summary(&self, scope: &Scope) -> Result<UsageSummary, AccountError> {
         let totals = self.store.usage_summary(&scope.filter).await?;
-        let mut document = scope_json(scope);
-        merge(&mut document, totals_json(&totals));
-        Ok(document)
+        Ok(UsageSummary {
+            scope: ReportScope::of(scope),
+            sums: UsageSums::of(&totals),
+        })
     }
 
-    /// `GET /v1/usage/daily` and the grouped CLI reports.
-    pub async fn grouped(&self, scope: &Scope, group: UsageGroup) -> Result<Value, AccountError> {
+    /// `GET /v1/usage/daily`, `by-customer`, `by-route`, `by-model`,
+    /// `by-key`, and the grouped CLI reports.
+    pub async fn grouped(
+        &self,
+        scope: &Scope,
+        group: UsageGroup,
+    ) -> Result<UsageRows, AccountError> {
         let rows = self.store.usage_grouped(&scope.filter, group).await?;
-        let mut document = scope_json(scope);
-        document["data"] = rows
-            .iter()
-            .map(|(key, totals)| row_json(key, totals))
-            .collect();
-        Ok(document)
+        Ok(UsageRows::of(scope, None, &rows))
     }
 
     /// `GET /v1/usage/top-customers`.
@@ -143,7 +145,7 @@ impl Reports {
         scope: &Scope,
         by: Option<&str>,
         limit: Option<&str>,
-    ) -> Result<Value, AccountError> {
+    ) -> Result<UsageRows, AccountError> {
         let (ranking, by) = match by.unwrap_or("cost") {
             "cost" => (Ranking::Cost, "cost"),
             "requests" => (Ranking::Requests, "requests"),
@@ -170,13 +172,7 @@ impl Reports {
             .store
             .top_customers(&scope.filter, ranking, limit)
             .await?;
-        let mut document = scope_json(scope);
-        document["by"] = json!(by);
-        document["data"] = rows
-            .iter()
-            .map(|(key, totals)| row_json(key, totals))
-            .collect();
-        Ok(document)
+        Ok(UsageRows::of(scope, Some(by), &rows))
     }
 
     /// One page of the export: the rows after `after`, and the cursor for
@@ -198,18 +194,25 @@ impl Reports {
 
     /// `GET /v1/billing/summary?period=`: the frozen lines of a closed
     /// period, else computed now.
-    pub async fn billing_summary(&self, period: Option<&str>) -> Result<Value, AccountError> {
+    pub async fn billing_summary(
+        &self,
+        period: Option<&str>,
+    ) -> Result<BillingSummary, AccountError> {
         let period = self.parse_period(period)?;
         if let Some(closed) = self.store.closed_period(period).await? {
-            return Ok(billing_json(period, &closed.lines, Some(closed.closed_at)));
+            return Ok(BillingSummary::of(
+                period,
+                &closed.lines,
+                Some(closed.closed_at),
+            ));
         }
         let lines = self.lines(period).await?;
-        Ok(billing_json(period, &lines, None))
+        Ok(BillingSummary::of(period, &lines, None))
     }
 
     /// `POST /v1/billing/periods/{period}/close`: freezes the lines once;
     /// again (from anywhere) returns the same lines and creates nothing.
-    pub async fn close(&self, period: &str) -> Result<Value, AccountError> {
+    pub async fn close(&self, period: &str) -> Result<BillingSummary, AccountError> {
         let period = self.parse_period(Some(period))?;
         let current = Period::containing(self.clock.now());
         if period >= current {
@@ -221,14 +224,14 @@ impl Reports {
             });
         }
         if let Some(closed) = self.store.closed_period(period).await? {
-            return Ok(closed_json(&closed));
+            return Ok(BillingSummary::closed(&closed));
         }
         let lines = self.lines(period).await?;
         let closed = self
             .store
             .close_period(period, &lines, self.clock.now())
             .await?;
-        Ok(closed_json(&closed))
+        Ok(BillingSummary::closed(&closed))
     }
 
     fn parse_period(&self, text: Option<&str>) -> Result<Period, AccountError> {
@@ -306,96 +309,246 @@ fn parse_date(field: &'static str, text: Option<&str>) -> Result<Option<Date>, A
         })
 }
 
-fn scope_json(scope: &Scope) -> Value {
-    let mut document = json!({
-        "from": scope.filter.from.to_string(),
-        "to": scope.filter.to.to_string(),
-    });
-    if let Some((id, name)) = &scope.customer {
-        document["customer_id"] = json!(id);
-        document["customer"] = json!(name);
+/// A report's range (UTC dates, inclusive) and, when it is narrowed to one
+/// customer, that customer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ReportScope {
+    #[schema(format = Date)]
+    pub from: String,
+    #[schema(format = Date)]
+    pub to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<uuid::Uuid>)]
+    pub customer_id: Option<CustomerId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+}
+
+impl ReportScope {
+    fn of(scope: &Scope) -> ReportScope {
+        ReportScope {
+            from: scope.filter.from.to_string(),
+            to: scope.filter.to.to_string(),
+            customer_id: scope.customer.as_ref().map(|(id, _)| *id),
+            customer: scope.customer.as_ref().map(|(_, name)| name.clone()),
+        }
     }
-    document
 }
 
-fn merge(into: &mut Value, from: Value) {
-    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
-        into.extend(from);
+/// A report row's sums (the meanings in the admin API's usage reports);
+/// money as a decimal USD string.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct UsageSums {
+    pub requests: u64,
+    pub rejected: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// The four classes together.
+    pub tokens: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub cost_usd: String,
+}
+
+impl UsageSums {
+    fn of(totals: &UsageTotals) -> UsageSums {
+        UsageSums {
+            requests: totals.requests,
+            rejected: totals.rejected,
+            errors: totals.errors,
+            input_tokens: totals.input_tokens,
+            output_tokens: totals.output_tokens,
+            cache_read_tokens: totals.cache_read_tokens,
+            cache_write_tokens: totals.cache_write_tokens,
+            tokens: totals.tokens(),
+            request_bytes: totals.request_bytes,
+            response_bytes: totals.response_bytes,
+            cost_usd: format_usd(totals.cost_nanos),
+        }
     }
 }
 
-/// A report row's sums; money as a decimal string.
-pub(crate) fn totals_json(totals: &UsageTotals) -> Value {
-    json!({
-        "requests": totals.requests,
-        "rejected": totals.rejected,
-        "errors": totals.errors,
-        "input_tokens": totals.input_tokens,
-        "output_tokens": totals.output_tokens,
-        "cache_read_tokens": totals.cache_read_tokens,
-        "cache_write_tokens": totals.cache_write_tokens,
-        "tokens": totals.tokens(),
-        "request_bytes": totals.request_bytes,
-        "response_bytes": totals.response_bytes,
-        "cost_usd": format_usd(totals.cost_nanos),
-    })
+/// `GET /v1/usage/summary`: one set of sums for the range.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct UsageSummary {
+    #[serde(flatten)]
+    pub scope: ReportScope,
+    #[serde(flatten)]
+    pub sums: UsageSums,
 }
 
-fn row_json(key: &GroupKey, totals: &UsageTotals) -> Value {
-    let mut row = match key {
-        GroupKey::Day(day) => json!({"day": day.to_string()}),
-        GroupKey::Customer { id, name } => json!({"customer_id": id, "customer": name}),
-        GroupKey::Route(route) => json!({"route": route}),
-        GroupKey::Model(model) => json!({"model": (!model.is_empty()).then_some(model)}),
-        GroupKey::Key {
-            id,
-            prefix,
-            name,
-            customer_id,
-            customer,
-        } => json!({
-            "key_id": id,
-            "prefix": prefix,
-            "name": name,
-            "customer_id": customer_id,
-            "customer": customer,
-        }),
-    };
-    merge(&mut row, totals_json(totals));
-    row
+/// A grouped report: one row per group with usage in the range.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct UsageRows {
+    #[serde(flatten)]
+    pub scope: ReportScope,
+    /// The ranking (`top-customers` only): `cost`, `requests` or `tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    pub data: Vec<UsageRow>,
 }
 
-fn line_json(line: &BillingLine) -> Value {
-    json!({
-        "customer_id": line.customer_id,
-        "customer": line.customer,
-        "tier": line.tier,
-        "requests": line.requests,
-        "included_requests": line.included_requests,
-        "overage_requests": line.overage_requests,
-        "overage_charge_usd": format_usd(line.overage_charge_nanos),
-        "metered_cost_usd": format_usd(line.metered_cost_nanos),
-        "total_usd": format_usd(line.total_nanos),
-        "total_usd_cents": cents_string(round_to_cents(line.total_nanos)),
-    })
+impl UsageRows {
+    fn of(scope: &Scope, by: Option<&str>, rows: &[(GroupKey, UsageTotals)]) -> UsageRows {
+        UsageRows {
+            scope: ReportScope::of(scope),
+            by: by.map(str::to_owned),
+            data: rows
+                .iter()
+                .map(|(key, totals)| UsageRow {
+                    group: RowGroup::of(key),
+                    sums: UsageSums::of(totals),
+                })
+                .collect(),
+        }
+    }
 }
 
-fn billing_json(period: Period, lines: &[BillingLine], closed_at: Option<OffsetDateTime>) -> Value {
-    let total = lines
-        .iter()
-        .fold(0i64, |sum, line| sum.saturating_add(line.total_nanos));
-    json!({
-        "period": period.to_string(),
-        "closed": closed_at.is_some(),
-        "closed_at": closed_at.and_then(|at| at.format(&Rfc3339).ok()),
-        "data": lines.iter().map(line_json).collect::<Vec<_>>(),
-        "total_usd": format_usd(total),
-        "total_usd_cents": cents_string(round_to_cents(total)),
-    })
+/// One row of a grouped report: what it groups by, then its sums.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct UsageRow {
+    #[serde(flatten)]
+    pub group: RowGroup,
+    #[serde(flatten)]
+    pub sums: UsageSums,
 }
 
-fn closed_json(closed: &ClosedPeriod) -> Value {
-    billing_json(closed.period, &closed.lines, Some(closed.closed_at))
+/// What a report row groups by.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum RowGroup {
+    Day {
+        #[schema(format = Date)]
+        day: String,
+    },
+    Customer {
+        #[schema(value_type = uuid::Uuid)]
+        customer_id: CustomerId,
+        customer: String,
+    },
+    Route {
+        route: String,
+    },
+    /// `null` for rows without a model.
+    Model {
+        model: Option<String>,
+    },
+    /// A key no longer stored shows its id as its prefix.
+    Key {
+        #[schema(value_type = uuid::Uuid)]
+        key_id: KeyId,
+        prefix: String,
+        name: Option<String>,
+        #[schema(value_type = uuid::Uuid)]
+        customer_id: CustomerId,
+        customer: String,
+    },
+}
+
+impl RowGroup {
+    fn of(key: &GroupKey) -> RowGroup {
+        match key {
+            GroupKey::Day(day) => RowGroup::Day {
+                day: day.to_string(),
+            },
+            GroupKey::Customer { id, name } => RowGroup::Customer {
+                customer_id: *id,
+                customer: name.clone(),
+            },
+            GroupKey::Route(route) => RowGroup::Route {
+                route: route.clone(),
+            },
+            GroupKey::Model(model) => RowGroup::Model {
+                model: (!model.is_empty()).then(|| model.clone()),
+            },
+            GroupKey::Key {
+                id,
+                prefix,
+                name,
+                customer_id,
+                customer,
+            } => RowGroup::Key {
+                key_id: *id,
+                prefix: prefix.clone(),
+                name: name.clone(),
+                customer_id: *customer_id,
+                customer: customer.clone(),
+            },
+        }
+    }
+}
+
+/// One customer's bill for a month (the billing rule in the module docs).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct BillingLineView {
+    #[schema(value_type = uuid::Uuid)]
+    pub customer_id: CustomerId,
+    pub customer: String,
+    pub tier: String,
+    pub requests: u64,
+    /// The tier's `monthly_requests` with the customer's overrides; `null`
+    /// when unlimited.
+    pub included_requests: Option<u64>,
+    pub overage_requests: u64,
+    pub overage_charge_usd: String,
+    pub metered_cost_usd: String,
+    pub total_usd: String,
+    /// The total rounded half up to a whole cent: what an invoice shows.
+    pub total_usd_cents: String,
+}
+
+impl BillingLineView {
+    fn of(line: &BillingLine) -> BillingLineView {
+        BillingLineView {
+            customer_id: line.customer_id,
+            customer: line.customer.clone(),
+            tier: line.tier.clone(),
+            requests: line.requests,
+            included_requests: line.included_requests,
+            overage_requests: line.overage_requests,
+            overage_charge_usd: format_usd(line.overage_charge_nanos),
+            metered_cost_usd: format_usd(line.metered_cost_nanos),
+            total_usd: format_usd(line.total_nanos),
+            total_usd_cents: cents_string(round_to_cents(line.total_nanos)),
+        }
+    }
+}
+
+/// A month's billing: every customer's line and the total; frozen once the
+/// month is closed.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct BillingSummary {
+    /// `YYYY-MM`.
+    pub period: String,
+    pub closed: bool,
+    /// RFC 3339; `null` while the month is open.
+    pub closed_at: Option<String>,
+    pub data: Vec<BillingLineView>,
+    pub total_usd: String,
+    pub total_usd_cents: String,
+}
+
+impl BillingSummary {
+    fn of(period: Period, lines: &[BillingLine], closed_at: Option<OffsetDateTime>) -> Self {
+        let total = lines
+            .iter()
+            .fold(0i64, |sum, line| sum.saturating_add(line.total_nanos));
+        BillingSummary {
+            period: period.to_string(),
+            closed: closed_at.is_some(),
+            closed_at: closed_at.and_then(|at| at.format(&Rfc3339).ok()),
+            data: lines.iter().map(BillingLineView::of).collect(),
+            total_usd: format_usd(total),
+            total_usd_cents: cents_string(round_to_cents(total)),
+        }
+    }
+
+    fn closed(closed: &ClosedPeriod) -> Self {
+        BillingSummary::of(closed.period, &closed.lines, Some(closed.closed_at))
+    }
 }
 
 #[cfg(test)]

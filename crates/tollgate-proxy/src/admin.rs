@@ -272,12 +272,25 @@ enum Endpoint {
     PatchKey,
     RevokeKey,
     RotateKey,
-    UsageReport,
+    Usage(Report),
     BillingSummary,
     ClosePeriod,
     Quota,
     Routes,
     Tiers,
+}
+
+/// The usage reports under `/v1/usage/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    Summary,
+    Daily,
+    ByCustomer,
+    ByRoute,
+    ByModel,
+    ByKey,
+    TopCustomers,
+    Export,
 }
 
 /// A path segment of a route: fixed text, or a parameter (a customer, a
@@ -292,7 +305,7 @@ use Segment::{Fixed, Param};
 
 /// Every endpoint under `/v1/`: method, path, what answers it. A path
 /// listed here with other methods is 405; a path not listed is 404.
-static V1_ROUTES: [(Method, &[Segment], Endpoint); 17] = [
+static V1_ROUTES: [(Method, &[Segment], Endpoint); 24] = [
     (Method::POST, &[Fixed("reload")], Endpoint::Reload),
     (
         Method::POST,
@@ -320,7 +333,46 @@ static V1_ROUTES: [(Method, &[Segment], Endpoint); 17] = [
         &[Fixed("keys"), Param, Fixed("rotate")],
         Endpoint::RotateKey,
     ),
-    (Method::GET, &[Fixed("usage"), Param], Endpoint::UsageReport),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("summary")],
+        Endpoint::Usage(Report::Summary),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("daily")],
+        Endpoint::Usage(Report::Daily),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("by-customer")],
+        Endpoint::Usage(Report::ByCustomer),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("by-route")],
+        Endpoint::Usage(Report::ByRoute),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("by-model")],
+        Endpoint::Usage(Report::ByModel),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("by-key")],
+        Endpoint::Usage(Report::ByKey),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("top-customers")],
+        Endpoint::Usage(Report::TopCustomers),
+    ),
+    (
+        Method::GET,
+        &[Fixed("usage"), Fixed("export")],
+        Endpoint::Usage(Report::Export),
+    ),
     (
         Method::GET,
         &[Fixed("billing"), Fixed("summary")],
@@ -599,7 +651,7 @@ impl Admin {
                     .await?;
                 Ok(json(StatusCode::CREATED, &created))
             }
-            Endpoint::UsageReport => self.usage_report(param(0), parse_query(query)?).await,
+            Endpoint::Usage(report) => self.usage_report(report, parse_query(query)?).await,
             Endpoint::BillingSummary => {
                 let query: BillingQuery = parse_query(query)?;
                 let document = self
@@ -656,29 +708,25 @@ impl Admin {
     }
 
     /// `GET /v1/usage/{report}`.
-    async fn usage_report(&self, report: &str, query: UsageQuery) -> AdminResult {
+    async fn usage_report(&self, report: Report, query: UsageQuery) -> AdminResult {
         let reports = &*self.reports;
         let scope = reports.scope(&query.report()).await?;
-        let document = match report {
-            "summary" => reports.summary(&scope).await?,
-            "daily" => reports.grouped(&scope, UsageGroup::Day).await?,
-            "by-customer" => reports.grouped(&scope, UsageGroup::Customer).await?,
-            "by-route" => reports.grouped(&scope, UsageGroup::Route).await?,
-            "by-model" => reports.grouped(&scope, UsageGroup::Model).await?,
-            "by-key" => reports.grouped(&scope, UsageGroup::Key).await?,
-            "top-customers" => {
-                reports
+        let group = match report {
+            Report::Summary => return Ok(json(StatusCode::OK, &reports.summary(&scope).await?)),
+            Report::TopCustomers => {
+                let top = reports
                     .top(&scope, query.by.as_deref(), query.limit.as_deref())
-                    .await?
+                    .await?;
+                return Ok(json(StatusCode::OK, &top));
             }
-            "export" => return self.export(scope, query.format.as_deref()).await,
-            other => {
-                return Err(AdminError::NotFound(format!(
-                    "admin endpoint /v1/usage/{other}"
-                )))
-            }
+            Report::Export => return self.export(scope, query.format.as_deref()).await,
+            Report::Daily => UsageGroup::Day,
+            Report::ByCustomer => UsageGroup::Customer,
+            Report::ByRoute => UsageGroup::Route,
+            Report::ByModel => UsageGroup::Model,
+            Report::ByKey => UsageGroup::Key,
         };
-        Ok(json(StatusCode::OK, &document))
+        Ok(json(StatusCode::OK, &reports.grouped(&scope, group).await?))
     }
 
     /// `GET /v1/quota/{customer}`.

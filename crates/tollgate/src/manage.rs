@@ -199,8 +199,15 @@ pub async fn usage(
     let store = crate::app::open_store(config).await?;
     let reports = reports_for(config, store);
     let scope = reports.scope(&params).await.map_err(account_error)?;
+    // The JSON document is the admin API's; the table is drawn from it.
     let (document, key) = match by {
-        None => (reports.summary(&scope).await, None),
+        None => (
+            reports
+                .summary(&scope)
+                .await
+                .map(|d| serde_json::to_value(d)),
+            None,
+        ),
         Some(by) => {
             let (group, key) = match by {
                 UsageBy::Day => (UsageGroup::Day, "day"),
@@ -208,10 +215,16 @@ pub async fn usage(
                 UsageBy::Route => (UsageGroup::Route, "route"),
                 UsageBy::Model => (UsageGroup::Model, "model"),
             };
-            (reports.grouped(&scope, group).await, Some(key))
+            (
+                reports
+                    .grouped(&scope, group)
+                    .await
+                    .map(|d| serde_json::to_value(d)),
+                Some(key),
+            )
         }
     };
-    let document = document.map_err(account_error)?;
+    let document = document.map_err(account_error)??;
     print(json, &document, || usage_table(&document, key))
 }
 
@@ -224,7 +237,7 @@ pub async fn billing(config: &Config, command: BillingCommand) -> anyhow::Result
         }
         BillingCommand::Close { period, json } => (reports.close(&period).await, json),
     };
-    let document = document.map_err(account_error)?;
+    let document = serde_json::to_value(document.map_err(account_error)?)?;
     print(json, &document, || billing_table(&document))
 }
 
