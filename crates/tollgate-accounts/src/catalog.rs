@@ -74,6 +74,30 @@ impl TierView {
     }
 }
 
+/// What a reload changed: the `POST /v1/reload` reply and the log line.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReloadReport {
+    pub changed: Changed,
+    /// Changed settings that are read at start only and keep their running
+    /// values until a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+/// The names added, removed and changed in each reloadable section.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Changed {
+    pub routes: NameChanges,
+    pub tiers: NameChanges,
+    pub pricing: NameChanges,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, ToSchema)]
+pub struct NameChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
 impl Catalog {
     pub(crate) fn has_tier(&self, name: &str) -> bool {
         self.tiers.iter().any(|tier| tier.name == name)

@@ -24,7 +24,7 @@ pub use crate::{
         expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView,
         MAX_PAGE,
     },
-    catalog::{Catalog, RouteView, TierView, REDACTED},
+    catalog::{Catalog, Changed, NameChanges, ReloadReport, RouteView, TierView, REDACTED},
     reports::{
         BillingLineView, BillingSummary, ReportParams, ReportScope, Reports, RowGroup, Scope,
         UsageRow, UsageRows, UsageSummary, UsageSums,

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tollgate_accounts::{AccountError, Accounts, KeyRequest, MAX_PAGE};
+use tollgate_accounts::{AccountError, Accounts, KeyRequest, ReloadReport, MAX_PAGE};
 use tollgate_accounts::{ReportParams, Reports, Scope};
 use tollgate_metering::billing::UsageGroup;
 use tollgate_metering::keys::KeyUpdate;
@@ -58,7 +58,7 @@ pub trait Reload: Send + Sync {
     /// What changed, as the JSON document the endpoint answers with; or
     /// why nothing did (the running config is then untouched), answered
     /// as a 400 with the error's message.
-    fn reload(&self) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>;
+    fn reload(&self) -> Result<ReloadReport, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// An admin request that failed, rendered in one place.

@@ -4,7 +4,9 @@
 use tollgate_metering::telemetry::Event;
 use tollgate_metering::StoreError;
 
-use crate::reload::{ReloadError, ReloadReport};
+use tollgate_accounts::ReloadReport;
+
+use crate::reload::ReloadError;
 
 /// The periodic totals sync failed; limits use the last totals plus this
 /// instance's own counts until it recovers. Logged once per outage.

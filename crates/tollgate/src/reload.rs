@@ -17,10 +17,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-use serde_json::Value;
-use tollgate_accounts::Accounts;
 use tollgate_accounts::Reports;
+use tollgate_accounts::{Accounts, Changed, NameChanges, ReloadReport};
 use tollgate_metering::limits::Policies;
 use tollgate_metering::telemetry::emit;
 use tollgate_proxy::{Gateway, Metrics, Reload};
@@ -50,30 +48,6 @@ pub enum ReloadError {
     /// A route's upstream client could not be built.
     #[error("{0:#}")]
     Routes(anyhow::Error),
-}
-
-/// What a reload changed: the `POST /v1/reload` reply and the log line.
-#[derive(Debug, Serialize)]
-pub struct ReloadReport {
-    pub changed: Changed,
-    /// Changed settings that are read at start only and keep their running
-    /// values until a restart.
-    pub restart_required: Vec<&'static str>,
-}
-
-/// The names added, removed and changed in each reloadable section.
-#[derive(Debug, Serialize)]
-pub struct Changed {
-    pub routes: NameChanges,
-    pub tiers: NameChanges,
-    pub pricing: NameChanges,
-}
-
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct NameChanges {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub changed: Vec<String>,
 }
 
 /// What a reload replaces, and the config it compares against.
@@ -192,9 +166,8 @@ impl Reloader {
 }
 
 impl Reload for Reloader {
-    fn reload(&self) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let report = self.apply_and_log(ReloadTrigger::Api)?;
-        Ok(serde_json::to_value(&report)?)
+    fn reload(&self) -> Result<ReloadReport, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.apply_and_log(ReloadTrigger::Api)?)
     }
 }
 
