@@ -11,9 +11,12 @@
 //!   their types and labels;
 //! - config keys named in the README and the docs are documented keys;
 //! - every page under `docs/` is linked from the README, and every relative
-//!   link in the README and the docs names a file the repository has.
+//!   link in the README and the docs names a file the repository has;
+//! - `docs/openapi.json` is exactly the document the admin API serves
+//!   (`TOLLGATE_UPDATE_OPENAPI=1` rewrites it from the code).
 //!
-//! No database is needed.
+//! No database server is needed (the gateway that serves the OpenAPI
+//! document runs on an embedded SQLite file).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (STYLE.md)
 
@@ -857,4 +860,26 @@ fn relative_links_in_the_docs_resolve() {
         }
     }
     assert!(checked >= 10, "only {checked} relative links found");
+}
+
+/// `docs/openapi.json` is what `GET /v1/openapi.json` serves, without a
+/// token; `TOLLGATE_UPDATE_OPENAPI=1` rewrites the file from the code.
+#[tokio::test]
+async fn the_shipped_openapi_document_is_the_served_one() {
+    let gateway = common::TestGateway::start(common::config("")).await;
+    let served = common::get(&format!("http://{}/v1/openapi.json", gateway.admin)).await;
+    assert_eq!(served.status, http::StatusCode::OK);
+    let document: serde_json::Value = serde_json::from_slice(&served.body).unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    assert_eq!(document["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    if std::env::var_os("TOLLGATE_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &served.body).unwrap();
+    }
+    let shipped = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        shipped == served.body,
+        "docs/openapi.json differs from what the admin API serves; \
+         rewrite it with `TOLLGATE_UPDATE_OPENAPI=1 cargo test --test docs`"
+    );
 }

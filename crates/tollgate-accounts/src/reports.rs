@@ -416,53 +416,54 @@ pub struct UsageRow {
     pub sums: UsageSums,
 }
 
-/// What a report row groups by.
-#[derive(Clone, Debug, Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum RowGroup {
-    Day {
-        #[schema(format = Date)]
-        day: String,
-    },
-    Customer {
-        #[schema(value_type = uuid::Uuid)]
-        customer_id: CustomerId,
-        customer: String,
-    },
-    Route {
-        route: String,
-    },
-    /// `null` for rows without a model.
-    Model {
-        model: Option<String>,
-    },
-    /// A key no longer stored shows its id as its prefix.
-    Key {
-        #[schema(value_type = uuid::Uuid)]
-        key_id: KeyId,
-        prefix: String,
-        name: Option<String>,
-        #[schema(value_type = uuid::Uuid)]
-        customer_id: CustomerId,
-        customer: String,
-    },
+/// What a report row groups by: the fields of its grouping only (`day`;
+/// `customer_id` and `customer`; `route`; `model`, `null` for rows without
+/// one; or `key_id`, `prefix`, `name`, `customer_id` and `customer`, where a
+/// key no longer stored shows its id as its prefix).
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct RowGroup {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Date)]
+    pub day: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<uuid::Uuid>)]
+    pub key_id: Option<KeyId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub name: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<uuid::Uuid>)]
+    pub customer_id: Option<CustomerId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model: Option<Option<String>>,
 }
 
 impl RowGroup {
     fn of(key: &GroupKey) -> RowGroup {
         match key {
-            GroupKey::Day(day) => RowGroup::Day {
-                day: day.to_string(),
+            GroupKey::Day(day) => RowGroup {
+                day: Some(day.to_string()),
+                ..RowGroup::default()
             },
-            GroupKey::Customer { id, name } => RowGroup::Customer {
-                customer_id: *id,
-                customer: name.clone(),
+            GroupKey::Customer { id, name } => RowGroup {
+                customer_id: Some(*id),
+                customer: Some(name.clone()),
+                ..RowGroup::default()
             },
-            GroupKey::Route(route) => RowGroup::Route {
-                route: route.clone(),
+            GroupKey::Route(route) => RowGroup {
+                route: Some(route.clone()),
+                ..RowGroup::default()
             },
-            GroupKey::Model(model) => RowGroup::Model {
-                model: (!model.is_empty()).then(|| model.clone()),
+            GroupKey::Model(model) => RowGroup {
+                model: Some((!model.is_empty()).then(|| model.clone())),
+                ..RowGroup::default()
             },
             GroupKey::Key {
                 id,
@@ -470,12 +471,13 @@ impl RowGroup {
                 name,
                 customer_id,
                 customer,
-            } => RowGroup::Key {
-                key_id: *id,
-                prefix: prefix.clone(),
-                name: name.clone(),
-                customer_id: *customer_id,
-                customer: customer.clone(),
+            } => RowGroup {
+                key_id: Some(*id),
+                prefix: Some(prefix.clone()),
+                name: Some(name.clone()),
+                customer_id: Some(*customer_id),
+                customer: Some(customer.clone()),
+                ..RowGroup::default()
             },
         }
     }

@@ -24,6 +24,7 @@ use tollgate_metering::billing::UsageGroup;
 use tollgate_metering::keys::KeyUpdate;
 use tollgate_metering::limits::Policies;
 use tollgate_metering::StoreError;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::csv::{csv_row, CSV_HEADER};
@@ -137,45 +138,85 @@ impl From<StoreError> for AdminError {
 
 type AdminResult = Result<Response<ProxyBody>, AdminError>;
 
-#[derive(Deserialize)]
+/// Per-key limits have their request shape but are not applied yet.
+const NO_KEY_LIMITS: &str = "limits: per-key limits are not supported by this version";
+
+/// `POST /v1/customers`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateCustomer {
+pub(crate) struct CreateCustomer {
+    /// Unique; 1 to 128 characters without control characters.
     name: String,
+    /// A configured tier.
     tier: String,
+    /// Limits over the tier's: `rate`, `monthly_requests`,
+    /// `monthly_tokens`, `monthly_cost_usd`, `overage`,
+    /// `overage_price_per_request_usd`.
+    #[schema(value_type = Option<Object>)]
     overrides: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
+/// `PATCH /v1/customers/{customer}`: a field left out is left as it is.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchCustomer {
+pub(crate) struct PatchCustomer {
     tier: Option<String>,
+    /// Replaces the customer's overrides (see `POST /v1/customers`).
+    #[schema(value_type = Option<Object>)]
     overrides: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
+/// Per-key limits, nested inside the customer's: the shape `POST
+/// /v1/keys` and `PATCH /v1/keys/{key}` take. This version checks the
+/// shape, then refuses them; nothing reads the values yet.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+#[allow(dead_code)]
+pub(crate) struct KeyLimits {
+    /// As in the configuration, e.g. `10/s`.
+    rate: Option<String>,
+    monthly_requests: Option<u64>,
+    monthly_tokens: Option<u64>,
+    /// A decimal USD string.
+    monthly_cost_usd: Option<String>,
+}
+
+/// `POST /v1/keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateKey {
+    /// The customer's id or name.
     customer: String,
+    /// Creates the customer with this tier if it does not exist; for an
+    /// existing customer it must equal its tier.
     tier: Option<String>,
     name: Option<String>,
+    /// RFC 3339, in the future.
     #[serde(default, with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    /// Route names the key is limited to; left out, every route.
     routes: Option<Vec<String>>,
+    limits: Option<KeyLimits>,
 }
 
-/// `PATCH /v1/keys/{id}`: an absent field is left as it is, `null`
+/// `PATCH /v1/keys/{key}`: an absent field is left as it is, `null`
 /// clears it.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchKey {
+pub(crate) struct PatchKey {
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     name: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>)]
     routes: Option<Option<Vec<String>>>,
+    /// RFC 3339, in the future; `null` for no expiry.
     #[serde(default, deserialize_with = "present_time")]
+    #[schema(value_type = Option<OffsetDateTime>)]
     expires_at: Option<Option<OffsetDateTime>>,
     #[serde(default, deserialize_with = "present")]
-    limits: Option<Option<serde_json::Value>>,
+    #[schema(value_type = Option<KeyLimits>)]
+    limits: Option<Option<KeyLimits>>,
 }
 
 /// A field that is present, `null` included: `Some(None)` for `null`.
@@ -195,9 +236,11 @@ where
     time::serde::rfc3339::option::deserialize(deserializer).map(Some)
 }
 
-#[derive(Deserialize, Default)]
+/// `POST /v1/keys/{key}/rotate`; the body may be left out.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RotateKey {
+pub(crate) struct RotateKey {
+    /// How long the old key keeps working; default 86400 (24 hours).
     grace_seconds: Option<u64>,
 }
 
@@ -208,30 +251,53 @@ struct ReadyQuery {
 }
 
 /// `GET /v1/customers`.
-#[derive(Deserialize, Default)]
-struct CustomersQuery {
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct CustomersQuery {
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 1000; default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
 /// `GET /v1/keys`.
-#[derive(Deserialize, Default)]
-struct KeysQuery {
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct KeysQuery {
+    /// A customer's id or name.
     customer: Option<String>,
+    /// `active`, `revoked` or `expired`.
+    #[param(pattern = "^(active|revoked|expired)$")]
     status: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 1000; default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
 /// `GET /v1/usage/{report}`: the range and customer of every report;
 /// `by` and `limit` for `top-customers`, `format` for `export`.
-#[derive(Deserialize, Default)]
-struct UsageQuery {
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct UsageQuery {
+    /// First day, UTC `YYYY-MM-DD`, inclusive; default the month's first.
+    #[param(format = Date)]
     from: Option<String>,
+    /// Last day, inclusive; default the month's last.
+    #[param(format = Date)]
     to: Option<String>,
+    /// A customer's id or name.
     customer: Option<String>,
+    /// `top-customers`: `cost` (default), `requests` or `tokens`.
+    #[param(pattern = "^(cost|requests|tokens)$")]
     by: Option<String>,
+    /// `top-customers`: 1 to 1000, default 10.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// `export`: `csv`, the default and only format.
+    #[param(pattern = "^csv$")]
     format: Option<String>,
 }
 
@@ -246,8 +312,11 @@ impl UsageQuery {
 }
 
 /// `GET /v1/billing/summary`.
-#[derive(Deserialize, Default)]
-struct BillingQuery {
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct BillingQuery {
+    /// `YYYY-MM`; default the current month.
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}$")]
     period: Option<String>,
 }
 
@@ -429,8 +498,9 @@ fn match_path<'s>(pattern: &[Segment], segments: &[&'s str]) -> Option<Vec<&'s s
     Some(params)
 }
 
-#[derive(Serialize)]
-struct List<T> {
+/// A page of a list; `next_cursor` is `null` on the last.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct List<T> {
     data: Vec<T>,
     next_cursor: Option<String>,
 }
@@ -511,6 +581,16 @@ impl Admin {
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
                 );
+                Ok(response)
+            }
+            // The one `/v1/` document anyone may read: it describes, and
+            // holds no data.
+            ["v1", "openapi.json"] => {
+                only_get(&method)?;
+                let mut response = Response::new(ProxyBody::full(crate::openapi::DOCUMENT.clone()));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 Ok(response)
             }
             ["v1", ..] => {
@@ -624,9 +704,7 @@ impl Admin {
             Endpoint::PatchKey => {
                 let body: PatchKey = read_json(request).await?;
                 if body.limits.is_some() {
-                    return Err(AdminError::Invalid(
-                        "limits: per-key limits are not supported by this version".to_owned(),
-                    ));
+                    return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
                 }
                 let update = KeyUpdate {
                     name: body.name,
@@ -694,6 +772,9 @@ impl Admin {
     /// `POST /v1/keys`.
     async fn create_key(&self, request: Request<Incoming>) -> AdminResult {
         let body: CreateKey = read_json(request).await?;
+        if body.limits.is_some() {
+            return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
+        }
         let created = self
             .accounts
             .create_key(KeyRequest {
@@ -931,6 +1012,49 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The router's table and the OpenAPI document list the same
+    /// operations, `GET /v1/openapi.json` (served before the token check)
+    /// besides.
+    #[test]
+    fn the_router_and_the_openapi_document_list_the_same_operations() {
+        let mut routed: Vec<(String, String)> = V1_ROUTES
+            .iter()
+            .map(|(method, pattern, _)| {
+                let path: Vec<&str> = pattern
+                    .iter()
+                    .map(|segment| match segment {
+                        Fixed(text) => *text,
+                        Param => "{}",
+                    })
+                    .collect();
+                (method.to_string(), format!("/v1/{}", path.join("/")))
+            })
+            .collect();
+        routed.push(("GET".to_owned(), "/v1/openapi.json".to_owned()));
+        routed.sort();
+        let documented: Vec<(String, String)> = crate::openapi::operations()
+            .into_iter()
+            .map(|(method, path)| {
+                let path: Vec<String> = path
+                    .split('/')
+                    .map(|part| {
+                        if part.starts_with('{') {
+                            "{}".to_owned()
+                        } else {
+                            part.to_owned()
+                        }
+                    })
+                    .collect();
+                (method, path.join("/"))
+            })
+            .collect();
+        assert_eq!(routed.len(), 25);
+        assert_eq!(routed, documented);
+        if let Some(path) = std::env::var_os("DUMP_OPENAPI") {
+            std::fs::write(path, &*crate::openapi::DOCUMENT).unwrap();
+        }
+    }
 
     /// A future that is pending once, then panics on its second poll: the
     /// panic happens after the wrapper has already returned `Pending`.

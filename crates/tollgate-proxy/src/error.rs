@@ -344,6 +344,23 @@ pub(crate) enum ErrorShape {
 pub(crate) static X_TOLLGATE_ERROR: http::HeaderName =
     http::HeaderName::from_static("x-tollgate-error");
 
+/// The gateway's error body (OpenAI's shape), on the data plane and the
+/// admin API alike.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+/// What went wrong: `type` and `code` are the same machine-readable word
+/// (`invalid_request`, `unauthorized`, `not_found`, ...); `message` says
+/// it for people, naming the field at fault where there is one.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorDetail<'a> {
+    r#type: &'a str,
+    code: &'a str,
+    message: &'a str,
+}
+
 /// Builds `{"error": {"type", "code", "message"}}` with the given status.
 /// Shared by the data plane and the admin API so both speak the same shape.
 pub(crate) fn error_response(
@@ -351,10 +368,14 @@ pub(crate) fn error_response(
     kind: &'static str,
     message: &str,
 ) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": { "type": kind, "code": kind, "message": message }
-    });
-    json_error(status, kind, body)
+    let body = ErrorBody {
+        error: ErrorDetail {
+            r#type: kind,
+            code: kind,
+            message,
+        },
+    };
+    json_error(status, kind, serde_json::to_value(body).unwrap_or_default())
 }
 
 /// Anthropic's error body: the SDKs pick their exception class from the

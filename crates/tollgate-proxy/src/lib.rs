@@ -59,6 +59,7 @@ mod framing;
 mod headers;
 mod meter;
 mod metrics;
+mod openapi;
 mod panic;
 mod pipeline;
 mod progress;

@@ -350,7 +350,9 @@ impl Gateway {
         let view = self.metering.limiter.view(customer);
         let tier = self.metering.policies.tier(customer);
         let document = quota_document(customer, None, tier.as_deref(), &view);
-        let mut response = Response::new(ProxyBody::full(document.to_string()));
+        // A document of strings and integers always serializes.
+        let body = serde_json::to_vec(&document).unwrap_or_default();
+        let mut response = Response::new(ProxyBody::full(body));
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

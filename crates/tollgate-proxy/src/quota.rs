@@ -3,11 +3,72 @@
 //! used / remaining / reset, and the current period's totals. Money is a
 //! decimal USD string.
 
-use serde_json::{json, Value};
+use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use tollgate_metering::limits::{Meter, QuotaView, RateHeaders};
 use tollgate_metering::usage::format_usd;
 use tollgate_metering::CustomerId;
+use utoipa::ToSchema;
+
+/// A customer's limits and usage this period.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct QuotaDocument {
+    #[schema(value_type = uuid::Uuid)]
+    customer_id: CustomerId,
+    /// The customer's name (`null` on the data plane's self-service view).
+    customer: Option<String>,
+    tier: Option<String>,
+    /// `YYYY-MM`, UTC.
+    period: String,
+    /// When the period ends: unix seconds, as in `x-ratelimit-reset`.
+    reset: i64,
+    /// The same instant, RFC 3339.
+    reset_at: String,
+    /// `block` or `bill`.
+    overage: &'static str,
+    limits: QuotaLimits,
+    totals: QuotaTotals,
+}
+
+/// Each limit: `null` where none applies to the rate; `limit` and
+/// `remaining` are `null` for a monthly limit that is not set.
+#[derive(Debug, Serialize, ToSchema)]
+struct QuotaLimits {
+    rate: Option<RateMeter>,
+    monthly_requests: MonthlyMeter<u64>,
+    monthly_tokens: MonthlyMeter<u64>,
+    monthly_cost_usd: MonthlyMeter<String>,
+}
+
+/// The short-window rate, as `x-ratelimit-*` says it.
+#[derive(Debug, Serialize, ToSchema)]
+struct RateMeter {
+    /// As configured, e.g. `60/min`.
+    rate: Option<String>,
+    limit: u64,
+    used: u64,
+    remaining: u64,
+    /// Unix seconds when the window is fully replenished.
+    reset: i64,
+}
+
+/// One monthly limit; money as decimal USD strings.
+#[derive(Debug, Serialize, ToSchema)]
+struct MonthlyMeter<T> {
+    limit: Option<T>,
+    used: T,
+    remaining: Option<T>,
+    /// Unix seconds when the period ends.
+    reset: i64,
+}
+
+/// The period's totals.
+#[derive(Debug, Serialize, ToSchema)]
+struct QuotaTotals {
+    requests: u64,
+    tokens: u64,
+    cost_usd: String,
+}
 
 /// Renders a customer's limits and usage.
 pub(crate) fn quota_document(
@@ -15,56 +76,50 @@ pub(crate) fn quota_document(
     customer: Option<&str>,
     tier: Option<&str>,
     view: &QuotaView,
-) -> Value {
-    // `reset` is unix seconds everywhere, as in `x-ratelimit-reset`;
-    // `reset_at` says the same for people.
+) -> QuotaDocument {
     let reset = view.reset.unix_timestamp();
-    let monthly = |meter: Value| {
-        let mut meter = meter;
-        meter["reset"] = Value::from(reset);
-        meter
-    };
     let limits = &view.limits;
-    json!({
-        "customer_id": customer_id,
-        "customer": customer,
-        "tier": tier,
-        "period": view.period.to_string(),
-        "reset": reset,
-        "reset_at": view.reset.format(&Rfc3339).unwrap_or_default(),
-        "overage": limits.overage.as_str(),
-        "limits": {
-            "rate": view.rate.map(|rate| rate_json(limits.rate.map(|r| r.to_string()), &rate)),
-            "monthly_requests": monthly(count_json(&view.requests)),
-            "monthly_tokens": monthly(count_json(&view.tokens)),
-            "monthly_cost_usd": monthly(json!({
-                "limit": view.cost_nanos.limit.map(format_usd),
-                "used": format_usd(view.cost_nanos.used),
-                "remaining": view.cost_nanos.remaining.map(format_usd),
-            })),
+    let count = |meter: &Meter<u64>| MonthlyMeter {
+        limit: meter.limit,
+        used: meter.used,
+        remaining: meter.remaining,
+        reset,
+    };
+    QuotaDocument {
+        customer_id,
+        customer: customer.map(str::to_owned),
+        tier: tier.map(str::to_owned),
+        period: view.period.to_string(),
+        reset,
+        reset_at: view.reset.format(&Rfc3339).unwrap_or_default(),
+        overage: limits.overage.as_str(),
+        limits: QuotaLimits {
+            rate: view
+                .rate
+                .map(|window| rate_meter(limits.rate.map(|r| r.to_string()), &window)),
+            monthly_requests: count(&view.requests),
+            monthly_tokens: count(&view.tokens),
+            monthly_cost_usd: MonthlyMeter {
+                limit: view.cost_nanos.limit.map(format_usd),
+                used: format_usd(view.cost_nanos.used),
+                remaining: view.cost_nanos.remaining.map(format_usd),
+                reset,
+            },
         },
-        "totals": {
-            "requests": view.requests.used,
-            "tokens": view.tokens.used,
-            "cost_usd": format_usd(view.cost_nanos.used),
+        totals: QuotaTotals {
+            requests: view.requests.used,
+            tokens: view.tokens.used,
+            cost_usd: format_usd(view.cost_nanos.used),
         },
-    })
+    }
 }
 
-fn count_json(meter: &Meter<u64>) -> Value {
-    json!({
-        "limit": meter.limit,
-        "used": meter.used,
-        "remaining": meter.remaining,
-    })
-}
-
-fn rate_json(rate: Option<String>, window: &RateHeaders) -> Value {
-    json!({
-        "rate": rate,
-        "limit": window.limit,
-        "used": window.used,
-        "remaining": window.remaining,
-        "reset": window.reset,
-    })
+fn rate_meter(rate: Option<String>, window: &RateHeaders) -> RateMeter {
+    RateMeter {
+        rate,
+        limit: window.limit,
+        used: window.used,
+        remaining: window.remaining,
+        reset: window.reset,
+    }
 }
