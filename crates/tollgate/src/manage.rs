@@ -202,10 +202,7 @@ pub async fn usage(
     // The JSON document is the admin API's; the table is drawn from it.
     let (document, key) = match by {
         None => (
-            reports
-                .summary(&scope)
-                .await
-                .map(|d| serde_json::to_value(d)),
+            reports.summary(&scope).await.map(serde_json::to_value),
             None,
         ),
         Some(by) => {
@@ -219,7 +216,7 @@ pub async fn usage(
                 reports
                     .grouped(&scope, group)
                     .await
-                    .map(|d| serde_json::to_value(d)),
+                    .map(serde_json::to_value),
                 Some(key),
             )
         }
