@@ -68,7 +68,8 @@ enum AdminError {
     Unauthorized,
     NotFound(String),
     Invalid(String),
-    MethodNotAllowed,
+    /// With the methods the path takes, for the `Allow` header.
+    MethodNotAllowed(String),
     DatabaseUnavailable,
     Internal(String),
 }
@@ -89,11 +90,17 @@ impl AdminError {
             AdminError::Invalid(message) => {
                 error_response(StatusCode::BAD_REQUEST, "invalid_request", &message)
             }
-            AdminError::MethodNotAllowed => error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request",
-                "This method is not allowed on this path.",
-            ),
+            AdminError::MethodNotAllowed(allow) => {
+                let mut response = error_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "invalid_request",
+                    "This method is not allowed on this path.",
+                );
+                if let Ok(allow) = HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(http::header::ALLOW, allow);
+                }
+                response
+            }
             AdminError::DatabaseUnavailable => error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database_unavailable",
@@ -146,6 +153,7 @@ const NO_KEY_LIMITS: &str = "limits: per-key limits are not supported by this ve
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateCustomer {
     /// Unique; 1 to 128 characters without control characters.
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
     /// A configured tier.
     tier: String,
@@ -255,6 +263,7 @@ struct ReadyQuery {
 #[into_params(parameter_in = Query)]
 pub(crate) struct CustomersQuery {
     /// The `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
     /// Page size, 1 to 1000; default 100.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
@@ -266,42 +275,35 @@ pub(crate) struct CustomersQuery {
 #[into_params(parameter_in = Query)]
 pub(crate) struct KeysQuery {
     /// A customer's id or name.
+    #[param(min_length = 1)]
     customer: Option<String>,
     /// `active`, `revoked` or `expired`.
     #[param(pattern = "^(active|revoked|expired)$")]
     status: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
     /// Page size, 1 to 1000; default 100.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
-/// `GET /v1/usage/{report}`: the range and customer of every report;
-/// `by` and `limit` for `top-customers`, `format` for `export`.
+/// The range and customer every usage report takes.
 #[derive(Deserialize, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct UsageQuery {
+pub(crate) struct RangeQuery {
     /// First day, UTC `YYYY-MM-DD`, inclusive; default the month's first.
     #[param(format = Date)]
     from: Option<String>,
     /// Last day, inclusive; default the month's last.
     #[param(format = Date)]
     to: Option<String>,
-    /// A customer's id or name.
+    /// A customer's id or name: only its usage.
+    #[param(min_length = 1)]
     customer: Option<String>,
-    /// `top-customers`: `cost` (default), `requests` or `tokens`.
-    #[param(pattern = "^(cost|requests|tokens)$")]
-    by: Option<String>,
-    /// `top-customers`: 1 to 1000, default 10.
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
-    limit: Option<String>,
-    /// `export`: `csv`, the default and only format.
-    #[param(pattern = "^csv$")]
-    format: Option<String>,
 }
 
-impl UsageQuery {
+impl RangeQuery {
     fn report(&self) -> ReportParams {
         ReportParams {
             from: self.from.clone(),
@@ -311,12 +313,33 @@ impl UsageQuery {
     }
 }
 
+/// `GET /v1/usage/top-customers`, besides the range.
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TopQuery {
+    /// `cost` (default), `requests` or `tokens`.
+    #[param(pattern = "^(cost|requests|tokens)$")]
+    by: Option<String>,
+    /// How many, 1 to 1000; default 10.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+/// `GET /v1/usage/export`, besides the range.
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ExportQuery {
+    /// `csv`, the default and only format.
+    #[param(pattern = "^csv$")]
+    format: Option<String>,
+}
+
 /// `GET /v1/billing/summary`.
 #[derive(Deserialize, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct BillingQuery {
     /// `YYYY-MM`; default the current month.
-    #[param(pattern = "^[0-9]{4}-[0-9]{2}$")]
+    #[param(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$")]
     period: Option<String>,
 }
 
@@ -463,7 +486,7 @@ fn find_v1<'s>(
     method: &Method,
     segments: &[&'s str],
 ) -> Result<(Endpoint, Vec<&'s str>), AdminError> {
-    let mut path_known = false;
+    let mut allowed: Vec<&str> = Vec::new();
     for (route_method, pattern, endpoint) in &V1_ROUTES {
         let Some(params) = match_path(pattern, segments) else {
             continue;
@@ -471,10 +494,10 @@ fn find_v1<'s>(
         if route_method == method {
             return Ok((*endpoint, params));
         }
-        path_known = true;
+        allowed.push(route_method.as_str());
     }
-    if path_known {
-        return Err(AdminError::MethodNotAllowed);
+    if !allowed.is_empty() {
+        return Err(AdminError::MethodNotAllowed(allowed.join(", ")));
     }
     Err(AdminError::NotFound(format!(
         "admin endpoint /v1/{}",
@@ -723,13 +746,14 @@ impl Admin {
                 Ok(response)
             }
             Endpoint::RotateKey => {
-                let body: RotateKey = read_json_or_default(request).await?;
+                let body: Option<RotateKey> = read_json_or_default(request).await?;
+                let body = body.unwrap_or_default();
                 let created = accounts
                     .rotate_key(param(0), body.grace_seconds.map(Duration::from_secs))
                     .await?;
                 Ok(json(StatusCode::CREATED, &created))
             }
-            Endpoint::Usage(report) => self.usage_report(report, parse_query(query)?).await,
+            Endpoint::Usage(report) => self.usage_report(report, query).await,
             Endpoint::BillingSummary => {
                 let query: BillingQuery = parse_query(query)?;
                 let document = self
@@ -789,18 +813,23 @@ impl Admin {
     }
 
     /// `GET /v1/usage/{report}`.
-    async fn usage_report(&self, report: Report, query: UsageQuery) -> AdminResult {
+    async fn usage_report(&self, report: Report, query: Option<&str>) -> AdminResult {
         let reports = &*self.reports;
-        let scope = reports.scope(&query.report()).await?;
+        let range: RangeQuery = parse_query(query)?;
+        let scope = reports.scope(&range.report()).await?;
         let group = match report {
             Report::Summary => return Ok(json(StatusCode::OK, &reports.summary(&scope).await?)),
             Report::TopCustomers => {
+                let top: TopQuery = parse_query(query)?;
                 let top = reports
-                    .top(&scope, query.by.as_deref(), query.limit.as_deref())
+                    .top(&scope, top.by.as_deref(), top.limit.as_deref())
                     .await?;
                 return Ok(json(StatusCode::OK, &top));
             }
-            Report::Export => return self.export(scope, query.format.as_deref()).await,
+            Report::Export => {
+                let export: ExportQuery = parse_query(query)?;
+                return self.export(scope, export.format.as_deref()).await;
+            }
             Report::Daily => UsageGroup::Day,
             Report::ByCustomer => UsageGroup::Customer,
             Report::ByRoute => UsageGroup::Route,
@@ -890,7 +919,7 @@ fn only_get(method: &Method) -> Result<(), AdminError> {
     if method == Method::GET || method == Method::HEAD {
         Ok(())
     } else {
-        Err(AdminError::MethodNotAllowed)
+        Err(AdminError::MethodNotAllowed("GET, HEAD".to_owned()))
     }
 }
 
@@ -1112,11 +1141,19 @@ mod tests {
         assert_eq!((endpoint, params), (Endpoint::ClosePeriod, vec!["2026-01"]));
         assert!(matches!(
             find_v1(&Method::PUT, &["customers", "acme"]),
-            Err(AdminError::MethodNotAllowed)
+            Err(AdminError::MethodNotAllowed(allow)) if allow == "GET, PATCH"
+        ));
+        assert!(matches!(
+            find_v1(&Method::TRACE, &["keys", "k"]),
+            Err(AdminError::MethodNotAllowed(allow)) if allow == "GET, PATCH, DELETE"
+        ));
+        assert!(matches!(
+            find_v1(&Method::GET, &["reload"]),
+            Err(AdminError::MethodNotAllowed(allow)) if allow == "POST"
         ));
         assert!(matches!(
             find_v1(&Method::HEAD, &["keys"]),
-            Err(AdminError::MethodNotAllowed)
+            Err(AdminError::MethodNotAllowed(_))
         ));
         assert!(matches!(
             find_v1(&Method::GET, &["keys", "k", "x"]),

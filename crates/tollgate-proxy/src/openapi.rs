@@ -19,8 +19,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::admin::{
-    BillingQuery, CreateCustomer, CreateKey, CustomersQuery, KeysQuery, List, PatchCustomer,
-    PatchKey, RotateKey, UsageQuery,
+    BillingQuery, CreateCustomer, CreateKey, CustomersQuery, ExportQuery, KeysQuery, List,
+    PatchCustomer, PatchKey, RangeQuery, RotateKey, TopQuery,
 };
 use crate::error::ErrorBody;
 use crate::quota::QuotaDocument;
@@ -29,8 +29,38 @@ use crate::quota::QuotaDocument;
 pub(crate) static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
     let mut document = AdminApi::openapi();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    Bytes::from(document.to_pretty_json().unwrap_or_default())
+    let mut document = serde_json::to_value(document).unwrap_or_default();
+    camel_case_links(&mut document);
+    Bytes::from(serde_json::to_vec_pretty(&document).unwrap_or_default())
 });
+
+/// utoipa (5.5) writes a Link object's fields in snake case; OpenAPI
+/// spells them `operationId`, `operationRef` and `requestBody`.
+fn camel_case_links(document: &mut serde_json::Value) {
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let links = paths
+        .values_mut()
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|operation| operation.get_mut("responses")?.as_object_mut())
+        .flat_map(|responses| responses.values_mut())
+        .filter_map(|response| response.get_mut("links")?.as_object_mut())
+        .flat_map(|links| links.values_mut())
+        .filter_map(|link| link.as_object_mut());
+    for link in links {
+        for (snake, camel) in [
+            ("operation_id", "operationId"),
+            ("operation_ref", "operationRef"),
+            ("request_body", "requestBody"),
+        ] {
+            if let Some(value) = link.remove(snake) {
+                link.insert(camel.to_owned(), value);
+            }
+        }
+    }
+}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -108,7 +138,14 @@ fn reload() {}
 /// Creates a customer.
 #[utoipa::path(post, path = "/v1/customers", tag = "customers", request_body = CreateCustomer,
     responses(
-    (status = 201, description = "Created", body = CustomerView),
+    (status = 201, description = "Created", body = CustomerView,
+        links(
+            ("GetCustomer" = (operation_id = "get_customer",
+                parameters(("customer" = "$response.body#/id")))),
+            ("PatchCustomer" = (operation_id = "patch_customer",
+                parameters(("customer" = "$response.body#/id")))),
+            ("Quota" = (operation_id = "quota", parameters(("customer" = "$response.body#/id")))),
+        )),
     (status = 400, description = "Bad input, a name taken, an unknown tier", body = ErrorBody),
     (status = 401, description = "No or a wrong admin token", body = ErrorBody),
     (status = 500, description = "Unexpected failure", body = ErrorBody),
@@ -158,7 +195,13 @@ fn patch_customer() {}
 /// plaintext is in this answer only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey,
     responses(
-    (status = 201, description = "Created; `key` is the plaintext", body = CreatedKey),
+    (status = 201, description = "Created; `key` is the plaintext", body = CreatedKey,
+        links(
+            ("GetKey" = (operation_id = "get_key", parameters(("id" = "$response.body#/id")))),
+            ("PatchKey" = (operation_id = "patch_key", parameters(("id" = "$response.body#/id")))),
+            ("RevokeKey" = (operation_id = "revoke_key", parameters(("id" = "$response.body#/id")))),
+            ("RotateKey" = (operation_id = "rotate_key", parameters(("id" = "$response.body#/id")))),
+        )),
     (status = 400, description = "Bad input", body = ErrorBody),
     (status = 401, description = "No or a wrong admin token", body = ErrorBody),
     (status = 404, description = "No such customer and no tier to create it", body = ErrorBody),
@@ -173,14 +216,15 @@ fn create_key() {}
     (status = 200, description = "A page", body = List<KeyView>),
     (status = 400, description = "Bad input", body = ErrorBody),
     (status = 401, description = "No or a wrong admin token", body = ErrorBody),
+    (status = 404, description = "No such customer", body = ErrorBody),
     (status = 500, description = "Unexpected failure", body = ErrorBody),
     (status = 503, description = "The database does not answer", body = ErrorBody),
 ))]
 fn list_keys() {}
 
 /// One key.
-#[utoipa::path(get, path = "/v1/keys/{key}", tag = "keys",
-    params(("key" = String, Path, description = "The key's id or display prefix")),
+#[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id or display prefix")),
     responses(
     (status = 200, description = "The key", body = KeyView),
     (status = 400, description = "A prefix shared by several keys", body = ErrorBody),
@@ -193,8 +237,8 @@ fn get_key() {}
 
 /// Changes a key's name, routes or expiry; live on every instance within
 /// a second.
-#[utoipa::path(patch, path = "/v1/keys/{key}", tag = "keys",
-    params(("key" = String, Path, description = "The key's id or display prefix")),
+#[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id or display prefix")),
     request_body = PatchKey,
     responses(
     (status = 200, description = "The key as changed", body = KeyView),
@@ -207,8 +251,8 @@ fn get_key() {}
 fn patch_key() {}
 
 /// Revokes a key; every instance refuses it within a second.
-#[utoipa::path(delete, path = "/v1/keys/{key}", tag = "keys",
-    params(("key" = String, Path, description = "The key's id or display prefix")),
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id or display prefix")),
     responses(
     (status = 204, description = "Revoked (again is a no-op)"),
     (status = 400, description = "A prefix shared by several keys", body = ErrorBody),
@@ -221,8 +265,8 @@ fn revoke_key() {}
 
 /// Makes a new key for the same customer; the old one works for the
 /// grace period only.
-#[utoipa::path(post, path = "/v1/keys/{key}/rotate", tag = "keys",
-    params(("key" = String, Path, description = "The key's id or display prefix")),
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys",
+    params(("id" = String, Path, description = "The key's id or display prefix")),
     request_body(content = Option<RotateKey>, description = "May be left out"),
     responses(
     (status = 201, description = "The new key, with `old_key_expires_at`", body = CreatedKey),
@@ -235,7 +279,7 @@ fn revoke_key() {}
 fn rotate_key() {}
 
 /// One set of sums for the range.
-#[utoipa::path(get, path = "/v1/usage/summary", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/summary", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The sums", body = UsageSummary),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -246,7 +290,7 @@ fn rotate_key() {}
 fn usage_summary() {}
 
 /// One row per day with usage, in date order.
-#[utoipa::path(get, path = "/v1/usage/daily", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/daily", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The rows", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -257,7 +301,7 @@ fn usage_summary() {}
 fn usage_daily() {}
 
 /// One row per customer with usage, by name.
-#[utoipa::path(get, path = "/v1/usage/by-customer", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/by-customer", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The rows", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -268,7 +312,7 @@ fn usage_daily() {}
 fn usage_by_customer() {}
 
 /// One row per route with usage, by name.
-#[utoipa::path(get, path = "/v1/usage/by-route", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/by-route", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The rows", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -279,7 +323,7 @@ fn usage_by_customer() {}
 fn usage_by_route() {}
 
 /// One row per model with usage (`null` for rows without one), by name.
-#[utoipa::path(get, path = "/v1/usage/by-model", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/by-model", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The rows", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -290,7 +334,7 @@ fn usage_by_route() {}
 fn usage_by_model() {}
 
 /// One row per key with usage, with its prefix, name and customer.
-#[utoipa::path(get, path = "/v1/usage/by-key", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/by-key", tag = "usage", params(RangeQuery),
     responses(
     (status = 200, description = "The rows", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -301,7 +345,7 @@ fn usage_by_model() {}
 fn usage_by_key() {}
 
 /// The customers with the most cost, requests or tokens, largest first.
-#[utoipa::path(get, path = "/v1/usage/top-customers", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/top-customers", tag = "usage", params(RangeQuery, TopQuery),
     responses(
     (status = 200, description = "The ranking", body = UsageRows),
     (status = 400, description = "Bad input", body = ErrorBody),
@@ -313,7 +357,7 @@ fn usage_top_customers() {}
 
 /// The raw usage rows of the range, streamed as RFC 4180 CSV with a
 /// header row of the column names.
-#[utoipa::path(get, path = "/v1/usage/export", tag = "usage", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage/export", tag = "usage", params(RangeQuery, ExportQuery),
     responses(
     (status = 200, description = "The rows", content_type = "text/csv", body = String),
     (status = 400, description = "Bad input", body = ErrorBody),

@@ -35,9 +35,9 @@ pub(crate) struct QuotaDocument {
 #[derive(Debug, Serialize, ToSchema)]
 struct QuotaLimits {
     rate: Option<RateMeter>,
-    monthly_requests: MonthlyMeter<u64>,
-    monthly_tokens: MonthlyMeter<u64>,
-    monthly_cost_usd: MonthlyMeter<String>,
+    monthly_requests: CountMeter,
+    monthly_tokens: CountMeter,
+    monthly_cost_usd: UsdMeter,
 }
 
 /// The short-window rate, as `x-ratelimit-*` says it.
@@ -52,12 +52,22 @@ struct RateMeter {
     reset: i64,
 }
 
-/// One monthly limit; money as decimal USD strings.
+/// A monthly count limit.
 #[derive(Debug, Serialize, ToSchema)]
-struct MonthlyMeter<T> {
-    limit: Option<T>,
-    used: T,
-    remaining: Option<T>,
+struct CountMeter {
+    limit: Option<u64>,
+    used: u64,
+    remaining: Option<u64>,
+    /// Unix seconds when the period ends.
+    reset: i64,
+}
+
+/// A monthly USD budget, as decimal strings.
+#[derive(Debug, Serialize, ToSchema)]
+struct UsdMeter {
+    limit: Option<String>,
+    used: String,
+    remaining: Option<String>,
     /// Unix seconds when the period ends.
     reset: i64,
 }
@@ -79,7 +89,7 @@ pub(crate) fn quota_document(
 ) -> QuotaDocument {
     let reset = view.reset.unix_timestamp();
     let limits = &view.limits;
-    let count = |meter: &Meter<u64>| MonthlyMeter {
+    let count = |meter: &Meter<u64>| CountMeter {
         limit: meter.limit,
         used: meter.used,
         remaining: meter.remaining,
@@ -99,7 +109,7 @@ pub(crate) fn quota_document(
                 .map(|window| rate_meter(limits.rate.map(|r| r.to_string()), &window)),
             monthly_requests: count(&view.requests),
             monthly_tokens: count(&view.tokens),
-            monthly_cost_usd: MonthlyMeter {
+            monthly_cost_usd: UsdMeter {
                 limit: view.cost_nanos.limit.map(format_usd),
                 used: format_usd(view.cost_nanos.used),
                 remaining: view.cost_nanos.remaining.map(format_usd),
