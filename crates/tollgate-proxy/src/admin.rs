@@ -344,10 +344,23 @@ pub(crate) struct BillingQuery {
 }
 
 /// Parses an endpoint's query string; parameters it does not take are
-/// ignored.
+/// ignored, but none may be given twice.
 fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, AdminError> {
-    serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|error| AdminError::Invalid(format!("query: {error}")))
+    let query = query.unwrap_or("");
+    let invalid =
+        |error: serde_urlencoded::de::Error| AdminError::Invalid(format!("query: {error}"));
+    // A parameter given twice is ambiguous, whether or not this endpoint
+    // reads it.
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(invalid)?;
+    let mut names: Vec<&str> = pairs.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(AdminError::Invalid(format!(
+            "query: `{}` is given more than once",
+            twice[0]
+        )));
+    }
+    serde_urlencoded::from_str(query).map_err(invalid)
 }
 
 /// The endpoints under `/v1/`.
