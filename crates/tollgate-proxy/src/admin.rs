@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_accounts::{AccountError, Accounts, KeyRequest, ReloadReport, MAX_PAGE};
 use tollgate_accounts::{ReportParams, Reports, Scope};
+use tollgate_console::Console;
 use tollgate_metering::billing::UsageGroup;
 use tollgate_metering::keys::KeyUpdate;
 use tollgate_metering::limits::Policies;
@@ -52,6 +53,8 @@ pub struct Admin {
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     reloader: Arc<dyn Reload>,
+    /// The operator console under `/console/`.
+    console: Arc<Console>,
 }
 
 /// Re-reads the config file (`POST /v1/reload`, as SIGHUP does).
@@ -549,6 +552,7 @@ impl Admin {
         tokens: &[String],
         metrics: Arc<Metrics>,
         reloader: Arc<dyn Reload>,
+        console: Arc<Console>,
     ) -> Admin {
         Admin {
             accounts,
@@ -561,6 +565,7 @@ impl Admin {
             ready: AtomicBool::new(false),
             metrics,
             reloader,
+            console,
         }
     }
 
@@ -628,6 +633,18 @@ impl Admin {
                     .headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 Ok(response)
+            }
+            ["console", ..] => {
+                let (parts, body) = request.into_parts();
+                let body = Limited::new(body, MAX_ADMIN_BODY)
+                    .collect()
+                    .await
+                    .map(|collected| collected.to_bytes())
+                    .map_err(|_| {
+                        AdminError::Invalid(format!("body: at most {MAX_ADMIN_BODY} bytes"))
+                    })?;
+                let response = self.console.handle(Request::from_parts(parts, body)).await;
+                Ok(response.map(ProxyBody::full))
             }
             ["v1", ..] => {
                 self.authorize(&request)?;

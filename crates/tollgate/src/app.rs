@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +17,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_accounts::Accounts;
+use tollgate_console::{Console, ConsoleParts, GatewayStatus};
 use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::keys::{run_feed, KeyCache};
 use tollgate_metering::limits::Policies;
 use tollgate_metering::limits::{Clock, Limiter, Limits, SystemClock};
-use tollgate_metering::usage::recorder::{self, CommitHook, RecorderConfig, RecorderHandle};
+use tollgate_metering::usage::recorder::{
+    self, CommitHook, RecorderConfig, RecorderHandle, RecorderStats,
+};
 use tollgate_metering::Store;
 use tollgate_proxy::{
     serve, Admin, Authenticator, Gateway, GatewaySettings, Metering, Metrics, ServerOptions,
@@ -201,7 +205,19 @@ pub async fn start_with_clock(
         gateway.clone(),
         stopped.clone(),
     ));
-    let (admin, reloader) = admin_api(&config, catalog, &store, &clock, gateway, policies, metrics);
+    let status = gateway_status(&config, recorder.recorder().stats().clone(), keys.clone());
+    let (admin, reloader) = admin_api(
+        &config,
+        catalog,
+        &store,
+        &clock,
+        AdminParts {
+            gateway,
+            policies,
+            metrics,
+            status,
+        },
+    );
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         admin_tls.clone(),
@@ -290,17 +306,47 @@ async fn start_accounting(
     })
 }
 
-/// The admin API over the same accounts, reports and policies as the
-/// data plane, and the reloader both SIGHUP and `POST /v1/reload` use.
+/// What the admin listener shares with the data plane.
+struct AdminParts {
+    gateway: Arc<Gateway>,
+    policies: Arc<Policies>,
+    metrics: Arc<Metrics>,
+    status: Arc<dyn Fn() -> GatewayStatus + Send + Sync>,
+}
+
+/// The console's view of how the gateway is doing.
+fn gateway_status(
+    config: &Config,
+    stats: Arc<RecorderStats>,
+    keys: Arc<KeyCache>,
+) -> Arc<dyn Fn() -> GatewayStatus + Send + Sync> {
+    let instance = config.server.instance_id.clone();
+    Arc::new(move || GatewayStatus {
+        database_up: stats.database_up.load(Ordering::Relaxed),
+        pending_rows: stats.pending.load(Ordering::Relaxed),
+        spool_bytes: stats.spool_bytes.load(Ordering::Relaxed),
+        keys_cached: keys.len(),
+        instance: instance.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// The admin API and the console over the same accounts, reports and
+/// policies as the data plane, and the reloader both SIGHUP and `POST
+/// /v1/reload` use.
 fn admin_api(
     config: &Config,
     catalog: Catalog,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
-    gateway: Arc<Gateway>,
-    policies: Arc<Policies>,
-    metrics: Arc<Metrics>,
+    parts: AdminParts,
 ) -> (Arc<Admin>, Arc<Reloader>) {
+    let AdminParts {
+        gateway,
+        policies,
+        metrics,
+        status,
+    } = parts;
     let accounts = Arc::new(Accounts::new(
         store.clone(),
         KeyFormat::new(&config.keys.prefix),
@@ -319,6 +365,15 @@ fn admin_api(
         accounts.clone(),
         metrics.clone(),
     ));
+    let console = Arc::new(Console::new(ConsoleParts {
+        accounts: accounts.clone(),
+        reports: reports.clone(),
+        policies: policies.clone(),
+        tokens: config.admin.tokens.clone(),
+        session_ttl: config.admin.session_ttl,
+        secure: config.admin.tls.is_some(),
+        status,
+    }));
     let admin = Arc::new(Admin::new(
         accounts,
         policies,
@@ -326,6 +381,7 @@ fn admin_api(
         &config.admin.tokens,
         metrics,
         reloader.clone(),
+        console,
     ));
     (admin, reloader)
 }

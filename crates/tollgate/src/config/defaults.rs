@@ -27,6 +27,8 @@ pub const WORKER_THREADS: usize = 0;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for the next bytes of a request body before 408.
 pub const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// `admin.session_ttl`: a console sign-in lasts a working day.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Open connections per listener; beyond it new ones wait in the accept queue.
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// Request line plus headers; above it 431 (414 for the request line alone).

@@ -215,13 +215,25 @@ pub struct TlsConfig {
 /// `[admin]`.
 ///
 /// `Debug` prints how many tokens there are, never the tokens.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Bearer tokens for the admin API's `/v1/*`. Empty = every `/v1/*`
     /// request is refused. Each is non-empty and free of whitespace.
     pub tokens: Vec<String>,
     /// TLS on `admin_listen`; `None` = plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// How long a console sign-in lasts.
+    pub session_ttl: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            tokens: Vec::new(),
+            tls: None,
+            session_ttl: defaults::SESSION_TTL,
+        }
+    }
 }
 
 impl fmt::Debug for AdminConfig {
@@ -229,6 +241,7 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
             .field("tls", &self.tls)
+            .field("session_ttl", &self.session_ttl)
             .finish()
     }
 }

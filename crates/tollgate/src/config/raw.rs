@@ -60,6 +60,7 @@ pub(super) struct RawTls {
 pub(super) struct RawAdmin {
     pub tokens: Vec<Str>,
     pub tls: Option<RawTls>,
+    pub session_ttl: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

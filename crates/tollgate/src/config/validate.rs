@@ -422,7 +422,16 @@ impl Validator<'_> {
             })
             .collect::<Result<_, _>>()?;
         let tls = self.tls_paths(raw.tls.as_ref(), "admin.tls")?;
-        Ok(AdminConfig { tokens, tls })
+        let session_ttl = self.positive_duration(
+            raw.session_ttl.as_ref(),
+            "admin.session_ttl",
+            defaults::SESSION_TTL,
+        )?;
+        Ok(AdminConfig {
+            tokens,
+            tls,
+            session_ttl,
+        })
     }
 
     fn database(&self, raw: RawDatabase) -> Result<DatabaseConfig, ConfigError> {

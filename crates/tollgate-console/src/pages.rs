@@ -1,0 +1,527 @@
+//! The pages: each reads through the account operations and reports, and
+//! renders one template. A failure to read shows where it happened, on the
+//! page, rather than as an error page.
+
+use askama::Template;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Response, StatusCode};
+use tollgate_accounts::{AccountError, ReportParams, UsageRows, UsageSums};
+use tollgate_metering::billing::UsageGroup;
+use tollgate_metering::limits::{Meter, QuotaView};
+
+use crate::charts::{self, Day};
+use crate::session::Session;
+use crate::{ConsoleParts, GatewayStatus};
+
+pub(crate) const CSS: &str = include_str!("../assets/console.css");
+pub(crate) const JS: &str = include_str!("../assets/console.js");
+
+/// Money as people read it, to the cent, with the exact figure for a
+/// tooltip.
+pub(crate) struct Money {
+    pub(crate) cents: String,
+    pub(crate) exact: String,
+}
+
+impl Money {
+    /// From a decimal USD string as the reports give it (`"12.345678901"`):
+    /// rounded half up, once, to a cent.
+    pub(crate) fn of(usd: &str) -> Money {
+        let (negative, digits) = match usd.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, usd),
+        };
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        let mut fraction = fraction.to_owned();
+        fraction.truncate(9);
+        while fraction.len() < 9 {
+            fraction.push('0');
+        }
+        let nanos = whole.parse::<i128>().unwrap_or(0) * 1_000_000_000
+            + fraction.parse::<i128>().unwrap_or(0);
+        let cents = (nanos + 5_000_000) / 10_000_000;
+        let sign = if negative && cents > 0 { "-" } else { "" };
+        Money {
+            cents: format!("{sign}${}.{:02}", group(cents / 100), cents % 100),
+            exact: format!("{usd} USD"),
+        }
+    }
+}
+
+/// Thousands separated by commas.
+fn group(value: i128) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A count with thousands separated.
+fn count(value: u64) -> String {
+    group(i128::from(value))
+}
+
+/// The month-to-date sums, as shown.
+pub(crate) struct Totals {
+    pub(crate) requests: String,
+    pub(crate) rejected: String,
+    pub(crate) errors: String,
+    pub(crate) tokens: String,
+    pub(crate) cost: Money,
+}
+
+impl Totals {
+    fn of(sums: &UsageSums) -> Totals {
+        Totals {
+            requests: count(sums.requests),
+            rejected: count(sums.rejected),
+            errors: count(sums.errors),
+            tokens: count(sums.tokens),
+            cost: Money::of(&sums.cost_usd),
+        }
+    }
+}
+
+pub(crate) struct Ranked {
+    pub(crate) name: String,
+    pub(crate) requests: String,
+    pub(crate) cost: Money,
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct Login<'a> {
+    error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+struct Overview<'a> {
+    csrf: &'a str,
+    from: String,
+    to: String,
+    error: Option<String>,
+    month: Option<Totals>,
+    chart: String,
+    days: usize,
+    peak_requests: String,
+    peak_cost: Money,
+    top: Vec<Ranked>,
+    models: Vec<Ranked>,
+    models_chart: String,
+    status: GatewayStatus,
+}
+
+/// A customer row: each limit used against its limit.
+pub(crate) struct CustomerRow {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) tier: String,
+    pub(crate) meters: Vec<Gauge>,
+}
+
+/// Month-to-date use of one limit.
+pub(crate) struct Gauge {
+    pub(crate) label: &'static str,
+    pub(crate) used: String,
+    pub(crate) limit: String,
+    /// 0 to 100, for the bar.
+    pub(crate) percent: u64,
+    /// `ok`, `warn` (80 % or more) or `over` (100 % or more).
+    pub(crate) level: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "customers.html")]
+struct Customers<'a> {
+    csrf: &'a str,
+    query: String,
+    rows: Vec<CustomerRow>,
+    tiers: Vec<String>,
+    next: Option<String>,
+    error: Option<String>,
+    notice: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct Message<'a> {
+    csrf: Option<&'a str>,
+    title: &'a str,
+    message: &'a str,
+}
+
+fn html(status: StatusCode, page: Result<String, askama::Error>) -> Response<Bytes> {
+    let (status, body) = match page {
+        Ok(body) => (status, body),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("<!doctype html><title>Error</title><p>The page could not be drawn: {error}"),
+        ),
+    };
+    let mut response = Response::new(Bytes::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+pub(crate) fn login(error: Option<&str>) -> Response<Bytes> {
+    let status = if error.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    html(status, Login { error }.render())
+}
+
+pub(crate) fn forbidden(message: &str) -> Response<Bytes> {
+    let page = Message {
+        csrf: None,
+        title: "Not allowed",
+        message,
+    };
+    html(StatusCode::FORBIDDEN, page.render())
+}
+
+pub(crate) fn not_found(session: &Session) -> Response<Bytes> {
+    let page = Message {
+        csrf: Some(&session.csrf),
+        title: "Not found",
+        message: "There is no such page in the console.",
+    };
+    html(StatusCode::NOT_FOUND, page.render())
+}
+
+/// The query's `from` and `to` (UTC days; default this month).
+fn range(query: &str) -> ReportParams {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(key, value)| key == name && !value.is_empty())
+            .map(|(_, value)| value.clone())
+    };
+    ReportParams {
+        from: get("from"),
+        to: get("to"),
+        customer: get("customer"),
+    }
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
+    pairs
+        .into_iter()
+        .find(|(key, value)| key == name && !value.is_empty())
+        .map(|(_, value)| value)
+}
+
+/// `/console/`: this month, a chosen range day by day, who and what cost
+/// the most, and how the gateway is doing.
+pub(crate) async fn overview(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+) -> Response<Bytes> {
+    let reports = &parts.reports;
+    let mut page = Overview {
+        csrf: &session.csrf,
+        from: String::new(),
+        to: String::new(),
+        error: None,
+        month: None,
+        chart: String::new(),
+        days: 0,
+        peak_requests: "0".to_owned(),
+        peak_cost: Money::of("0"),
+        top: Vec::new(),
+        models: Vec::new(),
+        models_chart: String::new(),
+        status: (parts.status)(),
+    };
+    let read = async {
+        let month = reports.scope(&ReportParams::default()).await?;
+        page.month = Some(Totals::of(&reports.summary(&month).await?.sums));
+        let scope = reports.scope(&range(query)).await?;
+        let daily = reports.grouped(&scope, UsageGroup::Day).await?;
+        page.from = daily.scope.from.clone();
+        page.to = daily.scope.to.clone();
+        let days = day_points(&daily);
+        page.days = days.len();
+        page.chart = charts::daily(&days, 720, 220);
+        let peak = daily
+            .data
+            .iter()
+            .max_by_key(|row| row.sums.requests)
+            .map(|row| count(row.sums.requests));
+        page.peak_requests = peak.unwrap_or_else(|| "0".to_owned());
+        let peak_cost = daily
+            .data
+            .iter()
+            .map(|row| row.sums.cost_usd.as_str())
+            .max_by(|a, b| usd_value(a).total_cmp(&usd_value(b)));
+        page.peak_cost = Money::of(peak_cost.unwrap_or("0"));
+        let top = reports.top(&scope, Some("cost"), Some("10")).await?;
+        page.top = ranked(&top, |row| row.group.customer.clone().unwrap_or_default());
+        let models = reports.grouped(&scope, UsageGroup::Model).await?;
+        let mut models = models;
+        models
+            .data
+            .sort_by(|a, b| usd_value(&b.sums.cost_usd).total_cmp(&usd_value(&a.sums.cost_usd)));
+        page.models_chart = charts::bars(
+            &models
+                .data
+                .iter()
+                .map(|row| usd_value(&row.sums.cost_usd))
+                .collect::<Vec<_>>(),
+            240,
+            28,
+        );
+        page.models = ranked(&models, |row| {
+            row.group
+                .model
+                .clone()
+                .flatten()
+                .unwrap_or_else(|| "(no model)".to_owned())
+        });
+        Ok::<(), AccountError>(())
+    };
+    if let Err(error) = read.await {
+        page.error = Some(error.to_string());
+    }
+    html(StatusCode::OK, page.render())
+}
+
+fn ranked(rows: &UsageRows, name: impl Fn(&tollgate_accounts::UsageRow) -> String) -> Vec<Ranked> {
+    rows.data
+        .iter()
+        .map(|row| Ranked {
+            name: name(row),
+            requests: count(row.sums.requests),
+            cost: Money::of(&row.sums.cost_usd),
+        })
+        .collect()
+}
+
+/// A decimal USD string as a float, for drawing and ordering only.
+fn usd_value(usd: &str) -> f64 {
+    usd.parse().unwrap_or(0.0)
+}
+
+/// Every day of the range in order, days without usage as zero.
+fn day_points(daily: &UsageRows) -> Vec<Day> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let (Ok(from), Ok(to)) = (
+        time::Date::parse(&daily.scope.from, &format),
+        time::Date::parse(&daily.scope.to, &format),
+    ) else {
+        return Vec::new();
+    };
+    let mut by_day = std::collections::HashMap::new();
+    for row in &daily.data {
+        if let Some(day) = &row.group.day {
+            by_day.insert(
+                day.clone(),
+                (row.sums.requests, usd_value(&row.sums.cost_usd)),
+            );
+        }
+    }
+    let mut points = Vec::new();
+    let mut day = from;
+    // At most a year of bars: a longer range shows its first year.
+    while day <= to && points.len() < 366 {
+        let (requests, cost) = by_day.get(&day.to_string()).copied().unwrap_or((0, 0.0));
+        points.push(Day { requests, cost });
+        match day.next_day() {
+            Some(next) => day = next,
+            None => break,
+        }
+    }
+    points
+}
+
+/// `/console/customers`: each customer with its tier and month-to-date use
+/// against each limit.
+pub(crate) async fn customers(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+) -> Response<Bytes> {
+    customers_page(parts, session, query, None, None).await
+}
+
+async fn customers_page(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Response<Bytes> {
+    let search = param(query, "q").unwrap_or_default();
+    let cursor = param(query, "cursor");
+    let mut page = Customers {
+        csrf: &session.csrf,
+        query: search.clone(),
+        rows: Vec::new(),
+        tiers: parts
+            .accounts
+            .catalog()
+            .tiers
+            .iter()
+            .map(|tier| tier.name.clone())
+            .collect(),
+        next: None,
+        error,
+        notice,
+    };
+    let listed = parts
+        .accounts
+        .list_customers(cursor.as_deref(), Some(100))
+        .await;
+    match listed {
+        Ok((customers, next)) => {
+            let needle = search.to_lowercase();
+            let limiter = parts.policies.limiter();
+            page.rows = customers
+                .into_iter()
+                .filter(|c| needle.is_empty() || c.name.to_lowercase().contains(&needle))
+                .map(|c| {
+                    let view = limiter.view(c.id);
+                    CustomerRow {
+                        id: c.id.to_string(),
+                        name: c.name,
+                        tier: c.tier,
+                        meters: gauges(&view),
+                    }
+                })
+                .collect();
+            page.next = next;
+        }
+        Err(error) => page.error = Some(error.to_string()),
+    }
+    html(StatusCode::OK, page.render())
+}
+
+/// A customer's monthly limits as gauges (only the limits it has).
+fn gauges(view: &QuotaView) -> Vec<Gauge> {
+    let mut gauges = Vec::new();
+    let mut add = |label: &'static str, meter: &Meter<u64>| {
+        if let Some(limit) = meter.limit {
+            gauges.push(gauge(
+                label,
+                meter.used as f64,
+                limit as f64,
+                count(meter.used),
+                count(limit),
+            ));
+        }
+    };
+    add("requests", &view.requests);
+    add("tokens", &view.tokens);
+    if let Some(limit) = view.cost_nanos.limit {
+        let usd = |nanos: i64| Money::of(&tollgate_metering::usage::format_usd(nanos)).cents;
+        gauges.push(gauge(
+            "cost",
+            view.cost_nanos.used as f64,
+            limit as f64,
+            usd(view.cost_nanos.used),
+            usd(limit),
+        ));
+    }
+    gauges
+}
+
+fn gauge(
+    label: &'static str,
+    used: f64,
+    limit: f64,
+    used_text: String,
+    limit_text: String,
+) -> Gauge {
+    let ratio = if limit > 0.0 { used / limit } else { 1.0 };
+    let level = if ratio >= 1.0 {
+        "over"
+    } else if ratio >= 0.8 {
+        "warn"
+    } else {
+        "ok"
+    };
+    Gauge {
+        label,
+        used: used_text,
+        limit: limit_text,
+        percent: (ratio.clamp(0.0, 1.0) * 100.0).round() as u64,
+        level,
+    }
+}
+
+/// `POST /console/customers`: creates a customer, then shows the list
+/// with it, or the form's error where it happened.
+pub(crate) async fn create_customer(
+    parts: &ConsoleParts,
+    session: &Session,
+    form: &[(String, String)],
+) -> Response<Bytes> {
+    let get = |name: &str| {
+        crate::field(form, name)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let (name, tier) = (get("name"), get("tier"));
+    match parts.accounts.create_customer(&name, &tier, None).await {
+        Ok(created) => {
+            let query =
+                serde_urlencoded::to_string([("q", created.name.as_str())]).unwrap_or_default();
+            customers_page(
+                parts,
+                session,
+                &query,
+                Some(format!("Customer {} created.", created.name)),
+                None,
+            )
+            .await
+        }
+        Err(error) => customers_page(parts, session, "", None, Some(error.to_string())).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_rounds_once_to_the_cent_and_keeps_the_exact_figure() {
+        let money = Money::of("1234.005");
+        assert_eq!(
+            (money.cents.as_str(), money.exact.as_str()),
+            ("$1,234.01", "1234.005 USD")
+        );
+        assert_eq!(Money::of("0.004999999").cents, "$0.00");
+        assert_eq!(Money::of("7").cents, "$7.00");
+        assert_eq!(Money::of("-0.5").cents, "-$0.50");
+        assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn gauges_turn_amber_at_80_and_red_at_100_percent() {
+        let levels: Vec<_> = [10.0, 80.0, 100.0, 150.0]
+            .into_iter()
+            .map(|used| gauge("requests", used, 100.0, String::new(), String::new()))
+            .map(|g| (g.level, g.percent))
+            .collect();
+        assert_eq!(
+            levels,
+            [("ok", 10), ("warn", 80), ("over", 100), ("over", 100)]
+        );
+    }
+}
