@@ -341,3 +341,197 @@ async fn pages_show_the_admin_api_numbers_and_changes_need_csrf() {
     );
     gw.stop().await;
 }
+
+/// The first `<code id="plaintext">` of a page: a key shown once.
+fn plaintext(page: &str) -> String {
+    let at = page.find("<code id=\"plaintext\">").unwrap() + "<code id=\"plaintext\">".len();
+    let end = page[at..].find('<').unwrap();
+    page[at..at + end].to_owned()
+}
+
+async fn call(gw: &TestGateway, key: &str) -> StatusCode {
+    send(
+        &client(),
+        Request::post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+            )))
+            .unwrap(),
+    )
+    .await
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_customers_billing_and_webhooks_pages() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = TestGateway::start(gateway_config(&mock, "12h")).await;
+    let session = sign_in(&gw).await;
+    let page = |path: &'static str| {
+        let (gw, session) = (&gw, session.clone());
+        async move { text(&console(gw, Method::GET, path, Some(&session), None).await) }
+    };
+    let token = csrf(&page("/console/keys").await);
+
+    // A key made on the keys page is shown once, works, and is revoked there.
+    let form = [
+        ("csrf", token.as_str()),
+        ("customer", "acme"),
+        ("tier", "test"),
+        ("name", "laptop"),
+        ("routes", ""),
+    ];
+    let created = text(
+        &console(
+            &gw,
+            Method::POST,
+            "/console/keys",
+            Some(&session),
+            Some(&form),
+        )
+        .await,
+    );
+    let key = plaintext(&created);
+    assert!(key.starts_with("tg_"), "{created}");
+    assert!(
+        created.contains("data-copy=\"#plaintext\""),
+        "a copy button"
+    );
+    eventually(Duration::from_secs(1), || async {
+        call(&gw, &key).await == StatusCode::OK
+    })
+    .await;
+    let listed = page("/console/keys").await;
+    assert!(
+        listed.contains("laptop") && listed.contains("acme"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key), "the plaintext is never shown again");
+    let id = admin(&gw, Method::GET, "/v1/keys?customer=acme", None)
+        .await
+        .json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoke = format!("/console/keys/{id}/revoke");
+    let revoked = text(
+        &console(
+            &gw,
+            Method::POST,
+            &revoke,
+            Some(&session),
+            Some(&[("csrf", token.as_str())]),
+        )
+        .await,
+    );
+    assert!(revoked.contains("revoked."), "{revoked}");
+    eventually(Duration::from_secs(1), || async {
+        call(&gw, &key).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+
+    // The customer page edits overrides through the same rules as the API.
+    let acme = admin(&gw, Method::GET, "/v1/customers/acme", None)
+        .await
+        .json();
+    let path = format!("/console/customers/{}", acme["id"].as_str().unwrap());
+    let detail = text(&console(&gw, Method::GET, &path, Some(&session), None).await);
+    assert!(
+        detail.contains("<h1>acme</h1>") && detail.contains("laptop"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("requests") && detail.contains("of 4"),
+        "{detail}"
+    );
+    let bad = [
+        ("csrf", token.as_str()),
+        ("tier", "test"),
+        ("overrides", "{\"monthly_requests\": -1}"),
+    ];
+    let bad = text(&console(&gw, Method::POST, &path, Some(&session), Some(&bad)).await);
+    assert!(
+        bad.contains("role=\"alert\"") && bad.contains("overrides"),
+        "{bad}"
+    );
+    let good = [
+        ("csrf", token.as_str()),
+        ("tier", "test"),
+        ("overrides", "{\"monthly_requests\": 9}"),
+    ];
+    let good = text(&console(&gw, Method::POST, &path, Some(&session), Some(&good)).await);
+    assert!(good.contains("Saved."), "{good}");
+    let api = admin(&gw, Method::GET, "/v1/customers/acme", None)
+        .await
+        .json();
+    assert_eq!(api["overrides"]["monthly_requests"], 9);
+
+    // Billing: last month, closed from the page; the export downloads.
+    let last = time::OffsetDateTime::now_utc()
+        .date()
+        .replace_day(1)
+        .unwrap()
+        .previous_day()
+        .unwrap();
+    let period = format!("{:04}-{:02}", last.year(), u8::from(last.month()));
+    let billing = text(
+        &console(
+            &gw,
+            Method::GET,
+            &format!("/console/billing?period={period}"),
+            Some(&session),
+            None,
+        )
+        .await,
+    );
+    assert!(billing.contains(&format!("Close {period}")), "{billing}");
+    let form = [("csrf", token.as_str()), ("period", period.as_str())];
+    let closed = text(
+        &console(
+            &gw,
+            Method::POST,
+            "/console/billing/close",
+            Some(&session),
+            Some(&form),
+        )
+        .await,
+    );
+    assert!(closed.contains("closed: its lines are frozen"), "{closed}");
+    let api = admin(
+        &gw,
+        Method::GET,
+        &format!("/v1/billing/summary?period={period}"),
+        None,
+    )
+    .await;
+    assert_eq!(api.json()["closed"], true);
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let export = console(
+        &gw,
+        Method::GET,
+        &format!("/console/billing/export?from={today}&to={today}"),
+        Some(&session),
+        None,
+    )
+    .await;
+    assert_eq!(export.status, StatusCode::OK);
+    assert!(
+        text(&export).starts_with("id,client_request_id,ts,"),
+        "{}",
+        text(&export)
+    );
+    assert_secure(&export);
+    let anonymous = console(&gw, Method::GET, "/console/billing/export", None, None).await;
+    assert_eq!(
+        anonymous.status,
+        StatusCode::SEE_OTHER,
+        "the export needs a session"
+    );
+
+    let webhooks = page("/console/webhooks").await;
+    assert!(webhooks.contains("No webhook deliveries yet"), "{webhooks}");
+    let missing = console(&gw, Method::GET, "/console/nothing", Some(&session), None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    gw.stop().await;
+}

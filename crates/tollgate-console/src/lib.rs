@@ -28,7 +28,7 @@ use http::header::{
     SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use tollgate_accounts::{Accounts, Reports};
+use tollgate_accounts::{Accounts, Reports, Scope};
 use tollgate_metering::limits::Policies;
 
 use crate::session::{same_secret, session_cookie, Session, Sessions, COOKIE as SESSION_COOKIE};
@@ -60,6 +60,13 @@ pub struct ConsoleParts {
     pub status: Arc<dyn Fn() -> GatewayStatus + Send + Sync>,
 }
 
+/// What the console answers: a page, or the usage export of a range, which
+/// the admin listener streams as it streams `GET /v1/usage/export`.
+pub enum Answer {
+    Page(Response<Bytes>),
+    Export(Scope),
+}
+
 /// The console of one gateway instance (its sessions are this instance's).
 pub struct Console {
     parts: ConsoleParts,
@@ -83,12 +90,13 @@ impl Console {
     }
 
     /// Answers a request under `/console`; the body is already read (the
-    /// admin listener caps it).
-    pub async fn handle(&self, request: Request<Bytes>) -> Response<Bytes> {
+    /// admin listener caps it). Every page carries the security headers;
+    /// the caller adds them to an export with [`Console::secure`].
+    pub async fn handle(&self, request: Request<Bytes>) -> Answer {
         let path = request.uri().path().trim_end_matches('/').to_owned();
         let page = path.strip_prefix("/console").unwrap_or("/console");
         let method = request.method().clone();
-        let mut response = match (method.clone(), page) {
+        let response = match (method.clone(), page) {
             (Method::GET, "/assets/console.css") => asset("text/css", pages::CSS),
             (Method::GET, "/assets/console.js") => asset("text/javascript", pages::JS),
             (Method::GET, "/login") => pages::login(None),
@@ -96,11 +104,33 @@ impl Console {
             _ => match self.session(&request) {
                 None if method == Method::GET => redirect("/console/login"),
                 None => pages::forbidden("Sign in again: the session has ended."),
-                Some((id, session)) => self.signed_in(&method, page, &request, &id, &session).await,
+                Some((id, session)) => {
+                    match self.signed_in(&method, page, &request, &id, &session).await {
+                        Answer::Page(response) => response,
+                        export => return export,
+                    }
+                }
             },
         };
-        secure_headers(&mut response);
-        response
+        let mut response = response;
+        Console::secure(&mut response);
+        Answer::Page(response)
+    }
+
+    /// The headers on every console answer: no framing, no referrer, no
+    /// script or style from anywhere but the gateway itself.
+    pub fn secure<B>(response: &mut Response<B>) {
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'self'"),
+        );
+        headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        headers
+            .entry(CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
     }
 
     async fn signed_in(
@@ -110,17 +140,21 @@ impl Console {
         request: &Request<Bytes>,
         id: &str,
         session: &Session,
-    ) -> Response<Bytes> {
+    ) -> Answer {
+        let parts = &self.parts;
         let query = request.uri().query().unwrap_or("");
+        let segments: Vec<&str> = page.split('/').skip(1).collect();
         if *method == Method::POST {
             let form: Vec<(String, String)> =
                 serde_urlencoded::from_bytes(request.body()).unwrap_or_default();
             let csrf = field(&form, "csrf").unwrap_or_default();
             if !same_secret(csrf, &session.csrf) {
-                return pages::forbidden("The form has expired; reload the page and try again.");
+                return Answer::Page(pages::forbidden(
+                    "The form has expired; reload the page and try again.",
+                ));
             }
-            return match page {
-                "/logout" => {
+            return Answer::Page(match segments.as_slice() {
+                ["logout"] => {
                     self.sessions.end(id);
                     let mut response = redirect("/console/login");
                     response
@@ -128,18 +162,34 @@ impl Console {
                         .insert(SET_COOKIE, self.cookie("", Duration::ZERO));
                     response
                 }
-                "/customers" => pages::create_customer(&self.parts, session, &form).await,
+                ["customers"] => pages::create_customer(parts, session, &form).await,
+                ["customers", customer] => {
+                    pages::update_customer(parts, session, customer, &form).await
+                }
+                ["keys"] => pages::create_key(parts, session, &form).await,
+                ["keys", key, action] => pages::key_action(parts, session, key, action).await,
+                ["billing", "close"] => pages::close_period(parts, session, &form).await,
                 _ => pages::not_found(session),
-            };
+            });
         }
         if *method != Method::GET && *method != Method::HEAD {
-            return pages::not_found(session);
+            return Answer::Page(pages::not_found(session));
         }
-        match page {
-            "" => pages::overview(&self.parts, session, query).await,
-            "/customers" => pages::customers(&self.parts, session, query).await,
+        Answer::Page(match segments.as_slice() {
+            [] => pages::overview(parts, session, query).await,
+            ["customers"] => pages::customers(parts, session, query).await,
+            ["customers", customer] => pages::customer(parts, session, customer, None, None).await,
+            ["keys"] => pages::keys(parts, session, query, None, None, None).await,
+            ["billing"] => pages::billing(parts, session, query, None, None).await,
+            ["billing", "export"] => match parts.reports.scope(&pages::export_range(query)).await {
+                Ok(scope) => return Answer::Export(scope),
+                Err(error) => {
+                    pages::billing(parts, session, "", None, Some(error.to_string())).await
+                }
+            },
+            ["webhooks"] => pages::webhooks(session),
             _ => pages::not_found(session),
-        }
+        })
     }
 
     fn sign_in(&self, body: &[u8]) -> Response<Bytes> {
@@ -208,19 +258,4 @@ pub(crate) fn redirect(to: &'static str) -> Response<Bytes> {
         .headers_mut()
         .insert(LOCATION, HeaderValue::from_static(to));
     response
-}
-
-/// The headers on every console answer.
-fn secure_headers(response: &mut Response<Bytes>) {
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'self'"),
-    );
-    headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers
-        .entry(CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
 }

@@ -525,3 +525,471 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// A customer.
+
+#[derive(Template)]
+#[template(path = "customer.html")]
+struct CustomerPage<'a> {
+    csrf: &'a str,
+    id: String,
+    name: String,
+    tier: String,
+    tiers: Vec<String>,
+    overrides: String,
+    meters: Vec<Gauge>,
+    from: String,
+    to: String,
+    cost: Money,
+    chart: String,
+    models: Vec<Ranked>,
+    keys: Vec<KeyRow>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+/// A key as a row of a table.
+pub(crate) struct KeyRow {
+    pub(crate) id: String,
+    pub(crate) prefix: String,
+    pub(crate) customer: String,
+    pub(crate) name: String,
+    pub(crate) routes: String,
+    pub(crate) status: String,
+    pub(crate) created: String,
+    pub(crate) expires: String,
+}
+
+fn utc(at: time::OffsetDateTime) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
+    at.format(&format).unwrap_or_default()
+}
+
+impl KeyRow {
+    fn of(key: &tollgate_accounts::KeyView) -> KeyRow {
+        KeyRow {
+            id: key.id.to_string(),
+            prefix: key.prefix.clone(),
+            customer: key.customer.clone(),
+            name: key.name.clone().unwrap_or_default(),
+            routes: key
+                .routes
+                .as_ref()
+                .map_or_else(|| "every route".to_owned(), |routes| routes.join(", ")),
+            status: serde_json_status(key),
+            created: utc(key.created_at),
+            expires: key
+                .expires_at
+                .map(utc)
+                .unwrap_or_else(|| "never".to_owned()),
+        }
+    }
+}
+
+/// A key's status word, as the admin API writes it.
+fn serde_json_status(key: &tollgate_accounts::KeyView) -> String {
+    match key.status {
+        tollgate_metering::keys::KeyStatus::Active => "active",
+        tollgate_metering::keys::KeyStatus::Revoked => "revoked",
+        tollgate_metering::keys::KeyStatus::Expired => "expired",
+    }
+    .to_owned()
+}
+
+/// `/console/customers/{id}`: its limits and use, its overrides (editable),
+/// its usage day by day and by model, and its keys.
+pub(crate) async fn customer(
+    parts: &ConsoleParts,
+    session: &Session,
+    id: &str,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Response<Bytes> {
+    let found = match parts.accounts.customer(id).await {
+        Ok(found) => found,
+        Err(AccountError::NotFound(_)) => return not_found(session),
+        Err(error) => {
+            let page = Message {
+                csrf: Some(&session.csrf),
+                title: "Could not read the customer",
+                message: &error.to_string(),
+            };
+            return html(StatusCode::SERVICE_UNAVAILABLE, page.render());
+        }
+    };
+    let view = parts.policies.limiter().view(found.id);
+    let mut page = CustomerPage {
+        csrf: &session.csrf,
+        id: found.id.to_string(),
+        name: found.name.clone(),
+        tier: found.tier.clone(),
+        tiers: tier_names(parts),
+        overrides: if found.overrides.as_object().is_some_and(|o| o.is_empty()) {
+            String::new()
+        } else {
+            found.overrides.to_string()
+        },
+        meters: gauges(&view),
+        from: String::new(),
+        to: String::new(),
+        cost: Money::of("0"),
+        chart: String::new(),
+        models: Vec::new(),
+        keys: Vec::new(),
+        notice,
+        error,
+    };
+    let reports = &parts.reports;
+    let read = async {
+        let scope = reports
+            .scope(&ReportParams {
+                customer: Some(found.id.to_string()),
+                ..ReportParams::default()
+            })
+            .await?;
+        let daily = reports.grouped(&scope, UsageGroup::Day).await?;
+        page.from = daily.scope.from.clone();
+        page.to = daily.scope.to.clone();
+        page.chart = charts::daily(&day_points(&daily), 720, 200);
+        page.cost = Money::of(&reports.summary(&scope).await?.sums.cost_usd);
+        let models = reports.grouped(&scope, UsageGroup::Model).await?;
+        page.models = ranked(&models, |row| {
+            row.group
+                .model
+                .clone()
+                .flatten()
+                .unwrap_or_else(|| "(no model)".to_owned())
+        });
+        let (keys, _) = parts
+            .accounts
+            .list_keys(Some(&found.id.to_string()), None, None, Some(100))
+            .await?;
+        page.keys = keys.iter().map(KeyRow::of).collect();
+        Ok::<(), AccountError>(())
+    };
+    if let Err(error) = read.await {
+        page.error.get_or_insert(error.to_string());
+    }
+    html(StatusCode::OK, page.render())
+}
+
+fn tier_names(parts: &ConsoleParts) -> Vec<String> {
+    parts
+        .accounts
+        .catalog()
+        .tiers
+        .iter()
+        .map(|tier| tier.name.clone())
+        .collect()
+}
+
+/// `POST /console/customers/{id}`: a new tier and overrides.
+pub(crate) async fn update_customer(
+    parts: &ConsoleParts,
+    session: &Session,
+    id: &str,
+    form: &[(String, String)],
+) -> Response<Bytes> {
+    let tier = crate::field(form, "tier").map(str::to_owned);
+    let overrides = crate::field(form, "overrides").unwrap_or_default().trim();
+    let overrides = if overrides.is_empty() {
+        Ok(serde_json::Value::Object(Default::default()))
+    } else {
+        serde_json::from_str(overrides).map_err(|error| format!("overrides: not JSON ({error})"))
+    };
+    let outcome = match overrides {
+        Ok(overrides) => parts
+            .accounts
+            .update_customer(id, tier, Some(overrides))
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(_) => customer(parts, session, id, Some("Saved.".to_owned()), None).await,
+        Err(error) => customer(parts, session, id, None, Some(error)).await,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Keys.
+
+/// A key just made, shown once.
+pub(crate) struct Created {
+    pub(crate) title: &'static str,
+    pub(crate) key: String,
+    pub(crate) prefix: String,
+    pub(crate) customer: String,
+    pub(crate) old_key_expires_at: Option<String>,
+}
+
+impl Created {
+    fn of(title: &'static str, key: &tollgate_accounts::CreatedKey) -> Created {
+        Created {
+            title,
+            key: key.key.clone(),
+            prefix: key.prefix.clone(),
+            customer: key.customer.clone(),
+            old_key_expires_at: key.old_key_expires_at.map(utc),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "keys.html")]
+struct KeysPage<'a> {
+    csrf: &'a str,
+    customer: String,
+    status: String,
+    statuses: [(&'static str, &'static str); 4],
+    tiers: Vec<String>,
+    keys: Vec<KeyRow>,
+    next: Option<String>,
+    created: Option<Created>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+/// `/console/keys`: keys by customer and status; create, rotate, revoke.
+pub(crate) async fn keys(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+    created: Option<Created>,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Response<Bytes> {
+    let customer = param(query, "customer").unwrap_or_default();
+    let status = param(query, "status").unwrap_or_default();
+    let cursor = param(query, "cursor");
+    let mut page = KeysPage {
+        csrf: &session.csrf,
+        customer: customer.clone(),
+        status: status.clone(),
+        statuses: [
+            ("", "any"),
+            ("active", "active"),
+            ("revoked", "revoked"),
+            ("expired", "expired"),
+        ],
+        tiers: tier_names(parts),
+        keys: Vec::new(),
+        next: None,
+        created,
+        notice,
+        error,
+    };
+    let listed = parts
+        .accounts
+        .list_keys(
+            (!customer.is_empty()).then_some(customer.as_str()),
+            (!status.is_empty()).then_some(status.as_str()),
+            cursor.as_deref(),
+            Some(100),
+        )
+        .await;
+    match listed {
+        Ok((keys, next)) => {
+            page.keys = keys.iter().map(KeyRow::of).collect();
+            page.next = next;
+        }
+        Err(error) => {
+            page.error.get_or_insert(error.to_string());
+        }
+    }
+    html(StatusCode::OK, page.render())
+}
+
+/// `POST /console/keys`: a new key, shown once.
+pub(crate) async fn create_key(
+    parts: &ConsoleParts,
+    session: &Session,
+    form: &[(String, String)],
+) -> Response<Bytes> {
+    let get = |name: &str| {
+        let value = crate::field(form, name).unwrap_or_default().trim();
+        (!value.is_empty()).then(|| value.to_owned())
+    };
+    let request = tollgate_accounts::KeyRequest {
+        customer: get("customer").unwrap_or_default(),
+        tier: get("tier"),
+        name: get("name"),
+        expires_at: None,
+        routes: get("routes").map(|routes| {
+            routes
+                .split(',')
+                .map(|route| route.trim().to_owned())
+                .filter(|route| !route.is_empty())
+                .collect()
+        }),
+    };
+    let customer = request.customer.clone();
+    let query = serde_urlencoded::to_string([("customer", customer.as_str())]).unwrap_or_default();
+    match parts.accounts.create_key(request).await {
+        Ok(created) => {
+            let created = Created::of("New key", &created);
+            keys(parts, session, &query, Some(created), None, None).await
+        }
+        Err(error) => keys(parts, session, &query, None, None, Some(error.to_string())).await,
+    }
+}
+
+/// `POST /console/keys/{id}/revoke` and `.../rotate`.
+pub(crate) async fn key_action(
+    parts: &ConsoleParts,
+    session: &Session,
+    id: &str,
+    action: &str,
+) -> Response<Bytes> {
+    let accounts = &parts.accounts;
+    match action {
+        "revoke" => match accounts.revoke_key(id).await {
+            Ok(key) => {
+                let query = serde_urlencoded::to_string([("customer", key.customer.as_str())])
+                    .unwrap_or_default();
+                let notice = format!("Key {} revoked.", key.prefix);
+                keys(parts, session, &query, None, Some(notice), None).await
+            }
+            Err(error) => keys(parts, session, "", None, None, Some(error.to_string())).await,
+        },
+        "rotate" => match accounts.rotate_key(id, None).await {
+            Ok(created) => {
+                let query = serde_urlencoded::to_string([("customer", created.customer.as_str())])
+                    .unwrap_or_default();
+                let created = Created::of("Rotated: the new key", &created);
+                keys(parts, session, &query, Some(created), None, None).await
+            }
+            Err(error) => keys(parts, session, "", None, None, Some(error.to_string())).await,
+        },
+        _ => not_found(session),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Billing and webhooks.
+
+pub(crate) struct Line {
+    pub(crate) customer: String,
+    pub(crate) tier: String,
+    pub(crate) requests: String,
+    pub(crate) included: String,
+    pub(crate) overage: String,
+    pub(crate) overage_charge: Money,
+    pub(crate) metered: Money,
+    pub(crate) total: Money,
+}
+
+#[derive(Template)]
+#[template(path = "billing.html")]
+struct BillingPage<'a> {
+    csrf: &'a str,
+    period: String,
+    closed: bool,
+    closed_at: String,
+    closable: bool,
+    lines: Vec<Line>,
+    total: Money,
+    from: String,
+    to: String,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+/// `/console/billing`: a month's billing summary; close a past month;
+/// download the usage rows.
+pub(crate) async fn billing(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+    notice: Option<String>,
+    error: Option<String>,
+) -> Response<Bytes> {
+    let period = param(query, "period");
+    let mut page = BillingPage {
+        csrf: &session.csrf,
+        period: period.clone().unwrap_or_default(),
+        closed: false,
+        closed_at: String::new(),
+        closable: false,
+        lines: Vec::new(),
+        total: Money::of("0"),
+        from: String::new(),
+        to: String::new(),
+        notice,
+        error,
+    };
+    let reports = &parts.reports;
+    let read = async {
+        let summary = reports.billing_summary(period.as_deref()).await?;
+        let current = reports.scope(&ReportParams::default()).await?;
+        page.from = current.filter.from.to_string();
+        page.to = current.filter.to.to_string();
+        let this_month = page.from.get(..7).unwrap_or_default().to_owned();
+        page.closable = !summary.closed && summary.period < this_month;
+        page.period = summary.period.clone();
+        page.closed = summary.closed;
+        page.closed_at = summary.closed_at.clone().unwrap_or_default();
+        page.total = Money::of(&summary.total_usd);
+        page.lines = summary
+            .data
+            .iter()
+            .map(|line| Line {
+                customer: line.customer.clone(),
+                tier: line.tier.clone(),
+                requests: count(line.requests),
+                included: line
+                    .included_requests
+                    .map_or_else(|| "unlimited".to_owned(), count),
+                overage: count(line.overage_requests),
+                overage_charge: Money::of(&line.overage_charge_usd),
+                metered: Money::of(&line.metered_cost_usd),
+                total: Money::of(&line.total_usd),
+            })
+            .collect();
+        Ok::<(), AccountError>(())
+    };
+    if let Err(error) = read.await {
+        page.error.get_or_insert(error.to_string());
+    }
+    html(StatusCode::OK, page.render())
+}
+
+/// `POST /console/billing/close`.
+pub(crate) async fn close_period(
+    parts: &ConsoleParts,
+    session: &Session,
+    form: &[(String, String)],
+) -> Response<Bytes> {
+    let period = crate::field(form, "period").unwrap_or_default();
+    let query = serde_urlencoded::to_string([("period", period)]).unwrap_or_default();
+    match parts.reports.close(period).await {
+        Ok(closed) => {
+            let notice = format!("{} closed: its lines are frozen.", closed.period);
+            billing(parts, session, &query, Some(notice), None).await
+        }
+        Err(error) => billing(parts, session, &query, None, Some(error.to_string())).await,
+    }
+}
+
+#[derive(Template)]
+#[template(path = "webhooks.html")]
+struct WebhooksPage<'a> {
+    csrf: &'a str,
+}
+
+/// `/console/webhooks`.
+pub(crate) fn webhooks(session: &Session) -> Response<Bytes> {
+    html(
+        StatusCode::OK,
+        WebhooksPage {
+            csrf: &session.csrf,
+        }
+        .render(),
+    )
+}
+
+/// The export range of `/console/billing/export`.
+pub(crate) fn export_range(query: &str) -> ReportParams {
+    range(query)
+}

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_accounts::{AccountError, Accounts, KeyRequest, ReloadReport, MAX_PAGE};
 use tollgate_accounts::{ReportParams, Reports, Scope};
-use tollgate_console::Console;
+use tollgate_console::{Answer, Console};
 use tollgate_metering::billing::UsageGroup;
 use tollgate_metering::keys::KeyUpdate;
 use tollgate_metering::limits::Policies;
@@ -643,8 +643,14 @@ impl Admin {
                     .map_err(|_| {
                         AdminError::Invalid(format!("body: at most {MAX_ADMIN_BODY} bytes"))
                     })?;
-                let response = self.console.handle(Request::from_parts(parts, body)).await;
-                Ok(response.map(ProxyBody::full))
+                match self.console.handle(Request::from_parts(parts, body)).await {
+                    Answer::Page(response) => Ok(response.map(ProxyBody::full)),
+                    Answer::Export(scope) => {
+                        let mut response = self.export(scope, None).await?;
+                        Console::secure(&mut response);
+                        Ok(response)
+                    }
+                }
             }
             ["v1", ..] => {
                 self.authorize(&request)?;
