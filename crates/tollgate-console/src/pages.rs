@@ -42,8 +42,14 @@ impl Money {
             + fraction.parse::<i128>().unwrap_or(0);
         let cents = (nanos + 5_000_000) / 10_000_000;
         let sign = if negative && cents > 0 { "-" } else { "" };
+        // A cost that rounds to nothing is still a cost: say so.
+        let cents = if cents == 0 && nanos > 0 && !negative {
+            "< $0.01".to_owned()
+        } else {
+            format!("{sign}${}.{:02}", group(cents / 100), cents % 100)
+        };
         Money {
-            cents: format!("{sign}${}.{:02}", group(cents / 100), cents % 100),
+            cents,
             exact: format!("{usd} USD"),
         }
     }
@@ -506,7 +512,8 @@ mod tests {
             (money.cents.as_str(), money.exact.as_str()),
             ("$1,234.01", "1234.005 USD")
         );
-        assert_eq!(Money::of("0.004999999").cents, "$0.00");
+        assert_eq!(Money::of("0.004999999").cents, "< $0.01");
+        assert_eq!(Money::of("0").cents, "$0.00");
         assert_eq!(Money::of("7").cents, "$7.00");
         assert_eq!(Money::of("-0.5").cents, "-$0.50");
         assert_eq!(count(1_234_567), "1,234,567");
