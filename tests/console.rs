@@ -535,3 +535,48 @@ async fn keys_customers_billing_and_webhooks_pages() {
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_finds_customers_beyond_the_first_page() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = TestGateway::start(gateway_config(&mock, "12h")).await;
+    for n in 0..105 {
+        let name = format!("c{n:03}");
+        let reply = admin(
+            &gw,
+            Method::POST,
+            "/v1/customers",
+            Some(serde_json::json!({"name": name, "tier": "test"})),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+    }
+    let session = sign_in(&gw).await;
+    let first = text(&console(&gw, Method::GET, "/console/customers", Some(&session), None).await);
+    assert!(first.contains("Next page"), "a page of 100");
+    assert!(!first.contains(">c104<"), "{first}");
+    let found = text(
+        &console(
+            &gw,
+            Method::GET,
+            "/console/customers?q=C104",
+            Some(&session),
+            None,
+        )
+        .await,
+    );
+    assert!(found.contains(">c104</a>"), "{found}");
+    assert_eq!(found.matches("class=\"id\"").count(), 1, "only the match");
+    let none = text(
+        &console(
+            &gw,
+            Method::GET,
+            "/console/customers?q=nobody",
+            Some(&session),
+            None,
+        )
+        .await,
+    );
+    assert!(none.contains("No customer matches"), "{none}");
+    gw.stop().await;
+}

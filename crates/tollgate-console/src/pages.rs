@@ -355,6 +355,11 @@ fn day_points(daily: &UsageRows) -> Vec<Day> {
     points
 }
 
+/// Customers on a page of the list.
+const PAGE: u32 = 100;
+/// The most customers a search looks through.
+const SEARCH_LIMIT: usize = 10_000;
+
 /// `/console/customers`: each customer with its tier and month-to-date use
 /// against each limit.
 pub(crate) async fn customers(
@@ -389,15 +394,27 @@ async fn customers_page(
         error,
         notice,
     };
-    let listed = parts
-        .accounts
-        .list_customers(cursor.as_deref(), Some(100))
-        .await;
-    match listed {
-        Ok((customers, next)) => {
-            let needle = search.to_lowercase();
-            let limiter = parts.policies.limiter();
-            page.rows = customers
+    // A search looks through every customer (a page at a time, up to
+    // `SEARCH_LIMIT` of them); a plain list shows one page.
+    let needle = search.to_lowercase();
+    let mut cursor = cursor;
+    let mut seen = 0;
+    loop {
+        let listed = parts
+            .accounts
+            .list_customers(cursor.as_deref(), Some(PAGE))
+            .await;
+        let (customers, next) = match listed {
+            Ok(listed) => listed,
+            Err(error) => {
+                page.error = Some(error.to_string());
+                break;
+            }
+        };
+        seen += customers.len();
+        let limiter = parts.policies.limiter();
+        page.rows.extend(
+            customers
                 .into_iter()
                 .filter(|c| needle.is_empty() || c.name.to_lowercase().contains(&needle))
                 .map(|c| {
@@ -408,11 +425,22 @@ async fn customers_page(
                         tier: c.tier,
                         meters: gauges(&view),
                     }
-                })
-                .collect();
-            page.next = next;
+                }),
+        );
+        match next {
+            Some(next) if !needle.is_empty() && seen < SEARCH_LIMIT => cursor = Some(next),
+            Some(next) if needle.is_empty() => {
+                page.next = Some(next);
+                break;
+            }
+            Some(_) => {
+                page.error = Some(format!(
+                    "Only the first {SEARCH_LIMIT} customers were searched; narrow the search."
+                ));
+                break;
+            }
+            None => break,
         }
-        Err(error) => page.error = Some(error.to_string()),
     }
     html(StatusCode::OK, page.render())
 }
