@@ -119,6 +119,21 @@ async fn text_of(browser: &Client, css: &str) -> String {
         .unwrap()
 }
 
+/// The text of `css` on the page a form or click navigates to: a click
+/// returns before the next page has loaded, so this waits for an element
+/// only that page has.
+async fn after_navigation(browser: &Client, css: &str) -> String {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|error| panic!("{css} never appeared: {error}"))
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn fill(browser: &Client, css: &str, value: &str) {
     let field = browser.find(Locator::Css(css)).await.unwrap();
     field.clear().await.unwrap();
@@ -179,13 +194,14 @@ output = 600.0
     shoot(&browser, "01-sign-in").await;
     fill(&browser, "#token", "admin-test-token").await;
     submit(&browser, "form").await;
+    after_navigation(&browser, "dl.tiles").await;
     assert_eq!(text_of(&browser, "h1").await, "Overview");
 
     // A customer, then a key whose plaintext is shown once.
     browser.goto(&console("/console/customers")).await.unwrap();
     fill(&browser, "#name", "acme").await;
     submit(&browser, "form[action='/console/customers'][method='post']").await;
-    assert!(text_of(&browser, ".notice")
+    assert!(after_navigation(&browser, ".notice")
         .await
         .contains("Customer acme created."));
     shoot(&browser, "02-customers").await;
@@ -193,7 +209,7 @@ output = 600.0
     fill(&browser, "#new-customer", "acme").await;
     fill(&browser, "#new-name", "laptop").await;
     submit(&browser, "form[action='/console/keys'][method='post']").await;
-    let key = text_of(&browser, "#plaintext").await;
+    let key = after_navigation(&browser, "#plaintext").await;
     assert!(key.starts_with("tg_"), "{key}");
     shoot(&browser, "03-new-key").await;
 
@@ -249,8 +265,9 @@ output = 600.0
         .await
         .unwrap();
     browser.accept_alert().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(text_of(&browser, ".notice").await.contains("revoked"));
+    assert!(after_navigation(&browser, ".notice")
+        .await
+        .contains("revoked"));
     eventually(Duration::from_secs(1), || async {
         call(&gw, &key).await == StatusCode::UNAUTHORIZED
     })
@@ -270,8 +287,9 @@ output = 600.0
         .unwrap();
     submit(&browser, "form[action='/console/billing/close']").await;
     browser.accept_alert().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(text_of(&browser, ".notice").await.contains("closed"));
+    assert!(after_navigation(&browser, ".notice")
+        .await
+        .contains("closed"));
     shoot(&browser, "07-billing").await;
     let billing = admin(
         &gw,
@@ -286,6 +304,7 @@ output = 600.0
 
     // Sign out; the console is closed to this browser again.
     submit(&browser, "form.signout").await;
+    after_navigation(&browser, "#token").await;
     assert!(browser
         .current_url()
         .await
