@@ -95,7 +95,11 @@ impl Console {
     pub async fn handle(&self, request: Request<Bytes>) -> Answer {
         let path = request.uri().path().trim_end_matches('/').to_owned();
         let page = path.strip_prefix("/console").unwrap_or("/console");
-        let method = request.method().clone();
+        // HEAD is answered as GET (hyper leaves the body out).
+        let method = match request.method() {
+            &Method::HEAD => Method::GET,
+            method => method.clone(),
+        };
         let response = match (method.clone(), page) {
             (Method::GET, "/assets/console.css") => asset("text/css", pages::CSS),
             (Method::GET, "/assets/console.js") => asset("text/javascript", pages::JS),

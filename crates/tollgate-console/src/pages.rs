@@ -964,7 +964,14 @@ pub(crate) async fn billing(
         page.closable = !summary.closed && summary.period < this_month;
         page.period = summary.period.clone();
         page.closed = summary.closed;
-        page.closed_at = summary.closed_at.clone().unwrap_or_default();
+        page.closed_at = summary
+            .closed_at
+            .as_deref()
+            .and_then(|at| {
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(utc)
+            .unwrap_or_default();
         page.total = Money::of(&summary.total_usd);
         page.lines = summary
             .data
