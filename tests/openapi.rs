@@ -65,6 +65,40 @@ usage = "openai"
     ))
     .await;
     let document = format!("http://{}/v1/openapi.json", gateway.admin);
+    let mut report = schemathesis(&document).await;
+    // The tool itself sometimes fails inside Python's `ast` module while
+    // describing a generated value ("AST constructor recursion depth
+    // mismatch"), which says nothing about the API: such a run is run
+    // again, once. Any other failure fails the test.
+    if !report.0
+        && report
+            .1
+            .contains("AST constructor recursion depth mismatch")
+    {
+        report = schemathesis(&document).await;
+    }
+    let (passed, report) = report;
+    assert!(passed, "{report}");
+    // It tested every operation, and many cases.
+    assert!(
+        report.contains("Operations:       24 selected / 24 total"),
+        "{report}"
+    );
+    let generated = report
+        .lines()
+        .find_map(|line| {
+            let line = line.trim();
+            let (count, rest) = line.split_once(" generated, ")?;
+            rest.starts_with(count).then(|| count.parse::<u64>().ok())?
+        })
+        .unwrap_or(0);
+    assert!(generated > 1000, "{generated} cases: {report}");
+    eprintln!("schemathesis: {generated} cases, all passed");
+}
+
+/// Runs Schemathesis against `document`: whether it passed, and its report.
+async fn schemathesis(document: &str) -> (bool, String) {
+    let document = document.to_owned();
     let run = tokio::task::spawn_blocking(move || {
         Command::new("st")
             .args([
@@ -96,20 +130,5 @@ usage = "openai"
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(run.status.success(), "{report}");
-    // It tested every operation, and many cases.
-    assert!(
-        report.contains("Operations:       24 selected / 24 total"),
-        "{report}"
-    );
-    let generated = report
-        .lines()
-        .find_map(|line| {
-            let line = line.trim();
-            let (count, rest) = line.split_once(" generated, ")?;
-            rest.starts_with(count).then(|| count.parse::<u64>().ok())?
-        })
-        .unwrap_or(0);
-    assert!(generated > 1000, "{generated} cases: {report}");
-    eprintln!("schemathesis: {generated} cases, all passed");
+    (run.status.success(), report)
 }

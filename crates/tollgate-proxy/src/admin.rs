@@ -760,21 +760,7 @@ impl Admin {
                 Ok(json(StatusCode::OK, &List { data, next_cursor }))
             }
             Endpoint::GetKey => Ok(json(StatusCode::OK, &accounts.key(param(0)).await?)),
-            Endpoint::PatchKey => {
-                let body: PatchKey = read_json(request).await?;
-                if body.limits.is_some() {
-                    return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
-                }
-                let update = KeyUpdate {
-                    name: body.name,
-                    routes: body.routes,
-                    expires_at: body.expires_at,
-                };
-                Ok(json(
-                    StatusCode::OK,
-                    &accounts.update_key(param(0), update).await?,
-                ))
-            }
+            Endpoint::PatchKey => self.patch_key(param(0), request).await,
             Endpoint::RevokeKey => {
                 accounts.revoke_key(param(0)).await?;
                 let mut response = Response::new(ProxyBody::empty());
@@ -800,20 +786,8 @@ impl Admin {
             }
             Endpoint::ClosePeriod => Ok(json(StatusCode::OK, &self.reports.close(param(0)).await?)),
             Endpoint::Quota => self.quota(param(0)).await,
-            Endpoint::Routes => Ok(json(
-                StatusCode::OK,
-                &List {
-                    data: accounts.catalog().routes.clone(),
-                    next_cursor: None,
-                },
-            )),
-            Endpoint::Tiers => Ok(json(
-                StatusCode::OK,
-                &List {
-                    data: accounts.catalog().tiers.clone(),
-                    next_cursor: None,
-                },
-            )),
+            Endpoint::Routes => Ok(whole_list(accounts.catalog().routes.clone())),
+            Endpoint::Tiers => Ok(whole_list(accounts.catalog().tiers.clone())),
         }
     }
 
@@ -827,6 +801,23 @@ impl Admin {
             Ok(Err(error)) => Err(AdminError::Invalid(error.to_string())),
             Err(error) => Err(AdminError::Internal(format!("reload failed: {error}"))),
         }
+    }
+
+    /// `PATCH /v1/keys/{key}`.
+    async fn patch_key(&self, key: &str, request: Request<Incoming>) -> AdminResult {
+        let body: PatchKey = read_json(request).await?;
+        if body.limits.is_some() {
+            return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
+        }
+        let update = KeyUpdate {
+            name: body.name,
+            routes: body.routes,
+            expires_at: body.expires_at,
+        };
+        Ok(json(
+            StatusCode::OK,
+            &self.accounts.update_key(key, update).await?,
+        ))
     }
 
     /// `POST /v1/keys`.
@@ -1055,6 +1046,17 @@ async fn read_json_or_default<T: DeserializeOwned + Default>(
         return Ok(T::default());
     }
     parse_json(&body)
+}
+
+/// A list that is whole on one page.
+fn whole_list<T: Serialize>(data: Vec<T>) -> Response<ProxyBody> {
+    json(
+        StatusCode::OK,
+        &List {
+            data,
+            next_cursor: None,
+        },
+    )
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {

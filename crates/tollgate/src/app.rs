@@ -165,31 +165,20 @@ pub async fn start_with_clock(
         metrics.clone(),
         config.server.access_log,
     ));
-    let keys = Arc::new(KeyCache::new());
+    let (keys, feed) = load_keys(&store, &policies).await?;
     metrics.watch(recorder.recorder().stats().clone(), keys.clone());
     let upkeep = background::spawn_upkeep(metrics.clone());
-    let loaded = keys
-        .reload(&*store)
-        .await
-        .context("cannot load API keys from the database")?;
-    tracing::info!(message = "API keys loaded.", keys = loaded);
-    let feed = tokio::spawn(run_feed(store.clone(), keys.clone(), policies.clone()));
     let auth = Authenticator::new(
         keys.clone(),
         KeyFormat::new(&config.keys.prefix),
         config.keys.headers.clone(),
     );
-    let gateway = Arc::new(Gateway::new(
-        live,
-        auth,
-        client,
-        GatewaySettings {
-            max_request_body: config.server.max_request_body,
-            request_body_timeout: config.server.request_body_timeout,
-            max_header_bytes: config.server.max_header_bytes,
-        },
-        metering.clone(),
-    ));
+    let settings = GatewaySettings {
+        max_request_body: config.server.max_request_body,
+        request_body_timeout: config.server.request_body_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+    };
+    let gateway = Arc::new(Gateway::new(live, auth, client, settings, metering.clone()));
     let (options, admin_options) = server_options(&config, &metrics);
 
     let data_listener = bind(config.server.listen, "data plane").await?;
@@ -232,11 +221,7 @@ pub async fn start_with_clock(
         tls = tls.is_some(),
         routes = config.routes.len(),
     );
-    tracing::info!(
-        message = "Admin listening.",
-        addr = %admin_addr,
-        tls = admin_tls.is_some(),
-    );
+    tracing::info!(message = "Admin listening.", addr = %admin_addr, tls = admin_tls.is_some());
     Ok(Running {
         data_addr,
         admin_addr,
@@ -248,6 +233,22 @@ pub async fn start_with_clock(
         metering,
         reloader,
     })
+}
+
+/// Every key from the database into a new cache, and the feed that keeps
+/// it current from then on.
+async fn load_keys(
+    store: &Arc<dyn Store>,
+    policies: &Arc<Policies>,
+) -> anyhow::Result<(Arc<KeyCache>, JoinHandle<()>)> {
+    let keys = Arc::new(KeyCache::new());
+    let loaded = keys
+        .reload(&**store)
+        .await
+        .context("cannot load API keys from the database")?;
+    tracing::info!(message = "API keys loaded.", keys = loaded);
+    let feed = tokio::spawn(run_feed(store.clone(), keys.clone(), policies.clone()));
+    Ok((keys, feed))
 }
 
 /// The accounting side, started in the order correctness needs.
