@@ -8,7 +8,7 @@
 //! construction.
 //!
 //! Operators sign in with an admin token (`admin.tokens`); the console
-//! keeps the session on the server ([`session`]) and asks for its CSRF
+//! keeps the session on the server and asks for its CSRF
 //! token on every change. Every answer carries
 //! `Content-Security-Policy: default-src 'self'`, `X-Frame-Options: DENY`
 //! and `Referrer-Policy: no-referrer`.
