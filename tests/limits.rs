@@ -137,6 +137,7 @@ async fn the_rate_window_and_its_headers_are_exact() {
         Some(20),
         "one emission interval"
     );
+    assert_eq!(refused.headers["x-should-retry"], "true", "a rate passes");
     assert_eq!(rate_headers(&refused), (3, 0, 3, now + 60));
     clock.advance(Duration::from_secs(20));
     let again = chat_call(&l.gateway, &key, &[], false).await;
@@ -178,6 +179,7 @@ async fn reservation_race(backend: Backend) {
                     header(&reply, "retry-after"),
                     Some(december - NOW.unix_timestamp())
                 );
+                assert_eq!(reply.headers["x-should-retry"], "false", "not this month");
                 assert_eq!(rate_headers(&reply), (50, 0, 50, december));
             }
             other => panic!("unexpected {other}"),
@@ -360,6 +362,7 @@ async fn budgets_block_on_metered_cost_and_stream_tokens() {
     }
     let refused = chat_call(&l.gateway, &key, &cost, false).await;
     assert_eq!(refused.error_type(), "budget_exceeded");
+    assert_eq!(refused.headers["x-should-retry"], "false");
     let december = datetime!(2026-12-01 0:00 UTC).unix_timestamp();
     assert_eq!(
         header(&refused, "retry-after"),

@@ -315,9 +315,18 @@ impl ProxyError {
             ErrorShape::Anthropic => anthropic_error_response(status, kind, &message),
         };
         if let ProxyError::Limited(rejection) = &self {
-            response.headers_mut().insert(
+            let headers = response.headers_mut();
+            headers.insert(
                 RETRY_AFTER,
                 HeaderValue::from(rejection.retry_after().as_secs()),
+            );
+            // The official OpenAI and Anthropic SDKs read this before
+            // anything else: a rate limit passes in seconds, a quota or a
+            // budget only when the period resets.
+            let retry = matches!(rejection, Rejection::RateLimited { .. });
+            headers.insert(
+                X_SHOULD_RETRY.clone(),
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
             );
         }
         if self.closes_connection() {
@@ -339,6 +348,9 @@ pub(crate) enum ErrorShape {
     /// error types: on routes with `usage = "anthropic"`.
     Anthropic,
 }
+
+/// Whether a client should retry a 429 (README, Data plane behaviour).
+static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 /// Names the gateway's own error type on every error it produces.
 pub(crate) static X_TOLLGATE_ERROR: http::HeaderName =
