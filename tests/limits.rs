@@ -354,15 +354,17 @@ async fn budgets_block_on_metered_cost_and_stream_tokens() {
     let key = l.gateway.key.clone().unwrap();
     // 0.004 USD a request: 0, 0.004, 0.008 are under 0.01; then it is spent.
     let cost = [("x-mock-cost-usd", "0.004")];
-    for _ in 0..3 {
-        assert_eq!(
-            chat_call(&l.gateway, &key, &cost, false).await.status,
-            StatusCode::OK
-        );
+    // The budget left as of each admission, before the request's own cost.
+    for left in ["0.01", "0.006", "0.002"] {
+        let reply = chat_call(&l.gateway, &key, &cost, false).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.headers["x-tollgate-cost-remaining-usd"], left);
+        assert!(reply.headers.get("x-tollgate-tokens-remaining").is_none());
     }
     let refused = chat_call(&l.gateway, &key, &cost, false).await;
     assert_eq!(refused.error_type(), "budget_exceeded");
     assert_eq!(refused.headers["x-should-retry"], "false");
+    assert_eq!(refused.headers["x-tollgate-cost-remaining-usd"], "0");
     let december = datetime!(2026-12-01 0:00 UTC).unix_timestamp();
     assert_eq!(
         header(&refused, "retry-after"),
@@ -410,6 +412,11 @@ async fn budgets_block_on_metered_cost_and_stream_tokens() {
         "budget_exceeded",
         "24 tokens used of 20"
     );
+    assert_eq!(refused.headers["x-tollgate-tokens-remaining"], "0");
+    assert!(refused
+        .headers
+        .get("x-tollgate-cost-remaining-usd")
+        .is_none());
     let mine = send(
         &client(),
         authorized(

@@ -47,7 +47,8 @@ use http::{HeaderName, Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use time::OffsetDateTime;
-use tollgate_metering::limits::RateHeaders;
+use tollgate_metering::limits::{RateHeaders, Remaining};
+use tollgate_metering::usage::format_usd;
 use tollgate_metering::usage::Outcome;
 use tollgate_metering::usage::Pricing;
 use tollgate_metering::usage::{inject_include_usage, ResponseBody, UsageFormat};
@@ -118,6 +119,8 @@ struct Exchange {
     guard: Option<UsageGuard>,
     /// `x-ratelimit-*` for the customer's tightest request limit.
     rate_headers: Option<RateHeaders>,
+    /// The budgets left as of admission (`x-tollgate-*-remaining`).
+    remaining: Remaining,
     /// The matched route's metrics, once routed.
     route: Option<Arc<RouteMetrics>>,
     /// A `/_tollgate/` request: not forwarded, not counted as traffic.
@@ -173,6 +176,7 @@ impl Gateway {
             ts,
             guard: None,
             rate_headers: None,
+            remaining: Remaining::default(),
             route: None,
             self_service: false,
             shape: ErrorShape::OpenAi,
@@ -229,6 +233,7 @@ impl Gateway {
         if let Some(rate) = exchange.rate_headers {
             set_rate_headers(headers, &rate);
         }
+        set_remaining_headers(headers, &exchange.remaining);
         Ok(response)
     }
 
@@ -314,6 +319,7 @@ impl Gateway {
         self.check_declared_length(&request)?;
         let decision = self.metering.limiter.admit(caller.customer_id);
         exchange.rate_headers = decision.headers;
+        exchange.remaining = decision.remaining;
         let admission = decision.result.map_err(ProxyError::Limited)?;
         guard.admitted(admission);
         let (mut parts, body) = request.into_parts();
@@ -675,6 +681,23 @@ fn set_rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
     );
     headers.insert(X_RATELIMIT_USED.clone(), HeaderValue::from(rate.used));
     headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(rate.reset));
+}
+
+static X_TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-tokens-remaining");
+static X_COST_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-cost-remaining-usd");
+
+/// `x-tollgate-tokens-remaining` and `x-tollgate-cost-remaining-usd`
+/// (README, Limits), where the customer has such a budget.
+fn set_remaining_headers(headers: &mut http::HeaderMap, remaining: &Remaining) {
+    if let Some(tokens) = remaining.tokens {
+        headers.insert(X_TOKENS_REMAINING.clone(), HeaderValue::from(tokens));
+    }
+    if let Some(nanos) = remaining.cost_nanos {
+        // A decimal string is always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&format_usd(nanos)) {
+            headers.insert(X_COST_REMAINING.clone(), value);
+        }
+    }
 }
 
 fn usage_id_header(id: Uuid) -> HeaderValue {

@@ -90,6 +90,18 @@ pub struct Decision {
     /// `x-ratelimit-*` for the tightest request limit, after this decision;
     /// `None` when the customer has no request limit.
     pub headers: Option<RateHeaders>,
+    /// What is left of the monthly token and cost budgets as of admission
+    /// (before this request's own tokens and cost), clamped at 0; `None`
+    /// for a budget the customer does not have.
+    pub remaining: Remaining,
+}
+
+/// The budgets left, for `x-tollgate-tokens-remaining` and
+/// `x-tollgate-cost-remaining-usd`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Remaining {
+    pub tokens: Option<u64>,
+    pub cost_nanos: Option<i64>,
 }
 
 /// A request let through: one monthly request reserved in `period`.
@@ -321,9 +333,20 @@ impl State {
             period: self.period,
             released: AtomicBool::new(false),
         });
+        let used = self.used();
         Decision {
             result,
             headers: self.headers(now_ns),
+            remaining: Remaining {
+                tokens: self
+                    .limits
+                    .monthly_tokens
+                    .map(|limit| limit.saturating_sub(used.tokens)),
+                cost_nanos: self
+                    .limits
+                    .monthly_cost_nanos
+                    .map(|limit| limit.saturating_sub(used.cost_nanos).max(0)),
+            },
         }
     }
 

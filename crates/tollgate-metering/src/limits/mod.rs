@@ -36,7 +36,7 @@ pub use crate::{
     limits::config::{Limits, LimitsError, Overage, Rate},
     limits::limiter::{
         event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
-        Rejection,
+        Rejection, Remaining,
     },
     limits::period::Period,
     limits::policy::Policies,
