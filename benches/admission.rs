@@ -12,6 +12,11 @@
 //! admissions): with perfect scaling the 2-thread figure equals the
 //! 1-thread one; contention shows as growth.
 //!
+//! "with key limits" is the same admission for keys that each have limits
+//! of their own (a rate and a quota, nested inside the customer's): the
+//! price of per-key limits, to compare with the plain admission in the
+//! same run.
+//!
 //! Run: `cargo bench --bench admission`. Compare the ratio, not absolute times.
 
 #![allow(clippy::unwrap_used)]
@@ -22,8 +27,12 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate_metering::limits::{Limiter, Limits, Overage, Rate, SystemClock};
+use tollgate_metering::keys::KeyId;
+use tollgate_metering::limits::{KeyLimits, Limiter, Limits, Overage, Rate, SystemClock};
 use tollgate_metering::CustomerId;
+
+/// One key of one customer.
+type Caller = (CustomerId, KeyId);
 
 const MANY: usize = 10_000;
 const RATE: &str = "1000000000/s";
@@ -67,28 +76,42 @@ impl Naive {
     }
 }
 
-fn fixtures(customers: usize) -> (Vec<CustomerId>, Limiter, Naive) {
-    let ids: Vec<CustomerId> = (0..customers).map(|_| CustomerId::new()).collect();
-    let limiter = Limiter::new(Arc::new(SystemClock));
+/// The callers; a limiter whose keys have no limits of their own, one
+/// where every key has, and the baseline.
+fn fixtures(customers: usize) -> (Vec<Caller>, Limiter, Limiter, Naive) {
+    let ids: Vec<Caller> = (0..customers)
+        .map(|_| (CustomerId::new(), KeyId::new()))
+        .collect();
+    let rate = RATE.parse::<Rate>().unwrap();
     let limits = Limits {
-        rate: Some(RATE.parse::<Rate>().unwrap()),
+        rate: Some(rate),
         monthly_requests: Some(QUOTA),
         overage: Overage::Block,
         ..Limits::unlimited()
     };
-    for id in &ids {
-        limiter.set_limits(*id, limits.clone());
+    let key_limits = KeyLimits {
+        rate: Some(rate),
+        monthly_requests: Some(QUOTA),
+        ..KeyLimits::default()
+    };
+    let limiter = Limiter::new(Arc::new(SystemClock));
+    let keyed = Limiter::new(Arc::new(SystemClock));
+    for &(customer, key) in &ids {
+        limiter.set_limits(customer, limits.clone());
+        keyed.set_limits(customer, limits.clone());
+        keyed.set_key_limits(key, key, customer, Some(&key_limits));
     }
-    let naive = Naive::new(&ids);
-    (ids, limiter, naive)
+    let customer_ids: Vec<CustomerId> = ids.iter().map(|(customer, _)| *customer).collect();
+    let naive = Naive::new(&customer_ids);
+    (ids, limiter, keyed, naive)
 }
 
 /// Runs `op` `iters` times on each of `threads` threads at once, over
 /// `customers` round-robin (a prime stride, so threads interleave); returns
 /// the slowest thread's wall time.
-fn parallel<F: Fn(CustomerId) -> bool + Sync>(
+fn parallel<F: Fn(Caller) -> bool + Sync>(
     threads: usize,
-    customers: &[CustomerId],
+    customers: &[Caller],
     iters: u64,
     op: F,
 ) -> Duration {
@@ -126,30 +149,44 @@ fn bench(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
     for (label, customers) in [("1 hot customer", 1), ("10k customers", MANY)] {
-        let (ids, limiter, naive) = fixtures(customers);
+        let (ids, limiter, keyed, naive) = fixtures(customers);
         for threads in [1, 2] {
             group.bench_function(format!("tollgate admit, {label}, {threads} thr"), |b| {
                 b.iter_custom(|iters| {
-                    parallel(threads, &ids, iters, |c| limiter.admit(c).result.is_ok())
+                    parallel(threads, &ids, iters, |(c, k)| {
+                        limiter.admit(c, k).result.is_ok()
+                    })
                 })
             });
+            group.bench_function(
+                format!("tollgate admit with key limits, {label}, {threads} thr"),
+                |b| {
+                    b.iter_custom(|iters| {
+                        parallel(threads, &ids, iters, |(c, k)| {
+                            keyed.admit(c, k).result.is_ok()
+                        })
+                    })
+                },
+            );
             group.bench_function(
                 format!("tollgate admit + release, {label}, {threads} thr"),
                 |b| {
                     b.iter_custom(|iters| {
-                        parallel(threads, &ids, iters, |c| match limiter.admit(c).result {
-                            Ok(admission) => {
-                                limiter.release(&admission);
-                                true
+                        parallel(threads, &ids, iters, |(c, k)| {
+                            match limiter.admit(c, k).result {
+                                Ok(admission) => {
+                                    limiter.release(&admission);
+                                    true
+                                }
+                                Err(_) => false,
                             }
-                            Err(_) => false,
                         })
                     })
                 },
             );
             group.bench_function(
                 format!("naive mutex hashmap, {label}, {threads} thr"),
-                |b| b.iter_custom(|iters| parallel(threads, &ids, iters, |c| naive.admit(c))),
+                |b| b.iter_custom(|iters| parallel(threads, &ids, iters, |(c, _)| naive.admit(c))),
             );
         }
     }

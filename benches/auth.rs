@@ -48,6 +48,8 @@ fn fixtures() -> (Vec<String>, KeyCache, Naive, KeyFormat) {
             created_at: datetime!(2026-01-01 0:00 UTC),
             expires_at: None,
             revoked_at: None,
+            family_id: KeyId::new(),
+            limits: None,
         };
         cache.upsert(&record);
         naive.insert(

@@ -9,7 +9,11 @@
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tollgate_metering::keys::KeyCache;
+use tollgate_metering::limits::{Limiter, Policies, SystemClock};
 use tollgate_store::testing::TestDatabase;
 
 fn status_kib(field: &str) -> u64 {
@@ -57,7 +61,11 @@ async fn main() {
     let rss_before = status_kib("VmRSS");
     let cache = KeyCache::new();
     let started = Instant::now();
-    let loaded = cache.reload(&*store).await.unwrap();
+    let policies = Policies::new(
+        HashMap::new(),
+        Arc::new(Limiter::new(Arc::new(SystemClock))),
+    );
+    let loaded = cache.reload(&*store, &policies).await.unwrap();
     let took = started.elapsed();
     let rss_after = status_kib("VmRSS");
     let peak = status_kib("VmHWM");

@@ -125,6 +125,7 @@ name = "enterprise"
             name: Some("ci".into()),
             expires_at: None,
             routes: None,
+            limits: None,
         })
         .await
         .unwrap();

@@ -7,13 +7,14 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tollgate_metering::keys::{
     Customer, CustomerUpdate, KeyDigest, KeyFilter, KeyFormat, KeyRecord, KeyStatus, KeyUpdate,
     NewCustomer, NewKey, Page, PlainKey,
 };
-use tollgate_metering::limits::Limits;
+use tollgate_metering::limits::{KeyLimits, Limits};
+use tollgate_metering::usage::format_usd;
 use tollgate_metering::{CustomerId, KeyId, Store, StoreError};
 use utoipa::ToSchema;
 
@@ -50,6 +51,46 @@ impl AccountError {
     }
 }
 
+/// A key's own limits as operators write and read them, nested inside its
+/// customer's: `rate` as in the configuration (e.g. `10/s`), counts as
+/// integers, cost a decimal USD string. An absent field is no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitsView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10/s")]
+    pub rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monthly_requests: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monthly_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "25.00")]
+    pub monthly_cost_usd: Option<String>,
+}
+
+impl KeyLimitsView {
+    /// Checked as the limiter reads them; an error names `limits` and the
+    /// field within.
+    pub fn parse(&self) -> Result<KeyLimits, AccountError> {
+        let json = serde_json::to_value(self)
+            .map_err(|error| AccountError::invalid("limits", error.to_string()))?;
+        KeyLimits::from_json(&json)
+            .map_err(|error| AccountError::invalid("limits", error.to_string()))
+    }
+}
+
+impl From<&KeyLimits> for KeyLimitsView {
+    fn from(limits: &KeyLimits) -> KeyLimitsView {
+        KeyLimitsView {
+            rate: limits.rate.map(|rate| rate.to_string()),
+            monthly_requests: limits.monthly_requests,
+            monthly_tokens: limits.monthly_tokens,
+            monthly_cost_usd: limits.monthly_cost_nanos.map(format_usd),
+        }
+    }
+}
+
 /// A key as shown to operators: never the plaintext or the digest.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct KeyView {
@@ -71,6 +112,9 @@ pub struct KeyView {
     pub expires_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
+    /// The key's own limits (shared with the keys it replaced or that
+    /// replace it); `null` for none.
+    pub limits: Option<KeyLimitsView>,
 }
 
 /// A key just made: the one time its plaintext is shown.
@@ -97,6 +141,8 @@ pub struct CreatedKey {
         skip_serializing_if = "Option::is_none"
     )]
     pub old_key_expires_at: Option<OffsetDateTime>,
+    /// The key's own limits; `null` for none.
+    pub limits: Option<KeyLimitsView>,
 }
 
 /// A customer as shown to operators.
@@ -141,6 +187,8 @@ pub struct KeyRequest {
     pub name: Option<String>,
     pub expires_at: Option<OffsetDateTime>,
     pub routes: Option<Vec<String>>,
+    /// The key's own limits.
+    pub limits: Option<KeyLimits>,
 }
 
 /// The account operations, over a store and the loaded config's catalog.
@@ -356,6 +404,12 @@ impl Accounts {
             routes: request.routes.clone(),
             created_at,
             expires_at: request.expires_at,
+            family_id: KeyId::new(),
+            limits: request.limits.clone().filter(|limits| !limits.is_empty()),
+        };
+        let new = NewKey {
+            family_id: new.id,
+            ..new
         };
         Ok((plain, new))
     }
@@ -438,6 +492,9 @@ impl Accounts {
             }
             update.expires_at = Some(Some(at));
         }
+        if let Some(limits) = &mut update.limits {
+            limits.take_if(|limits| limits.is_empty());
+        }
         let record = self.find_key(id_or_prefix).await?;
         let updated = self.store.update_key(record.id, update).await?;
         self.view(updated).await
@@ -478,6 +535,8 @@ impl Accounts {
             name: old.name.clone(),
             expires_at: old.expires_at.filter(|at| *at > created_at),
             routes: old.routes.clone(),
+            // The store gives the successor the old key's family and limits.
+            limits: None,
         };
         let (plain, new) = self.new_key(&customer, &request, created_at)?;
         let (old, new) = self.store.rotate_key(old.id, new, old_expires_at).await?;
@@ -503,6 +562,7 @@ fn created(
         created_at: record.created_at,
         expires_at: record.expires_at,
         old_key_expires_at,
+        limits: record.limits.as_ref().map(KeyLimitsView::from),
     }
 }
 
@@ -519,6 +579,7 @@ fn key_view(record: KeyRecord, customer: &Customer) -> KeyView {
         created_at: record.created_at,
         expires_at: record.expires_at,
         revoked_at: record.revoked_at,
+        limits: record.limits.as_ref().map(KeyLimitsView::from),
     }
 }
 
@@ -617,7 +678,7 @@ fn parse_status(status: &str) -> Result<KeyStatus, AccountError> {
     }
 }
 
-fn page_limit(limit: Option<u32>) -> Result<u32, AccountError> {
+pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, AccountError> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -628,7 +689,9 @@ fn page_limit(limit: Option<u32>) -> Result<u32, AccountError> {
     }
 }
 
-fn parse_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>, AccountError> {
+pub(crate) fn parse_cursor<T: std::str::FromStr>(
+    cursor: Option<&str>,
+) -> Result<Option<T>, AccountError> {
     cursor
         .map(|c| {
             c.parse()
@@ -637,7 +700,7 @@ fn parse_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>,
         .transpose()
 }
 
-fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> String) -> Option<String> {
+pub(crate) fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> String) -> Option<String> {
     if items.len() as u64 == u64::from(limit) {
         items.last().map(id)
     } else {

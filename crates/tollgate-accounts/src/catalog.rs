@@ -43,7 +43,7 @@ pub struct RouteView {
 }
 
 /// One `[[tiers]]` entry; money as decimal USD strings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct TierView {
     pub name: String,
     /// As in the config, e.g. `"60/min"`.
@@ -54,6 +54,8 @@ pub struct TierView {
     /// `block` or `bill`.
     pub overage: String,
     pub overage_price_per_request_usd: String,
+    /// Fractions of each monthly limit that fire `quota.threshold`.
+    pub alerts: Vec<f64>,
 }
 
 impl TierView {
@@ -70,6 +72,12 @@ impl TierView {
             }
             .to_owned(),
             overage_price_per_request_usd: format_usd(limits.overage_price_nanos),
+            alerts: limits
+                .alerts
+                .millionths()
+                .iter()
+                .map(|&m| f64::from(m) / 1e6)
+                .collect(),
         }
     }
 }
@@ -123,6 +131,7 @@ fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_metering::limits::Alerts;
 
     #[test]
     fn tiers_show_limits_as_configured_and_money_as_decimal_strings() {
@@ -133,6 +142,7 @@ mod tests {
             monthly_cost_nanos: Some(12_500_000_000),
             overage: Overage::Bill,
             overage_price_nanos: 2_000_000,
+            alerts: Alerts::from_millionths(vec![500_000, 800_000]).unwrap(),
         };
         let view = TierView::new("pro", &limits);
         let json = serde_json::to_value(&view).unwrap();
@@ -146,6 +156,7 @@ mod tests {
                 "monthly_cost_usd": "12.5",
                 "overage": "bill",
                 "overage_price_per_request_usd": "0.002",
+                "alerts": [0.5, 0.8],
             })
         );
         let catalog = Catalog {

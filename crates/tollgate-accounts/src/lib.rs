@@ -18,15 +18,19 @@
 mod accounts;
 mod catalog;
 mod reports;
+mod webhooks;
 
 pub use crate::{
     accounts::{
-        expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView,
-        MAX_PAGE,
+        expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyLimitsView, KeyRequest,
+        KeyView, MAX_PAGE,
     },
     catalog::{Catalog, Changed, NameChanges, ReloadReport, RouteView, TierView, REDACTED},
     reports::{
         BillingLineView, BillingSummary, ReportParams, ReportScope, Reports, RowGroup, Scope,
         UsageRow, UsageRows, UsageSummary, UsageSums,
+    },
+    webhooks::{
+        delivery_id, delivery_page, BillingEvents, Deliveries, DeliveriesRequest, DeliveryView,
     },
 };

@@ -37,6 +37,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::accounts::AccountError;
+use crate::webhooks::BillingEvents;
 
 /// The longest ranking asked for.
 pub(crate) const MAX_TOP: u32 = 1000;
@@ -66,6 +67,8 @@ pub struct Reports {
     /// Replaced on a config reload.
     tiers: std::sync::RwLock<Arc<HashMap<String, Limits>>>,
     clock: Arc<dyn Clock>,
+    /// Told of every period closed here (`billing.period_closed`).
+    billing_events: std::sync::OnceLock<Arc<dyn BillingEvents>>,
 }
 
 impl Reports {
@@ -78,7 +81,13 @@ impl Reports {
             store,
             tiers: std::sync::RwLock::new(Arc::new(tiers)),
             clock,
+            billing_events: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where closing a period is announced; set once.
+    pub fn announce_closes_to(&self, events: Arc<dyn BillingEvents>) {
+        let _ = self.billing_events.set(events);
     }
 
     /// The tiers billing uses from now on (after a config reload).
@@ -223,15 +232,30 @@ impl Reports {
                 ),
             });
         }
-        if let Some(closed) = self.store.closed_period(period).await? {
-            return Ok(BillingSummary::closed(&closed));
+        let closed = match self.store.closed_period(period).await? {
+            Some(closed) => closed,
+            None => {
+                let lines = self.lines(period).await?;
+                self.store
+                    .close_period(period, &lines, self.clock.now())
+                    .await?
+            }
+        };
+        let summary = BillingSummary::closed(&closed);
+        if let Some(events) = self.billing_events.get() {
+            // The period is closed whatever happens to the announcement; a
+            // failure to record it is logged, and the next close of the
+            // period records it (the event is recorded once however often
+            // it is announced).
+            if let Err(error) = events.period_closed(&summary).await {
+                tracing::warn!(
+                    message = "Cannot record billing.period_closed.",
+                    period = %period,
+                    %error
+                );
+            }
         }
-        let lines = self.lines(period).await?;
-        let closed = self
-            .store
-            .close_period(period, &lines, self.clock.now())
-            .await?;
-        Ok(BillingSummary::closed(&closed))
+        Ok(summary)
     }
 
     fn parse_period(&self, text: Option<&str>) -> Result<Period, AccountError> {

@@ -28,7 +28,7 @@ use http::header::{
     SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use tollgate_accounts::{Accounts, Reports, Scope};
+use tollgate_accounts::{Accounts, Deliveries, Reports, Scope};
 use tollgate_metering::limits::Policies;
 
 use crate::session::{same_secret, session_cookie, Session, Sessions, COOKIE as SESSION_COOKIE};
@@ -58,6 +58,8 @@ pub struct ConsoleParts {
     /// The admin listener is HTTPS: the session cookie is `Secure`.
     pub secure: bool,
     pub status: Arc<dyn Fn() -> GatewayStatus + Send + Sync>,
+    /// Webhook deliveries, listed and retried.
+    pub deliveries: Arc<dyn Deliveries>,
 }
 
 /// What the console answers: a page, or the usage export of a range, which
@@ -77,6 +79,12 @@ pub struct Console {
 }
 
 impl Console {
+    /// The webhook deliveries the console shows (the admin API lists and
+    /// retries them through the same).
+    pub fn deliveries(&self) -> &Arc<dyn Deliveries> {
+        &self.parts.deliveries
+    }
+
     pub fn new(mut parts: ConsoleParts) -> Console {
         let tokens = std::mem::take(&mut parts.tokens)
             .iter()

@@ -858,6 +858,7 @@ pub(crate) async fn create_key(
                 .filter(|route| !route.is_empty())
                 .collect()
         }),
+        limits: None,
     };
     let customer = request.customer.clone();
     let query = serde_urlencoded::to_string([("customer", customer.as_str())]).unwrap_or_default();

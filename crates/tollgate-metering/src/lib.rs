@@ -16,11 +16,14 @@
 //!   guard), handed to the [`usage::Recorder`], appended to the durable
 //!   spool, and **reaches the database** when the recorder's writer calls
 //!   [`usage::UsageSink::write_usage`] on the store.
+//! - [`webhooks`]: the webhook outbox as stored (events recorded once,
+//!   deliveries claimed and settled).
 //! - [`billing`]: what reports and billing read back from `usage_daily`
 //!   (the reports themselves and the billing rule are in `tollgate-accounts`).
 //!
 //! The [`Store`] trait is every storage role together ([`keys::AccountStore`],
-//! [`keys::ChangeFeed`], [`usage::UsageSink`], [`billing::UsageReports`]);
+//! [`keys::ChangeFeed`], [`usage::UsageSink`], [`billing::UsageReports`],
+//! [`webhooks::WebhookOutbox`]);
 //! the store crate implements it for Postgres and SQLite.
 
 pub mod billing;
@@ -30,6 +33,7 @@ pub mod limits;
 mod store;
 pub mod telemetry;
 pub mod usage;
+pub mod webhooks;
 
 pub use crate::{
     keys::{CustomerId, KeyId},

@@ -24,8 +24,9 @@ use crate::billing::records::{
 use crate::keys::accounts::AccountStore;
 use crate::keys::format::KeyDigest;
 use crate::keys::ids::{CustomerId, KeyId};
-use crate::limits::{Period, PeriodTotals};
+use crate::limits::{KeyLimits, Period, PeriodTotals};
 use crate::usage::UsageEvent;
+use crate::webhooks::WebhookOutbox;
 
 /// A customer as stored.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -55,6 +56,13 @@ pub struct KeyRecord {
     pub created_at: OffsetDateTime,
     pub expires_at: Option<OffsetDateTime>,
     pub revoked_at: Option<OffsetDateTime>,
+    /// The first key of its rotation chain (its own id unless it replaced
+    /// another key): the key's own limits and counters belong to the
+    /// family, so a rotated key's successor shares them.
+    pub family_id: KeyId,
+    /// The key's own limits (the same on every key of a family); `None`
+    /// for none.
+    pub limits: Option<KeyLimits>,
 }
 
 /// What a key's status is at a given moment.
@@ -116,6 +124,10 @@ pub struct NewKey {
     pub routes: Option<Vec<String>>,
     pub created_at: OffsetDateTime,
     pub expires_at: Option<OffsetDateTime>,
+    /// Its own id for a new key; a rotation's backend sets the old key's.
+    pub family_id: KeyId,
+    /// A rotation's backend sets the old key's.
+    pub limits: Option<KeyLimits>,
 }
 
 /// A change to a customer.
@@ -132,6 +144,8 @@ pub struct KeyUpdate {
     pub name: Option<Option<String>>,
     pub routes: Option<Option<Vec<String>>>,
     pub expires_at: Option<Option<OffsetDateTime>>,
+    /// Applies to every key of the key's family.
+    pub limits: Option<Option<KeyLimits>>,
 }
 
 /// Which keys to list.
@@ -204,7 +218,7 @@ pub enum StoreError {
 /// id or name, what rotation does to the old key) are plain Rust in
 /// `keys::accounts`, written once for every backend.
 #[async_trait]
-pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed {
+pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed + WebhookOutbox {
     /// Applies pending migrations (recorded in a migrations table); a no-op
     /// when current; `SchemaTooNew` when the database is ahead of the binary.
     async fn migrate(&self) -> Result<MigrationReport, StoreError>;
@@ -245,6 +259,14 @@ pub trait UsageReports: Send + Sync + 'static {
         &self,
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError>;
+
+    /// The same totals per key family ([`KeyRecord::family_id`]), for the
+    /// families that have limits of their own only: the sum over every key
+    /// of the family, from the per-key daily rollup.
+    async fn key_period_totals(
+        &self,
+        period: Period,
+    ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError>;
 
     /// Totals over `usage_daily` for the filter's days (and customer);
     /// zeros when nothing matches. Served from the rollup, never from

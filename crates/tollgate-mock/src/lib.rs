@@ -18,6 +18,10 @@
 //! Both speak HTTP/1.1 and cleartext HTTP/2 (h2c, prior knowledge) on the same
 //! port and set `TCP_NODELAY`.
 //!
+//! The crate also plays the other end of the gateway's webhooks:
+//! [`WebhookReceiver`] (in [`webhooks`]) is an endpoint that verifies Standard
+//! Webhooks signatures, records every delivery and fails on request.
+//!
 //! # Endpoints
 //!
 //! | request | answer |
@@ -116,6 +120,7 @@ mod raw;
 mod record;
 mod server;
 mod tokens;
+pub mod webhooks;
 
 use std::future::Future;
 use std::io;
@@ -127,6 +132,7 @@ use tokio::sync::oneshot;
 use record::Recorder;
 pub use record::{RecordedRequest, RECORDED_BODY_PREFIX};
 pub use tokens::prompt_tokens;
+pub use webhooks::WebhookReceiver;
 
 /// Serves the mock on `listener` until `shutdown` resolves. HTTP/1.1 and h2c,
 /// `TCP_NODELAY`. Records nothing (see the crate docs).

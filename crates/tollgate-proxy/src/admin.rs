@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tollgate_accounts::{AccountError, Accounts, KeyRequest, ReloadReport, MAX_PAGE};
+use tollgate_accounts::{
+    AccountError, Accounts, DeliveriesRequest, KeyLimitsView, KeyRequest, ReloadReport, MAX_PAGE,
+};
 use tollgate_accounts::{ReportParams, Reports, Scope};
 use tollgate_console::{Answer, Console};
 use tollgate_metering::billing::UsageGroup;
@@ -148,9 +150,6 @@ impl From<StoreError> for AdminError {
 
 type AdminResult = Result<Response<ProxyBody>, AdminError>;
 
-/// Per-key limits have their request shape but are not applied yet.
-const NO_KEY_LIMITS: &str = "limits: per-key limits are not supported by this version";
-
 /// `POST /v1/customers`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -177,21 +176,6 @@ pub(crate) struct PatchCustomer {
     overrides: Option<serde_json::Value>,
 }
 
-/// Per-key limits, nested inside the customer's: the shape `POST
-/// /v1/keys` and `PATCH /v1/keys/{key}` take. This version checks the
-/// shape, then refuses them; nothing reads the values yet.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub(crate) struct KeyLimits {
-    /// As in the configuration, e.g. `10/s`.
-    rate: Option<String>,
-    monthly_requests: Option<u64>,
-    monthly_tokens: Option<u64>,
-    /// A decimal USD string.
-    monthly_cost_usd: Option<String>,
-}
-
 /// `POST /v1/keys`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -207,7 +191,8 @@ pub(crate) struct CreateKey {
     expires_at: Option<OffsetDateTime>,
     /// Route names the key is limited to; left out, every route.
     routes: Option<Vec<String>>,
-    limits: Option<KeyLimits>,
+    /// The key's own limits, nested inside the customer's.
+    limits: Option<KeyLimitsView>,
 }
 
 /// `PATCH /v1/keys/{key}`: an absent field is left as it is, `null`
@@ -226,8 +211,10 @@ pub(crate) struct PatchKey {
     #[schema(value_type = Option<OffsetDateTime>)]
     expires_at: Option<Option<OffsetDateTime>>,
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<KeyLimits>)]
-    limits: Option<Option<KeyLimits>>,
+    /// Replaces the key's own limits (on every key of its rotation
+    /// chain); `null` clears them.
+    #[schema(value_type = Option<KeyLimitsView>)]
+    limits: Option<Option<KeyLimitsView>>,
 }
 
 /// A field that is present, `null` included: `Some(None)` for `null`.
@@ -283,6 +270,27 @@ pub(crate) struct KeysQuery {
     /// `active`, `revoked` or `expired`.
     #[param(pattern = "^(active|revoked|expired)$")]
     status: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(format = Uuid)]
+    cursor: Option<String>,
+    /// Page size, 1 to 1000; default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+/// `GET /v1/webhooks/deliveries`.
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeliveriesQuery {
+    /// `pending`, `delivered` or `failed`.
+    #[param(pattern = "^(pending|delivered|failed)$")]
+    status: Option<String>,
+    /// `quota.threshold`, `quota.exhausted`, `key.expiring` or
+    /// `billing.period_closed`.
+    #[param(
+        pattern = "^(quota\\.threshold|quota\\.exhausted|key\\.expiring|billing\\.period_closed)$"
+    )]
+    event: Option<String>,
     /// The `next_cursor` of the previous page.
     #[param(format = Uuid)]
     cursor: Option<String>,
@@ -386,6 +394,8 @@ enum Endpoint {
     Quota,
     Routes,
     Tiers,
+    Deliveries,
+    RetryDelivery,
 }
 
 /// The usage reports under `/v1/usage/`.
@@ -413,7 +423,7 @@ use Segment::{Fixed, Param};
 
 /// Every endpoint under `/v1/`: method, path, what answers it. A path
 /// listed here with other methods is 405; a path not listed is 404.
-static V1_ROUTES: [(Method, &[Segment], Endpoint); 24] = [
+static V1_ROUTES: [(Method, &[Segment], Endpoint); 26] = [
     (Method::POST, &[Fixed("reload")], Endpoint::Reload),
     (
         Method::POST,
@@ -494,6 +504,21 @@ static V1_ROUTES: [(Method, &[Segment], Endpoint); 24] = [
     (Method::GET, &[Fixed("quota"), Param], Endpoint::Quota),
     (Method::GET, &[Fixed("routes")], Endpoint::Routes),
     (Method::GET, &[Fixed("tiers")], Endpoint::Tiers),
+    (
+        Method::GET,
+        &[Fixed("webhooks"), Fixed("deliveries")],
+        Endpoint::Deliveries,
+    ),
+    (
+        Method::POST,
+        &[
+            Fixed("webhooks"),
+            Fixed("deliveries"),
+            Param,
+            Fixed("retry"),
+        ],
+        Endpoint::RetryDelivery,
+    ),
 ];
 
 /// The endpoint for `method` on the `/v1/` path `segments`, and the path's
@@ -788,6 +813,21 @@ impl Admin {
             Endpoint::Quota => self.quota(param(0)).await,
             Endpoint::Routes => Ok(whole_list(accounts.catalog().routes.clone())),
             Endpoint::Tiers => Ok(whole_list(accounts.catalog().tiers.clone())),
+            Endpoint::Deliveries => {
+                let query: DeliveriesQuery = parse_query(query)?;
+                let request = DeliveriesRequest {
+                    status: query.status,
+                    event: query.event,
+                    limit: parse_limit(query.limit)?,
+                    cursor: query.cursor,
+                };
+                let (data, next_cursor) = self.console.deliveries().list(&request).await?;
+                Ok(json(StatusCode::OK, &List { data, next_cursor }))
+            }
+            Endpoint::RetryDelivery => {
+                let delivery = self.console.deliveries().retry(param(0)).await?;
+                Ok(json(StatusCode::OK, &delivery))
+            }
         }
     }
 
@@ -806,13 +846,16 @@ impl Admin {
     /// `PATCH /v1/keys/{key}`.
     async fn patch_key(&self, key: &str, request: Request<Incoming>) -> AdminResult {
         let body: PatchKey = read_json(request).await?;
-        if body.limits.is_some() {
-            return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
-        }
+        let limits = match body.limits {
+            Some(Some(limits)) => Some(Some(limits.parse()?)),
+            Some(None) => Some(None),
+            None => None,
+        };
         let update = KeyUpdate {
             name: body.name,
             routes: body.routes,
             expires_at: body.expires_at,
+            limits,
         };
         Ok(json(
             StatusCode::OK,
@@ -823,9 +866,7 @@ impl Admin {
     /// `POST /v1/keys`.
     async fn create_key(&self, request: Request<Incoming>) -> AdminResult {
         let body: CreateKey = read_json(request).await?;
-        if body.limits.is_some() {
-            return Err(AdminError::Invalid(NO_KEY_LIMITS.to_owned()));
-        }
+        let limits = body.limits.as_ref().map(KeyLimitsView::parse).transpose()?;
         let created = self
             .accounts
             .create_key(KeyRequest {
@@ -834,6 +875,7 @@ impl Admin {
                 name: body.name,
                 expires_at: body.expires_at,
                 routes: body.routes,
+                limits,
             })
             .await?;
         Ok(json(StatusCode::CREATED, &created))
@@ -1116,7 +1158,7 @@ mod tests {
                 (method, path.join("/"))
             })
             .collect();
-        assert_eq!(routed.len(), 25);
+        assert_eq!(routed.len(), 27);
         assert_eq!(routed, documented);
         if let Some(path) = std::env::var_os("DUMP_OPENAPI") {
             std::fs::write(path, &*crate::openapi::DOCUMENT).unwrap();

@@ -68,13 +68,14 @@ mod route;
 mod server;
 mod tls;
 mod validate;
+mod webhooks;
 
 pub use admin::{Admin, Reload};
 pub use auth::Authenticator;
 pub use body::ProxyBody;
 pub use forward::{upstream_client, UpstreamClient};
 pub use meter::{Metering, RouteUsage};
-pub use metrics::{Metrics, RequestOutcome, RouteMetrics, UPKEEP_INTERVAL};
+pub use metrics::{Metrics, RequestOutcome, RouteMetrics, WebhookMetrics, UPKEEP_INTERVAL};
 pub use pipeline::{ConnInfo, Gateway, GatewaySettings, LiveConfig};
 pub use route::{RouteError, RouteSpec, RouteTable};
 pub use server::{serve, ServerOptions};
@@ -82,3 +83,4 @@ pub use tls::{
     acceptor, read_certificates, read_private_key, ClientIdentity, TlsError, UpstreamTls,
 };
 pub use tokio_rustls::TlsAcceptor;
+pub use webhooks::{Outbox, WebhookEndpoint, Webhooks};

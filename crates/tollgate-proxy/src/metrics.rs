@@ -25,6 +25,7 @@ use tollgate_metering::usage::recorder::{FlushMetrics, RecorderStats};
 use tollgate_metering::usage::Pricing;
 use tollgate_metering::usage::{InvalidValues, UsageField};
 use tollgate_metering::usage::{Outcome, UsageEvent};
+use tollgate_metering::webhooks::EventType;
 
 const REQUESTS: &str = "tollgate_requests_total";
 const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
@@ -44,9 +45,19 @@ const KEYS_CACHED: &str = "tollgate_keys_cached";
 const UPSTREAM_ERRORS: &str = "tollgate_upstream_errors_total";
 const INVALID_USAGE_VALUES: &str = "tollgate_usage_invalid_values_total";
 const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
+const WEBHOOK_DELIVERIES: &str = "tollgate_webhook_deliveries_total";
+const WEBHOOK_PENDING: &str = "tollgate_webhook_pending";
 
 /// Every metric with its help text, in exposition order.
-const DESCRIPTIONS: [(&str, &str); 18] = [
+const DESCRIPTIONS: [(&str, &str); 20] = [
+    (
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts, by event and result (delivered: 2xx; failed: anything else).",
+    ),
+    (
+        WEBHOOK_PENDING,
+        "Webhook deliveries in the database neither delivered nor given up.",
+    ),
     (
         REQUESTS,
         "Data-plane requests, by route, status class and outcome.",
@@ -238,8 +249,29 @@ pub struct Metrics {
     database_up: Gauge,
     keys_cached: Gauge,
     flush: FlushMetrics,
+    webhooks: WebhookMetrics,
     unrouted: Arc<RouteMetrics>,
     sources: OnceLock<Sources>,
+}
+
+/// The webhook sender's handles.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    /// Per event type ([`EventType::ALL`] order): delivered, failed.
+    deliveries: Arc<[[Counter; 2]; 4]>,
+    pending: Gauge,
+}
+
+impl WebhookMetrics {
+    /// One delivery attempt.
+    pub(crate) fn attempted(&self, event: EventType, delivered: bool) {
+        let index = EventType::ALL.iter().position(|&e| e == event).unwrap_or(0);
+        self.deliveries[index][usize::from(!delivered)].increment(1);
+    }
+
+    pub(crate) fn set_pending(&self, pending: u64) {
+        self.pending.set(pending as f64);
+    }
 }
 
 /// Where the gauges and the usage-row counters are read at each scrape.
@@ -281,9 +313,8 @@ impl Metrics {
                 REQUEST_DURATION | UPSTREAM_DURATION | FLUSH_DURATION | BATCH_ROWS => {
                     registry.describe_histogram(name, None, help.into())
                 }
-                PENDING_ROWS | SPOOL_BYTES | DATABASE_UP | KEYS_CACHED | OPEN_CONNECTIONS => {
-                    registry.describe_gauge(name, None, help.into())
-                }
+                PENDING_ROWS | SPOOL_BYTES | DATABASE_UP | KEYS_CACHED | OPEN_CONNECTIONS
+                | WEBHOOK_PENDING => registry.describe_gauge(name, None, help.into()),
                 _ => registry.describe_counter(name, None, help.into()),
             }
         }
@@ -313,10 +344,31 @@ impl Metrics {
                     .register_histogram(&Key::from_static_name(FLUSH_DURATION), &METADATA),
                 rows: registry.register_histogram(&Key::from_static_name(BATCH_ROWS), &METADATA),
             },
+            webhooks: WebhookMetrics {
+                deliveries: Arc::new(EventType::ALL.map(|event| {
+                    ["delivered", "failed"].map(|result| {
+                        crate::metrics::counter(
+                            &registry,
+                            WEBHOOK_DELIVERIES,
+                            vec![
+                                Label::from_static_parts("event", event.as_str()),
+                                Label::from_static_parts("result", result),
+                            ],
+                        )
+                    })
+                })),
+                pending: registry
+                    .register_gauge(&Key::from_static_name(WEBHOOK_PENDING), &METADATA),
+            },
             unrouted: Arc::new(RouteMetrics::build(&registry, "", &[])),
             registry,
             sources: OnceLock::new(),
         }
+    }
+
+    /// The webhook sender's counters and gauge.
+    pub fn webhook_metrics(&self) -> WebhookMetrics {
+        self.webhooks.clone()
     }
 
     /// The histograms the usage recorder reports its writes to.

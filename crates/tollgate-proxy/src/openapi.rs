@@ -12,15 +12,15 @@ use std::sync::LazyLock;
 
 use bytes::Bytes;
 use tollgate_accounts::{
-    BillingSummary, CreatedKey, CustomerView, KeyView, ReloadReport, RouteView, TierView,
-    UsageRows, UsageSummary,
+    BillingSummary, CreatedKey, CustomerView, DeliveryView, KeyView, ReloadReport, RouteView,
+    TierView, UsageRows, UsageSummary,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::admin::{
-    BillingQuery, CreateCustomer, CreateKey, CustomersQuery, ExportQuery, KeysQuery, List,
-    PatchCustomer, PatchKey, RangeQuery, RotateKey, TopQuery,
+    BillingQuery, CreateCustomer, CreateKey, CustomersQuery, DeliveriesQuery, ExportQuery,
+    KeysQuery, List, PatchCustomer, PatchKey, RangeQuery, RotateKey, TopQuery,
 };
 use crate::error::ErrorBody;
 use crate::quota::QuotaDocument;
@@ -98,6 +98,8 @@ fn camel_case_links(document: &mut serde_json::Value) {
         quota,
         routes,
         tiers,
+        list_deliveries,
+        retry_delivery,
         openapi_document,
     ),
     modifiers(&AdminToken),
@@ -108,6 +110,7 @@ fn camel_case_links(document: &mut serde_json::Value) {
         (name = "usage"),
         (name = "billing"),
         (name = "configuration"),
+        (name = "webhooks"),
     )
 )]
 struct AdminApi;
@@ -418,6 +421,30 @@ fn routes() {}
     (status = 401, description = "No or a wrong admin token", body = ErrorBody),
 ))]
 fn tiers() {}
+
+/// Webhook deliveries, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/webhooks/deliveries", tag = "webhooks", params(DeliveriesQuery),
+    responses(
+    (status = 200, description = "A page", body = List<DeliveryView>),
+    (status = 400, description = "Bad input", body = ErrorBody),
+    (status = 401, description = "No or a wrong admin token", body = ErrorBody),
+    (status = 500, description = "Unexpected failure", body = ErrorBody),
+    (status = 503, description = "The database does not answer", body = ErrorBody),
+))]
+fn list_deliveries() {}
+
+/// Attempts a delivery now (again, for a delivered or failed one), with
+/// the same `webhook-id`; answers with the delivery after the attempt.
+#[utoipa::path(post, path = "/v1/webhooks/deliveries/{id}/retry", tag = "webhooks",
+    params(("id" = String, Path, description = "The delivery's id")),
+    responses(
+    (status = 200, description = "The delivery after the attempt", body = DeliveryView),
+    (status = 401, description = "No or a wrong admin token", body = ErrorBody),
+    (status = 404, description = "No such delivery", body = ErrorBody),
+    (status = 500, description = "Unexpected failure", body = ErrorBody),
+    (status = 503, description = "The database does not answer", body = ErrorBody),
+))]
+fn retry_delivery() {}
 
 /// This document; needs no token.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "configuration", security(()),

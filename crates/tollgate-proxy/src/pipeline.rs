@@ -317,7 +317,10 @@ impl Gateway {
             });
         }
         self.check_declared_length(&request)?;
-        let decision = self.metering.limiter.admit(caller.customer_id);
+        let decision = self
+            .metering
+            .limiter
+            .admit(caller.customer_id, caller.key_id);
         exchange.rate_headers = decision.headers;
         exchange.remaining = decision.remaining;
         let admission = decision.result.map_err(ProxyError::Limited)?;

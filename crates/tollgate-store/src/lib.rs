@@ -43,6 +43,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 use tollgate_metering::keys::{KeyFilter, KeyStatus, NewCustomer, NewKey, Page, StoreEvent};
+use tollgate_metering::limits::KeyLimits;
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{Store, StoreError};
 
@@ -253,8 +254,13 @@ mod backoff {
 /// The columns of `customers` and of `api_keys`, in the order both
 /// backends decode them.
 const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
-const KEY_COLUMNS: &str =
-    "id, customer_id, digest, prefix, name, routes, created_at, expires_at, revoked_at";
+const KEY_COLUMNS: &str = "id, customer_id, digest, prefix, name, routes, created_at, \
+     expires_at, revoked_at, COALESCE(family_id, id), limits";
+
+/// A key's stored limits; the error says what is wrong for a `Corrupt`.
+fn key_limits_from(json: &serde_json::Value) -> Result<KeyLimits, String> {
+    KeyLimits::from_json(json).map_err(|error| format!("a key's limits: {error}"))
+}
 
 /// How many keys one `load_keys` batch carries: large enough that a million
 /// keys take a hundred round trips, small enough to stay a few MiB.

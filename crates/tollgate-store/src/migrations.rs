@@ -43,6 +43,16 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "customer_daily",
         sql: include_str!("../migrations/sqlite/0004_customer_daily.sql"),
     },
+    Migration {
+        version: 5,
+        name: "key_limits",
+        sql: include_str!("../migrations/sqlite/0005_key_limits.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "webhooks",
+        sql: include_str!("../migrations/sqlite/0006_webhooks.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -65,6 +75,16 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 4,
         name: "customer_daily",
         sql: include_str!("../migrations/postgres/0004_customer_daily.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "key_limits",
+        sql: include_str!("../migrations/postgres/0005_key_limits.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "webhooks",
+        sql: include_str!("../migrations/postgres/0006_webhooks.sql"),
     },
 ];
 

@@ -63,9 +63,12 @@ use tollgate_metering::keys::{
     ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyUpdate, NewCustomer, NewKey,
     Page, StoreEvent,
 };
-use tollgate_metering::limits::{Period, PeriodTotals};
+use tollgate_metering::limits::{KeyLimits, Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::usage::UsageSink;
+use tollgate_metering::webhooks::{
+    Claimed, Delivery, DeliveryFilter, ExpiringKey, NewEvent, Settlement, WebhookOutbox,
+};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{MigrationReport, Store, StoreError};
 
@@ -74,8 +77,8 @@ use crate::usage::{
     self, bigint, text, CustomerDay, Groups, Rollup, Row as UsageRow, SortedGroups,
 };
 use crate::{
-    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
-    KEY_BATCH, KEY_COLUMNS,
+    backoff, change_event, key_limits_from, list_keys_sql, Constraint, Inserted, KeyArg,
+    CUSTOMER_COLUMNS, KEY_BATCH, KEY_COLUMNS,
 };
 
 /// Bound on opening a connection (unless the URL sets `connect_timeout`).
@@ -188,6 +191,10 @@ fn refused(failure: Failure, new: &impl Inserted) -> Failure {
         _ => None,
     };
     crate::refusal(&CONSTRAINTS, reported, new).map_or(failure, Failure::from)
+}
+
+fn decode_key_limits(json: &serde_json::Value) -> Result<KeyLimits, Failure> {
+    key_limits_from(json).map_err(corrupt)
 }
 
 fn corrupt(message: String) -> Failure {
@@ -392,6 +399,7 @@ impl PostgresStore {
 }
 
 mod reports;
+mod webhooks;
 
 /// Runs a call's body and classifies its failure.
 async fn run<T>(work: impl Future<Output = Result<T, Failure>>) -> Result<T, StoreError> {
@@ -429,6 +437,10 @@ fn key_row(row: &Row) -> Result<KeyRecord, Failure> {
         created_at: get(row, 6)?,
         expires_at: get(row, 7)?,
         revoked_at: get(row, 8)?,
+        family_id: KeyId(get(row, 9)?),
+        limits: get::<Option<serde_json::Value>>(row, 10)?
+            .map(|json| decode_key_limits(&json))
+            .transpose()?,
     })
 }
 
@@ -476,8 +488,9 @@ async fn customer_by_id(
 async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyRecord, Failure> {
     let statement = client
         .prepare_cached(&format!(
-            "INSERT INTO api_keys (id, customer_id, digest, prefix, name, routes, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
+            "INSERT INTO api_keys (id, customer_id, digest, prefix, name, routes, created_at, \
+             expires_at, family_id, limits) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {KEY_COLUMNS}"
         ))
         .await?;
     let digest: &[u8] = &new.digest.0;
@@ -493,6 +506,8 @@ async fn insert_key(client: &impl GenericClient, new: &NewKey) -> Result<KeyReco
                 &new.routes,
                 &new.created_at,
                 &new.expires_at,
+                &new.family_id.0,
+                &new.limits.as_ref().map(KeyLimits::to_json),
             ],
         )
         .await
@@ -1455,18 +1470,28 @@ impl AccountStore for PostgresStore {
         run(async {
             let client = self.client().await?;
             // Each field: a flag saying whether to set it, and the value
-            // (NULL clears).
+            // (NULL clears). Limits are the family's: the other keys of
+            // the family get them in the same statement.
             let statement = client
                 .prepare_cached(&format!(
-                    "UPDATE api_keys SET \
+                    "WITH family AS ( \
+                         UPDATE api_keys SET limits = $9::jsonb \
+                         WHERE $8 AND id <> $1 \
+                         AND family_id = (SELECT family_id FROM api_keys WHERE id = $1)) \
+                     UPDATE api_keys SET \
                      name = CASE WHEN $2 THEN $3::text ELSE name END, \
                      routes = CASE WHEN $4 THEN $5::text[] ELSE routes END, \
-                     expires_at = CASE WHEN $6 THEN $7::timestamptz ELSE expires_at END \
+                     expires_at = CASE WHEN $6 THEN $7::timestamptz ELSE expires_at END, \
+                     limits = CASE WHEN $8 THEN $9::jsonb ELSE limits END \
                      WHERE id = $1 RETURNING {KEY_COLUMNS}"
                 ))
                 .await?;
             let name = update.name.as_ref().map(Option::as_deref);
             let routes = update.routes.as_ref().map(Option::as_deref);
+            let limits = update
+                .limits
+                .as_ref()
+                .map(|limits| limits.as_ref().map(KeyLimits::to_json));
             let row = client
                 .query_opt(
                     &statement,
@@ -1478,6 +1503,8 @@ impl AccountStore for PostgresStore {
                         &routes.flatten(),
                         &update.expires_at.is_some(),
                         &update.expires_at.flatten(),
+                        &limits.is_some(),
+                        &limits.flatten(),
                     ],
                 )
                 .await?
@@ -1516,11 +1543,11 @@ impl AccountStore for PostgresStore {
             let tx = client.transaction().await?;
             // FOR UPDATE: a concurrent revoke waits for this rotation (or
             // this rotation sees the revocation and refuses).
-            let expires_at = key_by_id(&tx, old, true)
+            let old_key = key_by_id(&tx, old, true)
                 .await?
-                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?
-                .expiry_after_rotation(old_expires_at)?;
-            let created = insert_key(&tx, &new).await?;
+                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?;
+            let expires_at = old_key.expiry_after_rotation(old_expires_at)?;
+            let created = insert_key(&tx, &old_key.successor(new)).await?;
             let statement = tx
                 .prepare_cached(&format!(
                     "UPDATE api_keys SET expires_at = $2 WHERE id = $1 RETURNING {KEY_COLUMNS}"
@@ -1585,6 +1612,13 @@ impl UsageReports for PostgresStore {
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
         run(reports::period_totals(self, period)).await
+    }
+
+    async fn key_period_totals(
+        &self,
+        period: Period,
+    ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError> {
+        run(reports::key_period_totals(self, period)).await
     }
 
     async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {
@@ -1675,5 +1709,60 @@ impl ChangeFeed for PostgresStore {
                 return;
             }
         }
+    }
+}
+
+#[async_trait]
+impl WebhookOutbox for PostgresStore {
+    async fn record_event(&self, event: &NewEvent, urls: &[String]) -> Result<bool, StoreError> {
+        run(webhooks::record_event(self, event, urls)).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        run(webhooks::claim(self, None, now, lease, limit)).await
+    }
+
+    async fn claim_delivery(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Option<Claimed>, StoreError> {
+        Ok(run(webhooks::claim(self, Some(id), now, lease, 1))
+            .await?
+            .pop())
+    }
+
+    async fn settle_delivery(&self, id: Uuid, settlement: &Settlement) -> Result<(), StoreError> {
+        run(webhooks::settle(self, id, settlement)).await
+    }
+
+    async fn deliveries(
+        &self,
+        filter: DeliveryFilter,
+        page: Page<Uuid>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        run(webhooks::list(self, filter, page)).await
+    }
+
+    async fn delivery(&self, id: Uuid) -> Result<Option<Delivery>, StoreError> {
+        run(webhooks::one(self, id)).await
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        run(webhooks::pending(self)).await
+    }
+
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<ExpiringKey>, StoreError> {
+        run(webhooks::expiring_keys(self, now, until)).await
     }
 }

@@ -50,20 +50,24 @@ use tollgate_metering::keys::{
     ChangeFeed, Customer, CustomerUpdate, KeyFilter, KeyRecord, KeyUpdate, NewCustomer, NewKey,
     Page, StoreEvent,
 };
-use tollgate_metering::limits::{Period, PeriodTotals};
+use tollgate_metering::limits::{KeyLimits, Period, PeriodTotals};
 use tollgate_metering::usage::UsageEvent;
 use tollgate_metering::usage::UsageSink;
+use tollgate_metering::webhooks::{
+    Claimed, Delivery, DeliveryFilter, ExpiringKey, NewEvent, Settlement, WebhookOutbox,
+};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{MigrationReport, Store, StoreError};
 
 use crate::migrations::{self, Migration};
 use crate::usage::{self, bigint, text, Groups};
 use crate::{
-    backoff, change_event, list_keys_sql, Constraint, Inserted, KeyArg, CUSTOMER_COLUMNS,
-    KEY_BATCH, KEY_COLUMNS,
+    backoff, change_event, key_limits_from, list_keys_sql, Constraint, Inserted, KeyArg,
+    CUSTOMER_COLUMNS, KEY_BATCH, KEY_COLUMNS,
 };
 
 mod reports;
+mod webhooks;
 
 /// How long a statement waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -272,6 +276,10 @@ fn parse_uuid(text: &str) -> Result<Uuid, Failure> {
     Uuid::parse_str(text).map_err(|error| corrupt(format!("bad id {text:?}: {error}")))
 }
 
+fn decode_key_limits(json: &serde_json::Value) -> Result<KeyLimits, Failure> {
+    key_limits_from(json).map_err(corrupt)
+}
+
 fn corrupt(message: String) -> Failure {
     Failure::Store(StoreError::Corrupt(message))
 }
@@ -308,6 +316,11 @@ fn key_row(row: &Row<'_>) -> Result<KeyRecord, Failure> {
         created_at: parse_ts(&row.get::<_, String>(6)?)?,
         expires_at: optional_ts(7)?,
         revoked_at: optional_ts(8)?,
+        family_id: KeyId(parse_uuid(&row.get::<_, String>(9)?)?),
+        limits: row
+            .get::<_, Option<String>>(10)?
+            .map(|json| decode_key_limits(&serde_json::from_str(&json)?))
+            .transpose()?,
     })
 }
 
@@ -354,8 +367,9 @@ fn customer_by_id(conn: &Connection, id: Uuid) -> Result<Option<Customer>, Failu
 fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
     let routes = new.routes.as_ref().map(serde_json::to_string).transpose()?;
     let mut statement = conn.prepare_cached(&format!(
-        "INSERT INTO api_keys (id, customer_id, digest, prefix, name, routes, created_at, expires_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING {KEY_COLUMNS}"
+        "INSERT INTO api_keys (id, customer_id, digest, prefix, name, routes, created_at, \
+         expires_at, family_id, limits) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING {KEY_COLUMNS}"
     ))?;
     let inserted = first(
         &mut statement,
@@ -368,6 +382,10 @@ fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
             routes,
             ts(new.created_at),
             new.expires_at.map(ts),
+            new.family_id.to_string(),
+            new.limits
+                .as_ref()
+                .map(|limits| limits.to_json().to_string()),
         ],
         key_row,
     );
@@ -804,19 +822,33 @@ impl AccountStore for SqliteStore {
     async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         self.call(move |conn| {
             // Each field: a flag saying whether to set it, and the value
-            // (NULL clears).
-            let mut statement = conn.prepare_cached(&format!(
+            // (NULL clears). Limits are the family's: the other keys of
+            // the family get them in the same transaction.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let limits = update
+                .limits
+                .as_ref()
+                .map(|limits| limits.as_ref().map(|limits| limits.to_json().to_string()));
+            if let Some(limits) = &limits {
+                tx.prepare_cached(
+                    "UPDATE api_keys SET limits = ?2 WHERE id <> ?1 \
+                     AND family_id = (SELECT family_id FROM api_keys WHERE id = ?1)",
+                )?
+                .execute(params![id.to_string(), limits])?;
+            }
+            let mut statement = tx.prepare_cached(&format!(
                 "UPDATE api_keys SET \
                  name = CASE WHEN ?2 THEN ?3 ELSE name END, \
                  routes = CASE WHEN ?4 THEN ?5 ELSE routes END, \
-                 expires_at = CASE WHEN ?6 THEN ?7 ELSE expires_at END \
+                 expires_at = CASE WHEN ?6 THEN ?7 ELSE expires_at END, \
+                 limits = CASE WHEN ?8 THEN ?9 ELSE limits END \
                  WHERE id = ?1 RETURNING {KEY_COLUMNS}"
             ))?;
             let routes = match &update.routes {
                 Some(Some(routes)) => Some(serde_json::to_string(routes)?),
                 _ => None,
             };
-            first(
+            let updated = first(
                 &mut statement,
                 params![
                     id.to_string(),
@@ -826,10 +858,15 @@ impl AccountStore for SqliteStore {
                     routes,
                     update.expires_at.is_some(),
                     update.expires_at.flatten().map(ts),
+                    limits.is_some(),
+                    limits.flatten(),
                 ],
                 key_row,
             )?
-            .ok_or_else(|| StoreError::NotFound(format!("key {id}")).into())
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+            drop(statement);
+            tx.commit()?;
+            Ok(updated)
         })
         .await
     }
@@ -854,10 +891,10 @@ impl AccountStore for SqliteStore {
     ) -> Result<(KeyRecord, KeyRecord), StoreError> {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let expires_at = key_by_id(&tx, old)?
-                .ok_or_else(|| StoreError::NotFound(format!("key {old}")))?
-                .expiry_after_rotation(old_expires_at)?;
-            let created = insert_key(&tx, &new)?;
+            let old_key =
+                key_by_id(&tx, old)?.ok_or_else(|| StoreError::NotFound(format!("key {old}")))?;
+            let expires_at = old_key.expiry_after_rotation(old_expires_at)?;
+            let created = insert_key(&tx, &old_key.successor(new))?;
             let updated = {
                 let mut statement = tx.prepare_cached(&format!(
                     "UPDATE api_keys SET expires_at = ?2 WHERE id = ?1 RETURNING {KEY_COLUMNS}"
@@ -934,6 +971,14 @@ impl UsageReports for SqliteStore {
         period: Period,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
         self.call(move |conn| reports::period_totals(conn, period))
+            .await
+    }
+
+    async fn key_period_totals(
+        &self,
+        period: Period,
+    ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError> {
+        self.call(move |conn| reports::key_period_totals(conn, period))
             .await
     }
 
@@ -1059,6 +1104,67 @@ impl ChangeFeed for SqliteStore {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl WebhookOutbox for SqliteStore {
+    async fn record_event(&self, event: &NewEvent, urls: &[String]) -> Result<bool, StoreError> {
+        let (event, urls) = (event.clone(), urls.to_vec());
+        self.call(move |conn| webhooks::record_event(conn, &event, &urls))
+            .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.call(move |conn| webhooks::claim(conn, None, now, lease, limit))
+            .await
+    }
+
+    async fn claim_delivery(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Option<Claimed>, StoreError> {
+        self.call(move |conn| Ok(webhooks::claim(conn, Some(id), now, lease, 1)?.pop()))
+            .await
+    }
+
+    async fn settle_delivery(&self, id: Uuid, settlement: &Settlement) -> Result<(), StoreError> {
+        let settlement = settlement.clone();
+        self.call(move |conn| webhooks::settle(conn, id, &settlement))
+            .await
+    }
+
+    async fn deliveries(
+        &self,
+        filter: DeliveryFilter,
+        page: Page<Uuid>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.call(move |conn| webhooks::list(conn, filter, page))
+            .await
+    }
+
+    async fn delivery(&self, id: Uuid) -> Result<Option<Delivery>, StoreError> {
+        self.call(move |conn| webhooks::one(conn, id)).await
+    }
+
+    async fn pending_deliveries(&self) -> Result<u64, StoreError> {
+        self.call(|conn| webhooks::pending(conn)).await
+    }
+
+    async fn expiring_keys(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Vec<ExpiringKey>, StoreError> {
+        self.call(move |conn| webhooks::expiring_keys(conn, now, until))
+            .await
     }
 }
 

@@ -1132,7 +1132,13 @@ async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
         (view.cost_nanos.used, view.cost_nanos.remaining),
         (i64::MAX, Some(0))
     );
-    assert!(limiter.admit(huge).result.is_err(), "over every quota");
+    assert!(
+        limiter
+            .admit(huge, KeyId(uuid::Uuid::nil()))
+            .result
+            .is_err(),
+        "over every quota"
+    );
 
     // Reports: every sum saturates at the column's range.
     let f = UsageFilter::period(march());

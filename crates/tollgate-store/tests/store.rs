@@ -61,6 +61,8 @@ fn key(customer: CustomerId, prefix: &str) -> NewKey {
         routes: Some(vec!["openai".to_owned(), "anthropic".to_owned()]),
         created_at: T0,
         expires_at: None,
+        family_id: id,
+        limits: None,
     }
 }
 
@@ -254,6 +256,8 @@ async fn keys_are_created_and_found_by_id_or_prefix(backend: Backend) {
         created_at: T0,
         expires_at: Some(datetime!(2027-01-01 00:00 UTC)),
         revoked_at: None,
+        family_id: new.id,
+        limits: None,
     };
     assert_eq!(created, expected);
     assert_eq!(store.key(new.id).await.unwrap(), Some(expected.clone()));

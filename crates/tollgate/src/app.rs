@@ -27,14 +27,14 @@ use tollgate_metering::usage::recorder::{
 };
 use tollgate_metering::Store;
 use tollgate_proxy::{
-    serve, Admin, Authenticator, Gateway, GatewaySettings, Metering, Metrics, ServerOptions,
-    TlsAcceptor,
+    serve, Admin, Authenticator, Gateway, GatewaySettings, Metering, Metrics, Outbox,
+    ServerOptions, TlsAcceptor, Webhooks,
 };
 
 use crate::background;
 use crate::config::{Config, SpoolFullPolicy};
 use crate::reload::Reloader;
-use crate::snapshot::{Catalog, Snapshot};
+use crate::snapshot::{webhook_endpoints, Catalog, Snapshot};
 
 /// How long in-flight requests may run after shutdown begins. Saving their
 /// usage rows may then take up to [`recorder::SHUTDOWN_GRACE`] more.
@@ -195,6 +195,12 @@ pub async fn start_with_clock(
         stopped.clone(),
     ));
     let status = gateway_status(&config, recorder.recorder().stats().clone(), keys.clone());
+    let outbox = Arc::new(Outbox::new(store.clone(), webhook_endpoints(&config)));
+    let webhooks = Arc::new(
+        Webhooks::new(outbox, metrics.webhook_metrics())
+            .context("cannot set up TLS for webhook deliveries")?,
+    );
+    let webhook_tasks = webhooks.start(policies.clone());
     let (admin, reloader) = admin_api(
         &config,
         catalog,
@@ -205,6 +211,7 @@ pub async fn start_with_clock(
             policies,
             metrics,
             status,
+            webhooks,
         },
     );
     let admin_task = tokio::spawn(serve_admin(
@@ -227,7 +234,10 @@ pub async fn start_with_clock(
         admin_addr,
         stop,
         tasks: vec![data_task, admin_task],
-        background: vec![feed, sync, upkeep],
+        background: [feed, sync, upkeep]
+            .into_iter()
+            .chain(webhook_tasks)
+            .collect(),
         keys,
         recorder,
         metering,
@@ -243,9 +253,15 @@ async fn load_keys(
 ) -> anyhow::Result<(Arc<KeyCache>, JoinHandle<()>)> {
     let keys = Arc::new(KeyCache::new());
     let loaded = keys
-        .reload(&**store)
+        .reload(&**store, policies)
         .await
         .context("cannot load API keys from the database")?;
+    // The keys' own limits are known now: their totals too.
+    policies
+        .limiter()
+        .sync(&**store)
+        .await
+        .context("cannot load this month's usage totals from the database")?;
     tracing::info!(message = "API keys loaded.", keys = loaded);
     let feed = tokio::spawn(run_feed(store.clone(), keys.clone(), policies.clone()));
     Ok((keys, feed))
@@ -313,6 +329,7 @@ struct AdminParts {
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
     status: Arc<dyn Fn() -> GatewayStatus + Send + Sync>,
+    webhooks: Arc<Webhooks>,
 }
 
 /// The console's view of how the gateway is doing.
@@ -347,6 +364,7 @@ fn admin_api(
         policies,
         metrics,
         status,
+        webhooks,
     } = parts;
     let accounts = Arc::new(Accounts::new(
         store.clone(),
@@ -358,6 +376,7 @@ fn admin_api(
         catalog.tiers,
         clock.clone(),
     ));
+    reports.announce_closes_to(webhooks.outbox().clone());
     let reloader = Arc::new(Reloader::new(
         config.clone(),
         gateway,
@@ -365,6 +384,7 @@ fn admin_api(
         reports.clone(),
         accounts.clone(),
         metrics.clone(),
+        webhooks.outbox().clone(),
     ));
     let console = Arc::new(Console::new(ConsoleParts {
         accounts: accounts.clone(),
@@ -374,6 +394,7 @@ fn admin_api(
         session_ttl: config.admin.session_ttl,
         secure: config.admin.tls.is_some(),
         status,
+        deliveries: webhooks,
     }));
     let admin = Arc::new(Admin::new(
         accounts,

@@ -128,6 +128,36 @@ pub enum CustomersCommand {
     },
 }
 
+/// A key's own limits on the command line.
+#[derive(Debug, Default, clap::Args)]
+pub struct KeyLimitArgs {
+    /// Short-window rate for the key: N/s, N/min or N/h.
+    #[arg(long, value_name = "RATE")]
+    pub rate: Option<String>,
+    /// Requests per calendar month for the key.
+    #[arg(long, value_name = "N")]
+    pub monthly_requests: Option<u64>,
+    /// Tokens per calendar month for the key.
+    #[arg(long, value_name = "N")]
+    pub monthly_tokens: Option<u64>,
+    /// Spend per calendar month for the key, in USD (e.g. 25.50).
+    #[arg(long, value_name = "USD")]
+    pub monthly_cost_usd: Option<String>,
+}
+
+impl KeyLimitArgs {
+    /// `None` when no limit is given.
+    pub fn view(&self) -> Option<tollgate_accounts::KeyLimitsView> {
+        let view = tollgate_accounts::KeyLimitsView {
+            rate: self.rate.clone(),
+            monthly_requests: self.monthly_requests,
+            monthly_tokens: self.monthly_tokens,
+            monthly_cost_usd: self.monthly_cost_usd.clone(),
+        };
+        (view != tollgate_accounts::KeyLimitsView::default()).then_some(view)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a key; prints the plaintext key exactly once.
@@ -146,6 +176,22 @@ pub enum KeysCommand {
         /// Route names the key may use, comma-separated (default: all).
         #[arg(long, value_delimiter = ',')]
         routes: Option<Vec<String>>,
+        #[command(flatten)]
+        limits: KeyLimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a key's own limits, nested inside its customer's: the limits
+    /// given replace the key's (and its rotation successors'); `--clear`
+    /// removes them.
+    SetLimits {
+        /// The key's display prefix or id.
+        prefix_or_id: String,
+        #[command(flatten)]
+        limits: KeyLimitArgs,
+        /// Remove the key's own limits.
+        #[arg(long, conflicts_with_all = ["rate", "monthly_requests", "monthly_tokens", "monthly_cost_usd"])]
+        clear: bool,
         #[arg(long)]
         json: bool,
     },

@@ -8,12 +8,14 @@ use anyhow::Context as _;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tollgate_accounts::{
-    expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyRequest, KeyView,
-    ReportParams, Reports, MAX_PAGE,
+    expiry_after, AccountError, Accounts, CreatedKey, CustomerView, KeyLimitsView, KeyRequest,
+    KeyView, ReportParams, Reports, MAX_PAGE,
 };
 use tollgate_metering::billing::UsageGroup;
+use tollgate_metering::keys::KeyUpdate;
+use tollgate_metering::limits::KeyLimits;
 
-use crate::cli::{BillingCommand, CustomersCommand, KeysCommand, UsageBy};
+use crate::cli::{BillingCommand, CustomersCommand, KeyLimitArgs, KeysCommand, UsageBy};
 use crate::config::units::parse_duration;
 use crate::config::Config;
 
@@ -99,8 +101,10 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             name,
             expires_in,
             routes,
+            limits,
             json,
         } => {
+            let limits = key_limits(&limits)?;
             let expires_at = expires_in
                 .map(|text| {
                     let lifetime = parse_duration(&text)
@@ -116,10 +120,36 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                     name,
                     expires_at,
                     routes,
+                    limits,
                 })
                 .await
                 .map_err(account_error)?;
             print(json, &created, || created_text(&created))
+        }
+        KeysCommand::SetLimits {
+            prefix_or_id,
+            limits,
+            clear,
+            json,
+        } => {
+            let limits = key_limits(&limits)?;
+            if limits.is_none() && !clear {
+                return Err(UsageError(
+                    "give at least one of --rate, --monthly-requests, --monthly-tokens, \
+                     --monthly-cost-usd, or --clear"
+                        .to_owned(),
+                )
+                .into());
+            }
+            let update = KeyUpdate {
+                limits: Some(limits),
+                ..KeyUpdate::default()
+            };
+            let key = accounts
+                .update_key(&prefix_or_id, update)
+                .await
+                .map_err(account_error)?;
+            print(json, &key, || key_table(std::slice::from_ref(&key)))
         }
         KeysCommand::List {
             customer,
@@ -163,6 +193,34 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The key limits given on the command line, checked; a bad one is a
+/// usage error naming its flag.
+fn key_limits(args: &KeyLimitArgs) -> anyhow::Result<Option<KeyLimits>> {
+    let Some(view) = args.view() else {
+        return Ok(None);
+    };
+    view.parse().map(Some).map_err(|error| match error {
+        AccountError::Invalid { message, .. } => {
+            // "invalid monthly_cost_usd: ..." names the field; say the flag.
+            let message = [
+                "rate",
+                "monthly_requests",
+                "monthly_tokens",
+                "monthly_cost_usd",
+            ]
+            .iter()
+            .fold(message, |text, field| {
+                text.replace(
+                    &format!("invalid {field}"),
+                    &format!("--{}", field.replace('_', "-")),
+                )
+            });
+            UsageError(message).into()
+        }
+        other => other.into(),
+    })
+}
+
 /// Follows `next_cursor` until the last page.
 async fn all_pages<T, F, Fut>(mut page: F) -> anyhow::Result<Vec<T>>
 where
@@ -183,11 +241,16 @@ where
 
 /// The report operations over the config's database and tiers.
 pub fn reports_for(config: &Config, store: Arc<dyn tollgate_metering::Store>) -> Reports {
-    Reports::new(
+    let outbox =
+        tollgate_proxy::Outbox::new(store.clone(), crate::snapshot::webhook_endpoints(config));
+    let reports = Reports::new(
         store,
         crate::snapshot::tier_limits(config),
         Arc::new(tollgate_metering::limits::SystemClock),
-    )
+    );
+    // A period closed here is announced by whichever gateway sends next.
+    reports.announce_closes_to(Arc::new(outbox));
+    reports
 }
 
 pub async fn usage(
@@ -379,7 +442,7 @@ fn customer_table(customers: &[CustomerView]) -> String {
 fn key_table(keys: &[KeyView]) -> String {
     table(
         &[
-            "ID", "PREFIX", "CUSTOMER", "TIER", "NAME", "STATUS", "ROUTES", "EXPIRES",
+            "ID", "PREFIX", "CUSTOMER", "TIER", "NAME", "STATUS", "ROUTES", "EXPIRES", "LIMITS",
         ],
         keys.iter()
             .map(|k| {
@@ -394,10 +457,30 @@ fn key_table(keys: &[KeyView]) -> String {
                         .as_ref()
                         .map_or_else(|| "*".to_owned(), |r| r.join(",")),
                     rfc3339(k.expires_at),
+                    k.limits
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), limits_text),
                 ]
             })
             .collect(),
     )
+}
+
+/// A key's own limits in a table cell, e.g. `10/s, 1000 req/mo, 25 USD/mo`.
+fn limits_text(limits: &KeyLimitsView) -> String {
+    let parts: Vec<String> = [
+        limits.rate.clone(),
+        limits.monthly_requests.map(|n| format!("{n} req/mo")),
+        limits.monthly_tokens.map(|n| format!("{n} tok/mo")),
+        limits
+            .monthly_cost_usd
+            .as_ref()
+            .map(|usd| format!("{usd} USD/mo")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    parts.join(", ")
 }
 
 /// Left-aligned columns separated by two spaces.

@@ -21,11 +21,11 @@ use tollgate_accounts::Reports;
 use tollgate_accounts::{Accounts, Changed, NameChanges, ReloadReport};
 use tollgate_metering::limits::Policies;
 use tollgate_metering::telemetry::emit;
-use tollgate_proxy::{Gateway, Metrics, Reload};
+use tollgate_proxy::{Gateway, Metrics, Outbox, Reload};
 
 use crate::config::{Config, ConfigError};
 use crate::events::{ConfigReloadFailed, ConfigReloaded, ReloadTrigger};
-use crate::snapshot::{Catalog, Snapshot};
+use crate::snapshot::{webhook_endpoints, Catalog, Snapshot};
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,7 @@ pub struct Reloader {
     reports: Arc<Reports>,
     accounts: Arc<Accounts>,
     metrics: Arc<Metrics>,
+    outbox: Arc<Outbox>,
 }
 
 impl Reloader {
@@ -68,6 +69,7 @@ impl Reloader {
         reports: Arc<Reports>,
         accounts: Arc<Accounts>,
         metrics: Arc<Metrics>,
+        outbox: Arc<Outbox>,
     ) -> Reloader {
         Reloader {
             current: Mutex::new(current),
@@ -76,6 +78,7 @@ impl Reloader {
             reports,
             accounts,
             metrics,
+            outbox,
         }
     }
 
@@ -124,12 +127,14 @@ impl Reloader {
             restart_required: restart_required(&current, &next),
         };
         self.install(snapshot);
+        self.outbox.set_endpoints(webhook_endpoints(&next));
         // What needs a restart stays as it runs, so later reloads keep
         // reporting it until the process restarts.
         let kept = Config {
             tiers: next.tiers,
             routes: next.routes,
             pricing: next.pricing,
+            webhooks: next.webhooks,
             ..current.clone()
         };
         *current = kept;

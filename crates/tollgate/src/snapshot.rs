@@ -15,7 +15,7 @@ use tollgate_metering::keys::KeyFormat;
 use tollgate_metering::limits::Limits;
 use tollgate_metering::usage::{Pricing, UsageFormat};
 use tollgate_metering::Store;
-use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage};
+use tollgate_proxy::{LiveConfig, Metrics, RouteSpec, RouteTable, RouteUsage, WebhookEndpoint};
 
 use crate::config::{Config, RouteConfig, TierConfig};
 
@@ -120,6 +120,19 @@ fn route_view(route: &RouteConfig) -> RouteView {
     }
 }
 
+/// The configured webhook endpoints.
+pub fn webhook_endpoints(config: &Config) -> Vec<WebhookEndpoint> {
+    config
+        .webhooks
+        .iter()
+        // Validation has checked every secret; one that does not decode
+        // cannot occur, and is left out rather than sent unsigned.
+        .filter_map(|hook| {
+            WebhookEndpoint::new(hook.url.clone(), &hook.secret, hook.events.clone())
+        })
+        .collect()
+}
+
 /// The configured tiers as limits.
 pub fn tier_limits(config: &Config) -> HashMap<String, Limits> {
     config
@@ -137,6 +150,7 @@ fn limits_of(tier: &TierConfig) -> Limits {
         monthly_cost_nanos: tier.monthly_cost_nanos,
         overage: tier.overage,
         overage_price_nanos: tier.overage_price_per_request_nanos.unwrap_or(0),
+        alerts: tier.alerts.clone(),
     }
 }
 

@@ -96,6 +96,17 @@ pub trait AccountStore: Send + Sync + 'static {
 }
 
 impl KeyRecord {
+    /// `new`, made by rotating this key: it joins this key's family and
+    /// takes its limits. Backends call this inside the rotation's
+    /// transaction, on the key as locked there.
+    pub fn successor(&self, new: NewKey) -> NewKey {
+        NewKey {
+            family_id: self.family_id,
+            limits: self.limits.clone(),
+            ..new
+        }
+    }
+
     /// When this key stops working once rotated with a grace period ending
     /// at `grace_end`: then, or at its own expiry if that is earlier. A
     /// revoked key cannot be rotated (`Conflict`). Backends call this inside
@@ -131,6 +142,8 @@ mod tests {
             created_at: datetime!(2026-11-22 08:00 UTC),
             expires_at,
             revoked_at,
+            family_id: KeyId::new(),
+            limits: None,
         }
     }
 

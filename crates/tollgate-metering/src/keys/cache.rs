@@ -166,10 +166,15 @@ impl KeyCache {
         self.by_digest.retain(|_, key| key.key_id != id);
     }
 
-    /// Replaces the whole cache with what `store` holds. Lookups keep working
-    /// throughout: entries are overwritten in place and the ones the store
-    /// no longer has are swept at the end.
-    pub async fn reload(&self, store: &dyn Store) -> Result<usize, StoreError> {
+    /// Replaces the whole cache with what `store` holds, and hands every
+    /// key's own limits to `policies`. Lookups keep working throughout:
+    /// entries are overwritten in place and the ones the store no longer
+    /// has are swept at the end.
+    pub async fn reload(
+        &self,
+        store: &dyn Store,
+        policies: &Policies,
+    ) -> Result<usize, StoreError> {
         let generation = self
             .generation
             .fetch_add(1, Ordering::Relaxed)
@@ -180,6 +185,7 @@ impl KeyCache {
                 count += batch.len();
                 for record in &batch {
                     self.insert(record, generation);
+                    policies.set_key(record);
                 }
             })
             .await?;
@@ -241,13 +247,16 @@ async fn apply(
 ) -> Result<(), StoreError> {
     match event {
         StoreEvent::Key(id) => match store.key(id).await? {
-            Some(record) => cache.upsert(&record),
+            Some(record) => {
+                cache.upsert(&record);
+                policies.set_key(&record);
+            }
             None => cache.remove(id),
         },
         // Customers carry tiers and overrides, which the limiter follows.
         StoreEvent::Customer(id) => policies.refresh(store, id).await?,
         StoreEvent::Resync => {
-            let keys = cache.reload(store).await?;
+            let keys = cache.reload(store, policies).await?;
             let customers = policies.reload(store).await?;
             emit(KeyFeedResynced { keys, customers });
         }
@@ -271,6 +280,8 @@ mod tests {
             created_at: datetime!(2026-01-01 0:00 UTC),
             expires_at: None,
             revoked_at: None,
+            family_id: KeyId::new(),
+            limits: None,
         }
     }
 

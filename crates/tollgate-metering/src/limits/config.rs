@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::usage::cost::{parse_usd_to_nanos, CostError};
+use crate::limits::alerts::Alerts;
+use crate::usage::cost::{format_usd, parse_usd_to_nanos, CostError};
 
 /// A short-window rate: `count` requests per `per`, e.g. 60 per minute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,6 +116,9 @@ pub struct Limits {
     pub monthly_cost_nanos: Option<i64>,
     pub overage: Overage,
     pub overage_price_nanos: i64,
+    /// The tier's alert fractions (`quota.threshold` webhooks), for the
+    /// customer's limits and its keys' own.
+    pub alerts: Alerts,
 }
 
 /// Why overrides were refused; each names the field at fault.
@@ -127,6 +131,11 @@ pub enum LimitsError {
          monthly_cost_usd, overage, overage_price_per_request_usd)"
     )]
     UnknownField { field: String },
+    #[error(
+        "unknown field {field:?} in a key's limits (known: rate, monthly_requests, \
+         monthly_tokens, monthly_cost_usd)"
+    )]
+    UnknownKeyField { field: String },
     #[error("invalid {field}: {problem}")]
     Invalid {
         field: &'static str,
@@ -140,7 +149,7 @@ impl LimitsError {
     pub(crate) fn field(&self) -> &str {
         match self {
             LimitsError::NotAnObject { .. } => "overrides",
-            LimitsError::UnknownField { field } => field,
+            LimitsError::UnknownField { field } | LimitsError::UnknownKeyField { field } => field,
             LimitsError::Invalid { field, .. } => field,
         }
     }
@@ -170,6 +179,7 @@ impl Limits {
             monthly_cost_nanos: None,
             overage: Overage::Block,
             overage_price_nanos: 0,
+            alerts: Alerts::none(),
         }
     }
 
@@ -237,6 +247,87 @@ impl Limits {
             }
         }
         Ok(limits)
+    }
+}
+
+/// A key's own limits, nested inside its customer's: a request must pass
+/// both. `None` = no limit of the key's own. A key's limits always block
+/// (there is no overage for a key) and are not billed separately.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub rate: Option<Rate>,
+    pub monthly_requests: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+    pub monthly_cost_nanos: Option<i64>,
+}
+
+/// The fields a key's limits may have.
+const KEY_LIMIT_FIELDS: [&str; 4] = [
+    "rate",
+    "monthly_requests",
+    "monthly_tokens",
+    "monthly_cost_usd",
+];
+
+impl KeyLimits {
+    /// No limit of the key's own.
+    pub fn is_empty(&self) -> bool {
+        *self == KeyLimits::default()
+    }
+
+    /// Reads `{rate?, monthly_requests?, monthly_tokens?,
+    /// monthly_cost_usd?}` with the rules of customer overrides (a rate as
+    /// in the config, counts as integers, cost a number or decimal
+    /// string; `null` or absent = none). Anything else is refused, naming
+    /// the field.
+    pub fn from_json(value: &Value) -> Result<KeyLimits, LimitsError> {
+        if let Value::Object(fields) = value {
+            if let Some(field) = fields
+                .keys()
+                .find(|name| !KEY_LIMIT_FIELDS.contains(&name.as_str()))
+            {
+                return Err(LimitsError::UnknownKeyField {
+                    field: field.clone(),
+                });
+            }
+        }
+        let limits = Limits::unlimited().with_overrides(value)?;
+        Ok(KeyLimits {
+            rate: limits.rate,
+            monthly_requests: limits.monthly_requests,
+            monthly_tokens: limits.monthly_tokens,
+            monthly_cost_nanos: limits.monthly_cost_nanos,
+        })
+    }
+
+    /// The JSON [`KeyLimits::from_json`] reads, with only the limits set:
+    /// what the admin API shows and the store keeps.
+    pub fn to_json(&self) -> Value {
+        let mut fields = serde_json::Map::new();
+        if let Some(rate) = self.rate {
+            fields.insert("rate".into(), Value::String(rate.to_string()));
+        }
+        if let Some(n) = self.monthly_requests {
+            fields.insert("monthly_requests".into(), n.into());
+        }
+        if let Some(n) = self.monthly_tokens {
+            fields.insert("monthly_tokens".into(), n.into());
+        }
+        if let Some(nanos) = self.monthly_cost_nanos {
+            fields.insert("monthly_cost_usd".into(), Value::String(format_usd(nanos)));
+        }
+        Value::Object(fields)
+    }
+
+    /// As the limiter checks them: overage always blocks.
+    pub(crate) fn as_limits(&self) -> Limits {
+        Limits {
+            rate: self.rate,
+            monthly_requests: self.monthly_requests,
+            monthly_tokens: self.monthly_tokens,
+            monthly_cost_nanos: self.monthly_cost_nanos,
+            ..Limits::unlimited()
+        }
     }
 }
 
@@ -311,6 +402,7 @@ mod tests {
             monthly_cost_nanos: Some(500_000_000_000),
             overage: Overage::Bill,
             overage_price_nanos: 1_000_000,
+            alerts: Alerts::none(),
         }
     }
 
@@ -414,6 +506,7 @@ mod tests {
                 monthly_cost_nanos: Some(100_000_000),
                 overage: Overage::Bill,
                 overage_price_nanos: 1_000_000,
+                alerts: Alerts::none(),
             }
         );
         let limits = pro()

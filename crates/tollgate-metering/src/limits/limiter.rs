@@ -18,8 +18,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -29,7 +29,9 @@ use super::clock::{from_unix_nanos, unix_nanos, Clock};
 use super::config::{Limits, Overage};
 use super::gcra::Gcra;
 use super::period::Period;
-use crate::keys::ids::CustomerId;
+use crate::keys::ids::{CustomerId, KeyId};
+use crate::limits::alerts::{reached, Alerts, KeyAlert, LimitAlert, MonthlyLimit};
+use crate::limits::config::KeyLimits;
 use crate::store::{StoreError, UsageReports};
 use crate::usage::{Outcome, UsageEvent};
 
@@ -104,12 +106,30 @@ pub struct Remaining {
     pub cost_nanos: Option<i64>,
 }
 
+impl Remaining {
+    /// The smaller of each, where either has one.
+    fn least(self, other: Remaining) -> Remaining {
+        fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        Remaining {
+            tokens: min(self.tokens, other.tokens),
+            cost_nanos: min(self.cost_nanos, other.cost_nanos),
+        }
+    }
+}
+
 /// A request let through: one monthly request reserved in `period`.
 /// [`Limiter::release`] gives it back, [`Limiter::settle`] adds what the
 /// response used.
 #[derive(Debug)]
 pub struct Admission {
     customer: CustomerId,
+    /// The key's family, when the key has limits of its own.
+    family: Option<Arc<KeyFamily>>,
     period: Period,
     released: AtomicBool,
 }
@@ -158,6 +178,22 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Of two refusals (a key's and its customer's), the one to report: a
+    /// quota or budget over a rate, since retrying soon cannot help; of two
+    /// rates, the longer wait.
+    fn graver(self, other: Rejection) -> Rejection {
+        match (self, other) {
+            (
+                Rejection::RateLimited { retry_after: a },
+                Rejection::RateLimited { retry_after: b },
+            ) => Rejection::RateLimited {
+                retry_after: a.max(b),
+            },
+            (Rejection::RateLimited { .. }, graver) => graver,
+            (graver, _) => graver,
+        }
+    }
+
     /// For the `Retry-After` header.
     pub fn retry_after(&self) -> Duration {
         match self {
@@ -242,6 +278,8 @@ pub struct QuotaView {
 pub(crate) struct CommittedSnapshot {
     period: Period,
     committed: HashMap<CustomerId, PeriodTotals>,
+    /// The same per key family.
+    keys: HashMap<KeyId, PeriodTotals>,
 }
 
 impl CommittedSnapshot {
@@ -250,9 +288,26 @@ impl CommittedSnapshot {
         self.period
     }
 
+    #[cfg(test)]
     /// This instance's committed rows of `customer` in the period.
     pub(crate) fn get(&self, customer: CustomerId) -> PeriodTotals {
         self.committed.get(&customer).copied().unwrap_or_default()
+    }
+
+    /// This instance's committed rows of `id` (in `of`, the customers' or
+    /// the key families' map) in `period`; zero for a snapshot of another
+    /// period.
+    fn ours<K: std::hash::Hash + Eq>(
+        &self,
+        period: Period,
+        of: &HashMap<K, PeriodTotals>,
+        id: &K,
+    ) -> PeriodTotals {
+        if self.period == period {
+            of.get(id).copied().unwrap_or_default()
+        } else {
+            PeriodTotals::ZERO
+        }
     }
 }
 
@@ -275,6 +330,13 @@ struct State {
     base: PeriodTotals,
     /// This instance's rows committed to the database in `period`.
     committed: PeriodTotals,
+    /// Monthly limits ([`MonthlyLimit::bit`]) that refused a request in
+    /// `period`, and those whose refusal is recorded as an alert.
+    refused: u8,
+    exhausted_alerted: u8,
+    /// Per monthly limit, the alert fractions (bit i: the i-th) recorded
+    /// in `period`.
+    alerted: [u16; 3],
 }
 
 impl State {
@@ -289,6 +351,9 @@ impl State {
             own: PeriodTotals::ZERO,
             base: PeriodTotals::ZERO,
             committed: PeriodTotals::ZERO,
+            refused: 0,
+            exhausted_alerted: 0,
+            alerted: [0; 3],
         }
     }
 
@@ -306,11 +371,30 @@ impl State {
             self.own = PeriodTotals::ZERO;
             self.base = PeriodTotals::ZERO;
             self.committed = PeriodTotals::ZERO;
+            self.refused = 0;
+            self.exhausted_alerted = 0;
+            self.alerted = [0; 3];
         }
     }
 
     fn used(&self) -> PeriodTotals {
         self.base.plus(self.own)
+    }
+
+    /// Takes the database's `total` for `period` in, less `ours` (this
+    /// instance's committed rows): see [`Limiter::apply_totals`].
+    fn rebase(&mut self, now_ns: i64, period: Period, total: PeriodTotals, ours: PeriodTotals) {
+        self.roll(now_ns);
+        if self.period == period {
+            self.base = total.minus(ours);
+        }
+    }
+
+    /// A key family's alert fractions are its customer's tier's.
+    fn alerts_from(&mut self, alerts: &Alerts) {
+        if self.limits.alerts != *alerts {
+            self.limits.alerts = alerts.clone();
+        }
     }
 
     fn set_limits(&mut self, limits: Limits, now_ns: i64) {
@@ -326,33 +410,24 @@ impl State {
         self.limits = limits;
     }
 
-    fn admit(&mut self, customer: CustomerId, now_ns: i64) -> Decision {
-        self.roll(now_ns);
-        let result = self.decide(now_ns).map(|()| Admission {
-            customer,
-            period: self.period,
-            released: AtomicBool::new(false),
-        });
+    fn remaining(&self) -> Remaining {
         let used = self.used();
-        Decision {
-            result,
-            headers: self.headers(now_ns),
-            remaining: Remaining {
-                tokens: self
-                    .limits
-                    .monthly_tokens
-                    .map(|limit| limit.saturating_sub(used.tokens)),
-                cost_nanos: self
-                    .limits
-                    .monthly_cost_nanos
-                    .map(|limit| limit.saturating_sub(used.cost_nanos).max(0)),
-            },
+        Remaining {
+            tokens: self
+                .limits
+                .monthly_tokens
+                .map(|limit| limit.saturating_sub(used.tokens)),
+            cost_nanos: self
+                .limits
+                .monthly_cost_nanos
+                .map(|limit| limit.saturating_sub(used.cost_nanos).max(0)),
         }
     }
 
-    /// Checks in order (rate, budgets, request quota), and only when all
-    /// pass takes the rate slot and the request.
-    fn decide(&mut self, now_ns: i64) -> Result<(), Rejection> {
+    /// Checks in order (rate, budgets, request quota) without taking
+    /// anything; `Ok` carries the rate's new arrival time for
+    /// [`State::take`].
+    fn check(&self, now_ns: i64) -> Result<Option<i64>, Rejection> {
         let new_tat = match self.gcra.map(|gcra| gcra.check(self.tat_ns, now_ns)) {
             Some(Err(wait_ns)) => {
                 return Err(Rejection::RateLimited {
@@ -394,11 +469,23 @@ impl State {
                 retry_after: to_next_period(),
             });
         }
+        Ok(new_tat)
+    }
+
+    /// Takes the rate slot and the request that [`State::check`] allowed.
+    fn take(&mut self, new_tat: Option<i64>) {
         if let Some(tat) = new_tat {
             self.tat_ns = tat;
         }
         self.own.requests = self.own.requests.saturating_add(1);
-        Ok(())
+    }
+
+    /// Notes which monthly limit refused a request in this period (for the
+    /// `quota.exhausted` alert).
+    fn note_refusal(&mut self, rejection: Rejection) {
+        if let Some(limit) = MonthlyLimit::of(rejection) {
+            self.refused |= limit.bit();
+        }
     }
 
     fn rate_headers(&self, now_ns: i64) -> Option<RateHeaders> {
@@ -431,6 +518,75 @@ impl State {
             (Some(rate), Some(quota)) if quota.remaining < rate.remaining => Some(quota),
             (Some(rate), _) => Some(rate),
             (None, quota) => quota,
+        }
+    }
+
+    /// Use and limit of one monthly limit (cost in nano-USD); `None`
+    /// without that limit.
+    fn meter(&self, limit: MonthlyLimit) -> Option<(u64, u64)> {
+        let used = self.used();
+        match limit {
+            MonthlyLimit::Requests => self.limits.monthly_requests.map(|l| (used.requests, l)),
+            MonthlyLimit::Tokens => self.limits.monthly_tokens.map(|l| (used.tokens, l)),
+            MonthlyLimit::Cost => self.limits.monthly_cost_nanos.map(|l| {
+                let nonneg = |n: i64| u64::try_from(n).unwrap_or(0);
+                (nonneg(used.cost_nanos), nonneg(l))
+            }),
+        }
+    }
+
+    /// Alerts this state owes and has not recorded: fractions of `alerts`
+    /// reached, and monthly limits that refused a request.
+    fn pending_alerts(
+        &self,
+        alerts: &Alerts,
+        customer: CustomerId,
+        key: Option<KeyAlert>,
+        found: &mut Vec<LimitAlert>,
+    ) {
+        for limit in MonthlyLimit::ALL {
+            let Some((used, limit_value)) = self.meter(limit) else {
+                continue;
+            };
+            let alert = |threshold| LimitAlert {
+                customer,
+                key,
+                limit,
+                threshold,
+                used,
+                limit_value,
+                period: self.period,
+            };
+            let recorded = self.alerted[limit as usize];
+            for (index, &millionths) in alerts.millionths().iter().enumerate() {
+                if recorded & (1 << index) == 0 && reached(used, limit_value, millionths) {
+                    found.push(alert(Some(millionths)));
+                }
+            }
+            if self.refused & !self.exhausted_alerted & limit.bit() != 0 {
+                found.push(alert(None));
+            }
+        }
+    }
+
+    /// Remembers that `alert` is recorded (in this period).
+    fn mark_alerted(&mut self, alert: &LimitAlert) {
+        if alert.period != self.period {
+            return;
+        }
+        match alert.threshold {
+            None => self.exhausted_alerted |= alert.limit.bit(),
+            Some(millionths) => {
+                if let Some(index) = self
+                    .limits
+                    .alerts
+                    .millionths()
+                    .iter()
+                    .position(|&m| m == millionths)
+                {
+                    self.alerted[alert.limit as usize] |= 1 << index;
+                }
+            }
         }
     }
 
@@ -470,11 +626,37 @@ impl State {
     }
 }
 
-/// Admission control for every customer. `Send + Sync`; the data plane
-/// shares one behind an `Arc`.
+/// A key family's own limits and counters (keys with limits of their own;
+/// a rotated key's successor joins its family). Locked after its
+/// customer's state, never before.
+#[derive(Debug)]
+struct KeyFamily {
+    id: KeyId,
+    customer: CustomerId,
+    state: Mutex<State>,
+    /// The family's newest key (ids are time-ordered): the one its alerts
+    /// name.
+    newest: Mutex<KeyId>,
+}
+
+impl KeyFamily {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Admission control for every customer and every key with limits of its
+/// own. `Send + Sync`; the data plane shares one behind an `Arc`.
 pub struct Limiter {
     clock: Arc<dyn Clock>,
     customers: DashMap<CustomerId, State, IdHash>,
+    /// Key families with limits of their own, by family id.
+    families: DashMap<KeyId, Arc<KeyFamily>, IdHash>,
+    /// Keys with limits of their own, to their family.
+    members: DashMap<KeyId, Arc<KeyFamily>, IdHash>,
+    /// `members.len()`, read on every admission so that a gateway without
+    /// key limits looks nothing up.
+    member_count: AtomicUsize,
     /// Unix ns when this limiter was made. Rows from before it (a previous
     /// process's, replayed from the spool) are in the database totals but
     /// not in `own`, so [`Limiter::committed`] must not subtract them.
@@ -485,6 +667,7 @@ impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
             .field("customers", &self.customers.len())
+            .field("key_families", &self.families.len())
             .finish_non_exhaustive()
     }
 }
@@ -495,6 +678,9 @@ impl Limiter {
         Limiter {
             clock,
             customers: DashMap::with_hasher_and_shard_amount(IdHash, shard_amount()),
+            families: DashMap::with_hasher(IdHash),
+            members: DashMap::with_hasher(IdHash),
+            member_count: AtomicUsize::new(0),
             started_ns,
         }
     }
@@ -522,32 +708,140 @@ impl Limiter {
         state.set_limits(limits, now_ns);
     }
 
+    /// Sets (or replaces, or with `None` removes) the limits of a key of
+    /// `family`, live. Every key of a family shares one set of counters,
+    /// kept across changes of its limits.
+    pub fn set_key_limits(
+        &self,
+        key: KeyId,
+        family: KeyId,
+        customer: CustomerId,
+        limits: Option<&KeyLimits>,
+    ) {
+        let Some(limits) = limits.filter(|limits| !limits.is_empty()) else {
+            if self.members.remove(&key).is_some() {
+                self.member_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        };
+        let now_ns = self.now();
+        let shared = self
+            .families
+            .entry(family)
+            .or_insert_with(|| {
+                Arc::new(KeyFamily {
+                    id: family,
+                    customer,
+                    state: Mutex::new(State::new(Limits::unlimited(), now_ns)),
+                    newest: Mutex::new(key),
+                })
+            })
+            .clone();
+        {
+            let mut newest = shared.newest.lock().unwrap_or_else(|e| e.into_inner());
+            *newest = (*newest).max(key);
+        }
+        {
+            let mut state = shared.lock();
+            state.roll(now_ns);
+            state.set_limits(limits.as_limits(), now_ns);
+        }
+        if self.members.insert(key, shared).is_none() {
+            self.member_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The family of a key with limits of its own.
+    fn family_of(&self, key: KeyId) -> Option<Arc<KeyFamily>> {
+        if self.member_count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.members.get(&key).map(|family| Arc::clone(&family))
+    }
+
     /// Forgets a customer and its counters (the customer was deleted).
     pub(crate) fn remove(&self, customer: CustomerId) {
         self.customers.remove(&customer);
     }
 
-    /// Decides a request before it is forwarded. Checks, in order: the
-    /// rate, the token and cost budgets (used ≥ limit refuses), then
-    /// `monthly_requests` (`block`: reserved atomically; `bill`: always
-    /// admitted, counted). A rejection reserves nothing, not even a rate
-    /// slot.
+    /// Decides a request of `key` (of `customer`) before it is forwarded.
+    /// Checks, in order: the rate, the token and cost budgets (used ≥ limit
+    /// refuses), then `monthly_requests` (`block`: reserved atomically;
+    /// `bill`: always admitted, counted), at the customer's level and, when
+    /// the key has limits of its own, at the key's (where overage always
+    /// blocks). A request must pass both, and a rejection reserves
+    /// nothing at either level, not even a rate slot: both states are
+    /// locked (customer, then key) for the check and the reservation.
     ///
     /// A customer this limiter has no limits for yet (created a moment ago,
     /// not yet announced by the limits feed) is admitted as unlimited but
     /// counted, so the usage is there when its limits arrive.
     ///
     /// Does not allocate, except the first time a customer is seen.
-    pub fn admit(&self, customer: CustomerId) -> Decision {
+    pub fn admit(&self, customer: CustomerId, key: KeyId) -> Decision {
         let now_ns = self.now();
-        if let Some(mut entry) = self.customers.get_mut(&customer) {
-            return entry.admit(customer, now_ns);
+        let family = self.family_of(key);
+        let mut entry = match self.customers.get_mut(&customer) {
+            Some(entry) => entry,
+            None => self
+                .customers
+                .entry(customer)
+                .or_insert_with(|| State::new(Limits::unlimited(), now_ns)),
+        };
+        let state = &mut *entry;
+        state.roll(now_ns);
+        let Some(family) = family else {
+            let result = state.check(now_ns).map(|tat| state.take(tat));
+            if let Err(rejection) = result {
+                state.note_refusal(rejection);
+            }
+            return Decision {
+                result: result.map(|()| Admission {
+                    customer,
+                    family: None,
+                    period: state.period,
+                    released: AtomicBool::new(false),
+                }),
+                headers: state.headers(now_ns),
+                remaining: state.remaining(),
+            };
+        };
+        let mut key_state = family.lock();
+        key_state.roll(now_ns);
+        let result = match (state.check(now_ns), key_state.check(now_ns)) {
+            (Ok(customer_tat), Ok(key_tat)) => {
+                state.take(customer_tat);
+                key_state.take(key_tat);
+                Ok(())
+            }
+            (Err(rejection), Ok(_)) => {
+                state.note_refusal(rejection);
+                Err(rejection)
+            }
+            (Ok(_), Err(rejection)) => {
+                key_state.note_refusal(rejection);
+                Err(rejection)
+            }
+            (Err(by_customer), Err(by_key)) => {
+                state.note_refusal(by_customer);
+                key_state.note_refusal(by_key);
+                Err(by_customer.graver(by_key))
+            }
+        };
+        let headers = tightest(state.headers(now_ns), key_state.headers(now_ns));
+        let remaining = state.remaining().least(key_state.remaining());
+        let period = state.period;
+        drop(key_state);
+        Decision {
+            result: result.map(|()| Admission {
+                customer,
+                family: Some(family),
+                period,
+                released: AtomicBool::new(false),
+            }),
+            headers,
+            remaining,
         }
-        let mut entry = self
-            .customers
-            .entry(customer)
-            .or_insert_with(|| State::new(Limits::unlimited(), now_ns));
-        entry.admit(customer, now_ns)
     }
 
     /// The request never reached the upstream (a 413 after admission, a
@@ -573,14 +867,21 @@ impl Limiter {
         });
     }
 
-    fn with_period_of(&self, admission: &Admission, apply: impl FnOnce(&mut State)) {
+    /// Applies `apply` to the admission's customer and key family states,
+    /// each if it is still in the admission's period.
+    fn with_period_of(&self, admission: &Admission, apply: impl Fn(&mut State)) {
         let now_ns = self.now();
-        if let Some(mut entry) = self.customers.get_mut(&admission.customer) {
-            let state = &mut *entry;
+        let in_period = |state: &mut State| {
             state.roll(now_ns);
             if state.period == admission.period {
                 apply(state);
             }
+        };
+        if let Some(mut entry) = self.customers.get_mut(&admission.customer) {
+            in_period(&mut entry);
+        }
+        if let Some(family) = &admission.family {
+            in_period(&mut family.lock());
         }
     }
 
@@ -599,22 +900,29 @@ impl Limiter {
             {
                 continue;
             }
-            if let Some(mut entry) = self.customers.get_mut(&event.customer_id) {
-                let state = &mut *entry;
+            let row = PeriodTotals {
+                requests: 1,
+                tokens: event_tokens(event),
+                cost_nanos: event.cost_nanos.max(0),
+            };
+            let add = |state: &mut State| {
                 state.roll(now_ns);
                 if state.period == period {
-                    state.committed = state.committed.plus(PeriodTotals {
-                        requests: 1,
-                        tokens: event_tokens(event),
-                        cost_nanos: event.cost_nanos.max(0),
-                    });
+                    state.committed = state.committed.plus(row);
                 }
+            };
+            if let Some(mut entry) = self.customers.get_mut(&event.customer_id) {
+                add(&mut entry);
+            }
+            if let Some(family) = self.family_of(event.key_id) {
+                add(&mut family.lock());
             }
         }
     }
 
     /// What this instance has committed so far in the current period, per
-    /// customer. Take it just BEFORE reading the database totals.
+    /// customer and key family. Take it just BEFORE reading the database
+    /// totals.
     pub(crate) fn committed_snapshot(&self) -> CommittedSnapshot {
         let now_ns = self.now();
         let period = Self::period_at(now_ns);
@@ -627,22 +935,51 @@ impl Limiter {
                 committed.insert(customer, state.committed);
             }
         }
-        CommittedSnapshot { period, committed }
+        let mut keys = HashMap::new();
+        for family in self.all_families() {
+            let mut state = family.lock();
+            state.roll(now_ns);
+            if state.period == period && state.committed != PeriodTotals::ZERO {
+                keys.insert(family.id, state.committed);
+            }
+        }
+        CommittedSnapshot {
+            period,
+            committed,
+            keys,
+        }
+    }
+
+    /// Every key family, copied out so that no map lock is held while a
+    /// family is locked.
+    fn all_families(&self) -> Vec<Arc<KeyFamily>> {
+        self.families
+            .iter()
+            .map(|family| Arc::clone(&family))
+            .collect()
     }
 
     /// Start-up load and multi-instance sync: reads the current period's
-    /// totals from the database and takes them in. Each customer's used
-    /// becomes (database total − what this instance had committed just
-    /// before the read) + this instance's own counts, so this instance's
-    /// rows are never counted twice nor missed; rows committed between
-    /// that moment and the read count twice until the next sync (the safe
-    /// direction). Customers this limiter has not seen are added, unlimited
-    /// until their limits are set. The limiter's one I/O.
+    /// totals from the database (per customer, and per key family when
+    /// some keys have limits of their own) and takes them in. Each
+    /// counter's used becomes (database total − what this instance had
+    /// committed just before the read) + this instance's own counts, so
+    /// this instance's rows are never counted twice nor missed; rows
+    /// committed between that moment and the read count twice until the
+    /// next sync (the safe direction). Customers this limiter has not seen
+    /// are added, unlimited until their limits are set. The limiter's one
+    /// I/O.
     pub async fn sync(&self, store: &dyn UsageReports) -> Result<(), StoreError> {
         let period = Self::period_at(self.now());
         let committed = self.committed_snapshot();
         let totals = store.period_totals(period).await?;
+        let key_totals = if self.families.is_empty() {
+            HashMap::new()
+        } else {
+            store.key_period_totals(period).await?
+        };
         self.apply_totals(period, &totals, &committed);
+        self.apply_key_totals(period, &key_totals, &committed);
         Ok(())
     }
 
@@ -671,19 +1008,14 @@ impl Limiter {
         if period != Self::period_at(now_ns) {
             return;
         }
-        let ours = |customer: CustomerId| {
-            if committed.period == period {
-                committed.get(customer)
-            } else {
-                PeriodTotals::ZERO
-            }
-        };
         let apply = |customer: CustomerId, state: &mut State| {
-            state.roll(now_ns);
-            if state.period == period {
-                let total = totals.get(&customer).copied().unwrap_or_default();
-                state.base = total.minus(ours(customer));
-            }
+            let total = totals.get(&customer).copied().unwrap_or_default();
+            state.rebase(
+                now_ns,
+                period,
+                total,
+                committed.ours(period, &committed.committed, &customer),
+            );
         };
         for &customer in totals.keys() {
             match self.customers.get_mut(&customer) {
@@ -702,6 +1034,24 @@ impl Limiter {
                 let customer = *entry.key();
                 apply(customer, entry.value_mut());
             }
+        }
+    }
+
+    /// [`Limiter::apply_totals`] for the key families.
+    fn apply_key_totals(
+        &self,
+        period: Period,
+        totals: &HashMap<KeyId, PeriodTotals>,
+        committed: &CommittedSnapshot,
+    ) {
+        let now_ns = self.now();
+        if period != Self::period_at(now_ns) {
+            return;
+        }
+        for family in self.all_families() {
+            let total = totals.get(&family.id).copied().unwrap_or_default();
+            let ours = committed.ours(period, &committed.keys, &family.id);
+            family.lock().rebase(now_ns, period, total, ours);
         }
     }
 
@@ -740,6 +1090,77 @@ impl Limiter {
                 headers: None,
             }
         })
+    }
+
+    /// The key's own limits and their use (its family's), when it has
+    /// limits of its own.
+    pub fn key_view(&self, key: KeyId) -> Option<QuotaView> {
+        let now_ns = self.now();
+        let family = self.family_of(key)?;
+        let mut state = family.lock();
+        state.roll(now_ns);
+        Some(state.view(now_ns))
+    }
+
+    /// Every alert owed and not yet recorded (by this process): alert
+    /// fractions of the customer's tier reached by a customer's or a key
+    /// family's monthly use, and monthly limits that refused a request in
+    /// the current period. [`Limiter::alerted`] marks one recorded.
+    pub fn alerts(&self) -> Vec<LimitAlert> {
+        let now_ns = self.now();
+        let period = Self::period_at(now_ns);
+        let mut found = Vec::new();
+        for entry in self.customers.iter() {
+            let state = entry.value();
+            if state.period == period {
+                state.pending_alerts(&state.limits.alerts, *entry.key(), None, &mut found);
+            }
+        }
+        for family in self.all_families() {
+            let alerts = self
+                .customers
+                .get(&family.customer)
+                .map(|customer| customer.limits.alerts.clone())
+                .unwrap_or_default();
+            let newest = *family.newest.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = family.lock();
+            state.roll(now_ns);
+            state.alerts_from(&alerts);
+            if state.period == period {
+                let key = KeyAlert {
+                    family: family.id,
+                    newest,
+                };
+                state.pending_alerts(&alerts, family.customer, Some(key), &mut found);
+            }
+        }
+        found
+    }
+
+    /// Remembers that `alert` is recorded, so [`Limiter::alerts`] stops
+    /// returning it (until a restart, when the database says it exists).
+    pub fn alerted(&self, alert: &LimitAlert) {
+        match alert.key.map(|key| key.family) {
+            None => {
+                if let Some(mut state) = self.customers.get_mut(&alert.customer) {
+                    state.mark_alerted(alert);
+                }
+            }
+            Some(family) => {
+                if let Some(family) = self.families.get(&family).map(|f| Arc::clone(&f)) {
+                    family.lock().mark_alerted(alert);
+                }
+            }
+        }
+    }
+}
+
+/// Of two request limits' headers, the one with the fewest remaining; on a
+/// tie, the first.
+fn tightest(first: Option<RateHeaders>, second: Option<RateHeaders>) -> Option<RateHeaders> {
+    match (first, second) {
+        (Some(a), Some(b)) if b.remaining < a.remaining => Some(b),
+        (a, b) => a.or(b),
     }
 }
 
@@ -821,6 +1242,9 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    /// A key without limits of its own.
+    const NO_KEY: KeyId = KeyId(uuid::Uuid::nil());
     use crate::keys::ids::KeyId;
     use crate::limits::{ManualClock, Rate};
     use crate::usage::CostSource;
@@ -912,7 +1336,7 @@ mod tests {
         let c = customer(1);
         limiter.set_limits(c, rate("3/s"));
         for (used, remaining) in [(1, 2), (2, 1), (3, 0)] {
-            let decision = limiter.admit(c);
+            let decision = limiter.admit(c, NO_KEY);
             assert_eq!(
                 decision.headers,
                 Some(RateHeaders {
@@ -924,7 +1348,7 @@ mod tests {
             );
             admitted(decision);
         }
-        let decision = limiter.admit(c);
+        let decision = limiter.admit(c, NO_KEY);
         assert_eq!(
             decision.headers,
             Some(RateHeaders {
@@ -942,7 +1366,7 @@ mod tests {
         );
 
         clock.advance(secs(1) / 3);
-        let decision = limiter.admit(c);
+        let decision = limiter.admit(c, NO_KEY);
         // TAT is now t0 + 4 × 333_333_333 ns = t0 + 1.333 s: reset rounds up.
         assert_eq!(
             decision.headers,
@@ -955,7 +1379,7 @@ mod tests {
         );
         admitted(decision);
         assert!(matches!(
-            rejected(limiter.admit(c)),
+            rejected(limiter.admit(c, NO_KEY)),
             Rejection::RateLimited { retry_after } if retry_after == secs(1)
         ));
 
@@ -983,13 +1407,19 @@ mod tests {
         let c = customer(1);
         limiter.set_limits(c, rate("60/h"));
         for _ in 0..60 {
-            admitted(limiter.admit(c));
+            admitted(limiter.admit(c, NO_KEY));
         }
-        assert_eq!(limiter.admit(c).result.unwrap_err().retry_after(), secs(60));
+        assert_eq!(
+            limiter.admit(c, NO_KEY).result.unwrap_err().retry_after(),
+            secs(60)
+        );
         clock.advance(Duration::from_millis(59_500));
-        assert_eq!(limiter.admit(c).result.unwrap_err().retry_after(), secs(1));
+        assert_eq!(
+            limiter.admit(c, NO_KEY).result.unwrap_err().retry_after(),
+            secs(1)
+        );
         clock.advance(Duration::from_millis(500));
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
     }
 
     #[test]
@@ -998,7 +1428,7 @@ mod tests {
         let c = customer(7);
         limiter.set_limits(c, quota(60, Overage::Block));
         for _ in 0..10 {
-            admitted(limiter.admit(c));
+            admitted(limiter.admit(c, NO_KEY));
         }
         let race = |threads: usize| -> (Vec<Admission>, Vec<Rejection>) {
             let barrier = Barrier::new(threads);
@@ -1007,7 +1437,7 @@ mod tests {
                     .map(|_| {
                         scope.spawn(|| {
                             barrier.wait();
-                            limiter.admit(c).result
+                            limiter.admit(c, NO_KEY).result
                         })
                     })
                     .collect();
@@ -1054,8 +1484,8 @@ mod tests {
             },
         );
 
-        admitted(limiter.admit(block));
-        let decision = limiter.admit(block);
+        admitted(limiter.admit(block, NO_KEY));
+        let decision = limiter.admit(block, NO_KEY);
         assert_eq!(
             decision.headers,
             Some(RateHeaders {
@@ -1066,7 +1496,7 @@ mod tests {
             })
         );
         admitted(decision);
-        let decision = limiter.admit(block);
+        let decision = limiter.admit(block, NO_KEY);
         assert_eq!(
             decision.headers,
             Some(RateHeaders {
@@ -1091,9 +1521,9 @@ mod tests {
         );
 
         for _ in 0..3 {
-            admitted(limiter.admit(bill));
+            admitted(limiter.admit(bill, NO_KEY));
         }
-        let decision = limiter.admit(bill);
+        let decision = limiter.admit(bill, NO_KEY);
         assert_eq!(
             decision.headers,
             Some(RateHeaders {
@@ -1137,10 +1567,10 @@ mod tests {
             },
         );
 
-        let first = admitted(limiter.admit(tokens));
+        let first = admitted(limiter.admit(tokens, NO_KEY));
         limiter.settle(&first, 99, 5);
         // 99 < 100: still admitted; the settlement can then overshoot.
-        let second = admitted(limiter.admit(tokens));
+        let second = admitted(limiter.admit(tokens, NO_KEY));
         limiter.settle(&second, 60, 5);
         assert_eq!(
             used(&limiter, tokens),
@@ -1150,7 +1580,7 @@ mod tests {
                 cost_nanos: 10
             }
         );
-        let decision = limiter.admit(tokens);
+        let decision = limiter.admit(tokens, NO_KEY);
         // The rejection took no rate slot: still 1 of 3 free, as before.
         assert_eq!(decision.headers.map(|h| h.remaining), Some(1));
         let rejection = rejected(decision);
@@ -1168,11 +1598,11 @@ mod tests {
         );
         assert_eq!(used(&limiter, tokens).requests, 2, "no request reserved");
 
-        let a = admitted(limiter.admit(cost));
+        let a = admitted(limiter.admit(cost, NO_KEY));
         limiter.settle(&a, 0, 999);
-        let b = admitted(limiter.admit(cost));
+        let b = admitted(limiter.admit(cost, NO_KEY));
         limiter.settle(&b, 0, 1);
-        let decision = limiter.admit(cost);
+        let decision = limiter.admit(cost, NO_KEY);
         assert_eq!(
             decision.headers,
             Some(RateHeaders {
@@ -1215,10 +1645,10 @@ mod tests {
                 ..rate("2/s")
             },
         );
-        let a = admitted(limiter.admit(c));
+        let a = admitted(limiter.admit(c, NO_KEY));
         limiter.settle(&a, 10, 0);
         for _ in 0..5 {
-            let decision = limiter.admit(c);
+            let decision = limiter.admit(c, NO_KEY);
             assert_eq!(decision.headers.map(|h| h.remaining), Some(1));
             assert!(matches!(
                 rejected(decision),
@@ -1235,7 +1665,7 @@ mod tests {
                 ..rate("2/s")
             },
         );
-        let decision = limiter.admit(c);
+        let decision = limiter.admit(c, NO_KEY);
         assert_eq!(decision.headers.map(|h| h.remaining), Some(0));
         admitted(decision);
     }
@@ -1251,10 +1681,10 @@ mod tests {
                 ..quota(1, Overage::Block)
             },
         );
-        let january = admitted(limiter.admit(c));
+        let january = admitted(limiter.admit(c, NO_KEY));
         assert_eq!(january.period().to_string(), "2026-01");
         assert_eq!(
-            rejected(limiter.admit(c)),
+            rejected(limiter.admit(c, NO_KEY)),
             Rejection::QuotaExceeded {
                 retry_after: secs(1)
             },
@@ -1262,7 +1692,7 @@ mod tests {
         );
         clock.advance(Duration::from_millis(100));
         assert_eq!(clock.now(), datetime!(2026-02-01 0:00 UTC));
-        let february = admitted(limiter.admit(c));
+        let february = admitted(limiter.admit(c, NO_KEY));
         assert_eq!(february.period().to_string(), "2026-02");
 
         // January's late settlement and release touch nothing in February.
@@ -1281,15 +1711,15 @@ mod tests {
         let (clock, limiter) = setup(datetime!(2026-12-31 23:59:59 UTC));
         let c = customer(1);
         limiter.set_limits(c, quota(1, Overage::Block));
-        admitted(limiter.admit(c));
-        let decision = limiter.admit(c);
+        admitted(limiter.admit(c, NO_KEY));
+        let decision = limiter.admit(c, NO_KEY);
         assert_eq!(
             decision.headers.map(|h| h.reset),
             Some(datetime!(2027-01-01 0:00 UTC).unix_timestamp())
         );
         assert_eq!(rejected(decision).retry_after(), secs(1));
         clock.advance(secs(1));
-        let admission = admitted(limiter.admit(c));
+        let admission = admitted(limiter.admit(c, NO_KEY));
         assert_eq!(admission.period().to_string(), "2027-01");
         assert_eq!(used(&limiter, c).requests, 1);
     }
@@ -1299,16 +1729,25 @@ mod tests {
         let (clock, limiter) = setup(datetime!(2028-02-28 12:00 UTC));
         let c = customer(1);
         limiter.set_limits(c, quota(1, Overage::Block));
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
         // 12 h of the 28th + all of the 29th.
-        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(36 * 3600));
+        assert_eq!(
+            rejected(limiter.admit(c, NO_KEY)).retry_after(),
+            secs(36 * 3600)
+        );
         clock.set(datetime!(2028-02-29 0:00 UTC));
-        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(86_400));
+        assert_eq!(
+            rejected(limiter.admit(c, NO_KEY)).retry_after(),
+            secs(86_400)
+        );
         clock.set(datetime!(2028-02-29 23:59:59.5 UTC));
-        assert_eq!(rejected(limiter.admit(c)).retry_after(), secs(1));
+        assert_eq!(rejected(limiter.admit(c, NO_KEY)).retry_after(), secs(1));
         assert_eq!(used(&limiter, c).requests, 1);
         clock.set(datetime!(2028-03-01 0:00 UTC));
-        assert_eq!(admitted(limiter.admit(c)).period().to_string(), "2028-03");
+        assert_eq!(
+            admitted(limiter.admit(c, NO_KEY)).period().to_string(),
+            "2028-03"
+        );
     }
 
     #[test]
@@ -1316,10 +1755,10 @@ mod tests {
         let (clock, limiter) = setup(datetime!(2026-03-01 0:00:01 UTC));
         let c = customer(1);
         limiter.set_limits(c, quota(1, Overage::Block));
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
         clock.set(datetime!(2026-02-28 23:59:59 UTC));
         assert!(matches!(
-            rejected(limiter.admit(c)),
+            rejected(limiter.admit(c, NO_KEY)),
             Rejection::QuotaExceeded { .. }
         ));
         assert_eq!(limiter.known_view(c).unwrap().period.to_string(), "2026-03");
@@ -1330,21 +1769,21 @@ mod tests {
         let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
         let c = customer(1);
         limiter.set_limits(c, quota(2, Overage::Block));
-        admitted(limiter.admit(c));
-        admitted(limiter.admit(c));
-        assert!(limiter.admit(c).result.is_err());
+        admitted(limiter.admit(c, NO_KEY));
+        admitted(limiter.admit(c, NO_KEY));
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
         limiter.set_limits(c, quota(3, Overage::Block));
-        admitted(limiter.admit(c));
-        assert!(limiter.admit(c).result.is_err());
+        admitted(limiter.admit(c, NO_KEY));
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
         limiter.set_limits(c, quota(1, Overage::Block));
-        let decision = limiter.admit(c);
+        let decision = limiter.admit(c, NO_KEY);
         assert_eq!(
             decision.headers.map(|h| (h.limit, h.used, h.remaining)),
             Some((1, 3, 0))
         );
         assert!(decision.result.is_err());
         limiter.set_limits(c, Limits::unlimited());
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
         assert_eq!(
             used(&limiter, c).requests,
             4,
@@ -1354,30 +1793,30 @@ mod tests {
         let r = customer(2);
         limiter.set_limits(r, rate("3/s"));
         for _ in 0..3 {
-            admitted(limiter.admit(r));
+            admitted(limiter.admit(r, NO_KEY));
         }
-        assert!(limiter.admit(r).result.is_err());
+        assert!(limiter.admit(r, NO_KEY).result.is_err());
         // Raised: the 3 already in the window stay counted, 3 more fit.
         limiter.set_limits(r, rate("6/s"));
         for remaining in [2, 1, 0] {
-            let decision = limiter.admit(r);
+            let decision = limiter.admit(r, NO_KEY);
             assert_eq!(
                 decision.headers.map(|h| (h.limit, h.remaining)),
                 Some((6, remaining))
             );
             admitted(decision);
         }
-        assert!(limiter.admit(r).result.is_err());
+        assert!(limiter.admit(r, NO_KEY).result.is_err());
         // Lowered: 6 in the window against 1/s.
         limiter.set_limits(r, rate("1/s"));
-        let rejection = rejected(limiter.admit(r));
+        let rejection = rejected(limiter.admit(r, NO_KEY));
         assert_eq!(rejection.retry_after(), secs(6));
         limiter.set_limits(r, Limits::unlimited());
-        admitted(limiter.admit(r));
+        admitted(limiter.admit(r, NO_KEY));
         // A rate set again starts from an idle window.
         limiter.set_limits(r, rate("1/min"));
-        admitted(limiter.admit(r));
-        assert_eq!(rejected(limiter.admit(r)).retry_after(), secs(60));
+        admitted(limiter.admit(r, NO_KEY));
+        assert_eq!(rejected(limiter.admit(r, NO_KEY)).retry_after(), secs(60));
     }
 
     #[test]
@@ -1394,11 +1833,11 @@ mod tests {
         );
         let headers = |d: Decision| d.headers.unwrap();
         // quota 3 left vs rate 2 left: the rate.
-        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        assert_eq!(headers(limiter.admit(c, NO_KEY)).limit, 3);
         // 2 vs 1: the rate.
-        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        assert_eq!(headers(limiter.admit(c, NO_KEY)).limit, 3);
         // quota 1 left vs rate 0: the rate.
-        assert_eq!(headers(limiter.admit(c)).limit, 3);
+        assert_eq!(headers(limiter.admit(c, NO_KEY)).limit, 3);
         limiter.set_limits(
             c,
             Limits {
@@ -1427,7 +1866,7 @@ mod tests {
                 ..Limits::unlimited()
             },
         );
-        assert_eq!(limiter.admit(free).headers, None);
+        assert_eq!(limiter.admit(free, NO_KEY).headers, None);
     }
 
     #[test]
@@ -1438,17 +1877,17 @@ mod tests {
         let unseen = limiter.view(c);
         assert_eq!((unseen.requests.used, unseen.requests.limit), (0, None));
         assert_eq!(unseen.limits, Limits::unlimited());
-        let decision = limiter.admit(c);
+        let decision = limiter.admit(c, NO_KEY);
         assert_eq!(decision.headers, None);
         let admission = admitted(decision);
         limiter.settle(&admission, 10, 20);
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
         // Limits arrive later: the usage is already there.
         limiter.set_limits(c, quota(2, Overage::Block));
         let view = limiter.known_view(c).unwrap();
         assert_eq!(view.requests.remaining, Some(0));
         assert_eq!(view.tokens.used, 10);
-        assert!(limiter.admit(c).result.is_err());
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
         limiter.remove(c);
         assert_eq!(limiter.known_view(c), None);
         let unseen = limiter.view(c);
@@ -1472,7 +1911,7 @@ mod tests {
         let now = clock.now();
 
         // Five own admissions, each settled with 10 tokens and 100 nanos.
-        let admissions: Vec<_> = (0..5).map(|_| admitted(limiter.admit(c))).collect();
+        let admissions: Vec<_> = (0..5).map(|_| admitted(limiter.admit(c, NO_KEY))).collect();
         for a in &admissions {
             limiter.settle(a, 10, 100);
         }
@@ -1561,7 +2000,7 @@ mod tests {
 
         // A customer absent from the totals has no database usage.
         let other = customer(2);
-        admitted(limiter.admit(other));
+        admitted(limiter.admit(other, NO_KEY));
         limiter.apply_totals(period, &HashMap::new(), &limiter.committed_snapshot());
         assert_eq!(used(&limiter, other).requests, 1);
         assert_eq!(used(&limiter, c).requests, 5, "only own counts remain");
@@ -1609,11 +2048,11 @@ mod tests {
         // `d` had no limits yet: added, and its limits later find the count.
         limiter.set_limits(d, quota(4, Overage::Block));
         assert!(matches!(
-            rejected(limiter.admit(d)),
+            rejected(limiter.admit(d, NO_KEY)),
             Rejection::QuotaExceeded { .. }
         ));
-        admitted(limiter.admit(c));
-        assert!(limiter.admit(c).result.is_err());
+        admitted(limiter.admit(c, NO_KEY));
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
 
         // The previous process's rows replayed from the spool and committed
         // now are already in the totals and must not be subtracted.
@@ -1627,7 +2066,7 @@ mod tests {
     fn committed_then_new_month_starts_from_zero() {
         let (clock, limiter) = setup(datetime!(2026-03-31 23:00 UTC));
         let c = customer(1);
-        admitted(limiter.admit(c));
+        admitted(limiter.admit(c, NO_KEY));
         limiter.committed(&[event(c, clock.now(), Outcome::Ok, 1, 1)]);
         assert_eq!(limiter.committed_snapshot().get(c).requests, 1);
         let march = limiter.committed_snapshot();
@@ -1685,7 +2124,7 @@ mod tests {
                 match op {
                     Op::Admit => {
                         let expect_ok = requests < monthly_requests && tokens < monthly_tokens;
-                        let result = limiter.admit(c).result;
+                        let result = limiter.admit(c, NO_KEY).result;
                         prop_assert_eq!(result.is_ok(), expect_ok);
                         if let Ok(admission) = result {
                             prop_assert_eq!(admission.period(), period);
@@ -1751,7 +2190,7 @@ mod tests {
             })]);
             limiter.apply_totals(period, &totals, &limiter.committed_snapshot());
             for &(tokens, cost) in &settled {
-                let admission = admitted(limiter.admit(c));
+                let admission = admitted(limiter.admit(c, NO_KEY));
                 limiter.settle(&admission, tokens, cost);
             }
             limiter.set_limits(c, Limits {
@@ -1786,7 +2225,7 @@ mod tests {
             prop_assert!(cost_remaining <= monthly_cost.max(0));
             let spent = view.tokens.used >= monthly_tokens
                 || view.cost_nanos.used >= monthly_cost;
-            prop_assert_eq!(limiter.admit(c).result.is_err(), spent);
+            prop_assert_eq!(limiter.admit(c, NO_KEY).result.is_err(), spent);
         }
     }
 }

@@ -24,6 +24,7 @@
 //! overshoot by at most what the other instances admit between syncs:
 //! (flush_interval + sync_interval) × the customer's request rate.
 
+mod alerts;
 mod clock;
 mod config;
 mod gcra;
@@ -32,8 +33,9 @@ mod period;
 pub(crate) mod policy;
 
 pub use crate::{
+    limits::alerts::{Alerts, KeyAlert, LimitAlert, MonthlyLimit, MAX_ALERTS},
     limits::clock::{Clock, ManualClock, SystemClock},
-    limits::config::{Limits, LimitsError, Overage, Rate},
+    limits::config::{KeyLimits, Limits, LimitsError, Overage, Rate},
     limits::limiter::{
         event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
         Rejection, Remaining,

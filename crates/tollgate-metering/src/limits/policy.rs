@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use crate::events::{BlockedReason, CustomerBlocked};
 use crate::keys::ids::CustomerId;
 use crate::limits::{Limiter, Limits};
-use crate::store::{Customer, Page, Store, StoreError};
+use crate::store::{Customer, KeyRecord, Page, Store, StoreError};
 use crate::telemetry::emit;
 
 /// Customers fetched per page when loading them all.
@@ -74,11 +74,24 @@ impl Policies {
         &self.limiter
     }
 
+    /// A known customer as last loaded.
+    pub fn customer(&self, customer: CustomerId) -> Option<Arc<Customer>> {
+        self.customers
+            .get(&customer)
+            .map(|known| known.customer.clone())
+    }
+
     /// The tier name of a known customer.
     pub fn tier(&self, customer: CustomerId) -> Option<Arc<str>> {
         self.customers
             .get(&customer)
             .map(|known| known.tier.clone())
+    }
+
+    /// Sets (or clears) one key's own limits in the limiter.
+    pub fn set_key(&self, key: &KeyRecord) {
+        self.limiter
+            .set_key_limits(key.id, key.family_id, key.customer_id, key.limits.as_ref());
     }
 
     /// Sets one customer's effective limits.

@@ -235,6 +235,36 @@ pub(super) async fn period_totals(
     Ok(totals)
 }
 
+/// The period's totals per key family, for families with limits: from
+/// `usage_daily` (per key), reached through the limited keys' customers.
+pub(super) async fn key_period_totals(
+    store: &PostgresStore,
+    period: Period,
+) -> Result<HashMap<KeyId, PeriodTotals>, Failure> {
+    let sql = format!(
+        "SELECT k.family_id, {} FROM usage_daily d JOIN api_keys k ON k.id = d.key_id \
+         WHERE d.day >= $1 AND d.day < $2 \
+         AND d.customer_id IN (SELECT customer_id FROM api_keys WHERE limits IS NOT NULL) \
+         AND k.family_id IN (SELECT family_id FROM api_keys WHERE limits IS NOT NULL) \
+         GROUP BY k.family_id",
+        sums()
+    );
+    let client = store.client().await?;
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[&period.first_day(), &period.next().first_day()],
+        )
+        .await?;
+    let mut totals = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let family = KeyId(get(row, 0)?);
+        totals.insert(family, reports::period_totals(&sums_at(row, 1)?));
+    }
+    Ok(totals)
+}
+
 pub(super) async fn grouped(
     store: &PostgresStore,
     filter: &UsageFilter,

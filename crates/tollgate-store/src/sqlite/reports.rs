@@ -242,6 +242,35 @@ pub(super) fn period_totals(
     Ok(totals)
 }
 
+/// The period's totals per key family, for families with limits: from
+/// `usage_daily` (per key), reached through the limited keys' customers.
+pub(super) fn key_period_totals(
+    conn: &Connection,
+    period: Period,
+) -> Result<HashMap<KeyId, PeriodTotals>, Failure> {
+    let sql = format!(
+        "SELECT COALESCE(k.family_id, k.id), {} FROM usage_daily d \
+         JOIN api_keys k ON k.id = d.key_id \
+         WHERE d.day >= ?1 AND d.day < ?2 \
+         AND d.customer_id IN (SELECT customer_id FROM api_keys WHERE limits IS NOT NULL) \
+         AND COALESCE(k.family_id, k.id) IN \
+             (SELECT COALESCE(family_id, id) FROM api_keys WHERE limits IS NOT NULL) \
+         GROUP BY 1",
+        split_sums()
+    );
+    let mut statement = conn.prepare_cached(&sql)?;
+    let mut rows = statement.query(params![
+        day_text(period.first_day()),
+        day_text(period.next().first_day())
+    ])?;
+    let mut totals = HashMap::new();
+    while let Some(row) = rows.next()? {
+        let family = KeyId(parse_uuid(&row.get::<_, String>(0)?)?);
+        totals.insert(family, reports::period_totals(&sums_at(row, 1)?));
+    }
+    Ok(totals)
+}
+
 pub(super) fn grouped(
     conn: &Connection,
     filter: &UsageFilter,

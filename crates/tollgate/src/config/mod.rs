@@ -54,9 +54,10 @@ pub use error::{ConfigError, Location};
 // The config speaks the domain's types where they are the same idea: a
 // tier's overage and rate, a route's usage format, a model's prices. Their
 // config-file spellings live with them (`as_str`).
-pub use tollgate_metering::limits::{Overage, Rate};
+pub use tollgate_metering::limits::{Alerts, Overage, Rate};
 pub use tollgate_metering::usage::ModelPrice;
 pub use tollgate_metering::usage::UsageFormat;
+pub use tollgate_metering::webhooks::EventType;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub struct Config {
     /// In file order; names and prefixes are unique. Longest-prefix matching
     /// is the router's job, not this order.
     pub routes: Vec<RouteConfig>,
+    /// `[[webhooks]]`, in file order; URLs are unique.
+    pub webhooks: Vec<WebhookConfig>,
     /// Model name -> price.
     pub pricing: BTreeMap<String, ModelPrice>,
     /// The file it was loaded from (what a reload re-reads); `None` for
@@ -91,6 +94,7 @@ impl Default for Config {
             usage: UsageConfig::default(),
             tiers: Vec::new(),
             routes: Vec::new(),
+            webhooks: Vec::new(),
             pricing: BTreeMap::new(),
             source: None,
         }
@@ -390,6 +394,29 @@ pub struct TierConfig {
     /// `overage = "block"` too (it is then never charged), so that switching a
     /// tier between the two modes is a one-line change.
     pub overage_price_per_request_nanos: Option<i64>,
+    /// Fractions of each monthly limit that fire `quota.threshold`.
+    pub alerts: Alerts,
+}
+
+/// One `[[webhooks]]` endpoint. `Debug` never prints the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Absolute `http` or `https` URL.
+    pub url: String,
+    /// `whsec_` and the base64 of the signing key.
+    pub secret: String,
+    /// The events it receives; every event when the file names none.
+    pub events: Vec<EventType>,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .finish()
+    }
 }
 
 /// One `[[routes]]` entry.

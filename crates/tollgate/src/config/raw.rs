@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub usage: RawUsage,
     pub tiers: Vec<RawTier>,
     pub routes: Vec<RawRoute>,
+    pub webhooks: Vec<RawWebhook>,
     /// toml hands tables over sorted by key; validation restores file order
     /// from the spans where it matters.
     pub pricing: BTreeMap<String, Spanned<RawPrice>>,
@@ -99,6 +100,15 @@ pub(super) struct RawTier {
     pub monthly_cost_usd: Option<Spanned<RawUsd>>,
     pub overage: Option<Str>,
     pub overage_price_per_request_usd: Option<Spanned<RawUsd>>,
+    pub alerts: Option<Spanned<Vec<f64>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawWebhook {
+    pub url: Str,
+    pub secret: Str,
+    pub events: Option<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]

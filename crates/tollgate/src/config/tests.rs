@@ -13,7 +13,7 @@ use serde::de::{self, DeserializeOwned, Visitor};
 
 use super::raw::{
     RawAdmin, RawConfig, RawDatabase, RawKeys, RawPrice, RawRoute, RawServer, RawTier, RawTls,
-    RawUsage,
+    RawUsage, RawWebhook,
 };
 use super::*;
 
@@ -23,6 +23,7 @@ const QUICK_START: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.
 fn env(name: &str) -> Option<String> {
     let value = match name {
         "TOLLGATE_ADMIN_TOKEN" => "admin-secret",
+        "TOLLGATE_WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "OPENAI_API_KEY" => "sk-test",
         "EMPTY" => "",
         "NEWLINE" => "a\nb",
@@ -168,6 +169,7 @@ fn route_and_tier_defaults() {
             monthly_cost_nanos: None,
             overage: Overage::Block,
             overage_price_per_request_nanos: None,
+            alerts: Alerts::none(),
         }]
     );
 }
@@ -200,6 +202,7 @@ fn the_example_file_parses_to_the_documented_values() {
                 monthly_cost_nanos: None,
                 overage: Overage::Block,
                 overage_price_per_request_nanos: None,
+                alerts: Alerts::none(),
             },
             TierConfig {
                 name: "pro".to_owned(),
@@ -212,6 +215,7 @@ fn the_example_file_parses_to_the_documented_values() {
                 monthly_cost_nanos: Some(500_000_000_000),
                 overage: Overage::Bill,
                 overage_price_per_request_nanos: Some(1_000_000),
+                alerts: Alerts::from_millionths(vec![500_000, 800_000, 1_000_000]).unwrap(),
             },
             TierConfig {
                 name: "enterprise".to_owned(),
@@ -221,6 +225,7 @@ fn the_example_file_parses_to_the_documented_values() {
                 monthly_cost_nanos: None,
                 overage: Overage::Block,
                 overage_price_per_request_nanos: None,
+                alerts: Alerts::none(),
             },
         ]
     );
@@ -259,13 +264,21 @@ fn the_example_file_parses_to_the_documented_values() {
     );
 }
 
-/// The example with its commented-out settings (`# tls = ...`) switched on.
+/// The example with its commented-out settings (`# tls = ...`) and
+/// sections (`# [[webhooks]]`) switched on.
 fn example_with_commented_settings_enabled() -> (String, BTreeSet<String>) {
     let text = std::fs::read_to_string(EXAMPLE).unwrap();
     let mut enabled = BTreeSet::new();
     let lines: Vec<&str> = text
         .lines()
         .map(|line| {
+            if let Some(section) = line
+                .strip_prefix("# ")
+                .filter(|rest| rest.starts_with("[[") && rest.ends_with("]]"))
+            {
+                enabled.insert(section.to_owned());
+                return section;
+            }
             let setting = line.strip_prefix("# ").filter(|rest| {
                 rest.split_once(" = ").is_some_and(|(key, _)| {
                     !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
@@ -288,7 +301,19 @@ fn the_examples_commented_out_settings_are_valid() {
     let (text, enabled) = example_with_commented_settings_enabled();
     assert_eq!(
         enabled,
-        BTreeSet::from(["instance_id", "tls", "ca_file", "client_cert"].map(str::to_owned))
+        BTreeSet::from(
+            [
+                "instance_id",
+                "tls",
+                "ca_file",
+                "client_cert",
+                "[[webhooks]]",
+                "url",
+                "secret",
+                "events"
+            ]
+            .map(str::to_owned)
+        )
     );
     // A route's PEM files are read at load: point the example's paths at
     // real ones.
@@ -311,6 +336,14 @@ fn the_examples_commented_out_settings_are_valid() {
             cert: PathBuf::from("certs/admin.pem"),
             key: PathBuf::from("certs/admin.key"),
         })
+    );
+    assert_eq!(
+        config.webhooks,
+        [WebhookConfig {
+            url: "https://billing.example.com/tollgate-events".to_owned(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+            events: EventType::ALL.to_vec(),
+        }]
     );
     let tls = config.routes[0].tls.as_ref().unwrap();
     assert_eq!(tls.ca_file.as_ref(), Some(&pems.ca));
@@ -431,6 +464,12 @@ fn the_example_shows_every_key_the_parser_accepts() {
         "routes[]",
         routes.iter().flat_map(|t| t.keys()),
         fields_of::<RawRoute>(),
+    );
+    let webhooks = entries("webhooks");
+    assert_covers(
+        "webhooks[]",
+        webhooks.iter().flat_map(|t| t.keys()),
+        fields_of::<RawWebhook>(),
     );
     let pricing = table(&root["pricing"], "pricing");
     assert_covers(
@@ -598,7 +637,7 @@ fn substituted_values_are_validated_like_written_ones() {
 fn unknown_keys_name_their_path_and_line() {
     assert_eq!(
         message("bogus = 1\n"),
-        "tollgate.toml:1:1: bogus: unknown field `bogus`, expected one of `server`, `admin`, `database`, `keys`, `usage`, `tiers`, `routes`, `pricing`"
+        "tollgate.toml:1:1: bogus: unknown field `bogus`, expected one of `server`, `admin`, `database`, `keys`, `usage`, `tiers`, `routes`, `webhooks`, `pricing`"
     );
     assert_eq!(
         message("[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n"),
@@ -1533,5 +1572,67 @@ fn connection_limits_and_their_bounds() {
     assert_eq!(
         message("[server]\nrequest_body_timeout = \"soon\"\n"),
         "tollgate.toml:2:24: server.request_body_timeout: invalid duration \"soon\" (expected e.g. \"250ms\", \"10s\", \"5m\", \"24h\", \"30d\")"
+    );
+}
+
+#[test]
+fn alerts_are_ascending_fractions_read_to_a_millionth() {
+    let config = parse("[[tiers]]\nname = \"t\"\nalerts = [0.5, 0.8, 1]\n").unwrap();
+    assert_eq!(
+        config.tiers[0].alerts.millionths(),
+        [500_000, 800_000, 1_000_000]
+    );
+    assert_eq!(
+        message("[[tiers]]\nname = \"t\"\nalerts = [0.8, 0.5]\n"),
+        "tollgate.toml:3:10: tiers[0].alerts: alert fractions must be in ascending order, each once"
+    );
+    assert_eq!(
+        message("[[tiers]]\nname = \"t\"\nalerts = [1.5]\n"),
+        "tollgate.toml:3:10: tiers[0].alerts: alert fraction 1.5 must be above 0 and at most 1 (e.g. 0.8 for 80 %)"
+    );
+    assert_eq!(
+        message("[[tiers]]\nname = \"t\"\nalerts = [0]\n"),
+        "tollgate.toml:3:10: tiers[0].alerts: alert fraction 0 must be above 0 and at most 1 (e.g. 0.8 for 80 %)"
+    );
+}
+
+#[test]
+fn webhooks_name_the_field_at_fault_and_never_print_the_secret() {
+    let hook = |body: &str| format!("[[webhooks]]\n{body}\n");
+    let config = parse(&hook(
+        "url = \"https://h.example/x\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"quota.exhausted\"]",
+    ))
+    .unwrap();
+    assert_eq!(config.webhooks[0].events, [EventType::QuotaExhausted]);
+    assert!(
+        !format!("{config:?}").contains("MfKQ9r8G"),
+        "Debug hides the secret"
+    );
+    assert_eq!(
+        message(&hook("url = \"ftp://h.example/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"")),
+        "tollgate.toml:2:7: webhooks[0].url: webhook URL \"ftp://h.example/\" must be an absolute http:// or https:// URL"
+    );
+    let bad_secret = message(&hook(
+        "url = \"https://h.example/\"\nsecret = \"not-a-secret-at-all\"",
+    ));
+    assert!(
+        bad_secret.starts_with(
+            "tollgate.toml:3:10: webhooks[0].secret: a webhook secret starts with \"whsec_\""
+        ),
+        "{bad_secret}"
+    );
+    assert!(!bad_secret.contains("not-a-secret"), "{bad_secret}");
+    assert_eq!(
+        message(&hook("url = \"https://h.example/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"quota.nearly\"]")),
+        "tollgate.toml:4:11: webhooks[0].events[0]: unknown event \"quota.nearly\" (known: quota.threshold, quota.exhausted, key.expiring, billing.period_closed)"
+    );
+    let twice = format!(
+        "{}{}",
+        hook("url = \"https://h.example/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\""),
+        hook("url = \"https://h.example/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"")
+    );
+    assert_eq!(
+        message(&twice),
+        "tollgate.toml:5:7: webhooks[1].url: duplicate webhook URL \"https://h.example/\""
     );
 }

@@ -13,9 +13,11 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::Engine as _;
 use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, Uri};
 use serde_spanned::Spanned;
+use tollgate_metering::limits::MAX_ALERTS;
 use tollgate_proxy::{read_certificates, read_private_key, ClientIdentity, TlsError, UpstreamTls};
 
 use super::defaults;
@@ -23,12 +25,13 @@ use super::error::{ConfigError, Location};
 use super::interpolate::{interpolate, InterpolateError};
 use super::raw::{
     RawAdmin, RawConfig, RawDatabase, RawKeys, RawPrice, RawRoute, RawServer, RawTier, RawTls,
-    RawUsage, RawUsd, Str,
+    RawUsage, RawUsd, RawWebhook, Str,
 };
 use super::units;
 use super::{
-    AdminConfig, Config, DatabaseConfig, KeysConfig, ModelPrice, Overage, Rate, RouteConfig,
-    RouteTls, ServerConfig, SpoolFullPolicy, TierConfig, TlsConfig, UsageConfig, UsageFormat,
+    AdminConfig, Alerts, Config, DatabaseConfig, EventType, KeysConfig, ModelPrice, Overage, Rate,
+    RouteConfig, RouteTls, ServerConfig, SpoolFullPolicy, TierConfig, TlsConfig, UsageConfig,
+    UsageFormat, WebhookConfig,
 };
 
 /// Serde's span wrapper addresses its parts as map keys with this prefix;
@@ -253,6 +256,7 @@ impl Validator<'_> {
             usage: self.usage(raw.usage)?,
             tiers: self.tiers(raw.tiers)?,
             routes: self.routes(raw.routes)?,
+            webhooks: self.webhooks(raw.webhooks)?,
             pricing: self.pricing(raw.pricing)?,
             source: None,
         })
@@ -625,9 +629,104 @@ impl Validator<'_> {
                         tier.overage_price_per_request_usd.as_ref(),
                         &at("overage_price_per_request_usd"),
                     )?,
+                    alerts: self.alerts(tier.alerts.as_ref(), &at("alerts"))?,
                 })
             })
             .collect()
+    }
+
+    /// A tier's `alerts`: fractions in (0, 1], ascending, at most
+    /// [`MAX_ALERTS`], each read to a millionth.
+    fn alerts(&self, raw: Option<&Spanned<Vec<f64>>>, path: &str) -> Result<Alerts, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(Alerts::none());
+        };
+        let invalid = |message: String| self.invalid(raw.span(), path, message);
+        if raw.get_ref().len() > MAX_ALERTS {
+            return Err(invalid(format!("at most {MAX_ALERTS} alert fractions")));
+        }
+        let mut millionths = Vec::with_capacity(raw.get_ref().len());
+        for &fraction in raw.get_ref() {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(invalid(format!(
+                    "alert fraction {fraction} must be above 0 and at most 1 (e.g. 0.8 for 80 %)"
+                )));
+            }
+            // In (0, 1] the product is at most 1e6: the cast cannot truncate.
+            let part = (fraction * 1e6).round().max(1.0) as u32;
+            if millionths.last().is_some_and(|&last| last >= part) {
+                return Err(invalid(
+                    "alert fractions must be in ascending order, each once".to_owned(),
+                ));
+            }
+            millionths.push(part);
+        }
+        Alerts::from_millionths(millionths)
+            .ok_or_else(|| invalid("alert fractions must ascend within (0, 1]".to_owned()))
+    }
+
+    fn webhooks(&self, raw: Vec<RawWebhook>) -> Result<Vec<WebhookConfig>, ConfigError> {
+        let mut urls = BTreeMap::new();
+        let mut webhooks = Vec::with_capacity(raw.len());
+        for (index, hook) in raw.iter().enumerate() {
+            let at = |key: &str| format!("webhooks[{index}].{key}");
+            let url = self.parsed(&hook.url, &at("url"), |text| {
+                let uri: Uri = text
+                    .parse()
+                    .map_err(|error| format!("invalid webhook URL {text:?}: {error}"))?;
+                match (uri.scheme_str(), uri.host()) {
+                    (Some("http" | "https"), Some(_)) => Ok(text.to_owned()),
+                    _ => Err(format!(
+                        "webhook URL {text:?} must be an absolute http:// or https:// URL"
+                    )),
+                }
+            })?;
+            if urls.insert(url.clone(), index).is_some() {
+                return Err(self.invalid(
+                    hook.url.span(),
+                    &at("url"),
+                    format!("duplicate webhook URL {url:?}"),
+                ));
+            }
+            // The secret is never put in a message.
+            let secret = self.parsed(&hook.secret, &at("secret"), |text| {
+                let key = text.strip_prefix("whsec_").ok_or(
+                    "a webhook secret starts with \"whsec_\" followed by base64 (as Standard Webhooks secrets do)",
+                )?;
+                match base64::engine::general_purpose::STANDARD.decode(key) {
+                    Ok(bytes) if bytes.len() >= 16 => Ok(text.to_owned()),
+                    Ok(_) => Err("a webhook secret's key must be at least 16 bytes (24 base64 characters)"),
+                    Err(_) => Err("the part of a webhook secret after \"whsec_\" must be base64"),
+                }
+            })?;
+            let events = match &hook.events {
+                None => EventType::ALL.to_vec(),
+                Some(names) => {
+                    let mut events: Vec<EventType> = Vec::with_capacity(names.len());
+                    for (n, name) in names.iter().enumerate() {
+                        let event =
+                            self.parsed(name, &format!("webhooks[{index}].events[{n}]"), |text| {
+                                EventType::parse(text).ok_or_else(|| {
+                                    format!(
+                                        "unknown event {text:?} (known: {})",
+                                        EventType::ALL.map(EventType::as_str).join(", ")
+                                    )
+                                })
+                            })?;
+                        if !events.contains(&event) {
+                            events.push(event);
+                        }
+                    }
+                    events
+                }
+            };
+            webhooks.push(WebhookConfig {
+                url,
+                secret,
+                events,
+            });
+        }
+        Ok(webhooks)
     }
 
     fn routes(&self, raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, ConfigError> {
