@@ -18,6 +18,7 @@
 mod charts;
 mod pages;
 mod session;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,8 +180,12 @@ impl Console {
                     pages::update_customer(parts, session, customer, &form).await
                 }
                 ["keys"] => pages::create_key(parts, session, &form).await,
+                ["keys", key, "limits"] => pages::key_limits(parts, session, key, &form).await,
                 ["keys", key, action] => pages::key_action(parts, session, key, action).await,
                 ["billing", "close"] => pages::close_period(parts, session, &form).await,
+                ["webhooks", "deliveries", delivery, "retry"] => {
+                    webhooks::retry(parts, session, delivery, &form).await
+                }
                 _ => pages::not_found(session),
             });
         }
@@ -199,7 +204,7 @@ impl Console {
                     pages::billing(parts, session, "", None, Some(error.to_string())).await
                 }
             },
-            ["webhooks"] => pages::webhooks(session),
+            ["webhooks"] => webhooks::webhooks(parts, session, query, None, None).await,
             _ => pages::not_found(session),
         })
     }

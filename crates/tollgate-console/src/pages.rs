@@ -6,9 +6,10 @@ use askama::Template;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Response, StatusCode};
-use tollgate_accounts::{AccountError, ReportParams, UsageRows, UsageSums};
+use tollgate_accounts::{AccountError, KeyLimitsView, ReportParams, UsageRows, UsageSums};
 use tollgate_metering::billing::UsageGroup;
-use tollgate_metering::limits::{Meter, QuotaView};
+use tollgate_metering::keys::KeyUpdate;
+use tollgate_metering::limits::{KeyLimits, Meter, QuotaView};
 
 use crate::charts::{self, Day};
 use crate::session::Session;
@@ -163,7 +164,7 @@ struct Message<'a> {
     message: &'a str,
 }
 
-fn html(status: StatusCode, page: Result<String, askama::Error>) -> Response<Bytes> {
+pub(crate) fn html(status: StatusCode, page: Result<String, askama::Error>) -> Response<Bytes> {
     let (status, body) = match page {
         Ok(body) => (status, body),
         Err(error) => (
@@ -223,7 +224,7 @@ fn range(query: &str) -> ReportParams {
     }
 }
 
-fn param(query: &str, name: &str) -> Option<String> {
+pub(crate) fn param(query: &str, name: &str) -> Option<String> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
     pairs
         .into_iter()
@@ -594,9 +595,106 @@ pub(crate) struct KeyRow {
     pub(crate) status: String,
     pub(crate) created: String,
     pub(crate) expires: String,
+    /// Its own limits in a line, or "customer's only".
+    pub(crate) limits: String,
+    pub(crate) has_limits: bool,
+    /// The edit form's fields: its limits, or what was just refused.
+    pub(crate) fields: LimitFields,
+    /// The edit form starts open (its last save was refused).
+    pub(crate) editing: bool,
 }
 
-fn utc(at: time::OffsetDateTime) -> String {
+/// A key's limits as the form's four fields; empty is no limit.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LimitFields {
+    pub(crate) rate: String,
+    pub(crate) monthly_requests: String,
+    pub(crate) monthly_tokens: String,
+    pub(crate) monthly_cost_usd: String,
+}
+
+impl LimitFields {
+    fn of(limits: Option<&KeyLimitsView>) -> LimitFields {
+        let Some(limits) = limits else {
+            return LimitFields::default();
+        };
+        LimitFields {
+            rate: limits.rate.clone().unwrap_or_default(),
+            monthly_requests: limits
+                .monthly_requests
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            monthly_tokens: limits
+                .monthly_tokens
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            monthly_cost_usd: limits.monthly_cost_usd.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The four fields of a form.
+    fn from_form(form: &[(String, String)]) -> LimitFields {
+        let get = |name: &str| {
+            crate::field(form, name)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        LimitFields {
+            rate: get("rate"),
+            monthly_requests: get("monthly_requests"),
+            monthly_tokens: get("monthly_tokens"),
+            monthly_cost_usd: get("monthly_cost_usd"),
+        }
+    }
+
+    /// Checked by the same rules as the admin API's `limits`; `None` when
+    /// every field is empty. An error names the field.
+    fn parse(&self) -> Result<Option<KeyLimits>, AccountError> {
+        let text = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+        let whole = |field: &'static str, value: &str| {
+            if value.is_empty() {
+                return Ok(None);
+            }
+            value
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| AccountError::Invalid {
+                    field: "limits",
+                    message: format!("invalid {field}: expected a whole number, found {value:?}"),
+                })
+        };
+        let view = KeyLimitsView {
+            rate: text(&self.rate),
+            monthly_requests: whole("monthly_requests", &self.monthly_requests)?,
+            monthly_tokens: whole("monthly_tokens", &self.monthly_tokens)?,
+            monthly_cost_usd: text(&self.monthly_cost_usd),
+        };
+        let limits = view.parse()?;
+        Ok((!limits.is_empty()).then_some(limits))
+    }
+}
+
+/// A key's own limits in a line: `10/s · 1,000 req/mo · 25 USD/mo`.
+fn limits_line(limits: Option<&KeyLimitsView>) -> Option<String> {
+    let limits = limits?;
+    let mut parts = Vec::new();
+    if let Some(rate) = &limits.rate {
+        parts.push(rate.clone());
+    }
+    if let Some(requests) = limits.monthly_requests {
+        parts.push(format!("{} req/mo", count(requests)));
+    }
+    if let Some(tokens) = limits.monthly_tokens {
+        parts.push(format!("{} tokens/mo", count(tokens)));
+    }
+    if let Some(cost) = &limits.monthly_cost_usd {
+        parts.push(format!("{cost} USD/mo"));
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
+}
+
+pub(crate) fn utc(at: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
     at.format(&format).unwrap_or_default()
 }
@@ -618,9 +716,16 @@ impl KeyRow {
                 .expires_at
                 .map(utc)
                 .unwrap_or_else(|| "never".to_owned()),
+            limits: limits_line(key.limits.as_ref()).unwrap_or_else(|| CUSTOMERS_ONLY.to_owned()),
+            has_limits: limits_line(key.limits.as_ref()).is_some(),
+            fields: LimitFields::of(key.limits.as_ref()),
+            editing: false,
         }
     }
 }
+
+/// What a key without limits of its own is held to.
+const CUSTOMERS_ONLY: &str = "customer's only";
 
 /// A key's status word, as the admin API writes it.
 fn serde_json_status(key: &tollgate_accounts::KeyView) -> String {
@@ -757,6 +862,8 @@ pub(crate) struct Created {
     pub(crate) prefix: String,
     pub(crate) customer: String,
     pub(crate) old_key_expires_at: Option<String>,
+    /// Its own limits in a line, if it has any.
+    pub(crate) limits: Option<String>,
 }
 
 impl Created {
@@ -767,6 +874,7 @@ impl Created {
             prefix: key.prefix.clone(),
             customer: key.customer.clone(),
             old_key_expires_at: key.old_key_expires_at.map(utc),
+            limits: limits_line(key.limits.as_ref()),
         }
     }
 }
@@ -786,7 +894,8 @@ struct KeysPage<'a> {
     error: Option<String>,
 }
 
-/// `/console/keys`: keys by customer and status; create, rotate, revoke.
+/// `/console/keys`: keys by customer and status; create, rotate, revoke,
+/// and set each key's own limits.
 pub(crate) async fn keys(
     parts: &ConsoleParts,
     session: &Session,
@@ -794,6 +903,20 @@ pub(crate) async fn keys(
     created: Option<Created>,
     notice: Option<String>,
     error: Option<String>,
+) -> Response<Bytes> {
+    keys_editing(parts, session, query, created, notice, error, None).await
+}
+
+/// The keys page with one key's limits form open, holding `fields` (what
+/// was just refused).
+async fn keys_editing(
+    parts: &ConsoleParts,
+    session: &Session,
+    query: &str,
+    created: Option<Created>,
+    notice: Option<String>,
+    error: Option<String>,
+    editing: Option<(String, LimitFields)>,
 ) -> Response<Bytes> {
     let customer = param(query, "customer").unwrap_or_default();
     let status = param(query, "status").unwrap_or_default();
@@ -828,6 +951,12 @@ pub(crate) async fn keys(
         Ok((keys, next)) => {
             page.keys = keys.iter().map(KeyRow::of).collect();
             page.next = next;
+            if let Some((id, fields)) = editing {
+                if let Some(row) = page.keys.iter_mut().find(|row| row.id == id) {
+                    row.fields = fields;
+                    row.editing = true;
+                }
+            }
         }
         Err(error) => {
             page.error.get_or_insert(error.to_string());
@@ -862,6 +991,12 @@ pub(crate) async fn create_key(
     };
     let customer = request.customer.clone();
     let query = serde_urlencoded::to_string([("customer", customer.as_str())]).unwrap_or_default();
+    let request = match LimitFields::from_form(form).parse() {
+        Ok(limits) => tollgate_accounts::KeyRequest { limits, ..request },
+        Err(error) => {
+            return keys(parts, session, &query, None, None, Some(error.to_string())).await;
+        }
+    };
     match parts.accounts.create_key(request).await {
         Ok(created) => {
             let created = Created::of("New key", &created);
@@ -899,6 +1034,62 @@ pub(crate) async fn key_action(
             Err(error) => keys(parts, session, "", None, None, Some(error.to_string())).await,
         },
         _ => not_found(session),
+    }
+}
+
+/// `POST /console/keys/{id}/limits`: the key's own limits (and its
+/// rotation successors'), from the form's four fields; `clear` (or every
+/// field empty) leaves only its customer's. Refused input changes nothing
+/// and comes back in the open form, with the error naming the field.
+pub(crate) async fn key_limits(
+    parts: &ConsoleParts,
+    session: &Session,
+    id: &str,
+    form: &[(String, String)],
+) -> Response<Bytes> {
+    let accounts = &parts.accounts;
+    let clear = crate::field(form, "clear").is_some();
+    let fields = if clear {
+        LimitFields::default()
+    } else {
+        LimitFields::from_form(form)
+    };
+    let updated = match fields.parse() {
+        Ok(limits) => {
+            let update = KeyUpdate {
+                limits: Some(limits),
+                ..KeyUpdate::default()
+            };
+            accounts.update_key(id, update).await
+        }
+        Err(error) => Err(error),
+    };
+    match updated {
+        Ok(key) => {
+            let query = serde_urlencoded::to_string([("customer", key.customer.as_str())])
+                .unwrap_or_default();
+            let notice = match limits_line(key.limits.as_ref()) {
+                Some(line) => format!("Limits of key {} saved: {line}.", key.prefix),
+                None => format!(
+                    "Limits of key {} cleared: only its customer's apply.",
+                    key.prefix
+                ),
+            };
+            keys(parts, session, &query, None, Some(notice), None).await
+        }
+        Err(error) => {
+            // Shown where the key is listed, with the refused fields.
+            let (query, message) = match accounts.key(id).await {
+                Ok(key) => (
+                    serde_urlencoded::to_string([("customer", key.customer.as_str())])
+                        .unwrap_or_default(),
+                    format!("Key {}: {error}", key.prefix),
+                ),
+                Err(_) => (String::new(), error.to_string()),
+            };
+            let editing = Some((id.to_owned(), fields));
+            keys_editing(parts, session, &query, None, None, Some(message), editing).await
+        }
     }
 }
 
@@ -1013,23 +1204,6 @@ pub(crate) async fn close_period(
         }
         Err(error) => billing(parts, session, &query, None, Some(error.to_string())).await,
     }
-}
-
-#[derive(Template)]
-#[template(path = "webhooks.html")]
-struct WebhooksPage<'a> {
-    csrf: &'a str,
-}
-
-/// `/console/webhooks`.
-pub(crate) fn webhooks(session: &Session) -> Response<Bytes> {
-    html(
-        StatusCode::OK,
-        WebhooksPage {
-            csrf: &session.csrf,
-        }
-        .render(),
-    )
 }
 
 /// The export range of `/console/billing/export`.

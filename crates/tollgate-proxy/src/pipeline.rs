@@ -356,9 +356,19 @@ impl Gateway {
             });
         }
         let customer = caller.customer_id;
-        let view = self.metering.limiter.view(customer);
-        let tier = self.metering.policies.tier(customer);
-        let document = quota_document(customer, None, tier.as_deref(), &view);
+        let limiter = &self.metering.limiter;
+        let view = limiter.view(customer);
+        let known = self.metering.policies.customer(customer);
+        let document = quota_document(
+            customer,
+            known.as_ref().map(|c| c.name.as_str()),
+            known.as_ref().map(|c| c.tier.as_str()),
+            &view,
+        );
+        let document = match limiter.key_view(caller.key_id) {
+            Some(key_view) => document.with_key(caller.key_id, &key_view),
+            None => document,
+        };
         // A document of strings and integers always serializes.
         let body = serde_json::to_vec(&document).unwrap_or_default();
         let mut response = Response::new(ProxyBody::full(body));

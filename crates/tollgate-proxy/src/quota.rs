@@ -7,7 +7,7 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use tollgate_metering::limits::{Meter, QuotaView, RateHeaders};
 use tollgate_metering::usage::format_usd;
-use tollgate_metering::CustomerId;
+use tollgate_metering::{CustomerId, KeyId};
 use utoipa::ToSchema;
 
 /// A customer's limits and usage this period.
@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 pub(crate) struct QuotaDocument {
     #[schema(value_type = uuid::Uuid)]
     customer_id: CustomerId,
-    /// The customer's name (`null` on the data plane's self-service view).
+    /// The customer's name.
     customer: Option<String>,
     tier: Option<String>,
     /// `YYYY-MM`, UTC.
@@ -28,6 +28,19 @@ pub(crate) struct QuotaDocument {
     overage: &'static str,
     limits: QuotaLimits,
     totals: QuotaTotals,
+    /// On `GET /_tollgate/usage`, when the calling key has limits of its
+    /// own (nested inside the customer's): those limits and the key's use
+    /// of them (shared with the keys it replaced by rotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<KeyQuota>,
+}
+
+/// A key's own limits and their use this period.
+#[derive(Debug, Serialize, ToSchema)]
+struct KeyQuota {
+    #[schema(value_type = uuid::Uuid)]
+    key_id: KeyId,
+    limits: QuotaLimits,
 }
 
 /// Each limit: `null` where none applies to the rate; `limit` and
@@ -88,13 +101,6 @@ pub(crate) fn quota_document(
     view: &QuotaView,
 ) -> QuotaDocument {
     let reset = view.reset.unix_timestamp();
-    let limits = &view.limits;
-    let count = |meter: &Meter<u64>| CountMeter {
-        limit: meter.limit,
-        used: meter.used,
-        remaining: meter.remaining,
-        reset,
-    };
     QuotaDocument {
         customer_id,
         customer: customer.map(str::to_owned),
@@ -102,24 +108,47 @@ pub(crate) fn quota_document(
         period: view.period.to_string(),
         reset,
         reset_at: view.reset.format(&Rfc3339).unwrap_or_default(),
-        overage: limits.overage.as_str(),
-        limits: QuotaLimits {
-            rate: view
-                .rate
-                .map(|window| rate_meter(limits.rate.map(|r| r.to_string()), &window)),
-            monthly_requests: count(&view.requests),
-            monthly_tokens: count(&view.tokens),
-            monthly_cost_usd: UsdMeter {
-                limit: view.cost_nanos.limit.map(format_usd),
-                used: format_usd(view.cost_nanos.used),
-                remaining: view.cost_nanos.remaining.map(format_usd),
-                reset,
-            },
-        },
+        overage: view.limits.overage.as_str(),
+        limits: quota_limits(view),
         totals: QuotaTotals {
             requests: view.requests.used,
             tokens: view.tokens.used,
             cost_usd: format_usd(view.cost_nanos.used),
+        },
+        key: None,
+    }
+}
+
+impl QuotaDocument {
+    /// Adds the calling key's own limits, `view` being their use.
+    pub(crate) fn with_key(mut self, key_id: KeyId, view: &QuotaView) -> QuotaDocument {
+        self.key = Some(KeyQuota {
+            key_id,
+            limits: quota_limits(view),
+        });
+        self
+    }
+}
+
+fn quota_limits(view: &QuotaView) -> QuotaLimits {
+    let reset = view.reset.unix_timestamp();
+    let count = |meter: &Meter<u64>| CountMeter {
+        limit: meter.limit,
+        used: meter.used,
+        remaining: meter.remaining,
+        reset,
+    };
+    QuotaLimits {
+        rate: view
+            .rate
+            .map(|window| rate_meter(view.limits.rate.map(|r| r.to_string()), &window)),
+        monthly_requests: count(&view.requests),
+        monthly_tokens: count(&view.tokens),
+        monthly_cost_usd: UsdMeter {
+            limit: view.cost_nanos.limit.map(format_usd),
+            used: format_usd(view.cost_nanos.used),
+            remaining: view.cost_nanos.remaining.map(format_usd),
+            reset,
         },
     }
 }

@@ -2103,6 +2103,320 @@ mod tests {
         ]
     }
 
+    fn key(n: u128) -> KeyId {
+        KeyId(Uuid::from_u128(n))
+    }
+
+    fn key_quota(monthly_requests: u64) -> KeyLimits {
+        KeyLimits {
+            monthly_requests: Some(monthly_requests),
+            ..KeyLimits::default()
+        }
+    }
+
+    fn key_used(limiter: &Limiter, key: KeyId) -> u64 {
+        limiter.key_view(key).unwrap().requests.used
+    }
+
+    /// 200 threads admit `key` of `c` at once; the number admitted.
+    fn race_key(limiter: &Limiter, c: CustomerId, key: KeyId) -> usize {
+        let barrier = Barrier::new(200);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..200)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        limiter.admit(c, key).result.is_ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .filter(|&ok| ok)
+                .count()
+        })
+    }
+
+    #[test]
+    fn key_limits_nest_inside_the_customers_and_a_refusal_takes_nothing() {
+        let (clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(1);
+        let (limited, other) = (key(10), key(11));
+        limiter.set_limits(c, quota(100, Overage::Bill));
+        limiter.set_key_limits(limited, limited, c, Some(&key_quota(3)));
+        for _ in 0..3 {
+            admitted(limiter.admit(c, limited));
+        }
+        assert!(matches!(
+            rejected(limiter.admit(c, limited)),
+            Rejection::QuotaExceeded { .. }
+        ));
+        assert_eq!(used(&limiter, c).requests, 3, "the refusal took nothing");
+        assert_eq!(key_used(&limiter, limited), 3);
+        admitted(limiter.admit(c, other));
+        assert_eq!(
+            used(&limiter, c).requests,
+            4,
+            "other keys share the customer's"
+        );
+        assert!(limiter.key_view(other).is_none());
+
+        // A key rate refuses without taking the customer's quota or rate.
+        let fast = key(12);
+        limiter.set_limits(
+            c,
+            Limits {
+                rate: Some("100/s".parse().unwrap()),
+                ..quota(100, Overage::Block)
+            },
+        );
+        limiter.set_key_limits(
+            fast,
+            fast,
+            c,
+            Some(&KeyLimits {
+                rate: Some("2/s".parse().unwrap()),
+                ..KeyLimits::default()
+            }),
+        );
+        admitted(limiter.admit(c, fast));
+        admitted(limiter.admit(c, fast));
+        let refusal = rejected(limiter.admit(c, fast));
+        assert_eq!(
+            refusal,
+            Rejection::RateLimited {
+                retry_after: secs(1)
+            }
+        );
+        assert_eq!(used(&limiter, c).requests, 6);
+        assert_eq!(
+            limiter.view(c).rate.unwrap().remaining,
+            98,
+            "two of the customer's slots, not three"
+        );
+        clock.advance(secs(1));
+        admitted(limiter.admit(c, fast));
+
+        // Clearing the limits frees the key; setting them again keeps the count.
+        limiter.set_key_limits(limited, limited, c, None);
+        admitted(limiter.admit(c, limited));
+        limiter.set_key_limits(limited, limited, c, Some(&key_quota(3)));
+        assert!(limiter.admit(c, limited).result.is_err());
+    }
+
+    #[test]
+    fn two_hundred_racing_requests_stop_at_the_tighter_level_either_way() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        // The key has 50 left, its customer plenty.
+        let (c, k) = (customer(1), key(1));
+        limiter.set_limits(c, quota(100_000, Overage::Block));
+        limiter.set_key_limits(k, k, c, Some(&key_quota(60)));
+        for _ in 0..10 {
+            admitted(limiter.admit(c, k));
+        }
+        assert_eq!(race_key(&limiter, c, k), 50);
+        assert_eq!(
+            (used(&limiter, c).requests, key_used(&limiter, k)),
+            (60, 60)
+        );
+        // The customer has 50 left, its key plenty.
+        let (c, k) = (customer(2), key(2));
+        limiter.set_limits(c, quota(60, Overage::Block));
+        limiter.set_key_limits(k, k, c, Some(&key_quota(100_000)));
+        for _ in 0..10 {
+            admitted(limiter.admit(c, k));
+        }
+        assert_eq!(race_key(&limiter, c, k), 50);
+        assert_eq!(
+            (used(&limiter, c).requests, key_used(&limiter, k)),
+            (60, 60)
+        );
+    }
+
+    #[test]
+    fn a_rotated_key_shares_its_familys_limits_and_counts() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let (c, old, new) = (customer(1), key(1), key(2));
+        limiter.set_limits(c, Limits::unlimited());
+        limiter.set_key_limits(old, old, c, Some(&key_quota(5)));
+        for _ in 0..3 {
+            admitted(limiter.admit(c, old));
+        }
+        limiter.set_key_limits(new, old, c, Some(&key_quota(5)));
+        admitted(limiter.admit(c, new));
+        admitted(limiter.admit(c, old));
+        assert!(limiter.admit(c, new).result.is_err());
+        assert!(limiter.admit(c, old).result.is_err());
+        assert_eq!(key_used(&limiter, new), 5);
+        let tokens = KeyLimits {
+            monthly_tokens: Some(1_000),
+            ..key_quota(5)
+        };
+        limiter.set_key_limits(new, old, c, Some(&tokens));
+        assert_eq!(
+            limiter.key_view(old).unwrap().limits.monthly_tokens,
+            Some(1_000),
+            "limits are the family's"
+        );
+    }
+
+    #[test]
+    fn headers_and_budgets_left_are_the_tightest_of_key_and_customer() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let (c, k) = (customer(1), key(1));
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_tokens: Some(1_000),
+                monthly_cost_nanos: Some(50),
+                ..quota(100, Overage::Block)
+            },
+        );
+        limiter.set_key_limits(
+            k,
+            k,
+            c,
+            Some(&KeyLimits {
+                monthly_tokens: Some(5_000),
+                monthly_cost_nanos: Some(20),
+                ..key_quota(5)
+            }),
+        );
+        let decision = limiter.admit(c, k);
+        let headers = decision.headers.unwrap();
+        assert_eq!(
+            (headers.limit, headers.remaining, headers.used),
+            (5, 4, 1),
+            "the key's quota"
+        );
+        assert_eq!(
+            decision.remaining,
+            Remaining {
+                tokens: Some(1_000),
+                cost_nanos: Some(20)
+            }
+        );
+        let admission = admitted(decision);
+        limiter.settle(&admission, 600, 15);
+        let decision = limiter.admit(c, k);
+        assert_eq!(
+            decision.remaining,
+            Remaining {
+                tokens: Some(400),
+                cost_nanos: Some(5)
+            }
+        );
+        assert_eq!(used(&limiter, c).tokens, 600, "settled at both levels");
+        assert_eq!(limiter.key_view(k).unwrap().cost_nanos.used, 15);
+    }
+
+    #[test]
+    fn sync_takes_key_family_totals_without_counting_this_instances_rows_twice() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (_clock, limiter) = setup(at);
+        let (c, k) = (customer(1), key(1));
+        limiter.set_key_limits(k, k, c, Some(&key_quota(100)));
+        let ours: Vec<UsageEvent> = (0..2)
+            .map(|_| {
+                admitted(limiter.admit(c, k));
+                UsageEvent {
+                    key_id: k,
+                    ..event(c, at, Outcome::Ok, 0, 0)
+                }
+            })
+            .collect();
+        limiter.committed(&ours);
+        let snapshot = limiter.committed_snapshot();
+        assert_eq!(snapshot.keys.get(&k).map(|t| t.requests), Some(2));
+        // The database has ours (2) and another instance's (7).
+        let period = Period::containing(at);
+        let totals = HashMap::from([(
+            k,
+            PeriodTotals {
+                requests: 9,
+                tokens: 0,
+                cost_nanos: 0,
+            },
+        )]);
+        limiter.apply_key_totals(period, &totals, &snapshot);
+        assert_eq!(key_used(&limiter, k), 9);
+    }
+
+    #[test]
+    fn alerts_are_owed_once_per_threshold_and_refusal_until_marked() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let (c, k) = (customer(1), key(1));
+        let alerts = Alerts::from_millionths(vec![500_000, 1_000_000]).unwrap();
+        limiter.set_limits(
+            c,
+            Limits {
+                alerts,
+                ..quota(4, Overage::Block)
+            },
+        );
+        assert!(limiter.alerts().is_empty());
+        admitted(limiter.admit(c, NO_KEY));
+        admitted(limiter.admit(c, NO_KEY));
+        let owed = limiter.alerts();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(
+            owed[0],
+            LimitAlert {
+                customer: c,
+                key: None,
+                limit: MonthlyLimit::Requests,
+                threshold: Some(500_000),
+                used: 2,
+                limit_value: 4,
+                period: Period::containing(datetime!(2026-03-10 12:00 UTC)),
+            }
+        );
+        assert_eq!(limiter.alerts(), owed, "owed until marked");
+        limiter.alerted(&owed[0]);
+        assert!(limiter.alerts().is_empty());
+        admitted(limiter.admit(c, NO_KEY));
+        admitted(limiter.admit(c, NO_KEY));
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
+        let owed = limiter.alerts();
+        let kinds: Vec<Option<u32>> = owed.iter().map(|a| a.threshold).collect();
+        assert_eq!(
+            kinds,
+            [Some(1_000_000), None],
+            "100 % reached, then a refusal"
+        );
+        for alert in &owed {
+            limiter.alerted(alert);
+        }
+        assert!(limiter.alerts().is_empty());
+        assert!(limiter.admit(c, NO_KEY).result.is_err());
+        assert!(limiter.alerts().is_empty(), "one exhaustion per period");
+
+        // A key's own limit uses its customer's fractions and names the
+        // family's newest key.
+        let rotated = key(2);
+        limiter.set_key_limits(k, k, c, Some(&key_quota(2)));
+        limiter.set_key_limits(rotated, k, c, Some(&key_quota(2)));
+        limiter.set_limits(
+            c,
+            Limits {
+                alerts: Alerts::from_millionths(vec![500_000]).unwrap(),
+                ..Limits::unlimited()
+            },
+        );
+        admitted(limiter.admit(c, k));
+        let owed = limiter.alerts();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(
+            owed[0].key,
+            Some(KeyAlert {
+                family: k,
+                newest: rotated
+            })
+        );
+        assert_eq!((owed[0].used, owed[0].limit_value), (1, 2));
+    }
+
     proptest! {
         #[test]
         fn block_quota_and_counts_match_a_model(
