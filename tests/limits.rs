@@ -529,3 +529,270 @@ async fn two_instances_on_one_postgres_stay_within_the_documented_bound() {
         Arc::into_inner(gateway).unwrap().stop().await;
     }
 }
+
+/// Creates a key through the admin API; (plaintext, id, answer).
+async fn create_key(
+    gateway: &TestGateway,
+    body: serde_json::Value,
+) -> (String, String, serde_json::Value) {
+    let reply = admin(gateway, Method::POST, "/v1/keys", Some(body)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json());
+    let created = reply.json();
+    (
+        created["key"].as_str().unwrap().to_owned(),
+        created["id"].as_str().unwrap().to_owned(),
+        created,
+    )
+}
+
+/// Waits until `key` authenticates on the data plane.
+async fn until_live(gateway: &TestGateway, key: &str) {
+    eventually(Duration::from_secs(5), || async {
+        chat_call(gateway, key, &[], false).await.status != StatusCode::UNAUTHORIZED
+    })
+    .await;
+}
+
+async fn key_limits_nest_follow_changes_rotation_and_restarts(backend: Backend) {
+    let l = limited(
+        backend,
+        "[[tiers]]\nname = \"t\"\nmonthly_requests = 1000",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let gw = &l.gateway;
+    let shared = gw.key.clone().unwrap();
+    let (key, id, created) = create_key(
+        gw,
+        json!({"customer": "test", "name": "app", "limits": {"monthly_requests": 3, "rate": "100/s"}}),
+    )
+    .await;
+    assert_eq!(
+        created["limits"],
+        json!({"rate": "100/s", "monthly_requests": 3})
+    );
+    // The first call may come before the key reaches the cache; it counts
+    // toward nothing if refused as unknown.
+    until_live(gw, &key).await;
+    let mut ok = 1;
+    while ok < 3 {
+        let reply = chat_call(gw, &key, &[], false).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        ok += 1;
+        let (limit, remaining, used, _) = rate_headers(&reply);
+        assert_eq!(
+            (limit, remaining, used),
+            (3, 3 - ok, ok),
+            "the key's quota is the tightest"
+        );
+    }
+    let refused = chat_call(gw, &key, &[], false).await;
+    assert_eq!(refused.error_type(), "quota_exceeded");
+    assert_eq!(refused.headers["x-should-retry"], "false");
+    assert_eq!(
+        chat_call(gw, &shared, &[], false).await.status,
+        StatusCode::OK,
+        "the customer's other keys go on"
+    );
+    let mine = send(
+        &client(),
+        authorized(Method::GET, gw.url("/_tollgate/usage"), Some(&key))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .json();
+    assert_eq!(mine["customer"], "test");
+    assert_eq!(mine["tier"], "t");
+    assert_eq!(mine["limits"]["monthly_requests"]["used"], 4, "{mine}");
+    assert_eq!(mine["key"]["key_id"], id.as_str());
+    assert_eq!(mine["key"]["limits"]["monthly_requests"]["limit"], 3);
+    assert_eq!(mine["key"]["limits"]["monthly_requests"]["used"], 3);
+    assert_eq!(mine["key"]["limits"]["monthly_requests"]["remaining"], 0);
+    assert_eq!(mine["key"]["limits"]["rate"]["rate"], "100/s");
+
+    // Raised: live within a second.
+    let patched = admin(
+        gw,
+        Method::PATCH,
+        &format!("/v1/keys/{id}"),
+        Some(json!({"limits": {"monthly_requests": 5}})),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(patched.json()["limits"], json!({"monthly_requests": 5}));
+    let took = eventually(Duration::from_secs(1), || async {
+        chat_call(gw, &key, &[], false).await.status == StatusCode::OK
+    })
+    .await;
+    println!("a raised key limit was live after {took:?}");
+
+    // The successor shares the family's count: one left of five.
+    let rotated = admin(gw, Method::POST, &format!("/v1/keys/{id}/rotate"), None).await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    assert_eq!(rotated.json()["limits"], json!({"monthly_requests": 5}));
+    let successor = rotated.json()["key"].as_str().unwrap().to_owned();
+    until_live(gw, &successor).await;
+    assert_eq!(
+        chat_call(gw, &successor, &[], false).await.error_type(),
+        "quota_exceeded",
+        "five used by the family"
+    );
+    assert_eq!(
+        chat_call(gw, &key, &[], false).await.error_type(),
+        "quota_exceeded"
+    );
+
+    // A restart keeps the family's count (from the per-key rollup).
+    let toml = l.toml.clone();
+    let Limited {
+        db,
+        _mock,
+        gateway,
+        dir,
+        ..
+    } = l;
+    gateway.stop().await;
+    let gw = TestGateway::start_on(config(&toml), None).await;
+    assert_eq!(
+        chat_call(&gw, &successor, &[], false).await.error_type(),
+        "quota_exceeded",
+        "counted from the database after a restart"
+    );
+    // Cleared: the key has only its customer's limits, within a second.
+    let successor_id = admin(&gw, Method::GET, "/v1/keys?customer=test", None)
+        .await
+        .json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["status"] == "active" && k["limits"].is_object())
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let cleared = admin(
+        &gw,
+        Method::PATCH,
+        &format!("/v1/keys/{successor_id}"),
+        Some(json!({"limits": null})),
+    )
+    .await;
+    assert_eq!(cleared.json()["limits"], serde_json::Value::Null);
+    eventually(Duration::from_secs(1), || async {
+        chat_call(&gw, &successor, &[], false).await.status == StatusCode::OK
+    })
+    .await;
+    // Bad limits are refused, naming the field, at creation and on change.
+    let bad = admin(
+        &gw,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "test", "limits": {"rate": "ten per second"}})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(
+        bad.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("limits: invalid rate"),
+        "{}",
+        bad.json()
+    );
+    let bad = admin(
+        &gw,
+        Method::PATCH,
+        &format!("/v1/keys/{successor_id}"),
+        Some(json!({"limits": {"monthly_cost_usd": "-1"}})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    gw.stop().await;
+    drop((db, dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_limits_nest_follow_changes_rotation_and_restarts_sqlite() {
+    key_limits_nest_follow_changes_rotation_and_restarts(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_limits_nest_follow_changes_rotation_and_restarts_postgres() {
+    key_limits_nest_follow_changes_rotation_and_restarts(Backend::Postgres).await;
+}
+
+/// 200 requests at once with `key`; how many were admitted, and whether
+/// every refusal was a quota's.
+async fn race(gateway: &TestGateway, key: &str) -> (usize, bool) {
+    let replies: Vec<Reply> = futures_join_all((0..200).map(|_| {
+        let (url, key) = (gateway.url("/v1/chat/completions"), key.to_owned());
+        async move {
+            let body =
+                json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+            send(
+                &client(),
+                authorized(Method::POST, url, Some(&key))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+            .await
+        }
+    }))
+    .await;
+    let admitted = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    let quota = replies
+        .iter()
+        .filter(|r| r.status != StatusCode::OK)
+        .all(|r| r.error_type() == "quota_exceeded");
+    (admitted, quota)
+}
+
+/// Runs every future at once on the runtime; their outputs in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_racing_requests_admit_exactly_what_the_tighter_level_has_left() {
+    let l = limited(
+        Backend::Sqlite,
+        "[[tiers]]\nname = \"plenty\"\nmonthly_requests = 100000\n\n\
+         [[tiers]]\nname = \"tight\"\nmonthly_requests = 50",
+        Arc::new(SystemClock),
+    )
+    .await;
+    let gw = &l.gateway;
+    // The key has 50 left; its customer plenty.
+    let (key, _, _) = create_key(
+        gw,
+        json!({"customer": "test", "limits": {"monthly_requests": 50}}),
+    )
+    .await;
+    until_live(gw, &key).await; // one used
+    let (admitted, quota) = race(gw, &key).await;
+    assert_eq!(admitted, 49);
+    assert!(quota);
+    // The customer has 50 left; its key plenty.
+    let (key, _, _) = create_key(
+        gw,
+        json!({"customer": "tight", "tier": "tight", "limits": {"monthly_requests": 100000}}),
+    )
+    .await;
+    until_live(gw, &key).await;
+    let (admitted, quota) = race(gw, &key).await;
+    assert_eq!(admitted, 49);
+    assert!(quota);
+    l.gateway.stop().await;
+}

@@ -176,5 +176,8 @@ fn outcome(delivery: &DeliveryView) -> (Option<String>, Option<String>) {
         Some(at) => format!("next attempt {} UTC", utc(at)),
         None => "no more attempts".to_owned(),
     };
-    (None, Some(format!("The retry of {what} failed: {why}; {then}.")))
+    (
+        None,
+        Some(format!("The retry of {what} failed: {why}; {then}.")),
+    )
 }

@@ -57,8 +57,8 @@ use crate::metrics::WebhookMetrics;
 /// The longest an attempt waits for the endpoint's answer.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a claimed delivery stays claimed: past an attempt's timeout,
-/// so that only a sender that died leaves it due again.
-pub const LEASE: Duration = Duration::from_secs(60);
+/// so that only a sender that died (or was stopped) leaves it due again.
+pub const LEASE: Duration = Duration::from_secs(15);
 /// How long deliveries are retried, from the event.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 const FIRST_RETRY: Duration = Duration::from_secs(10);
@@ -71,7 +71,7 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often the limiter is asked for alerts.
 const ALERT_SCAN: Duration = Duration::from_millis(250);
 /// How often keys about to expire are looked for.
-const EXPIRY_SCAN: Duration = Duration::from_secs(30);
+const EXPIRY_SCAN: Duration = Duration::from_secs(20);
 /// `key.expiring` fires this long before a key's expiry.
 const EXPIRY_NOTICE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// An answer's body is read up to this much (to keep the connection), then
