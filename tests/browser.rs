@@ -2,9 +2,10 @@
 //! WebDriver (chromedriver) by fantoccini. An operator signs in, creates a
 //! customer and a key and copies its plaintext, calls the data plane with
 //! it, sees the request and its cost on the overview and the customer page,
-//! revokes the key and sees the next call refused, closes last month, and
-//! signs out. Each page is saved as a screenshot under
-//! `target/console-screenshots/`.
+//! gives the key limits of its own, revokes it and sees the next call
+//! refused, closes last month, sees the webhook delivery that announced it
+//! fail and retries it, and signs out. Each page is saved as a screenshot
+//! under `target/console-screenshots/`.
 //!
 //! `scripts/test` installs `chromium` and `chromium-driver` when missing.
 
@@ -152,6 +153,8 @@ async fn submit(browser: &Client, form: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_the_business_from_the_console() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let receiver = tollgate_mock::WebhookReceiver::start(secret).await.unwrap();
     let mock = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(config(&format!(
         r#"
@@ -175,8 +178,14 @@ usage = "openai"
 [pricing."gpt-4o-mini"]
 input = 150.0
 output = 600.0
+
+[[webhooks]]
+url = "{hook}"
+secret = "{secret}"
+events = ["billing.period_closed"]
 "#,
-        upstream = mock.url()
+        upstream = mock.url(),
+        hook = receiver.url(),
     )))
     .await;
     let console = |path: &str| format!("http://{}{path}", gw.admin);
@@ -251,12 +260,43 @@ output = 600.0
         .contains("laptop"));
     shoot(&browser, "05-customer").await;
 
-    // Revoke it (confirming); the next call is refused.
+    // Give the key limits of its own, then open the form again to see them.
     browser
         .goto(&console("/console/keys?customer=acme"))
         .await
         .unwrap();
     shoot(&browser, "06-keys").await;
+    let summary = "details.edit-limits summary";
+    browser
+        .find(Locator::Css(summary))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    fill(&browser, "form.limits input[name=rate]", "10/s").await;
+    fill(&browser, "form.limits input[name=monthly_requests]", "1000").await;
+    fill(&browser, "form.limits input[name=monthly_cost_usd]", "25").await;
+    submit(&browser, "form.limits").await;
+    let notice = after_navigation(&browser, ".notice").await;
+    assert!(
+        notice.contains("saved: 10/s · 1,000 req/mo · 25 USD/mo"),
+        "{notice}"
+    );
+    let limits = admin(&gw, Method::GET, "/v1/keys?customer=acme", None)
+        .await
+        .json();
+    assert_eq!(limits["data"][0]["limits"]["rate"], "10/s", "{limits}");
+    browser
+        .find(Locator::Css(summary))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shoot(&browser, "07-key-limits").await;
+
+    // Revoke it (confirming); the next call is refused.
     browser
         .find(Locator::Css("button.danger"))
         .await
@@ -273,7 +313,8 @@ output = 600.0
     })
     .await;
 
-    // Close last month (confirming).
+    // Close last month (confirming); the webhook announcing it fails once.
+    receiver.fail_next(1, 500);
     let last = time::OffsetDateTime::now_utc()
         .date()
         .replace_day(1)
@@ -290,7 +331,7 @@ output = 600.0
     assert!(after_navigation(&browser, ".notice")
         .await
         .contains("closed"));
-    shoot(&browser, "07-billing").await;
+    shoot(&browser, "08-billing").await;
     let billing = admin(
         &gw,
         Method::GET,
@@ -299,8 +340,30 @@ output = 600.0
     )
     .await;
     assert_eq!(billing.json()["closed"], true);
-    browser.goto(&console("/console/webhooks")).await.unwrap();
-    shoot(&browser, "08-webhooks").await;
+
+    // The failed delivery is listed; a retry delivers it.
+    let mut listed = String::new();
+    for _ in 0..100 {
+        browser.goto(&console("/console/webhooks")).await.unwrap();
+        listed = text_of(&browser, "main").await;
+        if listed.contains("answered HTTP 500") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed.contains("answered HTTP 500"), "{listed}");
+    assert_eq!(text_of(&browser, ".badge").await, "pending");
+    shoot(&browser, "09-webhooks").await;
+    submit(&browser, "table.deliveries form").await;
+    let notice = after_navigation(&browser, ".notice").await;
+    assert!(
+        notice.contains("Delivered billing.period_closed"),
+        "{notice}"
+    );
+    assert_eq!(text_of(&browser, ".badge").await, "delivered");
+    shoot(&browser, "10-webhooks-retried").await;
+    let accepted = receiver.wait_for(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(accepted[0].event_type, "billing.period_closed");
 
     // Sign out; the console is closed to this browser again.
     submit(&browser, "form.signout").await;

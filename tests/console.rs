@@ -87,6 +87,15 @@ async fn sign_in(gw: &TestGateway) -> String {
 }
 
 fn gateway_config(mock: &MockUpstream, session_ttl: &str) -> tollgate::config::Config {
+    gateway_config_with(mock, session_ttl, "")
+}
+
+/// As [`gateway_config`], with `extra` at the end (e.g. `[[webhooks]]`).
+fn gateway_config_with(
+    mock: &MockUpstream,
+    session_ttl: &str,
+    extra: &str,
+) -> tollgate::config::Config {
     config(&format!(
         r#"
 [admin]
@@ -109,6 +118,7 @@ usage = "openai"
 [pricing."gpt-4o-mini"]
 input = 0.15
 output = 0.60
+{extra}
 "#,
         upstream = mock.url()
     ))
@@ -578,5 +588,354 @@ async fn a_search_finds_customers_beyond_the_first_page() {
         .await,
     );
     assert!(none.contains("No customer matches"), "{none}");
+    gw.stop().await;
+}
+
+/// A POST of a console form with the session's cookie.
+async fn post(gw: &TestGateway, session: &str, path: &str, form: &[(&str, &str)]) -> Reply {
+    console(gw, Method::POST, path, Some(session), Some(form)).await
+}
+
+/// The key's own limits as the admin API shows them.
+async fn api_limits(gw: &TestGateway, id: &str) -> serde_json::Value {
+    let reply = admin(gw, Method::GET, &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    reply.json()["limits"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_limits_are_set_refused_and_cleared_from_the_keys_page() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = TestGateway::start(gateway_config(&mock, "12h")).await;
+    let session = sign_in(&gw).await;
+    let id = admin(&gw, Method::GET, "/v1/keys?customer=test", None)
+        .await
+        .json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/console/keys/{id}/limits");
+
+    // Listed without limits of its own, with a form to give it some.
+    let listed = text(&console(&gw, Method::GET, "/console/keys", Some(&session), None).await);
+    assert!(listed.contains("customer&#39;s only"), "{listed}");
+    assert!(
+        listed.contains(&format!("action=\"{path}\""))
+            && listed.contains(&format!("<label for=\"rate-{id}\">Rate</label>")),
+        "{listed}"
+    );
+    assert_eq!(api_limits(&gw, &id).await, serde_json::Value::Null);
+    let token = csrf(&listed);
+
+    // Without the session's CSRF token nothing changes.
+    let form = [("csrf", "forged"), ("rate", "10/s")];
+    let refused = post(&gw, &session, &path, &form).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(api_limits(&gw, &id).await, serde_json::Value::Null);
+
+    // Saved: the admin API reads back what the form set; empty is no limit.
+    let form = [
+        ("csrf", token.as_str()),
+        ("rate", "10/s"),
+        ("monthly_requests", "1000"),
+        ("monthly_tokens", ""),
+        ("monthly_cost_usd", "25"),
+    ];
+    let saved = post(&gw, &session, &path, &form).await;
+    assert_eq!(saved.status, StatusCode::OK);
+    assert_secure(&saved);
+    let saved = text(&saved);
+    assert!(
+        saved.contains("role=\"status\"")
+            && saved.contains("saved: 10/s · 1,000 req/mo · 25 USD/mo."),
+        "{saved}"
+    );
+    assert!(
+        saved.contains(&format!("id=\"rate-{id}\" name=\"rate\" value=\"10/s\"")),
+        "the form is prefilled: {saved}"
+    );
+    let limits = api_limits(&gw, &id).await;
+    assert_eq!(limits["rate"], "10/s", "{limits}");
+    assert_eq!(limits["monthly_requests"], 1000, "{limits}");
+    assert_eq!(limits["monthly_cost_usd"], "25", "{limits}");
+    assert!(limits.get("monthly_tokens").is_none(), "{limits}");
+
+    // Bad input is refused naming the field, comes back in the open form,
+    // and changes nothing.
+    for (field, value, named) in [
+        ("rate", "ten per second", "rate"),
+        ("monthly_requests", "lots", "monthly_requests"),
+        ("monthly_cost_usd", "a few dollars", "monthly_cost_usd"),
+    ] {
+        let mut form = vec![
+            ("csrf", token.as_str()),
+            ("rate", "20/s"),
+            ("monthly_requests", "5"),
+        ];
+        form.retain(|(name, _)| *name != field);
+        form.push((field, value));
+        let bad = text(&post(&gw, &session, &path, &form).await);
+        let alert = bad
+            .split("role=\"alert\">")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no alert for {field}: {bad}"));
+        let alert = &alert[..alert.find("</p>").unwrap()];
+        assert!(alert.contains(named), "{field}: {alert}");
+        assert!(alert.contains("Key tg_"), "names the key: {alert}");
+        assert!(
+            bad.contains(&format!("value=\"{}\"", value.replace('\'', "&#39;"))),
+            "the refused value is kept: {bad}"
+        );
+        assert!(
+            bad.contains("<details class=\"edit-limits\" open>"),
+            "{bad}"
+        );
+        assert_eq!(
+            api_limits(&gw, &id).await,
+            limits,
+            "{field}: nothing changed"
+        );
+    }
+
+    // Cleared: only the customer's limits apply again.
+    let cleared = text(
+        &post(
+            &gw,
+            &session,
+            &path,
+            &[("csrf", token.as_str()), ("clear", "1"), ("rate", "10/s")],
+        )
+        .await,
+    );
+    assert!(
+        cleared.contains("cleared: only its customer&#39;s apply."),
+        "{cleared}"
+    );
+    assert_eq!(api_limits(&gw, &id).await, serde_json::Value::Null);
+
+    // A new key can be given limits at once; a bad one is not made.
+    let form = [
+        ("csrf", token.as_str()),
+        ("customer", "test"),
+        ("name", "batch"),
+        ("rate", "5/min"),
+        ("monthly_tokens", "20000"),
+    ];
+    let created = text(&post(&gw, &session, "/console/keys", &form).await);
+    assert!(
+        created.contains("Its own limits: 5/min · 20,000 tokens/mo."),
+        "{created}"
+    );
+    let keys = admin(&gw, Method::GET, "/v1/keys?customer=test", None)
+        .await
+        .json();
+    let batch = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["name"] == "batch")
+        .unwrap();
+    assert_eq!(batch["limits"]["rate"], "5/min");
+    assert_eq!(batch["limits"]["monthly_tokens"], 20000);
+    let form = [
+        ("csrf", token.as_str()),
+        ("customer", "test"),
+        ("name", "bad"),
+        ("rate", "ten per second"),
+    ];
+    let bad = text(&post(&gw, &session, "/console/keys", &form).await);
+    assert!(bad.contains("role=\"alert\">limits: invalid rate"), "{bad}");
+    let keys = admin(&gw, Method::GET, "/v1/keys?customer=test", None)
+        .await
+        .json();
+    assert_eq!(keys["data"].as_array().unwrap().len(), 2, "{keys}");
+    gw.stop().await;
+}
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// `YYYY-MM` of the month `back` months before this one.
+fn month_before(back: u32) -> String {
+    let mut date = time::OffsetDateTime::now_utc()
+        .date()
+        .replace_day(1)
+        .unwrap();
+    for _ in 0..back {
+        date = date.previous_day().unwrap().replace_day(1).unwrap();
+    }
+    format!("{:04}-{:02}", date.year(), u8::from(date.month()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhooks_page_lists_deliveries_and_retries_one() {
+    let receiver = tollgate_mock::WebhookReceiver::start(WEBHOOK_SECRET)
+        .await
+        .unwrap();
+    let mock = MockUpstream::start().await.unwrap();
+    let hook = format!(
+        "[[webhooks]]\nurl = \"{}\"\nsecret = \"{WEBHOOK_SECRET}\"\nevents = [\"billing.period_closed\"]\n",
+        receiver.url()
+    );
+    let gw = TestGateway::start(gateway_config_with(&mock, "12h", &hook)).await;
+    let session = sign_in(&gw).await;
+    let page = |path: String| {
+        let (gw, session) = (&gw, session.clone());
+        async move { text(&console(gw, Method::GET, &path, Some(&session), None).await) }
+    };
+    let empty = page("/console/webhooks".into()).await;
+    assert!(empty.contains("No webhook deliveries yet"), "{empty}");
+    let token = csrf(&empty);
+
+    // Closing last month records billing.period_closed; its first attempt
+    // is answered 500.
+    receiver.fail_next(1, 500);
+    let period = month_before(1);
+    let closed = admin(
+        &gw,
+        Method::POST,
+        &format!("/v1/billing/periods/{period}/close"),
+        None,
+    )
+    .await;
+    assert_eq!(closed.status, StatusCode::OK, "{}", text(&closed));
+    eventually(Duration::from_secs(10), || async {
+        page("/console/webhooks".into())
+            .await
+            .contains("answered HTTP 500")
+    })
+    .await;
+    let deliveries = admin(&gw, Method::GET, "/v1/webhooks/deliveries", None)
+        .await
+        .json();
+    let delivery = &deliveries["data"][0];
+    assert_eq!(delivery["status"], "pending", "{deliveries}");
+    assert_eq!(delivery["attempts"], 1, "{deliveries}");
+    let (id, event_id) = (
+        delivery["id"].as_str().unwrap().to_owned(),
+        delivery["event_id"].as_str().unwrap().to_owned(),
+    );
+    let listed = page("/console/webhooks".into()).await;
+    for shown in [
+        "billing.period_closed".to_owned(),
+        receiver.url(),
+        "<span class=\"badge pending\">pending</span>".to_owned(),
+        "<td class=\"problem\">answered HTTP 500</td>".to_owned(),
+        event_id.clone(),
+        format!("action=\"/console/webhooks/deliveries/{id}/retry\""),
+    ] {
+        assert!(listed.contains(&shown), "{shown}: {listed}");
+    }
+    let created = time::OffsetDateTime::parse(
+        delivery["created_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let minute = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
+    assert!(
+        listed.contains(&format!("<td>{}</td>", created.format(&minute).unwrap())),
+        "the created time in UTC minutes: {listed}"
+    );
+
+    // Filters are query parameters.
+    let none = page("/console/webhooks?status=delivered".into()).await;
+    assert!(none.contains("No deliveries match"), "{none}");
+    let some = page("/console/webhooks?status=pending&event=billing.period_closed".into()).await;
+    assert!(some.contains(&event_id), "{some}");
+    assert!(
+        some.contains("<option selected>billing.period_closed</option>"),
+        "{some}"
+    );
+    let bad = page("/console/webhooks?status=lost".into()).await;
+    assert!(bad.contains("role=\"alert\">status:"), "{bad}");
+
+    // Retry needs the CSRF token; then it is delivered, signed, with the
+    // same webhook-id, and the page says so.
+    let retry = format!("/console/webhooks/deliveries/{id}/retry");
+    let forged = post(&gw, &session, &retry, &[("csrf", "forged")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let form = [
+        ("csrf", token.as_str()),
+        ("status", ""),
+        ("event", "billing.period_closed"),
+        ("cursor", ""),
+    ];
+    let retried = post(&gw, &session, &retry, &form).await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_secure(&retried);
+    let retried = text(&retried);
+    assert!(
+        retried.contains(&format!(
+            "role=\"status\">Delivered billing.period_closed to {}.",
+            receiver.url()
+        )),
+        "{retried}"
+    );
+    assert!(
+        retried.contains("<span class=\"badge delivered\">delivered</span>")
+            && retried.contains("<option selected>billing.period_closed</option>"),
+        "the same view, delivered: {retried}"
+    );
+    let accepted = receiver.wait_for(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(accepted[0].id, event_id);
+    assert_eq!(accepted[0].event_type, "billing.period_closed");
+    assert!(accepted[0].valid, "{:?}", accepted[0].error);
+    assert_eq!(accepted[0].body["data"]["period"], period.as_str());
+    let all = receiver.received();
+    assert_eq!(all.len(), 2, "one failed attempt, one retry");
+    assert!(all.iter().all(|r| r.id == event_id && r.valid));
+    let after = admin(
+        &gw,
+        Method::GET,
+        "/v1/webhooks/deliveries?status=delivered",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(after["data"][0]["attempts"], 2, "{after}");
+
+    // A retry of no delivery says so.
+    let missing = text(
+        &post(
+            &gw,
+            &session,
+            "/console/webhooks/deliveries/nope/retry",
+            &[("csrf", token.as_str())],
+        )
+        .await,
+    );
+    assert!(
+        missing.contains("role=\"alert\">Could not retry the delivery"),
+        "{missing}"
+    );
+
+    // Past a page of 50, the next page follows the cursor with the filters.
+    for back in 2..=51 {
+        let period = month_before(back);
+        let closed = admin(
+            &gw,
+            Method::POST,
+            &format!("/v1/billing/periods/{period}/close"),
+            None,
+        )
+        .await;
+        assert_eq!(closed.status, StatusCode::OK, "{period}");
+    }
+    receiver
+        .wait_for(51, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let first = page("/console/webhooks?event=billing.period_closed".into()).await;
+    assert_eq!(first.matches("class=\"badge ").count(), 50, "{first}");
+    assert!(!first.contains(&event_id), "the oldest is on the next page");
+    let at = first.find("href=\"/console/webhooks?").unwrap() + "href=\"".len();
+    let next = first[at..at + first[at..].find('"').unwrap()].replace("&#38;", "&");
+    assert!(
+        next.starts_with("/console/webhooks?event=billing.period_closed&cursor="),
+        "{next}"
+    );
+    let second = page(next).await;
+    assert_eq!(second.matches("class=\"badge ").count(), 1, "{second}");
+    assert!(second.contains(&event_id), "{second}");
+    assert!(!second.contains("Next page"), "{second}");
     gw.stop().await;
 }
