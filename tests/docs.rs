@@ -75,10 +75,10 @@ const EXPORTED_METRICS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// Sections written `[[name]]`: one table per entry.
-const ARRAY_SECTIONS: &[&str] = &["tiers", "routes"];
+const ARRAY_SECTIONS: &[&str] = &["tiers", "routes", "webhooks"];
 
 /// Sections a reload applies; every other key needs a restart.
-const RELOADABLE_SECTIONS: &[&str] = &["tiers", "routes", "pricing.*"];
+const RELOADABLE_SECTIONS: &[&str] = &["tiers", "routes", "pricing.*", "webhooks"];
 
 /// Top-level tables with fixed keys, as config keys are written in prose
 /// (`usage.spool_max`).
@@ -229,8 +229,13 @@ fn example_keys() -> BTreeSet<(String, String)> {
     let mut free_form = false;
     for line in text.lines() {
         let line = line.trim();
-        if line.starts_with('[') {
-            let name = normalize_section(line);
+        // A commented-out section (`# [[webhooks]]`) opens its section too.
+        let header = line
+            .strip_prefix("# ")
+            .filter(|rest| rest.starts_with("[["))
+            .unwrap_or(line);
+        if header.starts_with('[') {
+            let name = normalize_section(header);
             match name.rsplit_once('.') {
                 Some((parent, "set_headers")) => {
                     keys.insert((parent.to_owned(), "set_headers".to_owned()));
