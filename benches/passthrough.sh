@@ -9,6 +9,11 @@
 #   CPU 1: the proxy under test, in turn: tollgate (1 tokio worker) or nginx
 #          (worker_processes 1, keep-alive upstream pool)
 #
+# "tollgate+keylim" is the same gateway called with a key that has limits
+# of its own (rate, monthly requests, tokens and cost, all out of reach), so
+# every request is admitted at both the key's and the customer's level: the
+# price of per-key limits, in the same run.
+#
 # Each proxy is measured ROUNDS times, alternating, and the median is reported,
 # because these machines are shared and noisy: only ratios within one run mean
 # anything. Added latency is the proxy's p50/p99 minus the upstream's own
@@ -107,6 +112,10 @@ CONF
 KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench --tier bench --json \
     | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
 [ -n "$KEY" ] || { echo "error: could not create a bench key" >&2; exit 1; }
+LIMITED_KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench-keyed --tier bench \
+    --rate 1000000000/s --monthly-requests 1000000000000 --monthly-tokens 1000000000000000 \
+    --monthly-cost-usd 1000000000 --json | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
+[ -n "$LIMITED_KEY" ] || { echo "error: could not create a bench key with limits" >&2; exit 1; }
 
 wait_port() {
     for _ in $(seq 1 100); do
@@ -120,9 +129,9 @@ wait_port() {
 taskset -c 0 nginx -c "$WORK/upstream/nginx.conf" & PIDS+=($!)
 wait_port "$UPSTREAM_PORT"
 
-start_proxy() { # tollgate | nginx
+start_proxy() { # tollgate | tollgate+keylim | nginx
     case "$1" in
-        tollgate)
+        tollgate*)
             RUST_LOG=warn taskset -c 1 "$BIN" --config "$WORK/tollgate.toml" serve 2>"$WORK/tollgate.log" &
             PROXY_PID=$!; wait_port "$GATEWAY_PORT"; PROXY_PORT=$GATEWAY_PORT ;;
         nginx)
@@ -132,8 +141,8 @@ start_proxy() { # tollgate | nginx
 }
 
 # Prints "rps p50_us p99_us" for one wrk run against a port.
-measure() { # port [duration]
-    taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer $KEY" \
+measure() { # port [duration] [key]
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer ${3:-$KEY}" \
         "http://127.0.0.1:$1/v1/chat/completions" \
         | awk '
             function us(v) {
@@ -160,10 +169,11 @@ measure "$UPSTREAM_PORT" 2 >/dev/null   # warm the upstream
 for round in $(seq 1 "$ROUNDS"); do
     read -r rps p50 p99 < <(measure "$UPSTREAM_PORT")
     echo "direct $rps $p50 $p99" >> "$WORK/results"
-    for proxy in tollgate nginx; do
+    for proxy in tollgate tollgate+keylim nginx; do
+        key="$KEY"; [ "$proxy" = "tollgate+keylim" ] && key="$LIMITED_KEY"
         start_proxy "$proxy"
-        measure "$PROXY_PORT" 2 >/dev/null 2>&1 || true   # warm-up: pools, caches
-        read -r rps p50 p99 < <(measure "$PROXY_PORT")
+        measure "$PROXY_PORT" 2 "$key" >/dev/null 2>&1 || true   # warm-up: pools, caches
+        read -r rps p50 p99 < <(measure "$PROXY_PORT" "$DURATION" "$key")
         echo "$proxy $rps $p50 $p99" >> "$WORK/results"
         printf '  round %d %-8s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
         kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
@@ -173,9 +183,12 @@ done
 col() { awk -v who="$1" -v c="$2" '$1 == who { print $c }' "$WORK/results" | median; }
 d50=$(col direct 3); d99=$(col direct 4)
 t_rps=$(col tollgate 2); t50=$(col tollgate 3); t99=$(col tollgate 4)
+k_rps=$(col tollgate+keylim 2); k50=$(col tollgate+keylim 3); k99=$(col tollgate+keylim 4)
 n_rps=$(col nginx 2); n50=$(col nginx 3); n99=$(col nginx 4)
 echo
-printf '%-10s %10s %14s %14s\n' proxy "req/s" "added p50 us" "added p99 us"
-printf '%-10s %10s %14s %14s\n' tollgate "$t_rps" "$((t50 - d50))" "$((t99 - d99))"
-printf '%-10s %10s %14s %14s\n' nginx "$n_rps" "$((n50 - d50))" "$((n99 - d99))"
+printf '%-15s %10s %14s %14s\n' proxy "req/s" "added p50 us" "added p99 us"
+printf '%-15s %10s %14s %14s\n' tollgate "$t_rps" "$((t50 - d50))" "$((t99 - d99))"
+printf '%-15s %10s %14s %14s\n' nginx "$n_rps" "$((n50 - d50))" "$((n99 - d99))"
+printf '%-15s %10s %14s %14s\n' tollgate+keylim "$k_rps" "$((k50 - d50))" "$((k99 - d99))"
+awk -v k="$k_rps" -v t="$t_rps" 'BEGIN { printf "key limits on every request vs none: %.3f\n", k / t }' 
 awk -v t="$t_rps" -v n="$n_rps" 'BEGIN { printf "throughput ratio tollgate/nginx: %.2f\n", t / n }'

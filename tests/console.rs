@@ -832,7 +832,10 @@ async fn the_webhooks_page_lists_deliveries_and_retries_one() {
     .unwrap();
     let minute = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
     assert!(
-        listed.contains(&format!("<td>{}</td>", created.format(&minute).unwrap())),
+        listed.contains(&format!(
+            "<td class=\"time\">{}</td>",
+            created.format(&minute).unwrap()
+        )),
         "the created time in UTC minutes: {listed}"
     );
 

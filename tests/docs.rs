@@ -72,6 +72,12 @@ const EXPORTED_METRICS: &[(&str, &str, &[&str])] = &[
         &["route", "field"],
     ),
     ("tollgate_open_connections", "gauge", &["listener"]),
+    (
+        "tollgate_webhook_deliveries_total",
+        "counter",
+        &["event", "result"],
+    ),
+    ("tollgate_webhook_pending", "gauge", &[]),
 ];
 
 /// Sections written `[[name]]`: one table per entry.

@@ -20,7 +20,7 @@ use tollgate::config::Config;
 pub use tollgate_mock::MockUpstream;
 
 /// Every metric name Tollgate exports (docs/METRICS.md).
-pub const EXPORTED_METRICS: [&str; 18] = [
+pub const EXPORTED_METRICS: [&str; 20] = [
     "tollgate_requests_total",
     "tollgate_request_duration_seconds",
     "tollgate_upstream_duration_seconds",
@@ -39,6 +39,8 @@ pub const EXPORTED_METRICS: [&str; 18] = [
     "tollgate_upstream_errors_total",
     "tollgate_usage_invalid_values_total",
     "tollgate_open_connections",
+    "tollgate_webhook_deliveries_total",
+    "tollgate_webhook_pending",
 ];
 
 /// The environment used to interpolate test configs.

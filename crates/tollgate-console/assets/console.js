@@ -10,10 +10,16 @@ document.addEventListener("DOMContentLoaded", () => {
       button.textContent = "Copied";
     });
   }
-  // Forms that change something irreversible ask first: <form data-confirm="...">.
+  // Forms that change something irreversible ask first: <form data-confirm="...">,
+  // or one of a form's buttons: <button type="submit" data-confirm="...">.
   for (const form of document.querySelectorAll("form[data-confirm]")) {
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();
+    });
+  }
+  for (const button of document.querySelectorAll("button[data-confirm]")) {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
     });
   }
 });

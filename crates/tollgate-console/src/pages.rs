@@ -549,6 +549,37 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_limits_read_from_the_form_and_show_in_a_line() {
+        let fields = |rate: &str, requests: &str, cost: &str| LimitFields {
+            rate: rate.to_owned(),
+            monthly_requests: requests.to_owned(),
+            monthly_tokens: String::new(),
+            monthly_cost_usd: cost.to_owned(),
+        };
+        assert_eq!(fields("", "", "").parse().unwrap(), None, "empty: none");
+        let limits = fields("10/s", "1000", "25").parse().unwrap().unwrap();
+        let view = KeyLimitsView::from(&limits);
+        assert_eq!(
+            limits_line(Some(&view)).unwrap(),
+            "10/s · 1,000 req/mo · 25 USD/mo"
+        );
+        assert_eq!(LimitFields::of(Some(&view)).monthly_requests, "1000");
+        assert_eq!(limits_line(None), None);
+        for (bad, field) in [
+            (fields("ten per second", "", ""), "rate"),
+            (fields("", "1e3", ""), "monthly_requests"),
+            (fields("", "-1", ""), "monthly_requests"),
+            (fields("", "", "lots"), "monthly_cost_usd"),
+        ] {
+            let error = bad.parse().unwrap_err().to_string();
+            assert!(
+                error.starts_with("limits: ") && error.contains(field),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn gauges_turn_amber_at_80_and_red_at_100_percent() {
         let levels: Vec<_> = [10.0, 80.0, 100.0, 150.0]
             .into_iter()
@@ -1094,7 +1125,7 @@ pub(crate) async fn key_limits(
 }
 
 // ---------------------------------------------------------------------------
-// Billing and webhooks.
+// Billing.
 
 pub(crate) struct Line {
     pub(crate) customer: String,

@@ -21,6 +21,9 @@ pub(crate) struct DeliveryRow {
     pub(crate) event_id: String,
     pub(crate) event: String,
     pub(crate) url: String,
+    /// The URL in pieces a line may break after: the scheme, then each
+    /// path segment.
+    pub(crate) url_parts: Vec<String>,
     /// `pending`, `delivered` or `failed`: also the badge's class.
     pub(crate) status: &'static str,
     pub(crate) attempts: u32,
@@ -39,6 +42,7 @@ impl DeliveryRow {
             event_id: delivery.event_id.to_string(),
             event: delivery.event.clone(),
             url: delivery.url.clone(),
+            url_parts: url_parts(&delivery.url),
             status: delivery.status.as_str(),
             attempts: delivery.attempts,
             last_error: delivery.last_error.clone().unwrap_or_default(),
@@ -47,6 +51,18 @@ impl DeliveryRow {
             delivered: delivery.delivered_at.map(utc).unwrap_or_default(),
         }
     }
+}
+
+/// `https://h.example/a/b` as `https://`, `h.example/`, `a/`, `b`.
+fn url_parts(url: &str) -> Vec<String> {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    let mut parts = vec![scheme.to_owned()];
+    parts.extend(rest.split_inclusive('/').map(str::to_owned));
+    parts.retain(|part| !part.is_empty());
+    parts
 }
 
 #[derive(Template)]
@@ -180,4 +196,19 @@ fn outcome(delivery: &DeliveryView) -> (Option<String>, Option<String>) {
         None,
         Some(format!("The retry of {what} failed: {why}; {then}.")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_breaks_after_its_scheme_and_each_slash() {
+        assert_eq!(
+            url_parts("https://hooks.example/tollgate/billing"),
+            ["https://", "hooks.example/", "tollgate/", "billing"]
+        );
+        assert_eq!(url_parts("odd"), ["odd"]);
+        assert_eq!(url_parts("http://h/").concat(), "http://h/");
+    }
 }
