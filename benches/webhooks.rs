@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tollgate_mock::{MockUpstream, WebhookReceiver};
+use tollgate_mock::WebhookReceiver;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -209,11 +209,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
-async fn latency(upstream: &MockUpstream, client: &HttpClient) {
+async fn latency(upstream: &str, client: &HttpClient) {
     const EVENTS: usize = 1000;
     let receiver = WebhookReceiver::start(SECRET).await.unwrap();
     let (gw, keys, _) = gateway(
-        &upstream.url(),
+        upstream,
         &receiver.url(),
         "monthly_requests = 2\nalerts = [0.5]",
         EVENTS,
@@ -252,7 +252,7 @@ async fn latency(upstream: &MockUpstream, client: &HttpClient) {
     drop(gw);
 }
 
-async fn endpoint_down(upstream: &MockUpstream, client: &HttpClient) {
+async fn endpoint_down(upstream: &str, client: &HttpClient) {
     const CUSTOMERS: usize = 2000;
     let minutes: u64 = std::env::var("MINUTES")
         .ok()
@@ -261,7 +261,7 @@ async fn endpoint_down(upstream: &MockUpstream, client: &HttpClient) {
     let receiver = WebhookReceiver::start(SECRET).await.unwrap();
     receiver.set_down(true);
     let (gw, keys, plenty) = gateway(
-        &upstream.url(),
+        upstream,
         &receiver.url(),
         "monthly_requests = 4\nalerts = [0.25, 0.5, 0.75, 1.0]",
         CUSTOMERS,
@@ -350,7 +350,11 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let upstream = MockUpstream::start().await.unwrap();
+        // The mock upstream that keeps no log of requests (a long run
+        // sends millions).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(tollgate_mock::serve(listener, std::future::pending()));
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         match std::env::var("WEBHOOK_BENCH").as_deref() {
             Ok("down") => endpoint_down(&upstream, &client).await,

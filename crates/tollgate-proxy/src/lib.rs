@@ -75,7 +75,7 @@ pub use auth::Authenticator;
 pub use body::ProxyBody;
 pub use forward::{upstream_client, UpstreamClient};
 pub use meter::{Metering, RouteUsage};
-pub use metrics::{Metrics, RequestOutcome, RouteMetrics, WebhookMetrics, UPKEEP_INTERVAL};
+pub use metrics::{Metrics, RequestOutcome, RouteMetrics, UPKEEP_INTERVAL};
 pub use pipeline::{ConnInfo, Gateway, GatewaySettings, LiveConfig};
 pub use route::{RouteError, RouteSpec, RouteTable};
 pub use server::{serve, ServerOptions};

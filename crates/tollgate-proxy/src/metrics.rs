@@ -256,7 +256,7 @@ pub struct Metrics {
 
 /// The webhook sender's handles.
 #[derive(Clone)]
-pub struct WebhookMetrics {
+pub(crate) struct WebhookMetrics {
     /// Per event type ([`EventType::ALL`] order): delivered, failed.
     deliveries: Arc<[[Counter; 2]; 4]>,
     pending: Gauge,
@@ -367,7 +367,7 @@ impl Metrics {
     }
 
     /// The webhook sender's counters and gauge.
-    pub fn webhook_metrics(&self) -> WebhookMetrics {
+    pub(crate) fn webhook_metrics(&self) -> WebhookMetrics {
         self.webhooks.clone()
     }
 

@@ -52,13 +52,13 @@ use tollgate_metering::webhooks::{Claimed, Delivery, EventType, NewEvent, Settle
 use tollgate_metering::{Store, StoreError};
 use uuid::Uuid;
 
-use crate::metrics::WebhookMetrics;
+use crate::metrics::{Metrics, WebhookMetrics};
 
 /// The longest an attempt waits for the endpoint's answer.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a claimed delivery stays claimed: past an attempt's timeout,
 /// so that only a sender that died (or was stopped) leaves it due again.
-pub const LEASE: Duration = Duration::from_secs(15);
+const LEASE: Duration = Duration::from_secs(15);
 /// How long deliveries are retried, from the event.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 const FIRST_RETRY: Duration = Duration::from_secs(10);
@@ -168,7 +168,7 @@ impl Outbox {
 
     /// Records an event about `dedup` (nothing when one exists already, or
     /// no endpoint subscribes). Returns whether it was recorded now.
-    pub async fn record(
+    pub(crate) async fn record(
         &self,
         event_type: EventType,
         dedup: String,
@@ -252,7 +252,7 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(outbox: Arc<Outbox>, metrics: WebhookMetrics) -> Result<Webhooks, rustls::Error> {
+    pub fn new(outbox: Arc<Outbox>, metrics: &Metrics) -> Result<Webhooks, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -271,7 +271,7 @@ impl Webhooks {
         Ok(Webhooks {
             outbox,
             client,
-            metrics,
+            metrics: metrics.webhook_metrics(),
             expiring_seen: Mutex::new(HashSet::new()),
         })
     }

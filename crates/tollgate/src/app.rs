@@ -173,11 +173,7 @@ pub async fn start_with_clock(
         KeyFormat::new(&config.keys.prefix),
         config.keys.headers.clone(),
     );
-    let settings = GatewaySettings {
-        max_request_body: config.server.max_request_body,
-        request_body_timeout: config.server.request_body_timeout,
-        max_header_bytes: config.server.max_header_bytes,
-    };
+    let settings = gateway_settings(&config);
     let gateway = Arc::new(Gateway::new(live, auth, client, settings, metering.clone()));
     let (options, admin_options) = server_options(&config, &metrics);
 
@@ -195,12 +191,7 @@ pub async fn start_with_clock(
         stopped.clone(),
     ));
     let status = gateway_status(&config, recorder.recorder().stats().clone(), keys.clone());
-    let outbox = Arc::new(Outbox::new(store.clone(), webhook_endpoints(&config)));
-    let webhooks = Arc::new(
-        Webhooks::new(outbox, metrics.webhook_metrics())
-            .context("cannot set up TLS for webhook deliveries")?,
-    );
-    let webhook_tasks = webhooks.start(policies.clone());
+    let (webhooks, webhook_tasks) = start_webhooks(&config, &store, &metrics, &policies)?;
     let (admin, reloader) = admin_api(
         &config,
         catalog,
@@ -321,6 +312,31 @@ async fn start_accounting(
         policies,
         sync,
     })
+}
+
+/// The data plane's per-request bounds.
+fn gateway_settings(config: &Config) -> GatewaySettings {
+    GatewaySettings {
+        max_request_body: config.server.max_request_body,
+        request_body_timeout: config.server.request_body_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+    }
+}
+
+/// The webhook outbox, its sender and the scans that feed it.
+fn start_webhooks(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    metrics: &Metrics,
+    policies: &Arc<Policies>,
+) -> anyhow::Result<(Arc<Webhooks>, Vec<JoinHandle<()>>)> {
+    let outbox = Arc::new(Outbox::new(store.clone(), webhook_endpoints(config)));
+    let webhooks = Arc::new(
+        Webhooks::new(outbox, metrics)
+            .context("cannot set up TLS for webhook deliveries")?,
+    );
+    let tasks = webhooks.start(policies.clone());
+    Ok((webhooks, tasks))
 }
 
 /// What the admin listener shares with the data plane.
