@@ -176,8 +176,8 @@ events = ["quota.threshold", "quota.exhausted"]
         .await
         .unwrap()
         .key;
-    let bin = std::env::var("TOLLGATE_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned());
+    let bin =
+        std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned());
     let process = Killed(
         Command::new(bin)
             .args(["--config", path.to_str().unwrap(), "serve"])

@@ -80,7 +80,103 @@ tollgate_store::both_backends!(
     out_of_range_overrides_are_400_naming_the_field,
     path_segments_are_percent_decoded,
     extreme_query_values_are_answered,
+    bodies_and_key_limits_must_be_objects_with_values_in_range,
 );
+
+async fn bodies_and_key_limits_must_be_objects_with_values_in_range(backend: Backend) {
+    let setup = setup(backend).await;
+    let gw = &setup.gw;
+    // serde would read a struct from an array of its values.
+    let reply = admin(
+        gw,
+        Method::PATCH,
+        "/v1/customers/test",
+        Some(json!([null, null])),
+    )
+    .await;
+    assert_invalid(&reply, "body", "an array body");
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "body: expected a JSON object"
+    );
+    let key = admin(
+        gw,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "test"})),
+    )
+    .await;
+    assert_eq!(key.status, StatusCode::CREATED);
+    let id = key.json()["id"].as_str().unwrap().to_owned();
+    for (limits, field) in [
+        (json!([null, 5, null, null]), "limits"),
+        (json!({"monthly_requests": -1}), "limits"),
+        (json!({"monthly_requests": 1e20}), "limits"),
+        (json!({"monthly_cost_usd": "9223372037"}), "limits"),
+        (json!({"rate": "0/s"}), "limits"),
+        (json!({"overage": "bill"}), "limits"),
+        (json!({"burst": 5}), "limits"),
+    ] {
+        let what = format!("limits {limits}");
+        let created = admin(
+            gw,
+            Method::POST,
+            "/v1/keys",
+            Some(json!({"customer": "test", "limits": limits})),
+        )
+        .await;
+        assert_invalid(&created, field, &what);
+        let patched = admin(
+            gw,
+            Method::PATCH,
+            &format!("/v1/keys/{id}"),
+            Some(json!({"limits": limits})),
+        )
+        .await;
+        assert_invalid(&patched, field, &what);
+    }
+    let unchanged = admin(gw, Method::GET, &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(unchanged.json()["limits"], serde_json::Value::Null);
+    // Out of range on the command line: a usage error naming the flag.
+    for (flag, value) in [
+        ("--monthly-requests", "18446744073709551616"),
+        ("--monthly-cost-usd", "1e400"),
+        ("--rate", "ten/s"),
+    ] {
+        let (code, _, stderr) = cli(
+            &setup.config_path,
+            &["keys", "set-limits", &id, flag, value],
+        );
+        assert_eq!(code, 2, "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+    let (code, _, stderr) = cli(&setup.config_path, &["keys", "set-limits", &id]);
+    assert_eq!(code, 2, "nothing to set: {stderr}");
+    let (code, stdout, stderr) = cli(
+        &setup.config_path,
+        &[
+            "keys",
+            "set-limits",
+            &id,
+            "--monthly-requests",
+            "10",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let set: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(set["limits"], json!({"monthly_requests": 10}));
+    let (code, stdout, _) = cli(
+        &setup.config_path,
+        &["keys", "set-limits", &id, "--clear", "--json"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["limits"],
+        serde_json::Value::Null
+    );
+    setup.gw.stop().await;
+}
 
 async fn out_of_range_times_are_400_naming_the_field(backend: Backend) {
     let setup = setup(backend).await;

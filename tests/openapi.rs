@@ -81,7 +81,7 @@ usage = "openai"
     assert!(passed, "{report}");
     // It tested every operation, and many cases.
     assert!(
-        report.contains("Operations:       24 selected / 24 total"),
+        report.contains("Operations:       26 selected / 26 total"),
         "{report}"
     );
     let generated = report

@@ -192,6 +192,7 @@ pub(crate) struct CreateKey {
     /// Route names the key is limited to; left out, every route.
     routes: Option<Vec<String>>,
     /// The key's own limits, nested inside the customer's.
+    #[serde(default, deserialize_with = "limits_object")]
     limits: Option<KeyLimitsView>,
 }
 
@@ -210,11 +211,33 @@ pub(crate) struct PatchKey {
     #[serde(default, deserialize_with = "present_time")]
     #[schema(value_type = Option<OffsetDateTime>)]
     expires_at: Option<Option<OffsetDateTime>>,
-    #[serde(default, deserialize_with = "present")]
     /// Replaces the key's own limits (on every key of its rotation
     /// chain); `null` clears them.
+    #[serde(default, deserialize_with = "present_limits")]
     #[schema(value_type = Option<KeyLimitsView>)]
     limits: Option<Option<KeyLimitsView>>,
+}
+
+/// `limits`: an object or `null`, never an array of its values.
+fn limits_object<'de, D>(deserializer: D) -> Result<Option<KeyLimitsView>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)?
+        .map(|fields| {
+            serde_json::from_value(serde_json::Value::Object(fields))
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+}
+
+/// [`limits_object`] for a field that may be left out: `Some(None)` for
+/// `null`.
+fn present_limits<'de, D>(deserializer: D) -> Result<Option<Option<KeyLimitsView>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    limits_object(deserializer).map(Some)
 }
 
 /// A field that is present, `null` included: `Some(None)` for `null`.
@@ -1068,6 +1091,13 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
 /// Parses a JSON body; an error names the field at fault (`expires_at:
 /// ...`), or `body` when the document as a whole is wrong.
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    // Every body is an object; serde would also read a struct from an
+    // array of its fields' values.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(AdminError::Invalid(
+            "body: expected a JSON object".to_owned(),
+        ));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();

@@ -332,8 +332,7 @@ fn start_webhooks(
 ) -> anyhow::Result<(Arc<Webhooks>, Vec<JoinHandle<()>>)> {
     let outbox = Arc::new(Outbox::new(store.clone(), webhook_endpoints(config)));
     let webhooks = Arc::new(
-        Webhooks::new(outbox, metrics)
-            .context("cannot set up TLS for webhook deliveries")?,
+        Webhooks::new(outbox, metrics).context("cannot set up TLS for webhook deliveries")?,
     );
     let tasks = webhooks.start(policies.clone());
     Ok((webhooks, tasks))
