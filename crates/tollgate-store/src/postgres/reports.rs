@@ -219,20 +219,7 @@ pub(super) async fn period_totals(
          GROUP BY customer_id",
         sums()
     );
-    let client = store.client().await?;
-    let statement = client.prepare_cached(&sql).await?;
-    let rows = client
-        .query(
-            &statement,
-            &[&period.first_day(), &period.next().first_day()],
-        )
-        .await?;
-    let mut totals = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let customer = CustomerId(get(row, 0)?);
-        totals.insert(customer, reports::period_totals(&sums_at(row, 1)?));
-    }
-    Ok(totals)
+    totals_by(store, &sql, period, CustomerId).await
 }
 
 /// The period's totals per key family, for families with limits: from
@@ -249,8 +236,19 @@ pub(super) async fn key_period_totals(
          GROUP BY k.family_id",
         sums()
     );
+    totals_by(store, &sql, period, KeyId).await
+}
+
+/// The rows of `sql` (an id, then the sums; bound to the period's days)
+/// as period totals by id.
+async fn totals_by<Id: std::hash::Hash + Eq>(
+    store: &PostgresStore,
+    sql: &str,
+    period: Period,
+    id: fn(Uuid) -> Id,
+) -> Result<HashMap<Id, PeriodTotals>, Failure> {
     let client = store.client().await?;
-    let statement = client.prepare_cached(&sql).await?;
+    let statement = client.prepare_cached(sql).await?;
     let rows = client
         .query(
             &statement,
@@ -259,8 +257,7 @@ pub(super) async fn key_period_totals(
         .await?;
     let mut totals = HashMap::with_capacity(rows.len());
     for row in &rows {
-        let family = KeyId(get(row, 0)?);
-        totals.insert(family, reports::period_totals(&sums_at(row, 1)?));
+        totals.insert(id(get(row, 0)?), reports::period_totals(&sums_at(row, 1)?));
     }
     Ok(totals)
 }

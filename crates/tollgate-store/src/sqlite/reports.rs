@@ -229,17 +229,7 @@ pub(super) fn period_totals(
          GROUP BY customer_id",
         split_sums()
     );
-    let mut statement = conn.prepare_cached(&sql)?;
-    let mut rows = statement.query(params![
-        day_text(period.first_day()),
-        day_text(period.next().first_day())
-    ])?;
-    let mut totals = HashMap::new();
-    while let Some(row) = rows.next()? {
-        let customer = CustomerId(parse_uuid(&row.get::<_, String>(0)?)?);
-        totals.insert(customer, reports::period_totals(&sums_at(row, 1)?));
-    }
-    Ok(totals)
+    totals_by(conn, &sql, period, CustomerId)
 }
 
 /// The period's totals per key family, for families with limits: from
@@ -258,15 +248,26 @@ pub(super) fn key_period_totals(
          GROUP BY 1",
         split_sums()
     );
-    let mut statement = conn.prepare_cached(&sql)?;
+    totals_by(conn, &sql, period, KeyId)
+}
+
+/// The rows of `sql` (an id, then the sums in halves; bound to the
+/// period's days) as period totals by id.
+fn totals_by<Id: std::hash::Hash + Eq>(
+    conn: &Connection,
+    sql: &str,
+    period: Period,
+    id: fn(Uuid) -> Id,
+) -> Result<HashMap<Id, PeriodTotals>, Failure> {
+    let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(params![
         day_text(period.first_day()),
         day_text(period.next().first_day())
     ])?;
     let mut totals = HashMap::new();
     while let Some(row) = rows.next()? {
-        let family = KeyId(parse_uuid(&row.get::<_, String>(0)?)?);
-        totals.insert(family, reports::period_totals(&sums_at(row, 1)?));
+        let key = id(parse_uuid(&row.get::<_, String>(0)?)?);
+        totals.insert(key, reports::period_totals(&sums_at(row, 1)?));
     }
     Ok(totals)
 }
