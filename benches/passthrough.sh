@@ -175,7 +175,7 @@ for round in $(seq 1 "$ROUNDS"); do
         measure "$PROXY_PORT" 2 "$key" >/dev/null 2>&1 || true   # warm-up: pools, caches
         read -r rps p50 p99 < <(measure "$PROXY_PORT" "$DURATION" "$key")
         echo "$proxy $rps $p50 $p99" >> "$WORK/results"
-        printf '  round %d %-8s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
+        printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
         kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
     done
 done

@@ -334,7 +334,7 @@ async fn endpoint_down(upstream: &str, client: &HttpClient) {
     }
     let end = rss_kib(pid);
     println!(
-        "RSS: {first} KiB after the first 10 s of start-up, peak {peak} KiB, {end} KiB at the end; \
+        "RSS: {first} KiB at start (customers loaded, before load), peak {peak} KiB, {end} KiB at the end; \
          {} requests served; the receiver refused {} attempts",
         served.load(Ordering::Relaxed),
         receiver.received().len(),
