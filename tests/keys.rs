@@ -848,7 +848,7 @@ async fn patching_a_key_changes_it_on_the_data_plane_within_a_second(backend: Ba
         (serde_json::json!({"name": "a\u{7}b"}), "name:"),
         (serde_json::json!({"expires_at": "tomorrow"}), "expires_at:"),
         (
-            serde_json::json!({"limits": {"monthly_requests": 5}}),
+            serde_json::json!({"limits": {"monthly_requests": -5}}),
             "limits:",
         ),
         (serde_json::json!({"colour": "red"}), "colour:"),

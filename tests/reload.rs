@@ -467,6 +467,7 @@ async fn routes_and_tiers_show_the_loaded_config_without_secrets() {
             "monthly_cost_usd": null,
             "overage": "block",
             "overage_price_per_request_usd": "0",
+            "alerts": [],
         }])
     );
     let unknown = admin(
