@@ -86,17 +86,48 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime(1)?.block_on(manage::billing(&config, command))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::MockUpstream { listen } => {
+        Command::MockUpstream {
+            listen,
+            webhook_secret,
+            webhook_listen,
+        } => {
             let runtime = runtime(0)?;
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!(message = "Mock upstream listening.", addr = %listener.local_addr()?);
+                if let Some(secret) = webhook_secret {
+                    let receiver = tollgate_mock::WebhookReceiver::start_on(webhook_listen, &secret)
+                        .await
+                        .with_context(|| format!("cannot receive webhooks on {webhook_listen}"))?;
+                    tracing::info!(message = "Webhook receiver listening.", url = receiver.url());
+                    tokio::spawn(print_webhooks(receiver));
+                }
                 tollgate_mock::serve(listener, shutdown::signal()).await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
+    }
+}
+
+/// Prints each webhook delivery the receiver gets, as one JSON line on
+/// stdout, until the process ends.
+async fn print_webhooks(receiver: tollgate_mock::WebhookReceiver) {
+    let mut printed = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let received = receiver.received();
+        for delivery in received.iter().skip(printed) {
+            let line = serde_json::json!({
+                "webhook_id": delivery.id,
+                "signature_valid": delivery.valid,
+                "type": delivery.event_type,
+                "data": delivery.body.get("data"),
+            });
+            println!("{line}");
+        }
+        printed = received.len();
     }
 }
 
