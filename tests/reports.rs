@@ -118,6 +118,10 @@ name = "enterprise"
         ids.push(accounts.create_customer(name, tier, None).await.unwrap().id);
     }
     let (acme, beta, corp) = (ids[0], ids[1], ids[2]);
+    // Customers are billed for the periods they existed in: these are
+    // made "now", so they are dated back to the start of the year.
+    db.raw("UPDATE customers SET created_at = '2026-01-01T00:00:00.000000Z'")
+        .await;
     let key = accounts
         .create_key(tollgate_accounts::KeyRequest {
             customer: "acme".into(),
@@ -690,6 +694,14 @@ fn the_cli_prints_the_same_reports() {
             .collect();
         store.write_usage(&events).await.unwrap();
     });
+    // The customer is billed for September only if it existed then.
+    rusqlite::Connection::open(dir.path().join("tollgate.db"))
+        .unwrap()
+        .execute(
+            "UPDATE customers SET created_at = '2026-01-01T00:00:00.000000Z'",
+            [],
+        )
+        .unwrap();
     let by_day = cli_json(
         &config_path,
         &[

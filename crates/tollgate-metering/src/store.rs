@@ -303,10 +303,10 @@ pub trait UsageReports: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<UsageEvent>, StoreError>;
 
-    /// Every customer (those without usage too, with zeros) with its
-    /// current tier and the month's admitted requests and cost from
-    /// `usage_daily`, ordered by name. Usage of ids that are not customers
-    /// is left out.
+    /// Every customer that existed during `period` (created before it
+    /// ended; those without usage too, with zeros) with its current tier
+    /// and the month's admitted requests and cost from `usage_daily`,
+    /// ordered by name. Usage of ids that are not customers is left out.
     async fn billing_usage(&self, period: Period) -> Result<Vec<BillingUsage>, StoreError>;
 
     /// The frozen lines of `period`, if it was closed.

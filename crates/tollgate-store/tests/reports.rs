@@ -125,7 +125,7 @@ async fn create(store: &dyn Store, name: &str, tier: &str) -> CustomerId {
             name: name.to_owned(),
             tier: tier.to_owned(),
             overrides: serde_json::json!({}),
-            created_at: datetime!(2026-01-01 00:00 UTC),
+            created_at: datetime!(2024-01-01 00:00 UTC),
         })
         .await
         .unwrap()
@@ -805,6 +805,27 @@ async fn billing_usage_lists_every_customer_by_name(backend: Backend) {
         .unwrap();
     assert_eq!(empty.len(), 4);
     assert!(empty.iter().all(|u| u.requests == 0 && u.cost_nanos == 0));
+    // A customer is billed only for periods it existed in: created at the
+    // very end of March, it is not in March's lines, but in April's.
+    store
+        .create_customer(NewCustomer {
+            id: CustomerId::new(),
+            name: "late".to_owned(),
+            tier: "free".to_owned(),
+            overrides: serde_json::json!({}),
+            created_at: datetime!(2026-04-01 00:00 UTC),
+        })
+        .await
+        .unwrap();
+    let names = |usage: Vec<BillingUsage>| -> Vec<String> {
+        usage.into_iter().map(|u| u.customer).collect()
+    };
+    assert!(!names(store.billing_usage(march()).await.unwrap()).contains(&"late".to_owned()));
+    let april = store
+        .billing_usage(Period::new(2026, Month::April))
+        .await
+        .unwrap();
+    assert!(names(april).contains(&"late".to_owned()));
 }
 
 /// Lines as the admin might compute them: 5 requests included, 2,000

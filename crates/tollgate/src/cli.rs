@@ -72,7 +72,12 @@ pub enum Command {
         /// Also receive webhooks signed with this secret (`whsec_...`), on
         /// `--webhook-listen` at `/webhooks`, printing each event as one
         /// JSON line with whether its signature checked out.
-        #[arg(long, value_name = "SECRET", env = "TOLLGATE_WEBHOOK_SECRET", hide_env_values = true)]
+        #[arg(
+            long,
+            value_name = "SECRET",
+            env = "TOLLGATE_WEBHOOK_SECRET",
+            hide_env_values = true
+        )]
         webhook_secret: Option<String>,
         /// Where the webhook receiver listens.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8001")]

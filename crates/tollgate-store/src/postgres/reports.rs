@@ -378,6 +378,7 @@ const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
             AS cost_nanos \
         FROM usage_customer_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id) AS u \
     ON u.customer_id = c.id \
+    WHERE c.created_at < $3 \
     ORDER BY c.name COLLATE \"C\", c.id";
 
 pub(super) async fn billing_usage(
@@ -389,7 +390,11 @@ pub(super) async fn billing_usage(
     let rows = client
         .query(
             &statement,
-            &[&period.first_day(), &period.next().first_day()],
+            &[
+                &period.first_day(),
+                &period.next().first_day(),
+                &period.next().first_day().midnight().assume_utc(),
+            ],
         )
         .await?;
     decode_all(&rows, |row| {
