@@ -10,9 +10,14 @@
 #          (worker_processes 1, keep-alive upstream pool)
 #
 # "tollgate+keylim" is the same gateway called with a key that has limits
-# of its own (rate, monthly requests, tokens and cost, all out of reach), so
-# every request is admitted at both the key's and the customer's level: the
-# price of per-key limits, in the same run.
+# of its own (a rate and a quota, out of reach, as its customer's are), so
+# every request is admitted at both the key's and the customer's level and
+# the answers carry the same headers: the price of per-key limits, in the
+# same run.
+#
+# CPU per request is the proxy process's user and system time (all its
+# threads, and nginx's worker) over the measured run, divided by the
+# requests wrk completed in it.
 #
 # Each proxy is measured ROUNDS times, alternating, and the median is reported,
 # because these machines are shared and noisy: only ratios within one run mean
@@ -96,8 +101,12 @@ url = "sqlite://$WORK/tollgate.db"
 [usage]
 spool_dir = "$WORK/spool"
 
+# A rate and a quota out of reach: every request is admitted through both,
+# and answered with the x-ratelimit-* headers.
 [[tiers]]
 name = "bench"
+rate = "1000000000/s"
+monthly_requests = 1000000000000
 
 [[routes]]
 name = "bench"
@@ -113,8 +122,7 @@ KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench --tier
     | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
 [ -n "$KEY" ] || { echo "error: could not create a bench key" >&2; exit 1; }
 LIMITED_KEY="$("$BIN" --config "$WORK/tollgate.toml" keys create --customer bench-keyed --tier bench \
-    --rate 1000000000/s --monthly-requests 1000000000000 --monthly-tokens 1000000000000000 \
-    --monthly-cost-usd 1000000000 --json | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
+    --rate 1000000000/s --monthly-requests 1000000000000 --json | sed -n 's/.*"key": *"\([^"]*\)".*/\1/p')"
 [ -n "$LIMITED_KEY" ] || { echo "error: could not create a bench key with limits" >&2; exit 1; }
 
 wait_port() {
@@ -140,7 +148,16 @@ start_proxy() { # tollgate | tollgate+keylim | nginx
     esac
 }
 
-# Prints "rps p50_us p99_us" for one wrk run against a port.
+# User and system CPU ticks (1/CLK_TCK s) of a process, its threads and its
+# children's (nginx's worker is the master's child): "user sys".
+cpu_ticks() { # pid
+    local pids="$1 $(pgrep -P "$1" | tr '\n' ' ')"
+    for pid in $pids; do cat /proc/"$pid"/task/*/stat 2>/dev/null; done \
+        | awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# Prints "rps p50_us p99_us requests" for one wrk run against a port.
 measure() { # port [duration] [key]
     taskset -c 0 wrk -t1 -c"$CONNS" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer ${3:-$KEY}" \
         "http://127.0.0.1:$1/v1/chat/completions" \
@@ -152,43 +169,54 @@ measure() { # port [duration] [key]
                 return v
             }
             /Requests\/sec/ { rps = $2 }
+            / requests in / { n = $1 }
             $1 == "50%" { p50 = us($2) }
             $1 == "99%" { p99 = us($2) }
             /Non-2xx/ { bad = $NF }
             END {
                 if (bad > 0) { print "error: " bad " non-2xx responses" > "/dev/stderr"; exit 1 }
-                printf "%.0f %.0f %.0f\n", rps, p50, p99
+                printf "%.0f %.0f %.0f %d\n", rps, p50, p99, n
             }'
 }
 
+tenths() { printf '%d.%d' $(($1 / 10)) $(($1 % 10)); }
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 echo "pass-through: ${DURATION}s x ${ROUNDS} rounds, ${CONNS} connections, proxy on CPU 1, wrk + upstream on CPU 0"
 : > "$WORK/results"
 measure "$UPSTREAM_PORT" 2 >/dev/null   # warm the upstream
 for round in $(seq 1 "$ROUNDS"); do
-    read -r rps p50 p99 < <(measure "$UPSTREAM_PORT")
+    read -r rps p50 p99 _ < <(measure "$UPSTREAM_PORT")
     echo "direct $rps $p50 $p99" >> "$WORK/results"
     for proxy in tollgate tollgate+keylim nginx; do
         key="$KEY"; [ "$proxy" = "tollgate+keylim" ] && key="$LIMITED_KEY"
         start_proxy "$proxy"
         measure "$PROXY_PORT" 2 "$key" >/dev/null 2>&1 || true   # warm-up: pools, caches
-        read -r rps p50 p99 < <(measure "$PROXY_PORT" "$DURATION" "$key")
-        echo "$proxy $rps $p50 $p99" >> "$WORK/results"
-        printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy" "$rps" "$p50" "$p99"
+        read -r u0 s0 < <(cpu_ticks "$PROXY_PID")
+        read -r rps p50 p99 n < <(measure "$PROXY_PORT" "$DURATION" "$key")
+        read -r u1 s1 < <(cpu_ticks "$PROXY_PID")
+        # CPU per request in tenths of a microsecond (integers for the median).
+        cu=$(( (u1 - u0) * TICK_US * 10 / n )); cs=$(( (s1 - s0) * TICK_US * 10 / n ))
+        echo "$proxy $rps $p50 $p99 $cu $cs" >> "$WORK/results"
+        printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us  cpu/req %s + %s us\n' \
+            "$round" "$proxy" "$rps" "$p50" "$p99" "$(tenths "$cu")" "$(tenths "$cs")"
         kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
     done
 done
 
 col() { awk -v who="$1" -v c="$2" '$1 == who { print $c }' "$WORK/results" | median; }
 d50=$(col direct 3); d99=$(col direct 4)
-t_rps=$(col tollgate 2); t50=$(col tollgate 3); t99=$(col tollgate 4)
-k_rps=$(col tollgate+keylim 2); k50=$(col tollgate+keylim 3); k99=$(col tollgate+keylim 4)
-n_rps=$(col nginx 2); n50=$(col nginx 3); n99=$(col nginx 4)
+row() { # proxy: the medians of its rounds
+    local rps=$(col "$1" 2) p50=$(col "$1" 3) p99=$(col "$1" 4) cu=$(col "$1" 5) cs=$(col "$1" 6)
+    printf '%-15s %10s %8s %14s %14s %20s\n' "$1" "$rps" \
+        "$(awk -v a="$rps" -v b="$n_rps" 'BEGIN { printf "%.2f", a / b }')" \
+        "$((p50 - d50))" "$((p99 - d99))" "$(tenths "$cu") + $(tenths "$cs")"
+}
+t_rps=$(col tollgate 2); k_rps=$(col tollgate+keylim 2); n_rps=$(col nginx 2)
 echo
-printf '%-15s %10s %14s %14s\n' proxy "req/s" "added p50 us" "added p99 us"
-printf '%-15s %10s %14s %14s\n' tollgate "$t_rps" "$((t50 - d50))" "$((t99 - d99))"
-printf '%-15s %10s %14s %14s\n' nginx "$n_rps" "$((n50 - d50))" "$((n99 - d99))"
-printf '%-15s %10s %14s %14s\n' tollgate+keylim "$k_rps" "$((k50 - d50))" "$((k99 - d99))"
+printf '%-15s %10s %8s %14s %14s %20s\n' proxy "req/s" "x nginx" "added p50 us" "added p99 us" "cpu/req user+sys us"
+row nginx
+row tollgate
+row tollgate+keylim
 awk -v k="$k_rps" -v t="$t_rps" 'BEGIN { printf "key limits on every request vs none: %.3f\n", k / t }' 
 awk -v t="$t_rps" -v n="$n_rps" 'BEGIN { printf "throughput ratio tollgate/nginx: %.2f\n", t / n }'
