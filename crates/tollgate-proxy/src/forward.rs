@@ -38,14 +38,19 @@ impl UpstreamClient {
 
 /// Builds the default upstream client.
 pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
+    Ok(pooled(default_connector()?))
+}
+
+/// http or https (webpki roots), HTTP/1.1 or HTTP/2: the default upstream
+/// client's connector, which the webhook sender shares.
+pub(crate) fn default_connector() -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let connector = HttpsConnectorBuilder::new()
+    Ok(HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(provider)?
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http_connector());
-    Ok(pooled(connector))
+        .wrap_connector(http_connector()))
 }
 
 /// Builds the client of a route with TLS settings of its own. It speaks

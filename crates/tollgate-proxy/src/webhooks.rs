@@ -31,7 +31,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -253,21 +253,11 @@ pub struct Webhooks {
 
 impl Webhooks {
     pub fn new(outbox: Arc<Outbox>, metrics: &Metrics) -> Result<Webhooks, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
-        let connector = HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(crate::forward::default_connector()?);
         Ok(Webhooks {
             outbox,
             client,

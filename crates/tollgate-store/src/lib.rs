@@ -257,6 +257,18 @@ const CUSTOMER_COLUMNS: &str = "id, name, tier, overrides, created_at";
 const KEY_COLUMNS: &str = "id, customer_id, digest, prefix, name, routes, created_at, \
      expires_at, revoked_at, COALESCE(family_id, id), limits";
 
+/// The columns of a webhook delivery, as both backends decode them, over
+/// `webhook_deliveries d JOIN webhook_events e`.
+const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.type, d.url, d.status, d.attempts, \
+     d.last_error, e.created_at, d.next_attempt_at, d.delivered_at";
+
+/// When a claim made at `now` for `lease` runs out (an hour if `lease`
+/// does not fit; `now` at the end of representable time).
+fn later(now: OffsetDateTime, lease: std::time::Duration) -> OffsetDateTime {
+    now.checked_add(time::Duration::try_from(lease).unwrap_or(time::Duration::HOUR))
+        .unwrap_or(now)
+}
+
 /// A key's stored limits; the error says what is wrong for a `Corrupt`.
 fn key_limits_from(json: &serde_json::Value) -> Result<KeyLimits, String> {
     KeyLimits::from_json(json).map_err(|error| format!("a key's limits: {error}"))

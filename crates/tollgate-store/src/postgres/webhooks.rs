@@ -16,12 +16,9 @@ use tollgate_metering::webhooks::{
 };
 use tollgate_metering::{CustomerId, KeyId};
 
-use super::{corrupt, decode_all, get, Failure, PostgresStore};
+use crate::{later, DELIVERY_COLUMNS};
 
-/// The columns of a delivery, as [`delivery_row`] decodes them, over
-/// `webhook_deliveries d JOIN webhook_events e`.
-const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.type, d.url, d.status, d.attempts, \
-     d.last_error, e.created_at, d.next_attempt_at, d.delivered_at";
+use super::{corrupt, decode_all, get, Failure, PostgresStore};
 
 fn delivery_row(row: &Row) -> Result<Delivery, Failure> {
     let status: String = get(row, 4)?;
@@ -46,11 +43,6 @@ fn claimed_row(row: &Row) -> Result<Claimed, Failure> {
         delivery: delivery_row(row)?,
         body: get(row, 10)?,
     })
-}
-
-fn later(now: OffsetDateTime, by: Duration) -> OffsetDateTime {
-    now.checked_add(time::Duration::try_from(by).unwrap_or(time::Duration::HOUR))
-        .unwrap_or(now)
 }
 
 pub(super) async fn record_event(

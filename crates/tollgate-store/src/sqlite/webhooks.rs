@@ -14,12 +14,9 @@ use tollgate_metering::webhooks::{
 };
 use tollgate_metering::{CustomerId, KeyId};
 
-use super::{all, corrupt, first, parse_ts, parse_uuid, ts, Failure};
+use crate::{later, DELIVERY_COLUMNS};
 
-/// The columns of a delivery, as [`delivery_row`] decodes them, over
-/// `webhook_deliveries d JOIN webhook_events e`.
-const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.type, d.url, d.status, d.attempts, \
-     d.last_error, e.created_at, d.next_attempt_at, d.delivered_at";
+use super::{all, corrupt, first, parse_ts, parse_uuid, ts, Failure};
 
 fn delivery_row(row: &Row<'_>) -> Result<Delivery, Failure> {
     let optional_ts = |index: usize| -> Result<Option<OffsetDateTime>, Failure> {
@@ -48,11 +45,6 @@ fn claimed_row(row: &Row<'_>) -> Result<Claimed, Failure> {
         delivery: delivery_row(row)?,
         body: row.get(10)?,
     })
-}
-
-fn later(now: OffsetDateTime, by: Duration) -> OffsetDateTime {
-    now.checked_add(time::Duration::try_from(by).unwrap_or(time::Duration::HOUR))
-        .unwrap_or(now)
 }
 
 pub(super) fn record_event(
