@@ -7,15 +7,44 @@
 //! from its [`UpstreamTls`] when the routes are compiled, so choosing the
 //! client costs a request nothing and a connection made with one route's
 //! client certificate is never reused for another route.
+//!
+//! The pool is the gateway's own, over hyper's connection API: per upstream
+//! origin, a stack of idle HTTP/1.1 connections (the most recently used
+//! first, so a quiet period lets the others age out) and at most one shared
+//! HTTP/2 connection. A request takes a connection, sends on it, and its
+//! response body puts the connection back when it ends ([`UpstreamBody`]):
+//! no task, channel or map lookup per request beyond the connection's own.
+//!
+//! # Failure behaviour
+//! - A pooled connection the upstream closed while it sat idle is noticed
+//!   before use (hyper's connection task has ended) and dropped; one that
+//!   closes in the instant between the check and the send gives the request
+//!   back unsent, and it goes on another connection. A request that was
+//!   sent is never sent again.
+//! - A response body dropped before its end (the client went away) takes
+//!   its connection with it: hyper cannot reuse a connection with a
+//!   response half read.
+//! - Idle connections are closed after [`POOL_IDLE_TIMEOUT`]; at most
+//!   [`MAX_IDLE_PER_ORIGIN`] are kept per origin.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::Request;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower_service::Service;
 
 use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody};
 use crate::tls::UpstreamTls;
@@ -24,26 +53,360 @@ use crate::tls::UpstreamTls;
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long establishing an upstream TCP connection may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle HTTP/1.1 connections kept per upstream origin; more are closed
+/// when they come back.
+pub(crate) const MAX_IDLE_PER_ORIGIN: usize = 1024;
+/// How often idle connections are checked for age when no request comes.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+type Connector = HttpsConnector<HttpConnector>;
+type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A pooled upstream client. Cloning it shares its pool.
-#[derive(Clone, Debug)]
-pub struct UpstreamClient(Client<HttpsConnector<HttpConnector>, RequestBody>);
+#[derive(Clone)]
+pub struct UpstreamClient(Arc<Client>);
+
+struct Client {
+    connector: Connector,
+    /// One pool per origin, found by a scan: a gateway has a handful.
+    origins: ArcSwap<Vec<Arc<OriginPool>>>,
+    /// Serializes adding an origin.
+    adding: Mutex<()>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("origins", &self.0.origins.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// No connection could be made (refused, unreachable, TLS): the
+    /// upstream never saw the request.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(#[source] BoxError),
+    /// The request did not get a response head.
+    #[error(transparent)]
+    Failed(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Only a failure to connect proves the upstream never saw the request.
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
 
 impl UpstreamClient {
-    /// Sends `request` on a pooled connection.
-    pub(crate) fn request(&self, request: Request<RequestBody>) -> ResponseFuture {
-        self.0.request(request)
+    fn new(connector: Connector) -> Self {
+        UpstreamClient(Arc::new(Client {
+            connector,
+            origins: ArcSwap::from_pointee(Vec::new()),
+            adding: Mutex::new(()),
+        }))
+    }
+
+    /// Sends `request` (an absolute URI) on a pooled connection to its
+    /// origin, or a new one; the response head, or why there is none.
+    pub(crate) async fn request(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let pool = self.pool_for(request.uri())?;
+        loop {
+            let (conn, reused) = match pool.checkout() {
+                Some(conn) => (conn, true),
+                None => (pool.connect(&self.0.connector).await?, false),
+            };
+            let sent = match conn {
+                Conn::Http1(mut sender) => {
+                    if reused && sender.ready().await.is_err() {
+                        continue;
+                    }
+                    set_origin_form(request.uri_mut());
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            return Ok(response.map(|body| UpstreamBody::new(body, sender, &pool)))
+                        }
+                        Err(error) => error,
+                    }
+                }
+                Conn::Http2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(response.map(UpstreamBody::done)),
+                    Err(error) => error,
+                },
+            };
+            // Given back unsent: the connection closed before it could
+            // take the request. Another one may; a new one that fails so
+            // is the upstream's failure.
+            let mut error = sent;
+            match error.take_message() {
+                Some(unsent) if reused => request = unsent,
+                _ => return Err(UpstreamError::Failed(error.into_error())),
+            }
+        }
+    }
+
+    /// The pool of `uri`'s origin, made on first use.
+    fn pool_for(&self, uri: &Uri) -> Result<Arc<OriginPool>, UpstreamError> {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(UpstreamError::Connect(
+                "the upstream URI has no origin".into(),
+            ));
+        };
+        let find = |pools: &[Arc<OriginPool>]| {
+            pools
+                .iter()
+                .find(|pool| pool.scheme == *scheme && pool.authority == *authority)
+                .cloned()
+        };
+        if let Some(pool) = find(&self.0.origins.load()) {
+            return Ok(pool);
+        }
+        let _adding = self.0.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.0.origins.load_full();
+        if let Some(pool) = find(&current) {
+            return Ok(pool);
+        }
+        let pool = Arc::new(OriginPool {
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            idle: Mutex::new(Vec::new()),
+            http2: Mutex::new(None),
+        });
+        spawn_sweeper(Arc::downgrade(&pool));
+        let mut pools = Vec::with_capacity(current.len() + 1);
+        pools.extend(current.iter().cloned());
+        pools.push(pool.clone());
+        self.0.origins.store(Arc::new(pools));
+        Ok(pool)
+    }
+}
+
+/// A connection taken from the pool or just made.
+enum Conn {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+/// The connections to one upstream origin.
+struct OriginPool {
+    scheme: Scheme,
+    authority: Authority,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection, when the origin negotiated HTTP/2.
+    http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl OriginPool {
+    /// An open connection, if the pool has one.
+    fn checkout(&self) -> Option<Conn> {
+        {
+            let http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(sender) = http2.as_ref().filter(|sender| !sender.is_closed()) {
+                return Some(Conn::Http2(sender.clone()));
+            }
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(Idle { sender, since }) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(Conn::Http1(sender));
+            }
+        }
+        None
+    }
+
+    /// Puts an HTTP/1.1 connection whose response has ended back.
+    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_PER_ORIGIN {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the connections idle for too long (the oldest are first).
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = idle
+            .iter()
+            .position(|conn| conn.since.elapsed() < POOL_IDLE_TIMEOUT && !conn.sender.is_closed())
+            .unwrap_or(idle.len());
+        idle.drain(..fresh);
+        idle.retain(|conn| !conn.sender.is_closed());
+    }
+
+    /// Opens a connection: TCP (and TLS, with ALPN choosing the protocol
+    /// for https), then the HTTP handshake. Its task runs until the
+    /// connection closes.
+    async fn connect(&self, connector: &Connector) -> Result<Conn, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|error| UpstreamError::Connect(error.into()))?;
+        let mut connector = connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let stream: Stream = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        if stream.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(stream)
+                .await
+                .map_err(|error| UpstreamError::Connect(error.into()))?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(message = "Upstream HTTP/2 connection ended.", %error);
+                }
+            });
+            let mut shared = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
+                *shared = Some(sender.clone());
+            }
+            return Ok(Conn::Http2(sender));
+        }
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(|error| UpstreamError::Connect(error.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(message = "Upstream connection ended.", %error);
+            }
+        });
+        Ok(Conn::Http1(sender))
+    }
+}
+
+/// Closes a pool's stale idle connections every [`SWEEP_EVERY`], until the
+/// pool is gone.
+fn spawn_sweeper(pool: Weak<OriginPool>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match pool.upgrade() {
+                Some(pool) => pool.sweep(),
+                None => return,
+            }
+        }
+    });
+}
+
+/// HTTP/1.1 requests name only the path (`Host` carries the authority);
+/// HTTP/2 ones keep the absolute URI for `:scheme` and `:authority`.
+fn set_origin_form(uri: &mut Uri) {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *uri = Uri::from(path);
+}
+
+/// An upstream response body. An HTTP/1.1 connection goes back to its pool
+/// when the body has been read to its end, and is closed with the body
+/// when it is dropped before that.
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    checkin: Option<(http1::SendRequest<RequestBody>, Arc<OriginPool>)>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.checkin.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    fn new(
+        inner: Incoming,
+        sender: http1::SendRequest<RequestBody>,
+        pool: &Arc<OriginPool>,
+    ) -> Self {
+        let mut body = UpstreamBody {
+            inner,
+            checkin: Some((sender, pool.clone())),
+        };
+        if body.inner.is_end_stream() {
+            body.check_in();
+        }
+        body
+    }
+
+    /// A body whose connection needs nothing from it (HTTP/2).
+    fn done(inner: Incoming) -> Self {
+        UpstreamBody {
+            inner,
+            checkin: None,
+        }
+    }
+
+    fn check_in(&mut self) {
+        if let Some((sender, pool)) = self.checkin.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.check_in(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.check_in(),
+            // A broken body leaves its connection unusable.
+            Poll::Ready(Some(Err(_))) => this.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// Builds the default upstream client.
 pub fn upstream_client() -> Result<UpstreamClient, rustls::Error> {
-    Ok(pooled(default_connector()?))
+    Ok(UpstreamClient::new(default_connector()?))
 }
 
 /// http or https (webpki roots), HTTP/1.1 or HTTP/2: the default upstream
 /// client's connector, which the webhook sender shares.
-pub(crate) fn default_connector() -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
+pub(crate) fn default_connector() -> Result<Connector, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(provider)?
@@ -64,7 +427,7 @@ pub(crate) fn upstream_client_with(tls: &UpstreamTls) -> UpstreamClient {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http_connector());
-    pooled(connector)
+    UpstreamClient::new(connector)
 }
 
 fn http_connector() -> HttpConnector {
@@ -73,16 +436,6 @@ fn http_connector() -> HttpConnector {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http
-}
-
-fn pooled(connector: HttpsConnector<HttpConnector>) -> UpstreamClient {
-    UpstreamClient(
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector),
-    )
 }
 
 /// Whether an upstream request failed because the client's body went over
@@ -112,4 +465,143 @@ fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
         current = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An upstream on a real socket that answers each request head with
+    /// `body`, counting the connections it accepted; with `close_after`,
+    /// it closes each connection after that many answers.
+    async fn upstream(body: &'static str, close_after: Option<usize>) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(end) = find_head_end(&buffer) {
+                            buffer.drain(..end);
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            socket.write_all(head.as_bytes()).await.unwrap();
+                            socket.write_all(body.as_bytes()).await.unwrap();
+                            answered += 1;
+                            if close_after == Some(answered) {
+                                return;
+                            }
+                        }
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{address}/v1/x").parse().unwrap(), accepted)
+    }
+
+    fn find_head_end(buffer: &[u8]) -> Option<usize> {
+        buffer
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .map(|at| at + 4)
+    }
+
+    fn get(uri: &Uri) -> Request<RequestBody> {
+        Request::get(uri.clone())
+            .header(http::header::HOST, uri.authority().unwrap().as_str())
+            .body(RequestBody::buffered(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn text(client: &UpstreamClient, uri: &Uri) -> String {
+        let response = client.request(get(uri)).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (uri, accepted) = upstream("hello", None).await;
+        let client = upstream_client().unwrap();
+        for _ in 0..20 {
+            assert_eq!(text(&client, &uri).await, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        let (uri, accepted) = upstream("again", Some(1)).await;
+        let client = upstream_client().unwrap();
+        for round in 1..=5 {
+            assert_eq!(text(&client, &uri).await, "again");
+            // Let the pooled connection see the upstream's close.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_half_read_takes_its_connection_along() {
+        let (uri, accepted) = upstream("a body of some length", None).await;
+        let client = upstream_client().unwrap();
+        let response = client.request(get(&uri)).await.unwrap();
+        drop(response);
+        assert_eq!(text(&client, &uri).await, "a body of some length");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // The second connection went back whole and serves the third.
+        assert_eq!(text(&client, &uri).await, "a body of some length");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_what_they_need_and_then_share() {
+        let (uri, accepted) = upstream("x", None).await;
+        let client = upstream_client().unwrap();
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let (client, uri) = (client.clone(), uri.clone());
+                tokio::spawn(async move { text(&client, &uri).await })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), "x");
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!((1..=8).contains(&opened), "{opened} connections");
+        for _ in 0..20 {
+            assert_eq!(text(&client, &uri).await, "x");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), opened);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let client = upstream_client().unwrap();
+        let uri: Uri = format!("http://{address}/").parse().unwrap();
+        let error = client.request(get(&uri)).await.unwrap_err();
+        assert!(error.is_connect(), "{error}");
+    }
 }

@@ -76,6 +76,9 @@ struct Scanner {
     first_line: bool,
     saw_cl: bool,
     saw_te: bool,
+    /// The current line cannot be either field nor the blank line that
+    /// ends a head: its bytes are skipped, not copied.
+    skip: bool,
     disabled: bool,
 }
 
@@ -87,6 +90,7 @@ impl Scanner {
             first_line: true,
             saw_cl: false,
             saw_te: false,
+            skip: false,
             disabled: false,
         }
     }
@@ -96,13 +100,22 @@ impl Scanner {
         let mut conflict = false;
         let mut rest = bytes;
         while !self.disabled && !rest.is_empty() {
-            // Fill the line prefix until it is full or the line ends.
-            let newline = rest.iter().position(|&b| b == b'\n');
+            let newline = memchr::memchr(b'\n', rest);
             let take = newline.unwrap_or(rest.len());
-            let room = LINE_PREFIX - self.line_len;
-            for &b in &rest[..take.min(room)] {
-                self.line[self.line_len] = b.to_ascii_lowercase();
-                self.line_len += 1;
+            // Most lines (and bodies, which hold few newlines) are known to
+            // be irrelevant from their first byte.
+            if self.line_len == 0 && !self.first_line && !self.skip {
+                if let Some(&first) = rest[..take].first() {
+                    self.skip = !matches!(first, b'c' | b'C' | b't' | b'T' | b'\r');
+                }
+            }
+            if !self.skip {
+                // Fill the line prefix until it is full or the line ends.
+                let room = LINE_PREFIX - self.line_len;
+                for &b in &rest[..take.min(room)] {
+                    self.line[self.line_len] = b.to_ascii_lowercase();
+                    self.line_len += 1;
+                }
             }
             match newline {
                 None => break,
@@ -116,6 +129,11 @@ impl Scanner {
     }
 
     fn end_line(&mut self) -> bool {
+        if self.skip {
+            self.skip = false;
+            self.first_line = false;
+            return false;
+        }
         let mut line = &self.line[..self.line_len];
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];

@@ -20,27 +20,63 @@ pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 /// then the fixed list. Applied to requests going upstream and responses
 /// coming back.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
+    // One pass over the names finds what is there, so that the usual
+    // message (none of them, or only `Connection: keep-alive`) hashes no
+    // name of the list.
+    let (mut connection, mut fixed) = (false, false);
+    for name in headers.keys() {
+        if name == CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(name) {
+            fixed = true;
+        }
+    }
+    if connection {
         // Collected first: the map cannot be mutated while its values are
-        // borrowed. Only connections that name headers pay for this Vec.
+        // borrowed. Only connections that name headers pay for this Vec;
+        // `keep-alive` is on the fixed list and `close` names no header.
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
         headers.remove(CONNECTION);
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION] {
-        headers.remove(name);
+    if fixed {
+        for name in [&KEEP_ALIVE, &PROXY_CONNECTION] {
+            headers.remove(name);
+        }
+        for name in [TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+            headers.remove(name);
+        }
     }
-    for name in [TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
-    }
+}
+
+/// A client address as a header value (`x-forwarded-for`): made once per
+/// connection rather than formatted for each request.
+pub(crate) fn ip_header(ip: IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// One of the fixed hop-by-hop headers (not counting `Connection` and the
+/// names it lists).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == TE
+        || name == TRAILER
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// The client's `x-request-id` if it is sane: 1 to 128 visible ASCII
@@ -59,13 +95,12 @@ pub(crate) fn sane_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// `x-forwarded-host`.
 pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client_ip: &HeaderValue,
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    let ip = client_ip.to_string();
     let forwarded_for = match headers.get_all(&X_FORWARDED_FOR).iter().count() {
-        0 => HeaderValue::from_str(&ip).ok(),
+        0 => Some(client_ip.clone()),
         _ => {
             let mut joined = String::new();
             for value in headers.get_all(&X_FORWARDED_FOR) {
@@ -74,7 +109,7 @@ pub(crate) fn set_forwarded(
                     joined.push_str(", ");
                 }
             }
-            joined.push_str(&ip);
+            joined.push_str(client_ip.to_str().unwrap_or_default());
             HeaderValue::from_str(&joined).ok()
         }
     };
@@ -130,6 +165,23 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_keep_alive_connection_header_is_all_that_goes() {
+        let mut headers = map(&[
+            ("connection", "Keep-Alive, close"),
+            ("content-length", "2"),
+            ("close", "kept: close is not a header the token names"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec!["close", "content-length"]);
+
+        let mut untouched = map(&[("content-type", "a/b"), ("x-one", "1")]);
+        strip_hop_by_hop(&mut untouched);
+        assert_eq!(untouched.len(), 2);
+    }
+
+    #[test]
     fn request_id_sanity() {
         assert_eq!(
             sane_request_id(&map(&[("x-request-id", "abc-123")])).unwrap(),
@@ -151,7 +203,7 @@ mod tests {
         ]);
         set_forwarded(
             &mut headers,
-            "127.0.0.1".parse().unwrap(),
+            &ip_header("127.0.0.1".parse().unwrap()),
             "https",
             Some(HeaderValue::from_static("gw.example")),
         );
@@ -161,7 +213,7 @@ mod tests {
         assert_eq!(headers[&X_FORWARDED_HOST], "gw.example");
 
         let mut fresh = HeaderMap::new();
-        set_forwarded(&mut fresh, "::1".parse().unwrap(), "http", None);
+        set_forwarded(&mut fresh, &ip_header("::1".parse().unwrap()), "http", None);
         assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
     }
 }

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::forward::UpstreamBody;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use time::OffsetDateTime;
 use tollgate_metering::keys::Authenticated;
 use tollgate_metering::limits::Policies;
@@ -258,7 +258,7 @@ pub(crate) fn response_usage(
 /// for usage, optionally filtered (the hidden usage chunk), and the usage
 /// event finished when it ends, fails or is dropped.
 pub(crate) struct MeteredBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     tally: Box<ResponseTally>,
     /// The event is recorded and nothing is left to send.
     done: bool,
@@ -286,7 +286,7 @@ impl MeteredBody {
     /// Wraps the upstream's body. A body that is already complete (HEAD,
     /// 204, 304, an empty 200) is recorded at once: the server never polls
     /// such a body, so waiting for its end would wait forever.
-    pub(crate) fn new(inner: Incoming, guard: UsageGuard, usage: ResponseUsage) -> MeteredBody {
+    pub(crate) fn new(inner: UpstreamBody, guard: UsageGuard, usage: ResponseUsage) -> MeteredBody {
         let mut body = MeteredBody {
             inner,
             tally: Box::new(ResponseTally {

@@ -35,7 +35,6 @@
 //! connection.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +60,7 @@ use crate::events::{
     emit, AccessFields, RequestCompleted, RequestRefused, UpstreamAnswered, UpstreamFailed,
 };
 use crate::forward::{
-    is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamClient,
+    is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamBody, UpstreamClient,
 };
 use crate::framing::FramingMark;
 use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
@@ -75,7 +74,8 @@ use crate::validate;
 /// What the data plane knows about the connection a request came in on.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
-    pub(crate) peer: SocketAddr,
+    /// The peer's address, as `x-forwarded-for` gives it.
+    pub(crate) peer_ip: HeaderValue,
     /// `"http"` or `"https"`, for `x-forwarded-proto`.
     pub(crate) proto: &'static str,
     pub(crate) framing: FramingMark,
@@ -490,7 +490,7 @@ impl Gateway {
         // `Expect: 100-continue` was answered on the client's hop (hyper
         // sends the 100 when the body is first read); it does not travel on.
         headers.remove(EXPECT);
-        set_forwarded(headers, conn.peer.ip(), conn.proto, client_host);
+        set_forwarded(headers, &conn.peer_ip, conn.proto, client_host);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         headers.insert(HOST, route.host_header().clone());
         for (name, value) in &route.set_headers {
@@ -510,10 +510,13 @@ impl Gateway {
         route: &Route,
         request: Request<RequestBody>,
         guard: &mut UsageGuard,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let upload = request.body().upload();
         let client = route.client(&self.client);
-        let result = upstream_deadline(route.timeout, upload, client.request(request)).await;
+        // Boxed: the exchange with the upstream is a large state machine, and
+        // inlined into the request's it would be copied about at every step.
+        let exchange = Box::pin(client.request(request));
+        let result = upstream_deadline(route.timeout, upload, exchange).await;
         // Only a failure to connect proves the upstream never saw it.
         if !matches!(&result, Some(Err(error)) if error.is_connect()) {
             guard.reached_upstream();
@@ -642,7 +645,7 @@ impl Gateway {
     fn downstream_response(
         &self,
         route: &Route,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         mut guard: UsageGuard,
         asked_for_usage: bool,
     ) -> Response<ProxyBody> {

@@ -145,7 +145,7 @@ pub async fn serve<F, S>(
         };
         let framing = FramingMark::default();
         let service = make_service(ConnInfo {
-            peer,
+            peer_ip: crate::headers::ip_header(peer.ip()),
             proto,
             framing: framing.clone(),
         });

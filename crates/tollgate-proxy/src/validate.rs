@@ -25,6 +25,10 @@ use crate::error::ProxyError;
 /// raw backslash.
 pub(crate) fn check_path(path: &str) -> Result<(), ProxyError> {
     let bytes = path.as_bytes();
+    // Most paths have none of the three bytes any refusal needs.
+    if memchr::memchr3(b'\\', b'%', b'.', bytes).is_none() {
+        return Ok(());
+    }
     if bytes.contains(&b'\\') {
         return Err(malformed("the path contains a backslash"));
     }
