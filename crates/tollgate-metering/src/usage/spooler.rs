@@ -42,6 +42,14 @@ pub(super) struct Spooler {
     _running: watch::Sender<()>,
 }
 
+/// How often an open batch takes in the events queued since: often enough
+/// that a batch fills without delay under load (a few hundred events at a
+/// hundred thousand a second), seldom enough that a quiet gateway wakes
+/// only a few dozen times per batch.
+fn gather_every(flush_interval: Duration) -> Duration {
+    (flush_interval / 32).clamp(Duration::from_millis(1), Duration::from_millis(10))
+}
+
 /// What became of an append.
 enum Appended {
     Yes,
@@ -82,25 +90,16 @@ impl Spooler {
         }
     }
 
-    /// The next event, waiting until `deadline` at most; `None` at the
-    /// deadline, and once closed and drained.
-    async fn next_event(&mut self, deadline: Option<Instant>) -> Option<Recorded> {
+    /// The first event of a batch, however long it takes; `None` once
+    /// closed and drained.
+    async fn first_event(&mut self) -> Option<Recorded> {
         loop {
             let Some(close) = &mut self.close else {
                 return self.events.recv().await;
             };
-            let timeout = async {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            // An event already queued goes in the batch even when the
-            // deadline has passed: a late batch is not cut short.
             tokio::select! {
                 biased;
                 event = self.events.recv() => return event,
-                () = timeout => return None,
                 _ = close => {
                     self.close = None;
                     self.events.close();
@@ -111,22 +110,48 @@ impl Spooler {
 
     /// The next batch: the first event, and those that come before its
     /// deadline (all that are buffered, when closing), up to `batch_size`.
+    ///
+    /// Once a batch is open the spooler does not wake for each event: it
+    /// takes what has queued every [`gather_every`] and at the deadline, so
+    /// under load handing a row over is a push onto the channel, with no
+    /// task woken for it.
     async fn next_batch(&mut self) -> Option<Vec<UsageEvent>> {
-        let (recorded_at, first) = self.next_event(None).await?;
+        let (recorded_at, first) = self.first_event().await?;
         let flush = self.flush_interval;
         let deadline = recorded_at
             + flush
                 .saturating_sub(flush / 8)
                 .saturating_sub(self.append_time.estimate());
+        let gather = gather_every(flush);
         let mut batch = Vec::with_capacity(self.batch_size.min(8192));
         batch.push(first);
-        while batch.len() < self.batch_size {
-            match self.next_event(Some(deadline)).await {
-                Some((_, event)) => batch.push(event),
-                None => break,
+        loop {
+            // An event already queued goes in the batch even when the
+            // deadline has passed: a late batch is not cut short.
+            while batch.len() < self.batch_size {
+                match self.events.try_recv() {
+                    Ok((_, event)) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            // Closing: everything buffered is in (or waits for the next
+            // batch, when this one is full).
+            if batch.len() >= self.batch_size || now >= deadline || self.close.is_none() {
+                return Some(batch);
+            }
+            let wake = tokio::time::sleep_until((now + gather).min(deadline));
+            if let Some(close) = &mut self.close {
+                tokio::select! {
+                    biased;
+                    _ = close => {
+                        self.close = None;
+                        self.events.close();
+                    }
+                    () = wake => {}
+                }
             }
         }
-        Some(batch)
     }
 
     /// Saves a batch: appends it to the spool or, when the disk refuses it
