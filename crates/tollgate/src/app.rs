@@ -286,7 +286,7 @@ async fn start_accounting(
         flush_metrics: metrics.flush_metrics(),
         ..recorder_config(config)
     };
-    let recorder = recorder::start(recorder_config, store.clone(), Some(committed))
+    let recorder = recorder::start_on_own_thread(recorder_config, store.clone(), Some(committed))
         .await
         .context("cannot start usage recording")?;
     let policies = Arc::new(Policies::new(tiers, limiter.clone()));

@@ -265,6 +265,21 @@ pub struct RecorderHandle {
     close: oneshot::Sender<()>,
     spooler: JoinHandle<()>,
     writer: JoinHandle<()>,
+    /// The thread the tasks run on, when they have one of their own.
+    _thread: OwnRuntime,
+}
+
+/// A runtime the recorder started for its tasks. Dropped (however the
+/// handle goes) without waiting: by then the tasks have ended or been
+/// given up on.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Why the recorder could not start.
@@ -285,6 +300,35 @@ pub async fn start(
     config: RecorderConfig,
     database: Arc<dyn UsageSink>,
     on_commit: Option<CommitHook>,
+) -> Result<RecorderHandle, RecorderError> {
+    start_on(config, database, on_commit, OwnRuntime(None)).await
+}
+
+/// [`start`], with the spooler and the writer on a thread of their own
+/// (`tollgate-recorder`, a one-worker runtime), as the gateway runs them:
+/// encoding and committing a batch of thousands of rows takes milliseconds
+/// of CPU, which on the data plane's workers would hold up the requests
+/// queued behind it. Handing a row over stays a push onto a channel, from
+/// any thread.
+pub async fn start_on_own_thread(
+    config: RecorderConfig,
+    database: Arc<dyn UsageSink>,
+    on_commit: Option<CommitHook>,
+) -> Result<RecorderHandle, RecorderError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tollgate-recorder")
+        .enable_all()
+        .build()
+        .map_err(|error| RecorderError::Task(format!("cannot start its thread: {error}")))?;
+    start_on(config, database, on_commit, OwnRuntime(Some(runtime))).await
+}
+
+async fn start_on(
+    config: RecorderConfig,
+    database: Arc<dyn UsageSink>,
+    on_commit: Option<CommitHook>,
+    thread: OwnRuntime,
 ) -> Result<RecorderHandle, RecorderError> {
     let (dir, max) = (config.spool_dir.clone(), config.spool_max);
     let (spool, pending) = tokio::task::spawn_blocking(move || Spool::open_counting(&dir, max))
@@ -321,11 +365,16 @@ pub async fn start(
         max_pending: max_pending(config.batch_size),
     };
     let spooler = Spooler::new(receiver, closed, shared, writes, &config, running);
+    let (spooler, writer) = match &thread.0 {
+        Some(runtime) => (runtime.spawn(spooler.run()), runtime.spawn(writer.run())),
+        None => (tokio::spawn(spooler.run()), tokio::spawn(writer.run())),
+    };
     Ok(RecorderHandle {
         recorder,
         close,
-        spooler: tokio::spawn(spooler.run()),
-        writer: tokio::spawn(writer.run()),
+        spooler,
+        writer,
+        _thread: thread,
     })
 }
 
@@ -348,6 +397,7 @@ impl RecorderHandle {
             close,
             mut spooler,
             mut writer,
+            _thread,
         } = self;
         let deadline = Instant::now() + grace;
         let stats = recorder.stats().clone();
