@@ -273,11 +273,7 @@ impl OriginPool {
                 .handshake(stream)
                 .await
                 .map_err(|error| UpstreamError::Connect(error.into()))?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(message = "Upstream HTTP/2 connection ended.", %error);
-                }
-            });
+            spawn_connection(connection);
             let mut shared = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
             if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
                 *shared = Some(sender.clone());
@@ -288,13 +284,20 @@ impl OriginPool {
             .handshake(stream)
             .await
             .map_err(|error| UpstreamError::Connect(error.into()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(message = "Upstream connection ended.", %error);
-            }
-        });
+        spawn_connection(connection);
         Ok(Conn::Http1(sender))
     }
+}
+
+/// Drives an upstream connection (HTTP/1.1 or HTTP/2) until it closes.
+fn spawn_connection(
+    connection: impl std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(message = "Upstream connection ended.", %error);
+        }
+    });
 }
 
 /// Closes a pool's stale idle connections every [`SWEEP_EVERY`], until the
