@@ -6,6 +6,12 @@
 //! "Replayed rows" writes the same batches again (all already there), as a
 //! spool replay would.
 //!
+//! Two ratios to the COPY: `write_usage` alone, one transaction per batch,
+//! each with its batch's rollup upserts (a few thousand groups here); and
+//! the whole recorder path (docs/PERFORMANCE.md, "usage ingestion"), whose
+//! writer puts the batches that queue up while it writes into one
+//! transaction, and so upserts each group once for several batches.
+//!
 //! Each figure is the median of a few rounds of fresh rows (min–max
 //! beside it): on a shared machine a single run says little. Beside each
 //! rate is the CPU time a row cost, in this process (the gateway's side:
@@ -452,6 +458,11 @@ async fn main() {
         pg.median() / copy.median()
     );
     recorded.print("recorder + spool + postgres");
+    println!(
+        "{:<36} {:>9.2}",
+        "recorder path / plain COPY",
+        recorded.median() / copy.median()
+    );
     recorded.print_ceiling("  CPU ceiling of the recorder path");
     copy.print_ceiling("  CPU ceiling of plain COPY");
     println!(

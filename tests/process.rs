@@ -35,7 +35,9 @@ upstream = "{upstream}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let mock = MockUpstream::start().await.unwrap();
-    let mut gw = Process::serve(&serve_config(&mock.url(), ""));
+    // One worker: the runtime is then the main thread's own (current
+    // thread), and draining must work on it as on many.
+    let mut gw = Process::serve(&serve_config(&mock.url(), "worker_threads = 1"));
 
     let health = get(&format!("http://{}/healthz", gw.admin)).await;
     assert_eq!(health.status, StatusCode::OK);

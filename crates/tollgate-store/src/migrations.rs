@@ -53,6 +53,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "webhooks",
         sql: include_str!("../migrations/sqlite/0006_webhooks.sql"),
     },
+    Migration {
+        version: 7,
+        name: "usage_key",
+        sql: include_str!("../migrations/sqlite/0007_usage_key.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -85,6 +90,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         name: "webhooks",
         sql: include_str!("../migrations/postgres/0006_webhooks.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "usage_key",
+        sql: include_str!("../migrations/postgres/0007_usage_key.sql"),
     },
 ];
 

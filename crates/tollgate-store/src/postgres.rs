@@ -607,8 +607,11 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 //   partition is not what its name says), then one upsert of the batch's `usage_daily` groups, summed in Rust,
 //   and one of its `usage_customer_daily` rows (the groups summed per day
 //   and customer), pipelined behind it.
-//   If any row is already there, the primary key fails the COPY and the
-//   transaction is rolled back whole, nothing written.
+//   If any row is already there, the primary key, `(ts, id)`, fails the
+//   COPY and the transaction is rolled back whole, nothing written. That
+//   key is the table's only index (migration 7): it also serves the
+//   export's `(ts, id)` keyset, so each row costs one b-tree entry, not
+//   two.
 // - Then, and only then, deduplicating: binary COPY into a staging table,
 //   `INSERT … ON CONFLICT DO NOTHING RETURNING` into `usage_events`, and
 //   the rollups of exactly the rows that statement inserted (usage_daily
@@ -832,7 +835,7 @@ static STAGING_TYPES: LazyLock<Vec<Type>> = LazyLock::new(|| {
 });
 
 /// Moves the staged rows into `usage_events`, skipping those whose
-/// (id, ts) is there already, adds the rows it inserted, and only those,
+/// (ts, id) is there already, adds the rows it inserted, and only those,
 /// to `usage_daily`, and returns their customer days: day, customer, rows
 /// inserted, then the sums of [`UPSERT_CUSTOMER_DAILY`], clamped, in key
 /// order, for the caller to upsert next (after `usage_daily`, as

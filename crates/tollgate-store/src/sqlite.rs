@@ -396,13 +396,16 @@ fn insert_key(conn: &Connection, new: &NewKey) -> Result<KeyRecord, Failure> {
 
 // ---- usage -----------------------------------------------------------------
 
+/// Inserts one row unless its `(ts, id)`, the primary key (migration 7), is
+/// there already, as Postgres's primary key refuses it: a replayed row
+/// carries the `ts` of its first write.
 const INSERT_USAGE_EVENT: &str = "INSERT INTO usage_events (\
     id, client_request_id, ts, customer_id, key_id, instance, route, method, path, status, \
     outcome, latency_us, upstream_latency_us, request_bytes, response_bytes, model, \
     input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_nanos, cost_source) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
     ?19, ?20, ?21, ?22) \
-    ON CONFLICT (id) DO NOTHING";
+    ON CONFLICT (ts, id) DO NOTHING";
 
 /// The sums of an incoming rollup row (`excluded`) added to the stored
 /// one. SQLite turns an integer sum that overflows into a REAL; clamping it
@@ -447,7 +450,7 @@ const UPSERT_CUSTOMER_DAILY: &str = concat!(
 );
 
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless
-/// its id is present, and only the rows inserted are added to their
+/// its `(ts, id)` is present, and only the rows inserted are added to their
 /// `usage_daily` group, which is upserted once per group at the end, and
 /// to their `usage_customer_daily` row (day × customer), likewise.
 fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failure> {
@@ -483,7 +486,7 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
                 event.cost_nanos,
                 event.cost_source.as_str(),
             ])?;
-            // 0 when the id was already there: skipped, not rolled up.
+            // 0 when the row was already there: skipped, not rolled up.
             if changed == 1 {
                 inserted += 1;
                 groups.add(row);

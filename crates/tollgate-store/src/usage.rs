@@ -32,10 +32,11 @@ pub(crate) struct Row<'a> {
 
 /// The rows of `batch` to write: each id once (the first occurrence wins,
 /// as it would if the rows came in separate batches), timestamps in UTC,
-/// in id order. Ids are UUID v7, so id order is nearly time order and
-/// inserting in it appends to the right edge of the primary key (both
-/// databases have a fast path for that) instead of splitting pages in the
-/// middle, as completion order (which differs from start order) would.
+/// in `(ts, id)` order. That is the primary key of `usage_events` in both
+/// databases (migration 7), so inserting in it appends to the right edge
+/// of the key (both databases have a fast path for that) instead of
+/// splitting pages in the middle, as completion order (which differs from
+/// start order) would.
 ///
 /// Fails only for a timestamp that cannot be expressed in UTC (the edge of
 /// year ±9999 with an offset), which no gateway clock produces.
@@ -63,7 +64,7 @@ pub(crate) fn rows(batch: &[UsageEvent]) -> Result<Vec<Row<'_>>, StoreError> {
             day: event.day(),
         });
     }
-    rows.sort_unstable_by_key(|row| row.event.id);
+    rows.sort_unstable_by_key(|row| (row.ts, row.event.id));
     Ok(rows)
 }
 
@@ -260,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_utc_micros_once_per_id_in_id_order() {
+    fn rows_are_utc_micros_once_per_id_in_ts_id_order() {
         let first = event(
             datetime!(2026-03-01 00:30:00.123456789 +01:00),
             Outcome::Ok,
@@ -270,16 +271,26 @@ mod tests {
         again.input_tokens = 99;
         // A later id, first in the batch.
         let other = event(datetime!(2026-03-01 00:00 UTC), Outcome::Ok, 200);
-        assert!(first.id < other.id);
-        let batch = [other.clone(), first.clone(), again];
+        // The same instant with a later id: ids break the tie.
+        let beside = event(other.ts, Outcome::Ok, 200);
+        // The latest id of all at the earliest instant: time comes first.
+        let earliest = event(datetime!(2026-02-28 22:00 UTC), Outcome::Ok, 200);
+        assert!(first.id < other.id && other.id < beside.id && beside.id < earliest.id);
+        let batch = [
+            beside.clone(),
+            other.clone(),
+            first.clone(),
+            again,
+            earliest.clone(),
+        ];
         let rows = rows(&batch).unwrap_or_default();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].event.input_tokens, 3, "the first occurrence wins");
-        assert_eq!(rows[0].ts, datetime!(2026-02-28 23:30:00.123456 UTC));
-        assert_eq!(rows[0].ts.offset(), UtcOffset::UTC);
-        assert_eq!(rows[0].day, date!(2026 - 02 - 28));
-        assert_eq!(rows[1].event.id, other.id);
-        assert_eq!(rows[1].day, date!(2026 - 03 - 01));
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.event.id).collect();
+        assert_eq!(ids, [earliest.id, first.id, other.id, beside.id]);
+        assert_eq!(rows[1].event.input_tokens, 3, "the first occurrence wins");
+        assert_eq!(rows[1].ts, datetime!(2026-02-28 23:30:00.123456 UTC));
+        assert_eq!(rows[1].ts.offset(), UtcOffset::UTC);
+        assert_eq!(rows[1].day, date!(2026 - 02 - 28));
+        assert_eq!(rows[2].day, date!(2026 - 03 - 01));
     }
 
     #[test]

@@ -38,7 +38,7 @@ tollgate_store::both_backends!(
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
 /// The schema version this binary migrates to.
-const LATEST: u32 = 6;
+const LATEST: u32 = 7;
 
 fn customer(name: &str) -> NewCustomer {
     NewCustomer {
@@ -75,7 +75,7 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let store = tollgate_store::open(guard.url(), 2).await.unwrap();
 
     let first = store.migrate().await.unwrap();
-    assert_eq!(first.applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(first.applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(first.current, LATEST);
     let second = store.migrate().await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
@@ -84,7 +84,7 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let rows = guard
         .raw("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
         .await;
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 7);
     assert_eq!(rows[0][0].as_deref(), Some("1"));
     assert_eq!(rows[0][1].as_deref(), Some("keys"));
     assert!(rows[0][2].is_some());
@@ -96,6 +96,7 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     assert_eq!(rows[3][1].as_deref(), Some("customer_daily"));
     assert_eq!(rows[4][1].as_deref(), Some("key_limits"));
     assert_eq!(rows[5][1].as_deref(), Some("webhooks"));
+    assert_eq!(rows[6][1].as_deref(), Some("usage_key"));
     store.ping().await.unwrap();
 }
 
@@ -107,11 +108,11 @@ async fn concurrent_migrations_apply_each_version_once(backend: Backend) {
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     let mut applied = [ra.applied, rb.applied].concat();
     applied.sort_unstable();
-    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!((ra.current, rb.current), (LATEST, LATEST));
     assert_eq!(
         guard.raw("SELECT count(*) FROM schema_migrations").await[0][0].as_deref(),
-        Some("6")
+        Some("7")
     );
 }
 

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use time::format_description::FormatItem;
-use time::macros::{datetime, format_description};
+use time::macros::{date, datetime, format_description};
 use time::{Date, Month, OffsetDateTime, UtcOffset};
+use tollgate_metering::billing::UsageFilter;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{Store, StoreError};
@@ -32,6 +33,7 @@ tollgate_store::both_backends!(
     two_stores_writing_the_same_batch_count_it_once,
     large_replayed_batches_count_only_new_rows,
     rows_the_database_groups_together_are_one_group,
+    migration_7_keys_usage_rows_by_ts_and_id_and_keeps_them_all,
 );
 
 const T0: OffsetDateTime = datetime!(2026-11-22 08:00:00.123456 UTC);
@@ -691,6 +693,260 @@ async fn rows_the_database_groups_together_are_one_group(backend: Backend) {
             [Some("m\u{FFFD}".to_owned())],
         ]
     );
+}
+
+// ---- migration 7 ---------------------------------------------------------------
+
+/// Migrations 1 to 6 as they shipped, with their names: what an older
+/// Tollgate left a database at.
+const SQLITE_UP_TO_6: [&str; 6] = [
+    include_str!("../migrations/sqlite/0001_keys.sql"),
+    include_str!("../migrations/sqlite/0002_usage.sql"),
+    include_str!("../migrations/sqlite/0003_reports.sql"),
+    include_str!("../migrations/sqlite/0004_customer_daily.sql"),
+    include_str!("../migrations/sqlite/0005_key_limits.sql"),
+    include_str!("../migrations/sqlite/0006_webhooks.sql"),
+];
+const POSTGRES_UP_TO_6: [&str; 6] = [
+    include_str!("../migrations/postgres/0001_keys.sql"),
+    include_str!("../migrations/postgres/0002_usage.sql"),
+    include_str!("../migrations/postgres/0003_reports.sql"),
+    include_str!("../migrations/postgres/0004_customer_daily.sql"),
+    include_str!("../migrations/postgres/0005_key_limits.sql"),
+    include_str!("../migrations/postgres/0006_webhooks.sql"),
+];
+const NAMES_UP_TO_6: [&str; 6] = [
+    "keys",
+    "usage",
+    "reports",
+    "customer_daily",
+    "key_limits",
+    "webhooks",
+];
+
+/// A fresh database at schema version 6, recorded as the migration runner
+/// records it, with the `usage_events` partitions of `months` (Postgres).
+async fn database_at_version_6(backend: Backend, months: &[Date]) -> TestGuard {
+    let guard = TestGuard::create(backend).await;
+    let (mut sql, scripts) = match backend {
+        Backend::Sqlite => (
+            "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY, \
+             name TEXT NOT NULL, applied_at TEXT NOT NULL);\n"
+                .to_owned(),
+            SQLITE_UP_TO_6,
+        ),
+        Backend::Postgres => (
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now());\n"
+                .to_owned(),
+            POSTGRES_UP_TO_6,
+        ),
+    };
+    for (version, (script, name)) in (1..).zip(scripts.iter().zip(NAMES_UP_TO_6)) {
+        sql += script;
+        sql += &format!(
+            "\nINSERT INTO schema_migrations (version, name, applied_at) \
+             VALUES ({version}, '{name}', '2026-01-01T00:00:00.000000Z');\n"
+        );
+    }
+    match &guard {
+        TestGuard::Sqlite(db) => rusqlite::Connection::open(db.path())
+            .unwrap()
+            .execute_batch(&sql)
+            .unwrap(),
+        TestGuard::Postgres(_) => {
+            for month in months {
+                sql += &format!(
+                    "SELECT tollgate_ensure_usage_partition('{}');\n",
+                    month.format(DAY_FORMAT).unwrap()
+                );
+            }
+            guard.raw(&sql).await;
+        }
+    }
+    guard
+}
+
+/// An INSERT of `events` into `usage_events`, every value a quoted literal
+/// in its stored text form (the same statement for both backends).
+fn insert_events_sql(events: &[UsageEvent]) -> String {
+    let rows: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let values: Vec<String> = expected_event(e)
+                .into_iter()
+                .map(|value| {
+                    value.map_or("NULL".to_owned(), |v| {
+                        format!("'{}'", v.replace('\'', "''"))
+                    })
+                })
+                .collect();
+            format!("({})", values.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO usage_events (id, client_request_id, ts, customer_id, key_id, instance, \
+         route, method, path, status, outcome, latency_us, upstream_latency_us, request_bytes, \
+         response_bytes, model, input_tokens, output_tokens, cache_read_tokens, \
+         cache_write_tokens, cost_nanos, cost_source) VALUES {}",
+        rows.join(", ")
+    )
+}
+
+/// The indexes of `usage_events` (and on Postgres of each partition), as
+/// (table, definition) text.
+async fn usage_event_indexes(guard: &TestGuard) -> Vec<Vec<Option<String>>> {
+    match guard.backend() {
+        Backend::Sqlite => {
+            let mut rows = sorted(
+                guard,
+                "SELECT l.name, l.\"unique\", l.origin, group_concat(i.name, ', ') \
+                 FROM pragma_index_list('usage_events') AS l \
+                 JOIN pragma_index_info(l.name) AS i GROUP BY l.name",
+            )
+            .await;
+            // group_concat's order is the key's: check it separately.
+            for row in &mut rows {
+                row.pop();
+            }
+            rows
+        }
+        Backend::Postgres => {
+            sorted(
+                guard,
+                "SELECT i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid), \
+                 i.indisprimary::text FROM pg_index AS i \
+                 WHERE i.indrelid = 'usage_events'::regclass OR i.indrelid IN \
+                 (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'usage_events'::regclass)",
+            )
+            .await
+        }
+    }
+}
+
+async fn migration_7_keys_usage_rows_by_ts_and_id_and_keeps_them_all(backend: Backend) {
+    // Rows either side of a month's end, as an older Tollgate wrote them,
+    // their ids made in the reverse of their time order (two gateways'
+    // clocks, say) and some sharing an instant, so that (ts, id) order and
+    // id order disagree throughout.
+    let mut events = varied(40, datetime!(2026-11-30 23:40 UTC));
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    for (e, id) in events.iter_mut().zip(ids.into_iter().rev()) {
+        e.id = id;
+    }
+    for i in (0..40).step_by(4) {
+        events[i + 1].ts = events[i].ts;
+    }
+    let months = [date!(2026 - 11 - 01), date!(2026 - 12 - 01)];
+    let guard = database_at_version_6(backend, &months).await;
+    guard.raw(&insert_events_sql(&events)).await;
+    let before = sorted(&guard, &events_sql(backend)).await;
+    assert_eq!(before, expected_events(&events));
+
+    let store = tollgate_store::open(guard.url(), 2).await.unwrap();
+    let report = store.migrate().await.unwrap();
+    assert_eq!((report.applied, report.current), (vec![7], 7));
+
+    // Every row, column by column.
+    assert_eq!(sorted(&guard, &events_sql(backend)).await, before);
+
+    // One key, (ts, id), and no other index.
+    let key = |table: &str| {
+        vec![
+            Some(table.to_owned()),
+            Some(format!(
+                "CREATE UNIQUE INDEX {table}_pkey ON public.{table} USING btree (ts, id)"
+            )),
+            Some("true".to_owned()),
+        ]
+    };
+    let wanted = match backend {
+        Backend::Sqlite => vec![vec![
+            Some("sqlite_autoindex_usage_events_1".to_owned()),
+            Some("1".to_owned()),
+            Some("pk".to_owned()),
+        ]],
+        Backend::Postgres => {
+            let mut tables: Vec<String> = partitions(&guard).await;
+            tables.push("usage_events".to_owned());
+            let mut wanted: Vec<_> = tables.iter().map(|table| key(table)).collect();
+            wanted.sort();
+            // The parent's index is created ON ONLY it.
+            for row in &mut wanted {
+                if row[0].as_deref() == Some("usage_events") {
+                    row[1] = Some(
+                        "CREATE UNIQUE INDEX usage_events_pkey ON ONLY public.usage_events \
+                         USING btree (ts, id)"
+                            .to_owned(),
+                    );
+                }
+            }
+            wanted
+        }
+    };
+    assert_eq!(usage_event_indexes(&guard).await, wanted);
+    if backend == Backend::Sqlite {
+        assert_eq!(
+            guard
+                .raw("SELECT name FROM pragma_index_info('sqlite_autoindex_usage_events_1') ORDER BY seqno")
+                .await,
+            [[Some("ts".to_owned())], [Some("id".to_owned())]]
+        );
+    }
+
+    // The export walks the rows in (ts, id) order, across the month's end.
+    let filter = UsageFilter {
+        from: date!(2026 - 11 - 30),
+        to: date!(2026 - 12 - 01),
+        customer: None,
+    };
+    let mut want: Vec<UsageEvent> = events.clone();
+    want.sort_by_key(|e| (e.ts, e.id));
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.usage_events_page(&filter, after, 7).await.unwrap();
+        after = page.last().map(|e| (e.ts, e.id));
+        let full = page.len() == 7;
+        got.extend(page);
+        if !full {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+
+    // The new key refuses the rows written before the migration: replayed,
+    // they are neither inserted nor counted, whichever way they go.
+    assert_eq!(store.write_usage(&events).await.unwrap(), 0);
+    assert_eq!(store.write_usage_deduplicated(&events).await.unwrap(), 0);
+    assert!(sorted(&guard, daily_sql(backend)).await.is_empty());
+    let more = varied(10, datetime!(2026-12-01 00:30 UTC));
+    assert_eq!(store.write_usage(&more).await.unwrap(), 10);
+    assert_eq!(
+        sorted(&guard, daily_sql(backend)).await,
+        expected_daily(&more)
+    );
+    let all: Vec<&UsageEvent> = events.iter().chain(&more).collect();
+    assert_eq!(
+        sorted(&guard, &events_sql(backend)).await,
+        expected_events(all.iter().copied())
+    );
+
+    // A partition made on demand after the migration has the same key.
+    if backend == Backend::Postgres {
+        let month = month_offset(OffsetDateTime::now_utc().date(), 24);
+        let later = event(
+            CustomerId::new(),
+            KeyId::new(),
+            month.midnight().assume_utc(),
+        );
+        assert_eq!(store.write_usage(&[later]).await.unwrap(), 1);
+        let indexes = usage_event_indexes(&guard).await;
+        assert!(
+            indexes.contains(&key(&partition_name(month))),
+            "{indexes:?}"
+        );
+    }
 }
 
 // ---- one backend ---------------------------------------------------------------

@@ -347,8 +347,9 @@ pub(super) async fn events_page(
     limit: u32,
 ) -> Result<Vec<UsageEvent>, Failure> {
     let mut args = Args::default();
-    // `(ts, id) > (…)` is an index condition of usage_events_ts_id; the
-    // plain `ts >=` beside it is what prunes earlier months' partitions.
+    // `(ts, id) > (…)` is an index condition of the primary key, `(ts, id)`
+    // (migration 7); the plain `ts >=` beside it is what prunes earlier
+    // months' partitions.
     let lower = match lower(filter, after) {
         Lower::Start(start) => format!("ts >= {}", args.bind(start)),
         Lower::After(ts, id) => {

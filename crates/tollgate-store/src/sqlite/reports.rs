@@ -12,9 +12,9 @@
 //!
 //! Day ranges read the primary key's `day` prefix (`day` is `YYYY-MM-DD`
 //! text, which sorts as dates do), a customer filter `(customer_id, day)`;
-//! the export reads the index on `ts`, whose entries end in the primary key
-//! `id`, in `(ts, id)` order. Texts compare bytewise (BINARY), as Postgres
-//! compares them under `COLLATE "C"`.
+//! the export reads `usage_events` itself, whose primary key is `(ts, id)`
+//! (migration 7), in that order. Texts compare bytewise (BINARY), as
+//! Postgres compares them under `COLLATE "C"`.
 
 use std::collections::HashMap;
 
@@ -355,8 +355,9 @@ pub(super) fn events_page(
     limit: u32,
 ) -> Result<Vec<UsageEvent>, Failure> {
     let mut args = Args::default();
-    // The row value alone: next to a plain `ts >=` SQLite would take that
-    // as the index range and scan from the month's start on every page.
+    // The row value alone, a range of the primary key `(ts, id)`: next to
+    // a plain `ts >=` SQLite would take that as the key's range and scan
+    // from the month's start on every page.
     let lower = match lower(filter, after) {
         Lower::Start(start) => format!("ts >= {}", args.bind(ts(start))),
         Lower::After(at, id) => {
