@@ -28,6 +28,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+// The gateway's allocator, so that the recorder path costs here what it
+// costs in the gateway.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -290,7 +295,10 @@ async fn through_recorder(store: Arc<dyn Store>, total: usize, batch_size: usize
         reject_when_full: true,
         flush_metrics: Default::default(),
     };
-    let handle = recorder::start(config, store, None).await.unwrap();
+    // On a thread of its own, as the gateway runs it.
+    let handle = recorder::start_on_own_thread(config, store, None)
+        .await
+        .unwrap();
     let recorder = handle.recorder();
     let events = rows(total, OffsetDateTime::now_utc());
     let (started, cpu) = (Instant::now(), CpuTime::now());

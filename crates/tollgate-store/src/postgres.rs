@@ -32,10 +32,10 @@
 //! A partition that this store ensured but that was dropped since (say by
 //! a retention job) is created again and the batch retried once.
 
+use self::copy::CopyWriter;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::{poll_fn, Future};
-use std::pin::pin;
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ use deadpool_postgres::{
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::mpsc;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::types::{FromSql, ToSql, Type};
@@ -398,6 +397,7 @@ impl PostgresStore {
     }
 }
 
+mod copy;
 mod reports;
 mod webhooks;
 
@@ -1065,16 +1065,13 @@ async fn write_new(
     let mut groups = Groups::new();
     for (month, copy) in &copies {
         let sink = tx.copy_in(copy).await?;
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, &EVENT_TYPES));
+        let mut writer = CopyWriter::new(sink, &EVENT_TYPES);
         let in_month = |row: &&UsageRow<'_>| month.is_none_or(|m| usage::month_of(row.day) == m);
         for row in rows.iter().filter(in_month) {
-            writer
-                .as_mut()
-                .write(&EventValues::new(row).params())
-                .await?;
+            writer.write(&EventValues::new(row).params()).await?;
             groups.add(row);
         }
-        inserted += writer.as_mut().finish().await?;
+        inserted += writer.finish().await?;
     }
     let groups = groups.into_sorted();
     let arrays = GroupArrays::new(&groups);
@@ -1114,7 +1111,7 @@ async fn write_deduplicated(
     let (copy, insert) = staging_statements(client).await?;
     let tx = client.transaction().await?;
     let sink = tx.copy_in(&copy).await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(sink, &STAGING_TYPES[..]));
+    let mut writer = CopyWriter::new(sink, &STAGING_TYPES[..]);
     for row in rows {
         let values = EventValues::new(row);
         let rejected = row.event.outcome.is_rejected();
@@ -1122,9 +1119,9 @@ async fn write_deduplicated(
         let extra: [&(dyn ToSql + Sync); 3] = [&row.day, &rejected, &error];
         // An allocation a row, on the rare path only.
         let params: Vec<&(dyn ToSql + Sync)> = values.params().into_iter().chain(extra).collect();
-        writer.as_mut().write(&params).await?;
+        writer.write(&params).await?;
     }
-    writer.as_mut().finish().await?;
+    writer.finish().await?;
     let days = tx.query(&insert, &[]).await?;
     let mut inserted = 0i64;
     let mut customers = CustomerDayArrays::default();

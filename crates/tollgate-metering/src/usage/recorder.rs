@@ -507,7 +507,11 @@ mod tests {
         down: AtomicBool,
         /// When each write was attempted.
         attempts: Mutex<Vec<Instant>>,
+        /// A write holding this id takes [`SLOW_FAILURE`], then fails.
+        refuse: Mutex<Option<uuid::Uuid>>,
     }
+
+    const SLOW_FAILURE: Duration = Duration::from_millis(100);
 
     #[async_trait]
     impl UsageSink for FakeDatabase {
@@ -516,8 +520,20 @@ mod tests {
             if self.down.load(Ordering::Relaxed) {
                 return Err(StoreError::Unavailable("down".into()));
             }
-            self.rows.lock().unwrap().extend_from_slice(rows);
-            Ok(rows.len() as u64)
+            let refused = *self.refuse.lock().unwrap();
+            if refused.is_some_and(|id| rows.iter().any(|row| row.id == id)) {
+                tokio::time::sleep(SLOW_FAILURE).await;
+                return Err(StoreError::Unavailable("refused".into()));
+            }
+            // Idempotent on id, as the stores are.
+            let mut kept = self.rows.lock().unwrap();
+            let before = kept.len();
+            for row in rows {
+                if !kept.iter().any(|have| have.id == row.id) {
+                    kept.push(row.clone());
+                }
+            }
+            Ok((kept.len() - before) as u64)
         }
     }
 
@@ -600,6 +616,62 @@ mod tests {
         assert_eq!(stats.rows_written.load(Ordering::Relaxed), 95);
         assert!(stats.rows_failed.load(Ordering::Relaxed) > 0);
         // Checkpointed soon after: a restart replays nothing.
+        assert_eq!(stats.spool_bytes.load(Ordering::Relaxed), 0);
+        drop(recorder);
+        running.shutdown(SHUTDOWN_GRACE).await;
+        let (_, pending) = Spool::open_counting(&dir.path().join("spool"), u64::MAX).unwrap();
+        assert_eq!(pending, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_fails_while_the_next_commits_holds_the_checkpoint_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Arc::new(FakeDatabase::default());
+        let all = events(0..20);
+        *database.refuse.lock().unwrap() = Some(all[0].id);
+        let running = started(dir.path(), &database).await;
+        let recorder = running.recorder();
+        let stats = recorder.stats().clone();
+        // The first batch (batch_size is 10) goes to the database, which
+        // takes its time to refuse it; the second arrives meanwhile and
+        // goes in a second write, which commits first.
+        for event in all[..10].iter().cloned() {
+            recorder.record(event);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(database.attempts.lock().unwrap().len(), 1);
+        for event in all[10..].iter().cloned() {
+            recorder.record(event);
+        }
+        tokio::time::sleep(SLOW_FAILURE / 2).await;
+        assert_eq!(
+            database.attempts.lock().unwrap().len(),
+            2,
+            "two writes at once"
+        );
+        assert_eq!(database.ids(), ids(&all[10..]));
+        // The checkpoint does not pass the first batch while it is not
+        // written, however long that takes, although the second is.
+        tokio::time::sleep(CHECKPOINT_INTERVAL * 4).await;
+        assert_eq!(database.ids(), ids(&all[10..]));
+        assert!(stats.spool_bytes.load(Ordering::Relaxed) > 0);
+        // A crash now: the spool's files as they are, opened by another
+        // process, replay both batches.
+        let crashed = tempfile::tempdir().unwrap();
+        for file in std::fs::read_dir(dir.path().join("spool")).unwrap() {
+            let path = file.unwrap().path();
+            std::fs::copy(&path, crashed.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let (_, pending) = Spool::open_counting(crashed.path(), u64::MAX).unwrap();
+        assert_eq!(pending, 20, "a crash now replays both batches");
+
+        // Once the database takes it, it is written once and checkpointed.
+        *database.refuse.lock().unwrap() = None;
+        tokio::time::sleep(RETRY_INTERVAL + CHECKPOINT_INTERVAL * 2).await;
+        let mut written = database.ids();
+        written.sort();
+        assert_eq!(written, ids(&all));
+        assert_eq!(stats.rows_written.load(Ordering::Relaxed), 20);
         assert_eq!(stats.spool_bytes.load(Ordering::Relaxed), 0);
         drop(recorder);
         running.shutdown(SHUTDOWN_GRACE).await;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use crate::telemetry::emit;
@@ -84,13 +85,42 @@ impl Writer {
         Ok(())
     }
 
+    /// Follows the spool with up to two writes going at once: while one
+    /// transaction is with the database, the next rows are read from the
+    /// spool, encoded and sent in a second (on a second connection where
+    /// the store has one), so that neither side waits for the other's round
+    /// trips. They are settled in spool order: `written` passes a write's
+    /// rows only once it and every write before it committed.
     pub(super) async fn run(mut self) {
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let spooler_ended = self.spooler_ended();
-            match self.read().await {
+            // Reading on from what is in flight: it is in the spool
+            // before what comes next.
+            let after = in_flight.as_ref().map(|write| write.end.clone());
+            match self.read_after(after).await {
                 Ok(Some((rows, end))) => {
-                    if !self.write(&rows, end).await {
-                        break;
+                    let next = self.start(rows, end);
+                    if let Some(write) = in_flight.replace(next) {
+                        if !self.settle(write).await {
+                            break;
+                        }
+                    }
+                }
+                // Nothing after the write in flight yet: settle it, unless
+                // the next rows come first.
+                Ok(None) if in_flight.is_some() => {
+                    if let Some(mut write) = in_flight.take() {
+                        tokio::select! {
+                            finished = &mut write.task => {
+                                if !self.settled(finished, write.end).await {
+                                    break;
+                                }
+                            }
+                            () = self.shared.appended.notified(), if !spooler_ended => {
+                                in_flight = Some(write);
+                            }
+                        }
                     }
                 }
                 Ok(None) if spooler_ended => break,
@@ -102,6 +132,11 @@ impl Writer {
                 }
                 Err(error) => {
                     emit(events::SpoolUnreadable { error: &error });
+                    if let Some(write) = in_flight.take() {
+                        if !self.settle(write).await {
+                            break;
+                        }
+                    }
                     if spooler_ended {
                         break;
                     }
@@ -109,13 +144,73 @@ impl Writer {
                 }
             }
         }
+        // Given up at shutdown: a write still in flight may yet commit (the
+        // spool keeps its rows for the next start either way).
+        if let Some(write) = in_flight {
+            write.task.abort();
+        }
         self.checkpoint().await;
+    }
+
+    /// Starts writing `rows`, the spool's up to `end`, on a task of its
+    /// own.
+    fn start(&self, rows: Vec<UsageEvent>, end: SpoolPosition) -> InFlight {
+        let (writes, again) = (self.writes.clone(), self.unsure);
+        let task = tokio::spawn(async move {
+            let written = writes.write(&rows, again).await;
+            (rows, written.is_ok())
+        });
+        InFlight { task, end }
+    }
+
+    /// Waits for a write started by [`Writer::start`]; if it failed, writes
+    /// its rows again as [`Writer::write`] does, until the database takes
+    /// them. False when it gave up (shutdown).
+    async fn settle(&mut self, write: InFlight) -> bool {
+        let finished = write.task.await;
+        self.settled(finished, write.end).await
+    }
+
+    /// [`Writer::settle`], once the write's task has finished.
+    async fn settled(
+        &mut self,
+        finished: Result<(Vec<UsageEvent>, bool), JoinError>,
+        end: SpoolPosition,
+    ) -> bool {
+        match finished {
+            Ok((_, true)) => {
+                self.written_up_to(end).await;
+                true
+            }
+            Ok((rows, false)) => {
+                self.unsure = true;
+                self.behind = true;
+                if self.spooler_ended() {
+                    return false;
+                }
+                self.back_off().await;
+                self.write(&rows, end).await
+            }
+            // The write panicked: the writer ends, as it did when it wrote
+            // on its own task. Its rows stay in the spool for the next
+            // start.
+            Err(_) => false,
+        }
     }
 
     /// What follows `written`: batches the spool keeps in memory, or
     /// records read back from its files; `None` when there is nothing.
     async fn read(&self) -> Result<Option<(Vec<UsageEvent>, SpoolPosition)>, SpoolError> {
-        let (shared, after, limit) = (self.shared.clone(), self.written.clone(), self.limit);
+        self.read_after(None).await
+    }
+
+    /// What follows `after`, or `written` if `None`, as [`Writer::read`].
+    async fn read_after(
+        &self,
+        after: Option<SpoolPosition>,
+    ) -> Result<Option<(Vec<UsageEvent>, SpoolPosition)>, SpoolError> {
+        let after = after.unwrap_or_else(|| self.written.clone());
+        let (shared, limit) = (self.shared.clone(), self.limit);
         blocking(move || {
             let tail = shared.lock()?.tail(&after, limit);
             let (events, end) = match tail {
@@ -136,11 +231,7 @@ impl Writer {
             let spooler_ended = self.spooler_ended();
             if self.writes.write(rows, self.unsure).await.is_ok() {
                 self.unsure = false;
-                self.written = end;
-                self.past_checkpoint = true;
-                if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                    self.checkpoint().await;
-                }
+                self.written_up_to(end).await;
                 return true;
             }
             self.unsure = true;
@@ -149,6 +240,16 @@ impl Writer {
                 return false;
             }
             self.back_off().await;
+        }
+    }
+
+    /// Everything in the spool up to `end` is in the database now;
+    /// checkpoints if that is due.
+    async fn written_up_to(&mut self, end: SpoolPosition) {
+        self.written = end;
+        self.past_checkpoint = true;
+        if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            self.checkpoint().await;
         }
     }
 
@@ -203,4 +304,11 @@ impl Writer {
             emit(events::CheckpointFailed { error: &error });
         }
     }
+}
+
+/// A write started by [`Writer::start`]: its task, which gives back its
+/// rows and whether they committed, and the spool position after them.
+struct InFlight {
+    task: JoinHandle<(Vec<UsageEvent>, bool)>,
+    end: SpoolPosition,
 }
