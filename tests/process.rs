@@ -240,7 +240,7 @@ fn migrate_applies_once_and_customers_commands_work() {
     );
     let (code, first, stderr) = cli(&config, &["migrate"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(first.contains("6 migrations applied"), "{first}");
+    assert!(first.contains("7 migrations applied"), "{first}");
     let (code, second, _) = cli(&config, &["migrate"]);
     assert_eq!(code, 0);
     assert!(second.contains("0 migrations applied"), "{second}");
