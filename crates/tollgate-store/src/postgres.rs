@@ -1804,30 +1804,7 @@ mod tests {
     use super::*;
 
     fn event(ts: OffsetDateTime) -> UsageEvent {
-        UsageEvent {
-            id: Uuid::now_v7(),
-            client_request_id: None,
-            ts,
-            customer_id: CustomerId::new(),
-            key_id: KeyId::new(),
-            instance: "gw-1".to_owned(),
-            route: "openai".to_owned(),
-            method: "POST".to_owned(),
-            path: "/v1/chat/completions".to_owned(),
-            status: 200,
-            outcome: Outcome::Ok,
-            latency_us: 1,
-            upstream_latency_us: 2,
-            request_bytes: 10,
-            response_bytes: 20,
-            model: None,
-            input_tokens: 3,
-            output_tokens: 4,
-            cache_read_tokens: 5,
-            cache_write_tokens: 6,
-            cost_nanos: -5,
-            cost_source: CostSource::None,
-        }
+        crate::testing::usage_event(CustomerId::new(), KeyId::new(), ts)
     }
 
     /// The fast row encoding is the `ToSql` one, byte for byte: NULLs and
@@ -1849,7 +1826,9 @@ mod tests {
         all.push(full);
         all.push(event(datetime!(-9999-01-01 00:00 UTC)));
         all.push(event(datetime!(+9999-12-31 23:59:59.999999 UTC)));
-        all.push(event(datetime!(1970-01-01 00:00 UTC)));
+        let mut bare = event(datetime!(1970-01-01 00:00 UTC));
+        bare.model = None;
+        all.push(bare);
         let rows = usage::rows(&all).unwrap();
         assert_eq!(rows.len(), all.len());
         for row in &rows {

@@ -5,10 +5,11 @@
 //! its buffer to the connection every 4 KiB (about 15 usage rows), through a
 //! channel of capacity one: each hand-off waits for the connection task to
 //! take the last one, which, on the recorder's thread with the connection
-//! task on another, is a cross-thread wake-up every few rows. Here the
-//! values are encoded by the same `ToSql` impls, and only the framing (a
-//! field count per row, a length per value) is ours; chunks are
-//! [`CHUNK`] bytes.
+//! task on another, is a cross-thread wake-up every few rows. Here chunks
+//! are [`CHUNK`] bytes. Rows are encoded either by the same `ToSql` impls,
+//! with only the framing (a field count per row, a length per value) ours,
+//! or, for the usage rows written by the thousand, field by field through
+//! [`Fields`], which tests hold to the `ToSql` bytes.
 
 use std::future::poll_fn;
 use std::pin::Pin;
