@@ -121,7 +121,10 @@ impl UpstreamClient {
         loop {
             let (conn, reused) = match pool.checkout() {
                 Some(conn) => (conn, true),
-                None => (pool.connect(&self.0.connector).await?, false),
+                // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is by far
+                // the largest state of this future, and rare; inline, every
+                // request would copy its size when the future is boxed.
+                None => (Box::pin(pool.connect(&self.0.connector)).await?, false),
             };
             let sent = match conn {
                 Conn::Http1(mut sender) => {
