@@ -128,8 +128,57 @@ impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Count, D::Error> {
         // Any JSON value is accepted (an `Option<Count>` still reads `null`
         // as absent): refusing it would refuse the whole usage object.
-        let value = Value::deserialize(deserializer)?;
-        Ok(value.as_u64().map_or(Count::Unusable, Count::Whole))
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+/// Reads a count straight from the parser, without building a `Value`:
+/// a whole number from 0 to `u64::MAX` is a count; anything else (skipped
+/// whole, if it is an array or an object) is unusable.
+struct CountVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a token count")
+    }
+
+    fn visit_u64<E>(self, count: u64) -> Result<Count, E> {
+        Ok(Count::Whole(count))
+    }
+
+    fn visit_i64<E>(self, count: i64) -> Result<Count, E> {
+        Ok(u64::try_from(count).map_or(Count::Unusable, Count::Whole))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+        Ok(Count::Unusable)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+        Ok(Count::Unusable)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+        Ok(Count::Unusable)
+    }
+
+    fn visit_unit<E>(self) -> Result<Count, E> {
+        Ok(Count::Unusable)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Count::Unusable)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Count::Unusable)
     }
 }
 
@@ -1457,6 +1506,38 @@ mod tests {
                 input: true,
                 cache_read: true,
                 cache_write: true,
+                ..Unusable::default()
+            }
+        );
+        // Arrays, objects, booleans and null are skipped whole: the counts
+        // after them still read.
+        let json = r#"{"usage":{"input_tokens":[1,{"a":[2]}],"cache_read_input_tokens":{"n":3,"m":[4]},
+            "cache_creation_input_tokens":true,"output_tokens":18446744073709551615}}"#;
+        let found = scan(UsageFormat::Anthropic, false, json);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                output: u64::MAX,
+                ..TokenCounts::default()
+            })
+        );
+        assert_eq!(
+            found.unusable,
+            Unusable {
+                input: true,
+                cache_read: true,
+                cache_write: true,
+                ..Unusable::default()
+            }
+        );
+        // `-0` parses as a float; `null` is an absent count.
+        let json = r#"{"usage":{"prompt_tokens":-0,"completion_tokens":null}}"#;
+        let found = scan(UsageFormat::Openai, false, json);
+        assert_eq!(found.tokens, Some(TokenCounts::default()));
+        assert_eq!(
+            found.unusable,
+            Unusable {
+                input: true,
                 ..Unusable::default()
             }
         );
