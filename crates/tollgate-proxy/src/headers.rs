@@ -20,18 +20,19 @@ pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 /// then the fixed list. Applied to requests going upstream and responses
 /// coming back.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds what is there, so that the usual
+    // One pass over the headers finds what is there, so that the usual
     // message (none of them, or only `Connection: keep-alive`) hashes no
-    // name of the list.
-    let (mut connection, mut fixed) = (false, false);
-    for name in headers.keys() {
+    // name of the list and splits no value.
+    let (mut connection, mut names_headers, mut fixed) = (false, false, false);
+    for (name, value) in headers.iter() {
         if name == CONNECTION {
             connection = true;
+            names_headers |= !names_no_header(value);
         } else if is_hop_by_hop(name) {
             fixed = true;
         }
     }
-    if connection {
+    if names_headers {
         // Collected first: the map cannot be mutated while its values are
         // borrowed. Only connections that name headers pay for this Vec;
         // `keep-alive` is on the fixed list and `close` names no header.
@@ -49,6 +50,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for name in named {
             headers.remove(name);
         }
+    }
+    if connection {
         headers.remove(CONNECTION);
     }
     if fixed {
@@ -66,6 +69,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub(crate) fn ip_header(ip: IpAddr) -> HeaderValue {
     // An address's text is always a valid header value.
     HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// A `Connection` value that is only `keep-alive` or `close`, the usual
+/// ones: it names no header to remove.
+fn names_no_header(value: &HeaderValue) -> bool {
+    let token = value.as_bytes().trim_ascii();
+    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
 }
 
 /// One of the fixed hop-by-hop headers (not counting `Connection` and the
@@ -175,6 +185,29 @@ mod tests {
         let mut left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
         left.sort();
         assert_eq!(left, vec!["close", "content-length"]);
+
+        // The usual values alone, in any case and spacing: only the
+        // Connection headers go.
+        let mut headers = map(&[
+            ("connection", " Close "),
+            ("connection", "KEEP-ALIVE"),
+            ("x-one", "1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(left, vec!["x-one"]);
+
+        // A plain `keep-alive` first does not hide a header named by a
+        // second Connection value.
+        let mut headers = map(&[
+            ("connection", "keep-alive"),
+            ("connection", "x-named"),
+            ("x-named", "1"),
+            ("x-one", "1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(left, vec!["x-one"]);
 
         let mut untouched = map(&[("content-type", "a/b"), ("x-one", "1")]);
         strip_hop_by_hop(&mut untouched);
