@@ -86,3 +86,63 @@ async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
         "rows, distinct ids, requests rolled up"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_connection_takes_both_writes_in_turn() {
+    // The writer keeps up to two writes going, each on a connection of its
+    // own. With `pool_size = 1` the second waits for the first's connection;
+    // nothing may fail or stall for the pool's wait bound (5 s) meanwhile.
+    let guard = tollgate_store::testing::TestGuard::create(Backend::Postgres).await;
+    let store = tollgate_store::open(guard.url(), 1).await.unwrap();
+    store.migrate().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = RecorderConfig {
+        batch_size: 50,
+        flush_interval: Duration::from_millis(1),
+        spool_dir: dir.path().join("spool"),
+        spool_max: 1 << 30,
+        reject_when_full: true,
+        flush_metrics: Default::default(),
+    };
+    let running = recorder::start(config, store, None).await.unwrap();
+    let recorder = running.recorder();
+    let stats = recorder.stats().clone();
+    let (customer, key) = (CustomerId::new(), KeyId::new());
+    let started = Instant::now();
+    let mut recorded = 0u64;
+    // Bursts of several batches, so that a second write is always ready
+    // while the first is with the database.
+    for _ in 0..40 {
+        for _ in 0..200 {
+            recorder.record(usage_event(customer, key, OffsetDateTime::now_utc()));
+        }
+        recorded += 200;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.rows_written.load(Ordering::Relaxed) < recorded && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    assert_eq!(stats.rows_written.load(Ordering::Relaxed), recorded);
+    assert_eq!(
+        stats.write_failures.load(Ordering::Relaxed),
+        0,
+        "no write gave up waiting for the one connection"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "{recorded} rows took {took:?}: a write waited out the pool's bound"
+    );
+    drop(recorder);
+    running.shutdown(recorder::SHUTDOWN_GRACE).await;
+    let counts = guard
+        .raw("SELECT count(*)::text, count(DISTINCT id)::text FROM usage_events")
+        .await;
+    let recorded = Some(recorded.to_string());
+    assert_eq!(
+        counts[0],
+        vec![recorded.clone(), recorded],
+        "rows, distinct ids"
+    );
+}
