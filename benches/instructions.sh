@@ -60,38 +60,15 @@ WARMUP=1000
 CLIENTS=16
 TOP="${TOP:-25}"
 CRATES="${CRATES:-20}"
-BENCH_DATABASE="${BENCH_DATABASE:-postgres}"
 UPSTREAM_PORT=19181
 NGINX_PORT=19182
 GATEWAY_PORT=19183
 GATEWAY_ADMIN_PORT=19184
 
-for tool in valgrind callgrind_control nginx h2load python3; do
-    command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install valgrind nginx nghttp2-client python3)" >&2; exit 1; }
-done
-
-case "$BENCH_DATABASE" in
-    postgres)
-        command -v psql >/dev/null || { echo "error: psql not found (apt-get install postgresql-client), or run with BENCH_DATABASE=sqlite" >&2; exit 1; }
-        PG_SERVER="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
-        PG_SERVER="${PG_SERVER%/}"
-        # Creating and dropping a database needs a connection to another one.
-        pg_admin() { PGCONNECT_TIMEOUT=5 psql "$PG_SERVER/postgres" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
-        pg_admin -c 'SELECT 1' >/dev/null 2>&1 || {
-            echo "error: cannot reach Postgres at BENCH_DATABASE_URL=$PG_SERVER" >&2
-            echo "       (point BENCH_DATABASE_URL at a server, postgres://user@host:port, or run with BENCH_DATABASE=sqlite)" >&2
-            exit 1
-        } ;;
-    sqlite) ;;
-    *) echo "error: BENCH_DATABASE must be postgres or sqlite, not '$BENCH_DATABASE'" >&2; exit 2 ;;
-esac
-
-if [ -n "${TOLLGATE_BIN:-}" ]; then
-    BIN="$TOLLGATE_BIN"
-else
-    cargo build --release --locked -q
-    BIN="$PWD/target/release/tollgate"
-fi
+. benches/lib.sh
+bench_need "apt-get install valgrind nginx nghttp2-client python3" valgrind callgrind_control nginx h2load python3
+bench_database
+bench_binary
 WORK="$(mktemp -d)"
 PIDS=()
 MEASURED_PID=
@@ -106,51 +83,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() { # port [pid log]: valgrind starts a process in seconds, not milliseconds
-    for _ in $(seq 1 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then
-            echo "error: the process under callgrind exited before listening on port $1; its log ends:" >&2
-            grep -v '^==[0-9]*==' "$3" | tail -n 10 >&2   # its own lines, not valgrind's
-            exit 1
-        fi
-        sleep 0.2
-    done
-    echo "error: nothing listens on port $1" >&2
-    exit 1
-}
-
-nginx_conf() { # name port body-of-server-block upstream-block extra-main-directives
-    mkdir -p "$WORK/$1"
-    cat > "$WORK/$1/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-$5
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/$1/body;
-    proxy_temp_path $WORK/$1/proxy;
-    fastcgi_temp_path $WORK/$1/fastcgi;
-    uwsgi_temp_path $WORK/$1/uwsgi;
-    scgi_temp_path $WORK/$1/scgi;
-    keepalive_requests 1000000;
-    $4
-    server {
-        listen 127.0.0.1:$2;
-        $3
-    }
-}
-CONF
-}
-nginx_conf upstream "$UPSTREAM_PORT" \
-    'location / { default_type application/json; return 200 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}"; }' '' ''
+nginx_conf upstream "$UPSTREAM_PORT" "$UPSTREAM_LOCATION"
 # One process, so the one callgrind counts is the one that proxies.
-nginx_conf proxy "$NGINX_PORT" \
-    'location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }' \
-    "upstream backend { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; }" 'master_process off;'
+nginx_conf proxy "$NGINX_PORT" "$PROXY_LOCATION" "$(proxy_upstream "$UPSTREAM_PORT")" 'master_process off;'
 
 nginx -c "$WORK/upstream/nginx.conf" & PIDS+=($!)
 wait_port "$UPSTREAM_PORT"
@@ -214,39 +149,11 @@ measure_gateway() { # name binary: sets DUMP
     else
         url="sqlite://$dir/tollgate.db"
     fi
-    cat > "$dir/tollgate.toml" <<CONF
-[server]
-listen = "127.0.0.1:$GATEWAY_PORT"
-admin_listen = "127.0.0.1:$GATEWAY_ADMIN_PORT"
-worker_threads = 1
-
-[database]
-url = "$url"
-
-[usage]
-spool_dir = "$dir/spool"
-
-# As in passthrough.sh: a rate and a quota out of reach, so every request is
-# admitted through both.
-[[tiers]]
-name = "bench"
-rate = "1000000000/s"
-monthly_requests = 1000000000000
-
-[[routes]]
-name = "bench"
-prefix = "/"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-usage = "openai"
-
-[pricing."gpt-4o-mini"]
-input = 0.15
-output = 0.60
-CONF
+    gateway_config "$GATEWAY_PORT" "$GATEWAY_ADMIN_PORT" "$url" "$dir/spool" "$UPSTREAM_PORT" > "$dir/tollgate.toml"
     # Outside valgrind: the migrations and the key are setup, not requests.
     "$bin" --config "$dir/tollgate.toml" keys create --customer bench --tier bench --json > "$dir/key.json"
-    key="$(sed -n 's/.*"key": *"\([^"]*\)".*/\1/p' "$dir/key.json" | head -n 1)"
-    id="$(sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' "$dir/key.json" | head -n 1)"
+    key="$(json_field key "$dir/key.json")"
+    id="$(json_field id "$dir/key.json")"
     [ -n "$key" ] && [ -n "$id" ] || { echo "error: could not create a bench key with $bin" >&2; exit 1; }
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
         "$bin" --config "$dir/tollgate.toml" serve >"$dir/stdout.log" 2>"$dir/valgrind.log" &

@@ -73,43 +73,17 @@ CONNS="${2:-64}"
 ROUNDS="${3:-3}"
 CHECK_REQUESTS="${CHECK_REQUESTS:-20000}"
 SSE_REQUESTS="${SSE_REQUESTS:-200}"
-BENCH_DATABASE="${BENCH_DATABASE:-postgres}"
 UPSTREAM_PORT=18181
 NGINX_PORT=18182
 GATEWAY_PORT=18183
 GATEWAY_ADMIN_PORT=18184
 MOCK_PORT=18185
 
-for tool in nginx wrk h2load curl taskset; do
-    command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install nginx wrk nghttp2-client curl util-linux)" >&2; exit 1; }
-done
-
-# The database is checked before anything is built or started, so a
-# Postgres that is down costs seconds, not a build.
-case "$BENCH_DATABASE" in
-    postgres)
-        command -v psql >/dev/null || { echo "error: psql not found (apt-get install postgresql-client), or run with BENCH_DATABASE=sqlite" >&2; exit 1; }
-        PG_SERVER="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}"
-        PG_SERVER="${PG_SERVER%/}"
-        DB_NAME="tollgate_bench_$$"
-        # Creating and dropping a database needs a connection to another one.
-        pg_admin() { PGCONNECT_TIMEOUT=5 psql "$PG_SERVER/postgres" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
-        pg_admin -c 'SELECT 1' >/dev/null 2>&1 || {
-            echo "error: cannot reach Postgres at BENCH_DATABASE_URL=$PG_SERVER" >&2
-            echo "       (point BENCH_DATABASE_URL at a server, postgres://user@host:port, or run with BENCH_DATABASE=sqlite)" >&2
-            exit 1
-        } ;;
-    sqlite) ;;
-    *) echo "error: BENCH_DATABASE must be postgres or sqlite, not '$BENCH_DATABASE'" >&2; exit 2 ;;
-esac
-
-# TOLLGATE_BIN measures another build (say, the previous commit's) instead.
-if [ -n "${TOLLGATE_BIN:-}" ]; then
-    BIN="$TOLLGATE_BIN"
-else
-    cargo build --release --locked -q
-    BIN="$PWD/target/release/tollgate"
-fi
+. benches/lib.sh
+bench_need "apt-get install nginx wrk nghttp2-client curl util-linux" nginx wrk h2load curl taskset
+bench_database
+DB_NAME="tollgate_bench_$$"
+bench_binary
 WORK="$(mktemp -d)"
 PIDS=()
 PROXY_PID=
@@ -134,61 +108,12 @@ else
     DATABASE_URL="sqlite://$WORK/tollgate.db"
 fi
 
-nginx_conf() { # name port body-of-server-block upstream-block
-    mkdir -p "$WORK/$1"
-    cat > "$WORK/$1/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/$1/body;
-    proxy_temp_path $WORK/$1/proxy;
-    fastcgi_temp_path $WORK/$1/fastcgi;
-    uwsgi_temp_path $WORK/$1/uwsgi;
-    scgi_temp_path $WORK/$1/scgi;
-    keepalive_requests 1000000;
-    $4
-    server {
-        listen 127.0.0.1:$2 reuseport;
-        $3
-    }
-}
-CONF
-}
+nginx_conf upstream "$UPSTREAM_PORT" "$UPSTREAM_LOCATION" '' '' reuseport
+nginx_conf proxy "$NGINX_PORT" "$PROXY_LOCATION" "$(proxy_upstream "$UPSTREAM_PORT")" '' reuseport
 
-nginx_conf upstream "$UPSTREAM_PORT" \
-    'location / { default_type application/json; return 200 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}"; }' ''
-nginx_conf proxy "$NGINX_PORT" \
-    'location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }' \
-    "upstream backend { server 127.0.0.1:$UPSTREAM_PORT; keepalive 128; }"
-
-cat > "$WORK/tollgate.toml" <<CONF
-[server]
-listen = "127.0.0.1:$GATEWAY_PORT"
-admin_listen = "127.0.0.1:$GATEWAY_ADMIN_PORT"
-worker_threads = 1
-
-[database]
-url = "$DATABASE_URL"
-
-[usage]
-spool_dir = "$WORK/spool"
-
-# A rate and a quota out of reach: every request is admitted through both,
-# and answered with the x-ratelimit-* headers.
-[[tiers]]
-name = "bench"
-rate = "1000000000/s"
-monthly_requests = 1000000000000
-
-[[routes]]
-name = "bench"
-prefix = "/"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-usage = "openai"
+{
+    gateway_config "$GATEWAY_PORT" "$GATEWAY_ADMIN_PORT" "$DATABASE_URL" "$WORK/spool" "$UPSTREAM_PORT"
+    cat <<CONF
 
 # The SSE time to first byte: the mock upstream streams chat completions;
 # /sse/v1/chat/completions reaches it as /v1/chat/completions.
@@ -198,11 +123,8 @@ prefix = "/sse/"
 upstream = "http://127.0.0.1:$MOCK_PORT"
 strip_prefix = true
 usage = "openai"
-
-[pricing."gpt-4o-mini"]
-input = 0.15
-output = 0.60
 CONF
+} > "$WORK/tollgate.toml"
 
 # keys create runs the migrations on the bench database, and prints the
 # key (once) and its id as JSON; a field of it, by name.
@@ -210,9 +132,6 @@ new_key() { # name customer [flags...]: writes $WORK/key-<name>.json
     local name="$1" customer="$2"; shift 2
     "$BIN" --config "$WORK/tollgate.toml" keys create --customer "$customer" --tier bench "$@" --json \
         > "$WORK/key-$name.json"
-}
-json_field() { # field file
-    sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" "$2" | head -n 1
 }
 new_key plain bench
 KEY="$(json_field key "$WORK/key-plain.json")"
@@ -227,15 +146,6 @@ CHECK_KEY="$(json_field key "$WORK/key-check.json")"
 CHECK_KEY_ID="$(json_field id "$WORK/key-check.json")"
 [ -n "$CHECK_KEY" ] && [ -n "$CHECK_KEY_ID" ] || { echo "error: could not create the rows check's key" >&2; exit 1; }
 
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "error: nothing listens on port $1" >&2
-    exit 1
-}
-
 taskset -c 0 nginx -c "$WORK/upstream/nginx.conf" & PIDS+=($!)
 RUST_LOG=warn taskset -c 0 "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" 2>"$WORK/mock.log" & PIDS+=($!)
 wait_port "$UPSTREAM_PORT"
@@ -245,10 +155,10 @@ start_proxy() { # tollgate | tollgate+keylim | nginx | other
     case "$1" in
         other)
             RUST_LOG=warn taskset -c 1 "$COMPARE_BIN" --config "$WORK/tollgate.toml" serve 2>"$WORK/other.log" &
-            PROXY_PID=$!; wait_port "$GATEWAY_PORT"; PROXY_PORT=$GATEWAY_PORT ;;
+            PROXY_PID=$!; wait_port "$GATEWAY_PORT" "$PROXY_PID" "$WORK/other.log"; PROXY_PORT=$GATEWAY_PORT ;;
         tollgate*)
             RUST_LOG=warn taskset -c 1 "$BIN" --config "$WORK/tollgate.toml" serve 2>"$WORK/tollgate.log" &
-            PROXY_PID=$!; wait_port "$GATEWAY_PORT"; PROXY_PORT=$GATEWAY_PORT ;;
+            PROXY_PID=$!; wait_port "$GATEWAY_PORT" "$PROXY_PID" "$WORK/tollgate.log"; PROXY_PORT=$GATEWAY_PORT ;;
         nginx)
             taskset -c 1 nginx -c "$WORK/proxy/nginx.conf" &
             PROXY_PID=$!; wait_port "$NGINX_PORT"; PROXY_PORT=$NGINX_PORT ;;
