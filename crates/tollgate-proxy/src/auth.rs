@@ -72,7 +72,7 @@ impl Authenticator {
     /// used, or a second one the client also sent) is forwarded upstream.
     pub(crate) fn strip_key_headers(&self, headers: &mut HeaderMap) {
         for name in &self.headers {
-            headers.remove(name);
+            crate::headers::remove_if_present(headers, name);
         }
     }
 }

@@ -63,7 +63,9 @@ use crate::forward::{
     is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamBody, UpstreamClient,
 };
 use crate::framing::FramingMark;
-use crate::headers::{sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID};
+use crate::headers::{
+    remove_if_present, sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID,
+};
 use crate::meter::{response_usage, MeteredBody, Metering, UsageGuard};
 use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
 use crate::panic::catch_panic;
@@ -489,7 +491,7 @@ impl Gateway {
         self.auth.strip_key_headers(headers);
         // `Expect: 100-continue` was answered on the client's hop (hyper
         // sends the 100 when the body is first read); it does not travel on.
-        headers.remove(EXPECT);
+        remove_if_present(headers, &EXPECT);
         set_forwarded(headers, &conn.peer_ip, conn.proto, client_host);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         headers.insert(HOST, route.host_header().clone());
