@@ -1834,7 +1834,7 @@ mod tests {
         for row in &rows {
             let values = EventValues::new(row);
             let slow = copy::values_row(&EVENT_TYPES, &values.params()).unwrap();
-            let fast = copy::fields_row(&EVENT_TYPES, |fields| values.write(fields));
+            let fast = copy::fields_row(&EVENT_TYPES, |fields| values.write(fields)).unwrap();
             assert_eq!(fast, slow, "{:?}", row.event);
         }
     }

@@ -64,10 +64,7 @@ impl<'t> CopyWriter<'t> {
         &mut self,
         row: impl FnOnce(Fields<'_>),
     ) -> Result<(), Failure> {
-        let fields = i16::try_from(self.types.len())
-            .map_err(|_| encoding(format!("{} columns", self.types.len())))?;
-        self.buf.put_i16(fields);
-        row(Fields(&mut self.buf));
+        encode_fields(&mut self.buf, self.types, row)?;
         self.sent_if_full().await
     }
 
@@ -124,6 +121,20 @@ fn encode(
         };
         buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
     }
+    Ok(())
+}
+
+/// One row's values, in the binary COPY format, written by `row` through
+/// [`Fields`]: its field count, then the values.
+fn encode_fields(
+    buf: &mut BytesMut,
+    types: &[Type],
+    row: impl FnOnce(Fields<'_>),
+) -> Result<(), Failure> {
+    let fields =
+        i16::try_from(types.len()).map_err(|_| encoding(format!("{} columns", types.len())))?;
+    buf.put_i16(fields);
+    row(Fields(buf));
     Ok(())
 }
 
@@ -195,11 +206,13 @@ fn encoding(message: String) -> Failure {
 
 /// One row as [`CopyWriter::write_fields`] appends it.
 #[cfg(test)]
-pub(super) fn fields_row(types: &[Type], row: impl FnOnce(Fields<'_>)) -> BytesMut {
+pub(super) fn fields_row(
+    types: &[Type],
+    row: impl FnOnce(Fields<'_>),
+) -> Result<BytesMut, Failure> {
     let mut buf = BytesMut::new();
-    buf.put_i16(i16::try_from(types.len()).unwrap_or(i16::MAX));
-    row(Fields(&mut buf));
-    buf
+    encode_fields(&mut buf, types, row)?;
+    Ok(buf)
 }
 
 /// One row as [`CopyWriter::write`] appends it.
