@@ -13,6 +13,22 @@ use tollgate_metering::usage::recorder::{self, RecorderConfig};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_store::testing::{test_store, usage_event, Backend};
 
+/// A recorder spooling under `dir`, with room to spare and small batches.
+fn spooling_to(
+    dir: &std::path::Path,
+    batch_size: usize,
+    flush_interval: Duration,
+) -> RecorderConfig {
+    RecorderConfig {
+        batch_size,
+        flush_interval,
+        spool_dir: dir.join("spool"),
+        spool_max: 1 << 30,
+        reject_when_full: true,
+        flush_metrics: Default::default(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
     // Tiny batches, so that within each stall more are appended than the
@@ -20,14 +36,7 @@ async fn a_writer_that_keeps_stalling_loses_and_doubles_no_row() {
     // reading them back from disk and taking them from memory.
     let (store, guard) = test_store(Backend::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = RecorderConfig {
-        batch_size: 5,
-        flush_interval: Duration::from_millis(2),
-        spool_dir: dir.path().join("spool"),
-        spool_max: 1 << 30,
-        reject_when_full: true,
-        flush_metrics: Default::default(),
-    };
+    let config = spooling_to(dir.path(), 5, Duration::from_millis(2));
     let running = recorder::start(config, store, None).await.unwrap();
     let recorder = running.recorder();
 
@@ -96,14 +105,7 @@ async fn a_pool_of_one_connection_takes_both_writes_in_turn() {
     let store = tollgate_store::open(guard.url(), 1).await.unwrap();
     store.migrate().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = RecorderConfig {
-        batch_size: 50,
-        flush_interval: Duration::from_millis(1),
-        spool_dir: dir.path().join("spool"),
-        spool_max: 1 << 30,
-        reject_when_full: true,
-        flush_metrics: Default::default(),
-    };
+    let config = spooling_to(dir.path(), 50, Duration::from_millis(1));
     let running = recorder::start(config, store, None).await.unwrap();
     let recorder = running.recorder();
     let stats = recorder.stats().clone();
