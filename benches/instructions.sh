@@ -14,6 +14,8 @@
 #             build (Postgres by default, or SQLite)
 #   nginx:    the same upstream behind nginx as a plain reverse proxy
 #             (master_process off, one process, keep-alive upstream pool)
+#   hyper:    the same upstream behind a plain hyper proxy, none of the
+#             gateway's work (benches/hyper_proxy.rs): the framework's floor
 #
 # Each proxy, one at a time, under callgrind:
 #   1. 1000 requests (h2load --h1 -c 16) to warm pools and caches;
@@ -43,6 +45,7 @@
 # Usage: benches/instructions.sh [requests=5000]
 #   TOLLGATE_BIN=path      measure this build (else target/release/tollgate, built first)
 #   COMPARE_BIN=path       also measure another build the same way (column "compare")
+#   FLOOR_BIN=path         the plain hyper proxy (else built: cargo build --release --example hyper_proxy)
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
 #   BENCH_DATABASE_URL=postgres://user@host:port   the Postgres server (default
 #                          postgres://postgres@127.0.0.1:5432, no database name): a
@@ -64,11 +67,13 @@ UPSTREAM_PORT=19181
 NGINX_PORT=19182
 GATEWAY_PORT=19183
 GATEWAY_ADMIN_PORT=19184
+HYPER_PORT=19185
 
 . benches/lib.sh
 bench_need "apt-get install valgrind nginx nghttp2-client python3" valgrind callgrind_control nginx h2load python3
 bench_database
 bench_binary
+bench_floor
 WORK="$(mktemp -d)"
 PIDS=()
 MEASURED_PID=
@@ -172,6 +177,18 @@ measure_nginx() { # sets DUMP
     MEASURED_PID=$!
     wait_port "$NGINX_PORT" "$MEASURED_PID" "$dir/valgrind.log"
     callgrind_window "$MEASURED_PID" "$dir" "$NGINX_PORT" no-key-needed no_settle
+    kill "$MEASURED_PID"; wait "$MEASURED_PID" 2>/dev/null || true
+    MEASURED_PID=
+}
+
+measure_floor() { # sets DUMP
+    local dir="$WORK/hyper"
+    mkdir -p "$dir"
+    valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+        "$FLOOR_BIN" "127.0.0.1:$HYPER_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >"$dir/stdout.log" 2>"$dir/valgrind.log" &
+    MEASURED_PID=$!
+    wait_port "$HYPER_PORT" "$MEASURED_PID" "$dir/valgrind.log"
+    callgrind_window "$MEASURED_PID" "$dir" "$HYPER_PORT" no-key-needed no_settle
     kill "$MEASURED_PID"; wait "$MEASURED_PID" 2>/dev/null || true
     MEASURED_PID=
 }
@@ -313,15 +330,20 @@ echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP
 measure_gateway this "$BIN"; THIS_DUMP="$DUMP"
 if [ -n "${COMPARE_BIN:-}" ]; then measure_gateway compare "$COMPARE_BIN"; OTHER_DUMP="$DUMP"; fi
 measure_nginx; NGINX_DUMP="$DUMP"
+measure_floor; FLOOR_DUMP="$DUMP"
 
 per_request() { python3 "$WORK/aggregate.py" total "$REQUESTS" "$1"; }
 this=$(per_request "$THIS_DUMP")
 nginx=$(per_request "$NGINX_DUMP")
+floor=$(per_request "$FLOOR_DUMP")
 echo
 printf '%-28s %12s\n' tollgate "$this"
 [ -n "${COMPARE_BIN:-}" ] && printf '%-28s %12s\n' "tollgate (COMPARE_BIN)" "$(per_request "$OTHER_DUMP")"
 printf '%-28s %12s\n' "nginx (reverse proxy)" "$nginx"
+printf '%-28s %12s\n' "hyper (plain proxy)" "$floor"
 awk -v t="$this" -v n="$nginx" 'BEGIN { printf "tollgate instructions/request vs nginx instructions/request: %.2f\n", t / n }'
+awk -v t="$this" -v h="$floor" -v n="$nginx" \
+    'BEGIN { printf "the framework floor: hyper vs nginx %.2f, tollgate vs hyper %.2f\n", h / n, t / h }'
 [ -n "${COMPARE_BIN:-}" ] && awk -v t="$this" -v o="$(per_request "$OTHER_DUMP")" \
     'BEGIN { printf "this build vs COMPARE_BIN (instructions/request): %.4f\n", t / o }'
 echo
@@ -335,5 +357,6 @@ if [ -n "${KEEP:-}" ]; then
     cp "$THIS_DUMP" "$KEEP/callgrind.tollgate.out"
     [ -n "${COMPARE_BIN:-}" ] && cp "$OTHER_DUMP" "$KEEP/callgrind.compare.out"
     cp "$NGINX_DUMP" "$KEEP/callgrind.nginx.out"
+    cp "$FLOOR_DUMP" "$KEEP/callgrind.hyper.out"
     echo "callgrind dumps in $KEEP (callgrind_annotate $KEEP/callgrind.tollgate.out)"
 fi

@@ -46,6 +46,15 @@ bench_binary() {
     fi
 }
 
+# FLOOR_BIN: the framework's floor (benches/hyper_proxy.rs, a plain hyper
+# proxy with none of the gateway's work), FLOOR_BIN if set, else built.
+bench_floor() {
+    if [ -z "${FLOOR_BIN:-}" ]; then
+        cargo build --release --locked -q --example hyper_proxy
+        FLOOR_BIN="$PWD/target/release/examples/hyper_proxy"
+    fi
+}
+
 # Waits until something listens on the port. With a pid, gives up as soon
 # as that process has exited, showing the end of its log (a process under
 # valgrind takes seconds, not milliseconds, to start).

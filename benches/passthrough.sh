@@ -12,6 +12,12 @@
 #   Postgres is not pinned: it writes the usage rows wherever it can, as it
 #   would beside a real gateway.
 #
+# "hyper" is the framework's floor: a plain reverse proxy on the same hyper
+# and tokio (benches/hyper_proxy.rs: hyper's server, hyper-util's pooled
+# client, one worker, jemalloc) doing none of the gateway's work. nginx
+# against it is what the HTTP stack costs; it against tollgate is what the
+# gateway's own work costs.
+#
 # "tollgate+keylim" is the same gateway called with a key that has limits
 # of its own (a rate and a quota, out of reach, as its customer's are), so
 # every request is admitted at both the key's and the customer's level and
@@ -55,6 +61,7 @@
 # Usage: benches/passthrough.sh [duration_secs=10] [connections=64] [rounds=3]
 #   TOLLGATE_BIN=path      measure this build (else target/release/tollgate, built first)
 #   COMPARE_BIN=path       also measure another build in the same rounds (row "other")
+#   FLOOR_BIN=path         the plain hyper proxy (else built: cargo build --release --example hyper_proxy)
 #   PROFILE=perf.data      perf record tollgate during round 1's run
 #                          (PROFILE_HZ=4999, PROFILE_CALLGRAPH=-g, e.g. "--call-graph dwarf")
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
@@ -79,12 +86,14 @@ NGINX_PORT=18182
 GATEWAY_PORT=18183
 GATEWAY_ADMIN_PORT=18184
 MOCK_PORT=18185
+HYPER_PORT=18186
 
 . benches/lib.sh
 bench_need "apt-get install nginx wrk nghttp2-client curl util-linux" nginx wrk h2load curl taskset
 bench_database
 DB_NAME="tollgate_bench_$$"
 bench_binary
+bench_floor
 WORK="$(mktemp -d)"
 PIDS=()
 PROXY_PID=
@@ -152,7 +161,7 @@ RUST_LOG=warn taskset -c 0 "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" 
 wait_port "$UPSTREAM_PORT"
 wait_port "$MOCK_PORT"
 
-start_proxy() { # tollgate | tollgate+keylim | nginx | other
+start_proxy() { # tollgate | tollgate+keylim | nginx | hyper | other
     case "$1" in
         other)
             RUST_LOG=warn taskset -c 1 "$COMPARE_BIN" --config "$WORK/tollgate.toml" serve 2>"$WORK/other.log" &
@@ -163,6 +172,9 @@ start_proxy() { # tollgate | tollgate+keylim | nginx | other
         nginx)
             taskset -c 1 nginx -c "$WORK/proxy/nginx.conf" &
             PROXY_PID=$!; wait_port "$NGINX_PORT"; PROXY_PORT=$NGINX_PORT ;;
+        hyper)
+            taskset -c 1 "$FLOOR_BIN" "127.0.0.1:$HYPER_PORT" "http://127.0.0.1:$UPSTREAM_PORT" 2>"$WORK/hyper.log" &
+            PROXY_PID=$!; wait_port "$HYPER_PORT" "$PROXY_PID" "$WORK/hyper.log"; PROXY_PORT=$HYPER_PORT ;;
     esac
 }
 # SIGTERM: the gateway stops accepting, finishes what is in flight, writes
@@ -224,7 +236,7 @@ for round in $(seq 1 "$ROUNDS"); do
     # Each round starts one place further along the list, so that no proxy
     # always runs first, right after the upstream was measured alone (the
     # first slot measured up to 13% slower than the same build later on).
-    proxies=(tollgate tollgate+keylim nginx ${COMPARE_BIN:+other})
+    proxies=(tollgate tollgate+keylim nginx hyper ${COMPARE_BIN:+other})
     shift_by=$(( (round - 1) % ${#proxies[@]} ))
     proxies=("${proxies[@]:shift_by}" "${proxies[@]:0:shift_by}")
     for proxy in "${proxies[@]}"; do
@@ -245,7 +257,7 @@ for round in $(seq 1 "$ROUNDS"); do
         printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us  cpu/req %s + %s us\n' \
             "$round" "$proxy" "$rps" "$p50" "$p99" "$(tenths "$cu")" "$(tenths "$cs")"
         # One connection, on the same warm process.
-        if [ "$proxy" = tollgate ] || [ "$proxy" = nginx ]; then
+        if [ "$proxy" = tollgate ] || [ "$proxy" = nginx ] || [ "$proxy" = hyper ]; then
             read -r rps p50 p99 _ < <(measure "$PROXY_PORT" "$DURATION" "$key" 1)
             echo "$proxy $p50 $p99" >> "$WORK/latency"
             printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy, 1 conn" "$rps" "$p50" "$p99"
@@ -262,16 +274,18 @@ row() { # proxy: the medians of its rounds
         "$(awk -v a="$rps" -v b="$n_rps" 'BEGIN { printf "%.2f", a / b }')" \
         "$((p50 - d50))" "$((p99 - d99))" "$(tenths "$cu") + $(tenths "$cs")"
 }
-t_rps=$(col tollgate 2); k_rps=$(col tollgate+keylim 2); n_rps=$(col nginx 2)
+t_rps=$(col tollgate 2); k_rps=$(col tollgate+keylim 2); n_rps=$(col nginx 2); h_rps=$(col hyper 2)
 echo
 printf '%-15s %10s %8s %14s %14s %20s\n' proxy "req/s" "x nginx" "added p50 us" "added p99 us" "cpu/req user+sys us"
 row nginx
+row hyper
 row tollgate
 row tollgate+keylim
 [ -n "${COMPARE_BIN:-}" ] && row other
 [ -n "${COMPARE_BIN:-}" ] && awk -v t="$t_rps" -v o="$(col other 2)" 'BEGIN { printf "this build vs COMPARE_BIN: %.3f\n", t / o }'
 awk -v k="$k_rps" -v t="$t_rps" 'BEGIN { printf "key limits on every request vs none: %.3f\n", k / t }'
 awk -v t="$t_rps" -v n="$n_rps" 'BEGIN { printf "throughput ratio tollgate/nginx: %.2f\n", t / n }'
+awk -v h="$h_rps" -v n="$n_rps" -v t="$t_rps" 'BEGIN { printf "the framework floor: hyper/nginx %.2f, tollgate/hyper %.2f\n", h / n, t / h }'
 
 # One connection: medians of the rounds, and what each proxy adds over the
 # upstream's own latency.
@@ -281,7 +295,7 @@ echo
 echo "one connection (wrk -t1 -c1, ${DURATION}s, median of ${ROUNDS} rounds):"
 printf '%-15s %10s %10s %14s %14s\n' "" "p50 us" "p99 us" "added p50 us" "added p99 us"
 printf '%-15s %10s %10s %14s %14s\n' direct "$l50" "$l99" - -
-for proxy in nginx tollgate; do
+for proxy in nginx hyper tollgate; do
     p50=$(lat "$proxy" 2); p99=$(lat "$proxy" 3)
     printf '%-15s %10s %10s %14s %14s\n' "$proxy" "$p50" "$p99" "$((p50 - l50))" "$((p99 - l99))"
 done
