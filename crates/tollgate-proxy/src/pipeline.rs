@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, Version};
@@ -166,7 +166,7 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let ts = OffsetDateTime::now_utc();
-        let usage_id = Uuid::now_v7();
+        let usage_id = usage_id_at(ts);
         let client_request_id = sane_request_id(request.headers()).cloned();
         let mut exchange = Exchange {
             usage_id,
@@ -692,13 +692,37 @@ static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-rese
 /// `x-ratelimit-*` (README, Data plane behaviour), on every response to a customer with
 /// a request limit, the gateway's own 429s included.
 fn set_rate_headers(headers: &mut http::HeaderMap, rate: &RateHeaders) {
-    headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(rate.limit));
-    headers.insert(
-        X_RATELIMIT_REMAINING.clone(),
-        HeaderValue::from(rate.remaining),
-    );
-    headers.insert(X_RATELIMIT_USED.clone(), HeaderValue::from(rate.used));
-    headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(rate.reset));
+    // The four numbers are written into one buffer and each value is a
+    // slice of it: one allocation, where `HeaderValue::from` makes one for
+    // each number (every answer carries these).
+    let mut text = itoa::Buffer::new();
+    let mut digits = BytesMut::with_capacity(4 * 20);
+    let mut ends = [0; 4];
+    digits.extend_from_slice(text.format(rate.limit).as_bytes());
+    ends[0] = digits.len();
+    digits.extend_from_slice(text.format(rate.remaining).as_bytes());
+    ends[1] = digits.len();
+    digits.extend_from_slice(text.format(rate.used).as_bytes());
+    ends[2] = digits.len();
+    digits.extend_from_slice(text.format(rate.reset).as_bytes());
+    ends[3] = digits.len();
+    let digits = digits.freeze();
+    let mut start = 0;
+    for (name, end) in [
+        &X_RATELIMIT_LIMIT,
+        &X_RATELIMIT_REMAINING,
+        &X_RATELIMIT_USED,
+        &X_RATELIMIT_RESET,
+    ]
+    .into_iter()
+    .zip(ends)
+    {
+        // Digits and a minus sign are always a valid header value.
+        if let Ok(value) = HeaderValue::from_maybe_shared(digits.slice(start..end)) {
+            headers.insert(name.clone(), value);
+        }
+        start = end;
+    }
 }
 
 static X_TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-tokens-remaining");
@@ -718,9 +742,87 @@ fn set_remaining_headers(headers: &mut http::HeaderMap, remaining: &Remaining) {
     }
 }
 
+/// A request's usage id: a UUIDv7 whose time is its row's `ts` (one clock
+/// read for both) and whose other 74 bits are random. `Uuid::now_v7` would
+/// read the clock again and take a lock shared by every worker thread, for
+/// a counter that orders ids within a millisecond, which nothing needs:
+/// rows are ordered by `(ts, id)`.
+fn usage_id_at(ts: OffsetDateTime) -> Uuid {
+    // A clock set before 1970 gives ids of time 0, unique by their random bits.
+    let seconds = u64::try_from(ts.unix_timestamp()).unwrap_or(0);
+    Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        seconds,
+        ts.nanosecond(),
+    ))
+}
+
 fn usage_id_header(id: Uuid) -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let text = id.hyphenated().encode_lower(&mut buf);
     // A hyphenated UUID is always a valid header value.
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_ids_carry_their_rows_time_and_differ_within_it() {
+        let ts = time::macros::datetime!(2026-03-04 05:06:07.890_123 UTC);
+        let ids: Vec<Uuid> = (0..1000).map(|_| usage_id_at(ts)).collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            let (seconds, nanos) = id.get_timestamp().expect("a v7 id has a time").to_unix();
+            assert_eq!(seconds, ts.unix_timestamp() as u64);
+            // v7 keeps milliseconds.
+            assert_eq!(nanos, 890_000_000);
+        }
+        let before_1970 = time::macros::datetime!(1969-12-31 23:59:59 UTC);
+        assert_eq!(usage_id_at(before_1970).get_version_num(), 7);
+    }
+
+    #[test]
+    fn rate_headers_carry_each_number_whole_and_replace_what_was_there() {
+        for rate in [
+            RateHeaders {
+                limit: 60,
+                remaining: 0,
+                used: 60,
+                reset: 1_700_000_000,
+            },
+            RateHeaders {
+                limit: u64::MAX,
+                remaining: 7,
+                used: 1_234_567_890,
+                reset: -1,
+            },
+            RateHeaders {
+                limit: 0,
+                remaining: 0,
+                used: 0,
+                reset: i64::MIN,
+            },
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(&X_RATELIMIT_USED, HeaderValue::from_static("stale"));
+            headers.append(&X_RATELIMIT_USED, HeaderValue::from_static("older"));
+            set_rate_headers(&mut headers, &rate);
+            let values = |name: &HeaderName| -> Vec<String> {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|value| value.to_str().unwrap().to_owned())
+                    .collect()
+            };
+            assert_eq!(values(&X_RATELIMIT_LIMIT), [rate.limit.to_string()]);
+            assert_eq!(values(&X_RATELIMIT_REMAINING), [rate.remaining.to_string()]);
+            assert_eq!(values(&X_RATELIMIT_USED), [rate.used.to_string()]);
+            assert_eq!(values(&X_RATELIMIT_RESET), [rate.reset.to_string()]);
+            assert_eq!(headers.len(), 4);
+        }
+    }
 }
