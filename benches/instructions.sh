@@ -35,12 +35,14 @@
 # is not either (on SQLite the database is in the process and is). CPU time,
 # kernel included, is passthrough.sh's cpu/req column.
 #
-# Printed: tollgate's and nginx's instructions per request and their ratio,
-# tollgate's instructions per request by crate (the crate of each function's
-# path: generic standard-library code instantiated for another crate's types,
-# drop_in_place<hyper::...> say, counts as core/alloc/std; C code by file or
-# library) and its top functions by self cost. With COMPARE_BIN, the same for
-# the other build beside it, and the ratio this/compare.
+# Printed: tollgate's, nginx's and the plain hyper proxy's instructions per
+# request and their ratios, tollgate's instructions per request by crate
+# (the crate of each function's path: generic standard-library code
+# instantiated for another crate's types, drop_in_place<hyper::...> say,
+# counts as core/alloc/std; C code by file or library) and its top
+# functions by self cost, beside the same for the plain hyper proxy (what
+# the gateway adds to its HTTP stack, crate by crate). With COMPARE_BIN,
+# beside the other build's instead, and the ratio this/compare.
 #
 # Usage: benches/instructions.sh [requests=5000]
 #   TOLLGATE_BIN=path      measure this build (else target/release/tollgate, built first)
@@ -296,14 +298,15 @@ def main():
     top, crates = int(sys.argv[3]), int(sys.argv[4])
     builds = [(os.path.realpath(sys.argv[i]), read(sys.argv[i + 1])) for i in range(5, len(sys.argv), 2)]
     compare = len(builds) > 1
+    label = os.environ.get("COMPARE_LABEL", "compare")
 
     def table(title, key, limit, width):
         groups = [by(cost, main_bin, key) for main_bin, cost in builds]
         total = sum(builds[0][1].values())
-        print(title + (", sorted by the larger of this and compare" if compare else ""))
+        print(title + (f", sorted by the larger of this and {label}" if compare else ""))
         header = f"{'this':>9} {'share':>6}"
         if compare:
-            header += f" {'compare':>9} {'diff':>8}"
+            header += f" {label:>9} {'diff':>8}"
         print(f"{header}  {'':{width}}".rstrip())
         names = sorted(set().union(*groups), key=lambda g: -max(x[g] for x in groups))
         shown = 0
@@ -350,7 +353,7 @@ echo
 if [ -n "${COMPARE_BIN:-}" ]; then
     python3 "$WORK/aggregate.py" report "$REQUESTS" "$TOP" "$CRATES" "$BIN" "$THIS_DUMP" "$COMPARE_BIN" "$OTHER_DUMP"
 else
-    python3 "$WORK/aggregate.py" report "$REQUESTS" "$TOP" "$CRATES" "$BIN" "$THIS_DUMP"
+    COMPARE_LABEL=hyper python3 "$WORK/aggregate.py" report "$REQUESTS" "$TOP" "$CRATES" "$BIN" "$THIS_DUMP" "$FLOOR_BIN" "$FLOOR_DUMP"
 fi
 if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP"
