@@ -665,7 +665,15 @@ impl Admin {
             }
             ["metrics"] => {
                 only_get(&method)?;
-                let mut response = Response::new(ProxyBody::full(self.metrics.render()));
+                // Rendering folds in every histogram sample since the last
+                // upkeep: blocking work, kept off the data-plane workers.
+                let metrics = self.metrics.clone();
+                let text = tokio::task::spawn_blocking(move || metrics.render())
+                    .await
+                    .map_err(|error| {
+                        AdminError::Internal(format!("rendering the metrics failed: {error}"))
+                    })?;
+                let mut response = Response::new(ProxyBody::full(text));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

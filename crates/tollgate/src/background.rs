@@ -45,12 +45,20 @@ pub(crate) async fn run_sync(store: Arc<dyn Store>, limiter: Arc<Limiter>, inter
 }
 
 /// Folds histogram samples in between scrapes, every [`UPKEEP_INTERVAL`].
+///
+/// The folding runs on the blocking pool, not on a data-plane worker: it
+/// takes every sample of the last interval (several per request), which at
+/// tens of thousands of requests a second is milliseconds of work that
+/// would hold up every request waiting on that worker.
 pub(crate) fn spawn_upkeep(metrics: Arc<Metrics>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            metrics.upkeep();
+            let metrics = metrics.clone();
+            // A panic in the exporter is its own: the next tick tries again.
+            let _ = tokio::task::spawn_blocking(move || metrics.upkeep()).await;
         }
     })
 }
