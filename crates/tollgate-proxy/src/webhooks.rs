@@ -303,7 +303,14 @@ impl Webhooks {
         if !wanted.iter().any(|&event| self.outbox.wants(event)) {
             return;
         }
-        for alert in limiter.alerts() {
+        // The scan reads every customer's counters (about 2 ms at 100,000
+        // customers, four times a second): on the blocking pool, not on a
+        // data-plane worker, where it would hold up that worker's requests.
+        let scan = policies.limiter().clone();
+        let Ok(found) = tokio::task::spawn_blocking(move || scan.alerts()).await else {
+            return;
+        };
+        for alert in found {
             let event = match alert.threshold {
                 Some(_) => EventType::QuotaThreshold,
                 None => EventType::QuotaExhausted,
