@@ -1470,90 +1470,65 @@ mod tests {
 
     #[test]
     fn unusable_counts_are_marked_and_keep_the_others() {
-        // Negative, fractional, text, beyond u64: each marks its class and
-        // leaves the other counts of the object standing.
-        let json = r#"{"model":"m","usage":{"prompt_tokens":-5,"completion_tokens":7,
-            "prompt_tokens_details":{"cached_tokens":1.5}}}"#;
-        let found = scan(UsageFormat::Openai, false, json);
-        assert_eq!(
-            found.tokens,
-            Some(TokenCounts {
-                output: 7,
-                ..TokenCounts::default()
-            })
-        );
-        assert_eq!(
-            found.unusable,
-            Unusable {
-                input: true,
-                cache_read: true,
-                ..Unusable::default()
-            }
-        );
-        let json = r#"{"usage":{"input_tokens":"12","output_tokens":2,
-            "cache_read_input_tokens":1e30,"cache_creation_input_tokens":100000000000000000000}}"#;
-        let found = scan(UsageFormat::Anthropic, false, json);
-        assert_eq!(
-            found.tokens,
-            Some(TokenCounts {
-                output: 2,
-                ..TokenCounts::default()
-            })
-        );
-        assert_eq!(
-            found.unusable,
-            Unusable {
-                input: true,
-                cache_read: true,
-                cache_write: true,
-                ..Unusable::default()
-            }
-        );
-        // Arrays, objects, booleans and null are skipped whole: the counts
-        // after them still read.
-        let json = r#"{"usage":{"input_tokens":[1,{"a":[2]}],"cache_read_input_tokens":{"n":3,"m":[4]},
-            "cache_creation_input_tokens":true,"output_tokens":18446744073709551615}}"#;
-        let found = scan(UsageFormat::Anthropic, false, json);
-        assert_eq!(
-            found.tokens,
-            Some(TokenCounts {
-                output: u64::MAX,
-                ..TokenCounts::default()
-            })
-        );
-        assert_eq!(
-            found.unusable,
-            Unusable {
-                input: true,
-                cache_read: true,
-                cache_write: true,
-                ..Unusable::default()
-            }
-        );
-        // `-0` parses as a float; `null` is an absent count.
-        let json = r#"{"usage":{"prompt_tokens":-0,"completion_tokens":null}}"#;
-        let found = scan(UsageFormat::Openai, false, json);
-        assert_eq!(found.tokens, Some(TokenCounts::default()));
-        assert_eq!(
-            found.unusable,
-            Unusable {
-                input: true,
-                ..Unusable::default()
-            }
-        );
-        // Whole numbers pass as written, however large: bounds are judged
-        // where the sources are combined.
-        let json = r#"{"usage":{"prompt_tokens":5000000000000000000,"completion_tokens":5000000000000000000}}"#;
-        let found = scan(UsageFormat::Openai, false, json);
-        assert_eq!(
-            found.tokens,
-            Some(TokenCounts {
-                input: 5_000_000_000_000_000_000,
-                output: 5_000_000_000_000_000_000,
-                ..TokenCounts::default()
-            })
-        );
-        assert_eq!(found.unusable, Unusable::default());
+        let tokens = |input, output| TokenCounts {
+            input,
+            output,
+            ..TokenCounts::default()
+        };
+        let unusable = |input, cache_read, cache_write| Unusable {
+            input,
+            cache_read,
+            cache_write,
+            ..Unusable::default()
+        };
+        // (body, format, tokens read, classes marked unusable)
+        let cases = [
+            // Negative, fractional, text, beyond u64: each marks its class
+            // and leaves the other counts of the object standing.
+            (
+                r#"{"model":"m","usage":{"prompt_tokens":-5,"completion_tokens":7,
+                "prompt_tokens_details":{"cached_tokens":1.5}}}"#,
+                UsageFormat::Openai,
+                tokens(0, 7),
+                unusable(true, true, false),
+            ),
+            (
+                r#"{"usage":{"input_tokens":"12","output_tokens":2,
+                "cache_read_input_tokens":1e30,"cache_creation_input_tokens":100000000000000000000}}"#,
+                UsageFormat::Anthropic,
+                tokens(0, 2),
+                unusable(true, true, true),
+            ),
+            // Arrays, objects, booleans and null are skipped whole: the
+            // counts after them still read.
+            (
+                r#"{"usage":{"input_tokens":[1,{"a":[2]}],"cache_read_input_tokens":{"n":3,"m":[4]},
+                "cache_creation_input_tokens":true,"output_tokens":18446744073709551615}}"#,
+                UsageFormat::Anthropic,
+                tokens(0, u64::MAX),
+                unusable(true, true, true),
+            ),
+            // `-0` parses as a float; `null` is an absent count.
+            (
+                r#"{"usage":{"prompt_tokens":-0,"completion_tokens":null}}"#,
+                UsageFormat::Openai,
+                tokens(0, 0),
+                unusable(true, false, false),
+            ),
+            // Whole numbers pass as written, however large: bounds are
+            // judged where the sources are combined.
+            (
+                r#"{"usage":{"prompt_tokens":5000000000000000000,"completion_tokens":5000000000000000000}}"#,
+                UsageFormat::Openai,
+                tokens(5_000_000_000_000_000_000, 5_000_000_000_000_000_000),
+                unusable(false, false, false),
+            ),
+        ];
+        for (json, format, tokens, unusable) in cases {
+            let found = scan(format, false, json);
+            assert_eq!(found.tokens, Some(tokens), "{json}");
+            assert_eq!(found.unusable, unusable, "{json}");
+        }
     }
 
     #[test]
