@@ -64,13 +64,20 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes every `name` header. The names are looked at first: on a
-/// message's few headers, a scan that finds nothing (the usual case for
-/// `Expect` or a second key header) costs a fraction of hashing the name.
+/// Removes every `name` header. The names are looked at first (see
+/// [`has_name`]).
 pub(crate) fn remove_if_present(headers: &mut HeaderMap, name: &HeaderName) {
-    if headers.keys().any(|present| present == name) {
+    if has_name(headers, name) {
         headers.remove(name);
     }
+}
+
+/// Whether a `name` header is present, by a scan of the names: on a
+/// message's few headers, a scan that finds nothing (the usual case for
+/// `Expect`, a second key header or `X-Forwarded-For`) costs a fraction of
+/// hashing the name.
+fn has_name(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|present| present == name)
 }
 
 /// A client address as a header value (`x-forwarded-for`): made once per
@@ -118,9 +125,8 @@ pub(crate) fn set_forwarded(
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    // A scan of the names first: most requests carry none (see
-    // `remove_if_present`).
-    let forwarded_for = if headers.keys().any(|name| name == X_FORWARDED_FOR) {
+    // Most requests carry none.
+    let forwarded_for = if has_name(headers, &X_FORWARDED_FOR) {
         let mut joined = String::new();
         for value in headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(value) = value.to_str() {

@@ -298,7 +298,7 @@ impl Webhooks {
 
     /// Records the limiter's alerts; each is marked once recorded (or once
     /// known to exist), so a database outage only delays them.
-    async fn record_alerts(&self, limiter: &Limiter, policies: &Policies) {
+    async fn record_alerts(&self, limiter: &Arc<Limiter>, policies: &Policies) {
         let wanted = [EventType::QuotaThreshold, EventType::QuotaExhausted];
         if !wanted.iter().any(|&event| self.outbox.wants(event)) {
             return;
@@ -306,7 +306,7 @@ impl Webhooks {
         // The scan reads every customer's counters (about 2 ms at 100,000
         // customers, four times a second): on the blocking pool, not on a
         // data-plane worker, where it would hold up that worker's requests.
-        let scan = policies.limiter().clone();
+        let scan = Arc::clone(limiter);
         let Ok(found) = tokio::task::spawn_blocking(move || scan.alerts()).await else {
             return;
         };
