@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use tollgate_metering::keys::KeyCache;
 use tollgate_metering::limits::{Limiter, Policies, SystemClock};
-use tollgate_store::testing::TestDatabase;
+
+mod common;
+use common::Bench;
 
 fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -28,18 +30,12 @@ fn status_kib(field: &str) -> u64 {
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes "--bench"; nothing to parse.
-    let keys: u64 = std::env::var("KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let db = TestDatabase::create().await;
-    let store = tollgate_store::open(db.url(), 4).await.unwrap();
-    store.migrate().await.unwrap();
-
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let keys = common::env("KEYS", 1_000_000) as u64;
+    let Bench {
+        db: _db,
+        store,
+        client,
+    } = common::database().await;
     let seeded = Instant::now();
     client
         .batch_execute(&format!(

@@ -32,15 +32,10 @@ use tollgate_metering::limits::Period;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::Store;
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_store::testing::TestDatabase;
 use uuid::Uuid;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::{env, Bench};
 
 /// The three months loaded.
 const START: OffsetDateTime = datetime!(2025-01-01 00:00 UTC);
@@ -243,13 +238,7 @@ async fn main() {
         START.date()
     );
 
-    let db = TestDatabase::create().await;
-    let store = tollgate_store::open(db.url(), 4).await.unwrap();
-    store.migrate().await.unwrap();
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let Bench { db, store, client } = common::database().await;
 
     let mut customers = Vec::with_capacity(customer_count);
     for c in 0..customer_count {

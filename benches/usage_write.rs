@@ -45,15 +45,11 @@ use tollgate_metering::usage::recorder::{self, RecorderConfig};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::Store;
 use tollgate_metering::{CustomerId, KeyId};
-use tollgate_store::testing::{TestDatabase, TestSqlite};
+use tollgate_store::testing::TestSqlite;
 use uuid::Uuid;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::{env, Bench};
 
 /// `n` rows as a busy gateway makes them: 300 customers (two keys for
 /// two in three of them), three routes, two models (none on one route),
@@ -380,13 +376,11 @@ async fn main() {
          (median rows/s, min–max)"
     );
 
-    let db = TestDatabase::create().await;
-    let postgres = tollgate_store::open(db.url(), 4).await.unwrap();
-    postgres.migrate().await.unwrap();
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let Bench {
+        db: _db,
+        store: postgres,
+        client,
+    } = common::database().await;
     // LIKE copies columns and NOT NULL, not keys or indexes.
     client
         .batch_execute("CREATE TABLE usage_baseline (LIKE usage_events)")

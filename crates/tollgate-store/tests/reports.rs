@@ -40,6 +40,7 @@ tollgate_store::both_backends!(
     duplicate_billing_lines_are_refused_and_store_nothing,
     report_sums_saturate_instead_of_failing,
     rows_at_the_bigint_limit_load_report_and_bill,
+    the_sync_on_the_blocking_pool_takes_in_the_months_totals,
 );
 
 fn february() -> Period {
@@ -1224,4 +1225,48 @@ async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
     let closed = serde_json::to_value(reports.close("2026-03").await.unwrap()).unwrap();
     assert_eq!(closed["data"], summary["data"], "closed as computed");
     assert_eq!(closed["total_usd"], "9223372036.854775807");
+}
+
+/// The periodic sync runs on the blocking pool (`sync_on_blocking_pool`):
+/// the same totals as `sync`, this month's only, and again after more rows.
+async fn the_sync_on_the_blocking_pool_takes_in_the_months_totals(backend: Backend) {
+    let (store, _guard) = test_store(backend).await;
+    let acme = create(&*store, "acme", "pro").await;
+    let beta = create(&*store, "beta", "pro").await;
+    let key = KeyId::new();
+    let mut rows = vec![
+        usage_event(acme, key, datetime!(2026-03-02 12:00 UTC)),
+        usage_event(acme, key, datetime!(2026-03-19 23:59:59 UTC)),
+        usage_event(beta, key, datetime!(2026-03-05 08:00 UTC)),
+        // February's: not this month's.
+        usage_event(beta, key, datetime!(2026-02-28 23:59:59 UTC)),
+    ];
+    rows[1].input_tokens = 1_000;
+    rows[2].cost_nanos = 7_000;
+    assert_eq!(store.write_usage(&rows).await.unwrap(), 4);
+
+    let clock = Arc::new(ManualClock::new(datetime!(2026-03-20 12:00 UTC)));
+    let limiter = Arc::new(Limiter::new(clock));
+    let used = |customer| {
+        let view = limiter.view(customer);
+        (view.requests.used, view.tokens.used, view.cost_nanos.used)
+    };
+    let reports: Arc<dyn tollgate_metering::billing::UsageReports> = store.clone();
+    limiter
+        .clone()
+        .sync_on_blocking_pool(reports.clone())
+        .await
+        .unwrap();
+    assert_eq!(used(acme), (2, 30 + 1_020, 2_000));
+    assert_eq!(used(beta), (1, 30, 7_000));
+
+    let later = usage_event(beta, key, datetime!(2026-03-20 11:00 UTC));
+    assert_eq!(store.write_usage(&[later]).await.unwrap(), 1);
+    limiter
+        .clone()
+        .sync_on_blocking_pool(reports)
+        .await
+        .unwrap();
+    assert_eq!(used(acme), (2, 1_050, 2_000));
+    assert_eq!(used(beta), (2, 60, 8_000));
 }

@@ -1,6 +1,8 @@
 //! What the binary's own machinery reports: the usage totals sync and
 //! config reloads (see `tollgate_metering::telemetry`).
 
+use std::time::Duration;
+
 use tollgate_metering::telemetry::Event;
 use tollgate_metering::StoreError;
 
@@ -27,6 +29,41 @@ pub(crate) struct TotalsSyncRecovered;
 impl Event for TotalsSyncRecovered {
     fn emit(self) {
         tracing::info!(message = "Usage totals sync recovered.");
+    }
+}
+
+/// A totals sync took more than a fifth of `usage.sync_interval`: the
+/// syncs are spaced out so that they take at most a fifth of the time, and
+/// quotas see other instances' traffic that much later. Logged once, until
+/// the syncs are fast again.
+pub(crate) struct TotalsSyncSlow {
+    pub took: Duration,
+    pub every: Duration,
+    pub interval: Duration,
+}
+
+impl Event for TotalsSyncSlow {
+    fn emit(self) {
+        tracing::warn!(
+            message = "Usage totals sync is slow; syncing less often than usage.sync_interval.",
+            took_ms = self.took.as_millis(),
+            every_ms = self.every.as_millis(),
+            sync_interval_ms = self.interval.as_millis(),
+        );
+    }
+}
+
+/// The totals syncs are fast again: every `usage.sync_interval`.
+pub(crate) struct TotalsSyncFast {
+    pub interval: Duration,
+}
+
+impl Event for TotalsSyncFast {
+    fn emit(self) {
+        tracing::info!(
+            message = "Usage totals sync is back to every usage.sync_interval.",
+            sync_interval_ms = self.interval.as_millis(),
+        );
     }
 }
 

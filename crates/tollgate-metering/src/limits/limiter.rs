@@ -983,6 +983,23 @@ impl Limiter {
         Ok(())
     }
 
+    /// [`Limiter::sync`] on a thread of the blocking pool, as the periodic
+    /// sync runs it: reading every customer's counters, decoding one row a
+    /// customer and applying them takes milliseconds at tens of thousands
+    /// of customers, which would hold up every request waiting on the
+    /// worker that ran it. The runtime's workers only move the rows'
+    /// bytes. A panic in the sync comes back as an error, so that the next
+    /// tick tries again.
+    pub async fn sync_on_blocking_pool(
+        self: Arc<Self>,
+        store: Arc<dyn UsageReports>,
+    ) -> Result<(), StoreError> {
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || runtime.block_on(self.sync(&*store)))
+            .await
+            .unwrap_or_else(|error| Err(StoreError::Unavailable(Box::new(error))))
+    }
+
     /// The arithmetic of [`Limiter::sync`].
     ///
     /// `totals` are the database's totals of `period` per customer (a

@@ -1,0 +1,207 @@
+//! How long the periodic totals sync (`usage.sync_interval`, every second
+//! by default) holds up a data-plane worker, at 10,000 and 100,000
+//! customers with usage this month: run on the worker itself, as it was
+//! run before, and on the blocking pool, as the gateway runs it now
+//! (`Limiter::sync_on_blocking_pool`).
+//!
+//! The runtime has one worker, as the shell benchmarks run the gateway. A
+//! probe task on it yields in a loop and keeps the longest gap between
+//! two of its polls: the longest a request waiting on that worker would
+//! have waited for it. Each figure is the median of `RUNS` syncs (min–max
+//! beside it), with the probe's longest gap over the same stretch with no
+//! sync at all as the baseline.
+//!
+//! Run: `cargo bench --bench totals_sync` (needs the test Postgres of
+//! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database).
+//! `CUSTOMERS=50000 RUNS=9` change the sizes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate_metering::billing::UsageReports;
+use tollgate_metering::limits::{Limiter, SystemClock};
+use tollgate_metering::{CustomerId, Store};
+
+mod common;
+use common::{env, Bench};
+
+/// Yields until `stop`, and returns the longest time between two of its
+/// polls.
+async fn probe(stop: Arc<AtomicBool>) -> Duration {
+    let mut longest = Duration::ZERO;
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::task::yield_now().await;
+        let now = Instant::now();
+        longest = longest.max(now - last);
+        last = now;
+    }
+    longest
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    /// The probe alone, for as long as a sync takes.
+    Idle,
+    /// `Limiter::sync` awaited on the worker.
+    OnWorker,
+    /// `Limiter::sync_on_blocking_pool`.
+    BlockingPool,
+}
+
+/// One sync the given way, with the probe beside it on the worker: the
+/// probe's longest gap.
+async fn measure(
+    way: Way,
+    limiter: &Arc<Limiter>,
+    store: &Arc<dyn Store>,
+    idle_for: Duration,
+) -> Duration {
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = tokio::spawn(probe(stop.clone()));
+    // Let the probe start before the sync does.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (limiter, store) = (limiter.clone(), store.clone());
+    let sync = tokio::spawn(async move {
+        match way {
+            Way::Idle => tokio::time::sleep(idle_for).await,
+            Way::OnWorker => limiter.sync(&*store).await.unwrap(),
+            Way::BlockingPool => {
+                let reports: Arc<dyn UsageReports> = store;
+                limiter.sync_on_blocking_pool(reports).await.unwrap();
+            }
+        }
+    });
+    sync.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    probe.await.unwrap()
+}
+
+fn median(mut values: Vec<Duration>) -> (Duration, Duration, Duration) {
+    values.sort();
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let largest = env("CUSTOMERS", 100_000);
+    let runs = env("RUNS", 5).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let Bench {
+            db: _db,
+            store,
+            client,
+        } = common::database().await;
+        println!(
+            "totals_sync: longest stall of the one data-plane worker during a sync, \
+             median of {runs} (min–max)"
+        );
+        let mut loaded = 0;
+        for customers in [largest / 10, largest] {
+            // This month's rollup: one row a day for each customer, over
+            // the days so far (at least one).
+            client
+                .execute(
+                    "WITH c AS MATERIALIZED \
+                       (SELECT gen_random_uuid() AS id FROM generate_series(1, $1::int)) \
+                     INSERT INTO usage_customer_daily \
+                     SELECT day, c.id, 100, 1, 0, 1000, 500, 0, 0, 4000, 9000, 700000 \
+                     FROM c, \
+                     generate_series(date_trunc('month', now() AT TIME ZONE 'UTC')::date, \
+                                     (now() AT TIME ZONE 'UTC')::date, '1 day') AS day",
+                    &[&i32::try_from(customers - loaded).unwrap()],
+                )
+                .await
+                .unwrap();
+            client
+                .batch_execute("ANALYZE usage_customer_daily")
+                .await
+                .unwrap();
+            loaded = customers;
+            let limiter = Arc::new(Limiter::new(Arc::new(SystemClock)));
+            // The first sync adds every customer, as at start-up.
+            limiter.sync(&*store).await.unwrap();
+            let row = client
+                .query_one(
+                    "SELECT count(DISTINCT customer_id), \
+                     (array_agg(customer_id))[1], \
+                     (SELECT sum(requests)::bigint FROM usage_customer_daily AS d \
+                      WHERE d.customer_id = (array_agg(u.customer_id))[1]) \
+                     FROM usage_customer_daily AS u",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (count, customer, requests): (i64, uuid::Uuid, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            assert_eq!(
+                count,
+                i64::try_from(customers).unwrap(),
+                "one id a customer"
+            );
+            let view = limiter.view(CustomerId(customer));
+            assert_eq!(
+                view.requests.used,
+                u64::try_from(requests).unwrap(),
+                "the sync took in the month's totals"
+            );
+
+            // The sync alone, nothing else on the runtime.
+            let mut alone = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                limiter.sync(&*store).await.unwrap();
+                alone.push(started.elapsed());
+            }
+            let alone = median(alone);
+
+            let mut results = Vec::new();
+            for way in [Way::OnWorker, Way::BlockingPool] {
+                let mut stalls = Vec::new();
+                for _ in 0..runs {
+                    stalls.push(measure(way, &limiter, &store, Duration::ZERO).await);
+                }
+                results.push((way, median(stalls)));
+            }
+            let sync_time = alone.0;
+            let mut idle = Vec::new();
+            for _ in 0..runs {
+                idle.push(measure(Way::Idle, &limiter, &store, sync_time).await);
+            }
+            let idle = median(idle);
+            println!("{customers} customers");
+            let line = |what: &str, (stall, low, high): (Duration, Duration, Duration)| {
+                println!(
+                    "  {what:<34} {:>8.2} ms  ({:.2}–{:.2})",
+                    ms(stall),
+                    ms(low),
+                    ms(high)
+                );
+            };
+            line("no sync (baseline)", idle);
+            for (way, stall) in results {
+                let what = match way {
+                    Way::OnWorker => "sync on the worker",
+                    _ => "sync on the blocking pool",
+                };
+                line(what, stall);
+            }
+            line("the sync's own time, alone", alone);
+        }
+    });
+}
