@@ -1270,3 +1270,44 @@ async fn the_sync_on_the_blocking_pool_takes_in_the_months_totals(backend: Backe
     assert_eq!(used(acme), (2, 1_050, 2_000));
     assert_eq!(used(beta), (2, 60, 8_000));
 }
+
+/// A sync on the blocking pool whose future is dropped (a stopping gateway
+/// aborts its sync) ends at once, though the database has not answered: a
+/// lock held by another session keeps its query waiting. Otherwise the
+/// blocking thread would wait with it, and the runtime's shutdown too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sync_on_the_blocking_pool_stops_waiting_for_the_database() {
+    let (store, guard) = test_store(Backend::Postgres).await;
+    let (locker, connection) = tokio_postgres::connect(guard.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usage_customer_daily IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let clock = Arc::new(ManualClock::new(datetime!(2026-03-20 12:00 UTC)));
+    let limiter = Arc::new(Limiter::new(clock));
+    let reports: Arc<dyn tollgate_metering::billing::UsageReports> = store.clone();
+    let sync = tokio::spawn(limiter.clone().sync_on_blocking_pool(reports));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sync.is_finished(), "the sync waits for the lock");
+    assert_eq!(
+        Arc::strong_count(&limiter),
+        2,
+        "the blocking thread holds the limiter"
+    );
+
+    sync.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&limiter) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the blocking sync still runs 5 s after it was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The lock is still held: the sync stopped waiting, it was not answered.
+    locker.batch_execute("COMMIT").await.unwrap();
+}

@@ -989,15 +989,26 @@ impl Limiter {
     /// of customers, which would hold up every request waiting on the
     /// worker that ran it. The runtime's workers only move the rows'
     /// bytes. A panic in the sync comes back as an error, so that the next
-    /// tick tries again.
+    /// tick tries again. Dropping the returned future (a stopping gateway
+    /// aborts its sync) ends the sync at its next wait, so that the
+    /// runtime is not left waiting for a blocking thread still reading.
     pub async fn sync_on_blocking_pool(
         self: Arc<Self>,
         store: Arc<dyn UsageReports>,
     ) -> Result<(), StoreError> {
         let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || runtime.block_on(self.sync(&*store)))
-            .await
-            .unwrap_or_else(|error| Err(StoreError::Unavailable(Box::new(error))))
+        // Closed when this future is dropped.
+        let (_alive, dropped) = tokio::sync::oneshot::channel::<()>();
+        tokio::task::spawn_blocking(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    result = self.sync(&*store) => result,
+                    _ = dropped => Err(StoreError::Unavailable("the totals sync was cancelled".into())),
+                }
+            })
+        })
+        .await
+        .unwrap_or_else(|error| Err(StoreError::Unavailable(Box::new(error))))
     }
 
     /// The arithmetic of [`Limiter::sync`].
