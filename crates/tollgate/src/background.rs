@@ -28,8 +28,8 @@ const SYNC_SPACING: u32 = 5;
 
 /// How long after a sync that took `took` the next one starts: `interval`,
 /// or longer when the sync is slow. The sync reads the whole month's rollup,
-/// which grows with customers × days (about half a second at 20,000
-/// customers a week into the month, benches/totals_sync.rs): without
+/// which grows with customers × days (150 ms at 10,000 customers a week
+/// into the month, 2.8 s at 100,000, benches/totals_sync.rs): without
 /// spacing, a sync slower than its interval would run back to back and keep
 /// a database connection busy for good.
 fn sync_spacing(interval: Duration, took: Duration) -> Duration {
@@ -39,9 +39,10 @@ fn sync_spacing(interval: Duration, took: Duration) -> Duration {
 /// Refreshes the period totals every `interval` (more slowly when a sync
 /// takes more than a fifth of it, [`sync_spacing`]): other instances' usage
 /// reaches this one's limits within `flush_interval` + the spacing. Each
-/// sync runs on the blocking pool, not on a data-plane worker: decoding and
-/// applying every customer's totals would hold up the requests on that
-/// worker for as long (70 ms at 10,000 customers, benches/totals_sync.rs).
+/// sync runs on the blocking pool, not on a data-plane worker: on a worker,
+/// decoding and applying every customer's totals held up that worker's
+/// requests for 8 ms at 10,000 customers and 120 ms at 100,000
+/// (benches/totals_sync.rs).
 pub(crate) async fn run_sync(store: Arc<dyn Store>, limiter: Arc<Limiter>, interval: Duration) {
     // Start-up has just synced.
     tokio::time::sleep(interval).await;
