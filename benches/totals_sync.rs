@@ -1,8 +1,10 @@
 //! How long the periodic totals sync (`usage.sync_interval`, every second
 //! by default) holds up a data-plane worker, at 10,000 and 100,000
-//! customers with usage this month: run on the worker itself, as it was
-//! run before, and on the blocking pool, as the gateway runs it now
-//! (`Limiter::sync_on_blocking_pool`).
+//! customers with usage on each of the first `DAYS` days of a month (7 by
+//! default: a week into it): run on the worker itself, as it was run
+//! before, and on the blocking pool, as the gateway runs it now
+//! (`Limiter::sync_on_blocking_pool`). The limiter's clock stands at noon
+//! of the last of those days, March 2026, whatever the date.
 //!
 //! The runtime has one worker, as the shell benchmarks run the gateway. A
 //! probe task on it yields in a loop and keeps the longest gap between
@@ -13,7 +15,7 @@
 //!
 //! Run: `cargo bench --bench totals_sync` (needs the test Postgres of
 //! `TOLLGATE_TEST_DATABASE_URL`; makes and drops its own database).
-//! `CUSTOMERS=50000 RUNS=9` change the sizes.
+//! `CUSTOMERS=50000 DAYS=31 RUNS=9` change the sizes (`DAYS` at most 31).
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,8 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use time::macros::date;
 use tollgate_metering::billing::UsageReports;
-use tollgate_metering::limits::{Limiter, SystemClock};
+use tollgate_metering::limits::{Limiter, ManualClock};
 use tollgate_metering::{CustomerId, Store};
 
 mod common;
@@ -95,7 +98,14 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let largest = env("CUSTOMERS", 100_000);
+    let days = env("DAYS", 7).clamp(1, 31);
     let runs = env("RUNS", 5).max(1);
+    let last_day = date!(2026 - 03 - 01)
+        .checked_add(time::Duration::days(days as i64 - 1))
+        .unwrap();
+    let clock = Arc::new(ManualClock::new(
+        last_day.with_hms(12, 0, 0).unwrap().assume_utc(),
+    ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -109,22 +119,22 @@ fn main() {
         } = common::database().await;
         println!(
             "totals_sync: longest stall of the one data-plane worker during a sync, \
-             median of {runs} (min–max)"
+             {days} days of usage a customer, median of {runs} (min–max)"
         );
         let mut loaded = 0;
         for customers in [largest / 10, largest] {
-            // This month's rollup: one row a day for each customer, over
-            // the days so far (at least one).
+            // The month's rollup: one row a day for each new customer, from
+            // the 1st to the clock's day.
             client
                 .execute(
                     "WITH c AS MATERIALIZED \
                        (SELECT gen_random_uuid() AS id FROM generate_series(1, $1::int)) \
-                     INSERT INTO usage_customer_daily \
+                     INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, \
+                       errors, input_tokens, output_tokens, cache_read_tokens, \
+                       cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
                      SELECT day, c.id, 100, 1, 0, 1000, 500, 0, 0, 4000, 9000, 700000 \
-                     FROM c, \
-                     generate_series(date_trunc('month', now() AT TIME ZONE 'UTC')::date, \
-                                     (now() AT TIME ZONE 'UTC')::date, '1 day') AS day",
-                    &[&i32::try_from(customers - loaded).unwrap()],
+                     FROM c, generate_series('2026-03-01'::date, $2::date, '1 day') AS day",
+                    &[&i32::try_from(customers - loaded).unwrap(), &last_day],
                 )
                 .await
                 .unwrap();
@@ -133,7 +143,7 @@ fn main() {
                 .await
                 .unwrap();
             loaded = customers;
-            let limiter = Arc::new(Limiter::new(Arc::new(SystemClock)));
+            let limiter = Arc::new(Limiter::new(clock.clone()));
             // The first sync adds every customer, as at start-up.
             limiter.sync(&*store).await.unwrap();
             let row = client

@@ -1291,7 +1291,19 @@ async fn a_dropped_sync_on_the_blocking_pool_stops_waiting_for_the_database() {
     let limiter = Arc::new(Limiter::new(clock));
     let reports: Arc<dyn tollgate_metering::billing::UsageReports> = store.clone();
     let sync = tokio::spawn(limiter.clone().sync_on_blocking_pool(reports));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the sync's query (the customers' month totals; its text is
+    // cut short before the table's name) waits for the lock.
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE 'SELECT customer_id,%'";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while count(&guard, waiting).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sync's query never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(!sync.is_finished(), "the sync waits for the lock");
     assert_eq!(
         Arc::strong_count(&limiter),

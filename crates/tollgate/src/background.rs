@@ -26,57 +26,123 @@ use crate::events::{TotalsSyncFailed, TotalsSyncFast, TotalsSyncRecovered, Total
 /// no sooner than this many times the last one's duration after it.
 const SYNC_SPACING: u32 = 5;
 
-/// How long after a sync that took `took` the next one starts: `interval`,
-/// or longer when the sync is slow. The sync reads the whole month's rollup,
-/// which grows with customers × days (150 ms at 10,000 customers a week
-/// into the month, 2.8 s at 100,000, benches/totals_sync.rs): without
-/// spacing, a sync slower than its interval would run back to back and keep
-/// a database connection busy for good.
+/// A sync shorter than this is never spaced out, whatever the interval: it
+/// costs the database little, and short test intervals stay exact.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
+
+/// Syncs are never further apart than this (or `sync_interval`, if
+/// longer), however slow they get.
+const MAX_SYNC_SPACING: Duration = Duration::from_secs(60);
+
+/// How long after the start of a sync that took `took` the next one starts:
+/// `interval`, or longer when the sync is slow. The sync reads the whole
+/// month's rollup, which grows with customers × days (150 ms at 10,000
+/// customers a week into the month, 2.8 s at 100,000,
+/// benches/totals_sync.rs): without spacing, a sync slower than its
+/// interval would run back to back and keep a database connection busy for
+/// good.
 fn sync_spacing(interval: Duration, took: Duration) -> Duration {
-    interval.max(took.saturating_mul(SYNC_SPACING))
+    if took < SLOW_SYNC {
+        return interval;
+    }
+    took.saturating_mul(SYNC_SPACING)
+        .min(MAX_SYNC_SPACING)
+        .max(interval)
 }
 
-/// Refreshes the period totals every `interval` (more slowly when a sync
-/// takes more than a fifth of it, [`sync_spacing`]): other instances' usage
-/// reaches this one's limits within `flush_interval` + the spacing. Each
-/// sync runs on the blocking pool, not on a data-plane worker: on a worker,
-/// decoding and applying every customer's totals held up that worker's
-/// requests for 8 ms at 10,000 customers and 120 ms at 100,000
+/// The pace of the totals sync: when the next one starts, and when the
+/// pace changed enough to say so.
+struct SyncPace {
+    interval: Duration,
+    /// The spacing last reported as slow; `None` while syncs are fast.
+    reported: Option<Duration>,
+}
+
+/// A change of pace worth a log line.
+#[derive(Debug, PartialEq)]
+enum PaceChange {
+    /// Syncing every `every` instead of `sync_interval`: the first time,
+    /// and again whenever the spacing doubles (it grows through the month).
+    Slower { every: Duration },
+    /// Back to every `sync_interval`, well under the limit rather than just
+    /// under it, so that a sync hovering at it is not logged every time.
+    Normal,
+}
+
+impl SyncPace {
+    fn new(interval: Duration) -> SyncPace {
+        SyncPace {
+            interval,
+            reported: None,
+        }
+    }
+
+    /// After a sync that took `took` and succeeded (`ok`) or failed: the
+    /// time from its start to the next one's, and the change to log. A
+    /// failed sync's time is a timeout's, not the work's: it is retried
+    /// after `interval`, and says nothing about the pace.
+    fn next(&mut self, took: Duration, ok: bool) -> (Duration, Option<PaceChange>) {
+        if !ok {
+            return (self.interval, None);
+        }
+        let spacing = sync_spacing(self.interval, took);
+        let change = match self.reported {
+            None if spacing > self.interval => Some(PaceChange::Slower { every: spacing }),
+            Some(last) if spacing >= last.saturating_mul(2) => {
+                Some(PaceChange::Slower { every: spacing })
+            }
+            Some(_) if sync_spacing(self.interval, took.saturating_mul(2)) == self.interval => {
+                Some(PaceChange::Normal)
+            }
+            _ => None,
+        };
+        match change {
+            Some(PaceChange::Slower { every }) => self.reported = Some(every),
+            Some(PaceChange::Normal) => self.reported = None,
+            None => {}
+        }
+        (spacing, change)
+    }
+}
+
+/// Refreshes the period totals every `interval` (more slowly when syncs
+/// are slow, [`SyncPace`]): other instances' usage reaches this one's
+/// limits within `flush_interval` + the spacing. Each sync runs on the
+/// blocking pool, not on a data-plane worker: on a worker, decoding and
+/// applying every customer's totals held up that worker's requests for
+/// 8–10 ms at 10,000 customers and 107–119 ms at 100,000
 /// (benches/totals_sync.rs).
 pub(crate) async fn run_sync(store: Arc<dyn Store>, limiter: Arc<Limiter>, interval: Duration) {
     // Start-up has just synced.
     tokio::time::sleep(interval).await;
     let mut failing = false;
-    let mut slow = false;
+    let mut pace = SyncPace::new(interval);
     loop {
         let started = Instant::now();
         let reports: Arc<dyn UsageReports> = store.clone();
-        match limiter.clone().sync_on_blocking_pool(reports).await {
+        let result = limiter.clone().sync_on_blocking_pool(reports).await;
+        let took = started.elapsed();
+        match result {
             Ok(()) if failing => {
                 failing = false;
                 emit(TotalsSyncRecovered);
             }
             Ok(()) => {}
-            Err(error) if !failing => {
+            Err(ref error) if !failing => {
                 failing = true;
-                emit(TotalsSyncFailed(&error));
+                emit(TotalsSyncFailed(error));
             }
             Err(_) => {}
         }
-        let took = started.elapsed();
-        let spacing = sync_spacing(interval, took);
-        if spacing > interval && !slow {
-            slow = true;
-            emit(TotalsSyncSlow {
+        let (spacing, change) = pace.next(took, result.is_ok());
+        match change {
+            Some(PaceChange::Slower { every }) => emit(TotalsSyncSlow {
                 took,
-                every: spacing,
+                every,
                 interval,
-            });
-        } else if slow && sync_spacing(interval, took.saturating_mul(2)) == interval {
-            // Back well under the limit, not just under it: no message
-            // for every sync that hovers around it.
-            slow = false;
-            emit(TotalsSyncFast { interval });
+            }),
+            Some(PaceChange::Normal) => emit(TotalsSyncFast { interval }),
+            None => {}
         }
         tokio::time::sleep(spacing.saturating_sub(started.elapsed())).await;
     }
@@ -105,16 +171,48 @@ pub(crate) fn spawn_upkeep(metrics: Arc<Metrics>) -> JoinHandle<()> {
 mod tests {
     use super::*;
 
+    const fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
     #[test]
     fn a_sync_slower_than_a_fifth_of_its_interval_is_spaced_out() {
-        let second = Duration::from_secs(1);
-        let ms = Duration::from_millis;
+        let second = ms(1_000);
         assert_eq!(sync_spacing(second, Duration::ZERO), second);
         assert_eq!(sync_spacing(second, ms(200)), second);
         assert_eq!(sync_spacing(second, ms(201)), ms(1005));
         assert_eq!(sync_spacing(second, ms(700)), ms(3500));
-        assert_eq!(sync_spacing(ms(10), ms(3)), ms(15));
+        // Short syncs are never spaced out, whatever the interval.
+        assert_eq!(sync_spacing(ms(200), ms(99)), ms(200));
+        assert_eq!(sync_spacing(ms(200), ms(100)), ms(500));
+        // At most a minute apart, unless the interval is longer.
+        assert_eq!(sync_spacing(second, ms(30_000)), ms(60_000));
+        assert_eq!(sync_spacing(ms(120_000), ms(30_000)), ms(120_000));
         // No overflow, whatever the clock says.
-        assert_eq!(sync_spacing(second, Duration::MAX), Duration::MAX);
+        assert_eq!(sync_spacing(second, Duration::MAX), ms(60_000));
+    }
+
+    #[test]
+    fn the_pace_is_logged_when_it_slows_doubles_and_recovers_not_at_every_sync() {
+        let mut pace = SyncPace::new(ms(1_000));
+        let slower = |every| Some(PaceChange::Slower { every });
+        assert_eq!(pace.next(ms(50), true), (ms(1_000), None));
+        assert_eq!(pace.next(ms(300), true), (ms(1_500), slower(ms(1_500))));
+        // Slower, but not twice as slow: no new line.
+        assert_eq!(pace.next(ms(500), true), (ms(2_500), None));
+        assert_eq!(pace.next(ms(600), true), (ms(3_000), slower(ms(3_000))));
+        // A failure's time is a timeout's: retried at the interval, and
+        // the pace stays as reported.
+        assert_eq!(pace.next(ms(5_000), false), (ms(1_000), None));
+        assert_eq!(pace.next(ms(700), true), (ms(3_500), None));
+        // Just under the limit: fast, but not yet said to be.
+        assert_eq!(pace.next(ms(150), true), (ms(1_000), None));
+        assert_eq!(
+            pace.next(ms(100), true),
+            (ms(1_000), Some(PaceChange::Normal))
+        );
+        assert_eq!(pace.next(ms(60), true), (ms(1_000), None));
+        // Slow again: said again.
+        assert_eq!(pace.next(ms(250), true), (ms(1_250), slower(ms(1_250))));
     }
 }

@@ -32,10 +32,11 @@ impl Event for TotalsSyncRecovered {
     }
 }
 
-/// A totals sync took more than a fifth of `usage.sync_interval`: the
-/// syncs are spaced out so that they take at most a fifth of the time, and
-/// quotas see other instances' traffic that much later. Logged once, until
-/// the syncs are fast again.
+/// A totals sync took more than a fifth of `usage.sync_interval` (and over
+/// 100 ms): the syncs are spaced out so that they take at most a fifth of
+/// the time (at most a minute apart), and quotas see other instances'
+/// traffic that much later. Logged the first time and whenever the spacing
+/// doubles, until the syncs are fast again.
 pub(crate) struct TotalsSyncSlow {
     pub took: Duration,
     pub every: Duration,
@@ -46,14 +47,15 @@ impl Event for TotalsSyncSlow {
     fn emit(self) {
         tracing::warn!(
             message = "Usage totals sync is slow; syncing less often than usage.sync_interval.",
-            took_ms = self.took.as_millis(),
-            every_ms = self.every.as_millis(),
-            sync_interval_ms = self.interval.as_millis(),
+            took_ms = millis(self.took),
+            every_ms = millis(self.every),
+            sync_interval_ms = millis(self.interval),
         );
     }
 }
 
-/// The totals syncs are fast again: every `usage.sync_interval`.
+/// The totals syncs are fast again (under a tenth of `usage.sync_interval`):
+/// every `usage.sync_interval`.
 pub(crate) struct TotalsSyncFast {
     pub interval: Duration,
 }
@@ -62,9 +64,14 @@ impl Event for TotalsSyncFast {
     fn emit(self) {
         tracing::info!(
             message = "Usage totals sync is back to every usage.sync_interval.",
-            sync_interval_ms = self.interval.as_millis(),
+            sync_interval_ms = millis(self.interval),
         );
     }
+}
+
+/// Whole milliseconds, as a number in every log format.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Who asked for a reload: the outcome of a SIGHUP is only in the log, so

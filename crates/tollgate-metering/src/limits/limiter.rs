@@ -1002,8 +1002,11 @@ impl Limiter {
         tokio::task::spawn_blocking(move || {
             runtime.block_on(async move {
                 tokio::select! {
-                    result = self.sync(&*store) => result,
+                    // Cancellation first: once the runtime is going away,
+                    // the sync's own timers must not be polled.
+                    biased;
                     _ = dropped => Err(StoreError::Unavailable("the totals sync was cancelled".into())),
+                    result = self.sync(&*store) => result,
                 }
             })
         })

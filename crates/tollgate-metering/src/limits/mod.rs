@@ -22,7 +22,9 @@
 //! yet in the database (rows still in the spool, replayed later) is
 //! missing until the next sync. Across instances, quotas and budgets
 //! overshoot by at most what the other instances admit between syncs:
-//! (flush_interval + sync_interval) × the customer's request rate.
+//! (flush_interval + the time between syncs) × the customer's request
+//! rate. The time between syncs is `sync_interval`, longer when syncs are
+//! slow (the gateway spaces them out to a fifth of the time).
 
 mod alerts;
 mod clock;
