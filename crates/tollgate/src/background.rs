@@ -17,7 +17,6 @@ use tokio::time::Instant;
 use tollgate_metering::billing::UsageReports;
 use tollgate_metering::limits::Limiter;
 use tollgate_metering::telemetry::emit;
-use tollgate_metering::Store;
 use tollgate_proxy::{Metrics, UPKEEP_INTERVAL};
 
 use crate::events::{TotalsSyncFailed, TotalsSyncFast, TotalsSyncRecovered, TotalsSyncSlow};
@@ -112,15 +111,18 @@ impl SyncPace {
 /// applying every customer's totals held up that worker's requests for
 /// 8–10 ms at 10,000 customers and 107–119 ms at 100,000
 /// (benches/totals_sync.rs).
-pub(crate) async fn run_sync(store: Arc<dyn Store>, limiter: Arc<Limiter>, interval: Duration) {
+pub(crate) async fn run_sync(
+    reports: Arc<dyn UsageReports>,
+    limiter: Arc<Limiter>,
+    interval: Duration,
+) {
     // Start-up has just synced.
     tokio::time::sleep(interval).await;
     let mut failing = false;
     let mut pace = SyncPace::new(interval);
     loop {
         let started = Instant::now();
-        let reports: Arc<dyn UsageReports> = store.clone();
-        let result = limiter.clone().sync_on_blocking_pool(reports).await;
+        let result = limiter.clone().sync_on_blocking_pool(reports.clone()).await;
         let took = started.elapsed();
         match result {
             Ok(()) if failing => {
