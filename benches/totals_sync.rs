@@ -6,6 +6,12 @@
 //! (`Limiter::sync_on_blocking_pool`). The limiter's clock stands at noon
 //! of the last of those days, March 2026, whatever the date.
 //!
+//! Each is measured reading the whole month and reading the open days only
+//! (the last two: `SyncRead::OpenDays`, the closed days' totals kept from
+//! the last whole read), as the gateway's syncs do between whole reads;
+//! and the time of each read alone, the whole month's being the baseline
+//! of the open days'.
+//!
 //! The runtime has one worker, as the shell benchmarks run the gateway. A
 //! probe task on it yields in a loop and keeps the longest gap between
 //! two of its polls: the longest a request waiting on that worker would
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use time::macros::date;
 use tollgate_metering::billing::UsageReports;
-use tollgate_metering::limits::{Limiter, ManualClock};
+use tollgate_metering::limits::{Limiter, ManualClock, SyncRead};
 use tollgate_metering::{CustomerId, Store};
 
 mod common;
@@ -49,10 +55,30 @@ async fn probe(stop: Arc<AtomicBool>) -> Duration {
 enum Way {
     /// The probe alone, for as long as a sync takes.
     Idle,
-    /// `Limiter::sync` awaited on the worker.
-    OnWorker,
+    /// `Limiter::sync_read` awaited on the worker.
+    OnWorker(SyncRead),
     /// `Limiter::sync_on_blocking_pool`.
-    BlockingPool,
+    BlockingPool(SyncRead),
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Idle => "no sync (baseline)",
+            Way::OnWorker(SyncRead::Whole) => "whole month on the worker",
+            Way::OnWorker(SyncRead::OpenDays) => "open days on the worker",
+            Way::BlockingPool(SyncRead::Whole) => "whole month on the blocking pool",
+            Way::BlockingPool(SyncRead::OpenDays) => "open days on the blocking pool",
+        }
+    }
+}
+
+/// One read alone, nothing else on the runtime; checks that it read what
+/// was asked.
+async fn sync_alone(limiter: &Limiter, store: &Arc<dyn Store>, read: SyncRead) -> Duration {
+    let started = Instant::now();
+    assert_eq!(limiter.sync_read(&**store, read).await.unwrap(), read);
+    started.elapsed()
 }
 
 /// One sync the given way, with the probe beside it on the worker: the
@@ -71,10 +97,13 @@ async fn measure(
     let sync = tokio::spawn(async move {
         match way {
             Way::Idle => tokio::time::sleep(idle_for).await,
-            Way::OnWorker => limiter.sync(&*store).await.unwrap(),
-            Way::BlockingPool => {
+            Way::OnWorker(read) => {
+                assert_eq!(limiter.sync_read(&*store, read).await.unwrap(), read);
+            }
+            Way::BlockingPool(read) => {
                 let reports: Arc<dyn UsageReports> = store;
-                limiter.sync_on_blocking_pool(reports).await.unwrap();
+                let done = limiter.sync_on_blocking_pool(reports, read).await;
+                assert_eq!(done.unwrap(), read);
             }
         }
     });
@@ -124,7 +153,8 @@ fn main() {
         let mut loaded = 0;
         for customers in [largest / 10, largest] {
             // The month's rollup: one row a day for each new customer, from
-            // the 1st to the clock's day.
+            // the 1st to the clock's day, day after day, as the gateway
+            // fills it (a day's rows are added as its first requests come).
             client
                 .execute(
                     "WITH c AS MATERIALIZED \
@@ -133,7 +163,8 @@ fn main() {
                        errors, input_tokens, output_tokens, cache_read_tokens, \
                        cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
                      SELECT day, c.id, 100, 1, 0, 1000, 500, 0, 0, 4000, 9000, 700000 \
-                     FROM c, generate_series('2026-03-01'::date, $2::date, '1 day') AS day",
+                     FROM c, generate_series('2026-03-01'::date, $2::date, '1 day') AS day \
+                     ORDER BY day",
                     &[&i32::try_from(customers - loaded).unwrap(), &last_day],
                 )
                 .await
@@ -171,47 +202,60 @@ fn main() {
                 "the sync took in the month's totals"
             );
 
-            // The sync alone, nothing else on the runtime.
+            // Each read alone, nothing else on the runtime.
             let mut alone = Vec::new();
-            for _ in 0..runs {
-                let started = Instant::now();
-                limiter.sync(&*store).await.unwrap();
-                alone.push(started.elapsed());
+            for read in [SyncRead::Whole, SyncRead::OpenDays] {
+                let mut times = Vec::new();
+                for _ in 0..runs {
+                    times.push(sync_alone(&limiter, &store, read).await);
+                }
+                alone.push((read, median(times)));
             }
-            let alone = median(alone);
 
             let mut results = Vec::new();
-            for way in [Way::OnWorker, Way::BlockingPool] {
+            for way in [
+                Way::OnWorker(SyncRead::Whole),
+                Way::BlockingPool(SyncRead::Whole),
+                Way::OnWorker(SyncRead::OpenDays),
+                Way::BlockingPool(SyncRead::OpenDays),
+            ] {
                 let mut stalls = Vec::new();
                 for _ in 0..runs {
                     stalls.push(measure(way, &limiter, &store, Duration::ZERO).await);
                 }
                 results.push((way, median(stalls)));
             }
-            let sync_time = alone.0;
+            let whole_time = alone[0].1 .0;
             let mut idle = Vec::new();
             for _ in 0..runs {
-                idle.push(measure(Way::Idle, &limiter, &store, sync_time).await);
+                idle.push(measure(Way::Idle, &limiter, &store, whole_time).await);
             }
-            let idle = median(idle);
+            results.insert(0, (Way::Idle, median(idle)));
             println!("{customers} customers");
             let line = |what: &str, (stall, low, high): (Duration, Duration, Duration)| {
                 println!(
-                    "  {what:<34} {:>8.2} ms  ({:.2}–{:.2})",
+                    "  {what:<40} {:>8.2} ms  ({:.2}–{:.2})",
                     ms(stall),
                     ms(low),
                     ms(high)
                 );
             };
-            line("no sync (baseline)", idle);
+            println!(" longest stall of the worker");
             for (way, stall) in results {
-                let what = match way {
-                    Way::OnWorker => "sync on the worker",
-                    _ => "sync on the blocking pool",
-                };
-                line(what, stall);
+                line(way.name(), stall);
             }
-            line("the sync's own time, alone", alone);
+            println!(" the read's own time, alone");
+            for (read, time) in &alone {
+                let what = match read {
+                    SyncRead::Whole => "whole month (baseline)",
+                    SyncRead::OpenDays => "open days",
+                };
+                line(what, *time);
+            }
+            println!(
+                "  open days / whole month: {:.3}",
+                alone[1].1 .0.as_secs_f64() / whole_time.as_secs_f64()
+            );
         }
     });
 }

@@ -10,10 +10,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -250,14 +251,16 @@ pub trait UsageSink: Send + Sync + 'static {
 /// the reports and export, and the frozen billing periods.
 #[async_trait]
 pub trait UsageReports: Send + Sync + 'static {
-    /// Each customer's totals for the days of `period` (admitted requests,
-    /// tokens of every class, cost), from the per-customer daily rollup:
-    /// what the limiter loads at start and re-reads every `sync_interval`,
-    /// so it must stay cheap (some 30 k rollup rows a month at 1,000
-    /// customers).
+    /// Each customer's totals over `days` (a range of days within one
+    /// period: admitted requests, tokens of every class, cost), from the
+    /// per-customer daily rollup; customers without rows there are absent.
+    /// What the limiter loads at start and re-reads as it syncs, the open
+    /// days every `sync_interval` and the whole period now and then
+    /// ([`Limiter::sync`](crate::limits::Limiter::sync)), so it must stay
+    /// cheap: the work grows with the customers × the days asked for.
     async fn period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError>;
 
     /// The same totals per key family ([`KeyRecord::family_id`]), for the
@@ -265,7 +268,7 @@ pub trait UsageReports: Send + Sync + 'static {
     /// of the family, from the per-key daily rollup.
     async fn key_period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError>;
 
     /// Totals over `usage_daily` for the filter's days (and customer);

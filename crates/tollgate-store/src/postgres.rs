@@ -36,6 +36,7 @@ use self::copy::{CopyWriter, Fields};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::{poll_fn, Future};
+use std::ops::Range;
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -1636,16 +1637,16 @@ impl UsageSink for PostgresStore {
 impl UsageReports for PostgresStore {
     async fn period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
-        run(reports::period_totals(self, period)).await
+        run(reports::period_totals(self, days)).await
     }
 
     async fn key_period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError> {
-        run(reports::key_period_totals(self, period)).await
+        run(reports::key_period_totals(self, days)).await
     }
 
     async fn usage_summary(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {

@@ -27,6 +27,7 @@
 //! `Resync`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -971,17 +972,17 @@ impl UsageSink for SqliteStore {
 impl UsageReports for SqliteStore {
     async fn period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<CustomerId, PeriodTotals>, StoreError> {
-        self.call(move |conn| reports::period_totals(conn, period))
+        self.call(move |conn| reports::period_totals(conn, days))
             .await
     }
 
     async fn key_period_totals(
         &self,
-        period: Period,
+        days: Range<Date>,
     ) -> Result<HashMap<KeyId, PeriodTotals>, StoreError> {
-        self.call(move |conn| reports::key_period_totals(conn, period))
+        self.call(move |conn| reports::key_period_totals(conn, days))
             .await
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tollgate_metering::keys::{KeyDigest, KeyUpdate, NewCustomer, NewKey, Page};
-use tollgate_metering::limits::{KeyLimits, Period, PeriodTotals};
+use tollgate_metering::limits::{KeyLimits, Limiter, ManualClock, Period, PeriodTotals, SyncRead};
 use tollgate_metering::webhooks::{
     DeliveryFilter, DeliveryStatus, EventType, NewEvent, Settlement,
 };
@@ -21,6 +21,7 @@ use uuid::Uuid;
 tollgate_store::both_backends!(
     key_limits_are_stored_shared_by_the_family_and_carried_by_rotation,
     key_period_totals_sum_each_limited_family,
+    a_family_given_limits_after_a_whole_read_is_read_whole,
     an_event_is_recorded_once_with_a_delivery_per_endpoint,
     claims_take_due_deliveries_once_and_settle_them,
     concurrent_claimers_never_share_a_delivery,
@@ -174,7 +175,7 @@ async fn key_period_totals_sum_each_limited_family(backend: Backend) {
     ));
     store.write_usage(&rows).await.unwrap();
     let totals = store
-        .key_period_totals(Period::containing(at))
+        .key_period_totals(Period::containing(at).days())
         .await
         .unwrap();
     assert_eq!(totals.len(), 1, "only families with limits: {totals:?}");
@@ -186,6 +187,75 @@ async fn key_period_totals_sum_each_limited_family(backend: Backend) {
             cost_nanos: 5_000
         }
     );
+}
+
+/// Key families' totals are kept between whole reads like the customers':
+/// closed days from the last whole read, open days from each sync. A family
+/// that gains limits after a whole read has no closed days kept, so the
+/// next sync reads everything.
+async fn a_family_given_limits_after_a_whole_read_is_read_whole(backend: Backend) {
+    let (store, _guard) = test_store(backend).await;
+    let acme = store.create_customer(customer("acme")).await.unwrap();
+    let limited = store
+        .create_key(key(acme.id, Some(limits())))
+        .await
+        .unwrap();
+    let later = store.create_key(key(acme.id, None)).await.unwrap();
+    let closed = datetime!(2026-12-03 10:00 UTC);
+    let open = datetime!(2026-12-09 10:00 UTC);
+    let rows: Vec<_> = [(limited.id, closed), (later.id, closed), (later.id, closed)]
+        .into_iter()
+        .chain([(limited.id, open), (later.id, open)])
+        .map(|(key, at)| usage_event(acme.id, key, at))
+        .collect();
+    store.write_usage(&rows).await.unwrap();
+
+    let limiter = Limiter::new(Arc::new(ManualClock::new(datetime!(2026-12-09 12:00 UTC))));
+    let family = |key: &tollgate_metering::keys::KeyRecord| {
+        limiter.set_key_limits(key.id, key.family_id, acme.id, key.limits.as_ref());
+    };
+    family(&limited);
+    let used = |key| limiter.key_view(key).map(|view| view.requests.used);
+    let sync = |wanted| limiter.sync_read(&*store, wanted);
+    assert_eq!(sync(SyncRead::Whole).await.unwrap(), SyncRead::Whole);
+    assert_eq!((used(limited.id), used(later.id)), (Some(2), None));
+    store
+        .write_usage(&[usage_event(acme.id, limited.id, open)])
+        .await
+        .unwrap();
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::OpenDays);
+    assert_eq!(used(limited.id), Some(3));
+
+    let update = KeyUpdate {
+        limits: Some(Some(limits())),
+        ..KeyUpdate::default()
+    };
+    let later = store.update_key(later.id, update).await.unwrap();
+    family(&later);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::Whole);
+    assert_eq!((used(limited.id), used(later.id)), (Some(3), Some(3)));
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::OpenDays);
+    assert_eq!((used(limited.id), used(later.id)), (Some(3), Some(3)));
+
+    // Limits cleared: a whole read leaves the family out. Set again, its
+    // closed days are read again.
+    let limited_again = |limits| KeyUpdate {
+        limits: Some(limits),
+        ..KeyUpdate::default()
+    };
+    let later = store
+        .update_key(later.id, limited_again(None))
+        .await
+        .unwrap();
+    family(&later);
+    assert_eq!(sync(SyncRead::Whole).await.unwrap(), SyncRead::Whole);
+    let later = store
+        .update_key(later.id, limited_again(Some(limits())))
+        .await
+        .unwrap();
+    family(&later);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::Whole);
+    assert_eq!((used(limited.id), used(later.id)), (Some(3), Some(3)));
 }
 
 fn event(dedup: &str, at: OffsetDateTime) -> NewEvent {

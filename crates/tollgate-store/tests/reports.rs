@@ -20,7 +20,9 @@ use tollgate_metering::billing::{
     BillingLine, BillingUsage, GroupKey, Ranking, UsageFilter, UsageGroup, UsageTotals,
 };
 use tollgate_metering::keys::NewCustomer;
-use tollgate_metering::limits::{Limiter, Limits, ManualClock, Overage, Period, PeriodTotals};
+use tollgate_metering::limits::{
+    Limiter, Limits, ManualClock, Overage, Period, PeriodTotals, SyncRead,
+};
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{Store, StoreError};
@@ -41,6 +43,8 @@ tollgate_store::both_backends!(
     report_sums_saturate_instead_of_failing,
     rows_at_the_bigint_limit_load_report_and_bill,
     the_sync_on_the_blocking_pool_takes_in_the_months_totals,
+    syncs_between_whole_reads_read_the_open_days_and_keep_the_closed_ones,
+    an_own_row_of_a_closed_day_committed_late_makes_the_next_sync_read_everything,
 );
 
 fn february() -> Period {
@@ -1114,7 +1118,7 @@ async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
     assert_eq!(stored, vec![vec![max_text.clone(); 3]; 2]);
 
     // The limiter's start-up load: saturated, not failed.
-    let totals = store.period_totals(march()).await.unwrap();
+    let totals = store.period_totals(march().days()).await.unwrap();
     assert_eq!(
         totals[&huge],
         PeriodTotals {
@@ -1252,23 +1256,175 @@ async fn the_sync_on_the_blocking_pool_takes_in_the_months_totals(backend: Backe
         (view.requests.used, view.tokens.used, view.cost_nanos.used)
     };
     let reports: Arc<dyn tollgate_metering::billing::UsageReports> = store.clone();
-    limiter
+    let read = limiter
         .clone()
-        .sync_on_blocking_pool(reports.clone())
+        .sync_on_blocking_pool(reports.clone(), SyncRead::OpenDays)
         .await
         .unwrap();
+    assert_eq!(read, SyncRead::Whole, "nothing kept yet");
     assert_eq!(used(acme), (2, 30 + 1_020, 2_000));
     assert_eq!(used(beta), (1, 30, 7_000));
 
     let later = usage_event(beta, key, datetime!(2026-03-20 11:00 UTC));
     assert_eq!(store.write_usage(&[later]).await.unwrap(), 1);
-    limiter
+    let read = limiter
         .clone()
-        .sync_on_blocking_pool(reports)
+        .sync_on_blocking_pool(reports, SyncRead::OpenDays)
         .await
         .unwrap();
+    assert_eq!(read, SyncRead::OpenDays);
     assert_eq!(used(acme), (2, 1_050, 2_000));
     assert_eq!(used(beta), (2, 60, 8_000));
+}
+
+/// A sync of the open days (today and yesterday) adds the closed days'
+/// totals kept from the last whole read: it sees every new row of an open
+/// day, and another instance's late rows on a closed day only at the next
+/// whole read. This instance's own closed-day rows, the open days moving on
+/// at midnight and a new month each make the next sync read everything.
+async fn syncs_between_whole_reads_read_the_open_days_and_keep_the_closed_ones(backend: Backend) {
+    let (store, _guard) = test_store(backend).await;
+    let acme = create(&*store, "acme", "pro").await;
+    let beta = create(&*store, "beta", "pro").await;
+    let key = KeyId::new();
+    let write = |rows: Vec<UsageEvent>| {
+        let store = store.clone();
+        async move { assert_eq!(store.write_usage(&rows).await.unwrap(), rows.len() as u64) }
+    };
+    write(vec![
+        usage_event(acme, key, datetime!(2026-03-02 12:00 UTC)),
+        usage_event(acme, key, datetime!(2026-03-19 23:59:59 UTC)),
+        usage_event(beta, key, datetime!(2026-03-05 08:00 UTC)),
+        usage_event(beta, key, datetime!(2026-02-28 23:59:59 UTC)),
+    ])
+    .await;
+
+    let clock = Arc::new(ManualClock::new(datetime!(2026-03-20 12:00 UTC)));
+    let limiter = Limiter::new(clock.clone());
+    let requests = |customer| limiter.view(customer).requests.used;
+    let sync = |wanted| {
+        let limiter = &limiter;
+        let store = store.clone();
+        async move { limiter.sync_read(&*store, wanted).await.unwrap() }
+    };
+    // Nothing kept yet: the whole month.
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::Whole);
+    assert_eq!((requests(acme), requests(beta)), (2, 1));
+
+    // Another instance's rows: a late one on a closed day, one today.
+    write(vec![
+        usage_event(acme, key, datetime!(2026-03-10 09:00 UTC)),
+        usage_event(beta, key, datetime!(2026-03-20 11:00 UTC)),
+    ])
+    .await;
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (2, 2));
+    // Yesterday is open too.
+    write(vec![usage_event(
+        acme,
+        key,
+        datetime!(2026-03-19 00:00 UTC),
+    )])
+    .await;
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (3, 2));
+    assert_eq!(sync(SyncRead::Whole).await, SyncRead::Whole);
+    assert_eq!((requests(acme), requests(beta)), (4, 2));
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (4, 2));
+
+    // This instance commits a row of a closed day (its spool replaying):
+    // the next sync reads everything, another instance's late row too.
+    write(vec![usage_event(
+        acme,
+        key,
+        datetime!(2026-03-11 09:00 UTC),
+    )])
+    .await;
+    let ours = usage_event(beta, key, datetime!(2026-03-12 09:00 UTC));
+    write(vec![ours.clone()]).await;
+    limiter.committed(&[ours]);
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::Whole);
+    assert_eq!((requests(acme), requests(beta)), (5, 3));
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (5, 3));
+
+    // Past midnight, the 19th closes: everything is read once more.
+    clock.advance(Duration::from_secs(12 * 3600 + 5));
+    write(vec![usage_event(
+        acme,
+        key,
+        datetime!(2026-03-21 00:00:01 UTC),
+    )])
+    .await;
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::Whole);
+    assert_eq!((requests(acme), requests(beta)), (6, 3));
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (6, 3));
+
+    // A new month: March's totals are not April's.
+    clock.advance(Duration::from_secs(11 * 86_400));
+    write(vec![usage_event(
+        beta,
+        key,
+        datetime!(2026-04-01 00:00:01 UTC),
+    )])
+    .await;
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::Whole);
+    assert_eq!((requests(acme), requests(beta)), (0, 1));
+    assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
+    assert_eq!((requests(acme), requests(beta)), (0, 1));
+}
+
+/// This instance's own row of a closed day, committed late (its spool
+/// replaying after an outage of days), is in its own counts and in the
+/// snapshot of what it committed, but not in the closed days' totals kept
+/// from before: the next sync reads everything, so that the count is
+/// exact, not one short.
+async fn an_own_row_of_a_closed_day_committed_late_makes_the_next_sync_read_everything(
+    backend: Backend,
+) {
+    let (store, _guard) = test_store(backend).await;
+    let acme = create(&*store, "acme", "pro").await;
+    let key = KeyId::new();
+    // Another instance's rows.
+    let theirs = vec![usage_event(acme, key, datetime!(2026-03-05 09:00 UTC)); 5];
+    let theirs: Vec<_> = theirs
+        .into_iter()
+        .map(|row| UsageEvent {
+            id: Uuid::now_v7(),
+            ..row
+        })
+        .collect();
+    assert_eq!(store.write_usage(&theirs).await.unwrap(), 5);
+
+    let clock = Arc::new(ManualClock::new(datetime!(2026-03-10 10:00 UTC)));
+    let limiter = Limiter::new(clock.clone());
+    let admitted = limiter.admit(acme, key).result.unwrap();
+    let ours = usage_event(acme, key, datetime!(2026-03-10 10:00 UTC));
+    limiter.settle(&admitted, 30, 1_000);
+    // Three days later the row is still in the spool.
+    clock.advance(Duration::from_secs(3 * 86_400 + 2 * 3600));
+    let requests = || limiter.view(acme).requests.used;
+    let sync = |wanted| limiter.sync_read(&*store, wanted);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::Whole);
+    assert_eq!(requests(), 6);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::OpenDays);
+    assert_eq!(requests(), 6);
+
+    assert_eq!(
+        store
+            .write_usage(std::slice::from_ref(&ours))
+            .await
+            .unwrap(),
+        1
+    );
+    limiter.committed(&[ours]);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::Whole);
+    assert_eq!(requests(), 6);
+    assert_eq!(sync(SyncRead::OpenDays).await.unwrap(), SyncRead::OpenDays);
+    assert_eq!(requests(), 6);
+    assert_eq!(limiter.view(acme).tokens.used, 5 * 30 + 30);
 }
 
 /// A sync on the blocking pool whose future is dropped (a stopping gateway
@@ -1290,7 +1446,11 @@ async fn a_dropped_sync_on_the_blocking_pool_stops_waiting_for_the_database() {
     let clock = Arc::new(ManualClock::new(datetime!(2026-03-20 12:00 UTC)));
     let limiter = Arc::new(Limiter::new(clock));
     let reports: Arc<dyn tollgate_metering::billing::UsageReports> = store.clone();
-    let sync = tokio::spawn(limiter.clone().sync_on_blocking_pool(reports));
+    let sync = tokio::spawn(
+        limiter
+            .clone()
+            .sync_on_blocking_pool(reports, SyncRead::Whole),
+    );
     // Until the sync's query (the customers' month totals; its text is
     // cut short before the table's name) waits for the lock.
     let waiting = "SELECT count(*) FROM pg_stat_activity \

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tollgate_metering::billing::UsageReports;
-use tollgate_metering::limits::Limiter;
+use tollgate_metering::limits::{Limiter, SyncRead};
 use tollgate_metering::telemetry::emit;
 use tollgate_proxy::{Metrics, UPKEEP_INTERVAL};
 
@@ -33,13 +33,22 @@ const SLOW_SYNC: Duration = Duration::from_millis(100);
 /// longer), however slow they get.
 const MAX_SYNC_SPACING: Duration = Duration::from_secs(60);
 
+/// Most syncs read only the open days (today and yesterday) and keep the
+/// closed days' totals of the last whole read ([`SyncRead::OpenDays`]);
+/// the whole period is read again this long after the start of the last
+/// whole read, or [`SYNC_SPACING`] times its duration if that is longer.
+/// Rows that another instance commits for a closed day (its spool
+/// replaying old rows) reach this instance's limits then.
+const WHOLE_SYNC_EVERY: Duration = Duration::from_secs(60);
+
 /// How long after the start of a sync that took `took` the next one starts:
-/// `interval`, or longer when the sync is slow. The sync reads the whole
-/// month's rollup, which grows with customers × days (150 ms at 10,000
-/// customers a week into the month, 2.8 s at 100,000,
-/// benches/totals_sync.rs): without spacing, a sync slower than its
-/// interval would run back to back and keep a database connection busy for
-/// good.
+/// `interval`, or longer when the sync is slow. A whole read of the month's
+/// rollup grows with customers × days (0.5 s at 10,000 customers at the end
+/// of the month, 8 s at 100,000, benches/totals_sync.rs), a read of the
+/// open days with the customers active on them (65 ms, 1.1 s): without
+/// spacing, a
+/// sync slower than its interval would run back to back and keep a
+/// database connection busy for good.
 fn sync_spacing(interval: Duration, took: Duration) -> Duration {
     if took < SLOW_SYNC {
         return interval;
@@ -49,19 +58,24 @@ fn sync_spacing(interval: Duration, took: Duration) -> Duration {
         .max(interval)
 }
 
-/// The pace of the totals sync: when the next one starts, and when the
-/// pace changed enough to say so.
+/// The pace of the totals sync: when the next one starts, what it reads,
+/// and when the pace changed enough to say so.
 struct SyncPace {
     interval: Duration,
+    /// The spacing after the last read of the open days: the pace.
+    spacing: Duration,
     /// The spacing last reported as slow; `None` while syncs are fast.
     reported: Option<Duration>,
+    /// Until the next whole read is due.
+    until_whole: Duration,
 }
 
 /// A change of pace worth a log line.
 #[derive(Debug, PartialEq)]
 enum PaceChange {
     /// Syncing every `every` instead of `sync_interval`: the first time,
-    /// and again whenever the spacing doubles (it grows through the month).
+    /// and again whenever the spacing doubles (it grows with the customers
+    /// active on the open days).
     Slower { every: Duration },
     /// Back to every `sync_interval`, well under the limit rather than just
     /// under it, so that a sync hovering at it is not logged every time.
@@ -69,22 +83,49 @@ enum PaceChange {
 }
 
 impl SyncPace {
+    /// After start-up, which has just read the whole period.
     fn new(interval: Duration) -> SyncPace {
         SyncPace {
             interval,
+            spacing: interval,
             reported: None,
+            until_whole: WHOLE_SYNC_EVERY,
         }
     }
 
-    /// After a sync that took `took` and succeeded (`ok`) or failed: the
-    /// time from its start to the next one's, and the change to log. A
-    /// failed sync's time is a timeout's, not the work's: it is retried
-    /// after `interval`, and says nothing about the pace.
-    fn next(&mut self, took: Duration, ok: bool) -> (Duration, Option<PaceChange>) {
-        if !ok {
-            return (self.interval, None);
+    /// What the next sync should read.
+    fn wanted(&self) -> SyncRead {
+        if self.until_whole.is_zero() {
+            SyncRead::Whole
+        } else {
+            SyncRead::OpenDays
         }
+    }
+
+    /// After a sync that took `took` and read `read`, or failed (`None`):
+    /// the time from its start to the next one's, and the change to log.
+    /// A failed sync's time is a timeout's, not the work's: it is retried
+    /// after `interval`, and says nothing about the pace. Nor does a whole
+    /// read, now and then among reads of the open days: the next sync
+    /// keeps the pace, and the next whole read is spaced out by this one's
+    /// time ([`WHOLE_SYNC_EVERY`]), so that whole reads take at most a
+    /// fifth of the time too.
+    fn next(&mut self, took: Duration, read: Option<SyncRead>) -> (Duration, Option<PaceChange>) {
+        let (spacing, change) = match read {
+            None => (self.interval, None),
+            Some(SyncRead::Whole) => {
+                self.until_whole = took.saturating_mul(SYNC_SPACING).max(WHOLE_SYNC_EVERY);
+                (self.spacing, None)
+            }
+            Some(SyncRead::OpenDays) => self.open_days_read(took),
+        };
+        self.until_whole = self.until_whole.saturating_sub(spacing.max(took));
+        (spacing, change)
+    }
+
+    fn open_days_read(&mut self, took: Duration) -> (Duration, Option<PaceChange>) {
         let spacing = sync_spacing(self.interval, took);
+        self.spacing = spacing;
         let change = match self.reported {
             None if spacing > self.interval => Some(PaceChange::Slower { every: spacing }),
             Some(last) if spacing >= last.saturating_mul(2) => {
@@ -122,21 +163,24 @@ pub(crate) async fn run_sync(
     let mut pace = SyncPace::new(interval);
     loop {
         let started = Instant::now();
-        let result = limiter.clone().sync_on_blocking_pool(reports.clone()).await;
+        let result = limiter
+            .clone()
+            .sync_on_blocking_pool(reports.clone(), pace.wanted())
+            .await;
         let took = started.elapsed();
         match result {
-            Ok(()) if failing => {
+            Ok(_) if failing => {
                 failing = false;
                 emit(TotalsSyncRecovered);
             }
-            Ok(()) => {}
+            Ok(_) => {}
             Err(ref error) if !failing => {
                 failing = true;
                 emit(TotalsSyncFailed(error));
             }
             Err(_) => {}
         }
-        let (spacing, change) = pace.next(took, result.is_ok());
+        let (spacing, change) = pace.next(took, result.ok());
         match change {
             Some(PaceChange::Slower { every }) => emit(TotalsSyncSlow {
                 took,
@@ -197,24 +241,78 @@ mod tests {
     #[test]
     fn the_pace_is_logged_when_it_slows_doubles_and_recovers_not_at_every_sync() {
         let mut pace = SyncPace::new(ms(1_000));
+        let open = Some(SyncRead::OpenDays);
         let slower = |every| Some(PaceChange::Slower { every });
-        assert_eq!(pace.next(ms(50), true), (ms(1_000), None));
-        assert_eq!(pace.next(ms(300), true), (ms(1_500), slower(ms(1_500))));
+        assert_eq!(pace.next(ms(50), open), (ms(1_000), None));
+        assert_eq!(pace.next(ms(300), open), (ms(1_500), slower(ms(1_500))));
         // Slower, but not twice as slow: no new line.
-        assert_eq!(pace.next(ms(500), true), (ms(2_500), None));
-        assert_eq!(pace.next(ms(600), true), (ms(3_000), slower(ms(3_000))));
+        assert_eq!(pace.next(ms(500), open), (ms(2_500), None));
+        assert_eq!(pace.next(ms(600), open), (ms(3_000), slower(ms(3_000))));
         // A failure's time is a timeout's: retried at the interval, and
         // the pace stays as reported.
-        assert_eq!(pace.next(ms(5_000), false), (ms(1_000), None));
-        assert_eq!(pace.next(ms(700), true), (ms(3_500), None));
+        assert_eq!(pace.next(ms(5_000), None), (ms(1_000), None));
+        assert_eq!(pace.next(ms(700), open), (ms(3_500), None));
         // Just under the limit: fast, but not yet said to be.
-        assert_eq!(pace.next(ms(150), true), (ms(1_000), None));
+        assert_eq!(pace.next(ms(150), open), (ms(1_000), None));
         assert_eq!(
-            pace.next(ms(100), true),
+            pace.next(ms(100), open),
             (ms(1_000), Some(PaceChange::Normal))
         );
-        assert_eq!(pace.next(ms(60), true), (ms(1_000), None));
+        assert_eq!(pace.next(ms(60), open), (ms(1_000), None));
         // Slow again: said again.
-        assert_eq!(pace.next(ms(250), true), (ms(1_250), slower(ms(1_250))));
+        assert_eq!(pace.next(ms(250), open), (ms(1_250), slower(ms(1_250))));
+    }
+
+    #[test]
+    fn the_whole_period_is_read_a_minute_or_five_whole_reads_apart_at_the_same_pace() {
+        let open = Some(SyncRead::OpenDays);
+        let whole = Some(SyncRead::Whole);
+        let mut pace = SyncPace::new(ms(1_000));
+        // Start-up read the whole period: the next 60 syncs a second apart
+        // read the open days.
+        for _ in 0..60 {
+            assert_eq!(pace.wanted(), SyncRead::OpenDays);
+            pace.next(ms(20), open);
+        }
+        assert_eq!(pace.wanted(), SyncRead::Whole);
+        // A failed whole read is wanted again.
+        pace.next(ms(5_000), None);
+        assert_eq!(pace.wanted(), SyncRead::Whole);
+        assert_eq!(pace.next(ms(900), whole), (ms(1_000), None));
+        for _ in 0..59 {
+            assert_eq!(pace.wanted(), SyncRead::OpenDays);
+            pace.next(ms(20), open);
+        }
+        assert_eq!(pace.wanted(), SyncRead::Whole);
+
+        // Slow reads of the open days set the pace, and it is reported
+        // once. A slow whole read changes neither the pace nor the report:
+        // the next sync comes at the pace, the next whole read five times
+        // the whole read's time after its start.
+        let slower = |every| Some(PaceChange::Slower { every });
+        assert_eq!(pace.next(ms(400), open), (ms(2_000), slower(ms(2_000))));
+        assert_eq!(pace.wanted(), SyncRead::Whole);
+        assert_eq!(pace.next(ms(30_000), whole), (ms(2_000), None));
+        let mut since = ms(30_000);
+        while pace.wanted() == SyncRead::OpenDays {
+            assert_eq!(pace.next(ms(400), open), (ms(2_000), None));
+            since += ms(2_000);
+        }
+        assert_eq!(since, ms(150_000));
+        // The pace is reported back to normal by a read of the open days
+        // only.
+        assert_eq!(pace.next(ms(20), whole), (ms(2_000), None));
+        assert_eq!(
+            pace.next(ms(20), open),
+            (ms(1_000), Some(PaceChange::Normal))
+        );
+        // A whole read longer than a minute, and syncs longer than their
+        // spacing, count their own time: never back to back.
+        let mut pace = SyncPace::new(ms(10));
+        pace.next(ms(100_000), whole);
+        pace.next(ms(350_000), None);
+        assert_eq!(pace.wanted(), SyncRead::OpenDays);
+        pace.next(ms(50_000), None);
+        assert_eq!(pace.wanted(), SyncRead::Whole);
     }
 }

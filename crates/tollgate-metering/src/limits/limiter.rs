@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,10 +32,13 @@ use super::period::Period;
 use crate::keys::ids::{CustomerId, KeyId};
 use crate::limits::alerts::{reached, Alerts, KeyAlert, LimitAlert, MonthlyLimit};
 use crate::limits::config::KeyLimits;
-use crate::store::{StoreError, UsageReports};
 use crate::usage::{Outcome, UsageEvent};
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
+
+mod sync;
+
+pub use sync::SyncRead;
 
 /// Monthly counts: a customer's period totals in the database, or a part
 /// of them.
@@ -661,6 +664,14 @@ pub struct Limiter {
     /// process's, replayed from the spool) are in the database totals but
     /// not in `own`, so [`Limiter::committed`] must not subtract them.
     started_ns: i64,
+    /// The closed days' totals from the last whole read of the period, for
+    /// the syncs that read only the open days; locked for the whole of a
+    /// sync, so that syncs take turns.
+    closed: tokio::sync::Mutex<Option<sync::ClosedDays>>,
+    /// Counts what makes kept closed days' totals stale: this instance's
+    /// commits of closed days' rows ([`Limiter::committed`]) and keys
+    /// gaining limits. Kept totals are good while it has not moved.
+    closed_stale: AtomicU64,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -682,6 +693,8 @@ impl Limiter {
             members: DashMap::with_hasher(IdHash),
             member_count: AtomicUsize::new(0),
             started_ns,
+            closed: tokio::sync::Mutex::new(None),
+            closed_stale: AtomicU64::new(0),
         }
     }
 
@@ -725,6 +738,11 @@ impl Limiter {
             return;
         };
         let now_ns = self.now();
+        if !self.members.contains_key(&key) {
+            // Its family's closed days may not have been read (families
+            // without limits are not): before the family is counted.
+            self.closed_stale.fetch_add(1, Ordering::SeqCst);
+        }
         let shared = self
             .families
             .entry(family)
@@ -889,15 +907,25 @@ impl Limiter {
     /// after the commit, never before). Counts admitted rows of the
     /// current period made by this limiter's process; rejected rows, rows
     /// of other periods and rows from before this limiter existed (spool
-    /// replay of a previous process) are ignored.
+    /// replay of a previous process) are ignored. Any row of the period on
+    /// a day before yesterday makes the next sync read the whole period
+    /// ([`Limiter::sync_read`]).
     pub fn committed(&self, events: &[UsageEvent]) {
         let now_ns = self.now();
         let period = Self::period_at(now_ns);
+        let mut stale = false;
         for event in events {
-            if event.outcome.is_rejected()
-                || unix_nanos(event.ts) < self.started_ns
-                || Period::containing(event.ts) != period
-            {
+            let ts_ns = unix_nanos(event.ts);
+            if Period::containing(event.ts) != period {
+                continue;
+            }
+            // Before the row is counted: a sync whose snapshot holds the
+            // row sees the count moved.
+            if !stale && sync::on_closed_day(ts_ns, now_ns) {
+                stale = true;
+                self.closed_stale.fetch_add(1, Ordering::SeqCst);
+            }
+            if event.outcome.is_rejected() || ts_ns < self.started_ns {
                 continue;
             }
             let row = PeriodTotals {
@@ -957,61 +985,6 @@ impl Limiter {
             .iter()
             .map(|family| Arc::clone(&family))
             .collect()
-    }
-
-    /// Start-up load and multi-instance sync: reads the current period's
-    /// totals from the database (per customer, and per key family when
-    /// some keys have limits of their own) and takes them in. Each
-    /// counter's used becomes (database total − what this instance had
-    /// committed just before the read) + this instance's own counts, so
-    /// this instance's rows are never counted twice nor missed; rows
-    /// committed between that moment and the read count twice until the
-    /// next sync (the safe direction). Customers this limiter has not seen
-    /// are added, unlimited until their limits are set. The limiter's one
-    /// I/O.
-    pub async fn sync(&self, store: &dyn UsageReports) -> Result<(), StoreError> {
-        let period = Self::period_at(self.now());
-        let committed = self.committed_snapshot();
-        let totals = store.period_totals(period).await?;
-        let key_totals = if self.families.is_empty() {
-            HashMap::new()
-        } else {
-            store.key_period_totals(period).await?
-        };
-        self.apply_totals(period, &totals, &committed);
-        self.apply_key_totals(period, &key_totals, &committed);
-        Ok(())
-    }
-
-    /// [`Limiter::sync`] on a thread of the blocking pool, as the periodic
-    /// sync runs it: reading every customer's counters, decoding one row a
-    /// customer and applying them takes milliseconds at tens of thousands
-    /// of customers, which would hold up every request waiting on the
-    /// worker that ran it. The runtime's workers only move the rows'
-    /// bytes. A panic in the sync comes back as an error, so that the next
-    /// tick tries again. Dropping the returned future (a stopping gateway
-    /// aborts its sync) ends the sync at its next wait, so that the
-    /// runtime is not left waiting for a blocking thread still reading.
-    pub async fn sync_on_blocking_pool(
-        self: Arc<Self>,
-        store: Arc<dyn UsageReports>,
-    ) -> Result<(), StoreError> {
-        let runtime = tokio::runtime::Handle::current();
-        // Closed when this future is dropped.
-        let (_alive, dropped) = tokio::sync::oneshot::channel::<()>();
-        tokio::task::spawn_blocking(move || {
-            runtime.block_on(async move {
-                tokio::select! {
-                    // Cancellation first: once the runtime is going away,
-                    // the sync's own timers must not be polled.
-                    biased;
-                    _ = dropped => Err(StoreError::Unavailable("the totals sync was cancelled".into())),
-                    result = self.sync(&*store) => result,
-                }
-            })
-        })
-        .await
-        .unwrap_or_else(|error| Err(StoreError::Unavailable(Box::new(error))))
     }
 
     /// The arithmetic of [`Limiter::sync`].

@@ -24,7 +24,10 @@
 //! overshoot by at most what the other instances admit between syncs:
 //! (flush_interval + the time between syncs) × the customer's request
 //! rate. The time between syncs is `sync_interval`, longer when syncs are
-//! slow (the gateway spaces them out to a fifth of the time).
+//! slow (the gateway spaces them out to a fifth of the time). Most syncs
+//! read only the open days ([`SyncRead::OpenDays`]): another instance's
+//! rows of an earlier day count from the next whole read, a minute or more
+//! later.
 
 mod alerts;
 mod clock;
@@ -40,7 +43,7 @@ pub use crate::{
     limits::config::{KeyLimits, Limits, LimitsError, Overage, Rate},
     limits::limiter::{
         event_tokens, Admission, Budget, Limiter, Meter, PeriodTotals, QuotaView, RateHeaders,
-        Rejection, Remaining,
+        Rejection, Remaining, SyncRead,
     },
     limits::period::Period,
     limits::policy::Policies,

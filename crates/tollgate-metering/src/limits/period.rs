@@ -1,6 +1,7 @@
 //! Billing periods: calendar months in UTC (docs/CONFIGURATION.md).
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use time::{Date, Month, OffsetDateTime, UtcOffset};
@@ -77,6 +78,11 @@ impl Period {
         } else {
             Date::MAX
         })
+    }
+
+    /// Its days: from the first, up to the next period's first (exclusive).
+    pub fn days(self) -> Range<Date> {
+        self.first_day()..self.next().first_day()
     }
 
     /// Midnight UTC on the first day: when the period begins.

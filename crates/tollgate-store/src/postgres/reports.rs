@@ -17,6 +17,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 
 use deadpool_postgres::GenericClient;
 use time::Date;
@@ -212,21 +213,21 @@ pub(super) async fn summary(
 /// days, summed in numeric and clamped as every report is.
 pub(super) async fn period_totals(
     store: &PostgresStore,
-    period: Period,
+    days: Range<Date>,
 ) -> Result<HashMap<CustomerId, PeriodTotals>, Failure> {
     let sql = format!(
         "SELECT customer_id, {} FROM usage_customer_daily WHERE day >= $1 AND day < $2 \
          GROUP BY customer_id",
         sums()
     );
-    totals_by(store, &sql, period, CustomerId).await
+    totals_by(store, &sql, days, CustomerId).await
 }
 
 /// The period's totals per key family, for families with limits: from
 /// `usage_daily` (per key), reached through the limited keys' customers.
 pub(super) async fn key_period_totals(
     store: &PostgresStore,
-    period: Period,
+    days: Range<Date>,
 ) -> Result<HashMap<KeyId, PeriodTotals>, Failure> {
     let sql = format!(
         "SELECT k.family_id, {} FROM usage_daily d JOIN api_keys k ON k.id = d.key_id \
@@ -236,25 +237,20 @@ pub(super) async fn key_period_totals(
          GROUP BY k.family_id",
         sums()
     );
-    totals_by(store, &sql, period, KeyId).await
+    totals_by(store, &sql, days, KeyId).await
 }
 
-/// The rows of `sql` (an id, then the sums; bound to the period's days)
-/// as period totals by id.
+/// The rows of `sql` (an id, then the sums; bound to the first and the
+/// end of `days`) as period totals by id.
 async fn totals_by<Id: std::hash::Hash + Eq>(
     store: &PostgresStore,
     sql: &str,
-    period: Period,
+    days: Range<Date>,
     id: fn(Uuid) -> Id,
 ) -> Result<HashMap<Id, PeriodTotals>, Failure> {
     let client = store.client().await?;
     let statement = client.prepare_cached(sql).await?;
-    let rows = client
-        .query(
-            &statement,
-            &[&period.first_day(), &period.next().first_day()],
-        )
-        .await?;
+    let rows = client.query(&statement, &[&days.start, &days.end]).await?;
     let mut totals = HashMap::with_capacity(rows.len());
     for row in &rows {
         totals.insert(id(get(row, 0)?), reports::period_totals(&sums_at(row, 1)?));

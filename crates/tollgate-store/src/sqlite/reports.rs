@@ -17,6 +17,7 @@
 //! Postgres compares them under `COLLATE "C"`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, Row, TransactionBehavior};
@@ -222,21 +223,21 @@ pub(super) fn summary(conn: &Connection, filter: &UsageFilter) -> Result<UsageTo
 /// days, summed in halves as every report is.
 pub(super) fn period_totals(
     conn: &Connection,
-    period: Period,
+    days: Range<Date>,
 ) -> Result<HashMap<CustomerId, PeriodTotals>, Failure> {
     let sql = format!(
         "SELECT customer_id, {} FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 \
          GROUP BY customer_id",
         split_sums()
     );
-    totals_by(conn, &sql, period, CustomerId)
+    totals_by(conn, &sql, days, CustomerId)
 }
 
 /// The period's totals per key family, for families with limits: from
 /// `usage_daily` (per key), reached through the limited keys' customers.
 pub(super) fn key_period_totals(
     conn: &Connection,
-    period: Period,
+    days: Range<Date>,
 ) -> Result<HashMap<KeyId, PeriodTotals>, Failure> {
     let sql = format!(
         "SELECT COALESCE(k.family_id, k.id), {} FROM usage_daily d \
@@ -248,22 +249,19 @@ pub(super) fn key_period_totals(
          GROUP BY 1",
         split_sums()
     );
-    totals_by(conn, &sql, period, KeyId)
+    totals_by(conn, &sql, days, KeyId)
 }
 
-/// The rows of `sql` (an id, then the sums in halves; bound to the
-/// period's days) as period totals by id.
+/// The rows of `sql` (an id, then the sums in halves; bound to the first
+/// and the end of `days`) as period totals by id.
 fn totals_by<Id: std::hash::Hash + Eq>(
     conn: &Connection,
     sql: &str,
-    period: Period,
+    days: Range<Date>,
     id: fn(Uuid) -> Id,
 ) -> Result<HashMap<Id, PeriodTotals>, Failure> {
     let mut statement = conn.prepare_cached(sql)?;
-    let mut rows = statement.query(params![
-        day_text(period.first_day()),
-        day_text(period.next().first_day())
-    ])?;
+    let mut rows = statement.query(params![day_text(days.start), day_text(days.end)])?;
     let mut totals = HashMap::new();
     while let Some(row) = rows.next()? {
         let key = id(parse_uuid(&row.get::<_, String>(0)?)?);
