@@ -46,9 +46,8 @@ const WHOLE_SYNC_EVERY: Duration = Duration::from_secs(60);
 /// rollup grows with customers × days (0.5 s at 10,000 customers at the end
 /// of the month, 8 s at 100,000, benches/totals_sync.rs), a read of the
 /// open days with the customers active on them (65 ms, 1.1 s): without
-/// spacing, a
-/// sync slower than its interval would run back to back and keep a
-/// database connection busy for good.
+/// spacing, a sync slower than its interval would run back to back and
+/// keep a database connection busy for good.
 fn sync_spacing(interval: Duration, took: Duration) -> Duration {
     if took < SLOW_SYNC {
         return interval;
