@@ -47,6 +47,79 @@ use tollgate_metering::limits::KeyLimits;
 use tollgate_metering::{CustomerId, KeyId};
 use tollgate_metering::{Store, StoreError};
 
+/// `column = stored.column + excluded.column` for the `DO UPDATE` of a
+/// rollup upsert, saturating at the ends of the 64-bit range, in either
+/// direction, rather than failing the batch (Postgres) or turning the sum
+/// into a float (SQLite): the same as the writer's sums in Rust, which are
+/// exact and clamped. Each branch adds or subtracts only what cannot
+/// overflow. `$stored` names the stored row: `"d."` where the table is
+/// aliased `d`, `""` where bare column names mean the stored row.
+///
+/// On Postgres this replaced `GREATEST(LEAST(d.column::numeric + …))`:
+/// numeric arithmetic cost about 0.08 µs more a column, 0.8 µs an upserted
+/// row of ten sums, and a batch of its own upserts a group for every two
+/// or three rows (benches/usage_write.rs: 10–16% of the server's CPU a
+/// row).
+macro_rules! saturating_add {
+    ($stored:literal, $column:literal) => {
+        concat!(
+            $column,
+            " = CASE WHEN excluded.",
+            $column,
+            " >= 0 THEN CASE WHEN ",
+            $stored,
+            $column,
+            " > 9223372036854775807 - excluded.",
+            $column,
+            " THEN 9223372036854775807 ELSE ",
+            $stored,
+            $column,
+            " + excluded.",
+            $column,
+            " END WHEN ",
+            $stored,
+            $column,
+            " < -9223372036854775808 - excluded.",
+            $column,
+            " THEN -9223372036854775808 ELSE ",
+            $stored,
+            $column,
+            " + excluded.",
+            $column,
+            " END"
+        )
+    };
+}
+
+/// The sums of an incoming rollup row (`excluded`) added to the stored one,
+/// each saturating ([`saturating_add!`]). Shared by `usage_daily` and
+/// `usage_customer_daily`, which have the same sums, on both backends.
+macro_rules! add_sums {
+    ($stored:literal) => {
+        concat!(
+            saturating_add!($stored, "requests"),
+            ", ",
+            saturating_add!($stored, "rejected"),
+            ", ",
+            saturating_add!($stored, "errors"),
+            ", ",
+            saturating_add!($stored, "input_tokens"),
+            ", ",
+            saturating_add!($stored, "output_tokens"),
+            ", ",
+            saturating_add!($stored, "cache_read_tokens"),
+            ", ",
+            saturating_add!($stored, "cache_write_tokens"),
+            ", ",
+            saturating_add!($stored, "request_bytes"),
+            ", ",
+            saturating_add!($stored, "response_bytes"),
+            ", ",
+            saturating_add!($stored, "cost_nanos")
+        )
+    };
+}
+
 mod migrations;
 mod postgres;
 mod reports;

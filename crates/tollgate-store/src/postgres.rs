@@ -644,38 +644,13 @@ macro_rules! event_columns {
     };
 }
 
-/// The sums of an incoming rollup row (`excluded`) added to the stored one
-/// (`d`), each clamped to the bigint range (computed in numeric), as the
-/// Rust sums are, rather than failing the batch on overflow. Shared by
-/// `usage_daily` and `usage_customer_daily`, which have the same sums.
-macro_rules! add_sums {
-    () => {
-        "requests = LEAST(d.requests::numeric + excluded.requests, 9223372036854775807),
-            rejected = LEAST(d.rejected::numeric + excluded.rejected, 9223372036854775807),
-            errors = LEAST(d.errors::numeric + excluded.errors, 9223372036854775807),
-            input_tokens = LEAST(d.input_tokens::numeric + excluded.input_tokens,
-                                 9223372036854775807),
-            output_tokens = LEAST(d.output_tokens::numeric + excluded.output_tokens,
-                                  9223372036854775807),
-            cache_read_tokens = LEAST(d.cache_read_tokens::numeric
-                                      + excluded.cache_read_tokens, 9223372036854775807),
-            cache_write_tokens = LEAST(d.cache_write_tokens::numeric
-                                       + excluded.cache_write_tokens, 9223372036854775807),
-            request_bytes = LEAST(d.request_bytes::numeric + excluded.request_bytes,
-                                  9223372036854775807),
-            response_bytes = LEAST(d.response_bytes::numeric + excluded.response_bytes,
-                                   9223372036854775807),
-            cost_nanos = GREATEST(LEAST(d.cost_nanos::numeric + excluded.cost_nanos,
-                                        9223372036854775807), -9223372036854775808)"
-    };
-}
-
-/// Adds an incoming `usage_daily` row to the stored one ([`add_sums!`]).
+/// Adds an incoming `usage_daily` row to the stored one (`d`), saturating
+/// ([`add_sums!`]).
 macro_rules! add_to_daily {
     () => {
         concat!(
             "ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET ",
-            add_sums!()
+            add_sums!("d.")
         )
     };
 }
@@ -800,7 +775,7 @@ const UPSERT_CUSTOMER_DAILY: &str = concat!(
         $1::date[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
         $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
     ON CONFLICT (day, customer_id) DO UPDATE SET ",
-    add_sums!()
+    add_sums!("d.")
 );
 
 /// The staging table: the columns of `usage_events` plus what the rollup

@@ -408,26 +408,6 @@ const INSERT_USAGE_EVENT: &str = "INSERT INTO usage_events (\
     ?19, ?20, ?21, ?22) \
     ON CONFLICT (ts, id) DO NOTHING";
 
-/// The sums of an incoming rollup row (`excluded`) added to the stored
-/// one. SQLite turns an integer sum that overflows into a REAL; clamping it
-/// gives back the saturated integer, as Postgres does. Shared by
-/// `usage_daily` and `usage_customer_daily`, which have the same sums.
-macro_rules! add_sums {
-    () => {
-        "requests = MIN(requests + excluded.requests, 9223372036854775807), \
-        rejected = MIN(rejected + excluded.rejected, 9223372036854775807), \
-        errors = MIN(errors + excluded.errors, 9223372036854775807), \
-        input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807), \
-        output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807), \
-        cache_read_tokens = MIN(cache_read_tokens + excluded.cache_read_tokens, 9223372036854775807), \
-        cache_write_tokens = MIN(cache_write_tokens + excluded.cache_write_tokens, 9223372036854775807), \
-        request_bytes = MIN(request_bytes + excluded.request_bytes, 9223372036854775807), \
-        response_bytes = MIN(response_bytes + excluded.response_bytes, 9223372036854775807), \
-        cost_nanos = MAX(MIN(cost_nanos + excluded.cost_nanos, 9223372036854775807), \
-                         -9223372036854775808)"
-    };
-}
-
 /// Adds one group's sums to `usage_daily` ([`add_sums!`]).
 const UPSERT_USAGE_DAILY: &str = concat!(
     "INSERT INTO usage_daily (\
@@ -436,7 +416,7 @@ const UPSERT_USAGE_DAILY: &str = concat!(
     cost_nanos) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
     ON CONFLICT (day, customer_id, key_id, route, model) DO UPDATE SET ",
-    add_sums!()
+    add_sums!("")
 );
 
 /// Adds one customer day's sums to `usage_customer_daily`, clamped as in
@@ -447,7 +427,7 @@ const UPSERT_CUSTOMER_DAILY: &str = concat!(
     cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
     ON CONFLICT (day, customer_id) DO UPDATE SET ",
-    add_sums!()
+    add_sums!("")
 );
 
 /// Writes `batch` in one IMMEDIATE transaction: each row is inserted unless

@@ -42,6 +42,7 @@ tollgate_store::both_backends!(
     duplicate_billing_lines_are_refused_and_store_nothing,
     report_sums_saturate_instead_of_failing,
     rows_at_the_bigint_limit_load_report_and_bill,
+    rollup_upserts_saturate_at_both_ends_and_add_exactly_between,
     the_sync_on_the_blocking_pool_takes_in_the_months_totals,
     syncs_between_whole_reads_read_the_open_days_and_keep_the_closed_ones,
     an_own_row_of_a_closed_day_committed_late_makes_the_next_sync_read_everything,
@@ -1055,6 +1056,73 @@ async fn report_sums_saturate_instead_of_failing(backend: Backend) {
         .iter()
         .filter(|e| e.customer_id == customer)
         .all(|e| e.input_tokens == i64::MAX as u64));
+}
+
+/// A row added to rollup rows that hold the ends of the bigint range:
+/// each sum saturates where it would leave the range, in either direction,
+/// and is exact everywhere else, in both rollup tables. The expected sums
+/// are `i64::saturating_add`'s.
+async fn rollup_upserts_saturate_at_both_ends_and_add_exactly_between(backend: Backend) {
+    let (store, guard) = test_store(backend).await;
+    let customer = create(&*store, "edges", "pro").await;
+    let key = KeyId::new();
+    // Stored (requests, input_tokens, cost_nanos), and the added row's
+    // cost, one day each from the 10th.
+    let cases: [([i64; 3], i64); 5] = [
+        ([i64::MAX, i64::MAX - 3, i64::MIN], -5),
+        ([4, 7, i64::MIN], 5),
+        ([i64::MAX - 1, 0, i64::MAX], 5),
+        ([0, 0, i64::MAX], -5),
+        ([2, 3, i64::MIN + 2], -2),
+    ];
+    let mut added = Vec::new();
+    for (n, ([requests, input, cost], added_cost)) in (0u64..).zip(cases) {
+        let at = datetime!(2026-03-10 12:00 UTC) + Duration::from_secs(86_400 * n);
+        let day = at.date();
+        let sums = format!("{requests}, 0, 0, {input}, 0, 0, 0, 0, 0, {cost}");
+        guard
+            .raw(&format!(
+                "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
+                 rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
+                 cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+                 VALUES ('{day}', '{customer}', '{key}', 'openai', 'gpt-4o', {sums})"
+            ))
+            .await;
+        guard
+            .raw(&format!(
+                "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, errors, \
+                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+                 request_bytes, response_bytes, cost_nanos) \
+                 VALUES ('{day}', '{customer}', {sums})"
+            ))
+            .await;
+        let mut row = usage_event(customer, key, at);
+        (row.input_tokens, row.cost_nanos) = (10, added_cost);
+        added.push(row);
+    }
+    assert_eq!(store.write_usage(&added).await.unwrap(), 5);
+
+    for table in ["usage_daily", "usage_customer_daily"] {
+        let stored = guard
+            .raw(&format!(
+                "SELECT requests, input_tokens, cost_nanos FROM {table} ORDER BY day"
+            ))
+            .await;
+        let expected: Vec<Vec<Option<String>>> = cases
+            .iter()
+            .map(|&([requests, input, cost], added_cost)| {
+                [
+                    requests.saturating_add(1),
+                    input.saturating_add(10),
+                    cost.saturating_add(added_cost),
+                ]
+                .iter()
+                .map(|sum| Some(sum.to_string()))
+                .collect()
+            })
+            .collect();
+        assert_eq!(stored, expected, "{table}");
+    }
 }
 
 /// Sets every summed column of a rollup row to `i64::MAX`: what a database
