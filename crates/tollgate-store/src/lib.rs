@@ -55,11 +55,12 @@ use tollgate_metering::{Store, StoreError};
 /// overflow. `$stored` names the stored row: `"d."` where the table is
 /// aliased `d`, `""` where bare column names mean the stored row.
 ///
-/// On Postgres this replaced `GREATEST(LEAST(d.column::numeric + …))`:
-/// numeric arithmetic cost about 0.08 µs more a column, 0.8 µs an upserted
-/// row of ten sums, and a batch of its own upserts a group for every two
-/// or three rows (benches/usage_write.rs: 10–16% of the server's CPU a
-/// row).
+/// On Postgres this replaced `LEAST(d.column::numeric + excluded.column,
+/// max)` (and `GREATEST` of that for `cost_nanos`): in `psql` the numeric
+/// arithmetic cost 0.07 to 0.19 µs more a column than this, depending on
+/// the machine, and a batch written in a transaction of its own upserts a
+/// group for every two or three rows (benches/usage_write.rs: 9–16% of the
+/// server's CPU a row).
 macro_rules! saturating_add {
     ($stored:literal, $column:literal) => {
         concat!(

@@ -1060,14 +1060,13 @@ async fn report_sums_saturate_instead_of_failing(backend: Backend) {
 
 /// A row added to rollup rows that hold the ends of the bigint range:
 /// each sum saturates where it would leave the range, in either direction,
-/// and is exact everywhere else, in both rollup tables. The expected sums
-/// are `i64::saturating_add`'s.
+/// and is exact everywhere else, in both rollup tables, on both ways of
+/// writing (new rows, and the deduplicating way a replay takes). The
+/// expected sums are `i64::saturating_add`'s, for all ten columns.
 async fn rollup_upserts_saturate_at_both_ends_and_add_exactly_between(backend: Backend) {
     let (store, guard) = test_store(backend).await;
-    let customer = create(&*store, "edges", "pro").await;
-    let key = KeyId::new();
     // Stored (requests, input_tokens, cost_nanos), and the added row's
-    // cost, one day each from the 10th.
+    // cost, one day each from the 10th; the other sums are stored as 0.
     let cases: [([i64; 3], i64); 5] = [
         ([i64::MAX, i64::MAX - 3, i64::MIN], -5),
         ([4, 7, i64::MIN], 5),
@@ -1075,53 +1074,73 @@ async fn rollup_upserts_saturate_at_both_ends_and_add_exactly_between(backend: B
         ([0, 0, i64::MAX], -5),
         ([2, 3, i64::MIN + 2], -2),
     ];
-    let mut added = Vec::new();
-    for (n, ([requests, input, cost], added_cost)) in (0u64..).zip(cases) {
-        let at = datetime!(2026-03-10 12:00 UTC) + Duration::from_secs(86_400 * n);
-        let day = at.date();
-        let sums = format!("{requests}, 0, 0, {input}, 0, 0, 0, 0, 0, {cost}");
-        guard
-            .raw(&format!(
-                "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
-                 rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
-                 cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
-                 VALUES ('{day}', '{customer}', '{key}', 'openai', 'gpt-4o', {sums})"
-            ))
-            .await;
-        guard
-            .raw(&format!(
-                "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, errors, \
-                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
-                 request_bytes, response_bytes, cost_nanos) \
-                 VALUES ('{day}', '{customer}', {sums})"
-            ))
-            .await;
-        let mut row = usage_event(customer, key, at);
-        (row.input_tokens, row.cost_nanos) = (10, added_cost);
-        added.push(row);
-    }
-    assert_eq!(store.write_usage(&added).await.unwrap(), 5);
+    for deduplicating in [false, true] {
+        let customer = create(&*store, &format!("edges-{deduplicating}"), "pro").await;
+        let key = KeyId::new();
+        let mut added = Vec::new();
+        for (n, ([requests, input, cost], added_cost)) in (0u64..).zip(cases) {
+            let at = datetime!(2026-03-10 12:00 UTC) + Duration::from_secs(86_400 * n);
+            let day = at.date();
+            let sums = format!("{requests}, 0, 0, {input}, 0, 0, 0, 0, 0, {cost}");
+            guard
+                .raw(&format!(
+                    "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
+                     rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
+                     cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+                     VALUES ('{day}', '{customer}', '{key}', 'openai', 'gpt-4o', {sums})"
+                ))
+                .await;
+            guard
+                .raw(&format!(
+                    "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, \
+                     errors, input_tokens, output_tokens, cache_read_tokens, \
+                     cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+                     VALUES ('{day}', '{customer}', {sums})"
+                ))
+                .await;
+            let mut row = usage_event(customer, key, at);
+            (row.input_tokens, row.cost_nanos) = (10, added_cost);
+            (row.cache_read_tokens, row.cache_write_tokens) = (3, 4);
+            added.push(row);
+        }
+        let written = if deduplicating {
+            store.write_usage_deduplicated(&added).await.unwrap()
+        } else {
+            store.write_usage(&added).await.unwrap()
+        };
+        assert_eq!(written, 5);
 
-    for table in ["usage_daily", "usage_customer_daily"] {
-        let stored = guard
-            .raw(&format!(
-                "SELECT requests, input_tokens, cost_nanos FROM {table} ORDER BY day"
-            ))
-            .await;
         let expected: Vec<Vec<Option<String>>> = cases
             .iter()
-            .map(|&([requests, input, cost], added_cost)| {
+            .zip(&added)
+            .map(|(&([requests, input, cost], _), row)| {
                 [
                     requests.saturating_add(1),
+                    0,
+                    0,
                     input.saturating_add(10),
-                    cost.saturating_add(added_cost),
+                    i64::try_from(row.output_tokens).unwrap(),
+                    3,
+                    4,
+                    i64::try_from(row.request_bytes).unwrap(),
+                    i64::try_from(row.response_bytes).unwrap(),
+                    cost.saturating_add(row.cost_nanos),
                 ]
                 .iter()
                 .map(|sum| Some(sum.to_string()))
                 .collect()
             })
             .collect();
-        assert_eq!(stored, expected, "{table}");
+        for table in ["usage_daily", "usage_customer_daily"] {
+            let stored = guard
+                .raw(&format!(
+                    "SELECT requests, rejected, errors, input_tokens, output_tokens, \
+                     cache_read_tokens, cache_write_tokens, request_bytes, response_bytes, \
+                     cost_nanos FROM {table} WHERE customer_id = '{customer}' ORDER BY day"
+                ))
+                .await;
+            assert_eq!(stored, expected, "{table}, deduplicating: {deduplicating}");
+        }
     }
 }
 
