@@ -1058,6 +1058,35 @@ async fn report_sums_saturate_instead_of_failing(backend: Backend) {
         .all(|e| e.input_tokens == i64::MAX as u64));
 }
 
+/// Inserts a rollup row of `day` straight into both rollup tables, as a
+/// database written by other means may hold it: in `usage_daily` for
+/// `key`, route `openai`, model `gpt-4o`, and in `usage_customer_daily`.
+/// `sums` is the ten summed columns' values, in the tables' order.
+async fn insert_rollups(
+    guard: &TestGuard,
+    day: &str,
+    customer: CustomerId,
+    key: KeyId,
+    sums: &str,
+) {
+    guard
+        .raw(&format!(
+            "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
+             rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
+             cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
+             VALUES ('{day}', '{customer}', '{key}', 'openai', 'gpt-4o', {sums})"
+        ))
+        .await;
+    guard
+        .raw(&format!(
+            "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, errors, \
+             input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
+             request_bytes, response_bytes, cost_nanos) \
+             VALUES ('{day}', '{customer}', {sums})"
+        ))
+        .await;
+}
+
 /// A row added to rollup rows that hold the ends of the bigint range:
 /// each sum saturates where it would leave the range, in either direction,
 /// and is exact everywhere else, in both rollup tables, on both ways of
@@ -1082,22 +1111,7 @@ async fn rollup_upserts_saturate_at_both_ends_and_add_exactly_between(backend: B
             let at = datetime!(2026-03-10 12:00 UTC) + Duration::from_secs(86_400 * n);
             let day = at.date();
             let sums = format!("{requests}, 0, 0, {input}, 0, 0, 0, 0, 0, {cost}");
-            guard
-                .raw(&format!(
-                    "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
-                     rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
-                     cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
-                     VALUES ('{day}', '{customer}', '{key}', 'openai', 'gpt-4o', {sums})"
-                ))
-                .await;
-            guard
-                .raw(&format!(
-                    "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, \
-                     errors, input_tokens, output_tokens, cache_read_tokens, \
-                     cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
-                     VALUES ('{day}', '{customer}', {sums})"
-                ))
-                .await;
+            insert_rollups(&guard, &day.to_string(), customer, key, &sums).await;
             let mut row = usage_event(customer, key, at);
             (row.input_tokens, row.cost_nanos) = (10, added_cost);
             (row.cache_read_tokens, row.cache_write_tokens) = (3, 4);
@@ -1172,22 +1186,7 @@ async fn rows_at_the_bigint_limit_load_report_and_bill(backend: Backend) {
     // request counts included, on days of their own.
     let key = KeyId::new();
     for day in ["2026-03-10", "2026-03-11", "2026-03-12"] {
-        guard
-            .raw(&format!(
-                "INSERT INTO usage_customer_daily (day, customer_id, requests, rejected, errors, \
-                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, \
-                 request_bytes, response_bytes, cost_nanos) \
-                 VALUES ('{day}', '{huge}', {AT_THE_LIMIT})"
-            ))
-            .await;
-        guard
-            .raw(&format!(
-                "INSERT INTO usage_daily (day, customer_id, key_id, route, model, requests, \
-                 rejected, errors, input_tokens, output_tokens, cache_read_tokens, \
-                 cache_write_tokens, request_bytes, response_bytes, cost_nanos) \
-                 VALUES ('{day}', '{huge}', '{key}', 'openai', 'gpt-4o', {AT_THE_LIMIT})"
-            ))
-            .await;
+        insert_rollups(&guard, day, huge, key, AT_THE_LIMIT).await;
     }
     // A new row added to those at the limit: both upserts saturate.
     let mut more = usage_event(huge, key, datetime!(2026-03-10 18:00 UTC));
