@@ -53,7 +53,16 @@ use tollgate_metering::{Store, StoreError};
 /// into a float (SQLite): the same as the writer's sums in Rust, which are
 /// exact and clamped. Each branch adds or subtracts only what cannot
 /// overflow. `$stored` names the stored row: `"d."` where the table is
-/// aliased `d`, `""` where bare column names mean the stored row.
+/// aliased `d`, `""` where bare column names mean the stored row. With
+/// `"d."`, for a column `x`:
+///
+/// ```sql
+/// x = CASE WHEN excluded.x >= 0
+///          THEN CASE WHEN d.x > 9223372036854775807 - excluded.x
+///                    THEN 9223372036854775807 ELSE d.x + excluded.x END
+///          WHEN d.x < -9223372036854775808 - excluded.x
+///          THEN -9223372036854775808 ELSE d.x + excluded.x END
+/// ```
 ///
 /// On Postgres this replaced `LEAST(d.column::numeric + excluded.column,
 /// max)` (and `GREATEST` of that for `cost_nanos`): in `psql` the numeric
