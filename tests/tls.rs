@@ -388,6 +388,47 @@ async fn a_route_with_ca_file_and_client_cert_reaches_an_mtls_upstream() {
     gw.stop().await;
 }
 
+/// HTTP/2 names the host in `:authority` only: a `Host` header beside it,
+/// even an equal one, is a 400 from nginx ("duplicate host header").
+#[tokio::test]
+async fn an_http2_upstream_gets_the_authority_and_no_host_header() {
+    let ca = TestCa::new();
+    let upstream = MtlsUpstream::start(&ca).await;
+    let plain = MockUpstream::start().await.unwrap();
+    // A second route to the same upstream gives its own Host.
+    let named = format!(
+        "[[routes]]\nname = \"named\"\nprefix = \"/named/\"\nupstream = \"{}\"\n\
+         strip_prefix = true\nusage = \"openai\"\nca_file = \"{}\"\n\
+         client_cert = {{ cert = \"{}\", key = \"{}\" }}\n\
+         set_headers = {{ host = \"api.example.test\" }}\n",
+        upstream.url(),
+        ca.ca.display(),
+        ca.client_cert.display(),
+        ca.client_key.display()
+    );
+    let routes = mtls_routes(&ca, &upstream, &plain.url()) + &named;
+    let gw = TestGateway::start(mtls_config(&routes)).await;
+
+    for path in ["/private/v1/chat/completions", "/named/v1/chat/completions"] {
+        let reply = chat(&gw, path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+    }
+    let seen = upstream.mock.requests();
+    assert_eq!(seen.len(), 2);
+    let expected = [
+        format!("localhost:{}", upstream.port),
+        "api.example.test".to_owned(),
+    ];
+    for (request, authority) in seen.iter().zip(expected) {
+        // ALPN chose HTTP/2 (the upstream offers it first).
+        assert_eq!(request.version, Version::HTTP_2);
+        assert_eq!(request.headers.get(http::header::HOST), None);
+        assert_eq!(request.uri.authority().unwrap().as_str(), authority);
+        assert_eq!(request.uri.path(), "/v1/chat/completions");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
     let ca = TestCa::new();

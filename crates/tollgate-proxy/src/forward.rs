@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::header::HOST;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -139,17 +140,20 @@ impl UpstreamClient {
                         Err(error) => error,
                     }
                 }
-                Conn::Http2(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(response.map(UpstreamBody::done)),
-                    Err(error) => error,
-                },
+                Conn::Http2(mut sender) => {
+                    set_http2_authority(&mut request);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok(response.map(UpstreamBody::done)),
+                        Err(error) => error,
+                    }
+                }
             };
             // Given back unsent: the connection closed before it could
             // take the request. Another one may; a new one that fails so
             // is the upstream's failure.
             let mut error = sent;
             match error.take_message() {
-                Some(unsent) if reused => request = unsent,
+                Some(unsent) if reused => request = restored(unsent, &pool),
                 _ => return Err(UpstreamError::Failed(error.into_error())),
             }
         }
@@ -317,6 +321,58 @@ fn spawn_sweeper(pool: Weak<OriginPool>) {
             }
         }
     });
+}
+
+/// HTTP/2 carries the authority as `:authority`, which the client takes
+/// from the URI. A `Host` header beside it, even an equal one, is refused by
+/// some servers (nginx answers 400, "duplicate host header"), so the `Host`
+/// the request was given (the upstream's, or a route's own in `set_headers`)
+/// becomes the URI's authority instead, as RFC 9113 (8.3.1) has an
+/// intermediary do. A `Host` that is not a valid authority is dropped and
+/// the upstream's own stands.
+fn set_http2_authority(request: &mut Request<RequestBody>) {
+    let Some(host) = request.headers_mut().remove(HOST) else {
+        return;
+    };
+    let Ok(authority) = Authority::try_from(host.as_bytes()) else {
+        return;
+    };
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.authority = Some(authority);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+/// A request given back unsent, put back as [`UpstreamClient::request`]
+/// takes it, whichever protocol it was meant for: its `Host` (which HTTP/2
+/// moved into the URI) and an absolute URI on `pool`'s origin (which
+/// HTTP/1.1 made origin-form).
+fn restored(mut request: Request<RequestBody>, pool: &OriginPool) -> Request<RequestBody> {
+    let authority = request
+        .uri()
+        .authority()
+        .cloned()
+        .unwrap_or_else(|| pool.authority.clone());
+    if !request.headers().contains_key(HOST) {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            request.headers_mut().insert(HOST, host);
+        }
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::builder()
+        .scheme(pool.scheme.clone())
+        .authority(pool.authority.clone())
+        .path_and_query(path)
+        .build()
+    {
+        *request.uri_mut() = uri;
+    }
+    request
 }
 
 /// HTTP/1.1 requests name only the path (`Host` carries the authority);
@@ -598,6 +654,68 @@ mod tests {
             assert_eq!(text(&client, &uri).await, "x");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), opened);
+    }
+
+    fn pool(uri: &Uri) -> OriginPool {
+        OriginPool {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+            idle: Mutex::new(Vec::new()),
+            http2: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn an_http2_request_carries_its_host_as_the_authority_and_no_host_header() {
+        let uri: Uri = "https://10.0.0.7:8443/v1/chat?x=1".parse().unwrap();
+        let mut request = get(&uri);
+        request
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static("api.example.test"));
+        set_http2_authority(&mut request);
+        assert_eq!(request.headers().get(HOST), None);
+        assert_eq!(
+            request.uri().to_string(),
+            "https://api.example.test/v1/chat?x=1"
+        );
+
+        // A Host that is no authority goes; the upstream's stands.
+        let mut request = get(&uri);
+        request
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static("no such/host"));
+        set_http2_authority(&mut request);
+        assert_eq!(request.headers().get(HOST), None);
+        assert_eq!(request.uri(), &uri);
+    }
+
+    #[test]
+    fn a_request_given_back_unsent_is_put_back_for_either_protocol() {
+        let uri: Uri = "https://10.0.0.7:8443/v1/chat?x=1".parse().unwrap();
+        let pool = pool(&uri);
+        let mut request = get(&uri);
+        request
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static("api.example.test"));
+        // Meant for HTTP/2: the Host comes back out of the URI.
+        set_http2_authority(&mut request);
+        let request = restored(request, &pool);
+        assert_eq!(request.uri(), &uri);
+        assert_eq!(request.headers()[HOST], "api.example.test");
+        // Meant for HTTP/1.1: the URI is absolute again.
+        let mut request = request;
+        set_origin_form(request.uri_mut());
+        assert_eq!(request.uri().to_string(), "/v1/chat?x=1");
+        let request = restored(request, &pool);
+        assert_eq!(request.uri(), &uri);
+        assert_eq!(request.headers()[HOST], "api.example.test");
+        // No Host at all: the upstream's.
+        let mut request = get(&uri);
+        request.headers_mut().remove(HOST);
+        set_origin_form(request.uri_mut());
+        let request = restored(request, &pool);
+        assert_eq!(request.headers()[HOST], "10.0.0.7:8443");
+        assert_eq!(request.uri(), &uri);
     }
 
     #[tokio::test]
