@@ -54,9 +54,19 @@
 #                          database tollgate_instr_<pid>_<n> is made per build, dropped at the end
 #   TOP=25                 functions listed;  CRATES=20  crates listed
 #   KEEP=dir               copy the callgrind dumps there (for callgrind_annotate, kcachegrind)
+#   CLIENT=h1|h2c|h1-tls|h2-tls      how the client speaks to the gateway (default h1:
+#                          HTTP/1.1 in the clear; h2c is HTTP/2 in the clear, the TLS
+#                          ones HTTP/1.1 or HTTP/2 by ALPN over TLS to server.tls)
+#   UPSTREAM=h1|h1-tls|h2-tls        how the gateway speaks to the upstream (default h1;
+#                          the TLS ones to an nginx upstream on TLS, its CA in the
+#                          route's ca_file, HTTP/2 where ALPN offers it)
+#                          Other than h1 and h1, nginx and the hyper proxy are not
+#                          measured (they would not be proxying the same way), so
+#                          COMPARE_BIN is required: these compare two builds on the
+#                          paths the default leaves out (TLS, HTTP/2).
 # Needs: valgrind (callgrind_control), nginx, h2load, python3 (apt-get install
 # valgrind nginx nghttp2-client python3); psql for Postgres; sqlite3 to watch
-# the rows on SQLite.
+# the rows on SQLite; openssl for the TLS ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +80,23 @@ NGINX_PORT=19182
 GATEWAY_PORT=19183
 GATEWAY_ADMIN_PORT=19184
 HYPER_PORT=19185
+TLS_UPSTREAM_PORT=19186
+CLIENT="${CLIENT:-h1}"
+UPSTREAM="${UPSTREAM:-h1}"
+case "$CLIENT" in h1 | h2c | h1-tls | h2-tls) ;; *)
+    echo "error: CLIENT must be h1, h2c, h1-tls or h2-tls, not '$CLIENT'" >&2; exit 2 ;; esac
+case "$UPSTREAM" in h1 | h1-tls | h2-tls) ;; *)
+    echo "error: UPSTREAM must be h1, h1-tls or h2-tls, not '$UPSTREAM'" >&2; exit 2 ;; esac
+# Whether the baselines (nginx, the hyper proxy) are measured: only where
+# they proxy the way the gateway does.
+BASELINES=1
+if [ "$CLIENT" != h1 ] || [ "$UPSTREAM" != h1 ]; then
+    BASELINES=
+    [ -n "${COMPARE_BIN:-}" ] || {
+        echo "error: CLIENT=$CLIENT UPSTREAM=$UPSTREAM measures no baseline: give COMPARE_BIN, the build to compare with" >&2
+        exit 2
+    }
+fi
 
 . benches/lib.sh
 bench_need "apt-get install valgrind nginx nghttp2-client python3" valgrind callgrind_control nginx h2load python3
@@ -97,15 +124,40 @@ nginx_conf proxy "$NGINX_PORT" "$PROXY_LOCATION" "$(proxy_upstream "$UPSTREAM_PO
 nginx -c "$WORK/upstream/nginx.conf" & PIDS+=($!)
 wait_port "$UPSTREAM_PORT"
 
+# TLS: a throwaway CA and a certificate for 127.0.0.1 it signed, for the
+# gateway's listener and the TLS upstream alike.
+if [ "$CLIENT" != "${CLIENT%-tls}" ] || [ "$UPSTREAM" != h1 ]; then
+    bench_need "apt-get install openssl" openssl
+    make_certs "$WORK"
+fi
+UPSTREAM_ORIGIN="http://127.0.0.1:$UPSTREAM_PORT"
+if [ "$UPSTREAM" != h1 ]; then
+    # nginx 1.22 (Debian 12) takes http2 as a listen option.
+    nginx_conf tls-upstream "$TLS_UPSTREAM_PORT" \
+        "ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem; $UPSTREAM_LOCATION" \
+        '' '' "ssl$([ "$UPSTREAM" = h2-tls ] && echo ' http2')"
+    nginx -c "$WORK/tls-upstream/nginx.conf" & PIDS+=($!)
+    wait_port "$TLS_UPSTREAM_PORT"
+    UPSTREAM_ORIGIN="https://127.0.0.1:$TLS_UPSTREAM_PORT"
+fi
+SCHEME=http
+H1=--h1
+case "$CLIENT" in
+    h2c) H1= ;;
+    h1-tls) SCHEME=https ;;
+    h2-tls) SCHEME=https H1= ;;
+esac
+
 # Exactly N requests, all answered 2xx, or the run means nothing.
 load() { # port n key
     local out
-    out="$(h2load --h1 -n "$2" -c "$CLIENTS" -t 1 -H "authorization: Bearer $3" \
-        "http://127.0.0.1:$1/v1/chat/completions")"
+    out="$(h2load $H1 -n "$2" -c "$CLIENTS" -t 1 -H "authorization: Bearer $3" \
+        "$SCHEME://127.0.0.1:$1/v1/chat/completions")"
     echo "$out" | awk -v n="$2" '
         /^requests:/ { for (i = 2; i <= NF; i++) if ($i == "succeeded,") ok = $(i - 1) }
         /^status codes:/ { s2xx = $3 }
-        END { if (ok != n || s2xx != n) { print "error: " ok + 0 " of " n " requests succeeded, " s2xx + 0 " answered 2xx" > "/dev/stderr"; exit 1 } }'
+        END { if (ok != n || s2xx != n) { print "error: " ok + 0 " of " n " requests succeeded, " s2xx + 0 " answered 2xx" > "/dev/stderr"; exit 1 } }' ||
+        { echo "$out" | tail -n 12 >&2; exit 1; }
 }
 
 # Zero the counters, run N requests, settle, dump; sets DUMP to the dump's
@@ -145,6 +197,18 @@ wait_rows() { # database-url key-id count
 }
 no_settle() { :; }
 
+# The gateway's config as CLIENT and UPSTREAM ask: its listener on TLS,
+# its route to the TLS upstream.
+tls_options() {
+    local tls='' route=''
+    case "$CLIENT" in *-tls) tls="tls = { cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }" ;; esac
+    [ "$UPSTREAM" != h1 ] && route="ca_file = \"$WORK/ca.pem\""
+    awk -v tls="$tls" -v route="$route" -v origin="$UPSTREAM_ORIGIN" '
+        /^upstream = / { print "upstream = \"" origin "\""; if (route != "") print route; next }
+        { print }
+        /^worker_threads = / && tls != "" { print tls }'
+}
+
 measure_gateway() { # name binary: sets DUMP
     local name="$1" bin="$2" dir="$WORK/$1" url key id
     mkdir -p "$dir"
@@ -156,7 +220,8 @@ measure_gateway() { # name binary: sets DUMP
     else
         url="sqlite://$dir/tollgate.db"
     fi
-    gateway_config "$GATEWAY_PORT" "$GATEWAY_ADMIN_PORT" "$url" "$dir/spool" "$UPSTREAM_PORT" > "$dir/tollgate.toml"
+    gateway_config "$GATEWAY_PORT" "$GATEWAY_ADMIN_PORT" "$url" "$dir/spool" "$UPSTREAM_PORT" |
+        tls_options > "$dir/tollgate.toml"
     # Outside valgrind: the migrations and the key are setup, not requests.
     "$bin" --config "$dir/tollgate.toml" keys create --customer bench --tier bench --json > "$dir/key.json"
     key="$(json_field key "$dir/key.json")"
@@ -329,14 +394,29 @@ def main():
 main()
 PY
 
-echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load --h1 -c $CLIENTS; usage rows to $BENCH_DATABASE"
+echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load -c $CLIENTS; client $CLIENT, upstream $UPSTREAM; usage rows to $BENCH_DATABASE"
 measure_gateway this "$BIN"; THIS_DUMP="$DUMP"
 if [ -n "${COMPARE_BIN:-}" ]; then measure_gateway compare "$COMPARE_BIN"; OTHER_DUMP="$DUMP"; fi
-measure_nginx; NGINX_DUMP="$DUMP"
-measure_floor; FLOOR_DUMP="$DUMP"
 
 per_request() { python3 "$WORK/aggregate.py" total "$REQUESTS" "$1"; }
 this=$(per_request "$THIS_DUMP")
+if [ -z "$BASELINES" ]; then
+    other=$(per_request "$OTHER_DUMP")
+    echo
+    printf '%-28s %12s\n' tollgate "$this" "tollgate (COMPARE_BIN)" "$other"
+    awk -v t="$this" -v o="$other" 'BEGIN { printf "this build vs COMPARE_BIN (instructions/request): %.4f\n", t / o }'
+    echo
+    python3 "$WORK/aggregate.py" report "$REQUESTS" "$TOP" "$CRATES" "$BIN" "$THIS_DUMP" "$COMPARE_BIN" "$OTHER_DUMP"
+    if [ -n "${KEEP:-}" ]; then
+        mkdir -p "$KEEP"
+        cp "$THIS_DUMP" "$KEEP/callgrind.tollgate.out"
+        cp "$OTHER_DUMP" "$KEEP/callgrind.compare.out"
+        echo "callgrind dumps in $KEEP (callgrind_annotate $KEEP/callgrind.tollgate.out)"
+    fi
+    exit 0
+fi
+measure_nginx; NGINX_DUMP="$DUMP"
+measure_floor; FLOOR_DUMP="$DUMP"
 nginx=$(per_request "$NGINX_DUMP")
 floor=$(per_request "$FLOOR_DUMP")
 echo

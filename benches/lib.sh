@@ -72,6 +72,22 @@ wait_port() { # port [pid log]
     exit 1
 }
 
+# A throwaway CA and a certificate for 127.0.0.1 and localhost it signed,
+# in `dir`: ca.pem (for a client's or a route's trust), cert.pem and
+# key.pem (for a server). Needs openssl.
+make_certs() { # dir
+    (
+        cd "$1"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj /CN=tollgate-throwaway-ca -keyout ca.key -out ca.pem
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -subj /CN=localhost -keyout key.pem -out cert.csr
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >cert.ext
+        openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile cert.ext -out cert.pem
+    ) >"$1/openssl.log" 2>&1 || { cat "$1/openssl.log" >&2; exit 1; }
+}
+
 # The upstream's one answer: a chat completion with its usage, as JSON.
 UPSTREAM_LOCATION='location / { default_type application/json; return 200 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}"; }'
 # nginx as the plain reverse proxy Tollgate is measured against: HTTP/1.1
