@@ -429,6 +429,123 @@ async fn an_http2_upstream_gets_the_authority_and_no_host_header() {
     gw.stop().await;
 }
 
+/// An https upstream that speaks only HTTP/2 (ALPN `h2`) and answers every
+/// request with `body` under its `content-length`, sending the data at once
+/// and END_STREAM, in an empty DATA frame of its own, only `end_after`
+/// later.
+struct LateEndUpstream {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LateEndUpstream {
+    async fn start(ca: &TestCa, body: &'static str, end_after: Duration) -> LateEndUpstream {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut connection) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        tokio::spawn(async move {
+                            let mut upload = request.into_body();
+                            while let Some(Ok(data)) = upload.data().await {
+                                let _ = upload.flow_control().release_capacity(data.len());
+                            }
+                            let head = http::Response::builder()
+                                .header("content-type", "application/json")
+                                .header("content-length", body.len())
+                                .body(())
+                                .unwrap();
+                            let Ok(mut stream) = respond.send_response(head, false) else {
+                                return;
+                            };
+                            let _ = stream.send_data(Bytes::from_static(body.as_bytes()), false);
+                            tokio::time::sleep(end_after).await;
+                            let _ = stream.send_data(Bytes::new(), true);
+                        });
+                    }
+                });
+            }
+        });
+        LateEndUpstream { port, task }
+    }
+}
+
+impl Drop for LateEndUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/2 upstream's response is whole once its content-length has
+/// arrived: the client gets its end and the row reads `ok` then, not when
+/// the upstream gets round to END_STREAM (nginx sends it in a frame of its
+/// own), nor `client_closed` because the client, holding every byte, hung
+/// up first.
+#[tokio::test]
+async fn an_http2_response_ends_with_its_declared_length_not_a_late_end_stream() {
+    const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#;
+    let ca = TestCa::new();
+    let upstream = LateEndUpstream::start(&ca, BODY, Duration::from_secs(30)).await;
+    let routes = format!(
+        "[[routes]]\nname = \"late\"\nprefix = \"/late/\"\n\
+         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\n",
+        upstream.port,
+        ca.ca.display()
+    );
+    let gw = TestGateway::start(mtls_config(&routes)).await;
+
+    // Two requests, one after the other on one kept-alive connection: the
+    // second goes only once the first response has ended.
+    let started = std::time::Instant::now();
+    let client = client();
+    for _ in 0..2 {
+        let reply = send(
+            &client,
+            gw.request(http::Method::POST, "/late/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(CHAT)))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, BODY.as_bytes());
+    }
+    // The client hangs up, holding both responses whole.
+    drop(client);
+    let rows = usage_rows(&gw, 2).await;
+    assert_eq!(
+        rows,
+        [
+            ("late".to_owned(), 200, "ok".to_owned(), 7),
+            ("late".to_owned(), 200, "ok".to_owned(), 7),
+        ]
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
     let ca = TestCa::new();

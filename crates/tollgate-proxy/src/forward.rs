@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{HOST, TRAILER};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -143,7 +143,12 @@ impl UpstreamClient {
                 Conn::Http2(mut sender) => {
                     set_http2_authority(&mut request);
                     match sender.try_send_request(request).await {
-                        Ok(response) => return Ok(response.map(UpstreamBody::done)),
+                        Ok(response) => {
+                            let announced_trailers = response.headers().contains_key(TRAILER);
+                            return Ok(
+                                response.map(|body| UpstreamBody::http2(body, !announced_trailers))
+                            );
+                        }
                         Err(error) => error,
                     }
                 }
@@ -391,6 +396,8 @@ fn set_origin_form(uri: &mut Uri) {
 pub(crate) struct UpstreamBody {
     inner: Incoming,
     checkin: Option<(http1::SendRequest<RequestBody>, Arc<OriginPool>)>,
+    /// HTTP/2: the body has ended once its declared length has arrived.
+    whole_at_length: bool,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -410,6 +417,7 @@ impl UpstreamBody {
         let mut body = UpstreamBody {
             inner,
             checkin: Some((sender, pool.clone())),
+            whole_at_length: false,
         };
         if body.inner.is_end_stream() {
             body.check_in();
@@ -417,11 +425,21 @@ impl UpstreamBody {
         body
     }
 
-    /// A body whose connection needs nothing from it (HTTP/2).
-    fn done(inner: Incoming) -> Self {
+    /// An HTTP/2 body, whose connection needs nothing from it. With
+    /// `whole_at_length` (no trailers announced), it has ended as soon as
+    /// the length its `content-length` declared has arrived, without
+    /// waiting for the upstream's END_STREAM. A server may send that in a
+    /// frame of its own after the data (nginx does), and until then the
+    /// client, which has every byte, would be kept waiting for the end of
+    /// the response, or close first and leave its row `client_closed`.
+    /// (HTTP/2 refuses DATA past the declared length, so nothing more can
+    /// come but the end or a reset; dropping the body before the end
+    /// arrives cancels the stream, which the upstream has finished.)
+    fn http2(inner: Incoming, whole_at_length: bool) -> Self {
         UpstreamBody {
             inner,
             checkin: None,
+            whole_at_length,
         }
     }
 
@@ -453,7 +471,9 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        // hyper counts the declared length down as the data arrives.
         self.inner.is_end_stream()
+            || (self.whole_at_length && self.inner.size_hint().exact() == Some(0))
     }
 
     fn size_hint(&self) -> SizeHint {
