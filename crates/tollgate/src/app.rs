@@ -465,7 +465,10 @@ async fn serve_data(
 ) {
     let make_service = move |conn: tollgate_proxy::ConnInfo| {
         let gateway = gateway.clone();
-        service_fn(move |request| gateway.clone().handle(request, conn.clone()))
+        // Boxed: the request's future is some 3 KB, and hyper moves it
+        // several times before it first runs (into the connection, and on
+        // HTTP/2 into a task of its own); boxed, it is copied once.
+        service_fn(move |request| Box::pin(gateway.clone().handle(request, conn.clone())))
     };
     serve(listener, tls, options, make_service, wait_for(stopped)).await;
 }
