@@ -546,6 +546,172 @@ async fn an_http2_response_ends_with_its_declared_length_not_a_late_end_stream()
     gw.stop().await;
 }
 
+/// An https upstream that speaks only HTTP/2 and allows `max_streams`
+/// requests at once on a connection; it holds the response to each request
+/// marked `x-hold` until `hold_until` requests are in flight together (or
+/// a few seconds have passed), and counts its connections and the most
+/// requests it had at once.
+struct ConcurrencyUpstream {
+    port: u16,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConcurrencyUpstream {
+    async fn start(ca: &TestCa, max_streams: u32, hold_until: usize) -> ConcurrencyUpstream {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (enough, _) = tokio::sync::watch::channel(false);
+        let enough = Arc::new(enough);
+        let (counted, highest) = (connections.clone(), peak.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, highest, in_flight, enough) = (
+                    acceptor.clone(),
+                    highest.clone(),
+                    in_flight.clone(),
+                    enough.clone(),
+                );
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut connection) = h2::server::Builder::new()
+                        .max_concurrent_streams(max_streams)
+                        .handshake(tls)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let (highest, in_flight, enough) =
+                            (highest.clone(), in_flight.clone(), enough.clone());
+                        tokio::spawn(async move {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            highest.fetch_max(now, Ordering::SeqCst);
+                            if now >= hold_until {
+                                enough.send_replace(true);
+                            } else if request.headers().contains_key("x-hold") {
+                                let mut released = enough.subscribe();
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    released.wait_for(|released| *released),
+                                )
+                                .await;
+                            }
+                            drop(request);
+                            let head = http::Response::builder()
+                                .header("content-type", "application/json")
+                                .header("content-length", BODY.len())
+                                .body(())
+                                .unwrap();
+                            if let Ok(mut stream) = respond.send_response(head, false) {
+                                let _ = stream.send_data(Bytes::from_static(BODY.as_bytes()), true);
+                            }
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                });
+            }
+        });
+        ConcurrencyUpstream {
+            port,
+            connections,
+            peak,
+            task,
+        }
+    }
+}
+
+impl Drop for ConcurrencyUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/2 upstream connection carries at most 100 requests at once
+/// (what RFC 9113 asks servers to allow at least); more requests open
+/// another connection instead of queueing behind the first hundred, which
+/// for streamed completions would hold them for whole responses.
+#[tokio::test]
+async fn requests_beyond_an_http2_connections_streams_open_another_connection() {
+    const REQUESTS: usize = 150;
+    let ca = TestCa::new();
+    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS).await;
+    let routes = format!(
+        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
+         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\n",
+        upstream.port,
+        ca.ca.display()
+    );
+    let gw = TestGateway::start(mtls_config(&routes)).await;
+    // One request first: the pool has its connection.
+    assert_eq!(
+        chat(&gw, "/busy/v1/chat/completions").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    let started = std::time::Instant::now();
+    let gw = Arc::new(gw);
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let request = gw
+                    .request(http::Method::POST, "/busy/v1/chat/completions")
+                    .header("content-type", "application/json")
+                    .header("x-hold", "1")
+                    .body(Full::new(Bytes::from_static(CHAT)))
+                    .unwrap();
+                send(&client(), request).await.status
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    // All of them reached the upstream together, which held them until
+    // they had: none waited for another's stream.
+    let peak = upstream.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(peak, REQUESTS);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let connections = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=REQUESTS).contains(&connections),
+        "{connections} connections"
+    );
+    Arc::into_inner(gw).unwrap().stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
     let ca = TestCa::new();

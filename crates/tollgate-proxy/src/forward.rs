@@ -29,6 +29,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -59,6 +60,15 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const MAX_IDLE_PER_ORIGIN: usize = 1024;
 /// How often idle connections are checked for age when no request comes.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Requests one HTTP/2 upstream connection carries at once; another
+/// request opens another connection. RFC 9113 asks servers to allow at
+/// least 100 (nginx allows 128): past the server's own limit a request
+/// would wait, queued behind the connection's others, until one of them
+/// ended, which for a streamed completion takes the whole completion.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// Sweeps an HTTP/2 connection beyond an origin's first may sit without
+/// a request before it is closed: about [`POOL_IDLE_TIMEOUT`].
+const HTTP2_IDLE_SWEEPS: u32 = 3;
 
 type Connector = HttpsConnector<HttpConnector>;
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -140,15 +150,16 @@ impl UpstreamClient {
                         Err(error) => error,
                     }
                 }
-                Conn::Http2(mut sender) => {
+                Conn::Http2(mut sender, stream) => {
                     set_http2_authority(&mut request);
                     match sender.try_send_request(request).await {
                         Ok(response) => {
                             let announced_trailers = response.headers().contains_key(TRAILER);
-                            return Ok(
-                                response.map(|body| UpstreamBody::http2(body, !announced_trailers))
-                            );
+                            return Ok(response.map(|body| {
+                                UpstreamBody::http2(body, !announced_trailers, stream)
+                            }));
                         }
+                        // The stream is given back with the error.
                         Err(error) => error,
                     }
                 }
@@ -189,7 +200,7 @@ impl UpstreamClient {
             scheme: scheme.clone(),
             authority: authority.clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::new(None),
+            http2: Mutex::new(Vec::new()),
         });
         spawn_sweeper(Arc::downgrade(&pool));
         let mut pools = Vec::with_capacity(current.len() + 1);
@@ -203,7 +214,35 @@ impl UpstreamClient {
 /// A connection taken from the pool or just made.
 enum Conn {
     Http1(http1::SendRequest<RequestBody>),
-    Http2(http2::SendRequest<RequestBody>),
+    /// An HTTP/2 connection and the stream taken on it for this request.
+    Http2(http2::SendRequest<RequestBody>, StreamSlot),
+}
+
+/// One request's stream on an HTTP/2 connection, counted against
+/// [`MAX_STREAMS_PER_CONNECTION`] until it is dropped: with the response
+/// body, or with the request when it could not be sent.
+pub(crate) struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn open(streams: &Arc<AtomicUsize>) -> StreamSlot {
+        streams.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A pooled HTTP/2 connection.
+struct Http2Conn {
+    sender: http2::SendRequest<RequestBody>,
+    /// Its requests in flight.
+    streams: Arc<AtomicUsize>,
+    /// Sweeps in a row that found it without a request.
+    idle_sweeps: u32,
 }
 
 /// The connections to one upstream origin.
@@ -212,8 +251,9 @@ struct OriginPool {
     authority: Authority,
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection, when the origin negotiated HTTP/2.
-    http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// The HTTP/2 connections, when the origin negotiated HTTP/2, the
+    /// oldest first.
+    http2: Mutex<Vec<Http2Conn>>,
 }
 
 struct Idle {
@@ -223,11 +263,28 @@ struct Idle {
 
 impl OriginPool {
     /// An open connection, if the pool has one.
+    /// An HTTP/2 connection is shared by up to [`MAX_STREAMS_PER_CONNECTION`]
+    /// requests; with every one of them full, the answer is none, and the
+    /// caller opens another.
     fn checkout(&self) -> Option<Conn> {
         {
-            let http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(sender) = http2.as_ref().filter(|sender| !sender.is_closed()) {
-                return Some(Conn::Http2(sender.clone()));
+            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            if !http2.is_empty() {
+                http2.retain(|conn| !conn.sender.is_closed());
+                // Streams are only taken under this lock, so the count
+                // read is never exceeded by another request's.
+                let free = http2
+                    .iter()
+                    .find(|conn| conn.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION);
+                if let Some(conn) = free {
+                    return Some(Conn::Http2(
+                        conn.sender.clone(),
+                        StreamSlot::open(&conn.streams),
+                    ));
+                }
+                if !http2.is_empty() {
+                    return None;
+                }
             }
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -253,8 +310,27 @@ impl OriginPool {
         }
     }
 
-    /// Closes the connections idle for too long (the oldest are first).
+    /// Closes the connections idle for too long (the oldest are first): the
+    /// HTTP/1.1 ones idle for [`POOL_IDLE_TIMEOUT`], the HTTP/2 ones but
+    /// the first without a request for [`HTTP2_IDLE_SWEEPS`] sweeps.
     fn sweep(&self) {
+        {
+            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut first = true;
+            http2.retain_mut(|conn| {
+                if conn.sender.is_closed() {
+                    return false;
+                }
+                if conn.streams.load(Ordering::Relaxed) == 0 {
+                    conn.idle_sweeps += 1;
+                } else {
+                    conn.idle_sweeps = 0;
+                }
+                let keep = first || conn.idle_sweeps < HTTP2_IDLE_SWEEPS;
+                first = false;
+                keep
+            });
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let fresh = idle
             .iter()
@@ -286,11 +362,17 @@ impl OriginPool {
                 .await
                 .map_err(|error| UpstreamError::Connect(error.into()))?;
             spawn_connection(connection);
-            let mut shared = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
-            if shared.as_ref().is_none_or(http2::SendRequest::is_closed) {
-                *shared = Some(sender.clone());
-            }
-            return Ok(Conn::Http2(sender));
+            let streams = Arc::new(AtomicUsize::new(0));
+            let stream = StreamSlot::open(&streams);
+            self.http2
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Http2Conn {
+                    sender: sender.clone(),
+                    streams,
+                    idle_sweeps: 0,
+                });
+            return Ok(Conn::Http2(sender, stream));
         }
         let (sender, connection) = http1::Builder::new()
             .handshake(stream)
@@ -398,6 +480,8 @@ pub(crate) struct UpstreamBody {
     checkin: Option<(http1::SendRequest<RequestBody>, Arc<OriginPool>)>,
     /// HTTP/2: the body has ended once its declared length has arrived.
     whole_at_length: bool,
+    /// HTTP/2: the request's stream, counted until the body is dropped.
+    _stream: Option<StreamSlot>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -418,6 +502,7 @@ impl UpstreamBody {
             inner,
             checkin: Some((sender, pool.clone())),
             whole_at_length: false,
+            _stream: None,
         };
         if body.inner.is_end_stream() {
             body.check_in();
@@ -435,11 +520,12 @@ impl UpstreamBody {
     /// (HTTP/2 refuses DATA past the declared length, so nothing more can
     /// come but the end or a reset; dropping the body before the end
     /// arrives cancels the stream, which the upstream has finished.)
-    fn http2(inner: Incoming, whole_at_length: bool) -> Self {
+    fn http2(inner: Incoming, whole_at_length: bool, stream: StreamSlot) -> Self {
         UpstreamBody {
             inner,
             checkin: None,
             whole_at_length,
+            _stream: Some(stream),
         }
     }
 
@@ -681,7 +767,7 @@ mod tests {
             scheme: uri.scheme().unwrap().clone(),
             authority: uri.authority().unwrap().clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::new(None),
+            http2: Mutex::new(Vec::new()),
         }
     }
 
