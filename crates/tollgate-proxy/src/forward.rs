@@ -131,11 +131,20 @@ impl UpstreamClient {
         let pool = self.pool_for(request.uri())?;
         loop {
             let (conn, reused) = match pool.checkout() {
-                Some(conn) => (conn, true),
+                Checkout::Conn(conn) => (conn, true),
                 // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is by far
                 // the largest state of this future, and rare; inline, every
                 // request would copy its size when the future is boxed.
-                None => (Box::pin(pool.connect(&self.0.connector)).await?, false),
+                Checkout::Connect => (Box::pin(pool.connect(&self.0.connector)).await?, false),
+                Checkout::ConnectHttp2(opening) => {
+                    let conn = Box::pin(pool.connect(&self.0.connector)).await;
+                    drop(opening);
+                    (conn?, false)
+                }
+                Checkout::Wait(waiting) => {
+                    Box::pin(waiting.until_opened()).await;
+                    continue;
+                }
             };
             let sent = match conn {
                 Conn::Http1(mut sender) => {
@@ -200,7 +209,8 @@ impl UpstreamClient {
             scheme: scheme.clone(),
             authority: authority.clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::new(Vec::new()),
+            http2: Mutex::default(),
+            opened: tokio::sync::Notify::new(),
         });
         spawn_sweeper(Arc::downgrade(&pool));
         let mut pools = Vec::with_capacity(current.len() + 1);
@@ -216,6 +226,77 @@ enum Conn {
     Http1(http1::SendRequest<RequestBody>),
     /// An HTTP/2 connection and the stream taken on it for this request.
     Http2(http2::SendRequest<RequestBody>, StreamSlot),
+}
+
+/// What a request gets from its origin's pool.
+enum Checkout<'a> {
+    /// A pooled connection, and for HTTP/2 a stream on it.
+    Conn(Conn),
+    /// Nothing pooled: the request opens a connection, HTTP/1.1 or
+    /// HTTP/2 as ALPN chooses, and keeps it.
+    Connect,
+    /// Every HTTP/2 connection is full, and those being opened will not
+    /// take every waiting request: the request opens another.
+    ConnectHttp2(Opening<'a>),
+    /// Every HTTP/2 connection is full, and one being opened has a stream
+    /// for this request: it waits until that is done, then asks again.
+    Wait(Waiting<'a>),
+}
+
+/// A request counted as waiting for an HTTP/2 connection being opened,
+/// until it is dropped.
+struct Waiting<'a> {
+    pool: &'a OriginPool,
+    /// The pool's generation when the request began to wait.
+    generation: u64,
+}
+
+impl Waiting<'_> {
+    /// Until an HTTP/2 connection being opened is done (the pool's
+    /// generation has moved on), or the time a connection may take to
+    /// open has passed.
+    async fn until_opened(self) {
+        let opened = self.pool.opened.notified();
+        tokio::pin!(opened);
+        // Listening before looking: one done in between moved the
+        // generation on.
+        opened.as_mut().enable();
+        let generation = self
+            .pool
+            .http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .generation;
+        if generation == self.generation {
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, opened).await;
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut http2 = self
+            .pool
+            .http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        http2.waiting -= 1;
+    }
+}
+
+/// An HTTP/2 connection being opened for requests that found every
+/// connection full; when it is done, opened or failed, the waiting
+/// requests ask again.
+struct Opening<'a>(&'a OriginPool);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut http2 = self.0.http2.lock().unwrap_or_else(PoisonError::into_inner);
+        http2.opening -= 1;
+        http2.generation += 1;
+        drop(http2);
+        self.0.opened.notify_waiters();
+    }
 }
 
 /// One request's stream on an HTTP/2 connection, counted against
@@ -236,6 +317,19 @@ impl Drop for StreamSlot {
     }
 }
 
+/// An origin's HTTP/2 connections, and the requests waiting for one.
+#[derive(Default)]
+struct Http2Pool {
+    /// The oldest first.
+    conns: Vec<Http2Conn>,
+    /// Connections being opened because every one was full.
+    opening: usize,
+    /// Requests waiting for those.
+    waiting: usize,
+    /// Moves on whenever one of those is done, opened or failed.
+    generation: u64,
+}
+
 /// A pooled HTTP/2 connection.
 struct Http2Conn {
     sender: http2::SendRequest<RequestBody>,
@@ -251,9 +345,10 @@ struct OriginPool {
     authority: Authority,
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connections, when the origin negotiated HTTP/2, the
-    /// oldest first.
-    http2: Mutex<Vec<Http2Conn>>,
+    /// The HTTP/2 connections, when the origin negotiated HTTP/2.
+    http2: Mutex<Http2Pool>,
+    /// Told when an HTTP/2 connection opened for waiting requests is done.
+    opened: tokio::sync::Notify,
 }
 
 struct Idle {
@@ -264,36 +359,47 @@ struct Idle {
 impl OriginPool {
     /// An open connection, if the pool has one.
     /// An HTTP/2 connection is shared by up to [`MAX_STREAMS_PER_CONNECTION`]
-    /// requests; with every one of them full, the answer is none, and the
-    /// caller opens another.
-    fn checkout(&self) -> Option<Conn> {
+    /// requests. With every one of them full, a request opens another, or
+    /// waits for one being opened that will have a stream for it: as many
+    /// connections open at once as the waiting requests need, not one per
+    /// request.
+    fn checkout(&self) -> Checkout<'_> {
         {
             let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
-            if !http2.is_empty() {
-                http2.retain(|conn| !conn.sender.is_closed());
+            if !http2.conns.is_empty() || http2.opening > 0 {
+                http2.conns.retain(|conn| !conn.sender.is_closed());
                 // Streams are only taken under this lock, so the count
                 // read is never exceeded by another request's.
                 let free = http2
+                    .conns
                     .iter()
                     .find(|conn| conn.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION);
                 if let Some(conn) = free {
-                    return Some(Conn::Http2(
+                    return Checkout::Conn(Conn::Http2(
                         conn.sender.clone(),
                         StreamSlot::open(&conn.streams),
                     ));
                 }
-                if !http2.is_empty() {
-                    return None;
+                if !http2.conns.is_empty() || http2.opening > 0 {
+                    if http2.opening * MAX_STREAMS_PER_CONNECTION > http2.waiting {
+                        http2.waiting += 1;
+                        return Checkout::Wait(Waiting {
+                            pool: self,
+                            generation: http2.generation,
+                        });
+                    }
+                    http2.opening += 1;
+                    return Checkout::ConnectHttp2(Opening(self));
                 }
             }
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(Idle { sender, since }) = idle.pop() {
             if !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(Conn::Http1(sender));
+                return Checkout::Conn(Conn::Http1(sender));
             }
         }
-        None
+        Checkout::Connect
     }
 
     /// Puts an HTTP/1.1 connection whose response has ended back.
@@ -317,7 +423,7 @@ impl OriginPool {
         {
             let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
             let mut first = true;
-            http2.retain_mut(|conn| {
+            http2.conns.retain_mut(|conn| {
                 if conn.sender.is_closed() {
                     return false;
                 }
@@ -367,6 +473,7 @@ impl OriginPool {
             self.http2
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .conns
                 .push(Http2Conn {
                     sender: sender.clone(),
                     streams,
@@ -767,7 +874,8 @@ mod tests {
             scheme: uri.scheme().unwrap().clone(),
             authority: uri.authority().unwrap().clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::new(Vec::new()),
+            http2: Mutex::default(),
+            opened: tokio::sync::Notify::new(),
         }
     }
 
