@@ -550,7 +550,8 @@ async fn an_http2_response_ends_with_its_declared_length_not_a_late_end_stream()
 /// requests at once on a connection; it holds the response to each request
 /// marked `x-hold` until `hold_until` requests are in flight together (or
 /// a few seconds have passed), and counts its connections and the most
-/// requests it had at once.
+/// requests it had at once. With `refuse_later`, every connection after the
+/// first is held that long and then closed unanswered.
 struct ConcurrencyUpstream {
     port: u16,
     connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -559,7 +560,12 @@ struct ConcurrencyUpstream {
 }
 
 impl ConcurrencyUpstream {
-    async fn start(ca: &TestCa, max_streams: u32, hold_until: usize) -> ConcurrencyUpstream {
+    async fn start(
+        ca: &TestCa,
+        max_streams: u32,
+        hold_until: usize,
+        refuse_later: Option<Duration>,
+    ) -> ConcurrencyUpstream {
         use std::sync::atomic::{AtomicUsize, Ordering};
         const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -584,7 +590,14 @@ impl ConcurrencyUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                counted.fetch_add(1, Ordering::SeqCst);
+                let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                if let (Some(hold), true) = (refuse_later, nth > 1) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(hold).await;
+                        drop(stream);
+                    });
+                    continue;
+                }
                 let (acceptor, highest, in_flight, enough) = (
                     acceptor.clone(),
                     highest.clone(),
@@ -657,7 +670,7 @@ impl Drop for ConcurrencyUpstream {
 async fn requests_beyond_an_http2_connections_streams_open_another_connection() {
     const REQUESTS: usize = 150;
     let ca = TestCa::new();
-    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS).await;
+    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None).await;
     let routes = format!(
         "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
          upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
@@ -709,6 +722,67 @@ async fn requests_beyond_an_http2_connections_streams_open_another_connection() 
         .connections
         .load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(connections, 2);
+    Arc::into_inner(gw).unwrap().stop().await;
+}
+
+/// When the connection opened for requests that found the HTTP/2 ones full
+/// fails, slowly, those waiting for it do not take turns failing after it:
+/// each opens its own, and all of them fail within about two attempts.
+#[tokio::test]
+async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_another() {
+    const HELD: usize = 100;
+    const MORE: usize = 20;
+    let refuse_after = Duration::from_millis(500);
+    let ca = TestCa::new();
+    // The first connection's hundred streams are held (until 5 s pass);
+    // every later connection hangs for half a second, then closes.
+    let upstream = ConcurrencyUpstream::start(&ca, 100, HELD + MORE, Some(refuse_after)).await;
+    let routes = format!(
+        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
+         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\n",
+        upstream.port,
+        ca.ca.display()
+    );
+    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    assert_eq!(
+        chat(&gw, "/busy/v1/chat/completions").await.status,
+        StatusCode::OK
+    );
+
+    let held = |gw: &Arc<TestGateway>| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let request = gw
+                .request(http::Method::POST, "/busy/v1/chat/completions")
+                .header("content-type", "application/json")
+                .header("x-hold", "1")
+                .body(Full::new(Bytes::from_static(CHAT)))
+                .unwrap();
+            let reply = send(&client(), request).await;
+            (reply.status, std::time::Instant::now())
+        })
+    };
+    let first: Vec<_> = (0..HELD).map(|_| held(&gw)).collect();
+    // The first connection is full before the others come.
+    eventually(Duration::from_secs(5), || {
+        let full = upstream.peak.load(std::sync::atomic::Ordering::SeqCst) >= HELD;
+        async move { full }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let more: Vec<_> = (0..MORE).map(|_| held(&gw)).collect();
+    for request in more {
+        let (status, at) = request.await.unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        // One failed attempt to wait out, then one of its own: taking turns,
+        // the last would have waited out twenty.
+        let took = at - started;
+        assert!(took < refuse_after * 5, "{took:?}");
+    }
+    for request in first {
+        assert_eq!(request.await.unwrap().0, StatusCode::OK);
+    }
     Arc::into_inner(gw).unwrap().stop().await;
 }
 

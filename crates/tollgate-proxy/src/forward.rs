@@ -136,14 +136,20 @@ impl UpstreamClient {
                 // the largest state of this future, and rare; inline, every
                 // request would copy its size when the future is boxed.
                 Checkout::Connect => (Box::pin(pool.connect(&self.0.connector)).await?, false),
-                Checkout::ConnectHttp2(opening) => {
+                Checkout::ConnectHttp2(mut opening) => {
                     let conn = Box::pin(pool.connect(&self.0.connector)).await;
+                    opening.opened = conn.is_ok();
                     drop(opening);
                     (conn?, false)
                 }
                 Checkout::Wait(waiting) => {
-                    Box::pin(waiting.until_opened()).await;
-                    continue;
+                    if Box::pin(waiting.until_opened()).await {
+                        continue;
+                    }
+                    // What it waited for failed, or is slow: a connection
+                    // of its own, as every other waiter opens now, so that
+                    // none waits out a failure after another's.
+                    (Box::pin(pool.connect(&self.0.connector)).await?, false)
                 }
             };
             let sent = match conn {
@@ -239,7 +245,8 @@ enum Checkout<'a> {
     /// take every waiting request: the request opens another.
     ConnectHttp2(Opening<'a>),
     /// Every HTTP/2 connection is full, and one being opened has a stream
-    /// for this request: it waits until that is done, then asks again.
+    /// for this request: it waits until that is done, then asks again, or
+    /// if it failed, opens one of its own.
     Wait(Waiting<'a>),
 }
 
@@ -253,9 +260,10 @@ struct Waiting<'a> {
 
 impl Waiting<'_> {
     /// Until an HTTP/2 connection being opened is done (the pool's
-    /// generation has moved on), or the time a connection may take to
-    /// open has passed.
-    async fn until_opened(self) {
+    /// generation has moved on): whether one opened since the request began
+    /// to wait, so that it asks the pool again. Not if one failed, nor if
+    /// none is done within the time a connection may take to open.
+    async fn until_opened(self) -> bool {
         let opened = self.pool.opened.notified();
         tokio::pin!(opened);
         // Listening before looking: one done in between moved the
@@ -267,9 +275,17 @@ impl Waiting<'_> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .generation;
-        if generation == self.generation {
-            let _ = tokio::time::timeout(CONNECT_TIMEOUT, opened).await;
+        if generation == self.generation
+            && tokio::time::timeout(CONNECT_TIMEOUT, opened).await.is_err()
+        {
+            return false;
         }
+        let http2 = self
+            .pool
+            .http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        http2.failed <= self.generation
     }
 }
 
@@ -285,17 +301,27 @@ impl Drop for Waiting<'_> {
 }
 
 /// An HTTP/2 connection being opened for requests that found every
-/// connection full; when it is done, opened or failed, the waiting
-/// requests ask again.
-struct Opening<'a>(&'a OriginPool);
+/// connection full. When it is done, the waiting requests ask the pool
+/// again if it opened, and open connections of their own if it failed.
+struct Opening<'a> {
+    pool: &'a OriginPool,
+    opened: bool,
+}
 
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
-        let mut http2 = self.0.http2.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut http2 = self
+            .pool
+            .http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         http2.opening -= 1;
         http2.generation += 1;
+        if !self.opened {
+            http2.failed = http2.generation;
+        }
         drop(http2);
-        self.0.opened.notify_waiters();
+        self.pool.opened.notify_waiters();
     }
 }
 
@@ -328,6 +354,8 @@ struct Http2Pool {
     waiting: usize,
     /// Moves on whenever one of those is done, opened or failed.
     generation: u64,
+    /// The generation the last failure to open one moved it on to.
+    failed: u64,
 }
 
 /// A pooled HTTP/2 connection.
@@ -389,7 +417,10 @@ impl OriginPool {
                         });
                     }
                     http2.opening += 1;
-                    return Checkout::ConnectHttp2(Opening(self));
+                    return Checkout::ConnectHttp2(Opening {
+                        pool: self,
+                        opened: false,
+                    });
                 }
             }
         }
