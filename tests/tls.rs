@@ -786,6 +786,46 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     Arc::into_inner(gw).unwrap().stop().await;
 }
 
+/// An https upstream that takes the TCP connection and never answers the
+/// TLS handshake: the connect timeout (10 s) covers the handshake too, so
+/// the request fails as a connection failure then, not at the route's
+/// timeout.
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_fails_within_the_connect_timeout() {
+    let ca = TestCa::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let routes = format!(
+        "[[routes]]\nname = \"silent\"\nprefix = \"/silent/\"\n\
+         upstream = \"https://localhost:{port}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\ntimeout = \"40s\"\n",
+        ca.ca.display()
+    );
+    let gw = TestGateway::start(mtls_config(&routes)).await;
+    let started = std::time::Instant::now();
+    let reply = chat(&gw, "/silent/v1/chat/completions").await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_type(), "upstream_unavailable");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&took),
+        "{took:?}"
+    );
+    let rows = usage_rows(&gw, 1).await;
+    assert_eq!(
+        rows,
+        [("silent".to_owned(), 502, "upstream_error".to_owned(), 0)]
+    );
+    silent.abort();
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
     let ca = TestCa::new();

@@ -53,7 +53,8 @@ use crate::tls::UpstreamTls;
 
 /// How long an idle upstream connection is kept for reuse.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long establishing an upstream TCP connection may take.
+/// How long establishing an upstream connection (TCP, and TLS for
+/// https) may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1.1 connections kept per upstream origin; more are closed
 /// when they come back.
@@ -491,7 +492,21 @@ impl OriginPool {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(UpstreamError::Connect)?;
-        let stream: Stream = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        // The TCP connect has this time on its own; the TLS handshake after
+        // it would have none short of the route's timeout, so the two
+        // together get it.
+        let stream: Stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.call(uri))
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(
+                    format!(
+                        "no connection within {} s (TCP and TLS)",
+                        CONNECT_TIMEOUT.as_secs()
+                    )
+                    .into(),
+                )
+            })?
+            .map_err(UpstreamError::Connect)?;
         if stream.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
