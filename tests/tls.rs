@@ -551,7 +551,8 @@ async fn an_http2_response_ends_with_its_declared_length_not_a_late_end_stream()
 /// marked `x-hold` until `hold_until` requests are in flight together (or
 /// a few seconds have passed), and counts its connections and the most
 /// requests it had at once. With `refuse_later`, every connection after the
-/// first is held that long and then closed unanswered.
+/// first is held that long and then closed unanswered; with `goaway_first`,
+/// the first connection is shut down (GOAWAY) after its first request.
 struct ConcurrencyUpstream {
     port: u16,
     connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -565,6 +566,7 @@ impl ConcurrencyUpstream {
         max_streams: u32,
         hold_until: usize,
         refuse_later: Option<Duration>,
+        goaway_first: bool,
     ) -> ConcurrencyUpstream {
         use std::sync::atomic::{AtomicUsize, Ordering};
         const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
@@ -616,6 +618,9 @@ impl ConcurrencyUpstream {
                         return;
                     };
                     while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if goaway_first && nth == 1 {
+                            connection.graceful_shutdown();
+                        }
                         let (highest, in_flight, enough) =
                             (highest.clone(), in_flight.clone(), enough.clone());
                         tokio::spawn(async move {
@@ -670,7 +675,7 @@ impl Drop for ConcurrencyUpstream {
 async fn requests_beyond_an_http2_connections_streams_open_another_connection() {
     const REQUESTS: usize = 150;
     let ca = TestCa::new();
-    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None).await;
+    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None, false).await;
     let routes = format!(
         "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
          upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
@@ -736,7 +741,8 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     let ca = TestCa::new();
     // The first connection's hundred streams are held (until 5 s pass);
     // every later connection hangs for half a second, then closes.
-    let upstream = ConcurrencyUpstream::start(&ca, 100, HELD + MORE, Some(refuse_after)).await;
+    let upstream =
+        ConcurrencyUpstream::start(&ca, 100, HELD + MORE, Some(refuse_after), false).await;
     let routes = format!(
         "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
          upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
@@ -783,6 +789,45 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     for request in first {
         assert_eq!(request.await.unwrap().0, StatusCode::OK);
     }
+    Arc::into_inner(gw).unwrap().stop().await;
+}
+
+/// When an HTTP/2 origin's connection closes (here by GOAWAY), the requests
+/// that come before a new one is up wait for one new connection, rather
+/// than open one each.
+#[tokio::test]
+async fn after_an_http2_connection_closes_the_next_requests_share_one_new_one() {
+    const REQUESTS: usize = 50;
+    let ca = TestCa::new();
+    let upstream = ConcurrencyUpstream::start(&ca, 100, usize::MAX, None, true).await;
+    let routes = format!(
+        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
+         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\n",
+        upstream.port,
+        ca.ca.display()
+    );
+    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    // The first request's connection answers it, then goes away.
+    assert_eq!(
+        chat(&gw, "/busy/v1/chat/completions").await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move { chat(&gw, "/busy/v1/chat/completions").await.status })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    let connections = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(connections, 2);
     Arc::into_inner(gw).unwrap().stop().await;
 }
 

@@ -357,6 +357,10 @@ struct Http2Pool {
     generation: u64,
     /// The generation the last failure to open one moved it on to.
     failed: u64,
+    /// The origin's last new connection was HTTP/2: when every one has
+    /// closed (a GOAWAY, say), the requests that come meanwhile wait for
+    /// one new connection rather than open one each.
+    speaks_http2: bool,
 }
 
 /// A pooled HTTP/2 connection.
@@ -395,7 +399,7 @@ impl OriginPool {
     fn checkout(&self) -> Checkout<'_> {
         {
             let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
-            if !http2.conns.is_empty() || http2.opening > 0 {
+            if !http2.conns.is_empty() || http2.opening > 0 || http2.speaks_http2 {
                 http2.conns.retain(|conn| !conn.sender.is_closed());
                 // Streams are only taken under this lock, so the count
                 // read is never exceeded by another request's.
@@ -409,7 +413,7 @@ impl OriginPool {
                         StreamSlot::open(&conn.streams),
                     ));
                 }
-                if !http2.conns.is_empty() || http2.opening > 0 {
+                if !http2.conns.is_empty() || http2.opening > 0 || http2.speaks_http2 {
                     if http2.opening * MAX_STREAMS_PER_CONNECTION > http2.waiting {
                         http2.waiting += 1;
                         return Checkout::Wait(Waiting {
@@ -516,15 +520,13 @@ impl OriginPool {
             spawn_connection(connection);
             let streams = Arc::new(AtomicUsize::new(0));
             let stream = StreamSlot::open(&streams);
-            self.http2
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .conns
-                .push(Http2Conn {
-                    sender: sender.clone(),
-                    streams,
-                    idle_sweeps: 0,
-                });
+            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            http2.speaks_http2 = true;
+            http2.conns.push(Http2Conn {
+                sender: sender.clone(),
+                streams,
+                idle_sweeps: 0,
+            });
             return Ok(Conn::Http2(sender, stream));
         }
         let (sender, connection) = http1::Builder::new()
@@ -532,6 +534,12 @@ impl OriginPool {
             .await
             .map_err(|error| UpstreamError::Connect(error.into()))?;
         spawn_connection(connection);
+        // ALPN chose HTTP/1.1 (or there was none), where it may have chosen
+        // HTTP/2 before.
+        self.http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .speaks_http2 = false;
         Ok(Conn::Http1(sender))
     }
 }
