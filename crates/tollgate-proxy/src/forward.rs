@@ -242,12 +242,13 @@ enum Checkout<'a> {
     /// Nothing pooled: the request opens a connection, HTTP/1.1 or
     /// HTTP/2 as ALPN chooses, and keeps it.
     Connect,
-    /// Every HTTP/2 connection is full, and those being opened will not
-    /// take every waiting request: the request opens another.
+    /// Every HTTP/2 connection is full (or, on an origin that speaks
+    /// HTTP/2, none is open), and those being opened will not take every
+    /// waiting request: the request opens another.
     ConnectHttp2(Opening<'a>),
-    /// Every HTTP/2 connection is full, and one being opened has a stream
-    /// for this request: it waits until that is done, then asks again, or
-    /// if it failed, opens one of its own.
+    /// As for `ConnectHttp2`, but one being opened has a stream for this
+    /// request: it waits until that is done, then asks again, or if it
+    /// failed, opens one of its own.
     Wait(Waiting<'a>),
 }
 
@@ -302,7 +303,7 @@ impl Drop for Waiting<'_> {
 }
 
 /// An HTTP/2 connection being opened for requests that found every
-/// connection full. When it is done, the waiting requests ask the pool
+/// connection full, or none open. When it is done, the waiting requests ask the pool
 /// again if it opened, and open connections of their own if it failed.
 struct Opening<'a> {
     pool: &'a OriginPool,
@@ -349,7 +350,7 @@ impl Drop for StreamSlot {
 struct Http2Pool {
     /// The oldest first.
     conns: Vec<Http2Conn>,
-    /// Connections being opened because every one was full.
+    /// Connections being opened because every one was full, or none open.
     opening: usize,
     /// Requests waiting for those.
     waiting: usize,
