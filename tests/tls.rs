@@ -429,6 +429,48 @@ async fn an_http2_upstream_gets_the_authority_and_no_host_header() {
     gw.stop().await;
 }
 
+/// A TLS listener on a free port that offers only HTTP/2 (ALPN `h2`),
+/// with the test CA's server certificate: its acceptor, listener and port.
+async fn h2_only_listener(
+    ca: &TestCa,
+) -> (tokio_rustls::TlsAcceptor, tokio::net::TcpListener, u16) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        listener,
+        port,
+    )
+}
+
+/// A `[[routes]]` entry `/{name}/` to `https://localhost:{port}`, trusting
+/// the test CA, with OpenAI usage and the lines `extra`.
+fn tls_route(name: &str, port: u16, ca: &TestCa, extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}/\"\n\
+         upstream = \"https://localhost:{port}\"\nstrip_prefix = true\nusage = \"openai\"\n\
+         ca_file = \"{}\"\n{extra}",
+        ca.ca.display()
+    )
+}
+
+/// A chat completion to `/busy/` that [`ConcurrencyUpstream`] holds.
+fn held_chat(gw: &TestGateway) -> http::Request<Full<Bytes>> {
+    gw.request(http::Method::POST, "/busy/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-hold", "1")
+        .body(Full::new(Bytes::from_static(CHAT)))
+        .unwrap()
+}
+
 /// An https upstream that speaks only HTTP/2 (ALPN `h2`) and answers every
 /// request with `body` under its `content-length`, sending the data at once
 /// and END_STREAM, in an empty DATA frame of its own, only `end_after`
@@ -440,17 +482,7 @@ struct LateEndUpstream {
 
 impl LateEndUpstream {
     async fn start(ca: &TestCa, body: &'static str, end_after: Duration) -> LateEndUpstream {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (acceptor, listener, port) = h2_only_listener(ca).await;
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -506,13 +538,7 @@ async fn an_http2_response_ends_with_its_declared_length_not_a_late_end_stream()
     const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#;
     let ca = TestCa::new();
     let upstream = LateEndUpstream::start(&ca, BODY, Duration::from_secs(30)).await;
-    let routes = format!(
-        "[[routes]]\nname = \"late\"\nprefix = \"/late/\"\n\
-         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
-         ca_file = \"{}\"\n",
-        upstream.port,
-        ca.ca.display()
-    );
+    let routes = tls_route("late", upstream.port, &ca, "");
     let gw = TestGateway::start(mtls_config(&routes)).await;
 
     // Two requests, one after the other on one kept-alive connection: the
@@ -570,17 +596,7 @@ impl ConcurrencyUpstream {
     ) -> ConcurrencyUpstream {
         use std::sync::atomic::{AtomicUsize, Ordering};
         const BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (acceptor, listener, port) = h2_only_listener(ca).await;
         let connections = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -676,13 +692,7 @@ async fn requests_beyond_an_http2_connections_streams_open_another_connection() 
     const REQUESTS: usize = 150;
     let ca = TestCa::new();
     let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None, false).await;
-    let routes = format!(
-        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
-         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
-         ca_file = \"{}\"\n",
-        upstream.port,
-        ca.ca.display()
-    );
+    let routes = tls_route("busy", upstream.port, &ca, "");
     let gw = TestGateway::start(mtls_config(&routes)).await;
     // One request first: the pool has its connection.
     assert_eq!(
@@ -702,12 +712,7 @@ async fn requests_beyond_an_http2_connections_streams_open_another_connection() 
         .map(|_| {
             let gw = gw.clone();
             tokio::spawn(async move {
-                let request = gw
-                    .request(http::Method::POST, "/busy/v1/chat/completions")
-                    .header("content-type", "application/json")
-                    .header("x-hold", "1")
-                    .body(Full::new(Bytes::from_static(CHAT)))
-                    .unwrap();
+                let request = held_chat(&gw);
                 send(&client(), request).await.status
             })
         })
@@ -743,13 +748,7 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     // every later connection hangs for half a second, then closes.
     let upstream =
         ConcurrencyUpstream::start(&ca, 100, HELD + MORE, Some(refuse_after), false).await;
-    let routes = format!(
-        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
-         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
-         ca_file = \"{}\"\n",
-        upstream.port,
-        ca.ca.display()
-    );
+    let routes = tls_route("busy", upstream.port, &ca, "");
     let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
     assert_eq!(
         chat(&gw, "/busy/v1/chat/completions").await.status,
@@ -759,12 +758,7 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     let held = |gw: &Arc<TestGateway>| {
         let gw = gw.clone();
         tokio::spawn(async move {
-            let request = gw
-                .request(http::Method::POST, "/busy/v1/chat/completions")
-                .header("content-type", "application/json")
-                .header("x-hold", "1")
-                .body(Full::new(Bytes::from_static(CHAT)))
-                .unwrap();
+            let request = held_chat(&gw);
             let reply = send(&client(), request).await;
             (reply.status, std::time::Instant::now())
         })
@@ -800,13 +794,7 @@ async fn after_an_http2_connection_closes_the_next_requests_share_one_new_one() 
     const REQUESTS: usize = 50;
     let ca = TestCa::new();
     let upstream = ConcurrencyUpstream::start(&ca, 100, usize::MAX, None, true).await;
-    let routes = format!(
-        "[[routes]]\nname = \"busy\"\nprefix = \"/busy/\"\n\
-         upstream = \"https://localhost:{}\"\nstrip_prefix = true\nusage = \"openai\"\n\
-         ca_file = \"{}\"\n",
-        upstream.port,
-        ca.ca.display()
-    );
+    let routes = tls_route("busy", upstream.port, &ca, "");
     let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
     // The first request's connection answers it, then goes away.
     assert_eq!(
@@ -846,12 +834,7 @@ async fn a_tls_handshake_that_never_ends_fails_within_the_connect_timeout() {
             held.push(stream);
         }
     });
-    let routes = format!(
-        "[[routes]]\nname = \"silent\"\nprefix = \"/silent/\"\n\
-         upstream = \"https://localhost:{port}\"\nstrip_prefix = true\nusage = \"openai\"\n\
-         ca_file = \"{}\"\ntimeout = \"40s\"\n",
-        ca.ca.display()
-    );
+    let routes = tls_route("silent", port, &ca, "timeout = \"40s\"\n");
     let gw = TestGateway::start(mtls_config(&routes)).await;
     let started = std::time::Instant::now();
     let reply = chat(&gw, "/silent/v1/chat/completions").await;

@@ -271,33 +271,20 @@ impl Waiting<'_> {
         // Listening before looking: one done in between moved the
         // generation on.
         opened.as_mut().enable();
-        let generation = self
-            .pool
-            .http2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .generation;
+        let generation = self.pool.http2_pool().generation;
         if generation == self.generation
             && tokio::time::timeout(CONNECT_TIMEOUT, opened).await.is_err()
         {
             return false;
         }
-        let http2 = self
-            .pool
-            .http2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let http2 = self.pool.http2_pool();
         http2.failed <= self.generation
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut http2 = self
-            .pool
-            .http2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut http2 = self.pool.http2_pool();
         http2.waiting -= 1;
     }
 }
@@ -312,11 +299,7 @@ struct Opening<'a> {
 
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
-        let mut http2 = self
-            .pool
-            .http2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut http2 = self.pool.http2_pool();
         http2.opening -= 1;
         http2.generation += 1;
         if !self.opened {
@@ -391,6 +374,11 @@ struct Idle {
 }
 
 impl OriginPool {
+    /// The HTTP/2 connections and their waiters, locked.
+    fn http2_pool(&self) -> std::sync::MutexGuard<'_, Http2Pool> {
+        self.http2.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// An open connection, if the pool has one.
     /// An HTTP/2 connection is shared by up to [`MAX_STREAMS_PER_CONNECTION`]
     /// requests. With every one of them full, a request opens another, or
@@ -399,7 +387,7 @@ impl OriginPool {
     /// request.
     fn checkout(&self) -> Checkout<'_> {
         {
-            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut http2 = self.http2_pool();
             if !http2.conns.is_empty() || http2.opening > 0 || http2.speaks_http2 {
                 http2.conns.retain(|conn| !conn.sender.is_closed());
                 // Streams are only taken under this lock, so the count
@@ -458,7 +446,7 @@ impl OriginPool {
     /// the first without a request for [`HTTP2_IDLE_SWEEPS`] sweeps.
     fn sweep(&self) {
         {
-            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut http2 = self.http2_pool();
             let mut first = true;
             http2.conns.retain_mut(|conn| {
                 if conn.sender.is_closed() {
@@ -521,7 +509,7 @@ impl OriginPool {
             spawn_connection(connection);
             let streams = Arc::new(AtomicUsize::new(0));
             let stream = StreamSlot::open(&streams);
-            let mut http2 = self.http2.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut http2 = self.http2_pool();
             http2.speaks_http2 = true;
             http2.conns.push(Http2Conn {
                 sender: sender.clone(),
@@ -537,10 +525,7 @@ impl OriginPool {
         spawn_connection(connection);
         // ALPN chose HTTP/1.1 (or there was none), where it may have chosen
         // HTTP/2 before.
-        self.http2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .speaks_http2 = false;
+        self.http2_pool().speaks_http2 = false;
         Ok(Conn::Http1(sender))
     }
 }
@@ -608,11 +593,7 @@ fn restored(mut request: Request<RequestBody>, pool: &OriginPool) -> Request<Req
             request.headers_mut().insert(HOST, host);
         }
     }
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path = path_of(request.uri());
     if let Ok(uri) = Uri::builder()
         .scheme(pool.scheme.clone())
         .authority(pool.authority.clone())
@@ -627,11 +608,14 @@ fn restored(mut request: Request<RequestBody>, pool: &OriginPool) -> Request<Req
 /// HTTP/1.1 requests name only the path (`Host` carries the authority);
 /// HTTP/2 ones keep the absolute URI for `:scheme` and `:authority`.
 fn set_origin_form(uri: &mut Uri) {
-    let path = uri
-        .path_and_query()
+    *uri = Uri::from(path_of(uri));
+}
+
+/// `uri`'s path and query, `/` where it has none.
+fn path_of(uri: &Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
         .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *uri = Uri::from(path);
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
 /// An upstream response body. An HTTP/1.1 connection goes back to its pool
