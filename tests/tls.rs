@@ -195,40 +195,30 @@ impl TestCa {
     }
 }
 
-/// An https upstream that requires a client certificate signed by the test
-/// CA: it terminates TLS and relays the plaintext to a mock upstream.
-struct MtlsUpstream {
+/// An https upstream that terminates TLS with `config` and relays the
+/// plaintext to a mock upstream, counting the connections it accepts.
+struct TlsRelay {
     port: u16,
     mock: MockUpstream,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl MtlsUpstream {
-    async fn start(ca: &TestCa) -> MtlsUpstream {
+impl TlsRelay {
+    async fn start(config: rustls::ServerConfig) -> TlsRelay {
         let mock = MockUpstream::start().await.unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(ca.roots.clone()),
-            provider.clone(),
-        )
-        .build()
-        .unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let backend = mock.addr();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     // A refused handshake just ends the connection.
@@ -242,7 +232,12 @@ impl MtlsUpstream {
                 });
             }
         });
-        MtlsUpstream { port, mock, task }
+        TlsRelay {
+            port,
+            mock,
+            connections,
+            task,
+        }
     }
 
     fn url(&self) -> String {
@@ -250,17 +245,37 @@ impl MtlsUpstream {
     }
 }
 
-impl Drop for MtlsUpstream {
+impl Drop for TlsRelay {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An https upstream that requires a client certificate signed by the test
+/// CA, in front of a mock upstream.
+async fn mtls_upstream(ca: &TestCa) -> TlsRelay {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(ca.roots.clone()),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TlsRelay::start(config).await
 }
 
 /// The `[[routes]]` of the upstream TLS tests: `/private/` with both
 /// settings, `/no-cert/` without the client certificate, `/no-ca/` without
 /// the CA, `/bare/` to the same upstream with neither, and `/v1/` to a plain
 /// http mock (the default client).
-fn mtls_routes(ca: &TestCa, upstream: &MtlsUpstream, plain: &str) -> String {
+fn mtls_routes(ca: &TestCa, upstream: &TlsRelay, plain: &str) -> String {
     let route = |name: &str, tls: &str| {
         format!(
             "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}/\"\nupstream = \"{}\"\n\
@@ -340,7 +355,7 @@ async fn usage_rows(gw: &TestGateway, count: usize) -> Vec<(String, i64, String,
 #[tokio::test]
 async fn a_route_with_ca_file_and_client_cert_reaches_an_mtls_upstream() {
     let ca = TestCa::new();
-    let upstream = MtlsUpstream::start(&ca).await;
+    let upstream = mtls_upstream(&ca).await;
     let plain = MockUpstream::start().await.unwrap();
     let gw = TestGateway::start(mtls_config(&mtls_routes(&ca, &upstream, &plain.url()))).await;
 
@@ -393,7 +408,7 @@ async fn a_route_with_ca_file_and_client_cert_reaches_an_mtls_upstream() {
 #[tokio::test]
 async fn an_http2_upstream_gets_the_authority_and_no_host_header() {
     let ca = TestCa::new();
-    let upstream = MtlsUpstream::start(&ca).await;
+    let upstream = mtls_upstream(&ca).await;
     let plain = MockUpstream::start().await.unwrap();
     // A second route to the same upstream gives its own Host.
     let named = format!(
@@ -434,14 +449,7 @@ async fn an_http2_upstream_gets_the_authority_and_no_host_header() {
 async fn h2_only_listener(
     ca: &TestCa,
 ) -> (tokio_rustls::TlsAcceptor, tokio::net::TcpListener, u16) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = server_config(ca, b"h2");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     (
@@ -449,6 +457,20 @@ async fn h2_only_listener(
         listener,
         port,
     )
+}
+
+/// A TLS server's config with the test CA's server certificate, offering
+/// only `alpn`.
+fn server_config(ca: &TestCa, alpn: &[u8]) -> rustls::ServerConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(ca.server_chain.clone(), ca.server_key_der.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
 }
 
 /// A `[[routes]]` entry `/{name}/` to `https://localhost:{port}`, trusting
@@ -819,12 +841,88 @@ async fn after_an_http2_connection_closes_the_next_requests_share_one_new_one() 
     Arc::into_inner(gw).unwrap().stop().await;
 }
 
+/// A cold gateway (no connection to the origin yet) that meets a burst of
+/// requests to an https origin opens one connection, not one each: they
+/// wait for the first to tell, by ALPN, that the origin speaks HTTP/2, and
+/// share it.
+#[tokio::test]
+async fn a_burst_on_a_cold_http2_origin_shares_one_connection() {
+    const REQUESTS: usize = 50;
+    let ca = TestCa::new();
+    let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None, false).await;
+    let routes = tls_route("busy", upstream.port, &ca, "");
+    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move { send(&client(), held_chat(&gw)).await.status })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    // Held until all had arrived: they were in flight together.
+    let peak = upstream.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(peak, REQUESTS);
+    let connections = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(connections, 1);
+    Arc::into_inner(gw).unwrap().stop().await;
+}
+
+/// The same burst on a cold https origin that speaks only HTTP/1.1: once
+/// the first connection has told so, each request opens its own, and all
+/// of them run at once, none after another's response.
+#[tokio::test]
+async fn a_burst_on_a_cold_http1_origin_runs_at_once_on_a_connection_each() {
+    const REQUESTS: usize = 10;
+    const STREAM: &[u8] =
+        br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"one"}]}"#;
+    let ca = TestCa::new();
+    let upstream = TlsRelay::start(server_config(&ca, b"http/1.1")).await;
+    let routes = tls_route("slow", upstream.port, &ca, "");
+    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                // Three chunks half a second apart: a second each.
+                let request = gw
+                    .request(http::Method::POST, "/slow/v1/chat/completions")
+                    .header("content-type", "application/json")
+                    .header("x-mock-chunks", "3")
+                    .header("x-mock-chunk-delay-ms", "500")
+                    .body(Full::new(Bytes::from_static(STREAM)))
+                    .unwrap();
+                send(&client(), request).await.status
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    // One after another, they would take ten seconds.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let connections = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(connections, REQUESTS);
+    assert_eq!(upstream.mock.requests().len(), REQUESTS);
+    Arc::into_inner(gw).unwrap().stop().await;
+}
+
 /// An https upstream that takes the TCP connection and never answers the
 /// TLS handshake: the connect timeout (10 s) covers the handshake too, so
-/// the request fails as a connection failure then, not at the route's
-/// timeout.
+/// the requests fail as a connection failure then, not at the route's
+/// timeout. They come together to a cold gateway, so all but the first wait
+/// for the first's connection: when it times out, so have they, rather
+/// than each trying for another 10 s.
 #[tokio::test]
 async fn a_tls_handshake_that_never_ends_fails_within_the_connect_timeout() {
+    const REQUESTS: usize = 5;
     let ca = TestCa::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -835,29 +933,39 @@ async fn a_tls_handshake_that_never_ends_fails_within_the_connect_timeout() {
         }
     });
     let routes = tls_route("silent", port, &ca, "timeout = \"40s\"\n");
-    let gw = TestGateway::start(mtls_config(&routes)).await;
+    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
     let started = std::time::Instant::now();
-    let reply = chat(&gw, "/silent/v1/chat/completions").await;
-    let took = started.elapsed();
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(reply.error_type(), "upstream_unavailable");
-    assert!(
-        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&took),
-        "{took:?}"
-    );
-    let rows = usage_rows(&gw, 1).await;
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let reply = chat(&gw, "/silent/v1/chat/completions").await;
+                (reply, started.elapsed())
+            })
+        })
+        .collect();
+    for request in requests {
+        let (reply, took) = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.error_type(), "upstream_unavailable");
+        assert!(
+            (Duration::from_secs(9)..Duration::from_secs(15)).contains(&took),
+            "{took:?}"
+        );
+    }
+    let rows = usage_rows(&gw, REQUESTS).await;
     assert_eq!(
         rows,
-        [("silent".to_owned(), 502, "upstream_error".to_owned(), 0)]
+        vec![("silent".to_owned(), 502, "upstream_error".to_owned(), 0); REQUESTS]
     );
     silent.abort();
-    gw.stop().await;
+    Arc::into_inner(gw).unwrap().stop().await;
 }
 
 #[tokio::test]
 async fn a_reload_applies_changed_upstream_tls_and_a_bad_file_changes_nothing() {
     let ca = TestCa::new();
-    let upstream = MtlsUpstream::start(&ca).await;
+    let upstream = mtls_upstream(&ca).await;
     let plain = MockUpstream::start().await.unwrap();
     let path = ca.dir.path().join("tollgate.toml");
     let routes = mtls_routes(&ca, &upstream, &plain.url());

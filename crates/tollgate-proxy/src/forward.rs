@@ -10,10 +10,11 @@
 //!
 //! The pool is the gateway's own, over hyper's connection API: per upstream
 //! origin, a stack of idle HTTP/1.1 connections (the most recently used
-//! first, so a quiet period lets the others age out) and at most one shared
-//! HTTP/2 connection. A request takes a connection, sends on it, and its
-//! response body puts the connection back when it ends ([`UpstreamBody`]):
-//! no task, channel or map lookup per request beyond the connection's own.
+//! first, so a quiet period lets the others age out) and the HTTP/2
+//! connections, each shared by up to [`MAX_STREAMS_PER_CONNECTION`]
+//! requests. A request takes a connection, sends on it, and its response
+//! body puts the connection back when it ends ([`UpstreamBody`]): no task,
+//! channel or map lookup per request beyond the connection's own.
 //!
 //! # Failure behaviour
 //! - A pooled connection the upstream closed while it sat idle is noticed
@@ -26,6 +27,11 @@
 //!   response half read.
 //! - Idle connections are closed after [`POOL_IDLE_TIMEOUT`]; at most
 //!   [`MAX_IDLE_PER_ORIGIN`] are kept per origin.
+//! - A request gets a connection within [`CONNECT_TIMEOUT`] (TCP and TLS),
+//!   or fails as unable to connect: the time covers both its own attempt
+//!   and any wait for a shared HTTP/2 connection being opened, so a
+//!   request behind one that times out does not start a second wait of
+//!   its own.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -130,27 +136,38 @@ impl UpstreamClient {
         mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let pool = self.pool_for(request.uri())?;
+        // The time a request may spend getting a connection, whether it
+        // opens its own or waits for one being opened, or both: set when it
+        // first needs one, so that waiting for a connection that then fails
+        // does not start the clock again.
+        let mut deadline = None;
+        let mut connect_by = || *deadline.get_or_insert_with(|| Instant::now() + CONNECT_TIMEOUT);
         loop {
             let (conn, reused) = match pool.checkout() {
                 Checkout::Conn(conn) => (conn, true),
                 // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is by far
                 // the largest state of this future, and rare; inline, every
                 // request would copy its size when the future is boxed.
-                Checkout::Connect => (Box::pin(pool.connect(&self.0.connector)).await?, false),
+                Checkout::Connect => (
+                    Box::pin(pool.connect(&self.0.connector, connect_by())).await?,
+                    false,
+                ),
                 Checkout::ConnectHttp2(mut opening) => {
-                    let conn = Box::pin(pool.connect(&self.0.connector)).await;
+                    let conn = Box::pin(pool.connect(&self.0.connector, connect_by())).await;
                     opening.opened = conn.is_ok();
                     drop(opening);
                     (conn?, false)
                 }
                 Checkout::Wait(waiting) => {
-                    if Box::pin(waiting.until_opened()).await {
+                    let by = connect_by();
+                    if Box::pin(waiting.until_opened(by)).await {
                         continue;
                     }
-                    // What it waited for failed, or is slow: a connection
-                    // of its own, as every other waiter opens now, so that
-                    // none waits out a failure after another's.
-                    (Box::pin(pool.connect(&self.0.connector)).await?, false)
+                    // What it waited for failed: a connection of its own, as
+                    // every other waiter opens now, so that none waits out a
+                    // failure after another's; in the time left, none if
+                    // the wait took it all.
+                    (Box::pin(pool.connect(&self.0.connector, by)).await?, false)
                 }
             };
             let sent = match conn {
@@ -216,7 +233,7 @@ impl UpstreamClient {
             scheme: scheme.clone(),
             authority: authority.clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::default(),
+            http2: Mutex::new(Http2Pool::for_scheme(scheme)),
             opened: tokio::sync::Notify::new(),
         });
         spawn_sweeper(Arc::downgrade(&pool));
@@ -243,8 +260,8 @@ enum Checkout<'a> {
     /// HTTP/2 as ALPN chooses, and keeps it.
     Connect,
     /// Every HTTP/2 connection is full (or, on an origin that speaks
-    /// HTTP/2, none is open), and those being opened will not take every
-    /// waiting request: the request opens another.
+    /// HTTP/2 or has not said yet, none is open), and those being opened
+    /// will not take every waiting request: the request opens another.
     ConnectHttp2(Opening<'a>),
     /// As for `ConnectHttp2`, but one being opened has a stream for this
     /// request: it waits until that is done, then asks again, or if it
@@ -264,8 +281,8 @@ impl Waiting<'_> {
     /// Until an HTTP/2 connection being opened is done (the pool's
     /// generation has moved on): whether one opened since the request began
     /// to wait, so that it asks the pool again. Not if one failed, nor if
-    /// none is done within the time a connection may take to open.
-    async fn until_opened(self) -> bool {
+    /// none is done by `deadline`, the request's time to get a connection.
+    async fn until_opened(self, deadline: Instant) -> bool {
         let opened = self.pool.opened.notified();
         tokio::pin!(opened);
         // Listening before looking: one done in between moved the
@@ -273,7 +290,9 @@ impl Waiting<'_> {
         opened.as_mut().enable();
         let generation = self.pool.http2_pool().generation;
         if generation == self.generation
-            && tokio::time::timeout(CONNECT_TIMEOUT, opened).await.is_err()
+            && tokio::time::timeout_at(deadline.into(), opened)
+                .await
+                .is_err()
         {
             return false;
         }
@@ -290,8 +309,10 @@ impl Drop for Waiting<'_> {
 }
 
 /// An HTTP/2 connection being opened for requests that found every
-/// connection full, or none open. When it is done, the waiting requests ask the pool
-/// again if it opened, and open connections of their own if it failed.
+/// connection full, or none open. When it is done, the waiting requests ask
+/// the pool again if it opened (on an origin that had not said which
+/// protocol it speaks, it may have turned out HTTP/1.1: then they open
+/// connections of their own), and open their own if it failed.
 struct Opening<'a> {
     pool: &'a OriginPool,
     opened: bool,
@@ -341,10 +362,43 @@ struct Http2Pool {
     generation: u64,
     /// The generation the last failure to open one moved it on to.
     failed: u64,
-    /// The origin's last new connection was HTTP/2: when every one has
-    /// closed (a GOAWAY, say), the requests that come meanwhile wait for
-    /// one new connection rather than open one each.
-    speaks_http2: bool,
+    /// What the origin's last new connection spoke.
+    protocol: Protocol,
+}
+
+/// What an origin speaks, as far as the pool knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Protocol {
+    /// An https origin no connection has been made to yet: ALPN will say.
+    /// Until then, requests share the first connection being opened, as
+    /// on an HTTP/2 origin, rather than open one each: when a cold gateway
+    /// meets a burst of requests, an HTTP/2 API gets one connection (and
+    /// more only per hundred requests), not one handshake per request. Had
+    /// it chosen HTTP/1.1, the others open their own once it is up.
+    #[default]
+    Unknown,
+    /// Plain http, or ALPN chose HTTP/1.1 (or nothing) last time: each
+    /// request in flight has a connection of its own.
+    Http1,
+    /// ALPN chose HTTP/2 last time: when every connection has closed (a
+    /// GOAWAY, say), the requests that come meanwhile wait for one new
+    /// connection rather than open one each.
+    Http2,
+}
+
+impl Http2Pool {
+    /// An origin's pool before its first connection: only https may speak
+    /// HTTP/2 (the gateway does not try HTTP/2 in the clear).
+    fn for_scheme(scheme: &Scheme) -> Http2Pool {
+        Http2Pool {
+            protocol: if *scheme == Scheme::HTTPS {
+                Protocol::Unknown
+            } else {
+                Protocol::Http1
+            },
+            ..Http2Pool::default()
+        }
+    }
 }
 
 /// A pooled HTTP/2 connection.
@@ -388,7 +442,10 @@ impl OriginPool {
     fn checkout(&self) -> Checkout<'_> {
         {
             let mut http2 = self.http2_pool();
-            if !http2.conns.is_empty() || http2.opening > 0 || http2.speaks_http2 {
+            let shared = |http2: &Http2Pool| {
+                !http2.conns.is_empty() || http2.opening > 0 || http2.protocol != Protocol::Http1
+            };
+            if shared(&http2) {
                 http2.conns.retain(|conn| !conn.sender.is_closed());
                 // Streams are only taken under this lock, so the count
                 // read is never exceeded by another request's.
@@ -402,7 +459,7 @@ impl OriginPool {
                         StreamSlot::open(&conn.streams),
                     ));
                 }
-                if !http2.conns.is_empty() || http2.opening > 0 || http2.speaks_http2 {
+                if shared(&http2) {
                     if http2.opening * MAX_STREAMS_PER_CONNECTION > http2.waiting {
                         http2.waiting += 1;
                         return Checkout::Wait(Waiting {
@@ -471,10 +528,14 @@ impl OriginPool {
         idle.retain(|conn| !conn.sender.is_closed());
     }
 
-    /// Opens a connection: TCP (and TLS, with ALPN choosing the protocol
-    /// for https), then the HTTP handshake. Its task runs until the
-    /// connection closes.
-    async fn connect(&self, connector: &Connector) -> Result<Conn, UpstreamError> {
+    /// Opens a connection by `deadline`: TCP (and TLS, with ALPN choosing
+    /// the protocol for https), then the HTTP handshake. Its task runs until
+    /// the connection closes.
+    async fn connect(
+        &self,
+        connector: &Connector,
+        deadline: Instant,
+    ) -> Result<Conn, UpstreamError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -485,10 +546,10 @@ impl OriginPool {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(UpstreamError::Connect)?;
-        // The TCP connect has this time on its own; the TLS handshake after
-        // it would have none short of the route's timeout, so the two
-        // together get it.
-        let stream: Stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.call(uri))
+        // The TCP connect has a timeout of its own; the TLS handshake after
+        // it would have none short of the route's, so the two together get
+        // the request's time to connect.
+        let stream: Stream = tokio::time::timeout_at(deadline.into(), connector.call(uri))
             .await
             .map_err(|_| {
                 UpstreamError::Connect(
@@ -510,7 +571,7 @@ impl OriginPool {
             let streams = Arc::new(AtomicUsize::new(0));
             let stream = StreamSlot::open(&streams);
             let mut http2 = self.http2_pool();
-            http2.speaks_http2 = true;
+            http2.protocol = Protocol::Http2;
             http2.conns.push(Http2Conn {
                 sender: sender.clone(),
                 streams,
@@ -525,7 +586,7 @@ impl OriginPool {
         spawn_connection(connection);
         // ALPN chose HTTP/1.1 (or there was none), where it may have chosen
         // HTTP/2 before.
-        self.http2_pool().speaks_http2 = false;
+        self.http2_pool().protocol = Protocol::Http1;
         Ok(Conn::Http1(sender))
     }
 }
@@ -913,7 +974,7 @@ mod tests {
             scheme: uri.scheme().unwrap().clone(),
             authority: uri.authority().unwrap().clone(),
             idle: Mutex::new(Vec::new()),
-            http2: Mutex::default(),
+            http2: Mutex::new(Http2Pool::for_scheme(uri.scheme().unwrap())),
             opened: tokio::sync::Notify::new(),
         }
     }
