@@ -27,6 +27,11 @@
 # CPU per request is the proxy process's user and system time (all its
 # threads, and nginx's worker) over the measured run, divided by the
 # requests wrk completed in it.
+# "db cpu/req" is the Postgres server's CPU (user + system, all its
+# processes) over the same run and requests, when the server runs on this
+# machine ("-" otherwise, and on SQLite, whose work is in the gateway's own
+# CPU): the database's side of metering, which no proxy's column counts.
+# For nginx and the hyper proxy it is the server's background work alone.
 #
 # Each proxy is measured ROUNDS times, alternating (each round starting with
 # the next proxy of the list), and the median is reported,
@@ -193,6 +198,24 @@ cpu_ticks() { # pid
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
+# The usage database's side of the rows: the CPU of the Postgres server's
+# processes (its postmaster and the postmaster's children: the backends,
+# the WAL writer, the checkpointer), when that server runs on this machine.
+# It is found by its checkpointer, whose parent is the postmaster. Counted
+# in no proxy's CPU per request, but on these two cores it runs where it
+# can, beside the proxy or the load generator.
+DB_SERVER_PID=
+if [ "$BENCH_DATABASE" = postgres ]; then
+    checkpointer="$(pg_admin -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'" 2>/dev/null || true)"
+    postmaster="$(awk '/^PPid:/ { print $2 }' "/proc/${checkpointer:-none}/status" 2>/dev/null || true)"
+    if [ -n "$postmaster" ] && [ "$(cat "/proc/$postmaster/comm" 2>/dev/null)" = postgres ]; then
+        DB_SERVER_PID="$postmaster"
+    fi
+fi
+db_ticks() {
+    if [ -n "$DB_SERVER_PID" ]; then cpu_ticks "$DB_SERVER_PID" | awk '{ print $1 + $2 }'; else echo 0; fi
+}
+
 # Prints "rps p50_us p99_us requests" for one wrk run against a port.
 measure() { # port [duration] [key] [connections]
     taskset -c 0 wrk -t1 -c"${4:-$CONNS}" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer ${3:-$KEY}" \
@@ -244,6 +267,7 @@ for round in $(seq 1 "$ROUNDS"); do
         start_proxy "$proxy"
         measure "$PROXY_PORT" 2 "$key" >/dev/null 2>&1 || true   # warm-up: pools, caches
         read -r u0 s0 < <(cpu_ticks "$PROXY_PID")
+        d0=$(db_ticks)
         if [ -n "${PROFILE:-}" ] && [ "$proxy" = tollgate ] && [ "$round" = 1 ]; then
             perf record -q -F ${PROFILE_HZ:-4999} ${PROFILE_CALLGRAPH:--g} -p "$PROXY_PID" -o "$PROFILE" -- sleep "$DURATION" 2>/dev/null &
             PERF_PID=$!
@@ -251,11 +275,13 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r rps p50 p99 n < <(measure "$PROXY_PORT" "$DURATION" "$key")
         [ -n "${PERF_PID:-}" ] && { wait "$PERF_PID" || true; PERF_PID=; }
         read -r u1 s1 < <(cpu_ticks "$PROXY_PID")
+        d1=$(db_ticks)
         # CPU per request in tenths of a microsecond (integers for the median).
         cu=$(( (u1 - u0) * TICK_US * 10 / n )); cs=$(( (s1 - s0) * TICK_US * 10 / n ))
-        echo "$proxy $rps $p50 $p99 $cu $cs" >> "$WORK/results"
-        printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us  cpu/req %s + %s us\n' \
-            "$round" "$proxy" "$rps" "$p50" "$p99" "$(tenths "$cu")" "$(tenths "$cs")"
+        cd=$(( (d1 - d0) * TICK_US * 10 / n ))
+        echo "$proxy $rps $p50 $p99 $cu $cs $cd" >> "$WORK/results"
+        printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us  cpu/req %s + %s us  db %s us\n' \
+            "$round" "$proxy" "$rps" "$p50" "$p99" "$(tenths "$cu")" "$(tenths "$cs")" "$(tenths "$cd")"
         # One connection, on the same warm process.
         if [ "$proxy" = tollgate ] || [ "$proxy" = nginx ] || [ "$proxy" = hyper ]; then
             read -r rps p50 p99 _ < <(measure "$PROXY_PORT" "$DURATION" "$key" 1)
@@ -269,14 +295,15 @@ done
 col() { awk -v who="$1" -v c="$2" '$1 == who { print $c }' "$WORK/results" | median; }
 d50=$(col direct 3); d99=$(col direct 4)
 row() { # proxy: the medians of its rounds
-    local rps=$(col "$1" 2) p50=$(col "$1" 3) p99=$(col "$1" 4) cu=$(col "$1" 5) cs=$(col "$1" 6)
-    printf '%-15s %10s %8s %14s %14s %20s\n' "$1" "$rps" \
+    local rps=$(col "$1" 2) p50=$(col "$1" 3) p99=$(col "$1" 4) cu=$(col "$1" 5) cs=$(col "$1" 6) cd=$(col "$1" 7)
+    printf '%-15s %10s %8s %14s %14s %20s %14s\n' "$1" "$rps" \
         "$(awk -v a="$rps" -v b="$n_rps" 'BEGIN { printf "%.2f", a / b }')" \
-        "$((p50 - d50))" "$((p99 - d99))" "$(tenths "$cu") + $(tenths "$cs")"
+        "$((p50 - d50))" "$((p99 - d99))" "$(tenths "$cu") + $(tenths "$cs")" \
+        "$([ -n "$DB_SERVER_PID" ] && tenths "$cd" || echo -)"
 }
 t_rps=$(col tollgate 2); k_rps=$(col tollgate+keylim 2); n_rps=$(col nginx 2); h_rps=$(col hyper 2)
 echo
-printf '%-15s %10s %8s %14s %14s %20s\n' proxy "req/s" "x nginx" "added p50 us" "added p99 us" "cpu/req user+sys us"
+printf '%-15s %10s %8s %14s %14s %20s %14s\n' proxy "req/s" "x nginx" "added p50 us" "added p99 us" "cpu/req user+sys us" "db cpu/req us"
 row nginx
 row hyper
 row tollgate
