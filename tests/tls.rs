@@ -308,15 +308,35 @@ fn mtls_config(routes: &str) -> tollgate::config::Config {
 const CHAT: &[u8] =
     br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"one two three"}]}"#;
 
+fn chat_request(gw: &TestGateway, path: &str) -> http::Request<Full<Bytes>> {
+    gw.request(http::Method::POST, path)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT)))
+        .unwrap()
+}
+
 async fn chat(gw: &TestGateway, path: &str) -> Reply {
-    send(
-        &client(),
-        gw.request(http::Method::POST, path)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(CHAT)))
-            .unwrap(),
-    )
-    .await
+    send(&client(), chat_request(gw, path)).await
+}
+
+/// Sends `n` requests made by `request` at once, each on a client of its
+/// own; their statuses, once all have answered.
+async fn burst(
+    gw: &TestGateway,
+    n: usize,
+    request: impl Fn(&TestGateway) -> http::Request<Full<Bytes>>,
+) -> Vec<StatusCode> {
+    let sent: Vec<_> = (0..n)
+        .map(|_| {
+            let request = request(gw);
+            tokio::spawn(async move { send(&client(), request).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for reply in sent {
+        statuses.push(reply.await.unwrap());
+    }
+    statuses
 }
 
 /// (route, status, outcome, input tokens) of every usage row, once `count`
@@ -698,6 +718,18 @@ impl ConcurrencyUpstream {
     }
 }
 
+impl ConcurrencyUpstream {
+    /// Connections accepted so far.
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most requests in flight at once so far.
+    fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 impl Drop for ConcurrencyUpstream {
     fn drop(&mut self) {
         self.task.abort();
@@ -721,40 +753,20 @@ async fn requests_beyond_an_http2_connections_streams_open_another_connection() 
         chat(&gw, "/busy/v1/chat/completions").await.status,
         StatusCode::OK
     );
-    assert_eq!(
-        upstream
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(upstream.connections(), 1);
 
     let started = std::time::Instant::now();
-    let gw = Arc::new(gw);
-    let requests: Vec<_> = (0..REQUESTS)
-        .map(|_| {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let request = held_chat(&gw);
-                send(&client(), request).await.status
-            })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
+    let statuses = burst(&gw, REQUESTS, held_chat).await;
+    assert_eq!(statuses, vec![StatusCode::OK; REQUESTS]);
     // All of them reached the upstream together, which held them until
     // they had: none waited for another's stream.
-    let peak = upstream.peak.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(peak, REQUESTS);
+    assert_eq!(upstream.peak(), REQUESTS);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "{took:?}");
     // The fifty beyond the first connection's hundred waited for one more
     // connection, not one each.
-    let connections = upstream
-        .connections
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(connections, 2);
-    Arc::into_inner(gw).unwrap().stop().await;
+    assert_eq!(upstream.connections(), 2);
+    gw.stop().await;
 }
 
 /// When the connection opened for requests that found the HTTP/2 ones full
@@ -788,7 +800,7 @@ async fn waiters_for_an_http2_connection_that_fails_do_not_fail_one_after_anothe
     let first: Vec<_> = (0..HELD).map(|_| held(&gw)).collect();
     // The first connection is full before the others come.
     eventually(Duration::from_secs(5), || {
-        let full = upstream.peak.load(std::sync::atomic::Ordering::SeqCst) >= HELD;
+        let full = upstream.peak() >= HELD;
         async move { full }
     })
     .await;
@@ -817,7 +829,7 @@ async fn after_an_http2_connection_closes_the_next_requests_share_one_new_one() 
     let ca = TestCa::new();
     let upstream = ConcurrencyUpstream::start(&ca, 100, usize::MAX, None, true).await;
     let routes = tls_route("busy", upstream.port, &ca, "");
-    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    let gw = TestGateway::start(mtls_config(&routes)).await;
     // The first request's connection answers it, then goes away.
     assert_eq!(
         chat(&gw, "/busy/v1/chat/completions").await.status,
@@ -825,20 +837,13 @@ async fn after_an_http2_connection_closes_the_next_requests_share_one_new_one() 
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let requests: Vec<_> = (0..REQUESTS)
-        .map(|_| {
-            let gw = gw.clone();
-            tokio::spawn(async move { chat(&gw, "/busy/v1/chat/completions").await.status })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
-    let connections = upstream
-        .connections
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(connections, 2);
-    Arc::into_inner(gw).unwrap().stop().await;
+    let statuses = burst(&gw, REQUESTS, |gw| {
+        chat_request(gw, "/busy/v1/chat/completions")
+    })
+    .await;
+    assert_eq!(statuses, vec![StatusCode::OK; REQUESTS]);
+    assert_eq!(upstream.connections(), 2);
+    gw.stop().await;
 }
 
 /// A cold gateway (no connection to the origin yet) that meets a burst of
@@ -851,24 +856,13 @@ async fn a_burst_on_a_cold_http2_origin_shares_one_connection() {
     let ca = TestCa::new();
     let upstream = ConcurrencyUpstream::start(&ca, 100, REQUESTS, None, false).await;
     let routes = tls_route("busy", upstream.port, &ca, "");
-    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
-    let requests: Vec<_> = (0..REQUESTS)
-        .map(|_| {
-            let gw = gw.clone();
-            tokio::spawn(async move { send(&client(), held_chat(&gw)).await.status })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
+    let gw = TestGateway::start(mtls_config(&routes)).await;
+    let statuses = burst(&gw, REQUESTS, held_chat).await;
+    assert_eq!(statuses, vec![StatusCode::OK; REQUESTS]);
     // Held until all had arrived: they were in flight together.
-    let peak = upstream.peak.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(peak, REQUESTS);
-    let connections = upstream
-        .connections
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(connections, 1);
-    Arc::into_inner(gw).unwrap().stop().await;
+    assert_eq!(upstream.peak(), REQUESTS);
+    assert_eq!(upstream.connections(), 1);
+    gw.stop().await;
 }
 
 /// The same burst on a cold https origin that speaks only HTTP/1.1: once
@@ -882,36 +876,30 @@ async fn a_burst_on_a_cold_http1_origin_runs_at_once_on_a_connection_each() {
     let ca = TestCa::new();
     let upstream = TlsRelay::start(server_config(&ca, b"http/1.1")).await;
     let routes = tls_route("slow", upstream.port, &ca, "");
-    let gw = Arc::new(TestGateway::start(mtls_config(&routes)).await);
+    let gw = TestGateway::start(mtls_config(&routes)).await;
     let started = std::time::Instant::now();
-    let requests: Vec<_> = (0..REQUESTS)
-        .map(|_| {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                // Three chunks half a second apart: a second each.
-                let request = gw
-                    .request(http::Method::POST, "/slow/v1/chat/completions")
-                    .header("content-type", "application/json")
-                    .header("x-mock-chunks", "3")
-                    .header("x-mock-chunk-delay-ms", "500")
-                    .body(Full::new(Bytes::from_static(STREAM)))
-                    .unwrap();
-                send(&client(), request).await.status
-            })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
+    // Three chunks half a second apart: a second each.
+    let statuses = burst(&gw, REQUESTS, |gw| {
+        gw.request(http::Method::POST, "/slow/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("x-mock-chunks", "3")
+            .header("x-mock-chunk-delay-ms", "500")
+            .body(Full::new(Bytes::from_static(STREAM)))
+            .unwrap()
+    })
+    .await;
+    assert_eq!(statuses, vec![StatusCode::OK; REQUESTS]);
     // One after another, they would take ten seconds.
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "{took:?}");
-    let connections = upstream
-        .connections
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(connections, REQUESTS);
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        REQUESTS
+    );
     assert_eq!(upstream.mock.requests().len(), REQUESTS);
-    Arc::into_inner(gw).unwrap().stop().await;
+    gw.stop().await;
 }
 
 /// An https upstream that takes the TCP connection and never answers the
