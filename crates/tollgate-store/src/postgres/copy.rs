@@ -40,9 +40,19 @@ pub(super) struct CopyWriter<'t> {
     buf: BytesMut,
 }
 
+/// A usage row's bytes in the COPY, a little over: what the buffer of a
+/// COPY of a few rows is sized by.
+const ROW_BYTES: usize = 384;
+
 impl<'t> CopyWriter<'t> {
-    pub(super) fn new(sink: CopyInSink<Bytes>, types: &'t [Type]) -> CopyWriter<'t> {
-        let mut buf = BytesMut::with_capacity(CHUNK + (CHUNK >> 2));
+    /// A writer for about `rows` rows: its buffer is sized for them, up
+    /// to a chunk and a quarter (the last row of a chunk goes over).
+    pub(super) fn new(sink: CopyInSink<Bytes>, types: &'t [Type], rows: usize) -> CopyWriter<'t> {
+        let capacity = rows
+            .saturating_mul(ROW_BYTES)
+            .saturating_add(HEADER.len())
+            .min(CHUNK + (CHUNK >> 2));
+        let mut buf = BytesMut::with_capacity(capacity);
         buf.put_slice(HEADER);
         CopyWriter {
             sink: Box::pin(sink),
