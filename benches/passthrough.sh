@@ -42,7 +42,8 @@
 # After the throughput table:
 #
 # - One connection: in every round, right after its throughput run, the
-#   upstream, nginx and tollgate are also measured with a single connection
+#   upstream, nginx, the hyper proxy, tollgate and the COMPARE_BIN build
+#   are also measured with a single connection
 #   (wrk -t1 -c1, same duration), so the latency of one request at a time
 #   is compared in the same alternating rounds; medians, and what nginx and
 #   tollgate add over the upstream's own p50 and p99.
@@ -283,7 +284,7 @@ for round in $(seq 1 "$ROUNDS"); do
         printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us  cpu/req %s + %s us  db %s us\n' \
             "$round" "$proxy" "$rps" "$p50" "$p99" "$(tenths "$cu")" "$(tenths "$cs")" "$(tenths "$cd")"
         # One connection, on the same warm process.
-        if [ "$proxy" = tollgate ] || [ "$proxy" = nginx ] || [ "$proxy" = hyper ]; then
+        if [ "$proxy" != tollgate+keylim ]; then
             read -r rps p50 p99 _ < <(measure "$PROXY_PORT" "$DURATION" "$key" 1)
             echo "$proxy $p50 $p99" >> "$WORK/latency"
             printf '  round %d %-15s %8s req/s  p50 %6s us  p99 %6s us\n' "$round" "$proxy, 1 conn" "$rps" "$p50" "$p99"
@@ -322,7 +323,7 @@ echo
 echo "one connection (wrk -t1 -c1, ${DURATION}s, median of ${ROUNDS} rounds):"
 printf '%-15s %10s %10s %14s %14s\n' "" "p50 us" "p99 us" "added p50 us" "added p99 us"
 printf '%-15s %10s %10s %14s %14s\n' direct "$l50" "$l99" - -
-for proxy in nginx hyper tollgate; do
+for proxy in nginx hyper tollgate ${COMPARE_BIN:+other}; do
     p50=$(lat "$proxy" 2); p99=$(lat "$proxy" 3)
     printf '%-15s %10s %10s %14s %14s\n' "$proxy" "$p50" "$p99" "$((p50 - l50))" "$((p99 - l99))"
 done
