@@ -605,7 +605,8 @@ const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrati
 //   partition of `usage_events` (or through `usage_events` itself when that
 //   partition is not what its name says), then one upsert of the batch's `usage_daily` groups, summed in Rust,
 //   and one of its `usage_customer_daily` rows (the groups summed per day
-//   and customer), pipelined behind it.
+//   and customer), pipelined behind it. A small write sends the COPY and
+//   the first upsert in pieces (see `Pieces`).
 //   If any row is already there, the primary key, `(ts, id)`, fails the
 //   COPY and the transaction is rolled back whole, nothing written. That
 //   key is the table's only index (migration 7): it also serves the
@@ -1111,7 +1112,7 @@ async fn write_new(
 /// more than [`PACED_MAX`] rows (a full batch at a high rate, or a
 /// backlog the writer catches up on) goes at full speed, one statement
 /// each.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Pieces {
     rows: usize,
     groups: usize,
