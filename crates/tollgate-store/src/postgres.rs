@@ -1103,9 +1103,9 @@ async fn write_new(
 /// wakes on the same core gets it. So a COPY of 2,000 rows was 2–3 ms in
 /// which a request's thread, or the client or upstream on a machine the
 /// server shares, could not run: with the gateway, its upstream and
-/// Postgres on two cores, one connection's p99 was 1.8 ms, and 0.3–0.4 ms
-/// with the work in pieces. Between two pieces the server waits for the
-/// next, and whatever waited for its core runs.
+/// Postgres on two cores, one connection's p99 was 1.7–2.0 ms, and
+/// 0.46–0.59 ms with the work in pieces. Between two pieces the server
+/// waits for the next, and whatever waited for its core runs.
 ///
 /// A piece costs a round trip and a statement's overhead, which a write
 /// of a flush interval's rows at a moderate rate can spare. A write of
