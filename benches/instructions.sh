@@ -49,6 +49,8 @@
 #   COMPARE_BIN=path       also measure another build the same way (column "compare")
 #   FLOOR_BIN=path         the plain hyper proxy (else built: cargo build --release --example hyper_proxy)
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
+#   BENCH_BODY=small|openai          the upstream's answer: 110 bytes of usage (default),
+#                          or a whole OpenAI chat completion of about 700 bytes
 #   BENCH_DATABASE_URL=postgres://user@host:port   the Postgres server (default
 #                          postgres://postgres@127.0.0.1:5432, no database name): a
 #                          database tollgate_instr_<pid>_<n> is made per build, dropped at the end
@@ -394,7 +396,7 @@ def main():
 main()
 PY
 
-echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load -c $CLIENTS; client $CLIENT, upstream $UPSTREAM; usage rows to $BENCH_DATABASE"
+echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load -c $CLIENTS; client $CLIENT, upstream $UPSTREAM; usage rows to $BENCH_DATABASE; upstream body ${BENCH_BODY:-small}"
 measure_gateway this "$BIN"; THIS_DUMP="$DUMP"
 if [ -n "${COMPARE_BIN:-}" ]; then measure_gateway compare "$COMPARE_BIN"; OTHER_DUMP="$DUMP"; fi
 

@@ -88,8 +88,18 @@ make_certs() { # dir
     ) >"$1/openssl.log" 2>&1 || { cat "$1/openssl.log" >&2; exit 1; }
 }
 
-# The upstream's one answer: a chat completion with its usage, as JSON.
-UPSTREAM_LOCATION='location / { default_type application/json; return 200 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}"; }'
+# The upstream's one answer, a chat completion with its usage, as JSON.
+# BENCH_BODY=small (the default, the figures' body): 110 bytes, the usage
+# and little else. BENCH_BODY=openai: a whole Chat Completions answer as
+# OpenAI sends it (about 700 bytes: ids, a message, the usage with its
+# details objects, a dated model name the bench's price list does not
+# hold), which is what the usage scan reads on real traffic.
+case "${BENCH_BODY:-small}" in
+    small) UPSTREAM_BODY='{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}' ;;
+    openai) UPSTREAM_BODY='{\"id\":\"chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG\",\"object\":\"chat.completion\",\"created\":1741570283,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"The image shows a wooden boardwalk path running through a lush green field or meadow.\",\"refusal\":null,\"annotations\":[]},\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1117,\"completion_tokens\":46,\"total_tokens\":1163,\"prompt_tokens_details\":{\"cached_tokens\":0,\"audio_tokens\":0},\"completion_tokens_details\":{\"reasoning_tokens\":0,\"audio_tokens\":0,\"accepted_prediction_tokens\":0,\"rejected_prediction_tokens\":0}},\"service_tier\":\"default\",\"system_fingerprint\":\"fp_fc9f1d7035\"}' ;;
+    *) echo "error: BENCH_BODY must be small or openai" >&2; exit 1 ;;
+esac
+UPSTREAM_LOCATION="location / { default_type application/json; return 200 \"$UPSTREAM_BODY\"; }"
 # nginx as the plain reverse proxy Tollgate is measured against: HTTP/1.1
 # to the upstream, a keep-alive pool, X-Forwarded-For as the gateway sets it.
 PROXY_LOCATION='location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }'

@@ -71,6 +71,8 @@
 #   PROFILE=perf.data      perf record tollgate during round 1's run
 #                          (PROFILE_HZ=4999, PROFILE_CALLGRAPH=-g, e.g. "--call-graph dwarf")
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
+#   BENCH_BODY=small|openai          the upstream's answer: 110 bytes of usage (default),
+#                          or a whole OpenAI chat completion of about 700 bytes
 #   BENCH_DATABASE_URL=postgres://user@host:port   the Postgres server (default
 #                          postgres://postgres@127.0.0.1:5432, no database name): a
 #                          database tollgate_bench_<pid> is made on it and dropped at the end
@@ -246,7 +248,7 @@ percentile() { # p: the smallest value at or above p% of them
 }
 
 echo "pass-through: ${DURATION}s x ${ROUNDS} rounds, ${CONNS} connections (and 1), proxy on CPU 1, wrk + upstream on CPU 0"
-echo "usage rows to: ${DATABASE_URL}"
+echo "usage rows to: ${DATABASE_URL}; upstream body: ${BENCH_BODY:-small}"
 : > "$WORK/results"
 : > "$WORK/latency"
 measure "$UPSTREAM_PORT" 2 >/dev/null   # warm the upstream

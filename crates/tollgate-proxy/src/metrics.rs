@@ -482,8 +482,9 @@ pub struct RouteMetrics {
     upstream_errors: [OnceLock<Counter>; 3],
     /// By [`UsageField`], registered on first use.
     invalid_values: [OnceLock<Counter>; UsageField::ALL.len()],
-    /// Per priced model, and `other` for everything else.
-    models: HashMap<Box<str>, OnceLock<ModelCounters>>,
+    /// Per priced model (a fast hash: the names are the operator's), and
+    /// `other` for everything else.
+    models: HashMap<Box<str>, OnceLock<ModelCounters>, foldhash::fast::RandomState>,
     other: OnceLock<ModelCounters>,
 }
 

@@ -314,7 +314,7 @@ struct Tally {
 }
 
 /// The fields of a usage object, from either vendor.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct UsageJson {
     prompt_tokens: Option<Count>,
     completion_tokens: Option<Count>,
@@ -326,9 +326,176 @@ struct UsageJson {
     cache_creation_input_tokens: Option<Count>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+impl UsageJson {
+    /// The count `key` names at the top of a usage object.
+    fn count(&mut self, key: UsageKey) -> Option<&mut Option<Count>> {
+        match key {
+            UsageKey::PromptTokens => Some(&mut self.prompt_tokens),
+            UsageKey::CompletionTokens => Some(&mut self.completion_tokens),
+            UsageKey::InputTokens => Some(&mut self.input_tokens),
+            UsageKey::OutputTokens => Some(&mut self.output_tokens),
+            UsageKey::CacheReadInputTokens => Some(&mut self.cache_read_input_tokens),
+            UsageKey::CacheCreationInputTokens => Some(&mut self.cache_creation_input_tokens),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 struct Details {
     cached_tokens: Option<Count>,
+}
+
+/// A key of a usage object (or of its `*_details`), read as bytes.
+///
+/// Derived field names would be read as `str`, and serde_json checks that
+/// each is UTF-8: a quarter of reading a usage object, on every metered
+/// response. Bytes skip the check; a key that is not UTF-8 is simply none
+/// of these.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UsageKey {
+    PromptTokens,
+    CompletionTokens,
+    PromptTokensDetails,
+    InputTokens,
+    OutputTokens,
+    InputTokensDetails,
+    CacheReadInputTokens,
+    CacheCreationInputTokens,
+    CachedTokens,
+    Other,
+}
+
+impl UsageKey {
+    fn of(key: &[u8]) -> UsageKey {
+        match key {
+            b"prompt_tokens" => UsageKey::PromptTokens,
+            b"completion_tokens" => UsageKey::CompletionTokens,
+            b"prompt_tokens_details" => UsageKey::PromptTokensDetails,
+            b"input_tokens" => UsageKey::InputTokens,
+            b"output_tokens" => UsageKey::OutputTokens,
+            b"input_tokens_details" => UsageKey::InputTokensDetails,
+            b"cache_read_input_tokens" => UsageKey::CacheReadInputTokens,
+            b"cache_creation_input_tokens" => UsageKey::CacheCreationInputTokens,
+            b"cached_tokens" => UsageKey::CachedTokens,
+            _ => UsageKey::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UsageKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UsageKey, D::Error> {
+        struct KeyVisitor;
+
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = UsageKey;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a key")
+            }
+
+            fn visit_bytes<E>(self, key: &[u8]) -> Result<UsageKey, E> {
+                Ok(UsageKey::of(key))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<UsageKey, E> {
+                Ok(UsageKey::of(key.as_bytes()))
+            }
+        }
+
+        deserializer.deserialize_bytes(KeyVisitor)
+    }
+}
+
+/// The next value, into `slot`; a key given twice refuses the whole
+/// object, as a derived `Deserialize` would.
+fn value_once<'de, A: serde::de::MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    seen: &mut u16,
+    key: UsageKey,
+    slot: &mut Option<T>,
+) -> Result<(), A::Error> {
+    let bit = 1 << key as u16;
+    if *seen & bit != 0 {
+        return Err(serde::de::Error::custom("a key given twice"));
+    }
+    *seen |= bit;
+    *slot = map.next_value()?;
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for UsageJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UsageJson, D::Error> {
+        struct UsageVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for UsageVisitor {
+            type Value = UsageJson;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a usage object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UsageJson, A::Error> {
+                let mut usage = UsageJson::default();
+                let mut seen = 0;
+                while let Some(key) = map.next_key::<UsageKey>()? {
+                    let seen = &mut seen;
+                    match key {
+                        UsageKey::PromptTokensDetails => {
+                            value_once(&mut map, seen, key, &mut usage.prompt_tokens_details)?;
+                        }
+                        UsageKey::InputTokensDetails => {
+                            value_once(&mut map, seen, key, &mut usage.input_tokens_details)?;
+                        }
+                        _ => match usage.count(key) {
+                            Some(count) => value_once(&mut map, seen, key, count)?,
+                            None => {
+                                map.next_value::<serde::de::IgnoredAny>()?;
+                            }
+                        },
+                    }
+                }
+                Ok(usage)
+            }
+        }
+
+        deserializer.deserialize_map(UsageVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Details, D::Error> {
+        struct DetailsVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for DetailsVisitor {
+            type Value = Details;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a details object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Details, A::Error> {
+                let mut details = Details::default();
+                let mut seen = 0;
+                while let Some(key) = map.next_key::<UsageKey>()? {
+                    if key == UsageKey::CachedTokens {
+                        value_once(&mut map, &mut seen, key, &mut details.cached_tokens)?;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(details)
+            }
+        }
+
+        deserializer.deserialize_map(DetailsVisitor)
+    }
 }
 
 impl Tally {
@@ -965,7 +1132,14 @@ impl JsonWalker {
             value_end: self.pos + at,
         };
         if self.capture {
-            self.keep(slot, &bytes[capture_from[slot].min(at)..at]);
+            let piece = &bytes[capture_from[slot].min(at)..at];
+            if active.value_start >= self.pos {
+                // The whole value is in this piece (the usual case): it is
+                // handed over where it lies, not copied.
+                on_member(member, (piece.len() <= CAPTURE_LIMIT).then_some(piece));
+                return;
+            }
+            self.keep(slot, piece);
             let captured = (!self.overflowed[slot]).then_some(self.captured[slot].as_slice());
             on_member(member, captured);
         } else {

@@ -23,9 +23,13 @@ pub struct ModelPrice {
 }
 
 /// Prices by model name (the keys of `[pricing]` in the config).
+///
+/// Looked up once or more for each name a response reports, through a
+/// fast hash: the keys are the operator's, so there is no flood of
+/// colliding keys to defend against.
 #[derive(Clone, Debug, Default)]
 pub struct Pricing {
-    models: HashMap<String, ModelPrice>,
+    models: HashMap<String, ModelPrice, foldhash::fast::RandomState>,
 }
 
 impl Pricing {
@@ -49,9 +53,13 @@ impl Pricing {
         if let Some((name, price)) = self.models.get_key_value(model) {
             return Some((name.as_str(), price));
         }
-        // Longest first: try the cut at each '-' from the right.
+        // Longest first: try the cut at each '-' from the right (one pass
+        // over a short name, where a search for each '-' costs more).
         model
-            .rmatch_indices('-')
+            .bytes()
+            .enumerate()
+            .rev()
+            .filter(|&(_, byte)| byte == b'-')
             .find_map(|(at, _)| self.models.get_key_value(&model[..at]))
             .map(|(name, price)| (name.as_str(), price))
     }

@@ -334,6 +334,36 @@ fn openai_chat_json_body() {
 }
 
 #[test]
+fn usage_object_keys_are_read_as_a_derived_struct_would() {
+    let read = |usage: &[u8]| {
+        let body = [&br#"{"model":"m","usage":"#[..], usage, b"}"].concat();
+        scan(UsageFormat::Openai, false, &[&body]).tokens
+    };
+    // Escaped keys are unescaped; unknown keys, even given twice, and
+    // unknown members of the details object are skipped.
+    assert_eq!(
+        read(br#"{"prompt\u005ftokens":7,"total":1,"total":2,"completion_tokens":3,"prompt_tokens_details":{"audio_tokens":9,"cached_tokens":2}}"#),
+        tokens(5, 3, 2, 0)
+    );
+    // A key that is not UTF-8 is an unknown key.
+    assert_eq!(
+        read(b"{\"prompt_tokens\":7,\"\xff\xfe\":1,\"completion_tokens\":3}"),
+        tokens(7, 3, 0, 0)
+    );
+    // A count, or a details object, given twice refuses the whole object;
+    // so does a usage object that is not an object.
+    for refused in [
+        &br#"{"prompt_tokens":7,"completion_tokens":3,"prompt_tokens":8}"#[..],
+        br#"{"prompt_tokens":null,"prompt_tokens":8}"#,
+        br#"{"prompt_tokens":7,"prompt_tokens_details":{},"prompt_tokens_details":{}}"#,
+        br#"{"prompt_tokens":7,"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}"#,
+        br#"[7,3]"#,
+    ] {
+        assert_eq!(read(refused), None, "{}", String::from_utf8_lossy(refused));
+    }
+}
+
+#[test]
 fn openai_chat_json_with_usage_first_and_a_huge_body() {
     // usage before a 1 MiB content string; fed in 4 KiB pieces.
     let content = "lorem \\\"usage\\\": ".repeat(64 * 1024);
