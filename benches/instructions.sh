@@ -51,6 +51,8 @@
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
 #   BENCH_BODY=small|openai          the upstream's answer: 110 bytes of usage (default),
 #                          or a whole OpenAI chat completion of about 700 bytes
+#   BENCH_REQUEST=get|chat           the client's request: a GET (default), or a POST of a
+#                          chat completion request of about 1 KB of JSON
 #   BENCH_DATABASE_URL=postgres://user@host:port   the Postgres server (default
 #                          postgres://postgres@127.0.0.1:5432, no database name): a
 #                          database tollgate_instr_<pid>_<n> is made per build, dropped at the end
@@ -106,6 +108,7 @@ bench_database
 bench_binary
 bench_floor
 WORK="$(mktemp -d)"
+request_args
 PIDS=()
 MEASURED_PID=
 DATABASES=()
@@ -153,7 +156,7 @@ esac
 # Exactly N requests, all answered 2xx, or the run means nothing.
 load() { # port n key
     local out
-    out="$(h2load $H1 -n "$2" -c "$CLIENTS" -t 1 -H "authorization: Bearer $3" \
+    out="$(h2load $H1 -n "$2" -c "$CLIENTS" -t 1 -H "authorization: Bearer $3" "${H2LOAD_REQUEST[@]}" \
         "$SCHEME://127.0.0.1:$1/v1/chat/completions")"
     echo "$out" | awk -v n="$2" '
         /^requests:/ { for (i = 2; i <= NF; i++) if ($i == "succeeded,") ok = $(i - 1) }
@@ -396,7 +399,7 @@ def main():
 main()
 PY
 
-echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load -c $CLIENTS; client $CLIENT, upstream $UPSTREAM; usage rows to $BENCH_DATABASE; upstream body ${BENCH_BODY:-small}"
+echo "instructions per request under callgrind: $REQUESTS requests after $WARMUP, h2load -c $CLIENTS; client $CLIENT, upstream $UPSTREAM; usage rows to $BENCH_DATABASE; upstream body ${BENCH_BODY:-small}; request ${BENCH_REQUEST:-get}"
 measure_gateway this "$BIN"; THIS_DUMP="$DUMP"
 if [ -n "${COMPARE_BIN:-}" ]; then measure_gateway compare "$COMPARE_BIN"; OTHER_DUMP="$DUMP"; fi
 

@@ -100,6 +100,34 @@ case "${BENCH_BODY:-small}" in
     *) echo "error: BENCH_BODY must be small or openai" >&2; exit 1 ;;
 esac
 UPSTREAM_LOCATION="location / { default_type application/json; return 200 \"$UPSTREAM_BODY\"; }"
+# The client's request. BENCH_REQUEST=get (the default, the figures'
+# request): a GET without a body. BENCH_REQUEST=chat: a POST of a Chat
+# Completions request as an OpenAI client sends it (about 1 KB of JSON, not
+# streaming); on the bench's `usage = "openai"` route the gateway reads
+# such a body whole to learn whether it asks for a stream. request_args
+# (call it once WORK is set) writes the body under $WORK and sets
+# H2LOAD_REQUEST and WRK_REQUEST, the arguments that send it.
+request_args() {
+    H2LOAD_REQUEST=()
+    WRK_REQUEST=()
+    case "${BENCH_REQUEST:-get}" in
+        get) ;;
+        chat)
+            local question="I am planning a two week trip through northern Italy in late spring. Which towns should I visit, how should I get between them, and what should I eat? Please keep it practical."
+            printf '{"model":"gpt-4o","messages":[{"role":"system","content":"You are a helpful assistant that answers questions about travel, geography and history with care and in plain words."},{"role":"user","content":"%s %s %s"}],"temperature":0.7,"max_tokens":512}' \
+                "$question" "$question" "$question" >"$WORK/request.json"
+            {
+                echo 'wrk.method = "POST"'
+                echo 'wrk.headers["Content-Type"] = "application/json"'
+                echo "wrk.body = [[$(cat "$WORK/request.json")]]"
+            } >"$WORK/request.lua"
+            H2LOAD_REQUEST=(-d "$WORK/request.json" -H "content-type: application/json")
+            WRK_REQUEST=(-s "$WORK/request.lua")
+            ;;
+        *) echo "error: BENCH_REQUEST must be get or chat" >&2; exit 1 ;;
+    esac
+}
+
 # nginx as the plain reverse proxy Tollgate is measured against: HTTP/1.1
 # to the upstream, a keep-alive pool, X-Forwarded-For as the gateway sets it.
 PROXY_LOCATION='location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }'

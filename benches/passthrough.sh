@@ -73,6 +73,8 @@
 #   BENCH_DATABASE=postgres|sqlite   the usage store (default postgres)
 #   BENCH_BODY=small|openai          the upstream's answer: 110 bytes of usage (default),
 #                          or a whole OpenAI chat completion of about 700 bytes
+#   BENCH_REQUEST=get|chat           the client's request: a GET (default), or a POST of a
+#                          chat completion request of about 1 KB of JSON
 #   BENCH_DATABASE_URL=postgres://user@host:port   the Postgres server (default
 #                          postgres://postgres@127.0.0.1:5432, no database name): a
 #                          database tollgate_bench_<pid> is made on it and dropped at the end
@@ -103,6 +105,7 @@ DB_NAME="tollgate_bench_$$"
 bench_binary
 bench_floor
 WORK="$(mktemp -d)"
+request_args
 PIDS=()
 PROXY_PID=
 DB_CREATED=
@@ -221,7 +224,7 @@ db_ticks() {
 
 # Prints "rps p50_us p99_us requests" for one wrk run against a port.
 measure() { # port [duration] [key] [connections]
-    taskset -c 0 wrk -t1 -c"${4:-$CONNS}" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer ${3:-$KEY}" \
+    taskset -c 0 wrk -t1 -c"${4:-$CONNS}" -d"${2:-$DURATION}s" --latency -H "authorization: Bearer ${3:-$KEY}" "${WRK_REQUEST[@]}" \
         "http://127.0.0.1:$1/v1/chat/completions" \
         | awk '
             function us(v) {
@@ -248,7 +251,7 @@ percentile() { # p: the smallest value at or above p% of them
 }
 
 echo "pass-through: ${DURATION}s x ${ROUNDS} rounds, ${CONNS} connections (and 1), proxy on CPU 1, wrk + upstream on CPU 0"
-echo "usage rows to: ${DATABASE_URL}; upstream body: ${BENCH_BODY:-small}"
+echo "usage rows to: ${DATABASE_URL}; upstream body: ${BENCH_BODY:-small}; request: ${BENCH_REQUEST:-get}"
 : > "$WORK/results"
 : > "$WORK/latency"
 measure "$UPSTREAM_PORT" 2 >/dev/null   # warm the upstream
@@ -365,7 +368,7 @@ printf '%-15s %10s %10s   (target: p50 within 1000 us of direct)\n' "added" "$((
 echo
 start_proxy tollgate
 read -r succeeded ok2xx < <(taskset -c 0 h2load --h1 -n "$CHECK_REQUESTS" -c 64 -t 1 \
-    -H "authorization: Bearer $CHECK_KEY" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" \
+    -H "authorization: Bearer $CHECK_KEY" "${H2LOAD_REQUEST[@]}" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" \
     | awk '/^requests:/ { for (i = 2; i <= NF; i++) if ($i == "succeeded,") ok = $(i - 1) }
            /^status codes:/ { s2xx = $3 }
            END { print ok + 0, s2xx + 0 }')
