@@ -1457,11 +1457,18 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         edited
     };
     let edited = match request.stream_options {
-        None => splice(
-            open + 1,
-            open + 1,
-            br#""stream_options":{"include_usage":true},"#,
-        ),
+        // The usual request (what the SDKs send): the option goes in as the
+        // object's first member. The body was just read whole as one object
+        // with a `stream` member and no `stream_options`, so the result is
+        // one object with that member added and nothing else changed: it
+        // needs no second reading, which would cost as much as the first.
+        None => {
+            return Some(splice(
+                open + 1,
+                open + 1,
+                br#""stream_options":{"include_usage":true},"#,
+            ))
+        }
         Some(Value::Null) => {
             let (top, _) = members(&STREAM_OPTIONS, body);
             let options = top[0]?;
@@ -1493,8 +1500,9 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         },
         Some(_) => return None,
     };
-    // The edit is small and structural, but a request must never be
-    // corrupted: check the result before it replaces what the client sent.
+    // These edits land inside the body, where the walker put them: small
+    // and structural, but a request must never be corrupted, so the
+    // result is checked before it replaces what the client sent.
     let check: StreamRequest = serde_json::from_slice(&edited).ok()?;
     let asks = check
         .stream_options

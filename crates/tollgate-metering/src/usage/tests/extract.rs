@@ -784,8 +784,53 @@ fn cut(body: &[u8], cuts: &[f64]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A chat request's members other than `stream` and `stream_options`:
+/// keys and string values of any characters (quotes, backslashes, control
+/// characters, non-ASCII), numbers, nested objects and arrays.
+fn request_members() -> impl Strategy<Value = Vec<(String, Value)>> {
+    let leaf = prop_oneof![
+        any::<String>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<bool>().prop_map(Value::from),
+        Just(Value::Null),
+    ];
+    let value = leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec((any::<String>(), inner), 0..4)
+                .prop_map(|members| Value::Object(members.into_iter().collect())),
+        ]
+    });
+    let key = any::<String>().prop_filter("not the stream members", |key| {
+        key != "stream" && key != "stream_options"
+    });
+    prop::collection::vec((key, value), 0..6)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A streaming request without `stream_options` (the one edit made
+    /// without reading the result again) comes out as the same request
+    /// asking for usage, whatever its members (`stream` lands among them
+    /// where its name sorts), compact or pretty-printed.
+    #[test]
+    fn inject_into_any_streaming_request_keeps_it_valid(
+        members in request_members(),
+        pretty in any::<bool>(),
+    ) {
+        let mut object: Map<String, Value> = members.into_iter().collect();
+        object.insert("stream".to_owned(), Value::Bool(true));
+        let request = Value::Object(object);
+        let body = if pretty {
+            serde_json::to_string_pretty(&request).unwrap()
+        } else {
+            request.to_string()
+        };
+        let edited = inject(&body);
+        prop_assert!(edited.is_some(), "{}", body);
+        assert_same_apart_from_options(&body, &edited.unwrap());
+    }
 
     #[test]
     fn scanner_result_does_not_depend_on_the_split(
