@@ -1440,7 +1440,7 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<V
 /// replaced by `true`; a `null` `stream_options` replaced by the object.
 pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     let open = body.len() - skip_space(body).len();
-    if body.get(open) != Some(&b'{') {
+    if body.get(open) != Some(&b'{') || !may_name_stream(body) {
         return None;
     }
     // Validates the whole body (and refuses duplicate keys) without
@@ -1510,6 +1510,20 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         .and_then(|options| options.get("include_usage"))
         == Some(&Value::Bool(true));
     asks.then_some(edited)
+}
+
+static STREAM_WORD: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"stream"));
+static UNICODE_ESCAPE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\\u"));
+
+/// Whether any key of `body` could be `stream`: a JSON key spells it
+/// either as it is or with a `\u` escape for one of its letters, so a body
+/// with neither is not a streaming request to any JSON reader. Two vector
+/// searches spare a request that omits `stream` (the SDKs' way of not
+/// streaming) the whole body's reading.
+fn may_name_stream(body: &[u8]) -> bool {
+    STREAM_WORD.find(body).is_some() || UNICODE_ESCAPE.find(body).is_some()
 }
 
 /// The span of a member's value without the whitespace around it.

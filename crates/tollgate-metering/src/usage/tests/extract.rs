@@ -734,6 +734,25 @@ fn inject_leaves_other_requests_alone() {
     assert_eq!(inject_include_usage(b"\xff{\"stream\":true}"), None);
 }
 
+#[test]
+fn inject_reads_a_stream_key_however_it_is_spelled() {
+    // Escaped, the key is `stream` to any JSON reader, the upstream's too.
+    for body in [
+        r#"{"\u0073tream":true,"model":"m"}"#,
+        r#"{"model":"m","strea\u006d":true}"#,
+    ] {
+        let edited = inject(body).unwrap_or_else(|| panic!("{body}"));
+        assert_same_apart_from_options(body, &edited);
+    }
+    // "stream" inside a value and not as a key: read, and left alone; a
+    // body without the word or an escape is left alone unread.
+    assert_eq!(
+        inject(r#"{"messages":[{"content":"\"stream\":true"}]}"#),
+        None
+    );
+    assert_eq!(inject(r#"{"model":"m","max_tokens":5}"#), None);
+}
+
 // ---------------------------------------------------------------------------
 // Properties.
 
