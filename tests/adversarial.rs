@@ -13,6 +13,10 @@
 //! 5. HTTP/2 abuse with the `h2` crate and raw frames: preface only, rapid
 //!    reset, CONTINUATION flood, zero window, idle streams.
 //! 6. Connection exhaustion under a 256-descriptor limit (the real binary).
+//! 7. Request bodies a lenient upstream would read as a stream the gateway
+//!    did not see (duplicate keys, other encodings, no JSON content type,
+//!    the endpoint's path spelled another way): metered or refused, never
+//!    forwarded unmetered.
 //!
 //! The parsers the gateway owns are attacked with arbitrary bytes by the
 //! property tests named `arbitrary_input_*` beside them.
@@ -728,4 +732,192 @@ async fn h2_abuse_keeps_the_gateways_memory_bounded() {
         h2_status(gw.request(Method::GET, "/v1/ok")).await,
         StatusCode::OK
     );
+}
+
+// ---- 7. Bodies a lenient upstream reads differently -------------------------
+
+/// A gateway whose `/v1/` route meters OpenAI usage, in front of `mock`,
+/// which reads request bodies as leniently as many servers do: as JSON
+/// whatever the content type says, the last of duplicate keys winning. A
+/// tier of `monthly_requests` requests, so that a reservation the gateway
+/// failed to give back shows as a 429.
+async fn openai_gateway(mock: &MockUpstream, monthly_requests: u64) -> TestGateway {
+    TestGateway::start(config(&format!(
+        r#"
+[[tiers]]
+name = "test"
+monthly_requests = {monthly_requests}
+
+[[routes]]
+name = "openai"
+prefix = "/v1/"
+upstream = "{}"
+usage = "openai"
+timeout = "2s"
+
+[pricing."gpt-4o-mini"]
+input = 0.15
+output = 0.60
+"#,
+        mock.url()
+    )))
+    .await
+}
+
+/// The tokens of every usage row: (input, output).
+fn row_tokens(gw: &TestGateway) -> Vec<(i64, i64)> {
+    let path = gw.config.database.url.trim_start_matches("sqlite://");
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut statement = conn
+        .prepare("SELECT input_tokens, output_tokens FROM usage_events ORDER BY id")
+        .unwrap();
+    statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn chat_post(gw: &TestGateway, path: &str) -> http::request::Builder {
+    authorized(Method::POST, gw.url(path), gw.key.as_deref())
+}
+
+#[tokio::test]
+async fn a_streaming_request_is_metered_whatever_content_type_it_names() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = openai_gateway(&mock, 100).await;
+    let body =
+        br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a b c"}]}"#;
+    for content_type in [None, Some("text/plain")] {
+        let mut request = chat_post(&gw, "/v1/chat/completions").header("x-mock-chunks", "4");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let reply = send(&client(), request.body(Full::from(&body[..])).unwrap()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{content_type:?}");
+        let text = String::from_utf8_lossy(&reply.body);
+        assert!(text.contains("data: [DONE]"), "{content_type:?}: {text}");
+        assert!(
+            !text.contains("\"usage\""),
+            "the added usage chunk is hidden: {text}"
+        );
+    }
+    for seen in mock.requests() {
+        let json: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+        assert_eq!(json["stream_options"]["include_usage"], true, "{json}");
+    }
+    let rows = {
+        let mut rows = Vec::new();
+        eventually(Duration::from_secs(10), || {
+            rows = row_tokens(&gw);
+            std::future::ready(rows.len() >= 2)
+        })
+        .await;
+        rows
+    };
+    assert_eq!(rows, [(3, 4), (3, 4)], "both streams metered");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_a_reader_could_take_for_an_unmetered_stream_are_refused_before_forwarding() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = openai_gateway(&mock, 1).await;
+    let twice = &br#"{"model":"gpt-4o-mini","stream":false,"messages":[],"stream":true}"#[..];
+    // (path, a header, body, what the message says)
+    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a [u8], &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "/v1/chat/completions",
+            None,
+            twice,
+            "duplicate field `stream`",
+        ),
+        // The same endpoint to a server that decodes, folds case or drops
+        // a `;` parameter before routing.
+        (
+            "/v1/chat/complet%69ons",
+            None,
+            twice,
+            "duplicate field `stream`",
+        ),
+        (
+            "/v1/chat/COMPLETIONS/",
+            None,
+            twice,
+            "duplicate field `stream`",
+        ),
+        (
+            "/v1/completions;x=1",
+            None,
+            twice,
+            "duplicate field `stream`",
+        ),
+        (
+            "/v1/chat/completions",
+            None,
+            br#"{"model":"gpt-4o-mini","stream":"true","messages":[]}"#,
+            "`stream` must be true, false or null",
+        ),
+        (
+            "/v1/chat/completions",
+            None,
+            br#"{"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
+            "duplicate field `include_usage`",
+        ),
+        (
+            "/v1/chat/completions",
+            Some(("content-type", "application/json")),
+            b"\xef\xbb\xbf{\"model\":\"gpt-4o-mini\",\"stream\":true,\"messages\":[]}",
+            "not a JSON object",
+        ),
+        (
+            "/v1/chat/completions",
+            Some(("content-type", "application/json")),
+            b"{\0\"\0s\0t\0r\0e\0a\0m\0\"\0:\0t\0r\0u\0e\0}\0",
+            "cannot be read as JSON",
+        ),
+        (
+            "/v1/chat/completions",
+            Some(("content-encoding", "gzip")),
+            br#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+            "compressed",
+        ),
+    ];
+    // One connection for all of them: each body was read whole, so the
+    // connection stays usable.
+    let client = client();
+    for (path, header, body, says) in cases {
+        let mut request = chat_post(&gw, path);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let reply = send(&client, request.body(Full::from(body)).unwrap()).await;
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{path}: {shown}");
+        assert_eq!(reply.headers["x-tollgate-error"], "invalid_request");
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+    assert!(mock.requests().is_empty(), "nothing was forwarded");
+    // Refused requests give their reservation back: the tier's one
+    // request a month is still there, and is the only row.
+    let good =
+        br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
+    let request = chat_post(&gw, "/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-mock-chunks", "3");
+    let reply = send(&client, request.body(Full::from(&good[..])).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let request = chat_post(&gw, "/v1/chat/completions");
+    let reply = send(&client, request.body(Full::from(&good[..])).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    let rows = rows(&gw, 2).await;
+    let outcomes: Vec<_> = rows.iter().map(|row| (row.1.as_str(), row.2)).collect();
+    assert_eq!(outcomes, [("ok", 200), ("quota_exceeded", 429)]);
+    assert_eq!(row_tokens(&gw)[0], (2, 3));
+    gw.stop().await;
 }

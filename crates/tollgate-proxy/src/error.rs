@@ -22,7 +22,7 @@ use http::{Response, StatusCode};
 use tollgate_metering::keys::KeyFormatError;
 use tollgate_metering::keys::KeyRefusal;
 use tollgate_metering::limits::Rejection;
-use tollgate_metering::usage::Outcome;
+use tollgate_metering::usage::{Outcome, UnmeterableRequest};
 
 use crate::body::ProxyBody;
 use crate::events::{ErrorSide, Refusal};
@@ -56,6 +56,13 @@ pub(crate) enum ProxyError {
     /// and Transfer-Encoding). The connection is closed after the response.
     #[error("malformed request: {reason}")]
     MalformedRequest { reason: &'static str },
+
+    /// A request body to an OpenAI completions endpoint that the gateway
+    /// cannot read well enough to be sure of metering the stream it may
+    /// ask for. The body was read whole, so the connection stays open; the
+    /// request gets no usage row, like any malformed request.
+    #[error("unmeterable request body: {reason}")]
+    UnmeterableBody { reason: UnmeterableRequest },
 
     /// The request line and headers together exceed `max_header_bytes`.
     #[error("request head exceeds the limit of {limit} bytes")]
@@ -121,6 +128,11 @@ impl ProxyError {
     pub(crate) fn classify(&self) -> (StatusCode, &'static str, ErrorSide) {
         match self {
             ProxyError::MalformedRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                ErrorSide::Downstream,
+            ),
+            ProxyError::UnmeterableBody { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 ErrorSide::Downstream,
@@ -194,6 +206,10 @@ impl ProxyError {
     fn client_message(&self) -> String {
         match self {
             ProxyError::MalformedRequest { reason } => format!("Malformed request: {reason}."),
+            ProxyError::UnmeterableBody { reason } => format!(
+                "The gateway must read this request to meter the stream it may ask for, \
+                 and cannot: {reason}."
+            ),
             ProxyError::HeaderTooLarge { limit } => {
                 format!("The request line and headers exceed the limit of {limit} bytes.")
             }
@@ -261,6 +277,7 @@ impl ProxyError {
                 Some(Outcome::UpstreamError)
             }
             ProxyError::MalformedRequest { .. }
+            | ProxyError::UnmeterableBody { .. }
             | ProxyError::HeaderTooLarge { .. }
             | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute
@@ -279,6 +296,7 @@ impl ProxyError {
             ProxyError::Limited(rejection) => Some(Refusal::Limit(rejection)),
             ProxyError::MeteringUnavailable => Some(Refusal::MeteringUnavailable),
             ProxyError::MalformedRequest { .. }
+            | ProxyError::UnmeterableBody { .. }
             | ProxyError::HeaderTooLarge { .. }
             | ProxyError::UriTooLong { .. }
             | ProxyError::RequestTimeout { .. }

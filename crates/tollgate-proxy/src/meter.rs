@@ -6,7 +6,10 @@
 //! upstream's body ends or fails, or by its own `Drop` when the client goes
 //! away first (outcome `client_closed`, with what was streamed so far). So
 //! every request that presented a valid key yields exactly one row, and the
-//! bytes and tokens in it are the ones that actually passed.
+//! bytes and tokens in it are the ones that actually passed. The one
+//! exception is withdrawn ([`UsageGuard::withdraw`]): a request found
+//! malformed once its body was read, which gets no row, as a malformed
+//! request found earlier does not.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,6 +169,16 @@ impl UsageGuard {
     pub(crate) fn set_upstream_latency(&mut self, since_start: std::time::Duration) {
         if let Some(event) = &mut self.event {
             event.upstream_latency_us = micros(since_start);
+        }
+    }
+
+    /// Ends the request without a row: it turned out to be malformed once
+    /// its body was read, before anything was forwarded. Its reservation
+    /// is given back.
+    pub(crate) fn withdraw(mut self) {
+        self.event = None;
+        if let Some(admission) = self.admission.take() {
+            self.metering.limiter.release(&admission);
         }
     }
 

@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING};
+use http::header::{
+    HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING,
+};
 use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, Version};
 use http_body_util::BodyExt;
@@ -50,7 +52,9 @@ use tollgate_metering::limits::{RateHeaders, Remaining};
 use tollgate_metering::usage::format_usd;
 use tollgate_metering::usage::Outcome;
 use tollgate_metering::usage::Pricing;
-use tollgate_metering::usage::{inject_include_usage, ResponseBody, UsageFormat};
+use tollgate_metering::usage::{
+    inject_include_usage, ResponseBody, UnmeterableRequest, UsageFormat,
+};
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -203,10 +207,22 @@ impl Gateway {
                     .then(|| error.refusal().map(|why| (&*self.metering.metrics, why)))
                     .flatten();
                 match exchange.guard.take() {
-                    // Every request that presented a valid key has its row:
-                    // an error with no outcome of its own after that point
-                    // is the client's body failing (it went away or broke
-                    // the framing mid-upload).
+                    // A body refused as unmeterable is a malformed request,
+                    // found only once it was read: no row, like the others.
+                    Some(guard) if matches!(error, ProxyError::UnmeterableBody { .. }) => {
+                        guard.withdraw();
+                        self.count_unmetered(
+                            &error,
+                            status.as_u16(),
+                            &exchange,
+                            &method,
+                            &request_id,
+                        );
+                    }
+                    // Every other request that presented a valid key has its
+                    // row: an error with no outcome of its own after that
+                    // point is the client's body failing (it went away or
+                    // broke the framing mid-upload).
                     Some(guard) => guard.finish(
                         error.outcome().unwrap_or(Outcome::ClientClosed),
                         Some(status.as_u16()),
@@ -402,7 +418,12 @@ impl Gateway {
         guard
             .request_bytes()
             .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        match inject_include_usage(&bytes) {
+        let asked = if is_compressed(&parts.headers) {
+            Err(UnmeterableRequest::Compressed)
+        } else {
+            inject_include_usage(&bytes)
+        };
+        match asked.map_err(|reason| ProxyError::UnmeterableBody { reason })? {
             Some(rewritten) => {
                 parts
                     .headers
@@ -607,22 +628,42 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
 }
 
 /// Whether a request on `route` may be an OpenAI streaming request that
-/// must be rewritten to ask for usage: a JSON POST to a `…/completions`
-/// endpoint (Chat Completions and the legacy Completions API, the ones with
+/// must be rewritten to ask for usage: a POST to a `…/completions` endpoint
+/// (Chat Completions and the legacy Completions API, the ones with
 /// `stream_options`) on a `usage = "openai"` route. Only these bodies are
-/// read before forwarding.
+/// read before forwarding. The content type is not asked: upstreams that
+/// read a body as JSON whatever it says exist (FastAPI does without one).
 fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
     route.usage.format == UsageFormat::Openai
         && parts.method == Method::POST
-        && parts
-            .uri
-            .path()
-            .trim_end_matches('/')
-            .ends_with("/completions")
-        && parts
-            .headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|value| is_json(value.as_bytes()))
+        && names_completions(parts.uri.path())
+}
+
+/// Whether the path's last segment is `completions` as a lenient server
+/// could route it: percent-decoded, in any case, without a `;` parameter,
+/// trailing slashes ignored. A path the gateway reads as another endpoint
+/// must not reach one that streams.
+fn names_completions(path: &str) -> bool {
+    const COMPLETIONS: &[u8] = b"completions";
+    let path = path.trim_end_matches('/');
+    let segment = path.rsplit('/').next().unwrap_or(path);
+    let segment = segment.split(';').next().unwrap_or(segment);
+    if !segment.contains('%') {
+        return segment.as_bytes().eq_ignore_ascii_case(COMPLETIONS);
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+    decoded.eq_ignore_ascii_case(COMPLETIONS)
+}
+
+/// Whether the request body carries a `Content-Encoding` other than
+/// `identity`.
+fn is_compressed(headers: &http::HeaderMap) -> bool {
+    headers.get_all(CONTENT_ENCODING).iter().any(|value| {
+        !value
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"identity")
+    })
 }
 
 /// A JSON media type (`application/json`, `application/problem+json`, …),
@@ -767,6 +808,44 @@ fn usage_id_header(id: Uuid) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_is_recognised_however_a_server_could_route_it() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions/",
+            "/openai/deployments/d/chat/completions//",
+            "/v1/chat/Completions",
+            "/v1/chat/complet%69ons",
+            "/v1/chat/%63%6F%6D%70%6C%65%74%69%6F%6E%73",
+            "/v1/chat/completions;jsessionid=1",
+            "completions",
+        ] {
+            assert!(names_completions(path), "{path}");
+        }
+        for path in [
+            "/v1/responses",
+            "/v1/chat/completions/x",
+            "/v1/chat/completionsx",
+            "/v1/chat/completion",
+            "/v1/chat/completions%",
+            "/v1/chat/%ff",
+            "/",
+            "",
+        ] {
+            assert!(!names_completions(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_content_encoding_other_than_identity_is_compressed() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!is_compressed(&headers));
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static(" Identity "));
+        assert!(!is_compressed(&headers));
+        headers.append(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(is_compressed(&headers));
+    }
 
     #[test]
     fn usage_ids_carry_their_rows_time_and_differ_within_it() {

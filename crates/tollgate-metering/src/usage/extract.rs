@@ -6,8 +6,10 @@
 //!   usage object and the model name, in OpenAI's (Chat Completions,
 //!   Responses, Embeddings) or Anthropic's (Messages) shapes.
 //! - [`inject_include_usage`] asks OpenAI for a usage chunk in a streamed
-//!   chat completion (README, Data plane behaviour), and [`UsageChunkFilter`] takes what
-//!   that added back out of the stream the client receives, byte for byte.
+//!   chat completion (README, Data plane behaviour), or refuses a request
+//!   body it cannot be sure of ([`UnmeterableRequest`]), and
+//!   [`UsageChunkFilter`] takes what that added back out of the stream the
+//!   client receives, byte for byte.
 //!
 //! All three rest on one small incremental JSON structure walker
 //! (`JsonWalker`): it tracks string, escape and nesting state and reports
@@ -35,9 +37,11 @@
 //! Known blind spot: a key spelled with JSON escapes (`"\u0075sage"`) is not
 //! recognised. No upstream writes keys that way.
 
+use std::fmt;
 use std::sync::LazyLock;
 
 use memchr::{memchr2, memmem};
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -1413,41 +1417,159 @@ static STREAM_OPTIONS: Watch = Watch {
     nested: &[b"include_usage"],
 };
 
+/// Why a request body to an OpenAI completions endpoint is refused rather
+/// than forwarded: the gateway cannot be sure whether it asks for a stream,
+/// or cannot ask for that stream's usage. Each is a body that a lenient
+/// upstream could read as a streaming request the gateway did not see, so
+/// forwarding it could start a stream with no usage in it: unmetered.
+/// The message says what to change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UnmeterableRequest {
+    /// Empty, an array, a BOM or another encoding before the `{`, text.
+    #[error("the request body is not a JSON object")]
+    NotAnObject,
+    /// Compressed (`Content-Encoding`): the gateway does not decompress.
+    #[error("the request body is compressed; send it without a Content-Encoding")]
+    Compressed,
+    /// Not JSON, or a JSON reader could take it two ways: invalid UTF-8 or
+    /// escapes, trailing text, a `stream`, `stream_options` or
+    /// `include_usage` given twice. serde_json's message, with its place.
+    #[error("the request body cannot be read as JSON: {0}")]
+    Unreadable(String),
+    #[error("`stream` must be true, false or null")]
+    StreamNotBoolean,
+    #[error("`stream_options` must be an object or null")]
+    OptionsNotObject,
+    /// `stream_options` whose key is spelled with escapes, which the
+    /// gateway reads but does not edit.
+    #[error("`stream_options` cannot be edited to ask for usage; write its key without escapes")]
+    Uneditable,
+}
+
 /// The members of a request body that decide whether to ask for usage.
+/// Derived, so a `stream` or `stream_options` given twice is an error.
 #[derive(Deserialize)]
 struct StreamRequest {
     #[serde(default)]
     stream: Option<Value>,
-    /// `Some(Value::Null)` for an explicit `null`, `None` when absent.
+    /// `Some(StreamOptions::Null)` for an explicit `null`, `None` when absent.
     #[serde(default, deserialize_with = "present")]
-    stream_options: Option<Value>,
+    stream_options: Option<StreamOptions>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(deserializer).map(Some)
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
-/// For a JSON chat request with `"stream": true` and no
-/// `stream_options.include_usage = true`, the body with that option added;
-/// else `None` (leave the request alone: not JSON, not an object, not
-/// streaming, already asking for usage, a duplicate key, or a
-/// `stream_options` that is neither an object nor null).
+/// A request's `stream_options`, as far as asking for usage goes.
+enum StreamOptions {
+    Null,
+    /// Its `include_usage` (`None` when absent) and how many members it has.
+    Object {
+        include_usage: Option<Value>,
+        members: usize,
+    },
+    /// Neither an object nor null.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for StreamOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OptionsVisitor)
+    }
+}
+
+struct OptionsVisitor;
+
+impl<'de> Visitor<'de> for OptionsVisitor {
+    type Value = StreamOptions;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("stream_options")
+    }
+
+    fn visit_unit<E>(self) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Null)
+    }
+
+    /// An object. `include_usage` given twice is an error: readers that
+    /// keep the first and readers that keep the last would disagree.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamOptions, A::Error> {
+        let mut include_usage = None;
+        let mut members = 0;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "include_usage" {
+                if include_usage.is_some() {
+                    return Err(de::Error::duplicate_field("include_usage"));
+                }
+                include_usage = Some(map.next_value::<Value>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+            members += 1;
+        }
+        Ok(StreamOptions::Object {
+            include_usage,
+            members,
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StreamOptions, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(StreamOptions::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<StreamOptions, E> {
+        Ok(StreamOptions::Other)
+    }
+}
+
+/// For a request body to an OpenAI completions endpoint: `Ok(Some)` with
+/// `stream_options.include_usage = true` added when it asks for a stream
+/// (`"stream": true`) without that option; `Ok(None)` to forward it as it
+/// is (not streaming, or already asking for usage); `Err` when it cannot
+/// be forwarded metered ([`UnmeterableRequest`]).
 ///
 /// The client's bytes are kept as they are except for one textual edit:
 /// `"stream_options":{"include_usage":true},` inserted after the opening
 /// brace when there is no `stream_options`; `"include_usage":true`
 /// inserted into an existing one; an existing `include_usage` value
 /// replaced by `true`; a `null` `stream_options` replaced by the object.
-pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+pub fn inject_include_usage(body: &[u8]) -> Result<Option<Vec<u8>>, UnmeterableRequest> {
     let open = body.len() - skip_space(body).len();
-    if body.get(open) != Some(&b'{') || !may_name_stream(body) {
-        return None;
+    if body.get(open) != Some(&b'{') {
+        return Err(UnmeterableRequest::NotAnObject);
+    }
+    if !may_name_stream(body) {
+        return Ok(None);
     }
     // Validates the whole body (and refuses duplicate keys) without
     // building a tree of it.
-    let request: StreamRequest = serde_json::from_slice(body).ok()?;
-    if request.stream != Some(Value::Bool(true)) {
-        return None;
+    let request: StreamRequest = serde_json::from_slice(body).map_err(unreadable)?;
+    match request.stream {
+        Some(Value::Bool(true)) => {}
+        None | Some(Value::Null | Value::Bool(false)) => return Ok(None),
+        Some(_) => return Err(UnmeterableRequest::StreamNotBoolean),
     }
     let splice = |start: usize, end: usize, text: &[u8]| {
         let mut edited = Vec::with_capacity(body.len() + text.len());
@@ -1456,6 +1578,9 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         edited.extend_from_slice(&body[end..]);
         edited
     };
+    // The walker does not decode escaped keys; serde_json does. A
+    // `stream_options` the one found and the other did not is refused.
+    let found = |member: Option<Member>| member.ok_or(UnmeterableRequest::Uneditable);
     let edited = match request.stream_options {
         // The usual request (what the SDKs send): the option goes in as the
         // object's first member. The body was just read whole as one object
@@ -1463,53 +1588,62 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         // one object with that member added and nothing else changed: it
         // needs no second reading, which would cost as much as the first.
         None => {
-            return Some(splice(
+            return Ok(Some(splice(
                 open + 1,
                 open + 1,
                 br#""stream_options":{"include_usage":true},"#,
-            ))
+            )))
         }
-        Some(Value::Null) => {
+        Some(StreamOptions::Null) => {
             let (top, _) = members(&STREAM_OPTIONS, body);
-            let options = top[0]?;
-            let (start, end) = trimmed(body, &options);
+            let (start, end) = trimmed(body, &found(top[0])?);
             splice(start, end, br#"{"include_usage":true}"#)
         }
-        Some(Value::Object(options)) => match options.get("include_usage") {
-            Some(Value::Bool(true)) => return None,
-            Some(_) => {
-                // serde_json keeps the last of duplicate keys, and so do we.
-                let (_, nested) = members(&STREAM_OPTIONS, body);
-                let include = nested[0]?;
-                let (start, end) = trimmed(body, &include);
-                splice(start, end, b"true")
+        Some(StreamOptions::Object {
+            include_usage: Some(Value::Bool(true)),
+            ..
+        }) => return Ok(None),
+        Some(StreamOptions::Object {
+            include_usage: Some(_),
+            ..
+        }) => {
+            let (_, nested) = members(&STREAM_OPTIONS, body);
+            let (start, end) = trimmed(body, &found(nested[0])?);
+            splice(start, end, b"true")
+        }
+        Some(StreamOptions::Object {
+            include_usage: None,
+            members: count,
+        }) => {
+            let (top, _) = members(&STREAM_OPTIONS, body);
+            let (start, _) = trimmed(body, &found(top[0])?);
+            if body.get(start) != Some(&b'{') {
+                return Err(UnmeterableRequest::Uneditable);
             }
-            None => {
-                let (top, _) = members(&STREAM_OPTIONS, body);
-                let (start, _) = trimmed(body, &top[0]?);
-                if body.get(start) != Some(&b'{') {
-                    return None;
-                }
-                let text: &[u8] = if options.is_empty() {
-                    br#""include_usage":true"#
-                } else {
-                    br#""include_usage":true,"#
-                };
-                splice(start + 1, start + 1, text)
-            }
-        },
-        Some(_) => return None,
+            let text: &[u8] = if count == 0 {
+                br#""include_usage":true"#
+            } else {
+                br#""include_usage":true,"#
+            };
+            splice(start + 1, start + 1, text)
+        }
+        Some(StreamOptions::Other) => return Err(UnmeterableRequest::OptionsNotObject),
     };
     // These edits land inside the body, where the walker put them: small
     // and structural, but a request must never be corrupted, so the
     // result is checked before it replaces what the client sent.
-    let check: StreamRequest = serde_json::from_slice(&edited).ok()?;
-    let asks = check
-        .stream_options
-        .as_ref()
-        .and_then(|options| options.get("include_usage"))
-        == Some(&Value::Bool(true));
-    asks.then_some(edited)
+    let check: StreamRequest = serde_json::from_slice(&edited).map_err(unreadable)?;
+    match check.stream_options {
+        Some(StreamOptions::Object {
+            include_usage: Some(Value::Bool(true)),
+            ..
+        }) => Ok(Some(edited)),
+        _ => Err(UnmeterableRequest::Uneditable),
+    }
+}
+
+fn unreadable(error: serde_json::Error) -> UnmeterableRequest {
+    UnmeterableRequest::Unreadable(error.to_string())
 }
 
 static STREAM_WORD: LazyLock<memmem::Finder<'static>> =
@@ -1517,13 +1651,17 @@ static STREAM_WORD: LazyLock<memmem::Finder<'static>> =
 static UNICODE_ESCAPE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\\u"));
 
-/// Whether any key of `body` could be `stream`: a JSON key spells it
-/// either as it is or with a `\u` escape for one of its letters, so a body
-/// with neither is not a streaming request to any JSON reader. Two vector
+/// Whether any JSON reader could find a key `stream` in `body` (an object
+/// of one line or many). A key spells it as it is or with a `\u` escape for
+/// one of its letters; text in UTF-16 or UTF-32, which some readers detect
+/// and decode (Python's `json` does), has zero bytes. A body with none of
+/// the three is not a streaming request to any reader, and three vector
 /// searches spare a request that omits `stream` (the SDKs' way of not
 /// streaming) the whole body's reading.
 fn may_name_stream(body: &[u8]) -> bool {
-    STREAM_WORD.find(body).is_some() || UNICODE_ESCAPE.find(body).is_some()
+    STREAM_WORD.find(body).is_some()
+        || UNICODE_ESCAPE.find(body).is_some()
+        || memchr::memchr(0, body).is_some()
 }
 
 /// The span of a member's value without the whitespace around it.

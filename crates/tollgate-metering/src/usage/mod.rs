@@ -19,7 +19,7 @@ pub use crate::{
     store::UsageSink,
     usage::cost::format_usd,
     usage::event::{CostSource, InvalidValues, Outcome, UsageEvent, UsageField},
-    usage::extract::{inject_include_usage, UsageFormat},
+    usage::extract::{inject_include_usage, UnmeterableRequest, UsageFormat},
     usage::pricing::{ModelPrice, Pricing},
     usage::recorder::Recorder,
     usage::response::{ResponseBody, ResponseUsage, UsageHeaders},

@@ -9,7 +9,8 @@
 //! - `arbitrary_input_usage_chunk_filter`: the stream filter that removes
 //!   the injected usage chunk: any split gives the same bytes out;
 //! - `arbitrary_input_include_usage`: the request rewrite: whatever it
-//!   returns is JSON asking for usage, with the client's fields kept;
+//!   returns is JSON asking for usage, with the client's fields kept, and
+//!   nothing it lets through unchanged reads as a stream without usage;
 //! - `arbitrary_input_cost_header`: `x-cost-usd` (`usage::cost`): accepts
 //!   exactly the decimal amounts in range, exactly, and round-trips.
 
@@ -151,6 +152,11 @@ fn request_body() -> impl Strategy<Value = Vec<u8>> {
         Just(r#""stream_options":{"include_usage":false}"#.to_owned()),
         Just(r#""stream_options":{"include_usage":true}"#.to_owned()),
         Just(r#""stream_options":[]"#.to_owned()),
+        Just(r#""stream":"true""#.to_owned()),
+        Just(r#""stream":1"#.to_owned()),
+        Just(r#""str\u0065am":true"#.to_owned()),
+        Just(r#""stream_\u006fptions":{"include_usage":false}"#.to_owned()),
+        Just(r#""stream_options":{"include_usage":false,"include_usage":false}"#.to_owned()),
         Just(r#""model":"gpt-4o""#.to_owned()),
         Just(r#""messages":[{"role":"user","content":"hi \"there\""}]"#.to_owned()),
         "[ -~]{0,12}",
@@ -176,8 +182,33 @@ proptest! {
     fn arbitrary_input_include_usage_rewrite_asks_for_usage_and_keeps_the_rest(
         body in prop_oneof![request_body(), proptest::collection::vec(any::<u8>(), 0..64)],
     ) {
-        let Some(rewritten) = inject_include_usage(&body) else {
-            return Ok(());
+        let rewritten = match inject_include_usage(&body) {
+            // Refused: nothing is forwarded.
+            Err(_) => return Ok(()),
+            // Forwarded as it is: no JSON reader may take it for a stream
+            // that does not ask for usage. serde_json's `Value` keeps the
+            // last of duplicate keys, as Python's and JavaScript's readers do.
+            Ok(None) => {
+                if let Ok(Value::Object(read)) = serde_json::from_slice::<Value>(&body) {
+                    let stream = read.get("stream");
+                    prop_assert!(
+                        matches!(stream, None | Some(Value::Null | Value::Bool(_))),
+                        "a stream that is not a boolean is refused: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    let asks = read
+                        .get("stream_options")
+                        .and_then(|options| options.get("include_usage"))
+                        == Some(&Value::Bool(true));
+                    prop_assert!(
+                        stream != Some(&Value::Bool(true)) || asks,
+                        "an unmetered stream was let through: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                return Ok(());
+            }
+            Ok(Some(rewritten)) => rewritten,
         };
         let before: Value = serde_json::from_slice(&body).unwrap();
         let after: Value = serde_json::from_slice(&rewritten)

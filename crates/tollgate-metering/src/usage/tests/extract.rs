@@ -10,7 +10,8 @@
 use std::path::PathBuf;
 
 use crate::usage::extract::{
-    inject_include_usage, Extracted, TokenCounts, UsageChunkFilter, UsageFormat, UsageScanner,
+    inject_include_usage, Extracted, TokenCounts, UnmeterableRequest, UsageChunkFilter,
+    UsageFormat, UsageScanner,
 };
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -626,7 +627,8 @@ fn filter_passes_each_event_as_soon_as_it_is_complete() {
 // Asking for usage.
 
 fn inject(body: &str) -> Option<String> {
-    inject_include_usage(body.as_bytes()).map(|edited| String::from_utf8(edited).unwrap())
+    let edited = inject_include_usage(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+    edited.map(|edited| String::from_utf8(edited).unwrap())
 }
 
 /// The edit must leave every other field as it was.
@@ -717,21 +719,81 @@ fn inject_leaves_other_requests_alone() {
     let untouched = [
         r#"{"model":"m","messages":[]}"#,
         r#"{"stream":false}"#,
-        r#"{"stream":"true"}"#,
+        r#"{"stream":null,"stream_options":"yes"}"#,
         r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
-        r#"{"stream":true,"stream_options":"yes"}"#,
-        r#"{"stream":true,"stream":true}"#,
-        r#"{"stream":true"#,
-        r#"{"stream":true} trailing"#,
-        r#"[{"stream":true}]"#,
-        r#"[true, null]"#,
-        "",
-        "stream=true",
+        r#" {"stream":true,"stream_options":{"other":[],"include_usage":true}}"#,
+        // Not JSON, but nothing in it could be read as `stream`.
+        r#"{"model":"m","#,
     ];
     for body in untouched {
-        assert_eq!(inject(body), None, "{body}");
+        assert_eq!(inject_include_usage(body.as_bytes()), Ok(None), "{body}");
     }
-    assert_eq!(inject_include_usage(b"\xff{\"stream\":true}"), None);
+}
+
+#[test]
+fn inject_refuses_what_a_reader_could_take_for_an_unmetered_stream() {
+    use UnmeterableRequest::*;
+    let unreadable = |body: &[u8]| match inject_include_usage(body) {
+        Err(Unreadable(message)) => message,
+        other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+    };
+    // Keys given twice: readers keep the first, the last, or refuse.
+    let twice = unreadable(br#"{"stream":false,"model":"m","stream":true}"#);
+    assert!(twice.contains("duplicate field `stream`"), "{twice}");
+    let twice = unreadable(br#"{"stream":true,"stream_options":null,"stream_options":{}}"#);
+    assert!(
+        twice.contains("duplicate field `stream_options`"),
+        "{twice}"
+    );
+    let twice = unreadable(
+        br#"{"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
+    );
+    assert!(twice.contains("duplicate field `include_usage`"), "{twice}");
+    // Not quite JSON, where a lenient reader may still see a stream.
+    for body in [
+        &br#"{"stream":true"#[..],
+        br#"{"stream":true} trailing"#,
+        br#"{"stream":true,}"#,
+        br#"{"stream":true,"n":NaN}"#,
+        // UTF-16 (little-endian), which Python's json detects and decodes.
+        b"{\0\"\0s\0t\0r\0e\0a\0m\0\"\0:\0t\0r\0u\0e\0}\0",
+    ] {
+        unreadable(body);
+    }
+    for (body, why) in [
+        (&br#"{"stream":"true"}"#[..], StreamNotBoolean),
+        (br#"{"stream":1,"model":"m"}"#, StreamNotBoolean),
+        (
+            br#"{"stream":true,"stream_options":"yes"}"#,
+            OptionsNotObject,
+        ),
+        (br#"{"stream":true,"stream_options":[]}"#, OptionsNotObject),
+        (
+            br#"{"stream":true,"stream_\u006fptions":{"include_usage":false}}"#,
+            Uneditable,
+        ),
+        (br#"[{"stream":true}]"#, NotAnObject),
+        (b"\xef\xbb\xbf{\"stream\":true}", NotAnObject),
+        (b"\xff\xfe{\0\"\0}\0", NotAnObject),
+        (b"", NotAnObject),
+        (b"stream=true", NotAnObject),
+    ] {
+        assert_eq!(
+            inject_include_usage(body),
+            Err(why),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    // Text that is not valid but cannot hide a stream is the upstream's to
+    // judge: the stream is still asked for its usage.
+    for body in [
+        &br#"{"stream":true,"messages":[{"content":"\ud800"}]}"#[..],
+        b"{\"stream\":true,\"messages\":[{\"content\":\"\xff\"}]}",
+    ] {
+        let edited = inject_include_usage(body).unwrap().unwrap();
+        assert!(edited.starts_with(br#"{"stream_options":{"include_usage":true},"#));
+    }
 }
 
 #[test]
