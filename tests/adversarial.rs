@@ -16,7 +16,8 @@
 //! 7. Request bodies a lenient upstream would read as a stream the gateway
 //!    did not see (duplicate keys, other encodings, no JSON content type,
 //!    the endpoint's path spelled another way): metered or refused, never
-//!    forwarded unmetered.
+//!    forwarded unmetered. And a client's `Accept-Encoding`, which would
+//!    have the upstream compress the usage out of the gateway's sight.
 //!
 //! The parsers the gateway owns are attacked with arbitrary bytes by the
 //! property tests named `arbitrary_input_*` beside them.
@@ -919,5 +920,56 @@ async fn bodies_a_reader_could_take_for_an_unmetered_stream_are_refused_before_f
     let outcomes: Vec<_> = rows.iter().map(|row| (row.1.as_str(), row.2)).collect();
     assert_eq!(outcomes, [("ok", 200), ("quota_exceeded", 429)]);
     assert_eq!(row_tokens(&gw)[0], (2, 3));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_metered_route_asks_for_bodies_it_can_read() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = openai_gateway(&mock, 100).await;
+    let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a b c"}]}"#;
+    let client = client();
+    // What the official SDKs send; a CDN in front of the upstream would
+    // compress the answer, and the usage in it would be out of sight.
+    for (header, sent_as) in [(None, "identity"), (Some("content-encoding: gzip"), "gzip")] {
+        let mut request = chat_post(&gw, "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("accept-encoding", "gzip, deflate, br, zstd")
+            .header("x-mock-chunks", "4");
+        if let Some(header) = header {
+            // An upstream that compresses (here: says it does) anyway.
+            request = request.header("x-mock-header", header);
+        }
+        let reply = send(&client, request.body(Full::from(&body[..])).unwrap()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let encoding = reply.headers.get("content-encoding");
+        assert_eq!(
+            encoding.map_or("identity", |v| v.to_str().unwrap()),
+            sent_as
+        );
+    }
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.headers["accept-encoding"], "identity");
+    }
+    // Only the body the gateway could read has tokens; the other, which it
+    // did not try to read, has none (and a warning is logged).
+    let mut rows = Vec::new();
+    eventually(Duration::from_secs(10), || {
+        rows = row_tokens(&gw);
+        std::future::ready(rows.len() >= 2)
+    })
+    .await;
+    assert_eq!(rows, [(3, 4), (0, 0)]);
+    gw.stop().await;
+    // A route that reads no usage from bodies leaves the client's choice.
+    let gw = gateway(&mock).await;
+    let request = authorized(Method::GET, gw.url("/v1/ok"), gw.key.as_deref())
+        .header("accept-encoding", "br")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&client, request).await.status, StatusCode::OK);
+    assert_eq!(mock.requests()[2].headers["accept-encoding"], "br");
     gw.stop().await;
 }

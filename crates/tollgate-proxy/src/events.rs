@@ -12,6 +12,7 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -207,6 +208,35 @@ impl Event for InvalidUsageIgnored<'_> {
             usage_id = %self.usage_id,
             fields = ?fields,
         );
+    }
+}
+
+/// An upstream compressed a response on a route that reads usage from
+/// bodies, although the gateway asked for it uncompressed: the row gets
+/// no tokens from that body. Logged at warn, at most once a second for the
+/// whole process: it is an upstream to fix, not a passing event.
+pub(crate) struct CompressedResponse<'a> {
+    pub(crate) route: &'a RouteMetrics,
+}
+
+impl Event for CompressedResponse<'_> {
+    fn emit(self) {
+        static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let last = LAST_SECOND.load(Ordering::Relaxed);
+        if second > last
+            && LAST_SECOND
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                target: METER,
+                message = "The upstream compressed a response although asked not to; its usage cannot be read from the body.",
+                route = %self.route.name(),
+            );
+        }
     }
 }
 

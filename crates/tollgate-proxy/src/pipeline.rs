@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TRANSFER_ENCODING,
+    HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST,
+    TRANSFER_ENCODING,
 };
 use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, Version};
@@ -61,7 +62,8 @@ use crate::auth::Authenticator;
 use crate::body::{ProxyBody, RequestBody, Upload};
 use crate::error::{ErrorShape, ProxyError};
 use crate::events::{
-    emit, AccessFields, RequestCompleted, RequestRefused, UpstreamAnswered, UpstreamFailed,
+    emit, AccessFields, CompressedResponse, RequestCompleted, RequestRefused, UpstreamAnswered,
+    UpstreamFailed,
 };
 use crate::forward::{
     is_body_timed_out, is_body_too_large, is_client_body_failure, UpstreamBody, UpstreamClient,
@@ -516,6 +518,13 @@ impl Gateway {
         set_forwarded(headers, &conn.peer_ip, conn.proto, client_host);
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         headers.insert(HOST, route.host_header().clone());
+        // Usage is read from the response body as it passes, which a
+        // compressed body hides: the official SDKs ask for gzip or br, and
+        // upstreams behind a CDN grant it. So such a route asks for the
+        // body as it is (a route's `set_headers` may still say otherwise).
+        if route.usage.format != UsageFormat::None {
+            headers.insert(ACCEPT_ENCODING, IDENTITY.clone());
+        }
         for (name, value) in &route.set_headers {
             headers.insert(name.clone(), value.clone());
         }
@@ -655,8 +664,7 @@ fn names_completions(path: &str) -> bool {
     decoded.eq_ignore_ascii_case(COMPLETIONS)
 }
 
-/// Whether the request body carries a `Content-Encoding` other than
-/// `identity`.
+/// Whether a body carries a `Content-Encoding` other than `identity`.
 fn is_compressed(headers: &http::HeaderMap) -> bool {
     headers.get_all(CONTENT_ENCODING).iter().any(|value| {
         !value
@@ -698,7 +706,14 @@ impl Gateway {
             .headers
             .get(CONTENT_TYPE)
             .map_or(&b""[..], |value| value.as_bytes());
-        let shape = if is_event_stream(content_type) {
+        let shape = if route.usage.format != UsageFormat::None && is_compressed(&parts.headers) {
+            // Sent compressed although the gateway asked for it as it is:
+            // its usage cannot be read (a usage header still can).
+            emit(CompressedResponse {
+                route: &route.metrics,
+            });
+            ResponseBody::Opaque
+        } else if is_event_stream(content_type) {
             ResponseBody::EventStream {
                 hide_usage_chunk: asked_for_usage && parts.status.is_success(),
             }
@@ -725,6 +740,7 @@ impl Gateway {
 /// Paths under this prefix are the gateway's own (README, Data plane behaviour).
 const SELF_SERVICE: &str = "/_tollgate/";
 
+static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RATELIMIT_USED: HeaderName = HeaderName::from_static("x-ratelimit-used");
