@@ -756,10 +756,19 @@ upstream = "{}"
 usage = "openai"
 timeout = "2s"
 
+[[routes]]
+name = "fixed"
+prefix = "/fixed/"
+upstream = "{}/v1/chat/completions"
+strip_prefix = true
+usage = "openai"
+timeout = "2s"
+
 [pricing."gpt-4o-mini"]
 input = 0.15
 output = 0.60
 "#,
+        mock.url(),
         mock.url()
     )))
     .await
@@ -854,6 +863,8 @@ async fn bodies_a_reader_could_take_for_an_unmetered_stream_are_refused_before_f
             twice,
             "duplicate field `stream`",
         ),
+        // A route whose upstream URL names the endpoint.
+        ("/fixed/", None, twice, "duplicate field `stream`"),
         (
             "/v1/chat/completions",
             None,

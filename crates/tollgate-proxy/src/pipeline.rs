@@ -639,13 +639,20 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
 /// Whether a request on `route` may be an OpenAI streaming request that
 /// must be rewritten to ask for usage: a POST to a `…/completions` endpoint
 /// (Chat Completions and the legacy Completions API, the ones with
-/// `stream_options`) on a `usage = "openai"` route. Only these bodies are
-/// read before forwarding. The content type is not asked: upstreams that
+/// `stream_options`) on a `usage = "openai"` route, by the client's path or
+/// the upstream's. Only these bodies are read before forwarding. The
+/// content type is not asked: upstreams that
 /// read a body as JSON whatever it says exist (FastAPI does without one).
 fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
+    let path = parts.uri.path();
     route.usage.format == UsageFormat::Openai
         && parts.method == Method::POST
-        && names_completions(parts.uri.path())
+        // The client's path, and the upstream's where the route rewrites
+        // it (a base path in its upstream URL can name the endpoint).
+        && (names_completions(path)
+            || route
+                .rewrite_path(path)
+                .is_some_and(|upstream| names_completions(&upstream)))
 }
 
 /// Whether the path's last segment is `completions` as a lenient server

@@ -173,7 +173,7 @@ impl Route {
 
     /// The rewritten path, or `None` when the client's path is forwarded as is
     /// (the common case, which then costs no allocation).
-    fn rewrite_path(&self, path: &str) -> Option<String> {
+    pub(crate) fn rewrite_path(&self, path: &str) -> Option<String> {
         if !self.strip_prefix && self.base_path.is_empty() {
             return None;
         }
