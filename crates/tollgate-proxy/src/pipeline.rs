@@ -641,8 +641,8 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
 /// (Chat Completions and the legacy Completions API, the ones with
 /// `stream_options`) on a `usage = "openai"` route, by the client's path or
 /// the upstream's. Only these bodies are read before forwarding. The
-/// content type is not asked: upstreams that
-/// read a body as JSON whatever it says exist (FastAPI does without one).
+/// content type is not asked: some upstreams read a body as JSON whatever
+/// it says (FastAPI does when there is none).
 fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
     let path = parts.uri.path();
     route.usage.format == UsageFormat::Openai
