@@ -203,3 +203,80 @@ upstream = "http://127.0.0.1:1"
     assert!(by_id("req-ok")["upstream_latency_us"].as_u64().unwrap() > 0);
     drop(upstream);
 }
+
+/// An upstream that compresses its answer although the gateway asked it
+/// not to: the body's usage is out of sight, which the operator hears of
+/// as a warning naming the route, at most once a second however many
+/// answers come that way.
+#[test]
+fn a_compressed_answer_is_a_warning_at_most_once_a_second() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(MockUpstream::start()).unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "LISTEN"
+admin_listen = "ADMIN"
+
+[[tiers]]
+name = "t"
+
+[[routes]]
+name = "llm"
+prefix = "/v1/"
+upstream = "{}"
+usage = "openai"
+"#,
+        upstream.url()
+    );
+    let process = Process::serve_logged(&toml, "info");
+    let key = process.key.clone().unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let status = runtime.block_on(async {
+            let request = authorized(
+                Method::POST,
+                process.url("/v1/chat/completions"),
+                Some(&key),
+            )
+            .header("content-type", "application/json")
+            .header("x-mock-header", "content-encoding: gzip")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"m","messages":[{"role":"user","content":"a b"}]}"#,
+            )))
+            .unwrap();
+            send(&client(), request).await.status
+        });
+        assert_eq!(status, StatusCode::OK);
+    }
+    let seconds = started.elapsed().as_secs();
+    let warned = || -> Vec<Value> {
+        process
+            .logs()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|entry| {
+                entry["message"]
+                    .as_str()
+                    .is_some_and(|message| message.contains("compressed"))
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while warned().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let lines = warned();
+    assert!(!lines.is_empty(), "no warning: {:?}", process.logs());
+    // Five answers within `seconds`: a line for each second they spanned.
+    assert!(
+        lines.len() as u64 <= seconds + 1,
+        "{} lines in {seconds} s: {lines:?}",
+        lines.len()
+    );
+    for line in &lines {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["route"], "llm", "{line}");
+    }
+    drop(upstream);
+}
