@@ -865,6 +865,20 @@ async fn bodies_a_reader_could_take_for_an_unmetered_stream_are_refused_before_f
         ),
         // A route whose upstream URL names the endpoint.
         ("/fixed/", None, twice, "duplicate field `stream`"),
+        // A key Go's or .NET's readers take for `stream`.
+        (
+            "/v1/chat/completions",
+            None,
+            br#"{"model":"gpt-4o-mini","Stream":true,"messages":[]}"#,
+            "differs from `stream` only in case",
+        ),
+        // `"stream":true` in UTF-7, which Express's body-parser decodes.
+        (
+            "/v1/chat/completions",
+            Some(("content-type", "application/json; charset=utf-7")),
+            br#"{"model":"gpt-4o-mini","messages":[],"+AHM-tream":true}"#,
+            "charset is not UTF-8",
+        ),
         (
             "/v1/chat/completions",
             None,

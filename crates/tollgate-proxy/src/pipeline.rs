@@ -422,6 +422,8 @@ impl Gateway {
             .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let asked = if is_compressed(&parts.headers) {
             Err(UnmeterableRequest::Compressed)
+        } else if !is_utf8(&parts.headers) {
+            Err(UnmeterableRequest::NotUtf8)
         } else {
             inject_include_usage(&bytes)
         };
@@ -681,6 +683,32 @@ fn is_compressed(headers: &http::HeaderMap) -> bool {
     })
 }
 
+/// Whether the `Content-Type` names no `charset` but UTF-8 (any case,
+/// quoted or not). A reader that decodes by the charset could find a
+/// `stream` key in a UTF-7 body whose bytes never spell it.
+fn is_utf8(headers: &http::HeaderMap) -> bool {
+    let Some(content_type) = headers.get(CONTENT_TYPE) else {
+        return true;
+    };
+    content_type
+        .as_bytes()
+        .split(|&byte| byte == b';')
+        .skip(1)
+        .filter_map(|parameter| {
+            let (name, value) = parameter.split_at(parameter.iter().position(|&b| b == b'=')?);
+            name.trim_ascii()
+                .eq_ignore_ascii_case(b"charset")
+                .then(|| value[1..].trim_ascii())
+        })
+        .all(|value| {
+            let value = value
+                .strip_prefix(b"\"")
+                .and_then(|rest| rest.strip_suffix(b"\""))
+                .unwrap_or(value);
+            value.eq_ignore_ascii_case(b"utf-8") || value.eq_ignore_ascii_case(b"utf8")
+        })
+}
+
 /// A JSON media type (`application/json`, `application/problem+json`, …),
 /// in any case, without allocating.
 fn is_json(content_type: &[u8]) -> bool {
@@ -857,6 +885,32 @@ mod tests {
             "",
         ] {
             assert!(!names_completions(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn only_a_utf8_charset_or_none_is_utf8() {
+        let with = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
+            is_utf8(&headers)
+        };
+        assert!(is_utf8(&http::HeaderMap::new()));
+        for value in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json;CHARSET=\"UTF-8\"",
+            "text/plain; format=x; charset = utf8",
+        ] {
+            assert!(with(value), "{value}");
+        }
+        for value in [
+            "application/json; charset=utf-7",
+            "application/json; charset=\"utf-16le\"",
+            "application/json; charset=utf-8; charset=utf-7",
+            "application/json; charset=",
+        ] {
+            assert!(!with(value), "{value}");
         }
     }
 

@@ -37,6 +37,7 @@
 //! Known blind spot: a key spelled with JSON escapes (`"\u0075sage"`) is not
 //! recognised. No upstream writes keys that way.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::LazyLock;
 
@@ -1431,9 +1432,14 @@ pub enum UnmeterableRequest {
     /// Compressed (`Content-Encoding`): the gateway does not decompress.
     #[error("the request body is compressed; send it without a Content-Encoding")]
     Compressed,
-    /// Not JSON, or a JSON reader could take it two ways: invalid UTF-8 or
-    /// escapes, trailing text, a `stream`, `stream_options` or
-    /// `include_usage` given twice. serde_json's message, with its place.
+    /// A `charset` other than UTF-8 in its `Content-Type`, which some
+    /// readers decode by (Express's body-parser takes UTF-7).
+    #[error("the request body's charset is not UTF-8")]
+    NotUtf8,
+    /// Not JSON, or a JSON reader could take it two ways: invalid UTF-8 in
+    /// a key, invalid escapes, trailing text, a `stream`, `stream_options`
+    /// or `include_usage` given twice or spelled in another case.
+    /// serde_json's message, with its place.
     #[error("the request body cannot be read as JSON: {0}")]
     Unreadable(String),
     #[error("`stream` must be true, false or null")]
@@ -1447,22 +1453,112 @@ pub enum UnmeterableRequest {
 }
 
 /// The members of a request body that decide whether to ask for usage.
-/// Derived, so a `stream` or `stream_options` given twice is an error.
-#[derive(Deserialize)]
+/// A `stream` or `stream_options` given twice is an error, and so is a key
+/// that differs from one of them only in case: readers that match keys
+/// case-insensitively (Go's `encoding/json`, .NET's web defaults) would
+/// take it for that member.
 struct StreamRequest {
-    #[serde(default)]
     stream: Option<Value>,
     /// `Some(StreamOptions::Null)` for an explicit `null`, `None` when absent.
-    #[serde(default, deserialize_with = "present")]
     stream_options: Option<StreamOptions>,
 }
 
-fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(deserializer).map(Some)
+impl<'de> Deserialize<'de> for StreamRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RequestVisitor)
+    }
+}
+
+struct RequestVisitor;
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = StreamRequest;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamRequest, A::Error> {
+        let mut request = StreamRequest {
+            stream: None,
+            stream_options: None,
+        };
+        while let Some(KeyText(key)) = map.next_key()? {
+            match &*key {
+                "stream" if request.stream.is_some() => {
+                    return Err(de::Error::duplicate_field("stream"))
+                }
+                "stream" => request.stream = Some(map.next_value()?),
+                "stream_options" if request.stream_options.is_some() => {
+                    return Err(de::Error::duplicate_field("stream_options"))
+                }
+                "stream_options" => request.stream_options = Some(map.next_value()?),
+                other => {
+                    refuse_lookalike(other, &["stream", "stream_options"])?;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// A key as written, borrowed from the body unless it has escapes.
+struct KeyText<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for KeyText<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = KeyText<'de>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a key")
+            }
+
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
+
+/// An error when `key` is not one of `names` but a case-insensitive reader
+/// would take it for one.
+fn refuse_lookalike<E: de::Error>(key: &str, names: &[&str]) -> Result<(), E> {
+    match names.iter().find(|name| folds_to(key, name)) {
+        Some(name) => Err(E::custom(format_args!(
+            "the key `{key}` differs from `{name}` only in case, and some readers take it for \
+             `{name}`"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether `key` equals the lowercase ASCII `name` ignoring case as the
+/// case-insensitive readers do: ASCII case, and the non-ASCII letters that
+/// Unicode case folding or .NET's upper-casing turn into one of `name`'s
+/// (`ſ` to `s`, `ı` to `i`, the Kelvin sign to `k`).
+fn folds_to(key: &str, name: &str) -> bool {
+    let mut expected = name.bytes();
+    for letter in key.chars() {
+        let folded = match letter {
+            '\u{17F}' => b's',
+            '\u{131}' => b'i',
+            '\u{212A}' => b'k',
+            _ if letter.is_ascii() => letter as u8,
+            _ => return false,
+        };
+        if expected.next() != Some(folded.to_ascii_lowercase()) {
+            return false;
+        }
+    }
+    expected.next().is_none()
 }
 
 /// A request's `stream_options`, as far as asking for usage goes.
@@ -1497,17 +1593,19 @@ impl<'de> Visitor<'de> for OptionsVisitor {
     }
 
     /// An object. `include_usage` given twice is an error: readers that
-    /// keep the first and readers that keep the last would disagree.
+    /// keep the first and readers that keep the last would disagree. So is
+    /// a key that differs from it only in case.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamOptions, A::Error> {
         let mut include_usage = None;
         let mut members = 0;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(KeyText(key)) = map.next_key()? {
             if key == "include_usage" {
                 if include_usage.is_some() {
                     return Err(de::Error::duplicate_field("include_usage"));
                 }
                 include_usage = Some(map.next_value::<Value>()?);
             } else {
+                refuse_lookalike(&key, &["include_usage"])?;
                 map.next_value::<IgnoredAny>()?;
             }
             members += 1;
@@ -1647,21 +1745,23 @@ fn unreadable(error: serde_json::Error) -> UnmeterableRequest {
 }
 
 static STREAM_WORD: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"stream"));
+    LazyLock::new(|| memmem::Finder::new(b"tream"));
 static UNICODE_ESCAPE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\\u"));
 
 /// Whether any JSON reader could find a key `stream` in `body` (an object
-/// of one line or many). A key spells it as it is or with a `\u` escape for
-/// one of its letters; text in UTF-16 or UTF-32, which some readers detect
-/// and decode (Python's `json` does), has zero bytes. A body with none of
-/// the three is not a streaming request to any reader, and three vector
-/// searches spare a request that omits `stream` (the SDKs' way of not
-/// streaming) the whole body's reading.
+/// of one line or many). A key spells it as it is, in any case (readers
+/// that ignore case take `Stream` or `ſtream` for it: `tream` is in every
+/// such spelling), or with a `\u` escape for one of its letters; text in
+/// UTF-16 or UTF-32, which some readers detect and decode (Python's `json`
+/// does), has zero bytes. A body with none of the three is not a streaming
+/// request to any reader, and these vector searches spare a request that
+/// omits `stream` (the SDKs' way of not streaming) the whole body's
+/// reading.
 fn may_name_stream(body: &[u8]) -> bool {
-    STREAM_WORD.find(body).is_some()
-        || UNICODE_ESCAPE.find(body).is_some()
+    UNICODE_ESCAPE.find(body).is_some()
         || memchr::memchr(0, body).is_some()
+        || STREAM_WORD.find(&body.to_ascii_lowercase()).is_some()
 }
 
 /// The span of a member's value without the whitespace around it.

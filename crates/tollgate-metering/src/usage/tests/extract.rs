@@ -749,6 +749,39 @@ fn inject_refuses_what_a_reader_could_take_for_an_unmetered_stream() {
         br#"{"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
     );
     assert!(twice.contains("duplicate field `include_usage`"), "{twice}");
+    // Keys that readers which ignore case (Go, .NET) take for the real
+    // ones, some letters folded from outside ASCII.
+    for (body, key) in [
+        (&br#"{"model":"m","Stream":true}"#[..], "Stream"),
+        (br#"{"stream":false,"STREAM":true}"#, "STREAM"),
+        ("{\"\u{17F}tream\":true}".as_bytes(), "\u{17F}tream"),
+        (
+            br#"{"stream":true,"stream_options":{"include_usage":true},"Stream_Options":{}}"#,
+            "Stream_Options",
+        ),
+        (
+            br#"{"stream":true,"stream_options":{"Include_Usage":false}}"#,
+            "Include_Usage",
+        ),
+        (
+            "{\"stream\":true,\"stream_options\":{\"\u{131}nclude_usage\":false}}".as_bytes(),
+            "\u{131}nclude_usage",
+        ),
+        (br#"{"str\u0045am":true}"#, "strEam"),
+    ] {
+        let message = unreadable(body);
+        assert!(
+            message.contains(&format!("the key `{key}` differs")),
+            "{message}"
+        );
+    }
+    // Keys that only look alike stay what they are.
+    for body in [
+        r#"{"stream":true,"streams":1,"Stream2":2,"stream_option":{}}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":true,"include":1}}"#,
+    ] {
+        assert!(inject_include_usage(body.as_bytes()).is_ok(), "{body}");
+    }
     // Not quite JSON, where a lenient reader may still see a stream.
     for body in [
         &br#"{"stream":true"#[..],
