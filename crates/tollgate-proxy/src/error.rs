@@ -287,6 +287,13 @@ impl ProxyError {
         }
     }
 
+    /// Whether a request that presented a valid key and ended with this
+    /// error is withdrawn from metering (no row, its reservation given
+    /// back): a body found malformed only once it was read.
+    pub(crate) fn withdraws_usage(&self) -> bool {
+        matches!(self, ProxyError::UnmeterableBody { .. })
+    }
+
     /// What this error counts besides the request, when it refused one: a
     /// missing or invalid key, a limit, or metering being unavailable.
     pub(crate) fn refusal(&self) -> Option<Refusal<'_>> {

@@ -209,9 +209,9 @@ impl Gateway {
                     .then(|| error.refusal().map(|why| (&*self.metering.metrics, why)))
                     .flatten();
                 match exchange.guard.take() {
-                    // A body refused as unmeterable is a malformed request,
-                    // found only once it was read: no row, like the others.
-                    Some(guard) if matches!(error, ProxyError::UnmeterableBody { .. }) => {
+                    // A malformed request found only once its body was
+                    // read: no row, like the others.
+                    Some(guard) if error.withdraws_usage() => {
                         guard.withdraw();
                         self.count_unmetered(
                             &error,
