@@ -488,6 +488,20 @@ async fn shapes_are_metered_exactly(backend: Backend) {
             json!({"model": "claude-3-5-haiku-latest", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "a b c"}]}),
             vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
         ),
+        // Anthropic's OpenAI-compatible endpoint, through the Anthropic
+        // route: OpenAI's shapes, and a stream that did not ask for usage.
+        (
+            "anthropic-openai-json",
+            "/anthropic/v1/chat/completions",
+            json!({"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "a b c"}]}),
+            vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
+        ),
+        (
+            "anthropic-openai-sse",
+            "/anthropic/v1/chat/completions",
+            json!({"model": "claude-3-5-haiku-latest", "stream": true, "messages": [{"role": "user", "content": "a b c"}]}),
+            vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
+        ),
         (
             "embeddings",
             "/v1/embeddings",
@@ -522,7 +536,16 @@ async fn shapes_are_metered_exactly(backend: Backend) {
     let rows = wait_for_rows(m.db.url(), cases.len()).await;
     let rows = by_case(&rows);
     // (input, output, cache_read, cache_write, model, cost_nanos, cost_source)
-    let expected: [(&str, Expected); 14] = [
+    let haiku = (
+        3,
+        5,
+        2,
+        0,
+        Some("claude-3-5-haiku-latest"),
+        22_560,
+        "pricing",
+    );
+    let expected: [(&str, Expected); 16] = [
         // 5 × 0.15 + 7 × 0.60 = 4.95 USD per million = 4950 nano-USD
         (
             "chat-json",
@@ -590,6 +613,8 @@ async fn shapes_are_metered_exactly(backend: Backend) {
                 "pricing",
             ),
         ),
+        ("anthropic-openai-json", haiku),
+        ("anthropic-openai-sse", haiku),
         (
             "embeddings",
             (6, 0, 0, 0, Some("text-embedding-3-small"), 0, "none"),
@@ -668,20 +693,27 @@ async fn shapes_are_metered_exactly(backend: Backend) {
         7 + 2,
         "7 content chunks, the final chunk, [DONE]"
     );
-    let upstream_saw: Vec<Value> = m
-        .mock
-        .requests()
-        .iter()
-        .filter(|r| {
-            r.headers
-                .get("x-request-id")
-                .is_some_and(|v| v == "chat-sse-hidden")
-        })
-        .map(|r| serde_json::from_slice(&r.body).unwrap())
-        .collect();
-    assert_eq!(upstream_saw.len(), 1);
-    assert_eq!(upstream_saw[0]["stream_options"]["include_usage"], true);
-    assert_eq!(upstream_saw[0]["messages"], chat(five, true)["messages"]);
+    let upstream_saw = |case: &str| -> Vec<Value> {
+        m.mock
+            .requests()
+            .iter()
+            .filter(|r| r.headers.get("x-request-id").is_some_and(|v| v == case))
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect()
+    };
+    let hidden_saw = upstream_saw("chat-sse-hidden");
+    assert_eq!(hidden_saw.len(), 1);
+    assert_eq!(hidden_saw[0]["stream_options"]["include_usage"], true);
+    assert_eq!(hidden_saw[0]["messages"], chat(five, true)["messages"]);
+    // Likewise on the Anthropic route's OpenAI-compatible endpoint.
+    let anthropic_saw = upstream_saw("anthropic-openai-sse");
+    assert_eq!(anthropic_saw[0]["stream_options"]["include_usage"], true);
+    let anthropic_hidden = &replies["anthropic-openai-sse"].body;
+    assert!(
+        !String::from_utf8_lossy(anthropic_hidden).contains("usage"),
+        "no usage leaks on the Anthropic route either"
+    );
+    assert_eq!(sse_data(anthropic_hidden).len(), 5 + 2);
     // The client that asked gets its usage chunk.
     let asked = sse_data(&replies["chat-sse-asked"].body);
     let usage_chunk: Value = serde_json::from_str(&asked[asked.len() - 2]).unwrap();

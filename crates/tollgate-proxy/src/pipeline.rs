@@ -641,13 +641,14 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
 /// Whether a request on `route` may be an OpenAI streaming request that
 /// must be rewritten to ask for usage: a POST to a `…/completions` endpoint
 /// (Chat Completions and the legacy Completions API, the ones with
-/// `stream_options`) on a `usage = "openai"` route, by the client's path or
-/// the upstream's. Only these bodies are read before forwarding. The
-/// content type is not asked: some upstreams read a body as JSON whatever
-/// it says (FastAPI does when there is none).
+/// `stream_options`) on a metered route, by the client's path or the
+/// upstream's: an `anthropic` route too, as Anthropic serves OpenAI's Chat
+/// Completions beside its own API. Only these bodies are read before
+/// forwarding. The content type is not asked: some upstreams read a body
+/// as JSON whatever it says (FastAPI does when there is none).
 fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
     let path = parts.uri.path();
-    route.usage.format == UsageFormat::Openai
+    route.usage.format != UsageFormat::None
         && parts.method == Method::POST
         // The client's path, and the upstream's where the route rewrites
         // it (a base path in its upstream URL can name the endpoint).
@@ -712,9 +713,11 @@ fn is_utf8(headers: &http::HeaderMap) -> bool {
 /// A JSON media type (`application/json`, `application/problem+json`, …),
 /// in any case, without allocating.
 fn is_json(content_type: &[u8]) -> bool {
+    // The first byte alone rules out most windows: `j` and `J` are the two
+    // bytes that give `j` with the case bit set.
     content_type
         .windows(4)
-        .any(|window| window.eq_ignore_ascii_case(b"json"))
+        .any(|window| window[0] | 0x20 == b'j' && window[1..].eq_ignore_ascii_case(b"son"))
 }
 
 /// `text/event-stream`, in any case, parameters allowed.
@@ -911,6 +914,34 @@ mod tests {
             "application/json; charset=",
         ] {
             assert!(!with(value), "{value}");
+        }
+    }
+
+    #[test]
+    fn json_media_types_are_recognised_in_any_case() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/problem+json",
+            "application/vnd.api+Json",
+            "json",
+        ] {
+            assert!(is_json(json.as_bytes()), "{json}");
+        }
+        for other in [
+            "",
+            "jso",
+            "text/plain",
+            "application/jsno",
+            "application/ksn",
+        ] {
+            assert!(!is_json(other.as_bytes()), "{other}");
+        }
+        // Bytes one bit away from `j` or `J` are not it.
+        for first in [b'*', b'\n', 0xea, 0xca, b'k', b'K', b'h'] {
+            let mut other = *b"application/json";
+            other[12] = first;
+            assert!(!is_json(&other), "{other:?}");
         }
     }
 

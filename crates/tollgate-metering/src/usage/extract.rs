@@ -314,8 +314,19 @@ struct Tally {
     event_stream: bool,
     model: Option<String>,
     tokens: Option<(TokenCounts, Unusable)>,
-    /// Anthropic streams: the cumulative output of the last `message_delta`.
-    delta_output: Option<Count>,
+    /// Anthropic streams: the cumulative counts of the last `message_delta`.
+    delta: Option<Delta>,
+}
+
+/// The counts a `message_delta` gives: always the output, the input and
+/// cache counts too where server tools (web search, code execution) added
+/// to them during the turn. Each is cumulative, so the last one stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct Delta {
+    input: Option<Count>,
+    output: Option<Count>,
+    cache_read: Option<Count>,
+    cache_write: Option<Count>,
 }
 
 /// The fields of a usage object, from either vendor.
@@ -332,6 +343,17 @@ struct UsageJson {
 }
 
 impl UsageJson {
+    /// OpenAI's Chat Completions shape (`prompt_tokens`, `completion_tokens`).
+    fn is_openai_chat(&self) -> bool {
+        self.prompt_tokens.is_some() || self.completion_tokens.is_some()
+    }
+
+    /// Anthropic's shape, told apart from OpenAI's Responses one (which
+    /// also says `input_tokens`) by its cache counts.
+    fn is_anthropic(&self) -> bool {
+        self.cache_read_input_tokens.is_some() || self.cache_creation_input_tokens.is_some()
+    }
+
     /// The count `key` names at the top of a usage object.
     fn count(&mut self, key: UsageKey) -> Option<&mut Option<Count>> {
         match key {
@@ -522,15 +544,46 @@ impl Tally {
                 };
                 match self.format {
                     UsageFormat::None => {}
+                    // Anthropic serves OpenAI's API too (`/v1/chat/completions`),
+                    // in OpenAI's shape: read as such, or its tokens are lost.
+                    UsageFormat::Openai | UsageFormat::Anthropic if usage.is_openai_chat() => {
+                        if let Some(tokens) = openai_tokens(&usage) {
+                            self.tokens = Some(tokens);
+                        }
+                    }
+                    // And an upstream that serves Anthropic's API on an
+                    // OpenAI route: its cache counts are its own fields.
+                    UsageFormat::Openai if usage.is_anthropic() && !self.event_stream => {
+                        if let Some(tokens) = anthropic_tokens(&usage) {
+                            self.tokens = Some(tokens);
+                        }
+                    }
                     UsageFormat::Openai => {
                         if let Some(tokens) = openai_tokens(&usage) {
                             self.tokens = Some(tokens);
                         }
                     }
                     UsageFormat::Anthropic if self.event_stream && level == Level::Top => {
-                        // message_delta: only the cumulative output counts.
-                        if let Some(output) = usage.output_tokens {
-                            self.delta_output = Some(output);
+                        // message_delta.
+                        let counts = [
+                            usage.input_tokens,
+                            usage.output_tokens,
+                            usage.cache_read_input_tokens,
+                            usage.cache_creation_input_tokens,
+                        ];
+                        if counts.iter().any(Option::is_some) {
+                            let delta = self.delta.get_or_insert_with(Delta::default);
+                            let seen = [
+                                &mut delta.input,
+                                &mut delta.output,
+                                &mut delta.cache_read,
+                                &mut delta.cache_write,
+                            ];
+                            for (seen, count) in seen.into_iter().zip(counts) {
+                                if count.is_some() {
+                                    *seen = count;
+                                }
+                            }
                         }
                     }
                     UsageFormat::Anthropic => {
@@ -545,29 +598,33 @@ impl Tally {
     }
 
     fn extracted(&self) -> Extracted {
-        let (tokens, unusable) = match (self.tokens, self.delta_output) {
-            (Some((tokens, unusable)), Some(output)) => (
-                Some(TokenCounts {
-                    output: output.or_zero(),
-                    ..tokens
-                }),
-                Unusable {
-                    output: output == Count::Unusable,
-                    ..unusable
-                },
-            ),
-            (Some((tokens, unusable)), None) => (Some(tokens), unusable),
-            (None, Some(output)) => (
-                Some(TokenCounts {
-                    output: output.or_zero(),
-                    ..TokenCounts::default()
-                }),
-                Unusable {
-                    output: output == Count::Unusable,
-                    ..Unusable::default()
-                },
-            ),
-            (None, None) => (None, Unusable::default()),
+        let mut found = self.tokens;
+        if let Some(delta) = self.delta {
+            // Over `message_start`'s counts, which it may leave out.
+            let (tokens, unusable) = found.get_or_insert_with(Default::default);
+            for (count, total, bad) in [
+                (delta.input, &mut tokens.input, &mut unusable.input),
+                (delta.output, &mut tokens.output, &mut unusable.output),
+                (
+                    delta.cache_read,
+                    &mut tokens.cache_read,
+                    &mut unusable.cache_read,
+                ),
+                (
+                    delta.cache_write,
+                    &mut tokens.cache_write,
+                    &mut unusable.cache_write,
+                ),
+            ] {
+                if let Some(count) = count {
+                    *total = count.or_zero();
+                    *bad = count == Count::Unusable;
+                }
+            }
+        }
+        let (tokens, unusable) = match found {
+            Some((tokens, unusable)) => (Some(tokens), unusable),
+            None => (None, Unusable::default()),
         };
         Extracted {
             tokens,
@@ -1963,6 +2020,97 @@ mod tests {
             assert_eq!(found.tokens, Some(tokens), "{json}");
             assert_eq!(found.unusable, unusable, "{json}");
         }
+    }
+
+    #[test]
+    fn an_anthropic_route_reads_anthropics_openai_compatible_answers() {
+        let counts = |input, output, cache_read| TokenCounts {
+            input,
+            output,
+            cache_read,
+            cache_write: 0,
+        };
+        let json = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"claude-sonnet-4-5",
+            "choices":[{"index":0,"message":{"role":"assistant","content":"Hi"}}],
+            "usage":{"prompt_tokens":120,"completion_tokens":30,"total_tokens":150,
+            "prompt_tokens_details":{"cached_tokens":20}}}"#;
+        let found = scan(UsageFormat::Anthropic, false, json);
+        assert_eq!(found.tokens, Some(counts(100, 30, 20)));
+        assert_eq!(found.model.as_deref(), Some("claude-sonnet-4-5"));
+        // Streamed, with the usage asked for: the last chunk carries it at
+        // the root, where a `message_delta` would.
+        let stream = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"claude-sonnet-4-5\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+                      data: {\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7}}\n\n\
+                      data: [DONE]\n\n";
+        let found = scan(UsageFormat::Anthropic, true, stream);
+        assert_eq!(found.tokens, Some(counts(12, 7, 0)));
+        assert_eq!(found.model.as_deref(), Some("claude-sonnet-4-5"));
+    }
+
+    #[test]
+    fn an_openai_route_reads_anthropic_shaped_cache_counts() {
+        let json = r#"{"type":"message","model":"m","usage":{"input_tokens":10,"output_tokens":4,
+            "cache_read_input_tokens":50,"cache_creation_input_tokens":6}}"#;
+        let expected = TokenCounts {
+            input: 10,
+            output: 4,
+            cache_read: 50,
+            cache_write: 6,
+        };
+        assert_eq!(
+            scan(UsageFormat::Openai, false, json).tokens,
+            Some(expected)
+        );
+        // OpenAI's Responses shape is still OpenAI's: cached inside input.
+        let responses = r#"{"usage":{"input_tokens":10,"output_tokens":4,
+            "input_tokens_details":{"cached_tokens":3}}}"#;
+        let expected = TokenCounts {
+            input: 7,
+            output: 4,
+            cache_read: 3,
+            cache_write: 0,
+        };
+        assert_eq!(
+            scan(UsageFormat::Openai, false, responses).tokens,
+            Some(expected)
+        );
+    }
+
+    #[test]
+    fn a_message_delta_with_server_tool_counts_overrides_message_start() {
+        // Web search adds its results to the input during the turn; the
+        // last message_delta carries the cumulative counts.
+        let stream = "event: message_start\n\
+                      data: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":2679,\"cache_read_input_tokens\":0,\"cache_creation_input_tokens\":0,\"output_tokens\":3}}}\n\n\
+                      event: message_delta\n\
+                      data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":9000,\"cache_read_input_tokens\":1682,\"output_tokens\":410,\"server_tool_use\":{\"web_search_requests\":1}}}\n\n\
+                      event: message_delta\n\
+                      data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":10682,\"cache_read_input_tokens\":1682,\"cache_creation_input_tokens\":null,\"output_tokens\":510}}\n\n";
+        let found = scan(UsageFormat::Anthropic, true, stream);
+        assert_eq!(
+            found.tokens,
+            Some(TokenCounts {
+                input: 10682,
+                output: 510,
+                cache_read: 1682,
+                cache_write: 0,
+            })
+        );
+        // A delta with the output alone keeps message_start's input.
+        let plain = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"cache_creation_input_tokens\":4,\"output_tokens\":1}}}\n\n\
+                     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":6}}\n\n";
+        assert_eq!(
+            scan(UsageFormat::Anthropic, true, plain).tokens,
+            Some(TokenCounts {
+                input: 11,
+                output: 6,
+                cache_read: 0,
+                cache_write: 4,
+            })
+        );
+        // A delta with no counts at all is no usage.
+        let empty = "data: {\"type\":\"message_delta\",\"usage\":{}}\n\n";
+        assert_eq!(scan(UsageFormat::Anthropic, true, empty).tokens, None);
     }
 
     #[test]

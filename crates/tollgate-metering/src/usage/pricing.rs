@@ -45,22 +45,25 @@ impl Pricing {
     }
 
     /// The priced name and price that apply to `model`: the exact name,
-    /// else the longest priced name `p` such that `model` is `p` followed by
-    /// `-` and more (OpenAI answers `gpt-4o-mini` requests with
-    /// `gpt-4o-mini-2024-07-18`). The name is also the bounded value for a
-    /// `model` metric label (docs/METRICS.md).
+    /// else the priced name `p` such that `model` is `p`, `-` and a
+    /// snapshot (OpenAI answers `gpt-4o-mini` requests with
+    /// `gpt-4o-mini-2024-07-18`; see [`is_snapshot`]). Any other suffix
+    /// names another model, often a dearer one (`o3-pro` is not `o3`), so
+    /// it has no price rather than a wrong one. The name is also the
+    /// bounded value for a `model` metric label (docs/METRICS.md).
     pub fn resolve(&self, model: &str) -> Option<(&str, &ModelPrice)> {
         if let Some((name, price)) = self.models.get_key_value(model) {
             return Some((name.as_str(), price));
         }
-        // Longest first: try the cut at each '-' from the right (one pass
-        // over a short name, where a search for each '-' costs more).
-        model
-            .bytes()
-            .enumerate()
-            .rev()
-            .filter(|&(_, byte)| byte == b'-')
-            .find_map(|(at, _)| self.models.get_key_value(&model[..at]))
+        // A snapshot is the last segment, or the last three as a date.
+        let mut cuts = model.rmatch_indices('-').map(|(at, _)| at);
+        let last = cuts.next()?;
+        let date = cuts.nth(1);
+        [Some(last), date]
+            .into_iter()
+            .flatten()
+            .filter(|&at| is_snapshot(&model[at + 1..]))
+            .find_map(|at| self.models.get_key_value(&model[..at]))
             .map(|(name, price)| (name.as_str(), price))
     }
 
@@ -71,6 +74,26 @@ impl Pricing {
     pub(crate) fn cost_nanos(&self, model: &str, tokens: &TokenCounts) -> Option<i64> {
         let (_, price) = self.resolve(model)?;
         Some(cost_nanos(price, tokens))
+    }
+}
+
+/// A suffix that names a snapshot of a model rather than another model: a
+/// date (`2024-07-18`, `20241022`), OpenAI's older month and day (`0613`),
+/// a three-digit version (`001`), or `latest`.
+fn is_snapshot(suffix: &str) -> bool {
+    let digits =
+        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_digit());
+    match suffix.len() {
+        3 | 4 | 8 => digits(suffix, suffix.len()),
+        6 => suffix == "latest",
+        10 => {
+            let mut parts = suffix.split('-');
+            [4, 2, 2]
+                .into_iter()
+                .all(|len| parts.next().is_some_and(|part| digits(part, len)))
+                && parts.next().is_none()
+        }
+        _ => false,
     }
 }
 
@@ -235,10 +258,41 @@ mod tests {
         );
         // Only at a '-': "gpt-4omega" is not "gpt-4o".
         assert_eq!(pricing.cost_nanos("gpt-4omega", &usage), None);
-        assert_eq!(
-            pricing.resolve("gpt-4o-").map(|(name, _)| name),
-            Some("gpt-4o")
-        );
+        let resolved = |model| pricing.resolve(model).map(|(name, _)| name);
+        for (model, priced) in [
+            ("gpt-4o-mini-20240718", "gpt-4o-mini"),
+            ("gpt-4o-0613", "gpt-4o"),
+            ("gpt-4o-001", "gpt-4o"),
+            ("gpt-4o-latest", "gpt-4o"),
+        ] {
+            assert_eq!(resolved(model), Some(priced), "{model}");
+        }
+    }
+
+    #[test]
+    fn a_suffix_that_names_another_model_has_no_price() {
+        let pricing = table();
+        let resolved = |model| pricing.resolve(model).map(|(name, _)| name);
+        // Another model, or another version of one, is not a snapshot of
+        // the priced one: "gpt-4o-audio-preview" is billed otherwise.
+        for model in [
+            "gpt-4o-",
+            "gpt-4o-audio-preview",
+            "gpt-4o-mini-tts",
+            "gpt-4o-pro-2025-06-10",
+            "gpt-4o-5-20250929",
+            "gpt-4o-mini-2024-07",
+            "gpt-4o-2024-07-18-x",
+            "gpt-4o-2024-0a-18",
+            "gpt-4o-99",
+            "gpt-4o-12345",
+            "gpt-4o-Latest",
+            "gpt-4o--2024-07-18",
+        ] {
+            assert_eq!(resolved(model), None, "{model}");
+        }
+        // The longest priced name still wins where both would do.
+        assert_eq!(resolved("gpt-4o-mini-latest"), Some("gpt-4o-mini"));
     }
 
     #[test]
