@@ -345,6 +345,72 @@ async fn a_tier_change_and_overrides_take_effect_live() {
     l.gateway.stop().await;
 }
 
+/// Budgets are settled when responses end: requests admitted together
+/// must not all pass a budget with a little left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_at_once_cannot_spend_past_a_budget() {
+    let clock = Arc::new(ManualClock::new(NOW));
+    let tiers = "[[tiers]]\nname = \"cost\"\nmonthly_cost_usd = 0.01";
+    let l = limited(Backend::Sqlite, tiers, clock).await;
+    let key = l.gateway.key.clone().unwrap();
+    // Each request costs 0.004 USD and streams for about 0.6 s.
+    let slow = [
+        ("x-mock-cost-usd", "0.004"),
+        ("x-mock-chunks", "3"),
+        ("x-mock-chunk-delay-ms", "200"),
+    ];
+    let first = chat_call(&l.gateway, &key, &slow, true).await;
+    assert_eq!(first.status, StatusCode::OK);
+    // 0.006 left: two more fit while each in flight is counted at 0.004
+    // (0.004 + 0.004 < 0.01, a third would make 0.012).
+    let replies = futures_join_all((0..40).map(|_| {
+        let (url, key) = (l.gateway.url("/v1/chat/completions"), key.clone());
+        async move {
+            let mut request = authorized(Method::POST, url, Some(&key))
+                .header("content-type", "application/json");
+            for (name, value) in slow {
+                request = request.header(name, value);
+            }
+            let body = json!({"model": "gpt-4o-mini", "stream": true,
+                              "messages": [{"role": "user", "content": "hi"}]});
+            send(
+                &client(),
+                request
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+            .await
+        }
+    }))
+    .await;
+    let through = replies
+        .iter()
+        .filter(|reply| reply.status == StatusCode::OK)
+        .count();
+    assert_eq!(through, 2, "admitted of 40 at once");
+    for held in replies
+        .iter()
+        .filter(|reply| reply.status != StatusCode::OK)
+    {
+        assert_eq!(held.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(held.error_type(), "budget_exceeded");
+        assert_eq!(
+            held.headers["x-should-retry"], "true",
+            "it passes as they end"
+        );
+        assert_eq!(header(held, "retry-after"), Some(1));
+    }
+    let quota = admin(&l.gateway, Method::GET, "/v1/quota/test", None)
+        .await
+        .json();
+    assert_eq!(quota["limits"]["monthly_cost_usd"]["used"], "0.012");
+    // Spent: the next is refused until the period ends.
+    let refused = chat_call(&l.gateway, &key, &slow, true).await;
+    assert_eq!(refused.error_type(), "budget_exceeded");
+    assert_eq!(refused.headers["x-should-retry"], "false");
+    l.gateway.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_block_on_metered_cost_and_stream_tokens() {
     let clock = Arc::new(ManualClock::new(NOW));

@@ -346,9 +346,13 @@ impl ProxyError {
                 HeaderValue::from(rejection.retry_after().as_secs()),
             );
             // The official OpenAI and Anthropic SDKs read this before
-            // anything else: a rate limit passes in seconds, a quota or a
+            // anything else: a rate limit passes in seconds, and a budget
+            // held by requests in flight as they end; a quota or a spent
             // budget only when the period resets.
-            let retry = matches!(rejection, Rejection::RateLimited { .. });
+            let retry = matches!(
+                rejection,
+                Rejection::RateLimited { .. } | Rejection::BudgetHeld { .. }
+            );
             headers.insert(
                 X_SHOULD_RETRY.clone(),
                 HeaderValue::from_static(if retry { "true" } else { "false" }),

@@ -416,14 +416,12 @@ impl Metrics {
         let index = match rejection {
             Rejection::RateLimited { .. } => 0,
             Rejection::QuotaExceeded { .. } => 1,
-            Rejection::BudgetExceeded {
-                which: Budget::Tokens,
-                ..
-            } => 2,
-            Rejection::BudgetExceeded {
-                which: Budget::Cost,
-                ..
-            } => 3,
+            Rejection::BudgetExceeded { which, .. } | Rejection::BudgetHeld { which, .. } => {
+                match which {
+                    Budget::Tokens => 2,
+                    Budget::Cost => 3,
+                }
+            }
         };
         self.limit_rejections[index].increment(1);
     }

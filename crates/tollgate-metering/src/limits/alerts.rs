@@ -38,7 +38,8 @@ impl MonthlyLimit {
     /// The monthly limit behind a refusal; `None` for the rate.
     pub(crate) fn of(rejection: Rejection) -> Option<MonthlyLimit> {
         match rejection {
-            Rejection::RateLimited { .. } => None,
+            // A refusal that passes once requests in flight end exhausts nothing.
+            Rejection::RateLimited { .. } | Rejection::BudgetHeld { .. } => None,
             Rejection::QuotaExceeded { .. } => Some(MonthlyLimit::Requests),
             Rejection::BudgetExceeded {
                 which: crate::limits::Budget::Tokens,

@@ -135,6 +135,9 @@ pub struct Admission {
     family: Option<Arc<KeyFamily>>,
     period: Period,
     released: AtomicBool,
+    /// Still counted among the requests in flight (until its first
+    /// settlement or release).
+    in_flight: AtomicBool,
 }
 
 impl Admission {
@@ -178,6 +181,19 @@ pub enum Rejection {
         which: Budget,
         retry_after: Duration,
     },
+    /// What is left of `monthly_tokens` or `monthly_cost_usd` may be used
+    /// up by the customer's requests still in flight (see
+    /// [`State::held`]); `retry_after` = one second, by when some of them
+    /// may have ended.
+    #[error(
+        "the rest of the monthly {} budget is held by requests in flight; retry after {} seconds",
+        match .which { Budget::Tokens => "token", Budget::Cost => "cost" },
+        .retry_after.as_secs()
+    )]
+    BudgetHeld {
+        which: Budget,
+        retry_after: Duration,
+    },
 }
 
 impl Rejection {
@@ -202,7 +218,8 @@ impl Rejection {
         match self {
             Rejection::RateLimited { retry_after }
             | Rejection::QuotaExceeded { retry_after }
-            | Rejection::BudgetExceeded { retry_after, .. } => *retry_after,
+            | Rejection::BudgetExceeded { retry_after, .. }
+            | Rejection::BudgetHeld { retry_after, .. } => *retry_after,
         }
     }
 
@@ -211,7 +228,9 @@ impl Rejection {
         match self {
             Rejection::RateLimited { .. } => Outcome::RateLimited,
             Rejection::QuotaExceeded { .. } => Outcome::QuotaExceeded,
-            Rejection::BudgetExceeded { .. } => Outcome::BudgetExceeded,
+            Rejection::BudgetExceeded { .. } | Rejection::BudgetHeld { .. } => {
+                Outcome::BudgetExceeded
+            }
         }
     }
 
@@ -221,14 +240,12 @@ impl Rejection {
         match self {
             Rejection::RateLimited { .. } => "rate",
             Rejection::QuotaExceeded { .. } => "monthly_requests",
-            Rejection::BudgetExceeded {
-                which: Budget::Tokens,
-                ..
-            } => "monthly_tokens",
-            Rejection::BudgetExceeded {
-                which: Budget::Cost,
-                ..
-            } => "monthly_cost",
+            Rejection::BudgetExceeded { which, .. } | Rejection::BudgetHeld { which, .. } => {
+                match which {
+                    Budget::Tokens => "monthly_tokens",
+                    Budget::Cost => "monthly_cost",
+                }
+            }
         }
     }
 }
@@ -340,6 +357,13 @@ struct State {
     /// Per monthly limit, the alert fractions (bit i: the i-th) recorded
     /// in `period`.
     alerted: [u16; 3],
+    /// Requests admitted here in `period` and not yet settled or released.
+    in_flight: u64,
+    /// The most tokens and the highest cost one request has settled here
+    /// (since the process started: a customer's size, not its month's).
+    largest: PeriodTotals,
+    /// Whether any request has settled here.
+    settled_any: bool,
 }
 
 impl State {
@@ -357,6 +381,9 @@ impl State {
             refused: 0,
             exhausted_alerted: 0,
             alerted: [0; 3],
+            in_flight: 0,
+            largest: PeriodTotals::ZERO,
+            settled_any: false,
         }
     }
 
@@ -377,6 +404,8 @@ impl State {
             self.refused = 0;
             self.exhausted_alerted = 0;
             self.alerted = [0; 3];
+            // What is still in flight settles into the period it began in.
+            self.in_flight = 0;
         }
     }
 
@@ -442,25 +471,23 @@ impl State {
         };
         let used = self.used();
         let to_next_period = || ceil_secs(self.period_end_ns.saturating_sub(now_ns));
-        if self
-            .limits
-            .monthly_tokens
-            .is_some_and(|limit| used.tokens >= limit)
-        {
-            return Err(Rejection::BudgetExceeded {
-                which: Budget::Tokens,
-                retry_after: to_next_period(),
-            });
-        }
-        if self
-            .limits
-            .monthly_cost_nanos
-            .is_some_and(|limit| used.cost_nanos >= limit)
-        {
-            return Err(Rejection::BudgetExceeded {
-                which: Budget::Cost,
-                retry_after: to_next_period(),
-            });
+        let budgets = [
+            (Budget::Tokens, self.limits.monthly_tokens, used.tokens),
+            (
+                Budget::Cost,
+                self.limits
+                    .monthly_cost_nanos
+                    .map(|limit| u64::try_from(limit).unwrap_or(0)),
+                u64::try_from(used.cost_nanos).unwrap_or(0),
+            ),
+        ];
+        for (which, limit, used) in budgets {
+            if limit.is_some_and(|limit| used >= limit) {
+                return Err(Rejection::BudgetExceeded {
+                    which,
+                    retry_after: to_next_period(),
+                });
+            }
         }
         if self.limits.overage == Overage::Block
             && self
@@ -472,6 +499,15 @@ impl State {
                 retry_after: to_next_period(),
             });
         }
+        // Last: the one refusal that passes within the period.
+        for (which, limit, used) in budgets {
+            if limit.is_some_and(|limit| used.saturating_add(self.held(which)) >= limit) {
+                return Err(Rejection::BudgetHeld {
+                    which,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
         Ok(new_tat)
     }
 
@@ -481,6 +517,49 @@ impl State {
             self.tat_ns = tat;
         }
         self.own.requests = self.own.requests.saturating_add(1);
+        self.in_flight = self.in_flight.saturating_add(1);
+    }
+
+    /// What the requests in flight may still add to `which`: each is
+    /// counted at the most one request has used here, or at the period's
+    /// average if that is more (after a restart, the database's totals
+    /// are all there is). Budgets are settled when responses end, so
+    /// without this any number of requests admitted together would all
+    /// pass a budget with a cent left. Until the first request settles
+    /// here and with no usage in the database, nothing is known of their
+    /// size: they hold the whole budget, one request at a time.
+    fn held(&self, which: Budget) -> u64 {
+        if self.in_flight == 0 {
+            return 0;
+        }
+        let used = self.used();
+        let (largest, total) = match which {
+            Budget::Tokens => (self.largest.tokens, used.tokens),
+            Budget::Cost => (
+                u64::try_from(self.largest.cost_nanos).unwrap_or(0),
+                u64::try_from(used.cost_nanos).unwrap_or(0),
+            ),
+        };
+        // The requests counted in `used` that have ended somewhere.
+        let ended = used.requests.saturating_sub(self.in_flight);
+        if !self.settled_any && ended == 0 {
+            return u64::MAX;
+        }
+        let average = total.checked_div(ended).unwrap_or(0);
+        largest.max(average).saturating_mul(self.in_flight)
+    }
+
+    /// One of the requests in flight has ended.
+    fn ended(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// A request that reached the upstream ended having used `tokens` and
+    /// `cost_nanos`.
+    fn note_size(&mut self, tokens: u64, cost_nanos: i64) {
+        self.settled_any = true;
+        self.largest.tokens = self.largest.tokens.max(tokens);
+        self.largest.cost_nanos = self.largest.cost_nanos.max(cost_nanos);
     }
 
     /// Notes which monthly limit refused a request in this period (for the
@@ -819,6 +898,7 @@ impl Limiter {
                     family: None,
                     period: state.period,
                     released: AtomicBool::new(false),
+                    in_flight: AtomicBool::new(true),
                 }),
                 headers: state.headers(now_ns),
                 remaining: state.remaining(),
@@ -856,6 +936,7 @@ impl Limiter {
                 family: Some(family),
                 period,
                 released: AtomicBool::new(false),
+                in_flight: AtomicBool::new(true),
             }),
             headers,
             remaining,
@@ -867,6 +948,7 @@ impl Limiter {
     /// stays taken. Idempotent per admission; a no-op once its period is
     /// over.
     pub fn release(&self, admission: &Admission) {
+        self.end(admission);
         if admission.released.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -879,10 +961,31 @@ impl Limiter {
     /// admission was made in (ignored once that period is over). Adds each
     /// time it is called.
     pub fn settle(&self, admission: &Admission, tokens: u64, cost_nanos: i64) {
+        self.end(admission);
+        let cost_nanos = cost_nanos.max(0);
         self.with_period_of(admission, |state| {
             state.own.tokens = state.own.tokens.saturating_add(tokens);
-            state.own.cost_nanos = state.own.cost_nanos.saturating_add(cost_nanos.max(0));
+            state.own.cost_nanos = state.own.cost_nanos.saturating_add(cost_nanos);
         });
+        self.with_states_of(admission, |state| state.note_size(tokens, cost_nanos));
+    }
+
+    /// Takes the admission off its states' requests in flight, once (a
+    /// request of a period that is over no longer counts there).
+    fn end(&self, admission: &Admission) {
+        if admission.in_flight.swap(false, Ordering::Relaxed) {
+            self.with_period_of(admission, State::ended);
+        }
+    }
+
+    /// Applies `apply` to the admission's customer and key family states.
+    fn with_states_of(&self, admission: &Admission, apply: impl Fn(&mut State)) {
+        if let Some(mut entry) = self.customers.get_mut(&admission.customer) {
+            apply(&mut entry);
+        }
+        if let Some(family) = &admission.family {
+            apply(&mut family.lock());
+        }
     }
 
     /// Applies `apply` to the admission's customer and key family states,
@@ -1548,6 +1651,130 @@ mod tests {
             }
         );
         assert_eq!(view.reset, datetime!(2026-05-01 0:00 UTC));
+    }
+
+    #[test]
+    fn requests_in_flight_hold_the_rest_of_a_budget() {
+        let (_clock, limiter) = setup(datetime!(2026-06-15 0:00 UTC));
+        let c = customer(1);
+        let cent = 10_000_000;
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_cost_nanos: Some(cent),
+                ..Limits::unlimited()
+            },
+        );
+        let first = admitted(limiter.admit(c, NO_KEY));
+        limiter.settle(&first, 0, cent - 100);
+        // A thousand at once with 100 nano-USD left: the first is let
+        // through (alone, as a lone request always is), and the rest wait
+        // for it, each counted at the 9,999,900 its customer's one request
+        // cost.
+        let decisions: Vec<Decision> = (0..1_000).map(|_| limiter.admit(c, NO_KEY)).collect();
+        let (through, held): (Vec<_>, Vec<_>) = decisions
+            .into_iter()
+            .map(|d| d.result)
+            .partition(Result::is_ok);
+        assert_eq!(through.len(), 1);
+        let held = held[0].as_ref().unwrap_err();
+        assert_eq!(
+            *held,
+            Rejection::BudgetHeld {
+                which: Budget::Cost,
+                retry_after: secs(1)
+            }
+        );
+        assert_eq!(held.outcome(), Outcome::BudgetExceeded);
+        assert_eq!(held.limit(), "monthly_cost");
+        assert_eq!(
+            held.to_string(),
+            "the rest of the monthly cost budget is held by requests in flight; retry after 1 seconds"
+        );
+        assert_eq!(
+            used(&limiter, c).requests,
+            2,
+            "nothing reserved by the held"
+        );
+        assert!(limiter.alerts().is_empty(), "held is not exhausted");
+        // The overshoot is one request's.
+        let through = through.into_iter().next().unwrap().unwrap();
+        limiter.settle(&through, 0, 2 * cent);
+        assert!(matches!(
+            rejected(limiter.admit(c, NO_KEY)),
+            Rejection::BudgetExceeded {
+                which: Budget::Cost,
+                ..
+            }
+        ));
+        assert_eq!(used(&limiter, c).cost_nanos, 3 * cent - 100);
+    }
+
+    #[test]
+    fn a_customer_of_unknown_size_has_one_request_in_flight_until_one_ends() {
+        let (_clock, limiter) = setup(datetime!(2026-06-15 0:00 UTC));
+        let (c, k) = (customer(1), key(1));
+        limiter.set_limits(
+            c,
+            Limits {
+                monthly_tokens: Some(1_000_000),
+                ..Limits::unlimited()
+            },
+        );
+        let first = admitted(limiter.admit(c, NO_KEY));
+        assert_eq!(
+            rejected(limiter.admit(c, NO_KEY)),
+            Rejection::BudgetHeld {
+                which: Budget::Tokens,
+                retry_after: secs(1)
+            }
+        );
+        // One settled at 100 tokens: now each in flight holds 100.
+        limiter.settle(&first, 100, 0);
+        let many: Vec<Admission> = (0..50)
+            .map(|_| admitted(limiter.admit(c, NO_KEY)))
+            .collect();
+        assert_eq!(many.len(), 50);
+        // A release ends a request too, and a settlement after it does not
+        // end it twice.
+        limiter.release(&many[0]);
+        limiter.settle(&many[0], 0, 0);
+        limiter.settle(&many[1], 7, 0);
+        limiter.settle(&many[1], 7, 0);
+        let state_in_flight = limiter.customers.get(&c).unwrap().in_flight;
+        assert_eq!(state_in_flight, 48);
+
+        // A key's own budget holds the same way, at its own sizes.
+        limiter.set_key_limits(
+            k,
+            k,
+            c,
+            Some(&KeyLimits {
+                monthly_tokens: Some(150),
+                ..KeyLimits::default()
+            }),
+        );
+        let by_key = admitted(limiter.admit(c, k));
+        assert_eq!(
+            rejected(limiter.admit(c, k)),
+            Rejection::BudgetHeld {
+                which: Budget::Tokens,
+                retry_after: secs(1)
+            },
+            "the key's size is not known yet"
+        );
+        limiter.settle(&by_key, 60, 0);
+        let again = admitted(limiter.admit(c, k));
+        // 60 used, one in flight at 60: 120 < 150 lets one more through,
+        // a third (180) would not.
+        let third = admitted(limiter.admit(c, k));
+        assert!(matches!(
+            rejected(limiter.admit(c, k)),
+            Rejection::BudgetHeld { .. }
+        ));
+        limiter.settle(&again, 10, 0);
+        limiter.settle(&third, 10, 0);
+        admitted(limiter.admit(c, k));
     }
 
     #[test]
@@ -2437,34 +2664,59 @@ mod tests {
             });
             let mut period = Period::containing(clock.now());
             let (mut requests, mut tokens) = (0u64, 0u64);
-            let mut admissions: Vec<(Admission, bool)> = Vec::new();
+            // The period's admissions not yet settled or released, the most
+            // one settlement added (in any period), and whether there was one.
+            let (mut in_flight, mut largest, mut settled_any) = (0u64, 0u64, false);
+            // (admission, released, ended)
+            let mut admissions: Vec<(Admission, bool, bool)> = Vec::new();
             for op in ops {
                 match op {
                     Op::Admit => {
-                        let expect_ok = requests < monthly_requests && tokens < monthly_tokens;
+                        let ended = requests.saturating_sub(in_flight);
+                        let held = if in_flight == 0 {
+                            0
+                        } else if !settled_any && ended == 0 {
+                            u64::MAX
+                        } else {
+                            largest.max(tokens.checked_div(ended).unwrap_or(0)).saturating_mul(in_flight)
+                        };
+                        let expect_ok = requests < monthly_requests
+                            && tokens < monthly_tokens
+                            && tokens.saturating_add(held) < monthly_tokens;
                         let result = limiter.admit(c, NO_KEY).result;
                         prop_assert_eq!(result.is_ok(), expect_ok);
                         if let Ok(admission) = result {
                             prop_assert_eq!(admission.period(), period);
                             requests += 1;
-                            admissions.push((admission, false));
+                            in_flight += 1;
+                            admissions.push((admission, false, false));
                         }
                     }
                     Op::Release(i) if !admissions.is_empty() => {
                         let i = i % admissions.len();
-                        let (admission, released) = &mut admissions[i];
+                        let (admission, released, ended) = &mut admissions[i];
                         limiter.release(admission);
                         if !*released && admission.period() == period {
                             requests -= 1;
                         }
-                        *released = true;
+                        if !*ended && admission.period() == period {
+                            in_flight -= 1;
+                        }
+                        (*released, *ended) = (true, true);
                     }
                     Op::Settle(i, t) if !admissions.is_empty() => {
-                        let (admission, _) = &admissions[i % admissions.len()];
+                        let i = i % admissions.len();
+                        let (admission, _, ended) = &mut admissions[i];
                         limiter.settle(admission, t, 0);
                         if admission.period() == period {
                             tokens += t;
                         }
+                        if !*ended && admission.period() == period {
+                            in_flight -= 1;
+                        }
+                        *ended = true;
+                        largest = largest.max(t);
+                        settled_any = true;
                     }
                     Op::Advance(s) => clock.advance(Duration::from_secs(s)),
                     Op::Release(_) | Op::Settle(..) => {}
@@ -2474,6 +2726,7 @@ mod tests {
                     period = now_period;
                     requests = 0;
                     tokens = 0;
+                    in_flight = 0;
                 }
                 let view = limiter.known_view(c).unwrap();
                 prop_assert!(view.requests.used <= monthly_requests);
