@@ -502,6 +502,20 @@ async fn shapes_are_metered_exactly(backend: Backend) {
             json!({"model": "claude-3-5-haiku-latest", "stream": true, "messages": [{"role": "user", "content": "a b c"}]}),
             vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
         ),
+        // Anthropic's Messages API served on the OpenAI route (vLLM and
+        // LiteLLM serve both): read the Anthropic way.
+        (
+            "openai-route-messages-json",
+            "/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "max_tokens": 100, "messages": [{"role": "user", "content": "a b c"}]}),
+            vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
+        ),
+        (
+            "openai-route-messages-sse",
+            "/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "a b c"}]}),
+            vec![("x-mock-chunks", "5"), ("x-mock-cache-read", "2")],
+        ),
         (
             "embeddings",
             "/v1/embeddings",
@@ -545,7 +559,7 @@ async fn shapes_are_metered_exactly(backend: Backend) {
         22_560,
         "pricing",
     );
-    let expected: [(&str, Expected); 16] = [
+    let expected: [(&str, Expected); 18] = [
         // 5 × 0.15 + 7 × 0.60 = 4.95 USD per million = 4950 nano-USD
         (
             "chat-json",
@@ -615,6 +629,8 @@ async fn shapes_are_metered_exactly(backend: Backend) {
         ),
         ("anthropic-openai-json", haiku),
         ("anthropic-openai-sse", haiku),
+        ("openai-route-messages-json", haiku),
+        ("openai-route-messages-sse", haiku),
         (
             "embeddings",
             (6, 0, 0, 0, Some("text-embedding-3-small"), 0, "none"),

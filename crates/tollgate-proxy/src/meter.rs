@@ -28,7 +28,7 @@ use tollgate_metering::limits::{event_tokens, Admission, Limiter};
 use tollgate_metering::usage::recorder::Recorder;
 use tollgate_metering::usage::Pricing;
 use tollgate_metering::usage::{CostSource, Outcome, UsageEvent};
-use tollgate_metering::usage::{ResponseBody, ResponseUsage, UsageHeaders};
+use tollgate_metering::usage::{ResponseBody, ResponseUsage, UsageFormat, UsageHeaders};
 use uuid::Uuid;
 
 use crate::events::{emit, AccessFields, InvalidUsageIgnored, RequestCompleted, UpstreamFailed};
@@ -251,6 +251,7 @@ fn micros(duration: std::time::Duration) -> u64 {
 pub(crate) fn response_usage(
     headers: &HeaderMap,
     usage: &RouteUsage,
+    format: UsageFormat,
     body: ResponseBody,
 ) -> ResponseUsage {
     // A header that is not visible ASCII reads as garbage, not as absent:
@@ -264,7 +265,7 @@ pub(crate) fn response_usage(
         input_tokens: text(&usage.input_tokens_header),
         output_tokens: text(&usage.output_tokens_header),
     };
-    ResponseUsage::new(usage.format, body, headers)
+    ResponseUsage::new(format, body, headers)
 }
 
 /// The upstream's response body on its way to the client: counted, scanned

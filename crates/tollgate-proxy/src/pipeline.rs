@@ -345,6 +345,7 @@ impl Gateway {
         exchange.remaining = decision.remaining;
         let admission = decision.result.map_err(ProxyError::Limited)?;
         guard.admitted(admission);
+        let format = usage_format(route, request.uri().path());
         let (mut parts, body) = request.into_parts();
         let (body, asked_for_usage) = self.request_body(route, &mut parts, body, guard).await?;
         let upstream_request = self.upstream_request(route, parts, body, conn, request_id)?;
@@ -359,7 +360,7 @@ impl Gateway {
         let guard = exchange.guard.take().ok_or_else(|| ProxyError::Internal {
             reason: "usage event missing".to_owned(),
         })?;
-        Ok(self.downstream_response(route, upstream_response, guard, asked_for_usage))
+        Ok(self.downstream_response(route, format, upstream_response, guard, asked_for_usage))
     }
 
     /// Step 0: the gateway's own paths. Authenticated like any request, but
@@ -663,15 +664,51 @@ fn may_need_usage_option(route: &Route, parts: &Parts) -> bool {
 /// trailing slashes ignored. A path the gateway reads as another endpoint
 /// must not reach one that streams.
 fn names_completions(path: &str) -> bool {
-    const COMPLETIONS: &[u8] = b"completions";
-    let path = path.trim_end_matches('/');
-    let segment = path.rsplit('/').next().unwrap_or(path);
+    last_segments(path)
+        .next()
+        .is_some_and(|last| names(last, b"completions"))
+}
+
+/// Whether the path is Anthropic's Messages API (`…/v1/messages`), read as
+/// [`names_completions`] reads its last segment. An `openai` route's
+/// upstream may serve it beside OpenAI's (vLLM, LiteLLM), and its stream
+/// must then be read the Anthropic way, or its input tokens are lost.
+fn names_messages(path: &str) -> bool {
+    let mut segments = last_segments(path);
+    segments.next().is_some_and(|last| names(last, b"messages"))
+        && segments.next().is_some_and(|version| names(version, b"v1"))
+}
+
+/// The path's segments from the last, trailing slashes ignored.
+fn last_segments(path: &str) -> impl Iterator<Item = &str> {
+    path.trim_end_matches('/').rsplit('/')
+}
+
+/// Whether `segment` is `name` in any case, percent-decoded, without a `;`
+/// parameter.
+fn names(segment: &str, name: &[u8]) -> bool {
     let segment = segment.split(';').next().unwrap_or(segment);
     if !segment.contains('%') {
-        return segment.as_bytes().eq_ignore_ascii_case(COMPLETIONS);
+        return segment.as_bytes().eq_ignore_ascii_case(name);
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
-    decoded.eq_ignore_ascii_case(COMPLETIONS)
+    decoded.eq_ignore_ascii_case(name)
+}
+
+/// How a response on `route` to a request for `path` is read for usage:
+/// the route's format, but Anthropic's for its Messages API on an `openai`
+/// route.
+fn usage_format(route: &Route, path: &str) -> UsageFormat {
+    let messages = || {
+        names_messages(path)
+            || route
+                .rewrite_path(path)
+                .is_some_and(|upstream| names_messages(&upstream))
+    };
+    match route.usage.format {
+        UsageFormat::Openai if messages() => UsageFormat::Anthropic,
+        format => format,
+    }
 }
 
 /// Whether a body carries a `Content-Encoding` other than `identity`.
@@ -734,6 +771,7 @@ impl Gateway {
     fn downstream_response(
         &self,
         route: &Route,
+        format: UsageFormat,
         response: Response<UpstreamBody>,
         mut guard: UsageGuard,
         asked_for_usage: bool,
@@ -744,7 +782,7 @@ impl Gateway {
             .headers
             .get(CONTENT_TYPE)
             .map_or(&b""[..], |value| value.as_bytes());
-        let shape = if route.usage.format != UsageFormat::None && is_compressed(&parts.headers) {
+        let shape = if format != UsageFormat::None && is_compressed(&parts.headers) {
             // Sent compressed although the gateway asked for it as it is:
             // its usage cannot be read (a usage header still can).
             emit(CompressedResponse {
@@ -761,7 +799,7 @@ impl Gateway {
             ResponseBody::Opaque
         };
         // Read before `strip_response_headers`, which often names them.
-        let usage = response_usage(&parts.headers, &route.usage, shape);
+        let usage = response_usage(&parts.headers, &route.usage, format, shape);
         if usage.edits_body() {
             parts.headers.remove(CONTENT_LENGTH);
         }
@@ -914,6 +952,28 @@ mod tests {
             "application/json; charset=",
         ] {
             assert!(!with(value), "{value}");
+        }
+    }
+
+    #[test]
+    fn the_messages_api_is_recognised_however_a_server_could_route_it() {
+        for path in [
+            "/v1/messages",
+            "/anthropic/v1/messages/",
+            "/V1/Messages",
+            "/v1/messag%65s",
+            "/v1/messages;x=1",
+        ] {
+            assert!(names_messages(path), "{path}");
+        }
+        for path in [
+            "/v1/threads/thread_1/messages",
+            "/v1/messages/count_tokens",
+            "/messages",
+            "/v2/messages",
+            "/v1/chat/completions",
+        ] {
+            assert!(!names_messages(path), "{path}");
         }
     }
 
