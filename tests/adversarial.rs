@@ -395,6 +395,110 @@ async fn a_slow_but_steady_upload_outlives_the_route_timeout() {
     gw.stop().await;
 }
 
+/// An upstream that answers each request head at once with `ok`, before
+/// its body has come (as an early 404 does), and keeps reading whatever
+/// follows; the number of connections it has accepted.
+async fn early_answering_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n")
+                    {
+                        buffer.drain(..end + 4);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), accepted)
+}
+
+#[tokio::test]
+async fn an_upload_still_trickling_does_not_hold_up_the_next_request() {
+    use std::sync::atomic::Ordering;
+    let (upstream, accepted) = early_answering_upstream().await;
+    let gw = TestGateway::start(route_config(&upstream, "")).await;
+    // One client's upload: answered at once, its body still coming, a byte
+    // at a time within the body timeout.
+    let mut trickle = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/early HTTP/1.1\r\nHost: a\r\n{}Content-Length: 100\r\n\r\n0123456789",
+        key_header(&gw)
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 512];
+    let read = trickle.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..read])
+    );
+    let keep_trickling = tokio::spawn(async move {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if trickle.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+    });
+    // The next requests, anyone's, are answered at once, on a connection
+    // of their own: the one still carrying the upload is not reused.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = send(
+            &client(),
+            gw.request(Method::GET, "/v1/next")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited {:?} behind another client's upload",
+            started.elapsed()
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one more, then reused");
+    // A whole upload gives its connection back as before, whether its
+    // end is its length or the end of a chunked body.
+    for length in [true, false] {
+        let body = Full::new(Bytes::from_static(b"hello"));
+        let mut request = gw.request(Method::POST, "/v1/whole");
+        if length {
+            request = request.header("content-length", "5");
+        } else {
+            request = request.header("transfer-encoding", "chunked");
+        }
+        let reply = send(&client(), request.body(body).unwrap()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "reused after whole uploads"
+    );
+    keep_trickling.abort();
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_response_the_client_never_reads_is_abandoned() {
     let mock = MockUpstream::start().await.unwrap();

@@ -223,12 +223,19 @@ impl Body for RequestBody {
             }
             RequestSource::Streaming(inner) => inner,
         };
-        let polled = Pin::new(inner).poll_frame(cx);
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        // hyper asks for no more once a body with a length says it has
+        // ended, so the last frame may be the end.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            _ => false,
+        };
         if let Some(upload) = &this.upload {
             upload
                 .waiting_on_client
                 .store(polled.is_pending(), Ordering::Relaxed);
-            if let Poll::Ready(None) = polled {
+            if ended {
                 let _ = upload.finished.set(Instant::now());
             }
         }

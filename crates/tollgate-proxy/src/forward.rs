@@ -54,7 +54,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody};
+use crate::body::{BodyTimedOut, BodyTooLarge, ClientBodyFailed, RequestBody, Upload};
 use crate::tls::UpstreamTls;
 
 /// How long an idle upstream connection is kept for reuse.
@@ -176,9 +176,12 @@ impl UpstreamClient {
                         continue;
                     }
                     set_origin_form(request.uri_mut());
+                    let upload = request.body().upload();
                     match sender.try_send_request(request).await {
                         Ok(response) => {
-                            return Ok(response.map(|body| UpstreamBody::new(body, sender, &pool)))
+                            return Ok(
+                                response.map(|body| UpstreamBody::new(body, sender, &pool, upload))
+                            )
                         }
                         Err(error) => error,
                     }
@@ -685,6 +688,8 @@ fn path_of(uri: &Uri) -> http::uri::PathAndQuery {
 pub(crate) struct UpstreamBody {
     inner: Incoming,
     checkin: Option<(http1::SendRequest<RequestBody>, Arc<OriginPool>)>,
+    /// HTTP/1: the request body's upload, when it had one to stream.
+    upload: Option<Arc<Upload>>,
     /// HTTP/2: the body has ended once its declared length has arrived.
     whole_at_length: bool,
     /// HTTP/2: the request's stream, counted until the body is dropped.
@@ -704,10 +709,12 @@ impl UpstreamBody {
         inner: Incoming,
         sender: http1::SendRequest<RequestBody>,
         pool: &Arc<OriginPool>,
+        upload: Option<Arc<Upload>>,
     ) -> Self {
         let mut body = UpstreamBody {
             inner,
             checkin: Some((sender, pool.clone())),
+            upload,
             whole_at_length: false,
             _stream: None,
         };
@@ -731,14 +738,27 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             checkin: None,
+            upload: None,
             whole_at_length,
             _stream: Some(stream),
         }
     }
 
+    /// Gives the connection back once the exchange is over both ways. An
+    /// upstream may answer before the request's body has all been sent
+    /// (an early 404, say) and keep reading it; until it has, the
+    /// connection cannot carry another request, and the next one taken
+    /// from the pool would wait on this client's upload, for as long as
+    /// it trickles in. Such a connection is not given back.
     fn check_in(&mut self) {
         if let Some((sender, pool)) = self.checkin.take() {
-            pool.checkin(sender);
+            let uploaded = self
+                .upload
+                .as_ref()
+                .is_none_or(|upload| upload.finished_at().is_some());
+            if uploaded {
+                pool.checkin(sender);
+            }
         }
     }
 }
