@@ -221,11 +221,16 @@ impl RouteTable {
         Ok(RouteTable { routes })
     }
 
-    /// The route with the longest prefix of `path`.
+    /// The route with the longest prefix of `path`, in any ASCII case: an
+    /// upstream that routes without regard to case would otherwise serve
+    /// `/V1/CHAT/completions` as `/v1/chat/completions` to a request the
+    /// gateway routed elsewhere (to a shorter prefix, unmetered).
     pub(crate) fn find(&self, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|route| path.starts_with(route.prefix.as_str()))
+        self.routes.iter().find(|route| {
+            path.as_bytes()
+                .get(..route.prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(route.prefix.as_bytes()))
+        })
     }
 
     /// A client already built for exactly these TLS settings. (Cloning a
@@ -276,6 +281,10 @@ mod tests {
         assert_eq!(&*table.find("/v1/chat/completions").unwrap().name, "chat");
         assert_eq!(&*table.find("/v1/embeddings").unwrap().name, "v1");
         assert_eq!(&*table.find("/other").unwrap().name, "all");
+        // In any case, as an upstream that ignores case would route it.
+        assert_eq!(&*table.find("/V1/CHAT/completions").unwrap().name, "chat");
+        assert_eq!(&*table.find("/v1/Chat/x").unwrap().name, "chat");
+        assert_eq!(&*table.find("/V1/x").unwrap().name, "v1");
         let only_v1 = route_table(vec![spec("v1", "/v1/", "http://b", false)]);
         assert!(only_v1.find("/v1").is_none());
         assert!(only_v1.find("/v2/x").is_none());

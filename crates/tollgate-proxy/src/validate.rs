@@ -5,9 +5,13 @@
 //!   case) would let `/pub/../premium/x` match route `pub` here and reach
 //!   `premium` at an upstream that normalises; an encoded slash or
 //!   backslash (`%2f`, `%5c`) or a raw backslash would do the same at an
-//!   upstream that decodes or treats `\` as `/`. The gateway refuses them
-//!   rather than normalising, so what it routes and meters is exactly what
-//!   the upstream sees.
+//!   upstream that decodes or treats `\` as `/`. So would an encoded
+//!   character that needs no encoding (`/v1/%63hat/` is `/v1/chat/` once
+//!   decoded, as most servers decode before they route), an empty segment
+//!   (`/v1//chat/`, which nginx and others merge) and a `;` parameter
+//!   (`/v1/chat;x/`, which Java servers drop, and `..;` is `..` to them).
+//!   The gateway refuses them rather than normalising, so what it routes
+//!   and meters is exactly what the upstream sees.
 //! - `Host`: an HTTP/1.1 request carries exactly one, and it is a plain
 //!   `host[:port]` (RFC 9112 §3.2); it is copied into `x-forwarded-host`, so
 //!   anything else would be passed on to upstreams that trust it.
@@ -21,28 +25,51 @@ use http::{HeaderMap, Method, Uri, Version};
 
 use crate::error::ProxyError;
 
-/// Refuses a path with a dot segment, an encoded slash or backslash, or a
-/// raw backslash.
+/// Refuses a path that an upstream could read as another: with a dot
+/// segment, an encoded slash or backslash, a raw backslash, an encoded
+/// character that needs no encoding, an empty segment or a `;` parameter.
 pub(crate) fn check_path(path: &str) -> Result<(), ProxyError> {
     let bytes = path.as_bytes();
-    // Most paths have none of the three bytes any refusal needs.
-    if memchr::memchr3(b'\\', b'%', b'.', bytes).is_none() {
+    if memchr::memchr2(b'\\', b';', bytes).is_some() {
+        return Err(malformed(
+            "the path contains a backslash or a `;` parameter",
+        ));
+    }
+    if memchr::memmem::find(bytes, b"//").is_some() {
+        return Err(malformed("the path contains an empty segment"));
+    }
+    // Most paths have neither of the bytes the other refusals need.
+    if memchr::memchr2(b'%', b'.', bytes).is_none() {
         return Ok(());
     }
-    if bytes.contains(&b'\\') {
-        return Err(malformed("the path contains a backslash"));
-    }
     for (at, _) in path.match_indices('%') {
-        if let Some(code) = bytes.get(at + 1..at + 3) {
-            if code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c") {
+        let decoded = bytes
+            .get(at + 1..at + 3)
+            .and_then(|code| std::str::from_utf8(code).ok())
+            .and_then(|code| u8::from_str_radix(code, 16).ok());
+        match decoded {
+            Some(b'/' | b'\\') => {
                 return Err(malformed("the path contains an encoded slash or backslash"));
             }
+            // `%2e` is judged with the dot segments below.
+            Some(byte) if byte != b'.' && is_unreserved(byte) => {
+                return Err(malformed(
+                    "the path encodes a character that needs no encoding",
+                ));
+            }
+            _ => {}
         }
     }
     if path.split('/').any(is_dot_segment) {
         return Err(malformed("the path contains a dot segment"));
     }
     Ok(())
+}
+
+/// RFC 3986's unreserved characters: the ones a URI never needs to encode,
+/// and that normalisation decodes.
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
 }
 
 /// `.` or `..`, each dot literal or `%2e` in any case.
@@ -105,11 +132,7 @@ fn is_host_port(value: &[u8]) -> bool {
         },
     };
     let port_ok = port.is_none_or(is_port);
-    port_ok
-        && !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    port_ok && !host.is_empty() && host.bytes().all(is_unreserved)
 }
 
 fn is_port(digits: &str) -> bool {
@@ -173,6 +196,19 @@ mod tests {
             "/pub/a%5C..",
             "/pub\\..\\premium",
             "/..",
+            // Read as another path by servers that decode, merge slashes
+            // or drop `;` parameters.
+            "/v1/%63hat/completions",
+            "/v1/chat/%43ompletions",
+            "/pub/%7e",
+            "/pub/%5F",
+            "/pub/%25%32%65",
+            "/v1//chat/completions",
+            "//v1/chat",
+            "/v1/chat//",
+            "/v1/chat;x/completions",
+            "/pub/..;/premium",
+            "/pub/;",
         ] {
             assert!(check_path(bad).is_err(), "{bad} is refused");
         }
@@ -186,7 +222,11 @@ mod tests {
             "/pub/%2e%2e%2e",
             "/pub/%2ex",
             "/pub/a%20b",
-            "/pub/%25%32%65",
+            "/pub/%25",
+            "/pub/%C3%A9",
+            "/pub/%3A%40%2B",
+            "/pub/%zz",
+            "/pub/%",
             "/v1/chat/completions",
         ] {
             assert!(check_path(good).is_ok(), "{good} is accepted");
