@@ -1483,6 +1483,82 @@ async fn graceful_stop_flushes_every_row_and_replays_the_spool_on_start() {
     assert_daily_consistent(db.url()).await;
 }
 
+/// Streams still running when the shutdown grace (30 s) ends are cut off,
+/// and their rows, recorded as their tasks end, are saved before the
+/// recorder stops: over HTTP/1 (a connection each) and HTTP/2 (streams of
+/// one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_off_at_shutdown_keep_their_rows() {
+    let db = TestGuard::create(Backend::Sqlite).await;
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url());
+    let config = config(&toml);
+    let gateway = TestGateway::start_on(config.clone(), None).await;
+    let key = gateway.key.clone().unwrap();
+    let (http1, http2) = (client(), h2c_client());
+    let mut open = Vec::new();
+    for n in 0..150 {
+        let client = if n % 3 == 0 { &http2 } else { &http1 };
+        let request = authorized(
+            Method::POST,
+            gateway.url("/v1/chat/completions"),
+            Some(&key),
+        )
+        .header("content-type", "application/json")
+        .header("x-mock-hang", "body")
+        .body(Full::new(Bytes::from(chat("a b", true).to_string())))
+        .unwrap();
+        open.push(client.request(request));
+    }
+    // Every response under way (its head and first chunk sent), none ended.
+    let responses: Vec<_> = futures_join(open)
+        .await
+        .into_iter()
+        .map(|response| response.expect("the response starts"))
+        .collect();
+    assert!(responses.iter().all(|r| r.status() == StatusCode::OK));
+    // The gateway waits out its 30 s grace for them, then cuts them off.
+    gateway.stop().await;
+    drop(responses);
+    let gateway = TestGateway::start_on(config, None).await;
+    let rows = usage_rows(db.url()).await;
+    assert_eq!(rows.len(), 150, "one row for each stream cut off");
+    assert!(
+        rows.iter()
+            .all(|row| row.outcome == "client_closed" && row.response_bytes > 0),
+        "{:?}",
+        rows.iter()
+            .map(|row| (&row.outcome, row.response_bytes))
+            .collect::<Vec<_>>()
+    );
+    gateway.stop().await;
+}
+
+/// Awaits every future together.
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
 async fn spool_full_while_the_database_is_down(policy: &str) {
     let db = TestGuard::create(Backend::Postgres).await;
     let (proxy, through) = CutProxy::for_postgres(db.url()).await;

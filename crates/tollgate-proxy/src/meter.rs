@@ -108,6 +108,7 @@ impl UsageGuard {
         started: Instant,
         ts: OffsetDateTime,
     ) -> UsageGuard {
+        metering.recorder.begin_row();
         UsageGuard {
             event: Some(UsageEvent {
                 id,
@@ -176,7 +177,9 @@ impl UsageGuard {
     /// its body was read, before anything was forwarded. Its reservation
     /// is given back.
     pub(crate) fn withdraw(mut self) {
-        self.event = None;
+        if self.event.take().is_some() {
+            self.metering.recorder.end_row();
+        }
         if let Some(admission) = self.admission.take() {
             self.metering.limiter.release(&admission);
         }
@@ -232,7 +235,9 @@ impl UsageGuard {
             took: latency,
             access,
         });
-        self.metering.recorder.record(event);
+        let recorder = &self.metering.recorder;
+        recorder.record(event);
+        recorder.end_row();
     }
 }
 

@@ -180,14 +180,32 @@ impl Event for RowsLostAtShutdown<'_> {
     }
 }
 
-/// An event recorded after the recorder shut down.
-pub(super) struct EventAfterShutdown {
+/// An event recorded after the recorder shut down: lost.
+pub(super) struct EventAfterShutdown<'a> {
     pub id: Uuid,
+    pub stats: &'a RecorderStats,
 }
 
-impl Event for EventAfterShutdown {
+impl Event for EventAfterShutdown<'_> {
     fn emit(self) {
+        lose(self.stats, 1);
         tracing::error!(message = "Usage event after recorder shutdown; it is lost.", id = %self.id);
+    }
+}
+
+/// Shutdown stopped waiting for the rows of requests still ending.
+pub(super) struct RowsStillOwedAtShutdown {
+    pub rows: u64,
+    pub waited: Duration,
+}
+
+impl Event for RowsStillOwedAtShutdown {
+    fn emit(self) {
+        tracing::error!(
+            message = "Requests still ending at shutdown; their rows will be lost.",
+            rows = self.rows,
+            waited_ms = u64::try_from(self.waited.as_millis()).unwrap_or(u64::MAX)
+        );
     }
 }
 

@@ -192,6 +192,10 @@ pub(super) struct Shared {
     pub(super) unsaved: AtomicBool,
     /// Wakes the writer after each append.
     pub(super) appended: Notify,
+    /// Requests under way whose rows are still to be recorded
+    /// ([`Recorder::begin_row`]), and a wake-up when none is left.
+    pub(super) owed: AtomicU64,
+    pub(super) all_recorded: Notify,
 }
 
 impl Shared {
@@ -226,11 +230,44 @@ impl Recorder {
     /// runs; after shutdown began the event is logged as lost (the gateway
     /// has stopped accepting requests by then).
     pub fn record(&self, event: UsageEvent) {
-        let pending = &self.shared.stats.pending;
-        pending.fetch_add(1, Ordering::Relaxed);
+        let stats = &self.shared.stats;
+        stats.pending.fetch_add(1, Ordering::Relaxed);
         if let Err(error) = self.events.send((Instant::now(), event)) {
-            pending.fetch_sub(1, Ordering::Relaxed);
-            emit(events::EventAfterShutdown { id: (error.0).1.id });
+            stats.pending.fetch_sub(1, Ordering::Relaxed);
+            emit(events::EventAfterShutdown {
+                id: (error.0).1.id,
+                stats,
+            });
+        }
+    }
+
+    /// A request has started that will record a row: shutdown waits for
+    /// it (within its grace) before it stops taking rows. Each call is
+    /// matched by one [`Recorder::end_row`], once the row is recorded or
+    /// turns out not to be owed.
+    pub fn begin_row(&self) {
+        self.shared.owed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// See [`Recorder::begin_row`].
+    pub fn end_row(&self) {
+        if self.shared.owed.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.all_recorded.notify_waiters();
+        }
+    }
+
+    /// Waits until no row is owed, or `deadline`; whether none is.
+    async fn all_recorded(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.shared.all_recorded.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.owed.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
         }
     }
 
@@ -342,6 +379,8 @@ async fn start_on(
         spool_full: AtomicBool::new(false),
         unsaved: AtomicBool::new(false),
         appended: Notify::new(),
+        owed: AtomicU64::new(0),
+        all_recorded: Notify::new(),
     });
     shared.publish(&*shared.lock()?);
     let mut writes = Writes {
@@ -399,7 +438,17 @@ impl RecorderHandle {
             mut writer,
             _thread,
         } = self;
-        let deadline = Instant::now() + grace;
+        let started = Instant::now();
+        let deadline = started + grace;
+        // The requests cut off as the server stopped record their rows as
+        // their tasks end, which may be just after: those rows are waited
+        // for, with half the grace, the other half left to save them.
+        if !recorder.all_recorded(started + grace / 2).await {
+            emit(events::RowsStillOwedAtShutdown {
+                rows: recorder.shared.owed.load(Ordering::Relaxed),
+                waited: grace / 2,
+            });
+        }
         let stats = recorder.stats().clone();
         drop(recorder);
         // The spooler closes its channel, saves what is buffered and ends;
