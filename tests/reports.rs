@@ -469,6 +469,32 @@ async fn billing_closes_once(backend: Backend) {
     );
     assert_eq!(open["total_usd"], "0.026500001");
 
+    // A customer's overrides are billed as they are enforced: beta's own
+    // quota of 1, billed over it at 0.5, makes its second request overage.
+    let patch = |overrides: Value| {
+        admin(
+            g,
+            Method::PATCH,
+            "/v1/customers/beta",
+            Some(json!({ "overrides": overrides })),
+        )
+    };
+    let patched = patch(json!({"monthly_requests": 1, "overage": "bill",
+                               "overage_price_per_request_usd": 0.5}))
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    let overridden = get(g, "/v1/billing/summary?period=2026-10").await;
+    let beta = &overridden["data"][1];
+    assert_eq!(beta["included_requests"], 1);
+    assert_eq!(beta["overage_requests"], 1);
+    assert_eq!(beta["overage_charge_usd"], "0.5");
+    // And an override of no quota at all includes every request.
+    patch(json!({"monthly_requests": null})).await;
+    let unlimited = get(g, "/v1/billing/summary?period=2026-10").await;
+    assert_eq!(unlimited["data"][1]["included_requests"], Value::Null);
+    patch(json!({})).await;
+    assert_eq!(get(g, "/v1/billing/summary?period=2026-10").await, open);
+
     // Two closes at once: one set of lines, the same answer for both.
     let (a, b) = tokio::join!(
         admin_call(g, Method::POST, "/v1/billing/periods/2026-10/close"),

@@ -273,7 +273,16 @@ impl Reports {
         let tiers = self.tiers.read().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(usage
             .iter()
-            .map(|usage| billing_line(usage, tiers.get(&usage.tier)))
+            .map(|usage| {
+                // As the limiter admits it: the tier with the customer's
+                // overrides (checked when they were set; should one no
+                // longer apply, the tier's own).
+                let limits = tiers.get(&usage.tier).map(|tier| {
+                    tier.with_overrides(&usage.overrides)
+                        .unwrap_or_else(|_| tier.clone())
+                });
+                billing_line(usage, limits.as_ref())
+            })
             .collect())
     }
 }
@@ -586,6 +595,7 @@ mod tests {
             customer_id: CustomerId::new(),
             customer: "acme".into(),
             tier: "pro".into(),
+            overrides: serde_json::json!({}),
             requests,
             cost_nanos,
         }

@@ -780,6 +780,7 @@ async fn billing_usage_lists_every_customer_by_name(backend: Backend) {
                 customer_id: id,
                 customer: seed.name(id),
                 tier: tier.to_owned(),
+                overrides: serde_json::json!({}),
                 requests: totals.requests,
                 cost_nanos: totals.cost_nanos,
             }
@@ -804,6 +805,20 @@ async fn billing_usage_lists_every_customer_by_name(backend: Backend) {
         .unwrap();
     let usage = store.billing_usage(march()).await.unwrap();
     assert_eq!(usage[2].tier, "pro");
+    // And so do overrides, which billing applies over the tier.
+    let overrides = serde_json::json!({"monthly_requests": 250, "overage": "bill"});
+    store
+        .update_customer(
+            seed.idle,
+            tollgate_metering::keys::CustomerUpdate {
+                tier: None,
+                overrides: Some(overrides.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    let usage = store.billing_usage(march()).await.unwrap();
+    assert_eq!(usage[2].overrides, overrides);
     // A month without usage still lists everyone.
     let empty = store
         .billing_usage(Period::new(2025, Month::December))

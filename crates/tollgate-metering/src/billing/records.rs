@@ -132,6 +132,8 @@ pub struct BillingUsage {
     pub customer: String,
     /// The customer's current tier.
     pub tier: String,
+    /// The customer's own limits over its tier's (a JSON object).
+    pub overrides: serde_json::Value,
     /// Admitted requests in the month (`usage_daily.requests`).
     pub requests: u64,
     /// Metered cost in the month, rejected rows included.

@@ -367,7 +367,7 @@ pub(super) async fn events_page(
 }
 
 const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
-    COALESCE(u.requests, 0), COALESCE(u.cost_nanos, 0) \
+    COALESCE(u.requests, 0), COALESCE(u.cost_nanos, 0), c.overrides \
     FROM customers AS c \
     LEFT JOIN (SELECT customer_id, \
         LEAST(sum(requests), 9223372036854775807)::bigint AS requests, \
@@ -401,6 +401,7 @@ pub(super) async fn billing_usage(
             tier: get(row, 2)?,
             requests: u64::try_from(get::<i64>(row, 3)?).unwrap_or(0),
             cost_nanos: get(row, 4)?,
+            overrides: get(row, 5)?,
         })
     })
 }

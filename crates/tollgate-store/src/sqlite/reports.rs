@@ -376,7 +376,7 @@ pub(super) fn events_page(
 }
 
 const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
-    u.requests_hi, u.requests_lo, u.cost_nanos_hi, u.cost_nanos_lo \
+    u.requests_hi, u.requests_lo, u.cost_nanos_hi, u.cost_nanos_lo, c.overrides \
     FROM customers AS c \
     LEFT JOIN (SELECT customer_id, \
         sum(requests >> 32) AS requests_hi, sum(requests & 4294967295) AS requests_lo, \
@@ -405,6 +405,7 @@ pub(super) fn billing_usage(
                 tier: row.get(2)?,
                 requests: u64::try_from(add_halves(row.get(3)?, row.get(4)?)).unwrap_or(0),
                 cost_nanos: add_halves(row.get(5)?, row.get(6)?),
+                overrides: serde_json::from_str(&row.get::<_, String>(7)?)?,
             })
         },
     )
