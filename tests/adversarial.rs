@@ -293,6 +293,17 @@ async fn host_must_be_one_plain_host_and_port() {
         let text = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
         assert_eq!(statuses(&text), [400], "{name}: {text}");
     }
+    // An absolute-form target's authority stands in for Host: held to the
+    // same.
+    for target in ["http://user:pw@evil.example:1/v1/x", "http://a@b/v1/x"] {
+        for (version, host) in [("HTTP/1.0", ""), ("HTTP/1.1", "Host: a\r\n")] {
+            let request = format!("GET {target} {version}\r\n{host}{key}Connection: close\r\n\r\n");
+            let text = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+            // (hyper answers an HTTP/1.0 request in HTTP/1.0)
+            let status = text.get(9..12);
+            assert_eq!(status, Some("400"), "{target} {version}: {text}");
+        }
+    }
     assert!(mock.requests().is_empty());
     // HTTP/1.0 may omit it; a plain host:port passes and is forwarded as
     // x-forwarded-host.
@@ -306,9 +317,13 @@ async fn host_must_be_one_plain_host_and_port() {
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
         "{text}"
     );
+    // Headers that would speak for the gateway to the upstream (who the
+    // client is, what it asked for) do not reach it.
+    let spoken_for = "Forwarded: for=6.6.6.6;host=evil\r\nX-Real-IP: 6.6.6.6\r\n\
+                      X-Original-URL: /v1/admin\r\nX-HTTP-Method-Override: DELETE\r\n";
     let text = raw(
         gw.addr,
-        format!("GET /v1/ok HTTP/1.1\r\nHost: api.example:8443\r\n{key}Connection: close\r\n\r\n")
+        format!("GET /v1/ok HTTP/1.1\r\nHost: api.example:8443\r\n{spoken_for}{key}Connection: close\r\n\r\n")
             .as_bytes(),
         Duration::from_secs(5),
     )
@@ -317,6 +332,17 @@ async fn host_must_be_one_plain_host_and_port() {
     let forwarded = mock.requests();
     assert_eq!(forwarded.len(), 2);
     assert_eq!(forwarded[1].headers["x-forwarded-host"], "api.example:8443");
+    for name in [
+        "forwarded",
+        "x-real-ip",
+        "x-original-url",
+        "x-http-method-override",
+    ] {
+        assert!(
+            forwarded[1].headers.get(name).is_none(),
+            "{name} was forwarded"
+        );
+    }
     gw.stop().await;
 }
 
@@ -883,6 +909,49 @@ async fn h2_abuse_keeps_the_gateways_memory_bounded() {
 }
 
 // ---- 7. Bodies a lenient upstream reads differently -------------------------
+
+/// A completions body is read whole on a metered route: one sent a byte per
+/// chunk costs its own size in memory, not its chunks' (each of which
+/// would hold on to a read buffer).
+#[tokio::test]
+async fn a_body_read_whole_costs_its_size_however_it_is_chunked() {
+    let mock = MockUpstream::start().await.unwrap();
+    let config =
+        process_config(&mock).replace("prefix = \"/v1/\"", "prefix = \"/v1/\"\nusage = \"openai\"");
+    let gw = Process::serve(&config.replace("[server]", "[server]\nmax_request_body = \"2MiB\""));
+    let key = gw.key.clone().unwrap();
+    assert_eq!(
+        h2_status(gw.request(Method::GET, "/v1/ok")).await,
+        StatusCode::OK
+    );
+    let before = gw.status_kib("VmHWM");
+    // Two bodies of 256 KiB at once, a byte per chunk; each is read whole
+    // (and then refused, as it is no JSON) before its answer comes.
+    let chunks = "1\r\nx\r\n".repeat(256 << 10);
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let (addr, key, chunks) = (gw.addr, key.clone(), chunks.clone());
+        sent.push(tokio::spawn(async move {
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                 Connection: close\r\n\r\n{chunks}0\r\n\r\n"
+            );
+            raw(addr, head.as_bytes(), Duration::from_secs(60)).await
+        }));
+    }
+    for answer in sent {
+        let text = answer.await.unwrap();
+        assert_eq!(statuses(&text), [400], "{text}");
+    }
+    let after = gw.status_kib("VmHWM");
+    eprintln!("2 bodies of 256 KiB in 1-byte chunks: VmHWM {before} -> {after} KiB");
+    assert!(
+        after < before + 8 * 1024,
+        "512 KiB of bodies held in {} KiB at most",
+        after - before
+    );
+}
 
 /// A gateway whose `/v1/` route meters OpenAI usage, in front of `mock`,
 /// which reads request bodies as leniently as many servers do: as JSON

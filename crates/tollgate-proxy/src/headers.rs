@@ -64,6 +64,39 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers through which a client could speak for the gateway to the
+/// upstream: who the client is (`Forwarded`, `X-Real-IP`, ...), which
+/// path was asked for (`X-Original-URL`, `X-Rewrite-URL`: Symfony and IIS
+/// route by them, past the route the gateway chose) or which method
+/// (`X-HTTP-Method-Override`: a `GET` the gateway did not read turned into
+/// a `POST`). The gateway sets `X-Forwarded-*` itself; these go.
+const SPOKEN_FOR: [&str; 11] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Removes the [`SPOKEN_FOR`] headers from a request going upstream.
+pub(crate) fn strip_spoken_for(headers: &mut HeaderMap) {
+    // Most requests carry none: one scan of the names, no hashing.
+    if headers
+        .keys()
+        .any(|name| SPOKEN_FOR.contains(&name.as_str()))
+    {
+        for name in SPOKEN_FOR {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Removes every `name` header. The names are looked at first (see
 /// [`has_name`]).
 pub(crate) fn remove_if_present(headers: &mut HeaderMap, name: &HeaderName) {
@@ -166,6 +199,27 @@ mod tests {
             );
         }
         headers
+    }
+
+    #[test]
+    fn a_client_cannot_speak_for_the_gateway() {
+        let mut headers = map(&[
+            ("Forwarded", "for=1.2.3.4;host=evil"),
+            ("X-Real-IP", "1.2.3.4"),
+            ("x-original-url", "/admin"),
+            ("X-Rewrite-URL", "/admin"),
+            ("x-http-method-override", "POST"),
+            ("x-forwarded-prefix", "/x"),
+            ("content-type", "application/json"),
+            ("x-request-id", "keep"),
+        ]);
+        strip_spoken_for(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+        let mut none = map(&[("accept", "*/*")]);
+        strip_spoken_for(&mut none);
+        assert_eq!(none.len(), 1);
     }
 
     /// The names left after stripping `pairs`, sorted.

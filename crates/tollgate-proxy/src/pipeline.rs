@@ -46,6 +46,7 @@ use http::header::{
 };
 use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use time::OffsetDateTime;
@@ -59,7 +60,7 @@ use tollgate_metering::usage::{
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
-use crate::body::{ProxyBody, RequestBody, Upload};
+use crate::body::{BoxError, ProxyBody, RequestBody, Upload};
 use crate::error::{ErrorShape, ProxyError};
 use crate::events::{
     emit, AccessFields, CompressedResponse, RequestCompleted, RequestRefused, UpstreamAnswered,
@@ -70,7 +71,8 @@ use crate::forward::{
 };
 use crate::framing::FramingMark;
 use crate::headers::{
-    remove_if_present, sane_request_id, set_forwarded, strip_hop_by_hop, X_REQUEST_ID,
+    remove_if_present, sane_request_id, set_forwarded, strip_hop_by_hop, strip_spoken_for,
+    X_REQUEST_ID,
 };
 use crate::meter::{response_usage, MeteredBody, Metering, UsageGuard};
 use crate::metrics::{RequestOutcome, RouteMetrics, UpstreamErrorKind};
@@ -414,8 +416,8 @@ impl Gateway {
         if !may_need_usage_option(route, parts) {
             return Ok((body.counted(guard.request_bytes()), false));
         }
-        let bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
+        let bytes = match read_whole(body).await {
+            Ok(bytes) => bytes,
             Err(error) => return Err(self.client_body_error(&*error)),
         };
         guard
@@ -454,7 +456,7 @@ impl Gateway {
             self.settings.max_header_bytes,
         )?;
         validate::check_path(request.uri().path())?;
-        validate::check_host(request.version(), request.headers())
+        validate::check_host(request.version(), request.uri(), request.headers())
     }
 
     /// The error for a client body that failed on its way in: too large,
@@ -514,6 +516,7 @@ impl Gateway {
         });
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
+        strip_spoken_for(headers);
         self.auth.strip_key_headers(headers);
         // `Expect: 100-continue` was answered on the client's hop (hyper
         // sends the 100 when the body is first read); it does not travel on.
@@ -637,6 +640,33 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
         });
     }
     Ok(())
+}
+
+/// A body read whole, in one buffer: a body that came in many small frames
+/// is held at its own size, where keeping the frames would keep each
+/// one's read buffer too (a body sent a byte per frame, some 50 times its
+/// size). A body that came in one frame is that frame.
+async fn read_whole(mut body: RequestBody) -> Result<Bytes, BoxError> {
+    let mut first: Option<Bytes> = None;
+    let mut whole = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match first.take() {
+            None if whole.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    let expected = body.size_hint().lower();
+                    let more = usize::try_from(expected).unwrap_or(0).min(1 << 20);
+                    whole.reserve(earlier.len() + data.len() + more);
+                    whole.extend_from_slice(&earlier);
+                }
+                whole.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| whole.freeze()))
 }
 
 /// Whether a request on `route` may be an OpenAI streaming request that

@@ -90,8 +90,22 @@ fn is_dot_segment(segment: &str) -> bool {
 }
 
 /// An HTTP/1.1 request has exactly one `Host`; any `Host` present (any
-/// version) is a plain `host[:port]`.
-pub(crate) fn check_host(version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+/// version) is a plain `host[:port]`, and so is the request target's
+/// authority (HTTP/2's `:authority`, an absolute-form target), which
+/// stands in for `Host` where there is none.
+pub(crate) fn check_host(
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(), ProxyError> {
+    if uri
+        .authority()
+        .is_some_and(|authority| !is_host_port(authority.as_str().as_bytes()))
+    {
+        return Err(malformed(
+            "the request's authority is not a valid host[:port]",
+        ));
+    }
     let mut hosts = headers.get_all(HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -253,7 +267,7 @@ mod tests {
             "my_host",
         ] {
             assert!(
-                check_host(Version::HTTP_11, &headers(&[good])).is_ok(),
+                check_host(Version::HTTP_11, &Uri::default(), &headers(&[good])).is_ok(),
                 "{good}"
             );
         }
@@ -270,14 +284,40 @@ mod tests {
             "example.com:99999",
         ] {
             assert!(
-                check_host(Version::HTTP_11, &headers(&[bad])).is_err(),
+                check_host(Version::HTTP_11, &Uri::default(), &headers(&[bad])).is_err(),
                 "{bad:?}"
             );
         }
-        assert!(check_host(Version::HTTP_11, &headers(&[])).is_err());
-        assert!(check_host(Version::HTTP_11, &headers(&["a", "a"])).is_err());
-        assert!(check_host(Version::HTTP_10, &headers(&[])).is_ok());
-        assert!(check_host(Version::HTTP_2, &headers(&[])).is_ok());
+        assert!(check_host(Version::HTTP_11, &Uri::default(), &headers(&[])).is_err());
+        assert!(check_host(Version::HTTP_11, &Uri::default(), &headers(&["a", "a"])).is_err());
+        assert!(check_host(Version::HTTP_10, &Uri::default(), &headers(&[])).is_ok());
+        assert!(check_host(Version::HTTP_2, &Uri::default(), &headers(&[])).is_ok());
+        // The target's authority (HTTP/2's `:authority`, an absolute-form
+        // target) is held to the same.
+        let uri = |text: &str| text.parse::<Uri>().unwrap();
+        for good in [
+            "http://example.com/x",
+            "https://[::1]:8443/x",
+            "http://a:80/",
+        ] {
+            assert!(
+                check_host(Version::HTTP_2, &uri(good), &headers(&[])).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "http://a@evil.example/x",
+            "http://user:pw@evil.example:1/v1/x",
+        ] {
+            assert!(
+                check_host(Version::HTTP_2, &uri(bad), &headers(&[])).is_err(),
+                "{bad}"
+            );
+            assert!(
+                check_host(Version::HTTP_11, &uri(bad), &headers(&["a"])).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -319,7 +359,7 @@ mod tests {
             if let Ok(header) = HeaderValue::from_str(&value) {
                 let mut map = HeaderMap::new();
                 map.insert(HOST, header);
-                if check_host(Version::HTTP_11, &map).is_ok() {
+                if check_host(Version::HTTP_11, &Uri::default(), &map).is_ok() {
                     prop_assert!(!value.contains(['@', '/', ' ', '?', '#']));
                     prop_assert!(value.parse::<http::uri::Authority>().is_ok());
                 }
