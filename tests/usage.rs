@@ -1483,6 +1483,49 @@ async fn graceful_stop_flushes_every_row_and_replays_the_spool_on_start() {
     assert_daily_consistent(db.url()).await;
 }
 
+/// A write hung past 15 s counts as failed: the database is down in the
+/// gateway's eyes (so a full spool refuses), and the rows, still in the
+/// spool, reach the database once, when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_hung_past_its_bound_fails_and_is_written_again_once() {
+    let db = TestGuard::create(Backend::Postgres).await;
+    let mock = MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url());
+    let gateway = TestGateway::start_on(config(&toml), None).await;
+    let key = gateway.key.clone().unwrap();
+    let stats = recorder_stats(&gateway);
+    let locker = pg(db.url()).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let completed = load(format!("http://{}", gateway.addr), key, 50, 4).await;
+    assert_eq!(completed.len(), 50);
+    let started = Instant::now();
+    while stats.database_up.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        !stats.database_up.load(Ordering::Relaxed),
+        "down after {took:?}"
+    );
+    assert!(
+        took > Duration::from_secs(10),
+        "not before its bound: {took:?}"
+    );
+    assert_eq!(stats.rows_written.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.rows_spooled.load(Ordering::Relaxed), 50);
+    locker.batch_execute("COMMIT").await.unwrap();
+    let rows = wait_for_rows(db.url(), 50).await;
+    assert_no_duplicates(&rows);
+    assert_every_request_has_its_row(&rows, &completed);
+    assert_daily_consistent(db.url()).await;
+    assert!(stats.database_up.load(Ordering::Relaxed));
+    gateway.stop().await;
+}
+
 /// Streams still running when the shutdown grace (30 s) ends are cut off,
 /// and their rows, recorded as their tasks end, are saved before the
 /// recorder stops: over HTTP/1 (a connection each) and HTTP/2 (streams of

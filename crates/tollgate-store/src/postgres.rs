@@ -83,6 +83,11 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on waiting for, creating or recycling a pooled connection.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a usage write may take before it counts as failed (a batch of
+/// thousands of rows takes tens of milliseconds): one hung on a lock or on
+/// a connection gone silent would otherwise keep the database up in the
+/// gateway's eyes, and the spool from refusing, for as long as it hangs.
+pub(crate) const USAGE_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// TCP keepalive: first probe after this much silence…
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// …then every this often…
@@ -342,6 +347,7 @@ impl PostgresStore {
             let rows = usage::rows(batch)?;
             let months = months(&rows);
             let mut client = self.client().await?;
+            let work = async {
             self.ensure_partitions(&client, &months).await?;
             let mut partitions_checked = false;
             let mut target = if self.goes_through_parent(&months) {
@@ -389,6 +395,24 @@ impl PostgresStore {
                         partitions_checked = true;
                     }
                     written => return written,
+                }
+            }
+            };
+            match tokio::time::timeout(USAGE_WRITE_TIMEOUT, work).await {
+                Ok(written) => written,
+                Err(_) => {
+                    // Hung (a lock, a connection that went silent): the
+                    // rows stay in the spool to be written again, and the
+                    // connection, in a state no one knows (mid-COPY, say),
+                    // is not given back to the pool.
+                    drop(deadpool_postgres::Object::take(client));
+                    Err(Failure::Store(StoreError::Unavailable(
+                        format!(
+                            "a usage write took longer than {} s",
+                            USAGE_WRITE_TIMEOUT.as_secs()
+                        )
+                        .into(),
+                    )))
                 }
             }
         })

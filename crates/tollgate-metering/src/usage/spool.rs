@@ -594,18 +594,31 @@ impl Spool {
     }
 
     /// Starts the next segment (numbered after every segment and the
-    /// checkpoint, so its records sort after both).
+    /// checkpoint, so its records sort after both). A name already taken
+    /// (a file the spool does not know of) is passed over, never written.
     fn create_segment(&mut self) -> Result<Active, SpoolError> {
         let last = self.segments.keys().next_back().copied().unwrap_or(0);
-        let id = last.max(self.end.segment) + 1;
-        let path = segment_path(&self.dir, id);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_error("create", &path))?;
-        // The new name must be durable before a record in it is reported so.
-        sync_dir(&self.dir)?;
+        let first = last.max(self.end.segment) + 1;
+        let mut id = first;
+        let (path, file) = loop {
+            let path = segment_path(&self.dir, id);
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => break (path, file),
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::AlreadyExists && id - first < 16 =>
+                {
+                    id += 1;
+                }
+                Err(error) => return Err(io_error("create", &path)(error)),
+            }
+        };
+        // The new name must be durable before a record in it is reported
+        // so. If it cannot be made so, the file goes again, and the next
+        // attempt makes it anew.
+        if let Err(error) = sync_dir(&self.dir) {
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
         self.segments.insert(id, 0);
         Ok(Active {
             id,
@@ -1347,6 +1360,24 @@ pub(crate) mod tests {
 
     fn open_small(dir: &Path, segment_bytes: u64) -> (Spool, Vec<UsageEvent>) {
         Spool::open_with_segment_bytes(dir, u64::MAX, segment_bytes).unwrap()
+    }
+
+    #[test]
+    fn a_segment_name_taken_behind_the_spools_back_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = open(dir.path());
+        // The name the next segment would take exists, unknown to the
+        // spool (left by a failed attempt to make it durable, say).
+        let taken = segment_path(dir.path(), 1);
+        std::fs::write(&taken, b"not ours").unwrap();
+        spool.append(&events(0..3)).unwrap();
+        spool.append(&events(3..5)).unwrap();
+        assert_eq!(std::fs::read(&taken).unwrap(), b"not ours", "left alone");
+        assert!(segment_path(dir.path(), 2).exists());
+        drop(spool);
+        std::fs::remove_file(&taken).unwrap();
+        let (_, replayed) = open(dir.path());
+        assert_eq!(replayed, events(0..5));
     }
 
     pub(crate) fn pos(segment: u64, offset: u64) -> SpoolPosition {
