@@ -471,6 +471,8 @@ impl State {
         };
         let used = self.used();
         let to_next_period = || ceil_secs(self.period_end_ns.saturating_sub(now_ns));
+        let has_budget =
+            self.limits.monthly_tokens.is_some() || self.limits.monthly_cost_nanos.is_some();
         let budgets = [
             (Budget::Tokens, self.limits.monthly_tokens, used.tokens),
             (
@@ -481,7 +483,7 @@ impl State {
                 u64::try_from(used.cost_nanos).unwrap_or(0),
             ),
         ];
-        for (which, limit, used) in budgets {
+        for (which, limit, used) in budgets.iter().copied().filter(|_| has_budget) {
             if limit.is_some_and(|limit| used >= limit) {
                 return Err(Rejection::BudgetExceeded {
                     which,
@@ -500,7 +502,7 @@ impl State {
             });
         }
         // Last: the one refusal that passes within the period.
-        for (which, limit, used) in budgets {
+        for (which, limit, used) in budgets.into_iter().filter(|_| has_budget) {
             if limit.is_some_and(|limit| used.saturating_add(self.held(which)) >= limit) {
                 return Err(Rejection::BudgetHeld {
                     which,
@@ -948,61 +950,57 @@ impl Limiter {
     /// stays taken. Idempotent per admission; a no-op once its period is
     /// over.
     pub fn release(&self, admission: &Admission) {
-        self.end(admission);
-        if admission.released.swap(true, Ordering::Relaxed) {
+        let ended = admission.in_flight.swap(false, Ordering::Relaxed);
+        let give_back = !admission.released.swap(true, Ordering::Relaxed);
+        if !ended && !give_back {
             return;
         }
-        self.with_period_of(admission, |state| {
-            state.own.requests = state.own.requests.saturating_sub(1);
+        self.with_states_of(admission, |state, in_period| {
+            if in_period {
+                if ended {
+                    state.ended();
+                }
+                if give_back {
+                    state.own.requests = state.own.requests.saturating_sub(1);
+                }
+            }
         });
     }
 
     /// The response ended: adds its tokens and cost to the period the
     /// admission was made in (ignored once that period is over). Adds each
-    /// time it is called.
+    /// time it is called; the request stops counting as in flight the
+    /// first time.
     pub fn settle(&self, admission: &Admission, tokens: u64, cost_nanos: i64) {
-        self.end(admission);
+        let ended = admission.in_flight.swap(false, Ordering::Relaxed);
         let cost_nanos = cost_nanos.max(0);
-        self.with_period_of(admission, |state| {
-            state.own.tokens = state.own.tokens.saturating_add(tokens);
-            state.own.cost_nanos = state.own.cost_nanos.saturating_add(cost_nanos);
+        self.with_states_of(admission, |state, in_period| {
+            if in_period {
+                if ended {
+                    state.ended();
+                }
+                state.own.tokens = state.own.tokens.saturating_add(tokens);
+                state.own.cost_nanos = state.own.cost_nanos.saturating_add(cost_nanos);
+            }
+            state.note_size(tokens, cost_nanos);
         });
-        self.with_states_of(admission, |state| state.note_size(tokens, cost_nanos));
     }
 
-    /// Takes the admission off its states' requests in flight, once (a
-    /// request of a period that is over no longer counts there).
-    fn end(&self, admission: &Admission) {
-        if admission.in_flight.swap(false, Ordering::Relaxed) {
-            self.with_period_of(admission, State::ended);
-        }
-    }
-
-    /// Applies `apply` to the admission's customer and key family states.
-    fn with_states_of(&self, admission: &Admission, apply: impl Fn(&mut State)) {
+    /// Applies `apply` to the admission's customer and key family states,
+    /// telling it whether each is still in the admission's period (a
+    /// request of a period that is over counts there no longer).
+    fn with_states_of(&self, admission: &Admission, apply: impl Fn(&mut State, bool)) {
+        let now_ns = self.now();
+        let apply = |state: &mut State| {
+            state.roll(now_ns);
+            let in_period = state.period == admission.period;
+            apply(state, in_period);
+        };
         if let Some(mut entry) = self.customers.get_mut(&admission.customer) {
             apply(&mut entry);
         }
         if let Some(family) = &admission.family {
             apply(&mut family.lock());
-        }
-    }
-
-    /// Applies `apply` to the admission's customer and key family states,
-    /// each if it is still in the admission's period.
-    fn with_period_of(&self, admission: &Admission, apply: impl Fn(&mut State)) {
-        let now_ns = self.now();
-        let in_period = |state: &mut State| {
-            state.roll(now_ns);
-            if state.period == admission.period {
-                apply(state);
-            }
-        };
-        if let Some(mut entry) = self.customers.get_mut(&admission.customer) {
-            in_period(&mut entry);
-        }
-        if let Some(family) = &admission.family {
-            in_period(&mut family.lock());
         }
     }
 
