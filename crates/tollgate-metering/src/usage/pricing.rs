@@ -55,14 +55,22 @@ impl Pricing {
         if let Some((name, price)) = self.models.get_key_value(model) {
             return Some((name.as_str(), price));
         }
-        // A snapshot is the last segment, or the last three as a date.
-        let mut cuts = model.rmatch_indices('-').map(|(at, _)| at);
-        let last = cuts.next()?;
-        let date = cuts.nth(1);
+        // A snapshot is the last segment, or the last three as a date: the
+        // last and the third-last `-` are the cuts to try (a byte scan from
+        // the end, as this runs twice for every row).
+        let bytes = model.as_bytes();
+        let mut dashes = bytes
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|&(_, &byte)| byte == b'-')
+            .map(|(at, _)| at);
+        let last = dashes.next()?;
+        let date = dashes.nth(1);
         [Some(last), date]
             .into_iter()
             .flatten()
-            .filter(|&at| is_snapshot(&model[at + 1..]))
+            .filter(|&at| is_snapshot(&bytes[at + 1..]))
             .find_map(|at| self.models.get_key_value(&model[..at]))
             .map(|(name, price)| (name.as_str(), price))
     }
@@ -80,18 +88,18 @@ impl Pricing {
 /// A suffix that names a snapshot of a model rather than another model: a
 /// date (`2024-07-18`, `20241022`), OpenAI's older month and day (`0613`),
 /// a three-digit version (`001`), or `latest`.
-fn is_snapshot(suffix: &str) -> bool {
-    let digits =
-        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_digit());
+fn is_snapshot(suffix: &[u8]) -> bool {
+    let digits = |bytes: &[u8]| bytes.iter().all(u8::is_ascii_digit);
     match suffix.len() {
-        3 | 4 | 8 => digits(suffix, suffix.len()),
-        6 => suffix == "latest",
+        3 | 4 | 8 => digits(suffix),
+        6 => suffix == b"latest",
+        // YYYY-MM-DD
         10 => {
-            let mut parts = suffix.split('-');
-            [4, 2, 2]
-                .into_iter()
-                .all(|len| parts.next().is_some_and(|part| digits(part, len)))
-                && parts.next().is_none()
+            suffix[4] == b'-'
+                && suffix[7] == b'-'
+                && digits(&suffix[..4])
+                && digits(&suffix[5..7])
+                && digits(&suffix[8..])
         }
         _ => false,
     }
