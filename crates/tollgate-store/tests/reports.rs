@@ -847,6 +847,30 @@ async fn billing_usage_lists_every_customer_by_name(backend: Backend) {
         .await
         .unwrap();
     assert!(names(april).contains(&"late".to_owned()));
+    // But usage in a period bills its customer whatever the customer's
+    // `created_at` says: a clock ahead on the host that made it would
+    // otherwise leave the usage out of every bill.
+    let skewed = store
+        .create_customer(NewCustomer {
+            id: CustomerId::new(),
+            name: "skewed".to_owned(),
+            tier: "free".to_owned(),
+            overrides: serde_json::json!({}),
+            created_at: datetime!(2026-04-01 00:05 UTC),
+        })
+        .await
+        .unwrap()
+        .id;
+    let mut row = event(skewed, datetime!(2026-03-31 23:59:59 UTC));
+    row.outcome = Outcome::Ok;
+    store.write_usage(&[row]).await.unwrap();
+    let march_lines = store.billing_usage(march()).await.unwrap();
+    let line = march_lines.iter().find(|u| u.customer == "skewed");
+    assert_eq!(line.map(|u| u.requests), Some(1), "billed in March");
+    assert!(
+        !names(march_lines).contains(&"late".to_owned()),
+        "no usage, not yet"
+    );
 }
 
 /// Lines as the admin might compute them: 5 requests included, 2,000

@@ -375,7 +375,7 @@ const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
             AS cost_nanos \
         FROM usage_customer_daily WHERE day >= $1 AND day < $2 GROUP BY customer_id) AS u \
     ON u.customer_id = c.id \
-    WHERE c.created_at < $3 \
+    WHERE c.created_at < $3 OR u.customer_id IS NOT NULL \
     ORDER BY c.name COLLATE \"C\", c.id";
 
 pub(super) async fn billing_usage(

@@ -383,7 +383,7 @@ const BILLING_USAGE: &str = "SELECT c.id, c.name, c.tier, \
         sum(cost_nanos >> 32) AS cost_nanos_hi, sum(cost_nanos & 4294967295) AS cost_nanos_lo \
         FROM usage_customer_daily WHERE day >= ?1 AND day < ?2 GROUP BY customer_id) AS u \
     ON u.customer_id = c.id \
-    WHERE c.created_at < ?3 \
+    WHERE c.created_at < ?3 OR u.customer_id IS NOT NULL \
     ORDER BY c.name, c.id";
 
 pub(super) fn billing_usage(
