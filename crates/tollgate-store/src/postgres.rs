@@ -347,58 +347,8 @@ impl PostgresStore {
             let rows = usage::rows(batch)?;
             let months = months(&rows);
             let mut client = self.client().await?;
-            let work = async {
-            self.ensure_partitions(&client, &months).await?;
-            let mut partitions_checked = false;
-            let mut target = if self.goes_through_parent(&months) {
-                CopyTarget::Parent
-            } else {
-                CopyTarget::Partitions
-            };
-            loop {
-                let attempt = if deduplicate {
-                    write_deduplicated(&mut client, &rows).await
-                } else {
-                    write_new(&mut client, &rows, &months, target).await
-                };
-                let written = match attempt {
-                    Err(failure) if !deduplicate && already_written(&failure) => {
-                        tracing::debug!(
-                            message = "Usage batch holds rows written before; deduplicating.",
-                            rows = rows.len(),
-                        );
-                        write_deduplicated(&mut client, &rows).await
-                    }
-                    Err(failure) if !deduplicate && target == CopyTarget::Partitions && partition_unusable(&failure) => {
-                        tracing::warn!(
-                            message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
-                            months = ?months,
-                            error = %failure,
-                        );
-                        self.through_parent
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .extend(months.iter().copied());
-                        target = CopyTarget::Parent;
-                        continue;
-                    }
-                    written => written,
-                };
-                match written {
-                    Err(failure) if no_partition(&failure) && !partitions_checked => {
-                        tracing::warn!(
-                            message = "A usage_events partition went missing; creating it again.",
-                            error = %failure,
-                        );
-                        self.forget_partitions(&months);
-                        self.ensure_partitions(&client, &months).await?;
-                        partitions_checked = true;
-                    }
-                    written => return written,
-                }
-            }
-            };
-            match tokio::time::timeout(USAGE_WRITE_TIMEOUT, work).await {
+            let write = self.write_rows(&mut client, &rows, &months, deduplicate);
+            match tokio::time::timeout(USAGE_WRITE_TIMEOUT, write).await {
                 Ok(written) => written,
                 Err(_) => {
                     // Hung (a lock, a connection that went silent): the
@@ -417,6 +367,70 @@ impl PostgresStore {
             }
         })
         .await
+    }
+
+    /// The rows of one batch in one transaction on `client`, their
+    /// months' partitions made first.
+    async fn write_rows(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        rows: &[UsageRow<'_>],
+        months: &BTreeSet<Date>,
+        deduplicate: bool,
+    ) -> Result<u64, Failure> {
+        self.ensure_partitions(client, months).await?;
+        let mut partitions_checked = false;
+        let mut target = if self.goes_through_parent(months) {
+            CopyTarget::Parent
+        } else {
+            CopyTarget::Partitions
+        };
+        loop {
+            let attempt = if deduplicate {
+                write_deduplicated(client, rows).await
+            } else {
+                write_new(client, rows, months, target).await
+            };
+            let written = match attempt {
+                Err(failure) if !deduplicate && already_written(&failure) => {
+                    tracing::debug!(
+                        message = "Usage batch holds rows written before; deduplicating.",
+                        rows = rows.len(),
+                    );
+                    write_deduplicated(client, rows).await
+                }
+                Err(failure)
+                    if !deduplicate
+                        && target == CopyTarget::Partitions
+                        && partition_unusable(&failure) =>
+                {
+                    tracing::warn!(
+                        message = "A usage_events partition cannot take rows directly; writing its months through usage_events until restart.",
+                        months = ?months,
+                        error = %failure,
+                    );
+                    self.through_parent
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .extend(months.iter().copied());
+                    target = CopyTarget::Parent;
+                    continue;
+                }
+                written => written,
+            };
+            match written {
+                Err(failure) if no_partition(&failure) && !partitions_checked => {
+                    tracing::warn!(
+                        message = "A usage_events partition went missing; creating it again.",
+                        error = %failure,
+                    );
+                    self.forget_partitions(months);
+                    self.ensure_partitions(client, months).await?;
+                    partitions_checked = true;
+                }
+                written => return written,
+            }
+        }
     }
 }
 
