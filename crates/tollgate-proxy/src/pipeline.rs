@@ -647,26 +647,32 @@ fn check_framing(request: &Request<Incoming>, conn: &ConnInfo) -> Result<(), Pro
 /// one's read buffer too (a body sent a byte per frame, some 50 times its
 /// size). A body that came in one frame is that frame.
 async fn read_whole(mut body: RequestBody) -> Result<Bytes, BoxError> {
-    let mut first: Option<Bytes> = None;
-    let mut whole = BytesMut::new();
+    let Some(first) = next_data(&mut body).await? else {
+        return Ok(Bytes::new());
+    };
+    let Some(second) = next_data(&mut body).await? else {
+        return Ok(first);
+    };
+    let more = usize::try_from(body.size_hint().lower())
+        .unwrap_or(0)
+        .min(1 << 20);
+    let mut whole = BytesMut::with_capacity(first.len() + second.len() + more);
+    whole.extend_from_slice(&first);
+    whole.extend_from_slice(&second);
+    while let Some(data) = next_data(&mut body).await? {
+        whole.extend_from_slice(&data);
+    }
+    Ok(whole.freeze())
+}
+
+/// The body's next data, past any trailers; `None` at its end.
+async fn next_data(body: &mut RequestBody) -> Result<Option<Bytes>, BoxError> {
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        match first.take() {
-            None if whole.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    let expected = body.size_hint().lower();
-                    let more = usize::try_from(expected).unwrap_or(0).min(1 << 20);
-                    whole.reserve(earlier.len() + data.len() + more);
-                    whole.extend_from_slice(&earlier);
-                }
-                whole.extend_from_slice(&data);
-            }
+        if let Ok(data) = frame?.into_data() {
+            return Ok(Some(data));
         }
     }
-    Ok(first.unwrap_or_else(|| whole.freeze()))
+    Ok(None)
 }
 
 /// Whether a request on `route` may be an OpenAI streaming request that

@@ -471,8 +471,6 @@ impl State {
         };
         let used = self.used();
         let to_next_period = || ceil_secs(self.period_end_ns.saturating_sub(now_ns));
-        let has_budget =
-            self.limits.monthly_tokens.is_some() || self.limits.monthly_cost_nanos.is_some();
         let budgets = [
             (Budget::Tokens, self.limits.monthly_tokens, used.tokens),
             (
@@ -483,7 +481,7 @@ impl State {
                 u64::try_from(used.cost_nanos).unwrap_or(0),
             ),
         ];
-        for (which, limit, used) in budgets.iter().copied().filter(|_| has_budget) {
+        for (which, limit, used) in budgets {
             if limit.is_some_and(|limit| used >= limit) {
                 return Err(Rejection::BudgetExceeded {
                     which,
@@ -502,7 +500,7 @@ impl State {
             });
         }
         // Last: the one refusal that passes within the period.
-        for (which, limit, used) in budgets.into_iter().filter(|_| has_budget) {
+        for (which, limit, used) in budgets {
             if limit.is_some_and(|limit| used.saturating_add(self.held(which)) >= limit) {
                 return Err(Rejection::BudgetHeld {
                     which,
