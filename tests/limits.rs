@@ -76,6 +76,16 @@ async fn chat_call(
     headers: &[(&str, &str)],
     stream: bool,
 ) -> Reply {
+    send(&client(), chat_request(gateway, key, headers, stream)).await
+}
+
+/// A Chat Completions request of five words with `key` and `headers`.
+fn chat_request(
+    gateway: &TestGateway,
+    key: &str,
+    headers: &[(&str, &str)],
+    stream: bool,
+) -> http::Request<Full<Bytes>> {
     let mut request = authorized(Method::POST, gateway.url("/v1/chat/completions"), Some(key))
         .header("content-type", "application/json");
     for (name, value) in headers {
@@ -83,13 +93,9 @@ async fn chat_call(
     }
     let body = json!({"model": "gpt-4o-mini", "stream": stream,
                       "messages": [{"role": "user", "content": "one two three four five"}]});
-    send(
-        &client(),
-        request
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap(),
-    )
-    .await
+    request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
 }
 
 fn header(reply: &Reply, name: &str) -> Option<i64> {
@@ -364,23 +370,8 @@ async fn requests_at_once_cannot_spend_past_a_budget() {
     // 0.006 left: two more fit while each in flight is counted at 0.004
     // (0.004 + 0.004 < 0.01, a third would make 0.012).
     let replies = futures_join_all((0..40).map(|_| {
-        let (url, key) = (l.gateway.url("/v1/chat/completions"), key.clone());
-        async move {
-            let mut request = authorized(Method::POST, url, Some(&key))
-                .header("content-type", "application/json");
-            for (name, value) in slow {
-                request = request.header(name, value);
-            }
-            let body = json!({"model": "gpt-4o-mini", "stream": true,
-                              "messages": [{"role": "user", "content": "hi"}]});
-            send(
-                &client(),
-                request
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap(),
-            )
-            .await
-        }
+        let request = chat_request(&l.gateway, &key, &slow, true);
+        async move { send(&client(), request).await }
     }))
     .await;
     let through = replies
@@ -790,19 +781,8 @@ async fn key_limits_nest_follow_changes_rotation_and_restarts_postgres() {
 /// every refusal was a quota's.
 async fn race(gateway: &TestGateway, key: &str) -> (usize, bool) {
     let replies: Vec<Reply> = futures_join_all((0..200).map(|_| {
-        let (url, key) = (gateway.url("/v1/chat/completions"), key.to_owned());
-        async move {
-            let body =
-                json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
-            send(
-                &client(),
-                authorized(Method::POST, url, Some(&key))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap(),
-            )
-            .await
-        }
+        let request = chat_request(gateway, key, &[], false);
+        async move { send(&client(), request).await }
     }))
     .await;
     let admitted = replies
@@ -814,20 +794,6 @@ async fn race(gateway: &TestGateway, key: &str) -> (usize, bool) {
         .filter(|r| r.status != StatusCode::OK)
         .all(|r| r.error_type() == "quota_exceeded");
     (admitted, quota)
-}
-
-/// Runs every future at once on the runtime; their outputs in order.
-async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut outputs = Vec::with_capacity(handles.len());
-    for handle in handles {
-        outputs.push(handle.await.unwrap());
-    }
-    outputs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1488,11 +1488,12 @@ async fn graceful_stop_flushes_every_row_and_replays_the_spool_on_start() {
 /// spool, reach the database once, when it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_hung_past_its_bound_fails_and_is_written_again_once() {
-    let db = TestGuard::create(Backend::Postgres).await;
-    let mock = MockUpstream::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url());
-    let gateway = TestGateway::start_on(config(&toml), None).await;
+    let Metered {
+        db,
+        mock: _mock,
+        gateway,
+        _dir,
+    } = metered(Backend::Postgres).await;
     let key = gateway.key.clone().unwrap();
     let stats = recorder_stats(&gateway);
     let locker = pg(db.url()).await;
@@ -1532,12 +1533,13 @@ async fn a_write_hung_past_its_bound_fails_and_is_written_again_once() {
 /// one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_cut_off_at_shutdown_keep_their_rows() {
-    let db = TestGuard::create(Backend::Sqlite).await;
-    let mock = MockUpstream::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let toml = metered_toml(db.url(), &dir.path().join("spool"), &mock.url());
-    let config = config(&toml);
-    let gateway = TestGateway::start_on(config.clone(), None).await;
+    let Metered {
+        db,
+        mock: _mock,
+        gateway,
+        _dir,
+    } = metered(Backend::Sqlite).await;
+    let config = gateway.config.clone();
     let key = gateway.key.clone().unwrap();
     let (http1, http2) = (client(), h2c_client());
     let mut open = Vec::new();
@@ -1555,7 +1557,7 @@ async fn streams_cut_off_at_shutdown_keep_their_rows() {
         open.push(client.request(request));
     }
     // Every response under way (its head and first chunk sent), none ended.
-    let responses: Vec<_> = futures_join(open)
+    let responses: Vec<_> = futures_join_all(open)
         .await
         .into_iter()
         .map(|response| response.expect("the response starts"))
@@ -1576,30 +1578,6 @@ async fn streams_cut_off_at_shutdown_keep_their_rows() {
             .collect::<Vec<_>>()
     );
     gateway.stop().await;
-}
-
-/// Awaits every future together.
-async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    outputs.into_iter().map(Option::unwrap).collect()
 }
 
 async fn spool_full_while_the_database_is_down(policy: &str) {

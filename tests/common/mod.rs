@@ -694,3 +694,17 @@ fn parse_labels(body: &str) -> BTreeMap<String, String> {
     }
     labels
 }
+
+/// Runs every future at once on the runtime; their outputs in order.
+pub async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
