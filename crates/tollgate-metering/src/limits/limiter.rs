@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::clock::{from_unix_nanos, unix_nanos, Clock};
 use super::config::{Limits, Overage};
@@ -364,6 +365,10 @@ struct State {
     largest: PeriodTotals,
     /// Whether any request has settled here.
     settled_any: bool,
+    /// The period before `period`, while it still owes alerts that are
+    /// not recorded (the month turned with the database down, say): they
+    /// happened, so they are still owed. Never more than one period back.
+    closed: Option<Box<State>>,
 }
 
 impl State {
@@ -384,6 +389,7 @@ impl State {
             in_flight: 0,
             largest: PeriodTotals::ZERO,
             settled_any: false,
+            closed: None,
         }
     }
 
@@ -396,6 +402,7 @@ impl State {
         }
         let period = Period::containing(from_unix_nanos(now_ns));
         if period > self.period {
+            self.closed = self.owes_alerts().then(|| Box::new(self.closed_copy()));
             self.period = period;
             self.period_end_ns = unix_nanos(period.next_start());
             self.own = PeriodTotals::ZERO;
@@ -413,6 +420,27 @@ impl State {
         self.base.plus(self.own)
     }
 
+    /// What the alerts of this state's period need, kept when it closes.
+    fn closed_copy(&self) -> State {
+        State {
+            limits: self.limits.clone(),
+            gcra: None,
+            tat_ns: 0,
+            period: self.period,
+            period_end_ns: self.period_end_ns,
+            own: self.own,
+            base: self.base,
+            committed: self.committed,
+            refused: self.refused,
+            exhausted_alerted: self.exhausted_alerted,
+            alerted: self.alerted,
+            in_flight: 0,
+            largest: PeriodTotals::ZERO,
+            settled_any: false,
+            closed: None,
+        }
+    }
+
     /// Takes the database's `total` for `period` in, less `ours` (this
     /// instance's committed rows): see [`Limiter::apply_totals`].
     fn rebase(&mut self, now_ns: i64, period: Period, total: PeriodTotals, ours: PeriodTotals) {
@@ -425,7 +453,26 @@ impl State {
     /// A key family's alert fractions are its customer's tier's.
     fn alerts_from(&mut self, alerts: &Alerts) {
         if self.limits.alerts != *alerts {
+            self.follow_alerts(alerts);
             self.limits.alerts = alerts.clone();
+        }
+    }
+
+    /// Keeps what is recorded by fraction, not by place, when the list of
+    /// fractions changes: a fraction recorded under the old list stays
+    /// recorded, and one new to the list is owed when reached.
+    fn follow_alerts(&mut self, new: &Alerts) {
+        let old = self.limits.alerts.millionths();
+        for recorded in &mut self.alerted {
+            let mut moved = 0;
+            for (index, millionths) in old.iter().enumerate() {
+                if *recorded & (1 << index) != 0 {
+                    if let Some(place) = new.millionths().iter().position(|m| m == millionths) {
+                        moved |= 1 << place;
+                    }
+                }
+            }
+            *recorded = moved;
         }
     }
 
@@ -439,6 +486,9 @@ impl State {
             _ => {}
         }
         self.gcra = gcra;
+        if self.limits.alerts != limits.alerts {
+            self.follow_alerts(&limits.alerts);
+        }
         self.limits = limits;
     }
 
@@ -617,9 +667,35 @@ impl State {
         }
     }
 
+    /// Whether [`State::pending_alerts`] would find any.
+    fn owes_alerts(&self) -> bool {
+        let mut found = Vec::new();
+        self.owed_in_period(
+            &self.limits.alerts,
+            CustomerId(Uuid::nil()),
+            None,
+            &mut found,
+        );
+        !found.is_empty()
+    }
+
     /// Alerts this state owes and has not recorded: fractions of `alerts`
-    /// reached, and monthly limits that refused a request.
+    /// reached, and monthly limits that refused a request, in its closed
+    /// period first and then in its own.
     fn pending_alerts(
+        &self,
+        alerts: &Alerts,
+        customer: CustomerId,
+        key: Option<KeyAlert>,
+        found: &mut Vec<LimitAlert>,
+    ) {
+        if let Some(closed) = &self.closed {
+            closed.owed_in_period(&closed.limits.alerts, customer, key, found);
+        }
+        self.owed_in_period(alerts, customer, key, found);
+    }
+
+    fn owed_in_period(
         &self,
         alerts: &Alerts,
         customer: CustomerId,
@@ -654,6 +730,12 @@ impl State {
     /// Remembers that `alert` is recorded (in this period).
     fn mark_alerted(&mut self, alert: &LimitAlert) {
         if alert.period != self.period {
+            if let Some(closed) = self.closed.as_mut().filter(|c| c.period == alert.period) {
+                closed.mark_alerted(alert);
+                if !closed.owes_alerts() {
+                    self.closed = None;
+                }
+            }
             return;
         }
         match alert.threshold {
@@ -1211,13 +1293,12 @@ impl Limiter {
     /// the current period. [`Limiter::alerted`] marks one recorded.
     pub fn alerts(&self) -> Vec<LimitAlert> {
         let now_ns = self.now();
-        let period = Self::period_at(now_ns);
         let mut found = Vec::new();
+        // A state the month has turned on without a request since still
+        // owes what it owes: the alerts carry their own period.
         for entry in self.customers.iter() {
             let state = entry.value();
-            if state.period == period {
-                state.pending_alerts(&state.limits.alerts, *entry.key(), None, &mut found);
-            }
+            state.pending_alerts(&state.limits.alerts, *entry.key(), None, &mut found);
         }
         for family in self.all_families() {
             let alerts = self
@@ -1227,15 +1308,15 @@ impl Limiter {
                 .unwrap_or_default();
             let newest = *family.newest.lock().unwrap_or_else(|e| e.into_inner());
             let mut state = family.lock();
-            state.roll(now_ns);
+            // The fractions first, so that a period the roll closes is
+            // judged by them.
             state.alerts_from(&alerts);
-            if state.period == period {
-                let key = KeyAlert {
-                    family: family.id,
-                    newest,
-                };
-                state.pending_alerts(&alerts, family.customer, Some(key), &mut found);
-            }
+            state.roll(now_ns);
+            let key = KeyAlert {
+                family: family.id,
+                newest,
+            };
+            state.pending_alerts(&alerts, family.customer, Some(key), &mut found);
         }
         found
     }
@@ -2642,6 +2723,83 @@ mod tests {
             })
         );
         assert_eq!((owed[0].used, owed[0].limit_value), (1, 2));
+    }
+
+    #[test]
+    fn a_changed_list_of_fractions_keeps_what_is_recorded_by_fraction() {
+        let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
+        let c = customer(1);
+        let with = |fractions: Vec<u32>| Limits {
+            alerts: Alerts::from_millionths(fractions).unwrap(),
+            ..quota(10, Overage::Block)
+        };
+        limiter.set_limits(c, with(vec![500_000, 800_000, 1_000_000]));
+        for _ in 0..8 {
+            admitted(limiter.admit(c, NO_KEY));
+        }
+        let owed = limiter.alerts();
+        assert_eq!(
+            owed.iter().map(|a| a.threshold).collect::<Vec<_>>(),
+            [Some(500_000), Some(800_000)]
+        );
+        for alert in &owed {
+            limiter.alerted(alert);
+        }
+        // 0.8 is now first and 1.0 second: 1.0 is not recorded.
+        limiter.set_limits(c, with(vec![800_000, 1_000_000]));
+        assert!(limiter.alerts().is_empty(), "0.8 stays recorded");
+        admitted(limiter.admit(c, NO_KEY));
+        admitted(limiter.admit(c, NO_KEY));
+        let owed = limiter.alerts();
+        assert_eq!(
+            owed.iter().map(|a| a.threshold).collect::<Vec<_>>(),
+            [Some(1_000_000)]
+        );
+        // A fraction new to the list and already passed is owed.
+        limiter.alerted(&owed[0]);
+        limiter.set_limits(c, with(vec![300_000, 1_000_000]));
+        let owed = limiter.alerts();
+        assert_eq!(
+            owed.iter().map(|a| a.threshold).collect::<Vec<_>>(),
+            [Some(300_000)]
+        );
+    }
+
+    #[test]
+    fn alerts_owed_when_the_month_turns_are_still_owed_for_their_month() {
+        let march = datetime!(2026-03-31 23:59:59.9 UTC);
+        let (clock, limiter) = setup(march);
+        let (c, k) = (customer(1), key(1));
+        limiter.set_limits(
+            c,
+            Limits {
+                alerts: Alerts::from_millionths(vec![500_000]).unwrap(),
+                ..quota(2, Overage::Block)
+            },
+        );
+        limiter.set_key_limits(k, k, c, Some(&key_quota(2)));
+        admitted(limiter.admit(c, k));
+        // Not recorded yet (the database is down) when April starts.
+        clock.advance(Duration::from_millis(200));
+        let owed = limiter.alerts();
+        let march = Period::containing(march);
+        assert_eq!(owed.len(), 2, "{owed:?}");
+        assert!(owed.iter().all(|a| a.period == march && a.used == 1));
+        // A request of April's counts in April, for the customer and the
+        // key alike.
+        admitted(limiter.admit(c, k));
+        let owed = limiter.alerts();
+        assert_eq!(owed.len(), 4, "{owed:?}");
+        let april = Period::containing(clock.now());
+        assert_eq!(
+            owed.iter().filter(|a| a.period == april).count(),
+            2,
+            "{owed:?}"
+        );
+        for alert in &owed {
+            limiter.alerted(alert);
+        }
+        assert!(limiter.alerts().is_empty(), "each once");
     }
 
     proptest! {
