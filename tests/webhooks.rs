@@ -433,3 +433,70 @@ async fn keys_entering_their_last_week_are_announced_once() {
     assert_eq!(s.receiver.distinct_ids().len(), 1);
     gw.stop().await;
 }
+
+/// An endpoint that takes connections and never answers: every attempt to
+/// it runs to the attempt's timeout.
+async fn hanging_endpoint() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_does_not_hold_up_the_others() {
+    let s = Setup::new(Backend::Sqlite).await;
+    let (hanging, _held) = hanging_endpoint().await;
+    let spool = s.dir.path().join("spool");
+    // Each request crosses one more fraction: one event each, to both
+    // endpoints; twelve at once fill more than the hanging endpoint's
+    // slots.
+    let fractions: Vec<String> = (1..=14).map(|n| format!("{}", n as f64 / 20.0)).collect();
+    let tier = format!("monthly_requests = 20\nalerts = [{}]", fractions.join(", "));
+    let toml = format!(
+        "{}\n[[webhooks]]\nurl = \"{hanging}\"\nsecret = \"{SECRET}\"\n",
+        toml(
+            s.db.url(),
+            &spool.display().to_string(),
+            &s.mock.url(),
+            &tier,
+            &s.receiver.url(),
+            SECRET,
+        )
+    );
+    let gw = TestGateway::start_on(config(&toml), None).await;
+    assert_eq!(chat(&gw).await, StatusCode::OK);
+    s.receiver
+        .wait_for(1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The first event's attempt to the hanging endpoint is under way; the
+    // next ones still reach the receiver at once.
+    for _ in 0..12 {
+        assert_eq!(chat(&gw).await, StatusCode::OK);
+    }
+    let started = std::time::Instant::now();
+    let got = s
+        .receiver
+        .wait_for(13, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(got.iter().all(|r| r.valid));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // One more while the hanging endpoint holds all its slots.
+    assert_eq!(chat(&gw).await, StatusCode::OK);
+    s.receiver
+        .wait_for(14, Duration::from_secs(3))
+        .await
+        .unwrap();
+    gw.stop().await;
+}

@@ -171,12 +171,14 @@ pub trait WebhookOutbox: Send + Sync + 'static {
     /// Claims up to `limit` pending deliveries due at `now`, oldest due
     /// first, skipping any another sender holds: each gets one more
     /// attempt counted and is due again at `now + lease` (so a sender that
-    /// dies mid-attempt leaves it to be claimed again).
+    /// dies mid-attempt leaves it to be claimed again). Deliveries to the
+    /// URLs in `skip` are left for a later claim.
     async fn claim_deliveries(
         &self,
         now: OffsetDateTime,
         lease: Duration,
         limit: u32,
+        skip: &[String],
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Claims one delivery, whatever its status (an operator's retry), as

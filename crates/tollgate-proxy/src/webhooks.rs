@@ -21,7 +21,7 @@
 //! again, with the same `webhook-id`. While the database is down, events
 //! wait in the limiter's memory (unmarked) and are recorded when it returns.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,8 +63,13 @@ const LEASE: Duration = Duration::from_secs(15);
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 const FIRST_RETRY: Duration = Duration::from_secs(10);
 const MAX_RETRY: Duration = Duration::from_secs(3600);
-/// Deliveries claimed (and in flight) at once per instance.
-const BATCH: u32 = 32;
+/// Attempts in flight at once per instance.
+const IN_FLIGHT: usize = 64;
+/// Attempts in flight at once to one endpoint: an endpoint that hangs
+/// holds at most these, and the others' deliveries go on past it. Also the
+/// most one claim takes, so that no claim gives one endpoint more than
+/// twice its share.
+const PER_ENDPOINT: usize = 8;
 /// How often due deliveries are looked for when nothing wakes the sender
 /// (events recorded by another instance, retries coming due).
 const POLL: Duration = Duration::from_secs(1);
@@ -395,10 +400,15 @@ impl Webhooks {
         seen.insert(dedup);
     }
 
+    /// Keeps up to [`IN_FLIGHT`] attempts going, at most [`PER_ENDPOINT`]
+    /// to any one endpoint, claiming more as each one ends: a slow or dead
+    /// endpoint takes its own slots for as long as its attempts last, and
+    /// every other endpoint's deliveries go out meanwhile.
     async fn run_sender(&self) {
+        let mut attempts = Attempts::default();
         let mut pending_at = tokio::time::Instant::now();
         loop {
-            if let Err(error) = self.send_due().await {
+            if let Err(error) = self.claim_more(&mut attempts).await {
                 tracing::warn!(message = "Cannot claim webhook deliveries; retrying.", %error);
             }
             if tokio::time::Instant::now() >= pending_at {
@@ -408,35 +418,55 @@ impl Webhooks {
                 pending_at = tokio::time::Instant::now() + Duration::from_secs(5);
             }
             tokio::select! {
+                Some(ended) = attempts.next() => {
+                    if let Some((id, settlement)) = ended {
+                        self.settle(id, &settlement).await;
+                    }
+                }
                 () = self.outbox.recorded.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
             }
         }
     }
 
-    /// Sends every due delivery, a batch at a time.
-    async fn send_due(&self) -> Result<(), StoreError> {
+    /// Claims due deliveries into the free slots and starts their attempts.
+    async fn claim_more(&self, attempts: &mut Attempts) -> Result<(), StoreError> {
         loop {
+            let free = IN_FLIGHT
+                .saturating_sub(attempts.running.len())
+                .min(PER_ENDPOINT);
+            if free == 0 {
+                return Ok(());
+            }
             let claimed = self
                 .outbox
                 .store
-                .claim_deliveries(OffsetDateTime::now_utc(), LEASE, BATCH)
+                .claim_deliveries(
+                    OffsetDateTime::now_utc(),
+                    LEASE,
+                    free as u32,
+                    &attempts.full(),
+                )
                 .await?;
-            let full = claimed.len() == BATCH as usize;
-            let mut attempts = JoinSet::new();
+            let more = claimed.len() == free;
             for delivery in claimed {
-                let attempt = self.attempt(&delivery);
-                let id = delivery.delivery.id;
-                attempts.spawn(async move { (id, attempt.await) });
+                attempts.start(&delivery, self.attempt(&delivery));
             }
-            while let Some(done) = attempts.join_next().await {
-                if let Ok((id, settlement)) = done {
-                    self.outbox.store.settle_delivery(id, &settlement).await?;
-                }
-            }
-            if !full {
+            if !more {
                 return Ok(());
             }
+        }
+    }
+
+    /// Records an attempt's outcome. One that cannot be recorded (the
+    /// database down) is attempted again once its claim runs out.
+    async fn settle(&self, id: Uuid, settlement: &Settlement) {
+        if let Err(error) = self.outbox.store.settle_delivery(id, settlement).await {
+            tracing::warn!(
+                message = "Cannot record a webhook delivery's outcome; it is sent again once its claim runs out.",
+                delivery = %id,
+                %error
+            );
         }
     }
 
@@ -495,6 +525,55 @@ impl Webhooks {
                 }
             }
         }
+    }
+}
+
+/// The sender's attempts in flight, and how many go to each endpoint.
+#[derive(Default)]
+struct Attempts {
+    running: JoinSet<(Uuid, Settlement)>,
+    urls: HashMap<tokio::task::Id, String>,
+    per_url: HashMap<String, usize>,
+}
+
+impl Attempts {
+    fn start(
+        &mut self,
+        claimed: &Claimed,
+        attempt: impl std::future::Future<Output = Settlement> + Send + 'static,
+    ) {
+        let id = claimed.delivery.id;
+        let url = claimed.delivery.url.clone();
+        let task = self.running.spawn(async move { (id, attempt.await) });
+        *self.per_url.entry(url.clone()).or_default() += 1;
+        self.urls.insert(task.id(), url);
+    }
+
+    /// The endpoints with all their slots taken.
+    fn full(&self) -> Vec<String> {
+        self.per_url
+            .iter()
+            .filter(|(_, &n)| n >= PER_ENDPOINT)
+            .map(|(url, _)| url.clone())
+            .collect()
+    }
+
+    /// The next attempt to end (`None` when none is running); its outcome,
+    /// unless it panicked.
+    async fn next(&mut self) -> Option<Option<(Uuid, Settlement)>> {
+        let (task, outcome) = match self.running.join_next_with_id().await? {
+            Ok((task, outcome)) => (task, Some(outcome)),
+            Err(error) => (error.id(), None),
+        };
+        if let Some(url) = self.urls.remove(&task) {
+            if let Some(n) = self.per_url.get_mut(&url) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_url.remove(&url);
+                }
+            }
+        }
+        Some(outcome)
     }
 }
 

@@ -1807,8 +1807,9 @@ impl WebhookOutbox for PostgresStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: u32,
+        skip: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
-        run(webhooks::claim(self, None, now, lease, limit)).await
+        run(webhooks::claim(self, None, now, lease, limit, skip)).await
     }
 
     async fn claim_delivery(
@@ -1817,7 +1818,7 @@ impl WebhookOutbox for PostgresStore {
         now: OffsetDateTime,
         lease: Duration,
     ) -> Result<Option<Claimed>, StoreError> {
-        Ok(run(webhooks::claim(self, Some(id), now, lease, 1))
+        Ok(run(webhooks::claim(self, Some(id), now, lease, 1, &[]))
             .await?
             .pop())
     }

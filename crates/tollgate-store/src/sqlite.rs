@@ -1125,8 +1125,10 @@ impl WebhookOutbox for SqliteStore {
         now: OffsetDateTime,
         lease: Duration,
         limit: u32,
+        skip: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.call(move |conn| webhooks::claim(conn, None, now, lease, limit))
+        let skip = skip.to_vec();
+        self.call(move |conn| webhooks::claim(conn, None, now, lease, limit, &skip))
             .await
     }
 
@@ -1136,7 +1138,7 @@ impl WebhookOutbox for SqliteStore {
         now: OffsetDateTime,
         lease: Duration,
     ) -> Result<Option<Claimed>, StoreError> {
-        self.call(move |conn| Ok(webhooks::claim(conn, Some(id), now, lease, 1)?.pop()))
+        self.call(move |conn| Ok(webhooks::claim(conn, Some(id), now, lease, 1, &[])?.pop()))
             .await
     }
 

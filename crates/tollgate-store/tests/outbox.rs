@@ -24,6 +24,7 @@ tollgate_store::both_backends!(
     a_family_given_limits_after_a_whole_read_is_read_whole,
     an_event_is_recorded_once_with_a_delivery_per_endpoint,
     claims_take_due_deliveries_once_and_settle_them,
+    a_claim_leaves_the_urls_it_is_told_to_skip,
     concurrent_claimers_never_share_a_delivery,
     expiring_keys_leave_out_revoked_and_rotated_ones,
 );
@@ -346,20 +347,20 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
     let lease = Duration::from_secs(60);
     assert!(
         store
-            .claim_deliveries(T0 - time::Duration::seconds(1), lease, 10)
+            .claim_deliveries(T0 - time::Duration::seconds(1), lease, 10, &[])
             .await
             .unwrap()
             .is_empty(),
         "not due yet"
     );
-    let claimed = store.claim_deliveries(T0, lease, 10).await.unwrap();
+    let claimed = store.claim_deliveries(T0, lease, 10, &[]).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].body, e.body, "the exact body");
     assert_eq!(claimed[0].delivery.attempts, 1);
     assert_eq!(claimed[0].delivery.event_id, e.id);
     assert!(
         store
-            .claim_deliveries(T0, lease, 10)
+            .claim_deliveries(T0, lease, 10, &[])
             .await
             .unwrap()
             .is_empty(),
@@ -368,7 +369,7 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
     let id = claimed[0].delivery.id;
     // Its claim runs out: due again, for anyone (a sender that died).
     let later = T0 + time::Duration::seconds(61);
-    let again = store.claim_deliveries(later, lease, 10).await.unwrap();
+    let again = store.claim_deliveries(later, lease, 10, &[]).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].delivery.attempts, 2);
     let retry_at = later + time::Duration::seconds(10);
@@ -387,7 +388,10 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
     assert_eq!(pending.last_error.as_deref(), Some("answered HTTP 500"));
     assert_eq!(pending.next_attempt_at, Some(retry_at));
     let delivered_at = retry_at + time::Duration::seconds(1);
-    let claimed = store.claim_deliveries(retry_at, lease, 10).await.unwrap();
+    let claimed = store
+        .claim_deliveries(retry_at, lease, 10, &[])
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     store
         .settle_delivery(id, &Settlement::Delivered { at: delivered_at })
@@ -429,6 +433,25 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
         .is_none());
 }
 
+async fn a_claim_leaves_the_urls_it_is_told_to_skip(backend: Backend) {
+    let (store, _guard) = test_store(backend).await;
+    let endpoints = urls(3);
+    for n in 0..2 {
+        store
+            .record_event(&event(&format!("skip-{n}"), T0), &endpoints)
+            .await
+            .unwrap();
+    }
+    let lease = Duration::from_secs(60);
+    let skip = endpoints[..2].to_vec();
+    let claimed = store.claim_deliveries(T0, lease, 10, &skip).await.unwrap();
+    let to: Vec<&str> = claimed.iter().map(|c| c.delivery.url.as_str()).collect();
+    assert_eq!(to, [endpoints[2].as_str(); 2], "only the third endpoint's");
+    let rest = store.claim_deliveries(T0, lease, 10, &[]).await.unwrap();
+    assert_eq!(rest.len(), 4, "the skipped ones are still due");
+    assert!(rest.iter().all(|c| skip.contains(&c.delivery.url)));
+}
+
 async fn concurrent_claimers_never_share_a_delivery(backend: Backend) {
     let (store, guard) = test_store(backend).await;
     for n in 0..100 {
@@ -444,7 +467,7 @@ async fn concurrent_claimers_never_share_a_delivery(backend: Backend) {
             let mut ids = Vec::new();
             loop {
                 let claimed = store
-                    .claim_deliveries(T0, Duration::from_secs(60), 7)
+                    .claim_deliveries(T0, Duration::from_secs(60), 7, &[])
                     .await
                     .unwrap();
                 if claimed.is_empty() {

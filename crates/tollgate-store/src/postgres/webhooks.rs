@@ -92,12 +92,16 @@ pub(super) async fn claim(
     now: OffsetDateTime,
     lease: Duration,
     limit: u32,
+    skip: &[String],
 ) -> Result<Vec<Claimed>, Failure> {
     let client = store.client().await?;
     let due = match only {
         // $1 is unused here but must have a type.
         Some(_) => "id = $3 AND $1::timestamptz IS NOT NULL",
-        None => "status = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $3",
+        None => {
+            "status = 'pending' AND next_attempt_at <= $1 AND url <> ALL($4::text[]) \
+             ORDER BY next_attempt_at LIMIT $3"
+        }
     };
     let sql = format!(
         "WITH due AS (SELECT id FROM webhook_deliveries WHERE {due} FOR UPDATE SKIP LOCKED), \
@@ -112,7 +116,11 @@ pub(super) async fn claim(
     let limit = i64::from(limit);
     let rows = match only {
         Some(id) => client.query(&statement, &[&now, &until, &id]).await?,
-        None => client.query(&statement, &[&now, &until, &limit]).await?,
+        None => {
+            client
+                .query(&statement, &[&now, &until, &limit, &skip])
+                .await?
+        }
     };
     decode_all(&rows, claimed_row)
 }

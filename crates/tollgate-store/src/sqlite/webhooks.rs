@@ -92,6 +92,7 @@ pub(super) fn claim(
     now: OffsetDateTime,
     lease: Duration,
     limit: u32,
+    skip: &[String],
 ) -> Result<Vec<Claimed>, Failure> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let ids: Vec<String> = match only {
@@ -99,9 +100,14 @@ pub(super) fn claim(
         None => {
             let mut statement = tx.prepare_cached(
                 "SELECT id FROM webhook_deliveries WHERE status = 'pending' \
-                 AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
+                 AND next_attempt_at <= ?1 \
+                 AND url NOT IN (SELECT value FROM json_each(?3)) \
+                 ORDER BY next_attempt_at LIMIT ?2",
             )?;
-            let rows = statement.query_map(params![ts(now), i64::from(limit)], |row| row.get(0))?;
+            // A list of strings always serializes.
+            let skip = serde_json::to_string(skip).unwrap_or_else(|_| "[]".to_owned());
+            let rows =
+                statement.query_map(params![ts(now), i64::from(limit), skip], |row| row.get(0))?;
             rows.collect::<Result<_, _>>()?
         }
     };
