@@ -1209,3 +1209,31 @@ async fn a_metered_route_asks_for_bodies_it_can_read() {
     assert_eq!(mock.requests()[2].headers["accept-encoding"], "br");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_admin_body_that_stops_arriving_cannot_hold_the_admin_listener() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = gateway(&mock).await;
+    // Not signed in: the console reads the form before it knows that.
+    let started = std::time::Instant::now();
+    let answer = raw(
+        gw.admin,
+        b"POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken=",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(statuses(&answer), [408], "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9), "{took:?}");
+    // A form larger than any the console has is refused as it arrives.
+    let mut big = format!(
+        "POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        100 * 1024
+    )
+    .into_bytes();
+    big.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    let answer = raw(gw.admin, &big, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&answer), [400], "{answer}");
+    gw.stop().await;
+}

@@ -39,6 +39,13 @@ use crate::quota::quota_document;
 
 /// The largest admin request body accepted.
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
+/// A console form's body at most (its largest field is a customer's
+/// overrides): the console reads a body before it knows the session.
+const MAX_CONSOLE_BODY: usize = 64 * 1024;
+/// Longest an admin request's body may take to arrive, whole: a client
+/// that sends part of one and stops cannot hold a connection (and its
+/// buffer) of the admin listener, which health checks and scrapes need.
+const ADMIN_BODY_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `/readyz?strict=true` waits for the database.
 const STRICT_READY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -73,6 +80,8 @@ enum AdminError {
     Unauthorized,
     NotFound(String),
     Invalid(String),
+    /// The body did not arrive within [`ADMIN_BODY_DEADLINE`].
+    BodyTimeout,
     /// With the methods the path takes, for the `Allow` header.
     MethodNotAllowed(String),
     DatabaseUnavailable,
@@ -94,6 +103,20 @@ impl AdminError {
             ),
             AdminError::Invalid(message) => {
                 error_response(StatusCode::BAD_REQUEST, "invalid_request", &message)
+            }
+            AdminError::BodyTimeout => {
+                let mut response = error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    &format!(
+                        "The request body did not arrive within {} seconds.",
+                        ADMIN_BODY_DEADLINE.as_secs()
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                response
             }
             AdminError::MethodNotAllowed(allow) => {
                 let mut response = error_response(
@@ -692,13 +715,7 @@ impl Admin {
             }
             ["console", ..] => {
                 let (parts, body) = request.into_parts();
-                let body = Limited::new(body, MAX_ADMIN_BODY)
-                    .collect()
-                    .await
-                    .map(|collected| collected.to_bytes())
-                    .map_err(|_| {
-                        AdminError::Invalid(format!("body: at most {MAX_ADMIN_BODY} bytes"))
-                    })?;
+                let body = collect_body(body, MAX_CONSOLE_BODY, "a form ").await?;
                 match self.console.handle(Request::from_parts(parts, body)).await {
                     Answer::Page(response) => Ok(response.map(ProxyBody::full)),
                     Answer::Export(scope) => {
@@ -1080,15 +1097,19 @@ fn hex_digit(byte: u8) -> Option<u8> {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, AdminError> {
-    Limited::new(request.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .map_err(|_| {
-            AdminError::Invalid(format!(
-                "body: must be JSON of at most {MAX_ADMIN_BODY} bytes"
-            ))
-        })
+    collect_body(request.into_body(), MAX_ADMIN_BODY, "JSON ").await
+}
+
+/// A request's whole body: at most `limit` bytes (`what` names its kind in
+/// the error), arrived within [`ADMIN_BODY_DEADLINE`].
+async fn collect_body(body: Incoming, limit: usize, what: &str) -> Result<Bytes, AdminError> {
+    match tokio::time::timeout(ADMIN_BODY_DEADLINE, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(AdminError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(AdminError::Invalid(format!(
+            "body: must be {what}of at most {limit} bytes"
+        ))),
+    }
 }
 
 async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, AdminError> {
