@@ -1150,7 +1150,13 @@ fn scan_segment(
                 reason,
                 torn,
             } => {
-                if !is_last || !(torn || records.zeros_to_end(offset)?) {
+                // A crash mid-append tears the last record only: a whole
+                // record after this one means damage (a length field
+                // with a bit flipped, say), never a torn tail.
+                if !is_last
+                    || !(torn || records.zeros_to_end(offset)?)
+                    || records.record_after(offset)?
+                {
                     return Err(corrupt(path, offset, reason));
                 }
                 tracing::warn!(
@@ -1281,6 +1287,46 @@ impl<'a> RecordReader<'a> {
             start,
             end: self.offset,
         })
+    }
+
+    /// Whether a whole, valid record starts anywhere after `offset` (its
+    /// length within the file, a known format and its checksum right).
+    fn record_after(&mut self, offset: u64) -> Result<bool, SpoolError> {
+        self.reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(io_error("seek in", self.path))?;
+        let mut tail = Vec::new();
+        self.reader
+            .read_to_end(&mut tail)
+            .map_err(io_error("read", self.path))?;
+        let header = HEADER_BYTES as usize;
+        for start in 1..tail.len().saturating_sub(header) {
+            let length = [
+                tail[start],
+                tail[start + 1],
+                tail[start + 2],
+                tail[start + 3],
+            ];
+            let payload_len = u32::from_le_bytes(length) as usize;
+            let payload_at = start + header;
+            if payload_len < PAYLOAD_PREFIX || payload_len > tail.len() - payload_at {
+                continue;
+            }
+            let payload = &tail[payload_at..payload_at + payload_len];
+            if !matches!(payload[0], FORMAT_JSON_LINES | FORMAT_POSTCARD) {
+                continue;
+            }
+            let crc = u32::from_le_bytes([
+                tail[start + 4],
+                tail[start + 5],
+                tail[start + 6],
+                tail[start + 7],
+            ]);
+            if record_crc(length, payload) == crc {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether everything from `offset` to the end is zeros: space the file
@@ -1571,6 +1617,28 @@ pub(crate) mod tests {
                 assert_eq!(replay, [events(0..3), events(10..12)].concat(), "cut {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_damaged_length_with_whole_records_after_it_is_corrupt_not_torn() {
+        let dir = TempDir::new().unwrap();
+        let (mut spool, _) = open(dir.path());
+        let p1 = spool.append(&events(0..2)).unwrap();
+        spool.append(&events(2..4)).unwrap();
+        spool.append(&events(4..6)).unwrap();
+        drop(spool);
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let before = bytes.len();
+        // The second record's length now runs past the end of the file.
+        bytes[p1.offset() as usize + 3] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        match Spool::open(dir.path(), u64::MAX) {
+            Err(SpoolError::Corrupt { offset, .. }) => assert_eq!(offset, p1.offset()),
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("a damaged spool opened"),
+        }
+        assert_eq!(file_len(&path), before as u64, "nothing cut away");
     }
 
     #[test]
