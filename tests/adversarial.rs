@@ -1237,3 +1237,20 @@ async fn an_admin_body_that_stops_arriving_cannot_hold_the_admin_listener() {
     assert_eq!(statuses(&answer), [400], "{answer}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_row_keeps_at_most_a_kibibyte_of_the_path() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = gateway(&mock).await;
+    let path = format!("/v1/{}", "a".repeat(12_000));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n",
+        key_header(&gw)
+    );
+    let answer = raw(gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(!statuses(&answer).is_empty(), "{answer}");
+    let found = rows(&gw, 1).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0, path[..1024]);
+    gw.stop().await;
+}

@@ -94,6 +94,22 @@ pub(crate) struct UsageGuard {
     reached_upstream: bool,
 }
 
+/// The most of a request's path a usage row keeps: the client chooses a
+/// path's length (up to `max_header_bytes`), and rows, refused ones
+/// included, are kept in memory, in the spool and in the database.
+const MAX_STORED_PATH: usize = 1024;
+/// Likewise for an extension method's name.
+const MAX_STORED_METHOD: usize = 32;
+
+/// `text`, cut to at most `max` bytes at a character boundary.
+fn stored(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 impl UsageGuard {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -118,8 +134,8 @@ impl UsageGuard {
                 key_id: caller.key_id,
                 instance: metering.instance.clone(),
                 route: route.name().to_owned(),
-                method: method.as_str().to_owned(),
-                path: path.to_owned(),
+                method: stored(method.as_str(), MAX_STORED_METHOD),
+                path: stored(path, MAX_STORED_PATH),
                 status: 0,
                 outcome: Outcome::ClientClosed,
                 latency_us: 0,

@@ -531,7 +531,12 @@ impl Tally {
         match key {
             MODEL if self.model.is_none() => {
                 if let Ok(model) = serde_json::from_slice::<String>(value) {
-                    if !model.is_empty() && model.len() <= MODEL_LIMIT {
+                    // Names with control characters are not names: they
+                    // would reach terminals and spreadsheets as they are.
+                    if !model.is_empty()
+                        && model.len() <= MODEL_LIMIT
+                        && !model.chars().any(char::is_control)
+                    {
                         self.model = Some(model);
                     }
                 }

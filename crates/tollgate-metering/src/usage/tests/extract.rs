@@ -379,6 +379,14 @@ fn openai_chat_json_with_usage_first_and_a_huge_body() {
 }
 
 #[test]
+fn a_model_name_with_control_characters_is_no_name() {
+    let body = br#"{"usage":{"prompt_tokens":7,"completion_tokens":3},"model":"m\u001b[2J\u0007"}"#;
+    let got = scan(UsageFormat::Openai, false, &[body]);
+    assert_eq!(got.model, None);
+    assert_eq!(got.tokens, tokens(7, 3, 0, 0));
+}
+
+#[test]
 fn openai_embeddings_json_body() {
     let body = json!({
         "object": "list",
