@@ -49,9 +49,17 @@ pub(crate) fn csv_row(out: &mut String, row: &UsageEvent) {
     );
 }
 
+/// One text field. A text that a spreadsheet would run as a formula (it
+/// starts with `=`, `+`, `-`, `@`, a tab or a CR) gets a `'` in front, as
+/// OWASP advises: the client chooses `client_request_id`, and an export is
+/// opened in spreadsheets.
 fn csv_field(out: &mut String, text: &str) {
-    if text.contains([',', '"', '\r', '\n']) {
+    let formula = text.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || text.contains([',', '"', '\r', '\n']) {
         out.push('"');
+        if formula {
+            out.push('\'');
+        }
         out.push_str(&text.replace('"', "\"\""));
         out.push('"');
     } else {
@@ -72,6 +80,15 @@ mod tests {
         out.push('|');
         csv_field(&mut out, "say \"hi\"\r\n");
         assert_eq!(out, "plain|\"a,b\"|\"say \"\"hi\"\"\r\n\"");
+        out.clear();
+        for text in ["=HYPERLINK(\"x\")", "+1", "-1", "@SUM(A1)", "\tx", "a=b"] {
+            csv_field(&mut out, text);
+            out.push('|');
+        }
+        assert_eq!(
+            out,
+            "\"'=HYPERLINK(\"\"x\"\")\"|\"'+1\"|\"'-1\"|\"'@SUM(A1)\"|\"'\tx\"|a=b|"
+        );
         assert_eq!(CSV_HEADER.split(',').count(), 22);
     }
 }
