@@ -81,7 +81,32 @@ tollgate_store::both_backends!(
     path_segments_are_percent_decoded,
     extreme_query_values_are_answered,
     bodies_and_key_limits_must_be_objects_with_values_in_range,
+    a_nul_in_a_name_or_key_is_not_found_not_a_server_error,
 );
+
+async fn a_nul_in_a_name_or_key_is_not_found_not_a_server_error(backend: Backend) {
+    let setup = setup(backend).await;
+    let gw = &setup.gw;
+    for path in ["/v1/customers/a%00b", "/v1/keys/tg_%00", "/v1/quota/a%01b"] {
+        let reply = admin(gw, Method::GET, path, None).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "{path}: {:?}",
+            reply.body
+        );
+    }
+    let reply = admin(gw, Method::GET, "/v1/usage/summary?customer=%00", None).await;
+    assert_invalid(&reply, "customer", "a NUL customer");
+    let reply = admin(
+        gw,
+        Method::POST,
+        "/v1/keys",
+        Some(json!({"customer": "a\u{0}b", "tier": "test"})),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{:?}", reply.body);
+}
 
 async fn bodies_and_key_limits_must_be_objects_with_values_in_range(backend: Backend) {
     let setup = setup(backend).await;

@@ -67,8 +67,13 @@ pub trait AccountStore: Send + Sync + 'static {
         sink: &mut (dyn FnMut(Vec<KeyRecord>) + Send),
     ) -> Result<(), StoreError>;
 
-    /// By id (UUID text, any case) or, failing that, by name.
+    /// By id (UUID text, any case) or, failing that, by name. A text with
+    /// a control character names nothing (names cannot hold one, and
+    /// Postgres refuses a NUL in text): `None`, without asking.
     async fn find_customer(&self, name_or_id: &str) -> Result<Option<Customer>, StoreError> {
+        if name_or_id.contains(char::is_control) {
+            return Ok(None);
+        }
         if let Ok(id) = uuid::Uuid::parse_str(name_or_id) {
             if let Some(customer) = self.customer(CustomerId(id)).await? {
                 return Ok(Some(customer));
@@ -78,8 +83,12 @@ pub trait AccountStore: Send + Sync + 'static {
     }
 
     /// By id (UUID text, any case) or, failing that, by display prefix. A
-    /// prefix shared by several keys is a `Conflict` (ask for the id).
+    /// prefix shared by several keys is a `Conflict` (ask for the id). A
+    /// text with a control character names nothing, as for customers.
     async fn find_key(&self, id_or_prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
+        if id_or_prefix.contains(char::is_control) {
+            return Ok(None);
+        }
         if let Ok(id) = uuid::Uuid::parse_str(id_or_prefix) {
             if let Some(record) = self.key(KeyId(id)).await? {
                 return Ok(Some(record));
