@@ -638,3 +638,30 @@ fn arbitrary_input_admin_query_strings_are_answered() {
         panic!("{failure}");
     }
 }
+
+#[tokio::test]
+async fn with_migrations_off_a_schema_of_another_version_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    let mut config = config(&format!(
+        "[database]\nurl = \"sqlite://{}\"\nmigrate = false\n",
+        db.display()
+    ));
+    let error = tollgate::app::open_store(&config).await.err().unwrap();
+    assert!(
+        format!("{error:#}").contains("tollgate migrate"),
+        "{error:#}"
+    );
+    config.database.migrate = true;
+    tollgate::app::open_store(&config).await.unwrap();
+    config.database.migrate = false;
+    tollgate::app::open_store(&config).await.unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', '2030-01-01T00:00:00.000000Z')",
+        [],
+    )
+    .unwrap();
+    let error = tollgate::app::open_store(&config).await.err().unwrap();
+    assert!(format!("{error:#}").contains("version 99"), "{error:#}");
+}

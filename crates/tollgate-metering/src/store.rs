@@ -224,6 +224,11 @@ pub trait Store: AccountStore + UsageSink + UsageReports + ChangeFeed + WebhookO
     /// when current; `SchemaTooNew` when the database is ahead of the binary.
     async fn migrate(&self) -> Result<MigrationReport, StoreError>;
 
+    /// The database's schema version, checked against this binary's
+    /// without changing anything: `SchemaTooNew` when the database is
+    /// ahead, `Config` (run `tollgate migrate`) when it is behind.
+    async fn check_schema(&self) -> Result<u32, StoreError>;
+
     /// Succeeds when the database answers a trivial query.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -119,6 +119,23 @@ pub(crate) fn next(
     Ok(migrations.iter().find(|m| m.version > current))
 }
 
+/// `current` against `migrations`: `SchemaTooNew` when the database is
+/// ahead, a `Config` error naming the fix when it is behind.
+pub(crate) fn check_current(migrations: &[Migration], current: u32) -> Result<u32, StoreError> {
+    let binary = latest(migrations);
+    match current.cmp(&binary) {
+        std::cmp::Ordering::Greater => Err(StoreError::SchemaTooNew {
+            database: current,
+            binary,
+        }),
+        std::cmp::Ordering::Less => Err(StoreError::Config(format!(
+            "the database schema is at version {current}, older than this binary's {binary}; \
+             run `tollgate migrate` (or set database.migrate = true)"
+        ))),
+        std::cmp::Ordering::Equal => Ok(current),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

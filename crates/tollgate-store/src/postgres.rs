@@ -1393,6 +1393,28 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn check_schema(&self) -> Result<u32, StoreError> {
+        let current = run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+                .await?;
+            if !get::<bool>(&row, 0)? {
+                return Ok(0);
+            }
+            let row = client
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await?;
+            let current: i32 = get(&row, 0)?;
+            u32::try_from(current).map_err(|_| corrupt(format!("schema version {current}")))
+        })
+        .await?;
+        migrations::check_current(migrations::POSTGRES, current)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         run(async {
             self.client().await?.batch_execute("SELECT 1").await?;

@@ -694,6 +694,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn check_schema(&self) -> Result<u32, StoreError> {
+        let current = self
+            .call(|conn| {
+                let exists: bool = conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+                     WHERE type = 'table' AND name = 'schema_migrations')",
+                    [],
+                    |row| row.get(0),
+                )?;
+                if !exists {
+                    return Ok(0);
+                }
+                Ok(conn.query_row(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    [],
+                    |row| row.get::<_, u32>(0),
+                )?)
+            })
+            .await?;
+        migrations::check_current(migrations::SQLITE, current)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await

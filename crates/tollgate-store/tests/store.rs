@@ -74,8 +74,19 @@ async fn migrations_are_recorded_and_idempotent(backend: Backend) {
     let guard = TestGuard::create(backend).await;
     let store = tollgate_store::open(guard.url(), 2).await.unwrap();
 
+    // Checked without migrating: behind, which names the fix.
+    match store.check_schema().await {
+        Err(StoreError::Config(message)) => {
+            assert!(
+                message.contains("version 0") && message.contains("tollgate migrate"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a Config error, got {other:?}"),
+    }
     let first = store.migrate().await.unwrap();
     assert_eq!(first.applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(store.check_schema().await.unwrap(), LATEST);
     assert_eq!(first.current, LATEST);
     let second = store.migrate().await.unwrap();
     assert!(second.applied.is_empty(), "{second:?}");
@@ -125,6 +136,13 @@ async fn a_newer_schema_is_refused(backend: Backend) {
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
+    assert!(
+        matches!(
+            store.check_schema().await,
+            Err(StoreError::SchemaTooNew { database: 99, .. })
+        ),
+        "checked without migrating too"
+    );
     let message = store.migrate().await.unwrap_err().to_string();
     assert!(
         message.contains("version 99") && message.contains("upgrade"),

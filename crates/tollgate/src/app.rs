@@ -102,7 +102,8 @@ impl Running {
 }
 
 /// Opens the configured database and, unless `database.migrate = false`,
-/// applies pending migrations.
+/// applies pending migrations; with it, checks that the schema is this
+/// binary's.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = tollgate_store::open(&config.database.url, config.database.pool_size)
         .await
@@ -119,6 +120,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 version = report.current
             );
         }
+    } else {
+        store
+            .check_schema()
+            .await
+            .context("cannot use the database (database.migrate = false)")?;
     }
     Ok(store)
 }
