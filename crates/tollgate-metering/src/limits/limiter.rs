@@ -821,10 +821,6 @@ pub struct Limiter {
     /// `members.len()`, read on every admission so that a gateway without
     /// key limits looks nothing up.
     member_count: AtomicUsize,
-    /// Unix ns when this limiter was made. Rows from before it (a previous
-    /// process's, replayed from the spool) are in the database totals but
-    /// not in `own`, so [`Limiter::committed`] must not subtract them.
-    started_ns: i64,
     /// The closed days' totals from the last whole read of the period, for
     /// the syncs that read only the open days; locked for the whole of a
     /// sync, so that syncs take turns.
@@ -846,14 +842,12 @@ impl std::fmt::Debug for Limiter {
 
 impl Limiter {
     pub fn new(clock: Arc<dyn Clock>) -> Limiter {
-        let started_ns = clock.unix_nanos();
         Limiter {
             clock,
             customers: DashMap::with_hasher_and_shard_amount(IdHash, shard_amount()),
             families: DashMap::with_hasher(IdHash),
             members: DashMap::with_hasher(IdHash),
             member_count: AtomicUsize::new(0),
-            started_ns,
             closed: tokio::sync::Mutex::new(None),
             closed_stale: AtomicU64::new(0),
         }
@@ -1085,10 +1079,13 @@ impl Limiter {
     }
 
     /// Rows the gateway's own recorder has committed to the database (call
-    /// after the commit, never before). Counts admitted rows of the
-    /// current period made by this limiter's process; rejected rows, rows
-    /// of other periods and rows from before this limiter existed (spool
-    /// replay of a previous process) are ignored. Any row of the period on
+    /// after the commit, never before), of requests this limiter admitted:
+    /// never a previous process's rows replayed from the spool, which are
+    /// in the database's totals and not in `own`. Counts admitted rows of
+    /// the current period; rejected rows and rows of other periods are
+    /// ignored. A row's time is not compared with this limiter's start: a
+    /// clock stepped back after the start gives this process's rows
+    /// earlier times, and they are its own all the same. Any row of the period on
     /// a day before yesterday makes the next sync read the whole period
     /// ([`Limiter::sync_read`]).
     pub fn committed(&self, events: &[UsageEvent]) {
@@ -1106,7 +1103,7 @@ impl Limiter {
                 stale = true;
                 self.closed_stale.fetch_add(1, Ordering::SeqCst);
             }
-            if event.outcome.is_rejected() || ts_ns < self.started_ns {
+            if event.outcome.is_rejected() {
                 continue;
             }
             let row = PeriodTotals {
@@ -2209,6 +2206,41 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_stepped_back_after_the_start_counts_each_row_once() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (clock, limiter) = setup(at);
+        let c = customer(1);
+        limiter.set_limits(c, quota(100, Overage::Block));
+        clock.set(at - Duration::from_secs(300));
+        let rows: Vec<_> = (0..5)
+            .map(|_| {
+                let admission = admitted(limiter.admit(c, NO_KEY));
+                limiter.settle(&admission, 10, 100);
+                event(c, clock.now(), Outcome::Ok, 10, 100)
+            })
+            .collect();
+        limiter.committed(&rows);
+        let snapshot = limiter.committed_snapshot();
+        let totals = HashMap::from([(
+            c,
+            PeriodTotals {
+                requests: 5,
+                tokens: 50,
+                cost_nanos: 500,
+            },
+        )]);
+        limiter.apply_totals(Period::containing(at), &totals, &snapshot);
+        assert_eq!(
+            used(&limiter, c),
+            PeriodTotals {
+                requests: 5,
+                tokens: 50,
+                cost_nanos: 500
+            }
+        );
+    }
+
+    #[test]
     fn sync_counts_every_row_once() {
         let at = datetime!(2026-03-10 12:00 UTC);
         let (clock, limiter) = setup(at);
@@ -2228,12 +2260,11 @@ mod tests {
             .collect();
 
         // Three of them are committed, along with rows that must not count:
-        // a rejected one, one from last month, one from before this limiter.
+        // a rejected one and one from last month.
         limiter.committed(&own_rows[..3]);
         limiter.committed(&[
             event(c, now, Outcome::RateLimited, 0, 0),
             event(c, datetime!(2026-02-28 12:00 UTC), Outcome::Ok, 10, 100),
-            event(c, at - Duration::from_secs(1), Outcome::Ok, 10, 100),
         ]);
         let snapshot = limiter.committed_snapshot();
         assert_eq!(snapshot.period(), period);
@@ -2362,10 +2393,11 @@ mod tests {
         admitted(limiter.admit(c, NO_KEY));
         assert!(limiter.admit(c, NO_KEY).result.is_err());
 
-        // The previous process's rows replayed from the spool and committed
-        // now are already in the totals and must not be subtracted.
-        limiter.committed(&[event(c, at - Duration::from_secs(5), Outcome::Ok, 10, 100)]);
+        // This process's row, committed: in the next totals, once.
+        limiter.committed(&[event(c, clock.now(), Outcome::Ok, 10, 100)]);
         clock.advance(secs(1));
+        let mut totals = totals;
+        totals.get_mut(&c).unwrap().requests = 10;
         limiter.apply_totals(period, &totals, &limiter.committed_snapshot());
         assert_eq!(used(&limiter, c).requests, 10);
     }

@@ -767,17 +767,32 @@ mod tests {
         assert!(database.ids().is_empty());
 
         // The next start replays the spool before it returns, and only
-        // once.
+        // once; the replayed rows are a previous process's, which the
+        // commit hook (this process's limiter) is never shown.
         database.down.store(false, Ordering::Relaxed);
-        let running = started(dir.path(), &database).await;
+        let hooked = Arc::new(AtomicU64::new(0));
+        let hook: CommitHook = {
+            let hooked = hooked.clone();
+            Arc::new(move |rows: &[UsageEvent]| {
+                hooked.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            })
+        };
+        let running = start(config(dir.path()), database.clone(), Some(hook))
+            .await
+            .unwrap();
         let stats = running.recorder().stats().clone();
         assert_eq!(stats.rows_replayed.load(Ordering::Relaxed), 25);
         assert_eq!(stats.rows_written.load(Ordering::Relaxed), 0);
+        running.recorder().record(events(30..31).remove(0));
         running.shutdown(SHUTDOWN_GRACE).await;
+        assert_eq!(hooked.load(Ordering::Relaxed), 1, "only this process's row");
         let running = started(dir.path(), &database).await;
         running.shutdown(SHUTDOWN_GRACE).await;
-        assert_eq!(database.ids(), ids(&events(0..25)));
+        assert_eq!(
+            database.ids(),
+            ids(&[events(0..25), events(30..31)].concat())
+        );
         let distinct: HashSet<_> = database.ids().into_iter().collect();
-        assert_eq!(distinct.len(), 25);
+        assert_eq!(distinct.len(), 26);
     }
 }
