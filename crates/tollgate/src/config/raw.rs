@@ -44,7 +44,7 @@ pub(super) struct RawServer {
     pub request_body_timeout: Option<Str>,
     pub max_connections: Option<Spanned<usize>>,
     pub max_header_bytes: Option<Str>,
-    pub worker_threads: Option<usize>,
+    pub worker_threads: Option<Spanned<usize>>,
     pub instance_id: Option<Str>,
     pub access_log: Option<bool>,
 }

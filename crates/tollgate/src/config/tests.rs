@@ -1610,7 +1610,7 @@ fn webhooks_name_the_field_at_fault_and_never_print_the_secret() {
     );
     assert_eq!(
         message(&hook("url = \"ftp://h.example/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"")),
-        "tollgate.toml:2:7: webhooks[0].url: webhook URL \"ftp://h.example/\" must be an absolute http:// or https:// URL"
+        "tollgate.toml:2:7: webhooks[0].url: a webhook URL must be an absolute http:// or https:// URL"
     );
     let bad_secret = message(&hook(
         "url = \"https://h.example/\"\nsecret = \"not-a-secret-at-all\"",
@@ -1633,6 +1633,32 @@ fn webhooks_name_the_field_at_fault_and_never_print_the_secret() {
     );
     assert_eq!(
         message(&twice),
-        "tollgate.toml:5:7: webhooks[1].url: duplicate webhook URL \"https://h.example/\""
+        "tollgate.toml:5:7: webhooks[1].url: the same URL as webhooks[0].url"
+    );
+    // A URL can hold a secret of its own: never in a message.
+    let secret_path = message(&hook(
+        "url = \"https://hooks.example/T0/B0/s3cr3tT0k3n x\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+    ));
+    assert!(
+        secret_path.starts_with("tollgate.toml:2:7: webhooks[0].url: invalid webhook URL"),
+        "{secret_path}"
+    );
+    assert!(!secret_path.contains("s3cr3t"), "{secret_path}");
+}
+
+#[test]
+fn worker_threads_and_batch_size_are_bounded() {
+    assert_eq!(
+        message("[server]\nworker_threads = 100000000\n"),
+        "tollgate.toml:2:18: server.worker_threads: must be at most 1024 (0: one per core)"
+    );
+    assert_eq!(
+        message("[usage]\nbatch_size = 10000000\n"),
+        "tollgate.toml:2:14: usage.batch_size: must be at most 100000"
+    );
+    let config = parse("[server]\nworker_threads = 1024\n[usage]\nbatch_size = 100000\n").unwrap();
+    assert_eq!(
+        (config.server.worker_threads, config.usage.batch_size),
+        (1024, 100_000)
     );
 }

@@ -39,6 +39,8 @@ use super::{
 /// Bounds of `server.max_header_bytes`.
 const MIN_HEADER_BYTES: u64 = units::KIB;
 const MAX_HEADER_BYTES: u64 = 16 * units::MIB;
+const MAX_WORKER_THREADS: usize = 1024;
+const MAX_BATCH_SIZE: usize = 100_000;
 
 const SPANNED_KEY_PREFIX: &str = "$__serde_spanned_private_";
 
@@ -315,7 +317,18 @@ impl Validator<'_> {
                     Err(error) => Err(error.to_string()),
                 },
             )?,
-            worker_threads: raw.worker_threads.unwrap_or(defaults::WORKER_THREADS),
+            worker_threads: match raw.worker_threads {
+                // Each is an OS thread: beyond this, a typo, not a machine.
+                Some(value) if *value.get_ref() > MAX_WORKER_THREADS => {
+                    return Err(self.invalid(
+                        value.span(),
+                        "server.worker_threads",
+                        format!("must be at most {MAX_WORKER_THREADS} (0: one per core)"),
+                    ))
+                }
+                Some(value) => value.into_inner(),
+                None => defaults::WORKER_THREADS,
+            },
             instance_id: self.instance_id(raw.instance_id.as_ref())?,
             access_log: raw.access_log.unwrap_or(false),
         })
@@ -522,6 +535,15 @@ impl Validator<'_> {
             Some(value) if *value.get_ref() == 0 => {
                 return Err(self.invalid(value.span(), "usage.batch_size", "must be at least 1"))
             }
+            // The rows waiting for the spool are bounded at sixteen batches:
+            // a batch of millions would leave them unbounded in practice.
+            Some(value) if *value.get_ref() > MAX_BATCH_SIZE => {
+                return Err(self.invalid(
+                    value.span(),
+                    "usage.batch_size",
+                    format!("must be at most {MAX_BATCH_SIZE}"),
+                ))
+            }
             Some(value) => value.into_inner(),
             None => defaults::BATCH_SIZE,
         };
@@ -671,21 +693,23 @@ impl Validator<'_> {
         for (index, hook) in raw.iter().enumerate() {
             let at = |key: &str| format!("webhooks[{index}].{key}");
             let url = self.parsed(&hook.url, &at("url"), |text| {
+                // The URL is not put in a message: many carry a secret
+                // in their path or query (Slack's, say).
                 let uri: Uri = text
                     .parse()
-                    .map_err(|error| format!("invalid webhook URL {text:?}: {error}"))?;
+                    .map_err(|error| format!("invalid webhook URL: {error}"))?;
                 match (uri.scheme_str(), uri.host()) {
                     (Some("http" | "https"), Some(_)) => Ok(text.to_owned()),
-                    _ => Err(format!(
-                        "webhook URL {text:?} must be an absolute http:// or https:// URL"
-                    )),
+                    _ => {
+                        Err("a webhook URL must be an absolute http:// or https:// URL".to_owned())
+                    }
                 }
             })?;
-            if urls.insert(url.clone(), index).is_some() {
+            if let Some(first) = urls.insert(url.clone(), index) {
                 return Err(self.invalid(
                     hook.url.span(),
                     &at("url"),
-                    format!("duplicate webhook URL {url:?}"),
+                    format!("the same URL as webhooks[{first}].url"),
                 ));
             }
             // The secret is never put in a message.
