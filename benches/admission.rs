@@ -102,7 +102,7 @@ fn fixtures(customers: usize) -> (Vec<Caller>, Limiter, Limiter, Naive) {
     for &(customer, key) in &ids {
         limiter.set_limits(customer, limits.clone());
         keyed.set_limits(customer, limits.clone());
-        keyed.set_key_limits(key, key, customer, Some(&key_limits));
+        keyed.set_key_limits(key, key, customer, Some(&key_limits), true);
     }
     let customer_ids: Vec<CustomerId> = ids.iter().map(|(customer, _)| *customer).collect();
     let naive = Naive::new(&customer_ids);

@@ -31,6 +31,16 @@ struct Limited {
 }
 
 async fn limited(backend: Backend, tiers: &str, clock: Arc<dyn Clock>) -> Limited {
+    limited_syncing(backend, tiers, clock, "200ms").await
+}
+
+/// [`limited`], the totals read every `sync_interval`.
+async fn limited_syncing(
+    backend: Backend,
+    tiers: &str,
+    clock: Arc<dyn Clock>,
+    sync_interval: &str,
+) -> Limited {
     let db = TestGuard::create(backend).await;
     let mock = MockUpstream::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -45,7 +55,7 @@ url = "{db}"
 [usage]
 spool_dir = "{spool}"
 flush_interval = "20ms"
-sync_interval = "200ms"
+sync_interval = "{sync_interval}"
 
 {tiers}
 
@@ -826,5 +836,72 @@ async fn two_hundred_racing_requests_admit_exactly_what_the_tighter_level_has_le
     let (admitted, quota) = race(gw, &key).await;
     assert_eq!(admitted, 49);
     assert!(quota);
+    l.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_given_its_first_limit_is_judged_on_its_months_usage() {
+    // Totals read every minute: only the read a new limit asks for can
+    // tell the key's usage in time.
+    let l = limited_syncing(
+        Backend::Sqlite,
+        "[[tiers]]\nname = \"t\"\nmonthly_requests = 1000",
+        Arc::new(SystemClock),
+        "60s",
+    )
+    .await;
+    let gw = &l.gateway;
+    let key = gw.key.clone().unwrap();
+    for _ in 0..5 {
+        assert_eq!(chat_call(gw, &key, &[], false).await.status, StatusCode::OK);
+    }
+    // Its rows are written (flush_interval 20 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = admin(gw, Method::GET, "/v1/keys?customer=test", None)
+        .await
+        .json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let patched = admin(
+        gw,
+        Method::PATCH,
+        &format!("/v1/keys/{id}"),
+        Some(json!({"limits": {"monthly_requests": 3}})),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.json());
+    // Until the change reaches the limiter, the key has no limit of its own.
+    eventually(Duration::from_secs(5), || async {
+        let mine = send(
+            &client(),
+            authorized(Method::GET, gw.url("/_tollgate/usage"), Some(&key))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .json();
+        mine["key"]["limits"]["monthly_requests"]["limit"] == 3
+    })
+    .await;
+    // From then on: five used of three, never a fresh three.
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let reply = chat_call(gw, &key, &[], false).await;
+        seen.push((reply.status, reply.headers.get("x-tollgate-error").cloned()));
+        if reply.status == StatusCode::TOO_MANY_REQUESTS && reply.error_type() == "quota_exceeded" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.iter()
+            .all(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS),
+        "{seen:?}"
+    );
+    let took = started.elapsed();
+    println!("the key's usage was read within {took:?}");
     l.gateway.stop().await;
 }

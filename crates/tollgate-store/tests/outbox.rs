@@ -213,7 +213,7 @@ async fn a_family_given_limits_after_a_whole_read_is_read_whole(backend: Backend
 
     let limiter = Limiter::new(Arc::new(ManualClock::new(datetime!(2026-12-09 12:00 UTC))));
     let family = |key: &tollgate_metering::keys::KeyRecord| {
-        limiter.set_key_limits(key.id, key.family_id, acme.id, key.limits.as_ref());
+        limiter.set_key_limits(key.id, key.family_id, acme.id, key.limits.as_ref(), false);
     };
     family(&limited);
     let used = |key| limiter.key_view(key).map(|view| view.requests.used);

@@ -157,7 +157,10 @@ pub(crate) async fn run_sync(
     interval: Duration,
 ) {
     // Start-up has just synced.
-    tokio::time::sleep(interval).await;
+    tokio::select! {
+        () = tokio::time::sleep(interval) => {}
+        () = limiter.totals_wanted() => {}
+    }
     let mut failing = false;
     let mut pace = SyncPace::new(interval);
     loop {
@@ -189,7 +192,12 @@ pub(crate) async fn run_sync(
             Some(PaceChange::Normal) => emit(TotalsSyncFast { interval }),
             None => {}
         }
-        tokio::time::sleep(spacing.saturating_sub(started.elapsed())).await;
+        // A key given its first limits waits for its month's usage: read
+        // at once rather than at the next tick.
+        tokio::select! {
+            () = tokio::time::sleep(spacing.saturating_sub(started.elapsed())) => {}
+            () = limiter.totals_wanted() => {}
+        }
     }
 }
 

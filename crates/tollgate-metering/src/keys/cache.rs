@@ -139,12 +139,13 @@ impl KeyCache {
     }
 
     /// Inserts or replaces one key.
-    pub fn upsert(&self, record: &KeyRecord) {
+    /// Adds or replaces one key; whether it was new to the cache.
+    pub fn upsert(&self, record: &KeyRecord) -> bool {
         let generation = self.generation.load(Ordering::Relaxed);
-        self.insert(record, generation);
+        self.insert(record, generation)
     }
 
-    fn insert(&self, record: &KeyRecord, generation: u32) {
+    fn insert(&self, record: &KeyRecord, generation: u32) -> bool {
         let cached = CachedKey {
             key_id: record.id,
             customer_id: record.customer_id,
@@ -156,7 +157,7 @@ impl KeyCache {
             revoked: record.revoked_at.is_some(),
             generation,
         };
-        self.by_digest.insert(record.digest, cached);
+        self.by_digest.insert(record.digest, cached).is_none()
     }
 
     /// Forgets a key that no longer exists in the store. Keys are never
@@ -185,7 +186,7 @@ impl KeyCache {
                 count += batch.len();
                 for record in &batch {
                     self.insert(record, generation);
-                    policies.set_key(record);
+                    policies.set_key(record, false);
                 }
             })
             .await?;
@@ -248,8 +249,10 @@ async fn apply(
     match event {
         StoreEvent::Key(id) => match store.key(id).await? {
             Some(record) => {
-                cache.upsert(&record);
-                policies.set_key(&record);
+                // A key just made, not a rotation's successor, has been
+                // used nowhere yet: its limits need no reading of usage.
+                let made = cache.upsert(&record) && record.family_id == record.id;
+                policies.set_key(&record, made);
             }
             None => cache.remove(id),
         },

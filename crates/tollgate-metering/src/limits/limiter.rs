@@ -369,6 +369,11 @@ struct State {
     /// not recorded (the month turned with the database down, say): they
     /// happened, so they are still owed. Never more than one period back.
     closed: Option<Box<State>>,
+    /// A key family given limits while running: its month's usage is not
+    /// known until a totals read that began after it was made (this is
+    /// the read count when it was made). Until then its monthly limits
+    /// cannot be judged, and its requests wait (see [`State::check`]).
+    totals_pending: Option<u64>,
 }
 
 impl State {
@@ -390,6 +395,7 @@ impl State {
             largest: PeriodTotals::ZERO,
             settled_any: false,
             closed: None,
+            totals_pending: None,
         }
     }
 
@@ -438,6 +444,7 @@ impl State {
             largest: PeriodTotals::ZERO,
             settled_any: false,
             closed: None,
+            totals_pending: None,
         }
     }
 
@@ -519,6 +526,18 @@ impl State {
             Some(Ok(tat)) => Some(tat),
             None => None,
         };
+        if self.totals_pending.is_some()
+            && (self.limits.monthly_requests.is_some()
+                || self.limits.monthly_tokens.is_some()
+                || self.limits.monthly_cost_nanos.is_some())
+        {
+            // Judged against nothing, a key whose first limit was set to
+            // stop a runaway would start the month afresh; its usage is
+            // being read (milliseconds), so this passes at once.
+            return Err(Rejection::RateLimited {
+                retry_after: Duration::from_secs(1),
+            });
+        }
         let used = self.used();
         let to_next_period = || ceil_secs(self.period_end_ns.saturating_sub(now_ns));
         let budgets = [
@@ -829,6 +848,10 @@ pub struct Limiter {
     /// commits of closed days' rows ([`Limiter::committed`]) and keys
     /// gaining limits. Kept totals are good while it has not moved.
     closed_stale: AtomicU64,
+    /// Totals reads begun ([`State::totals_pending`]).
+    key_reads: AtomicU64,
+    /// Woken when a key family needs its totals read.
+    totals_wanted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -850,6 +873,8 @@ impl Limiter {
             member_count: AtomicUsize::new(0),
             closed: tokio::sync::Mutex::new(None),
             closed_stale: AtomicU64::new(0),
+            key_reads: AtomicU64::new(0),
+            totals_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -878,13 +903,18 @@ impl Limiter {
 
     /// Sets (or replaces, or with `None` removes) the limits of a key of
     /// `family`, live. Every key of a family shares one set of counters,
-    /// kept across changes of its limits.
+    /// kept across changes of its limits. A family new to this limiter
+    /// holds the requests its monthly limits govern (429 `rate_limited`,
+    /// `Retry-After: 1`) until a totals read has its month's usage, and
+    /// asks for one at once ([`Limiter::totals_wanted`]), unless `unused`:
+    /// a key just made, whose usage is nothing.
     pub fn set_key_limits(
         &self,
         key: KeyId,
         family: KeyId,
         customer: CustomerId,
         limits: Option<&KeyLimits>,
+        unused: bool,
     ) {
         let Some(limits) = limits.filter(|limits| !limits.is_empty()) else {
             if self.members.remove(&key).is_some() {
@@ -898,18 +928,27 @@ impl Limiter {
             // without limits are not): before the family is counted.
             self.closed_stale.fetch_add(1, Ordering::SeqCst);
         }
+        let mut made = false;
         let shared = self
             .families
             .entry(family)
             .or_insert_with(|| {
+                made = true;
+                let mut state = State::new(Limits::unlimited(), now_ns);
+                if !unused {
+                    state.totals_pending = Some(self.key_reads.load(Ordering::SeqCst));
+                }
                 Arc::new(KeyFamily {
                     id: family,
                     customer,
-                    state: Mutex::new(State::new(Limits::unlimited(), now_ns)),
+                    state: Mutex::new(state),
                     newest: Mutex::new(key),
                 })
             })
             .clone();
+        if made && !unused {
+            self.totals_wanted.notify_one();
+        }
         {
             let mut newest = shared.newest.lock().unwrap_or_else(|e| e.into_inner());
             *newest = (*newest).max(key);
@@ -1219,12 +1258,14 @@ impl Limiter {
         }
     }
 
-    /// [`Limiter::apply_totals`] for the key families.
+    /// [`Limiter::apply_totals`] for the key families, from the read
+    /// numbered `read` ([`Limiter::begin_key_read`]).
     fn apply_key_totals(
         &self,
         period: Period,
         totals: &HashMap<KeyId, PeriodTotals>,
         committed: &CommittedSnapshot,
+        read: u64,
     ) {
         let now_ns = self.now();
         if period != Self::period_at(now_ns) {
@@ -1233,8 +1274,24 @@ impl Limiter {
         for family in self.all_families() {
             let total = totals.get(&family.id).copied().unwrap_or_default();
             let ours = committed.ours(period, &committed.keys, &family.id);
-            family.lock().rebase(now_ns, period, total, ours);
+            let mut state = family.lock();
+            state.rebase(now_ns, period, total, ours);
+            // Made before this read began: the read had its rows.
+            if state.totals_pending.is_some_and(|made| made < read) {
+                state.totals_pending = None;
+            }
         }
+    }
+
+    /// Numbers a totals read about to begin: families made from now on
+    /// wait for a later one.
+    fn begin_key_read(&self) -> u64 {
+        self.key_reads.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Waits until a key family made since needs its totals read.
+    pub async fn totals_wanted(&self) {
+        self.totals_wanted.notified().await;
     }
 
     /// [`Limiter::view`] of a customer this limiter has seen.
@@ -1429,6 +1486,20 @@ mod tests {
     use crate::keys::ids::KeyId;
     use crate::limits::{ManualClock, Rate};
     use crate::usage::CostSource;
+
+    /// Key limits, as after the totals read that follows them at start.
+    fn known_key_limits(
+        limiter: &Limiter,
+        key: KeyId,
+        family: KeyId,
+        customer: CustomerId,
+        limits: Option<&KeyLimits>,
+    ) {
+        limiter.set_key_limits(key, family, customer, limits, false);
+        if let Some(family) = limiter.families.get(&family) {
+            family.lock().totals_pending = None;
+        }
+    }
 
     fn setup(at: OffsetDateTime) -> (Arc<ManualClock>, Limiter) {
         let clock = Arc::new(ManualClock::new(at));
@@ -1819,7 +1890,8 @@ mod tests {
         assert_eq!(state_in_flight, 48);
 
         // A key's own budget holds the same way, at its own sizes.
-        limiter.set_key_limits(
+        known_key_limits(
+            &limiter,
             k,
             k,
             c,
@@ -2484,7 +2556,7 @@ mod tests {
         let c = customer(1);
         let (limited, other) = (key(10), key(11));
         limiter.set_limits(c, quota(100, Overage::Bill));
-        limiter.set_key_limits(limited, limited, c, Some(&key_quota(3)));
+        known_key_limits(&limiter, limited, limited, c, Some(&key_quota(3)));
         for _ in 0..3 {
             admitted(limiter.admit(c, limited));
         }
@@ -2511,7 +2583,8 @@ mod tests {
                 ..quota(100, Overage::Block)
             },
         );
-        limiter.set_key_limits(
+        known_key_limits(
+            &limiter,
             fast,
             fast,
             c,
@@ -2539,9 +2612,9 @@ mod tests {
         admitted(limiter.admit(c, fast));
 
         // Clearing the limits frees the key; setting them again keeps the count.
-        limiter.set_key_limits(limited, limited, c, None);
+        known_key_limits(&limiter, limited, limited, c, None);
         admitted(limiter.admit(c, limited));
-        limiter.set_key_limits(limited, limited, c, Some(&key_quota(3)));
+        known_key_limits(&limiter, limited, limited, c, Some(&key_quota(3)));
         assert!(limiter.admit(c, limited).result.is_err());
     }
 
@@ -2551,7 +2624,7 @@ mod tests {
         // The key has 50 left, its customer plenty.
         let (c, k) = (customer(1), key(1));
         limiter.set_limits(c, quota(100_000, Overage::Block));
-        limiter.set_key_limits(k, k, c, Some(&key_quota(60)));
+        known_key_limits(&limiter, k, k, c, Some(&key_quota(60)));
         for _ in 0..10 {
             admitted(limiter.admit(c, k));
         }
@@ -2563,7 +2636,7 @@ mod tests {
         // The customer has 50 left, its key plenty.
         let (c, k) = (customer(2), key(2));
         limiter.set_limits(c, quota(60, Overage::Block));
-        limiter.set_key_limits(k, k, c, Some(&key_quota(100_000)));
+        known_key_limits(&limiter, k, k, c, Some(&key_quota(100_000)));
         for _ in 0..10 {
             admitted(limiter.admit(c, k));
         }
@@ -2579,11 +2652,11 @@ mod tests {
         let (_clock, limiter) = setup(datetime!(2026-03-10 12:00 UTC));
         let (c, old, new) = (customer(1), key(1), key(2));
         limiter.set_limits(c, Limits::unlimited());
-        limiter.set_key_limits(old, old, c, Some(&key_quota(5)));
+        known_key_limits(&limiter, old, old, c, Some(&key_quota(5)));
         for _ in 0..3 {
             admitted(limiter.admit(c, old));
         }
-        limiter.set_key_limits(new, old, c, Some(&key_quota(5)));
+        known_key_limits(&limiter, new, old, c, Some(&key_quota(5)));
         admitted(limiter.admit(c, new));
         admitted(limiter.admit(c, old));
         assert!(limiter.admit(c, new).result.is_err());
@@ -2593,7 +2666,7 @@ mod tests {
             monthly_tokens: Some(1_000),
             ..key_quota(5)
         };
-        limiter.set_key_limits(new, old, c, Some(&tokens));
+        known_key_limits(&limiter, new, old, c, Some(&tokens));
         assert_eq!(
             limiter.key_view(old).unwrap().limits.monthly_tokens,
             Some(1_000),
@@ -2613,7 +2686,8 @@ mod tests {
                 ..quota(100, Overage::Block)
             },
         );
-        limiter.set_key_limits(
+        known_key_limits(
+            &limiter,
             k,
             k,
             c,
@@ -2656,7 +2730,7 @@ mod tests {
         let at = datetime!(2026-03-10 12:00 UTC);
         let (_clock, limiter) = setup(at);
         let (c, k) = (customer(1), key(1));
-        limiter.set_key_limits(k, k, c, Some(&key_quota(100)));
+        known_key_limits(&limiter, k, k, c, Some(&key_quota(100)));
         let ours: Vec<UsageEvent> = (0..2)
             .map(|_| {
                 admitted(limiter.admit(c, k));
@@ -2679,7 +2753,7 @@ mod tests {
                 cost_nanos: 0,
             },
         )]);
-        limiter.apply_key_totals(period, &totals, &snapshot);
+        limiter.apply_key_totals(period, &totals, &snapshot, limiter.begin_key_read());
         assert_eq!(key_used(&limiter, k), 9);
     }
 
@@ -2735,8 +2809,8 @@ mod tests {
         // A key's own limit uses its customer's fractions and names the
         // family's newest key.
         let rotated = key(2);
-        limiter.set_key_limits(k, k, c, Some(&key_quota(2)));
-        limiter.set_key_limits(rotated, k, c, Some(&key_quota(2)));
+        known_key_limits(&limiter, k, k, c, Some(&key_quota(2)));
+        known_key_limits(&limiter, rotated, k, c, Some(&key_quota(2)));
         limiter.set_limits(
             c,
             Limits {
@@ -2755,6 +2829,58 @@ mod tests {
             })
         );
         assert_eq!((owed[0].used, owed[0].limit_value), (1, 2));
+    }
+
+    #[test]
+    fn a_key_given_its_first_limit_waits_for_its_months_usage() {
+        let at = datetime!(2026-03-10 12:00 UTC);
+        let (_clock, limiter) = setup(at);
+        let (c, k) = (customer(1), key(1));
+        // 50 requests this month before the key had a limit of its own.
+        limiter.set_key_limits(k, k, c, Some(&key_quota(10)), false);
+        let refused = rejected(limiter.admit(c, k));
+        assert_eq!(
+            refused,
+            Rejection::RateLimited {
+                retry_after: secs(1)
+            }
+        );
+        // A read that began before the family was made does not count.
+        let early = limiter.begin_key_read() - 1;
+        let period = Period::containing(at);
+        let totals = HashMap::from([(
+            k,
+            PeriodTotals {
+                requests: 50,
+                tokens: 0,
+                cost_nanos: 0,
+            },
+        )]);
+        let snapshot = limiter.committed_snapshot();
+        limiter.apply_key_totals(period, &totals, &snapshot, early);
+        assert!(limiter.admit(c, k).result.is_err(), "still waiting");
+        limiter.apply_key_totals(period, &totals, &snapshot, limiter.begin_key_read());
+        assert!(matches!(
+            rejected(limiter.admit(c, k)),
+            Rejection::QuotaExceeded { .. }
+        ));
+        // A key with a rate of its own only is not held.
+        let (c2, k2) = (customer(2), key(2));
+        limiter.set_key_limits(
+            k2,
+            k2,
+            c2,
+            Some(&KeyLimits {
+                rate: Some("5/s".parse().unwrap()),
+                ..KeyLimits::default()
+            }),
+            false,
+        );
+        // A key just made has been used nowhere: not held either.
+        let (c3, k3) = (customer(3), key(3));
+        limiter.set_key_limits(k3, k3, c3, Some(&key_quota(10)), true);
+        admitted(limiter.admit(c2, k2));
+        admitted(limiter.admit(c3, k3));
     }
 
     #[test]
@@ -2809,7 +2935,7 @@ mod tests {
                 ..quota(2, Overage::Block)
             },
         );
-        limiter.set_key_limits(k, k, c, Some(&key_quota(2)));
+        known_key_limits(&limiter, k, k, c, Some(&key_quota(2)));
         admitted(limiter.admit(c, k));
         // Not recorded yet (the database is down) when April starts.
         clock.advance(Duration::from_millis(200));

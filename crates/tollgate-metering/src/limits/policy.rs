@@ -88,10 +88,16 @@ impl Policies {
             .map(|known| known.tier.clone())
     }
 
-    /// Sets (or clears) one key's own limits in the limiter.
-    pub fn set_key(&self, key: &KeyRecord) {
-        self.limiter
-            .set_key_limits(key.id, key.family_id, key.customer_id, key.limits.as_ref());
+    /// Sets (or clears) one key's own limits in the limiter; `unused`
+    /// when the key has just been made (see [`Limiter::set_key_limits`]).
+    pub fn set_key(&self, key: &KeyRecord, unused: bool) {
+        self.limiter.set_key_limits(
+            key.id,
+            key.family_id,
+            key.customer_id,
+            key.limits.as_ref(),
+            unused,
+        );
     }
 
     /// Sets one customer's effective limits.

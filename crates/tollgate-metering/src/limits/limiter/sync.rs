@@ -119,6 +119,7 @@ impl Limiter {
         // Read before the snapshot for a whole read, after it to judge
         // kept totals: whatever made them stale before a row reached the
         // snapshot shows in the second (see `Limiter::committed`).
+        let read_number = self.begin_key_read();
         let stale_before = self.closed_stale.load(Ordering::SeqCst);
         let committed = self.committed_snapshot();
         let stale_count = self.closed_stale.load(Ordering::SeqCst);
@@ -156,7 +157,7 @@ impl Limiter {
             HashMap::new()
         };
         self.apply_totals(period, &totals, &committed);
-        self.apply_key_totals(period, &key_totals, &committed);
+        self.apply_key_totals(period, &key_totals, &committed, read_number);
         *slot = Some(closed);
         Ok(read)
     }
