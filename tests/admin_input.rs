@@ -82,7 +82,54 @@ tollgate_store::both_backends!(
     extreme_query_values_are_answered,
     bodies_and_key_limits_must_be_objects_with_values_in_range,
     a_nul_in_a_name_or_key_is_not_found_not_a_server_error,
+    names_count_characters_and_refuse_invisible_ones,
+    keys_made_at_once_for_a_new_customer_all_succeed,
 );
+
+async fn names_count_characters_and_refuse_invisible_ones(backend: Backend) {
+    let setup = setup(backend).await;
+    let gw = &setup.gw;
+    let create = |name: String| async move {
+        admin(
+            gw,
+            Method::POST,
+            "/v1/customers",
+            Some(json!({"name": name, "tier": "test"})),
+        )
+        .await
+    };
+    let reply = create("é".repeat(128)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    assert_invalid(&create("é".repeat(129)).await, "name", "129 characters");
+    for spoof in ["a\u{202E}gnp.exe", "ac\u{200B}me", "\u{2066}x\u{2069}"] {
+        assert_invalid(&create(spoof.to_owned()).await, "name", spoof);
+    }
+}
+
+async fn keys_made_at_once_for_a_new_customer_all_succeed(backend: Backend) {
+    let setup = setup(backend).await;
+    let gw = &setup.gw;
+    let url = format!("http://{}/v1/keys", gw.admin);
+    let replies = futures_join_all((0..6).map(|_| {
+        let request = http::Request::post(&url)
+            .header("authorization", "Bearer admin-test-token")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"customer": "newco", "tier": "test"}).to_string(),
+            )))
+            .unwrap();
+        async move { send(&client(), request).await }
+    }))
+    .await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    }
+    let customers: std::collections::HashSet<_> = replies
+        .iter()
+        .map(|reply| reply.json()["customer_id"].clone())
+        .collect();
+    assert_eq!(customers.len(), 1, "{customers:?}");
+}
 
 async fn a_nul_in_a_name_or_key_is_not_found_not_a_server_error(backend: Backend) {
     let setup = setup(backend).await;

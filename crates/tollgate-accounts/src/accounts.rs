@@ -375,8 +375,15 @@ impl Accounts {
                         request.customer
                     )));
                 };
-                let view = self.create_customer(&request.customer, tier, None).await?;
-                self.find_customer(&view.id.to_string()).await?
+                match self.create_customer(&request.customer, tier, None).await {
+                    Ok(view) => self.find_customer(&view.id.to_string()).await?,
+                    // Made meanwhile by another request for a key of the
+                    // same new customer: that one, if its tier is this.
+                    Err(error) => match self.store.find_customer(&request.customer).await? {
+                        Some(customer) if customer.tier == *tier => customer,
+                        _ => return Err(error),
+                    },
+                }
             }
         };
         let (plain, new) = self.new_key(&customer, &request, created_at)?;
@@ -627,14 +634,29 @@ fn in_utc(at: OffsetDateTime) -> Result<OffsetDateTime, AccountError> {
     })
 }
 
+/// Characters that change how the text around them is shown without
+/// showing themselves: bidirectional overrides and isolates, marks,
+/// zero-width characters. In a name they let one name pass for another
+/// on the console, in tables and on invoices.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 fn check_name(field: &'static str, name: &str) -> Result<(), AccountError> {
-    if name.is_empty() || name.len() > 128 {
+    if name.is_empty() || name.chars().count() > 128 {
         return Err(AccountError::invalid(field, "must be 1 to 128 characters"));
     }
-    if name.chars().any(char::is_control) {
+    if name.chars().any(|c| c.is_control() || is_invisible(c)) {
         return Err(AccountError::invalid(
             field,
-            "must not contain control characters",
+            "must not contain control characters or invisible ones (direction marks, zero-width characters)",
         ));
     }
     // A name that parses as a UUID would be ambiguous with an id.
@@ -648,10 +670,10 @@ fn check_name(field: &'static str, name: &str) -> Result<(), AccountError> {
 }
 
 fn check_label(field: &'static str, label: &str) -> Result<(), AccountError> {
-    if label.len() > 128 || label.chars().any(char::is_control) {
+    if label.chars().count() > 128 || label.chars().any(|c| c.is_control() || is_invisible(c)) {
         return Err(AccountError::invalid(
             field,
-            "must be at most 128 characters without control characters",
+            "must be at most 128 characters without control or invisible characters",
         ));
     }
     Ok(())
