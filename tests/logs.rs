@@ -280,3 +280,18 @@ usage = "openai"
     }
     drop(upstream);
 }
+
+#[test]
+fn a_short_admin_token_is_a_warning_at_start_that_never_shows_it() {
+    let process = Process::serve(
+        "[server]\nlisten = \"LISTEN\"\nadmin_listen = \"ADMIN\"\n\n[admin]\ntokens = [\"letmein\", \"0123456789abcdef0123456789abcdef\"]\n",
+    );
+    let logs = process.logs().join("\n");
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("short enough to be guessed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains("admin.tokens[0]"), "{}", warnings[0]);
+    assert!(!logs.contains("letmein"), "{logs}");
+}

@@ -142,6 +142,23 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     start_with_clock(config, store, Arc::new(SystemClock)).await
 }
 
+/// Admin tokens are bearer secrets tried without any limit on attempts:
+/// one that could be guessed is a way in to keys and bills.
+const SHORT_ADMIN_TOKEN: usize = 24;
+
+fn warn_of_short_admin_tokens(tokens: &[String]) {
+    for (index, token) in tokens.iter().enumerate() {
+        let length = token.chars().count();
+        if length < SHORT_ADMIN_TOKEN {
+            tracing::warn!(
+                message = "An admin token is short enough to be guessed; use at least 32 random characters (openssl rand -hex 32).",
+                token = format!("admin.tokens[{index}]"),
+                characters = length,
+            );
+        }
+    }
+}
+
 /// As [`start_with_store`], with the clock the limits' periods and windows
 /// follow (tests move it by hand).
 pub async fn start_with_clock(
@@ -149,6 +166,7 @@ pub async fn start_with_clock(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Running> {
+    warn_of_short_admin_tokens(&config.admin.tokens);
     // The listeners' certificates are read first: a bad one stops the
     // start before the spool is replayed or anything else is opened.
     let tls = acceptor(config.server.tls.as_ref(), "the data plane (server.tls)")?;
