@@ -190,8 +190,16 @@ pub trait WebhookOutbox: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Option<Claimed>, StoreError>;
 
-    /// Records how an attempt ended.
-    async fn settle_delivery(&self, id: Uuid, settlement: &Settlement) -> Result<(), StoreError>;
+    /// Records how an attempt ended: the one its claim counted as
+    /// `attempt`. Nothing changes when the delivery has been claimed again
+    /// since (a claim that ran out while its attempt went on): the later
+    /// claim settles it.
+    async fn settle_delivery(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError>;
 
     /// Newest first: ids strictly before `page.after`.
     async fn deliveries(

@@ -419,8 +419,8 @@ impl Webhooks {
             }
             tokio::select! {
                 Some(ended) = attempts.next() => {
-                    if let Some((id, settlement)) = ended {
-                        self.settle(id, &settlement).await;
+                    if let Some((id, attempt, settlement)) = ended {
+                        self.settle(id, attempt, &settlement).await;
                     }
                 }
                 () = self.outbox.recorded.notified() => {}
@@ -460,8 +460,13 @@ impl Webhooks {
 
     /// Records an attempt's outcome. One that cannot be recorded (the
     /// database down) is attempted again once its claim runs out.
-    async fn settle(&self, id: Uuid, settlement: &Settlement) {
-        if let Err(error) = self.outbox.store.settle_delivery(id, settlement).await {
+    async fn settle(&self, id: Uuid, attempt: u32, settlement: &Settlement) {
+        if let Err(error) = self
+            .outbox
+            .store
+            .settle_delivery(id, attempt, settlement)
+            .await
+        {
             tracing::warn!(
                 message = "Cannot record a webhook delivery's outcome; it is sent again once its claim runs out.",
                 delivery = %id,
@@ -481,7 +486,9 @@ impl Webhooks {
             return Ok(None);
         };
         let settlement = self.attempt(&claimed).await;
-        store.settle_delivery(id, &settlement).await?;
+        store
+            .settle_delivery(id, claimed.delivery.attempts, &settlement)
+            .await?;
         store.delivery(id).await
     }
 
@@ -531,7 +538,7 @@ impl Webhooks {
 /// The sender's attempts in flight, and how many go to each endpoint.
 #[derive(Default)]
 struct Attempts {
-    running: JoinSet<(Uuid, Settlement)>,
+    running: JoinSet<(Uuid, u32, Settlement)>,
     urls: HashMap<tokio::task::Id, String>,
     per_url: HashMap<String, usize>,
 }
@@ -542,9 +549,11 @@ impl Attempts {
         claimed: &Claimed,
         attempt: impl std::future::Future<Output = Settlement> + Send + 'static,
     ) {
-        let id = claimed.delivery.id;
+        let (id, count) = (claimed.delivery.id, claimed.delivery.attempts);
         let url = claimed.delivery.url.clone();
-        let task = self.running.spawn(async move { (id, attempt.await) });
+        let task = self
+            .running
+            .spawn(async move { (id, count, attempt.await) });
         *self.per_url.entry(url.clone()).or_default() += 1;
         self.urls.insert(task.id(), url);
     }
@@ -560,7 +569,7 @@ impl Attempts {
 
     /// The next attempt to end (`None` when none is running); its outcome,
     /// unless it panicked.
-    async fn next(&mut self) -> Option<Option<(Uuid, Settlement)>> {
+    async fn next(&mut self) -> Option<Option<(Uuid, u32, Settlement)>> {
         let (task, outcome) = match self.running.join_next_with_id().await? {
             Ok((task, outcome)) => (task, Some(outcome)),
             Err(error) => (error.id(), None),

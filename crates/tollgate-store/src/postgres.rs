@@ -1845,8 +1845,13 @@ impl WebhookOutbox for PostgresStore {
             .pop())
     }
 
-    async fn settle_delivery(&self, id: Uuid, settlement: &Settlement) -> Result<(), StoreError> {
-        run(webhooks::settle(self, id, settlement)).await
+    async fn settle_delivery(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError> {
+        run(webhooks::settle(self, id, attempt, settlement)).await
     }
 
     async fn deliveries(

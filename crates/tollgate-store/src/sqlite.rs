@@ -1164,9 +1164,14 @@ impl WebhookOutbox for SqliteStore {
             .await
     }
 
-    async fn settle_delivery(&self, id: Uuid, settlement: &Settlement) -> Result<(), StoreError> {
+    async fn settle_delivery(
+        &self,
+        id: Uuid,
+        attempt: u32,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError> {
         let settlement = settlement.clone();
-        self.call(move |conn| webhooks::settle(conn, id, &settlement))
+        self.call(move |conn| webhooks::settle(conn, id, attempt, &settlement))
             .await
     }
 

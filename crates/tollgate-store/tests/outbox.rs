@@ -372,10 +372,20 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
     let again = store.claim_deliveries(later, lease, 10, &[]).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].delivery.attempts, 2);
+    // The first claim's attempt ends late: the second claim has it now,
+    // and the late outcome changes nothing.
+    store
+        .settle_delivery(id, 1, &Settlement::Delivered { at: later })
+        .await
+        .unwrap();
+    let still = store.delivery(id).await.unwrap().unwrap();
+    assert_eq!(still.status, DeliveryStatus::Pending, "fenced off");
+    assert_eq!(still.delivered_at, None);
     let retry_at = later + time::Duration::seconds(10);
     store
         .settle_delivery(
             id,
+            2,
             &Settlement::Retry {
                 error: "answered HTTP 500".into(),
                 next_attempt_at: retry_at,
@@ -394,7 +404,7 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
         .unwrap();
     assert_eq!(claimed.len(), 1);
     store
-        .settle_delivery(id, &Settlement::Delivered { at: delivered_at })
+        .settle_delivery(id, 3, &Settlement::Delivered { at: delivered_at })
         .await
         .unwrap();
     let done = store.delivery(id).await.unwrap().unwrap();
@@ -413,6 +423,7 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
     store
         .settle_delivery(
             id,
+            4,
             &Settlement::Failed {
                 error: "gone".into(),
             },

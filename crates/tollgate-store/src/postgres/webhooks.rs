@@ -128,8 +128,10 @@ pub(super) async fn claim(
 pub(super) async fn settle(
     store: &PostgresStore,
     id: Uuid,
+    attempt: u32,
     settlement: &Settlement,
 ) -> Result<(), Failure> {
+    let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
     let client = store.client().await?;
     let (status, error, next, delivered): (&str, Option<&str>, Option<OffsetDateTime>, _) =
         match settlement {
@@ -149,11 +151,14 @@ pub(super) async fn settle(
         .prepare_cached(
             "UPDATE webhook_deliveries SET status = $2, \
              last_error = COALESCE($3, last_error), next_attempt_at = $4, \
-             delivered_at = COALESCE($5, delivered_at) WHERE id = $1",
+             delivered_at = COALESCE($5, delivered_at) WHERE id = $1 AND attempts = $6",
         )
         .await?;
     client
-        .execute(&statement, &[&id, &status, &error, &next, &delivered])
+        .execute(
+            &statement,
+            &[&id, &status, &error, &next, &delivered, &attempt],
+        )
         .await?;
     Ok(())
 }

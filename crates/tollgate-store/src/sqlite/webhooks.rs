@@ -131,7 +131,12 @@ pub(super) fn claim(
     Ok(claimed)
 }
 
-pub(super) fn settle(conn: &Connection, id: Uuid, settlement: &Settlement) -> Result<(), Failure> {
+pub(super) fn settle(
+    conn: &Connection,
+    id: Uuid,
+    attempt: u32,
+    settlement: &Settlement,
+) -> Result<(), Failure> {
     let (status, error, next, delivered) = match settlement {
         Settlement::Delivered { at } => ("delivered", None, None, Some(ts(*at))),
         Settlement::Retry {
@@ -148,9 +153,16 @@ pub(super) fn settle(conn: &Connection, id: Uuid, settlement: &Settlement) -> Re
     conn.prepare_cached(
         "UPDATE webhook_deliveries SET status = ?2, \
          last_error = COALESCE(?3, last_error), next_attempt_at = ?4, \
-         delivered_at = COALESCE(?5, delivered_at) WHERE id = ?1",
+         delivered_at = COALESCE(?5, delivered_at) WHERE id = ?1 AND attempts = ?6",
     )?
-    .execute(params![id.to_string(), status, error, next, delivered])?;
+    .execute(params![
+        id.to_string(),
+        status,
+        error,
+        next,
+        delivered,
+        attempt
+    ])?;
     Ok(())
 }
 
