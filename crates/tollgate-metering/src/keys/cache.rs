@@ -185,8 +185,11 @@ impl KeyCache {
             .load_keys(&mut |batch: Vec<KeyRecord>| {
                 count += batch.len();
                 for record in &batch {
-                    self.insert(record, generation);
-                    policies.set_key(record, false);
+                    // As for a key from the feed: one new to the cache
+                    // (all of them at start, before the first totals
+                    // read) that is not a rotation's successor is unused.
+                    let made = self.insert(record, generation) && record.family_id == record.id;
+                    policies.set_key(record, made);
                 }
             })
             .await?;
