@@ -213,6 +213,9 @@ pub trait WebhookOutbox: Send + Sync + 'static {
     /// Deliveries neither delivered nor given up.
     async fn pending_deliveries(&self) -> Result<u64, StoreError>;
 
+    /// The `dedup` of every event recorded at or after `since`.
+    async fn event_dedups(&self, since: OffsetDateTime) -> Result<Vec<String>, StoreError>;
+
     /// Keys that are active at `now` and expire at or before `until`:
     /// neither revoked nor replaced by a rotation (a newer key in their
     /// family).

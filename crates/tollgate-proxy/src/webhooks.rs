@@ -254,6 +254,14 @@ pub struct Webhooks {
     /// `key.expiring` events recorded by this process (saves asking the
     /// database again every scan).
     expiring_seen: Mutex<HashSet<String>>,
+    /// Until the first alert scan has gone through: the events already
+    /// recorded this month, read once. After a start the limiter owes
+    /// every alert crossed this month; those found here are only marked,
+    /// not recorded again one transaction each (which at tens of
+    /// thousands of customers held up new alerts for minutes).
+    recorded_before: tokio::sync::Mutex<Option<HashSet<String>>>,
+    /// The first alert scan has gone through.
+    first_scan_done: std::sync::atomic::AtomicBool,
 }
 
 impl Webhooks {
@@ -268,6 +276,8 @@ impl Webhooks {
             client,
             metrics: metrics.webhook_metrics(),
             expiring_seen: Mutex::new(HashSet::new()),
+            recorded_before: tokio::sync::Mutex::new(None),
+            first_scan_done: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -315,6 +325,22 @@ impl Webhooks {
         let Ok(found) = tokio::task::spawn_blocking(move || scan.alerts()).await else {
             return;
         };
+        let first_scan = !self
+            .first_scan_done
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut recorded_before = self.recorded_before.lock().await;
+        if first_scan && recorded_before.is_none() && !found.is_empty() {
+            let month = OffsetDateTime::now_utc()
+                .replace_day(1)
+                .map(|day| day.replace_time(time::Time::MIDNIGHT))
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            // From a day early: an instance whose clock runs behind may
+            // have recorded one of this month's events "last month".
+            let since = month - time::Duration::days(1);
+            if let Ok(dedups) = self.outbox.store.event_dedups(since).await {
+                *recorded_before = Some(dedups.into_iter().collect());
+            }
+        }
         for alert in found {
             let event = match alert.threshold {
                 Some(_) => EventType::QuotaThreshold,
@@ -329,6 +355,13 @@ impl Webhooks {
                 continue;
             };
             let (dedup, data) = alert_event(&alert, &customer.name);
+            if recorded_before
+                .as_ref()
+                .is_some_and(|recorded| recorded.contains(&dedup))
+            {
+                limiter.alerted(&alert);
+                continue;
+            }
             match self.outbox.record(event, dedup, data).await {
                 Ok(_) => limiter.alerted(&alert),
                 Err(error) => {
@@ -341,6 +374,10 @@ impl Webhooks {
                 }
             }
         }
+        // Gone through once: what start-up owed is marked.
+        *recorded_before = None;
+        self.first_scan_done
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn record_expiring_keys(&self) {

@@ -1870,6 +1870,10 @@ impl WebhookOutbox for PostgresStore {
         run(webhooks::pending(self)).await
     }
 
+    async fn event_dedups(&self, since: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        run(webhooks::dedups(self, since)).await
+    }
+
     async fn expiring_keys(
         &self,
         now: OffsetDateTime,

@@ -1192,6 +1192,10 @@ impl WebhookOutbox for SqliteStore {
         self.call(|conn| webhooks::pending(conn)).await
     }
 
+    async fn event_dedups(&self, since: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        self.call(move |conn| webhooks::dedups(conn, since)).await
+    }
+
     async fn expiring_keys(
         &self,
         now: OffsetDateTime,

@@ -25,6 +25,7 @@ tollgate_store::both_backends!(
     an_event_is_recorded_once_with_a_delivery_per_endpoint,
     claims_take_due_deliveries_once_and_settle_them,
     a_claim_leaves_the_urls_it_is_told_to_skip,
+    the_events_recorded_since_a_time_are_listed_by_dedup,
     concurrent_claimers_never_share_a_delivery,
     expiring_keys_leave_out_revoked_and_rotated_ones,
 );
@@ -442,6 +443,21 @@ async fn claims_take_due_deliveries_once_and_settle_them(backend: Backend) {
         .await
         .unwrap()
         .is_none());
+}
+
+async fn the_events_recorded_since_a_time_are_listed_by_dedup(backend: Backend) {
+    let (store, _guard) = test_store(backend).await;
+    let day = time::Duration::days(1);
+    for (dedup, at) in [("old", T0 - day), ("edge", T0), ("new", T0 + day)] {
+        store
+            .record_event(&event(dedup, at), &urls(1))
+            .await
+            .unwrap();
+    }
+    let mut found = store.event_dedups(T0).await.unwrap();
+    found.sort();
+    assert_eq!(found, ["edge", "new"]);
+    assert!(store.event_dedups(T0 + day * 2).await.unwrap().is_empty());
 }
 
 async fn a_claim_leaves_the_urls_it_is_told_to_skip(backend: Backend) {

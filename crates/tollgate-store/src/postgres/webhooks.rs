@@ -221,6 +221,18 @@ pub(super) async fn pending(store: &PostgresStore) -> Result<u64, Failure> {
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
+pub(super) async fn dedups(
+    store: &PostgresStore,
+    since: OffsetDateTime,
+) -> Result<Vec<String>, Failure> {
+    let client = store.client().await?;
+    let statement = client
+        .prepare_cached("SELECT dedup FROM webhook_events WHERE created_at >= $1")
+        .await?;
+    let rows = client.query(&statement, &[&since]).await?;
+    rows.iter().map(|row| get(row, 0)).collect()
+}
+
 pub(super) async fn expiring_keys(
     store: &PostgresStore,
     now: OffsetDateTime,

@@ -209,6 +209,13 @@ pub(super) fn pending(conn: &Connection) -> Result<u64, Failure> {
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
+pub(super) fn dedups(conn: &Connection, since: OffsetDateTime) -> Result<Vec<String>, Failure> {
+    let mut statement =
+        conn.prepare_cached("SELECT dedup FROM webhook_events WHERE created_at >= ?1")?;
+    let rows = statement.query_map(params![ts(since)], |row| row.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub(super) fn expiring_keys(
     conn: &Connection,
     now: OffsetDateTime,
