@@ -1458,8 +1458,9 @@ async fn syncs_between_whole_reads_read_the_open_days_and_keep_the_closed_ones(b
     assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::OpenDays);
     assert_eq!((requests(acme), requests(beta)), (4, 2));
 
-    // This instance commits a row of a closed day (its spool replaying):
-    // the next sync reads everything, another instance's late row too.
+    // This instance commits a row of a closed day (one it spooled while
+    // the database was down, written late): the next sync reads
+    // everything, another instance's late row too.
     write(vec![usage_event(
         acme,
         key,
@@ -1467,6 +1468,7 @@ async fn syncs_between_whole_reads_read_the_open_days_and_keep_the_closed_ones(b
     )])
     .await;
     let ours = usage_event(beta, key, datetime!(2026-03-12 09:00 UTC));
+    assert!(limiter.admit(beta, key).result.is_ok());
     write(vec![ours.clone()]).await;
     limiter.committed(&[ours]);
     assert_eq!(sync(SyncRead::OpenDays).await, SyncRead::Whole);
