@@ -1254,3 +1254,74 @@ async fn a_row_keeps_at_most_a_kibibyte_of_the_path() {
     assert_eq!(found[0].0, path[..1024]);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn admin_tokens_cannot_be_guessed_at_line_rate() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = gateway(&mock).await;
+    let with_token = |token: &str| {
+        http::Request::get(format!("http://{}/v1/customers", gw.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    for guess in 0..10 {
+        let reply = send(&client(), with_token(&format!("guess-{guess}"))).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    // The eleventh is refused before it is looked at, the right one too.
+    let refused = send(&client(), with_token("admin-test-token")).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_type(), "rate_limited");
+    let wait: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((50..=60).contains(&wait), "{wait}");
+    // So is the console's form; health and metrics are not.
+    let form = http::Request::post(format!("http://{}/console/login", gw.admin))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(b"token=admin-test-token")))
+        .unwrap();
+    assert_eq!(
+        send(&client(), form).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let health = get(&format!("http://{}/healthz", gw.admin)).await;
+    assert_eq!(health.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn failed_console_sign_ins_count_and_a_right_one_forgets_them() {
+    let mock = MockUpstream::start().await.unwrap();
+    let gw = gateway(&mock).await;
+    let sign_in = |token: &str| {
+        http::Request::post(format!("http://{}/console/login", gw.admin))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(format!("token={token}"))))
+            .unwrap()
+    };
+    for _ in 0..9 {
+        assert_eq!(
+            send(&client(), sign_in("nope")).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let signed_in = send(&client(), sign_in("admin-test-token")).await;
+    assert_eq!(
+        signed_in.status,
+        StatusCode::SEE_OTHER,
+        "{:?}",
+        signed_in.body
+    );
+    // Forgotten: nine more wrong ones are still answered.
+    for _ in 0..9 {
+        assert_eq!(
+            send(&client(), sign_in("nope")).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    gw.stop().await;
+}

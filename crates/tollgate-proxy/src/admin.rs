@@ -5,6 +5,7 @@
 //! [`Accounts`], render. Every error has the gateway's JSON error shape.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +34,10 @@ use crate::body::{BoxError, ProxyBody};
 use crate::csv::{csv_row, CSV_HEADER};
 use crate::error::error_response;
 use crate::events::{emit, AdminRequestFailed, ExportBrokenOff};
+use crate::guesses::Guesses;
 use crate::metrics::Metrics;
 use crate::panic::catch_panic;
+use crate::pipeline::ConnInfo;
 use crate::quota::quota_document;
 
 /// The largest admin request body accepted.
@@ -64,6 +67,8 @@ pub struct Admin {
     reloader: Arc<dyn Reload>,
     /// The operator console under `/console/`.
     console: Arc<Console>,
+    /// Failed sign-ins (bearer tokens and the console's form) per address.
+    guesses: Guesses,
 }
 
 /// Re-reads the config file (`POST /v1/reload`, as SIGHUP does).
@@ -82,6 +87,9 @@ enum AdminError {
     Invalid(String),
     /// The body did not arrive within [`ADMIN_BODY_DEADLINE`].
     BodyTimeout,
+    /// Too many failed sign-ins from this address; how long until the
+    /// next attempt is taken.
+    TooManyGuesses(Duration),
     /// With the methods the path takes, for the `Allow` header.
     MethodNotAllowed(String),
     DatabaseUnavailable,
@@ -103,6 +111,20 @@ impl AdminError {
             ),
             AdminError::Invalid(message) => {
                 error_response(StatusCode::BAD_REQUEST, "invalid_request", &message)
+            }
+            AdminError::TooManyGuesses(wait) => {
+                let seconds = wait.as_secs().max(1);
+                let mut response = error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!(
+                        "Too many failed sign-ins from this address; try again in {seconds} seconds."
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+                response
             }
             AdminError::BodyTimeout => {
                 let mut response = error_response(
@@ -637,6 +659,7 @@ impl Admin {
             metrics,
             reloader,
             console,
+            guesses: Guesses::default(),
         }
     }
 
@@ -655,10 +678,16 @@ impl Admin {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
+        conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let response = match catch_panic(self.route(request)).await {
+        let peer = conn
+            .peer_ip
+            .to_str()
+            .ok()
+            .and_then(|ip| ip.parse::<IpAddr>().ok());
+        let response = match catch_panic(self.route(request, peer)).await {
             Ok(result) => result.unwrap_or_else(AdminError::into_response),
             // Rendered (and logged, once) like any other internal failure.
             Err(panic) => {
@@ -669,7 +698,7 @@ impl Admin {
         Ok(response)
     }
 
-    async fn route(&self, request: Request<Incoming>) -> AdminResult {
+    async fn route(&self, request: Request<Incoming>, peer: Option<IpAddr>) -> AdminResult {
         let path = request.uri().path().to_owned();
         let decoded = path
             .trim_matches('/')
@@ -714,10 +743,19 @@ impl Admin {
                 Ok(response)
             }
             ["console", ..] => {
+                let signing_in = method == Method::POST && segments == ["console", "login"];
+                if signing_in {
+                    self.may_guess(peer)?;
+                }
                 let (parts, body) = request.into_parts();
                 let body = collect_body(body, MAX_CONSOLE_BODY, "a form ").await?;
                 match self.console.handle(Request::from_parts(parts, body)).await {
-                    Answer::Page(response) => Ok(response.map(ProxyBody::full)),
+                    Answer::Page(response) => {
+                        if signing_in {
+                            self.guessed(peer, response.status() != StatusCode::UNAUTHORIZED);
+                        }
+                        Ok(response.map(ProxyBody::full))
+                    }
                     Answer::Export(scope) => {
                         let mut response = self.export(scope, None).await?;
                         Console::secure(&mut response);
@@ -726,7 +764,10 @@ impl Admin {
                 }
             }
             ["v1", ..] => {
-                self.authorize(&request)?;
+                self.may_guess(peer)?;
+                let authorized = self.authorize(&request);
+                self.guessed(peer, authorized.is_ok());
+                authorized?;
                 let (endpoint, params) = find_v1(&method, &segments[1..])?;
                 self.serve_v1(endpoint, &params, request).await
             }
@@ -759,6 +800,24 @@ impl Admin {
             StatusCode::OK,
             &serde_json::json!({"status": "ready"}),
         ))
+    }
+
+    /// Refuses an address that has failed too often to sign in lately.
+    fn may_guess(&self, peer: Option<IpAddr>) -> Result<(), AdminError> {
+        match peer.and_then(|peer| self.guesses.wait(peer)) {
+            Some(wait) => Err(AdminError::TooManyGuesses(wait)),
+            None => Ok(()),
+        }
+    }
+
+    fn guessed(&self, peer: Option<IpAddr>, right: bool) {
+        if let Some(peer) = peer {
+            if right {
+                self.guesses.succeeded(peer);
+            } else {
+                self.guesses.failed(peer);
+            }
+        }
     }
 
     fn authorize(&self, request: &Request<Incoming>) -> Result<(), AdminError> {

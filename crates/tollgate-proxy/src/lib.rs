@@ -56,6 +56,7 @@ mod error;
 mod events;
 mod forward;
 mod framing;
+mod guesses;
 mod headers;
 mod meter;
 mod metrics;

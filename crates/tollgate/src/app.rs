@@ -506,9 +506,9 @@ async fn serve_admin(
     admin: Arc<Admin>,
     stopped: watch::Receiver<bool>,
 ) {
-    let make_service = move |_conn| {
+    let make_service = move |conn: tollgate_proxy::ConnInfo| {
         let admin = admin.clone();
-        service_fn(move |request| admin.clone().handle(request))
+        service_fn(move |request| admin.clone().handle(request, conn.clone()))
     };
     serve(listener, tls, options, make_service, wait_for(stopped)).await;
 }
