@@ -65,10 +65,10 @@ const FIRST_RETRY: Duration = Duration::from_secs(10);
 const MAX_RETRY: Duration = Duration::from_secs(3600);
 /// Attempts in flight at once per instance.
 const IN_FLIGHT: usize = 64;
-/// Attempts in flight at once to one endpoint: an endpoint that hangs
-/// holds at most these, and the others' deliveries go on past it. Also the
-/// most one claim takes, so that no claim gives one endpoint more than
-/// twice its share.
+/// Attempts in flight to one endpoint at which no more are claimed for
+/// it: an endpoint that hangs holds at most twice this less one, and the
+/// others' deliveries go on past it. Also the most one claim takes, which
+/// is what keeps it under twice.
 const PER_ENDPOINT: usize = 8;
 /// How often due deliveries are looked for when nothing wakes the sender
 /// (events recorded by another instance, retries coming due).
