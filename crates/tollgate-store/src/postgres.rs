@@ -505,6 +505,19 @@ async fn key_by_id(
         .transpose()
 }
 
+/// Locks every key of `key`'s rotation family, in id order (so that two
+/// transactions locking one family cannot deadlock).
+async fn lock_family(client: &impl GenericClient, key: KeyId) -> Result<(), Failure> {
+    let statement = client
+        .prepare_cached(
+            "SELECT id FROM api_keys WHERE family_id = \
+             (SELECT family_id FROM api_keys WHERE id = $1) ORDER BY id FOR UPDATE",
+        )
+        .await?;
+    client.query(&statement, &[&key.0]).await?;
+    Ok(())
+}
+
 async fn customer_by_id(
     client: &impl GenericClient,
     id: Uuid,
@@ -1574,7 +1587,12 @@ impl AccountStore for PostgresStore {
 
     async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         run(async {
-            let client = self.client().await?;
+            let mut client = self.client().await?;
+            let client = client.transaction().await?;
+            // The family first, as a rotation does: a rotation under way
+            // is waited for, and the update below (a new snapshot) then
+            // sees its new key and gives it the limits too.
+            lock_family(&client, id).await?;
             // Each field: a flag saying whether to set it, and the value
             // (NULL clears). Limits are the family's: the other keys of
             // the family get them in the same statement.
@@ -1615,7 +1633,9 @@ impl AccountStore for PostgresStore {
                 )
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
-            key_row(&row)
+            let record = key_row(&row)?;
+            client.commit().await?;
+            Ok(record)
         })
         .await
     }
@@ -1647,6 +1667,9 @@ impl AccountStore for PostgresStore {
         run(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
+            // The family: a change of its limits under way is waited for,
+            // so the new key takes the limits it ends with.
+            lock_family(&tx, old).await?;
             // FOR UPDATE: a concurrent revoke waits for this rotation (or
             // this rotation sees the revocation and refuses).
             let old_key = key_by_id(&tx, old, true)

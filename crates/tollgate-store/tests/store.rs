@@ -730,6 +730,8 @@ async fn watch_sees_changes_made_by_another_store(backend: Backend) {
 
 mod postgres_only {
     use super::*;
+    use tollgate_metering::keys::KeyUpdate;
+    use tollgate_metering::limits::KeyLimits;
     use tollgate_store::PostgresStore;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,6 +800,72 @@ mod postgres_only {
             store.migrate().await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+
+    /// A change of a family's limits made while a rotation of it is under
+    /// way reaches the rotation's new key too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn limits_changed_during_a_rotation_reach_the_new_key() {
+        let (store, guard) = test_store(Backend::Postgres).await;
+        let acme = store.create_customer(customer("acme")).await.unwrap();
+        let first = store
+            .create_key(NewKey {
+                limits: Some(KeyLimits {
+                    monthly_requests: Some(100),
+                    ..KeyLimits::default()
+                }),
+                ..key(acme.id, "tg_rotating")
+            })
+            .await
+            .unwrap();
+        // A rotation under way, by hand: the old key locked, its successor
+        // (with the old limits) inserted, not yet committed.
+        let (mut rotation, connection) =
+            tokio_postgres::connect(guard.url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let tx = rotation.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            "SELECT 1 FROM api_keys WHERE id = '{id}' FOR UPDATE; \
+             CREATE TEMP TABLE successor AS SELECT * FROM api_keys WHERE id = '{id}'; \
+             UPDATE successor SET id = gen_random_uuid(), digest = sha256(digest); \
+             INSERT INTO api_keys SELECT * FROM successor;",
+            id = first.id
+        ))
+        .await
+        .unwrap();
+        let tighter = KeyLimits {
+            monthly_requests: Some(10),
+            ..KeyLimits::default()
+        };
+        let update = {
+            let store = store.clone();
+            let tighter = tighter.clone();
+            tokio::spawn(async move {
+                store
+                    .update_key(
+                        first.id,
+                        KeyUpdate {
+                            limits: Some(Some(tighter)),
+                            ..KeyUpdate::default()
+                        },
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!update.is_finished(), "waits for the rotation");
+        tx.commit().await.unwrap();
+        update.await.unwrap().unwrap();
+        let rows = guard
+            .raw(&format!(
+                "SELECT count(*) FROM api_keys WHERE family_id = '{}' \
+                 AND limits->>'monthly_requests' = '10'",
+                first.id
+            ))
+            .await;
+        assert_eq!(rows[0][0].as_deref(), Some("2"), "both keys of the family");
     }
 
     #[tokio::test]
