@@ -108,6 +108,18 @@ fn chat_request(
         .unwrap()
 }
 
+/// `key`'s own view of its limits and usage (`/_tollgate/usage`).
+async fn own_usage(gateway: &TestGateway, key: &str) -> serde_json::Value {
+    send(
+        &client(),
+        authorized(Method::GET, gateway.url("/_tollgate/usage"), Some(key))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .json()
+}
+
 fn header(reply: &Reply, name: &str) -> Option<i64> {
     reply
         .headers
@@ -484,18 +496,7 @@ async fn budgets_block_on_metered_cost_and_stream_tokens() {
         .headers
         .get("x-tollgate-cost-remaining-usd")
         .is_none());
-    let mine = send(
-        &client(),
-        authorized(
-            Method::GET,
-            l.gateway.url("/_tollgate/usage"),
-            Some(&tokens_key),
-        )
-        .body(Full::default())
-        .unwrap(),
-    )
-    .await
-    .json();
+    let mine = own_usage(&l.gateway, &tokens_key).await;
     assert_eq!(mine["tier"], "tokens");
     assert_eq!(mine["limits"]["monthly_tokens"]["used"], 24);
     assert_eq!(mine["limits"]["monthly_tokens"]["remaining"], 0);
@@ -661,14 +662,7 @@ async fn key_limits_nest_follow_changes_rotation_and_restarts(backend: Backend) 
         StatusCode::OK,
         "the customer's other keys go on"
     );
-    let mine = send(
-        &client(),
-        authorized(Method::GET, gw.url("/_tollgate/usage"), Some(&key))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await
-    .json();
+    let mine = own_usage(gw, &key).await;
     assert_eq!(mine["customer"], "test");
     assert_eq!(mine["tier"], "t");
     assert_eq!(mine["limits"]["monthly_requests"]["used"], 4, "{mine}");
@@ -873,15 +867,7 @@ async fn a_key_given_its_first_limit_is_judged_on_its_months_usage() {
     assert_eq!(patched.status, StatusCode::OK, "{}", patched.json());
     // Until the change reaches the limiter, the key has no limit of its own.
     eventually(Duration::from_secs(5), || async {
-        let mine = send(
-            &client(),
-            authorized(Method::GET, gw.url("/_tollgate/usage"), Some(&key))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .json();
-        mine["key"]["limits"]["monthly_requests"]["limit"] == 3
+        own_usage(gw, &key).await["key"]["limits"]["monthly_requests"]["limit"] == 3
     })
     .await;
     // From then on: five used of three, never a fresh three.

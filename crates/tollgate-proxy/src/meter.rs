@@ -103,11 +103,7 @@ const MAX_STORED_METHOD: usize = 32;
 
 /// `text`, cut to at most `max` bytes at a character boundary.
 fn stored(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    text[..text.floor_char_boundary(max)].to_owned()
 }
 
 impl UsageGuard {

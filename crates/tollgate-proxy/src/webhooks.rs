@@ -46,7 +46,7 @@ use tollgate_accounts::{
     DeliveriesRequest, DeliveryView,
 };
 use tollgate_metering::keys::Page;
-use tollgate_metering::limits::{LimitAlert, Limiter, MonthlyLimit, Policies};
+use tollgate_metering::limits::{LimitAlert, Limiter, MonthlyLimit, Period, Policies};
 use tollgate_metering::usage::format_usd;
 use tollgate_metering::webhooks::{Claimed, Delivery, EventType, NewEvent, Settlement};
 use tollgate_metering::{Store, StoreError};
@@ -254,14 +254,12 @@ pub struct Webhooks {
     /// `key.expiring` events recorded by this process (saves asking the
     /// database again every scan).
     expiring_seen: Mutex<HashSet<String>>,
-    /// Until the first alert scan has gone through: the events already
-    /// recorded this month, read once. After a start the limiter owes
-    /// every alert crossed this month; those found here are only marked,
-    /// not recorded again one transaction each (which at tens of
-    /// thousands of customers held up new alerts for minutes).
-    recorded_before: tokio::sync::Mutex<Option<HashSet<String>>>,
-    /// The first alert scan has gone through.
-    first_scan_done: std::sync::atomic::AtomicBool,
+    /// The events recorded this month before the first alert scan, read
+    /// once by it. After a start the limiter owes every alert crossed this
+    /// month; those found here are only marked, not recorded again one
+    /// transaction each (which at tens of thousands of customers held up
+    /// new alerts for minutes).
+    recorded_before: tokio::sync::Mutex<FirstScan>,
 }
 
 impl Webhooks {
@@ -276,8 +274,7 @@ impl Webhooks {
             client,
             metrics: metrics.webhook_metrics(),
             expiring_seen: Mutex::new(HashSet::new()),
-            recorded_before: tokio::sync::Mutex::new(None),
-            first_scan_done: std::sync::atomic::AtomicBool::new(false),
+            recorded_before: tokio::sync::Mutex::new(FirstScan::Unread),
         })
     }
 
@@ -325,20 +322,14 @@ impl Webhooks {
         let Ok(found) = tokio::task::spawn_blocking(move || scan.alerts()).await else {
             return;
         };
-        let first_scan = !self
-            .first_scan_done
-            .load(std::sync::atomic::Ordering::Relaxed);
         let mut recorded_before = self.recorded_before.lock().await;
-        if first_scan && recorded_before.is_none() && !found.is_empty() {
-            let month = OffsetDateTime::now_utc()
-                .replace_day(1)
-                .map(|day| day.replace_time(time::Time::MIDNIGHT))
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        if matches!(*recorded_before, FirstScan::Unread) && !found.is_empty() {
             // From a day early: an instance whose clock runs behind may
             // have recorded one of this month's events "last month".
-            let since = month - time::Duration::days(1);
+            let since =
+                Period::containing(OffsetDateTime::now_utc()).start() - time::Duration::days(1);
             if let Ok(dedups) = self.outbox.store.event_dedups(since).await {
-                *recorded_before = Some(dedups.into_iter().collect());
+                *recorded_before = FirstScan::Read(dedups.into_iter().collect());
             }
         }
         for alert in found {
@@ -355,10 +346,7 @@ impl Webhooks {
                 continue;
             };
             let (dedup, data) = alert_event(&alert, &customer.name);
-            if recorded_before
-                .as_ref()
-                .is_some_and(|recorded| recorded.contains(&dedup))
-            {
+            if matches!(&*recorded_before, FirstScan::Read(recorded) if recorded.contains(&dedup)) {
                 limiter.alerted(&alert);
                 continue;
             }
@@ -375,9 +363,7 @@ impl Webhooks {
             }
         }
         // Gone through once: what start-up owed is marked.
-        *recorded_before = None;
-        self.first_scan_done
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        *recorded_before = FirstScan::Done;
     }
 
     async fn record_expiring_keys(&self) {
@@ -570,6 +556,16 @@ impl Webhooks {
             }
         }
     }
+}
+
+/// What the first alert scan after a start knows of the events recorded
+/// before it.
+enum FirstScan {
+    /// Not read yet (or the read failed: the next scan tries again).
+    Unread,
+    Read(HashSet<String>),
+    /// A scan has gone through: nothing more to skip.
+    Done,
 }
 
 /// The sender's attempts in flight, and how many go to each endpoint.

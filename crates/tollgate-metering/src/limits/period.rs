@@ -86,7 +86,7 @@ impl Period {
     }
 
     /// Midnight UTC on the first day: when the period begins.
-    pub(crate) fn start(self) -> OffsetDateTime {
+    pub fn start(self) -> OffsetDateTime {
         self.first_day().midnight().assume_utc()
     }
 
